@@ -1,0 +1,72 @@
+"""mosel: SLO-aware serving of multi-modal PyTorch models by dynamic modality selection.
+
+Decorate a model, profile it, serve it::
+
+    @mosel.multimodal
+    class AV(nn.Module):
+        @mosel.modality("audio")
+        def encode_audio(self, audio): ...
+        @mosel.modality("video")
+        def encode_video(self, video): ...
+        @mosel.fusion
+        def fuse(self, features): ...
+
+    model = AV().eval()
+    mosel.profile(model, val_batches)
+    result = model.infer({"audio": a, "video": v}, deadline_ms=40.0, min_accuracy=0.72)
+"""
+
+from mosel._version import __version__
+from mosel.errors import (
+    AccuracyUnreachableError,
+    DeadlineError,
+    InfeasibleError,
+    InputError,
+    MoselError,
+    MoselWarning,
+    NotProfiledError,
+    ProfileError,
+    ProfileMismatchError,
+    SLOError,
+    SpecError,
+)
+from mosel.plan import CostModel, Frontier, Plan, PlannerConfig, Strategy
+from mosel.profiler import profile, top1
+from mosel.profiles import CostCheck, Fingerprint, LatencyTable, Profile
+from mosel.runtime import Result, attach, infer, profile_of
+from mosel.spec import ModelSpec, fusion, modality, multimodal, spec_of
+
+__all__ = [
+    "AccuracyUnreachableError",
+    "CostCheck",
+    "CostModel",
+    "DeadlineError",
+    "Fingerprint",
+    "Frontier",
+    "InfeasibleError",
+    "InputError",
+    "LatencyTable",
+    "ModelSpec",
+    "MoselError",
+    "MoselWarning",
+    "NotProfiledError",
+    "Plan",
+    "PlannerConfig",
+    "Profile",
+    "ProfileError",
+    "ProfileMismatchError",
+    "Result",
+    "SLOError",
+    "SpecError",
+    "Strategy",
+    "__version__",
+    "attach",
+    "fusion",
+    "infer",
+    "modality",
+    "multimodal",
+    "profile",
+    "profile_of",
+    "spec_of",
+    "top1",
+]

@@ -1,0 +1,104 @@
+"""The exception tree of mosel.
+
+Every error mosel raises is a :class:`MoselError`, and each class also subclasses the builtin
+exception that callers would already catch for that kind of problem::
+
+    MoselError
+    ├── SpecError(TypeError)             a decorator used wrongly, or a model that is not multimodal
+    ├── ProfileError(ValueError)         a profile file that is malformed, truncated or foreign
+    │   └── ProfileMismatchError         a profile that belongs to another model
+    ├── NotProfiledError(RuntimeError)   infer() on a model with no profile attached
+    ├── InputError(ValueError, TypeError) inputs that do not fit the model (names, types, shapes)
+    ├── SLOError(ValueError)             a deadline or accuracy floor that is not a valid number
+    └── InfeasibleError(ValueError)      no strategy satisfies the request's SLO
+        ├── AccuracyUnreachableError     the floor is above every configuration's accuracy
+        └── DeadlineError(TimeoutError)  no strategy that meets the floor fits in the deadline
+
+Warnings (a stale profile, a cost model that predicts poorly) are :class:`MoselWarning`.
+
+Messages name the object, show the bad value and say how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AccuracyUnreachableError",
+    "DeadlineError",
+    "InfeasibleError",
+    "InputError",
+    "MoselError",
+    "MoselWarning",
+    "NotProfiledError",
+    "ProfileError",
+    "ProfileMismatchError",
+    "SLOError",
+    "SpecError",
+]
+
+
+class MoselError(Exception):
+    """Base class of every error raised by mosel."""
+
+
+class SpecError(MoselError, TypeError):
+    """A mosel decorator was used wrongly, or an object is not a ``@mosel.multimodal`` model."""
+
+
+class ProfileError(MoselError, ValueError):
+    """A profile could not be read: malformed, truncated, of an unknown version, or not a profile."""
+
+
+class ProfileMismatchError(ProfileError):
+    """A profile does not belong to the model it is attached to."""
+
+
+class NotProfiledError(MoselError, RuntimeError):
+    """The model has no profile; call ``mosel.profile`` or ``mosel.attach`` first."""
+
+
+class InputError(MoselError, ValueError, TypeError):
+    """The inputs of a request do not fit the model."""
+
+
+class SLOError(MoselError, ValueError):
+    """A deadline or accuracy floor is not a valid value."""
+
+
+class InfeasibleError(MoselError, ValueError):
+    """No strategy satisfies the job's service-level objectives."""
+
+
+class AccuracyUnreachableError(InfeasibleError):
+    """The accuracy floor is higher than any configuration reaches on the available modalities."""
+
+    def __init__(self, message: str, *, min_accuracy: float, best_accuracy: float) -> None:
+        super().__init__(message)
+        self.min_accuracy = min_accuracy
+        self.best_accuracy = best_accuracy
+
+
+class DeadlineError(InfeasibleError, TimeoutError):
+    """No strategy meeting the accuracy floor is predicted to finish within the deadline.
+
+    Attributes:
+        deadline_ms: the job's deadline, relative to its arrival.
+        predicted_ms: predicted completion (relative to arrival) of the fastest admissible strategy.
+        best_accuracy_within_deadline: the best expected accuracy that would fit, or ``None``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        deadline_ms: float,
+        predicted_ms: float,
+        best_accuracy_within_deadline: float | None,
+    ) -> None:
+        super().__init__(message)
+        self.deadline_ms = deadline_ms
+        self.predicted_ms = predicted_ms
+        self.best_accuracy_within_deadline = best_accuracy_within_deadline
+
+
+class MoselWarning(UserWarning):
+    """A condition worth knowing that does not stop mosel: a stale profile, a poor cost model."""

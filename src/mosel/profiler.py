@@ -1,0 +1,315 @@
+"""Measuring a model: branch and fusion latency on this device, and accuracy per configuration."""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from mosel.errors import InputError, MoselWarning, SLOError
+from mosel.plan import PlannerConfig, build_plan
+from mosel.profiles import (
+    CostCheck,
+    LatencyTable,
+    Profile,
+    cost_model_of,
+    fingerprint_of,
+    model_device,
+)
+from mosel.runtime import attach, execute
+from mosel.spec import ModelSpec, spec_of
+
+__all__ = ["Metric", "profile", "top1"]
+
+Configuration = frozenset[str]
+Metric = Callable[[Tensor, Any], Tensor]
+"""``metric(output, target) -> per-request scores`` in [0, 1], shape (batch,)."""
+
+T = TypeVar("T")
+_log = logging.getLogger("mosel")
+
+COST_CHECK_WARN = 0.25
+"""Warn when the cost model's median relative error over the checks exceeds this."""
+
+
+def top1(output: Tensor, target: Any) -> Tensor:
+    """Top-1 accuracy per request: ``output.argmax(-1) == target``."""
+    target = torch.as_tensor(target, device=output.device)
+    return (output.argmax(dim=-1) == target).to(torch.float64)
+
+
+def _progress(items: Iterable[T], total: int | None, desc: str, enabled: bool) -> Iterator[T]:
+    if enabled:
+        try:
+            from tqdm.auto import tqdm  # noqa: PLC0415  (optional dependency)
+        except ImportError:
+            pass
+        else:
+            yield from tqdm(items, total=total, desc=desc, leave=False)
+            return
+    yield from items
+
+
+class _Timer:
+    """Times a callable with warm-up and repeats: CUDA events on a GPU, perf_counter on a CPU."""
+
+    def __init__(self, device: torch.device, warmup: int, repeats: int) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.warmup = warmup
+        self.repeats = repeats
+
+    def __call__(self, fn: Callable[[], object]) -> list[float]:
+        for _ in range(self.warmup):
+            fn()
+        samples_us = []
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            for _ in range(self.repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                samples_us.append(start.elapsed_time(end) * 1000.0)
+        else:
+            for _ in range(self.repeats):
+                t0 = time.perf_counter_ns()
+                fn()
+                samples_us.append((time.perf_counter_ns() - t0) / 1000.0)
+        return samples_us
+
+
+def _p95(samples: Sequence[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def _table(measured: Mapping[int, list[float]], max_batch_size: int) -> LatencyTable:
+    """Median/p95 per measured size, interpolated linearly in between, made non-decreasing."""
+    sizes = sorted(measured)
+    med = {b: statistics.median(measured[b]) for b in sizes}
+    p95 = {b: _p95(measured[b]) for b in sizes}
+
+    def interpolate(values: Mapping[int, float]) -> tuple[float, ...]:
+        out = []
+        for b in range(1, max_batch_size + 1):
+            hi = next((s for s in sizes if s >= b), sizes[-1])
+            lo = next((s for s in reversed(sizes) if s <= b), sizes[0])
+            v = values[lo] if hi == lo else values[lo] + (values[hi] - values[lo]) * (b - lo) / (hi - lo)
+            out.append(v)
+        for i in range(1, len(out)):
+            out[i] = max(out[i], out[i - 1])
+        return tuple(out)
+
+    return LatencyTable(interpolate(med), interpolate(p95), tuple(sizes))
+
+
+def _default_sizes(max_batch_size: int) -> list[int]:
+    if max_batch_size <= 32:
+        return list(range(1, max_batch_size + 1))
+    sizes = {1, max_batch_size, *range(1, 17)}
+    b = 16
+    while b < max_batch_size:
+        sizes.add(b)
+        b = math.ceil(b * 1.25)
+    return sorted(sizes)
+
+
+def _repeat_rows(x: Tensor, rows: int) -> Tensor:
+    if x.shape[0] >= rows:
+        return x[:rows]
+    times = -(-rows // x.shape[0])
+    return torch.cat([x] * times)[:rows]
+
+
+def _split_batch(item: object) -> tuple[Mapping[str, Tensor], Any]:
+    if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], Mapping):
+        raise InputError(
+            f"validation data must yield (inputs: dict[str, Tensor], target) pairs, got {type(item).__name__}"
+        )
+    return item[0], item[1]
+
+
+def _accuracy(
+    model: nn.Module,
+    spec: ModelSpec,
+    data: Iterable[object],
+    metric: Metric,
+    device: torch.device,
+    show: bool,
+) -> tuple[dict[Configuration, float], int, dict[str, Tensor]]:
+    """Accuracy of every configuration; each branch runs once per batch, its features reused."""
+    fuse = getattr(model, spec.fusion)
+    totals = dict.fromkeys(spec.configurations, 0.0)
+    count = 0
+    sample: dict[str, Tensor] | None = None
+    total = len(data) if isinstance(data, Sequence) else None
+    for item in _progress(data, total, "mosel: accuracy", show):
+        inputs, target = _split_batch(item)
+        missing = [m for m in spec.modalities if not isinstance(inputs.get(m), Tensor)]
+        if missing:
+            raise InputError(f"validation inputs must hold every modality; missing {missing}")
+        batch = {m: inputs[m].to(device) for m in spec.modalities}
+        if sample is None:
+            sample = batch
+        features = {m: getattr(model, spec.branches[m])(batch[m]) for m in spec.modalities}
+        rows = next(iter(batch.values())).shape[0]
+        for config in spec.configurations:
+            scores = metric(fuse({m: features[m] for m in config}), target)
+            if scores.shape[:1] != (rows,):
+                raise InputError(
+                    f"metric must return one score per request, shape ({rows},), got {tuple(scores.shape)}"
+                )
+            totals[config] += float(scores.to(torch.float64).sum())
+        count += rows
+    if sample is None or count == 0:
+        raise InputError("validation data is empty; pass at least one (inputs, target) batch")
+    return {c: totals[c] / count for c in spec.configurations}, count, sample
+
+
+def profile(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    metric: Metric | None = None,
+    max_batch_size: int = 32,
+    batch_sizes: Sequence[int] | None = None,
+    warmup: int = 2,
+    repeats: int = 7,
+    cost_checks: int = 6,
+    planner: PlannerConfig | None = None,
+    progress: bool | None = None,
+) -> Profile:
+    """Profile ``model`` on its device and validation ``data``, plan, and attach the result.
+
+    Args:
+        model: an instance of a ``@mosel.multimodal`` class, in eval mode, on its serving device.
+        data: iterable of ``(inputs, target)`` pairs; ``inputs`` maps every modality to a batch.
+        metric: per-request score, ``metric(output, target) -> Tensor (batch,)``; default top-1.
+        max_batch_size: largest job size profiled and planned; larger jobs are split.
+        batch_sizes: sizes to time (others interpolated); default every size up to 32, a
+            geometric grid beyond.
+        warmup: untimed runs before each measurement.
+        repeats: timed runs per (callable, batch size); median and p95 are kept.
+        cost_checks: end-to-end runs of mixed strategies compared with the prediction.
+        planner: CP-SAT planner settings.
+        progress: show progress bars (tqdm); default: when stderr is a terminal.
+
+    Returns:
+        The :class:`Profile`, also attached to ``model``.
+    """
+    spec = spec_of(model)
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise SLOError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    sizes = sorted({1, max_batch_size, *(batch_sizes or _default_sizes(max_batch_size))})
+    if sizes[0] < 1 or sizes[-1] > max_batch_size:
+        raise ValueError(f"batch_sizes must lie in 1..{max_batch_size}, got {list(batch_sizes or [])}")
+    if model.training:
+        warnings.warn(
+            f"{type(model).__qualname__} is in training mode; call model.eval() before profiling "
+            f"(dropout and batch norm change accuracy and latency)",
+            MoselWarning,
+            stacklevel=2,
+        )
+    show = sys.stderr.isatty() if progress is None else progress
+    device = model_device(model)
+    timer = _Timer(device, warmup, repeats)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        accuracy, samples, sample = _accuracy(model, spec, data, metric or top1, device, show)
+        big = {m: _repeat_rows(x, max_batch_size) for m, x in sample.items()}
+        features = {m: getattr(model, spec.branches[m])(big[m]) for m in spec.modalities}
+        fuse = getattr(model, spec.fusion)
+        jobs: list[tuple[str | Configuration, int]] = [(m, b) for m in spec.modalities for b in sizes]
+        jobs += [(c, b) for c in spec.configurations for b in sizes]
+        branch_samples: dict[str, dict[int, list[float]]] = {m: {} for m in spec.modalities}
+        fusion_samples: dict[Configuration, dict[int, list[float]]] = {c: {} for c in spec.configurations}
+        for what, b in _progress(jobs, len(jobs), "mosel: latency", show):
+            if isinstance(what, str):
+                branch = getattr(model, spec.branches[what])
+                x = big[what][:b]
+                branch_samples[what][b] = timer(lambda: branch(x))
+            else:
+                feats = {m: features[m][:b] for m in what}
+                fusion_samples[what][b] = timer(lambda: fuse(feats))
+        branch_latency = {m: _table(branch_samples[m], max_batch_size) for m in spec.modalities}
+        fusion_latency = {c: _table(fusion_samples[c], max_batch_size) for c in spec.configurations}
+        profiled_s = time.perf_counter() - started
+        cost = cost_model_of(spec.modalities, branch_latency, fusion_latency, accuracy)
+        plan = build_plan(cost, planner)
+        checks = _check_costs(model, spec, plan, big, timer, cost_checks)
+    result = Profile(
+        modalities=spec.modalities,
+        max_batch_size=max_batch_size,
+        branch_latency=MappingProxyType(branch_latency),
+        fusion_latency=MappingProxyType(fusion_latency),
+        accuracy=MappingProxyType(accuracy),
+        sample_count=samples,
+        fingerprint=fingerprint_of(model, spec.model_class),
+        cost_checks=checks,
+        plan=plan,
+    )
+    errors = [abs(c.relative_error) for c in checks]
+    if errors and statistics.median(errors) > COST_CHECK_WARN:
+        warnings.warn(
+            f"the cost model of {spec.model_class} predicts end-to-end latency with a median error of "
+            f"{statistics.median(errors):.0%} over {len(errors)} checks; deadlines may be missed. "
+            f"Raise repeats, or profile on an idle machine",
+            MoselWarning,
+            stacklevel=2,
+        )
+    _log.info(
+        "profiled %s: %d sizes, %.1f s measuring, %.2f s planning (exact=%s)",
+        spec.model_class,
+        len(sizes),
+        profiled_s,
+        plan.build_seconds,
+        plan.exact,
+    )
+    attach(model, result)
+    return result
+
+
+def _check_costs(
+    model: nn.Module,
+    spec: ModelSpec,
+    plan: Any,
+    big: Mapping[str, Tensor],
+    timer: _Timer,
+    count: int,
+) -> tuple[CostCheck, ...]:
+    """Time a few strategies end to end (mixed ones first) against their predicted latency."""
+    if count <= 0:
+        return ()
+    everything = frozenset(spec.modalities)
+    candidates = []
+    for n in sorted({plan.max_batch_size, max(1, plan.max_batch_size // 2)}, reverse=True):
+        strategies = plan.frontier(everything, n).strategies
+        mixed = [s for s in strategies if len(s.groups) > 1]
+        pure = [s for s in strategies if len(s.groups) == 1]
+        picks = [mixed[len(mixed) // 2], mixed[0], mixed[-1]] if mixed else []
+        candidates += picks + pure[-1:]
+    checks = []
+    seen = set()
+    for strategy in candidates:
+        if strategy in seen:
+            continue
+        seen.add(strategy)
+        inputs = {m: x[: strategy.n] for m, x in big.items()}
+        samples = timer(lambda s=strategy, i=inputs: execute(model, spec, s, i))
+        checks.append(CostCheck(strategy.groups, float(strategy.latency_us), statistics.median(samples)))
+        if len(checks) >= count:
+            break
+    return tuple(checks)

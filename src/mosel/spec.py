@@ -1,0 +1,226 @@
+"""Declaring a multi-modal model: the ``modality``/``fusion`` markers and the ``multimodal`` collector.
+
+The markers attach a small frozen :class:`Mark` to the function and return it unchanged. The class
+decorator reads the marks once, at class definition, walking the MRO, and stores one frozen
+:class:`ModelSpec` on the class as ``__mosel_spec__``. The class stays an ordinary ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Final, Literal, TypeVar
+
+from torch import nn
+
+from mosel.errors import SpecError
+
+__all__ = ["Mark", "ModelSpec", "fusion", "modality", "multimodal", "spec_of"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+M = TypeVar("M", bound=type[nn.Module])
+
+MARK_ATTR: Final = "__mosel_mark__"
+SPEC_ATTR: Final = "__mosel_spec__"
+PROVIDED_ATTR: Final = "__mosel_provided__"
+RESERVED_NAMES: Final = ("infer", "submit", "ainfer")
+_FORBIDDEN_CHARS: Final = frozenset("+,/ \t\n")
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """What a marker records on a function: a branch for ``modality``, or the fusion."""
+
+    kind: Literal["modality", "fusion"]
+    modality: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """The modality branches and the fusion of a ``@mosel.multimodal`` class.
+
+    Attributes:
+        model_class: qualified name of the class the spec was collected from.
+        modalities: modality names in declaration order (base classes first).
+        branches: modality name -> name of the method that encodes it.
+        fusion: name of the fusion method.
+        configurations: every non-empty subset of ``modalities``, smallest first.
+    """
+
+    model_class: str
+    modalities: tuple[str, ...]
+    branches: Mapping[str, str]
+    fusion: str
+    configurations: tuple[frozenset[str], ...]
+
+
+def _check_function(obj: object, decorator: str) -> None:
+    if isinstance(obj, (staticmethod, classmethod, property)):
+        raise SpecError(
+            f"{decorator} must decorate a plain method 'def f(self, x)', got a "
+            f"{type(obj).__name__}; branches and fusion are instance methods"
+        )
+    if not inspect.isfunction(obj):
+        raise SpecError(f"{decorator} must decorate a function defined in a class body, got {obj!r}")
+    previous: Mark | None = getattr(obj, MARK_ATTR, None)
+    if previous is not None:
+        what = "@mosel.fusion" if previous.kind == "fusion" else f"@mosel.modality({previous.modality!r})"
+        raise SpecError(
+            f"{obj.__qualname__!r} is already marked with {what}; a method is one branch or the fusion, "
+            f"not both: remove one of the decorators"
+        )
+    params = list(inspect.signature(obj).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
+    required_extra = [p.name for p in positional[2:] if p.default is p.empty]
+    required_kw = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    if (len(positional) < 2 and not varargs) or required_extra or required_kw:
+        raise SpecError(
+            f"{decorator} method {obj.__qualname__!r} must take exactly one argument after self "
+            f"(the batched input), got signature {inspect.signature(obj)}"
+        )
+
+
+def modality(name: str, /) -> Callable[[F], F]:
+    """Mark a method as the branch (encoder) that computes modality ``name``.
+
+    The method takes the modality's batched tensor (first dimension = requests) and returns its
+    features, batched the same way. It is returned unchanged.
+
+    Example::
+
+        @mosel.modality("audio")
+        def encode_audio(self, audio): ...
+    """
+    if callable(name) and not isinstance(name, str):
+        raise SpecError(
+            f"@mosel.modality needs the modality's name: write @mosel.modality('audio') above "
+            f"{getattr(name, '__qualname__', name)!r}, not bare @mosel.modality"
+        )
+    if not isinstance(name, str) or not name or _FORBIDDEN_CHARS & set(name):
+        raise SpecError(
+            f"a modality name must be a non-empty string without spaces, '+', ',' or '/', got {name!r}"
+        )
+    mark = Mark("modality", name)
+
+    def mark_branch(fn: F) -> F:
+        _check_function(fn, f"@mosel.modality({name!r})")
+        setattr(fn, MARK_ATTR, mark)
+        return fn
+
+    return mark_branch
+
+
+def fusion(fn: F, /) -> F:
+    """Mark a method as the model's fusion.
+
+    The method takes a ``Mapping[str, Tensor]`` holding the features of the modalities computed
+    for these requests (only those), and returns the batched output, e.g. logits.
+    """
+    _check_function(fn, "@mosel.fusion")
+    setattr(fn, MARK_ATTR, Mark("fusion"))
+    return fn
+
+
+def _collect(cls: type) -> ModelSpec:
+    branches: dict[str, str] = {}  # modality -> attribute name
+    fusion_attr: str | None = None
+    for base in reversed(cls.__mro__):
+        own_modalities: dict[str, str] = {}
+        own_fusion: str | None = None
+        for attr, value in vars(base).items():
+            mark: Mark | None = getattr(value, MARK_ATTR, None)
+            if not isinstance(mark, Mark):
+                continue
+            if mark.kind == "fusion":
+                if own_fusion is not None:
+                    raise SpecError(
+                        f"{base.__qualname__} marks two methods with @mosel.fusion: {own_fusion!r} and "
+                        f"{attr!r}; a model has exactly one fusion, remove one of the marks"
+                    )
+                own_fusion = attr
+                continue
+            assert mark.modality is not None
+            if mark.modality in own_modalities:
+                raise SpecError(
+                    f"{base.__qualname__} declares modality {mark.modality!r} twice: "
+                    f"{own_modalities[mark.modality]!r} and {attr!r}; rename one of them"
+                )
+            own_modalities[mark.modality] = attr
+        # An attribute re-marked in a subclass drops what its name meant in the base.
+        for attr in list(own_modalities.values()) + ([own_fusion] if own_fusion else []):
+            for mod, old_attr in list(branches.items()):
+                if old_attr == attr:
+                    del branches[mod]
+            if fusion_attr == attr:
+                fusion_attr = None
+        branches.update(own_modalities)
+        if own_fusion is not None:
+            fusion_attr = own_fusion
+    if not branches:
+        raise SpecError(
+            f"{cls.__qualname__} declares no modality: mark each encoder with @mosel.modality('name')"
+        )
+    if fusion_attr is None:
+        raise SpecError(
+            f"{cls.__qualname__} has no fusion: mark the method that combines the features with @mosel.fusion"
+        )
+    if fusion_attr in branches.values():
+        raise SpecError(f"{cls.__qualname__}.{fusion_attr} cannot be both a branch and the fusion")
+    names = tuple(branches)
+    configs = tuple(
+        frozenset(combo) for r in range(1, len(names) + 1) for combo in itertools.combinations(names, r)
+    )
+    return ModelSpec(
+        model_class=f"{cls.__module__}.{cls.__qualname__}",
+        modalities=names,
+        branches=MappingProxyType(dict(branches)),
+        fusion=fusion_attr,
+        configurations=configs,
+    )
+
+
+def multimodal(cls: M, /) -> M:
+    """Collect the ``modality`` and ``fusion`` marks of an ``nn.Module`` class.
+
+    Runs once, at class definition. The class is returned unchanged but for ``__mosel_spec__`` and
+    the serving methods ``infer`` (and, with the online stage, ``submit``/``ainfer``). A class that
+    defines one of those names itself is rejected rather than silently overwritten.
+    """
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise SpecError(f"@mosel.multimodal decorates a torch.nn.Module subclass, got {cls!r}")
+    spec = _collect(cls)
+    from mosel import runtime  # noqa: PLC0415  (runtime imports this module)
+
+    provided: dict[str, Callable[..., Any]] = {"infer": runtime.model_infer}
+    for name in RESERVED_NAMES:
+        existing = inspect.getattr_static(cls, name, None)
+        if existing is not None and not getattr(existing, PROVIDED_ATTR, False):
+            raise SpecError(
+                f"{cls.__qualname__} already defines {name!r}, which @mosel.multimodal adds for serving; "
+                f"rename your {name!r} (mosel never overwrites user attributes)"
+            )
+    for name, fn in provided.items():
+        setattr(cls, name, fn)
+    setattr(cls, SPEC_ATTR, spec)
+    return cls
+
+
+def spec_of(model: nn.Module | type[nn.Module], /) -> ModelSpec:
+    """Return the :class:`ModelSpec` of a ``@mosel.multimodal`` model instance or class."""
+    cls = model if isinstance(model, type) else type(model)
+    spec = getattr(cls, SPEC_ATTR, None)
+    if not isinstance(spec, ModelSpec):
+        raise SpecError(
+            f"{cls.__qualname__} is not decorated with @mosel.multimodal; decorate the class and mark its "
+            f"branches with @mosel.modality and its fusion with @mosel.fusion"
+        )
+    return spec
+
+
+def configuration_key(configuration: frozenset[str], order: tuple[str, ...]) -> str:
+    """The canonical text form of a configuration, e.g. ``"audio+video"`` (JSON keys, logs)."""
+    return "+".join(m for m in order if m in configuration)

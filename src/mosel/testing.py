@@ -1,0 +1,110 @@
+"""Public helpers for testing code that uses mosel: a small real audio-visual model and its data.
+
+``ToyAV`` is a real (trainable, CPU-sized) two-modality classifier: a cheap 1-D convolutional
+audio branch, a costlier 2-D convolutional video branch, and a fusion head that learns a
+placeholder for a missing modality. ``toy_av_data`` generates a seeded ten-class task on which
+each modality alone is informative but noisy, so fusion beats either one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from mosel.spec import fusion, modality, multimodal
+
+__all__ = ["ToyAV", "toy_av_batches", "toy_av_data", "train_toy_av"]
+
+CLASSES = 10
+AUDIO_SAMPLES = 256
+IMAGE_SIZE = 16
+
+
+def toy_av_data(
+    n: int, *, seed: int = 0, audio_noise: float = 2.0, video_noise: float = 2.5
+) -> tuple[dict[str, Tensor], Tensor]:
+    """``n`` labelled requests: audio is a class-pitched tone, video a class template, both noisy."""
+    coarse = torch.randn(CLASSES, 1, 4, 4, generator=torch.Generator().manual_seed(1234))
+    templates = nn.functional.interpolate(coarse, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear")
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, CLASSES, (n,), generator=gen)
+    t = torch.linspace(0.0, 1.0, AUDIO_SAMPLES)
+    freq = (4.0 + 3.0 * labels.to(torch.float32))[:, None]
+    phase = 2 * math.pi * torch.rand(n, 1, generator=gen)
+    audio = torch.sin(2 * math.pi * freq * t + phase) + audio_noise * torch.randn(n, AUDIO_SAMPLES, generator=gen)
+    video = templates[labels] + video_noise * torch.randn(n, 1, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
+    return {"audio": audio[:, None, :], "video": video}, labels
+
+
+def toy_av_batches(n: int, batch_size: int, *, seed: int = 1) -> list[tuple[dict[str, Tensor], Tensor]]:
+    """Validation batches in the ``(inputs, target)`` form ``mosel.profile`` reads."""
+    inputs, labels = toy_av_data(n, seed=seed)
+    return [
+        ({m: x[i : i + batch_size] for m, x in inputs.items()}, labels[i : i + batch_size])
+        for i in range(0, n, batch_size)
+    ]
+
+
+@multimodal
+class ToyAV(nn.Module):
+    """Audio (cheap) + video (costly) classifier with a fusion head that tolerates a missing modality."""
+
+    def __init__(self, width: int = 48) -> None:
+        super().__init__()
+        self.audio = nn.Sequential(
+            nn.Conv1d(1, 16, 9, stride=4), nn.ReLU(), nn.Conv1d(16, 32, 9, stride=2), nn.ReLU(),
+            nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(32, 64),
+        )
+        self.video = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Conv2d(width, 64, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 64),
+        )
+        self.missing = nn.ParameterDict({"audio": nn.Parameter(torch.zeros(64)), "video": nn.Parameter(torch.zeros(64))})
+        self.head = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, CLASSES))
+
+    @modality("audio")
+    def encode_audio(self, audio: Tensor) -> Tensor:
+        return self.audio(audio)
+
+    @modality("video")
+    def encode_video(self, video: Tensor) -> Tensor:
+        return self.video(video)
+
+    @fusion
+    def fuse(self, features: Mapping[str, Tensor]) -> Tensor:
+        rows = next(iter(features.values())).shape[0]
+        parts = [features[m] if m in features else self.missing[m].expand(rows, -1) for m in ("audio", "video")]
+        return self.head(torch.cat(parts, dim=1))
+
+    def forward(self, audio: Tensor, video: Tensor) -> Tensor:
+        return self.fuse({"audio": self.encode_audio(audio), "video": self.encode_video(video)})
+
+
+def train_toy_av(
+    model: ToyAV, *, samples: int = 3000, epochs: int = 6, seed: int = 0, drop_p: float = 0.6
+) -> ToyAV:
+    """Train with modality dropout (each batch drops one modality with probability ``drop_p``)."""
+    torch.manual_seed(seed)
+    inputs, labels = toy_av_data(samples, seed=seed + 100)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(samples, generator=gen)
+        for i in range(0, samples, 64):
+            idx = order[i : i + 64]
+            feats = {"audio": model.encode_audio(inputs["audio"][idx]), "video": model.encode_video(inputs["video"][idx])}
+            r = float(torch.rand((), generator=gen))
+            if r < drop_p / 2:
+                del feats["audio"]
+            elif r < drop_p:
+                del feats["video"]
+            loss = nn.functional.cross_entropy(model.fuse(feats), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
