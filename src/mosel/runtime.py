@@ -139,9 +139,10 @@ def execute(
 class _ModelState:
     """Per-model serving state, stored on the instance as ``_mosel_state`` (not a Module/buffer)."""
 
-    def __init__(self, profile: Profile, spec: ModelSpec) -> None:
+    def __init__(self, profile: Profile, spec: ModelSpec, model_class: type[nn.Module]) -> None:
         self.profile = profile
         self.spec = spec
+        self.model_class = model_class
         self.lock = threading.Lock()
         self.row_plans: dict[tuple[Strategy, torch.device], _RowPlan] = {}
         self.full: dict[tuple[Configuration, int], Strategy] = {}
@@ -150,11 +151,13 @@ class _ModelState:
             groups = ((available, n),)
             self.full[(available, n)] = Strategy(groups, cost.latency_us(groups), cost.accuracy_units(groups))
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"profile": self.profile, "spec": self.spec}
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled with the model (e.g. to another process): the profile travels as its JSON form.
+        return (_restore_state, (self.profile.to_json(), self.model_class))
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["profile"], state["spec"])  # type: ignore[misc]
+
+def _restore_state(profile_json: dict[str, Any], model_class: type[nn.Module]) -> _ModelState:
+    return _ModelState(Profile.from_json(profile_json), spec_of(model_class), model_class)
 
 
 def _state(model: nn.Module) -> _ModelState:
@@ -206,7 +209,7 @@ def attach(model: nn.Module, profile: Profile, *, strict: bool = False) -> None:
         if strict:
             raise ProfileMismatchError(message)
         warnings.warn(message, MoselWarning, stacklevel=2)
-    model.__dict__[STATE_ATTR] = _ModelState(profile, spec)
+    model.__dict__[STATE_ATTR] = _ModelState(profile, spec, type(model))
 
 
 def _check_slo(deadline_ms: float | None, min_accuracy: float | None) -> None:

@@ -9,14 +9,17 @@ each modality alone is informative but noisy, so fusion beats either one.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 import torch
 from torch import Tensor, nn
 
-from mosel.spec import fusion, modality, multimodal
+from mosel.plan import PlannerConfig, build_plan
+from mosel.profiles import Fingerprint, LatencyTable, Profile, cost_model_of, fingerprint_of
+from mosel.spec import fusion, modality, multimodal, spec_of
 
-__all__ = ["ToyAV", "toy_av_batches", "toy_av_data", "train_toy_av"]
+__all__ = ["ToyAV", "synthetic_profile", "toy_av_batches", "toy_av_data", "train_toy_av"]
 
 CLASSES = 10
 AUDIO_SAMPLES = 256
@@ -108,3 +111,57 @@ def train_toy_av(
             loss.backward()
             opt.step()
     return model.eval()
+
+
+def synthetic_profile(
+    model: nn.Module | type[nn.Module],
+    *,
+    branch_us: Mapping[str, Sequence[float]],
+    accuracy: Mapping[str, float],
+    fusion_us: Mapping[str, Sequence[float]] | None = None,
+    sample_count: int = 1000,
+    planner: PlannerConfig | None = None,
+) -> Profile:
+    """A profile from given tables instead of measurements (deterministic tests, simulations).
+
+    Args:
+        model: the model (its fingerprint is taken) or its class (a placeholder fingerprint).
+        branch_us: modality -> latency in microseconds for batch sizes ``1..max_batch_size``.
+        accuracy: configuration written ``"audio+video"`` -> accuracy, for every configuration.
+        fusion_us: like ``branch_us`` per configuration; default 0 for every size.
+        sample_count: the validation size the accuracies claim.
+        planner: planner settings.
+    """
+    spec = spec_of(model)
+    sizes = {len(t) for t in branch_us.values()}
+    if len(sizes) != 1 or set(branch_us) != set(spec.modalities):
+        raise ValueError("branch_us needs one table per modality, all of the same length")
+    max_batch = sizes.pop()
+    by_key = {"+".join(m for m in spec.modalities if m in c): c for c in spec.configurations}
+
+    def table(values: Sequence[float]) -> LatencyTable:
+        return LatencyTable(tuple(float(v) for v in values), tuple(float(v) for v in values), tuple(range(1, max_batch + 1)))
+
+    branch = {m: table(branch_us[m]) for m in spec.modalities}
+    fusion_tables = {
+        c: table((fusion_us or {}).get(k, [0.0] * max_batch)) for k, c in by_key.items()
+    }
+    acc = {by_key[k]: float(v) for k, v in accuracy.items()}
+    if set(acc) != set(spec.configurations):
+        raise ValueError(f"accuracy needs every configuration: {sorted(by_key)}")
+    if isinstance(model, nn.Module):
+        fingerprint = fingerprint_of(model, spec.model_class)
+    else:
+        fingerprint = Fingerprint("synthetic", torch.__version__, spec.model_class, "synthetic")
+    plan = build_plan(cost_model_of(spec.modalities, branch, fusion_tables, acc), planner)
+    return Profile(
+        modalities=spec.modalities,
+        max_batch_size=max_batch,
+        branch_latency=MappingProxyType(branch),
+        fusion_latency=MappingProxyType(fusion_tables),
+        accuracy=MappingProxyType(acc),
+        sample_count=sample_count,
+        fingerprint=fingerprint,
+        cost_checks=(),
+        plan=plan,
+    )
