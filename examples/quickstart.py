@@ -50,7 +50,14 @@ def main() -> None:
     for n in (1, 8, 32):
         frontier = profile.plan.frontier(everything, n)
         print(f"\n   frontier for {n} request(s): {len(frontier.strategies)} strategies, e.g.")
-        picks = sorted({0, len(frontier.strategies) // 3, 2 * len(frontier.strategies) // 3, len(frontier.strategies) - 1})
+        picks = sorted(
+            {
+                0,
+                len(frontier.strategies) // 3,
+                2 * len(frontier.strategies) // 3,
+                len(frontier.strategies) - 1,
+            }
+        )
         for i in picks:
             s = frontier.strategies[i]
             print(f"     {s.predicted_latency_ms:7.3f} ms  accuracy {s.expected_accuracy:.3f}  {describe(s)}")
@@ -62,8 +69,14 @@ def main() -> None:
     cases = [
         ("no SLO", {}),
         (f"deadline {full_ms * 0.6:.2f} ms", {"deadline_ms": full_ms * 0.6}),
-        (f"deadline {full_ms * 0.6:.2f} ms, floor {floor}", {"deadline_ms": full_ms * 0.6, "min_accuracy": floor}),
-        (f"deadline {full_ms * 0.3:.2f} ms, floor {floor}", {"deadline_ms": full_ms * 0.3, "min_accuracy": floor}),
+        (
+            f"deadline {full_ms * 0.6:.2f} ms, floor {floor}",
+            {"deadline_ms": full_ms * 0.6, "min_accuracy": floor},
+        ),
+        (
+            f"deadline {full_ms * 0.3:.2f} ms, floor {floor}",
+            {"deadline_ms": full_ms * 0.3, "min_accuracy": floor},
+        ),
         ("floor 0.99", {"min_accuracy": 0.99}),
     ]
     print(f"   (all modalities are predicted to take {full_ms:.2f} ms for 16 requests)")

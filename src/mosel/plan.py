@@ -27,7 +27,6 @@ import hashlib
 import itertools
 import json
 import logging
-
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -89,9 +88,7 @@ class CostModel:
     def configurations(self, available: Configuration) -> tuple[Configuration, ...]:
         """Configurations that use only ``available`` modalities, smallest first, in declaration order."""
         names = [m for m in self.modalities if m in available]
-        return tuple(
-            frozenset(c) for r in range(1, len(names) + 1) for c in itertools.combinations(names, r)
-        )
+        return tuple(frozenset(c) for r in range(1, len(names) + 1) for c in itertools.combinations(names, r))
 
     def latency_us(self, groups: Iterable[tuple[Configuration, int]]) -> int:
         """Predicted latency of a strategy given as (configuration, count) pairs."""
@@ -289,9 +286,7 @@ class Plan:
 # numpy evaluation shared by the candidates and the brute-force oracle
 
 
-def _evaluate(
-    cost: CostModel, configs: Sequence[Configuration], x: IntArray
-) -> tuple[IntArray, IntArray]:
+def _evaluate(cost: CostModel, configs: Sequence[Configuration], x: IntArray) -> tuple[IntArray, IntArray]:
     """Latency and accuracy units of each row of ``x`` (rows = strategies, columns = configs)."""
     latency = np.zeros(len(x), dtype=np.int64)
     for m in cost.modalities:
@@ -336,9 +331,7 @@ def _strategies_with_support(n: int, k: int, max_support: int) -> IntArray:
     return np.concatenate(blocks)
 
 
-def _to_strategy(
-    cost: CostModel, configs: Sequence[Configuration], row: Sequence[int]
-) -> Strategy:
+def _to_strategy(cost: CostModel, configs: Sequence[Configuration], row: Sequence[int]) -> Strategy:
     groups = [(c, int(k)) for c, k in zip(configs, row) if k]
     ordered = _execution_order(groups, cost.modalities)
     return Strategy(ordered, cost.latency_us(ordered), cost.accuracy_units(ordered))
@@ -443,9 +436,15 @@ def _find_above(
 def _neighbours(rows: IntArray) -> IntArray:
     """Every strategy reached from a row of ``rows`` by moving one request to another configuration."""
     k = rows.shape[1]
-    moves = np.array([np.eye(k, dtype=np.int64)[j] - np.eye(k, dtype=np.int64)[i]
-                      for i in range(k) for j in range(k) if i != j])
-    out = (rows[:, None, :] + moves[None, :, :]).reshape(-1, k)
+    moves = np.array(
+        [
+            np.eye(k, dtype=np.int64)[j] - np.eye(k, dtype=np.int64)[i]
+            for i in range(k)
+            for j in range(k)
+            if i != j
+        ]
+    )
+    out: IntArray = (rows[:, None, :] + moves[None, :, :]).reshape(-1, k)
     return out[(out >= 0).all(axis=1)]
 
 
@@ -516,9 +515,7 @@ def build_plan(cost: CostModel, config: PlannerConfig | None = None) -> Plan:
     config = config or PlannerConfig()
     started = time.perf_counter()
     names = cost.modalities
-    subsets = [
-        frozenset(c) for r in range(1, len(names) + 1) for c in itertools.combinations(names, r)
-    ]
+    subsets = [frozenset(c) for r in range(1, len(names) + 1) for c in itertools.combinations(names, r)]
     tasks = [(s, n) for s in subsets for n in range(1, cost.max_batch_size + 1)]
     # Largest problems first, so the pool does not end waiting on one long proof.
     tasks.sort(key=lambda t: (-len(t[0]), -t[1]))
@@ -543,5 +540,3 @@ def floor_units(min_accuracy: float, n: int) -> int:
 def ceil_div(a: int, b: int) -> int:
     """Ceiling of a / b for positive integers."""
     return -(-a // b)
-
-

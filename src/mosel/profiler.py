@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import statistics
@@ -44,7 +45,8 @@ COST_CHECK_WARN = 0.25
 def top1(output: Tensor, target: Any) -> Tensor:
     """Top-1 accuracy per request: ``output.argmax(-1) == target``."""
     target = torch.as_tensor(target, device=output.device)
-    return (output.argmax(dim=-1) == target).to(torch.float64)
+    scores: Tensor = (output.argmax(dim=-1) == target).to(torch.float64)
+    return scores
 
 
 def _progress(items: Iterable[T], total: int | None, desc: str, enabled: bool) -> Iterator[T]:
@@ -75,7 +77,8 @@ class _Timer:
         if self.cuda:
             torch.cuda.synchronize(self.device)
             for _ in range(self.repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+                end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
                 start.record()
                 fn()
                 end.record()
@@ -240,10 +243,10 @@ def profile(
             if isinstance(what, str):
                 branch = getattr(model, spec.branches[what])
                 x = big[what][:b]
-                branch_samples[what][b] = timer(lambda: branch(x))
+                branch_samples[what][b] = timer(functools.partial(branch, x))
             else:
                 feats = {m: features[m][:b] for m in what}
-                fusion_samples[what][b] = timer(lambda: fuse(feats))
+                fusion_samples[what][b] = timer(functools.partial(fuse, feats))
         branch_latency = {m: _table(branch_samples[m], max_batch_size) for m in spec.modalities}
         fusion_latency = {c: _table(fusion_samples[c], max_batch_size) for c in spec.configurations}
         profiled_s = time.perf_counter() - started
@@ -308,7 +311,7 @@ def _check_costs(
             continue
         seen.add(strategy)
         inputs = {m: x[: strategy.n] for m, x in big.items()}
-        samples = timer(lambda s=strategy, i=inputs: execute(model, spec, s, i))
+        samples = timer(functools.partial(execute, model, spec, strategy, inputs))
         checks.append(CostCheck(strategy.groups, float(strategy.latency_us), statistics.median(samples)))
         if len(checks) >= count:
             break

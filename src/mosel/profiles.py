@@ -243,7 +243,7 @@ class Profile:
         """Build a profile from the dict :meth:`to_json` produced; see :meth:`load`."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ProfileError(
-                f"{source} is not a mosel profile (no \"format\": {FORMAT!r} field); "
+                f'{source} is not a mosel profile (no "format": {FORMAT!r} field); '
                 f"profiles are written by Profile.save"
             )
         if data.get("version") != VERSION:

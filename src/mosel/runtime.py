@@ -97,8 +97,7 @@ def _row_plan(strategy: Strategy, modalities: tuple[str, ...], device: torch.dev
             selection = torch.tensor(rows, dtype=torch.long, device=device)
         branch_rows.append((m, selection))
     groups = tuple(
-        (config, count, tuple(slices))
-        for (config, count), slices in zip(strategy.groups, group_slices)
+        (config, count, tuple(slices)) for (config, count), slices in zip(strategy.groups, group_slices)
     )
     return _RowPlan(tuple(branch_rows), groups)
 
@@ -386,6 +385,7 @@ def model_infer(
     """Serve one job (the rows of ``inputs``) under an optional deadline and accuracy floor.
 
     Args:
+        self: the model.
         inputs: modality name -> tensor whose first dimension is the request dimension. A
             modality left out (or None) is not computed for any request of this job.
         deadline_ms: latency SLO from the moment of the call, queueing included. None: no

@@ -37,7 +37,9 @@ def toy_av_data(
     t = torch.linspace(0.0, 1.0, AUDIO_SAMPLES)
     freq = (4.0 + 3.0 * labels.to(torch.float32))[:, None]
     phase = 2 * math.pi * torch.rand(n, 1, generator=gen)
-    audio = torch.sin(2 * math.pi * freq * t + phase) + audio_noise * torch.randn(n, AUDIO_SAMPLES, generator=gen)
+    audio = torch.sin(2 * math.pi * freq * t + phase) + audio_noise * torch.randn(
+        n, AUDIO_SAMPLES, generator=gen
+    )
     video = templates[labels] + video_noise * torch.randn(n, 1, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
     return {"audio": audio[:, None, :], "video": video}, labels
 
@@ -58,32 +60,55 @@ class ToyAV(nn.Module):
     def __init__(self, width: int = 48) -> None:
         super().__init__()
         self.audio = nn.Sequential(
-            nn.Conv1d(1, 16, 9, stride=4), nn.ReLU(), nn.Conv1d(16, 32, 9, stride=2), nn.ReLU(),
-            nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(32, 64),
+            nn.Conv1d(1, 16, 9, stride=4),
+            nn.ReLU(),
+            nn.Conv1d(16, 32, 9, stride=2),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool1d(1),
+            nn.Flatten(),
+            nn.Linear(32, 64),
         )
         self.video = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2), nn.Conv2d(width, 64, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 64),
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(64, 64),
         )
-        self.missing = nn.ParameterDict({"audio": nn.Parameter(torch.zeros(64)), "video": nn.Parameter(torch.zeros(64))})
+        self.missing = nn.ParameterDict(
+            {"audio": nn.Parameter(torch.zeros(64)), "video": nn.Parameter(torch.zeros(64))}
+        )
         self.head = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, CLASSES))
 
     @modality("audio")
     def encode_audio(self, audio: Tensor) -> Tensor:
-        return self.audio(audio)
+        """Audio branch: (B, 1, 256) -> (B, 64)."""
+        features: Tensor = self.audio(audio)
+        return features
 
     @modality("video")
     def encode_video(self, video: Tensor) -> Tensor:
-        return self.video(video)
+        """Video branch: (B, 1, 16, 16) -> (B, 64)."""
+        features: Tensor = self.video(video)
+        return features
 
     @fusion
     def fuse(self, features: Mapping[str, Tensor]) -> Tensor:
+        """Fusion head: a learned placeholder stands in for a missing modality."""
         rows = next(iter(features.values())).shape[0]
-        parts = [features[m] if m in features else self.missing[m].expand(rows, -1) for m in ("audio", "video")]
-        return self.head(torch.cat(parts, dim=1))
+        parts = [
+            features[m] if m in features else self.missing[m].expand(rows, -1) for m in ("audio", "video")
+        ]
+        logits: Tensor = self.head(torch.cat(parts, dim=1))
+        return logits
 
     def forward(self, audio: Tensor, video: Tensor) -> Tensor:
+        """Both modalities, as an ordinary module would be called."""
         return self.fuse({"audio": self.encode_audio(audio), "video": self.encode_video(video)})
 
 
@@ -100,7 +125,10 @@ def train_toy_av(
         order = torch.randperm(samples, generator=gen)
         for i in range(0, samples, 64):
             idx = order[i : i + 64]
-            feats = {"audio": model.encode_audio(inputs["audio"][idx]), "video": model.encode_video(inputs["video"][idx])}
+            feats = {
+                "audio": model.encode_audio(inputs["audio"][idx]),
+                "video": model.encode_video(inputs["video"][idx]),
+            }
             r = float(torch.rand((), generator=gen))
             if r < drop_p / 2:
                 del feats["audio"]
@@ -108,7 +136,7 @@ def train_toy_av(
                 del feats["video"]
             loss = nn.functional.cross_entropy(model.fuse(feats), labels[idx])
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
     return model.eval()
 
@@ -140,12 +168,12 @@ def synthetic_profile(
     by_key = {"+".join(m for m in spec.modalities if m in c): c for c in spec.configurations}
 
     def table(values: Sequence[float]) -> LatencyTable:
-        return LatencyTable(tuple(float(v) for v in values), tuple(float(v) for v in values), tuple(range(1, max_batch + 1)))
+        return LatencyTable(
+            tuple(float(v) for v in values), tuple(float(v) for v in values), tuple(range(1, max_batch + 1))
+        )
 
     branch = {m: table(branch_us[m]) for m in spec.modalities}
-    fusion_tables = {
-        c: table((fusion_us or {}).get(k, [0.0] * max_batch)) for k, c in by_key.items()
-    }
+    fusion_tables = {c: table((fusion_us or {}).get(k, [0.0] * max_batch)) for k, c in by_key.items()}
     acc = {by_key[k]: float(v) for k, v in accuracy.items()}
     if set(acc) != set(spec.configurations):
         raise ValueError(f"accuracy needs every configuration: {sorted(by_key)}")

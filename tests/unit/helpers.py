@@ -54,8 +54,12 @@ def tiny_profile(model: nn.Module) -> mosel.Profile:
     """Audio cheap, video costly, text medium; accuracy grows with modalities."""
     per_row = {"audio": 10.0, "video": 200.0, "text": 50.0}
     accuracy = {
-        "audio": 0.60, "video": 0.70, "text": 0.55,
-        "audio+video": 0.85, "audio+text": 0.70, "video+text": 0.75,
+        "audio": 0.60,
+        "video": 0.70,
+        "text": 0.55,
+        "audio+video": 0.85,
+        "audio+text": 0.70,
+        "video+text": 0.75,
         "audio+video+text": 0.90,
     }
     return synthetic_profile(
