@@ -7,6 +7,7 @@ concatenated back in input order. Nothing is solved or introspected per call.
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
@@ -27,8 +28,8 @@ from mosel.errors import (
     ProfileMismatchError,
     SLOError,
 )
-from mosel.plan import Frontier, Strategy, accuracy_units
-from mosel.profiles import Profile, fingerprint_of, model_device
+from mosel.plan import ACCURACY_SCALE, Frontier, Strategy, accuracy_units
+from mosel.profiles import Profile, fingerprint_of
 from mosel.spec import PROVIDED_ATTR, ModelSpec, spec_of
 
 __all__ = ["Result", "attach", "execute", "infer", "profile_of"]
@@ -66,6 +67,7 @@ class _RowPlan:
 
     branch_rows: tuple[tuple[str, slice | Tensor | None], ...]
     group_rows: tuple[tuple[Configuration, int, tuple[tuple[str, slice], ...]], ...]
+    modalities: tuple[Configuration, ...]
 
 
 def _row_plan(strategy: Strategy, modalities: tuple[str, ...], device: torch.device) -> _RowPlan:
@@ -99,7 +101,8 @@ def _row_plan(strategy: Strategy, modalities: tuple[str, ...], device: torch.dev
     groups = tuple(
         (config, count, tuple(slices)) for (config, count), slices in zip(strategy.groups, group_slices)
     )
-    return _RowPlan(tuple(branch_rows), groups)
+    per_request = tuple(config for config, count in strategy.groups for _ in range(count))
+    return _RowPlan(tuple(branch_rows), groups, per_request)
 
 
 def execute(
@@ -114,6 +117,15 @@ def execute(
     Rows are assigned to the strategy's groups in order; each branch runs once over the rows
     whose configuration contains it; fusion runs once per group; outputs keep the input order.
     """
+    return _run(model, spec, _plan_rows(strategy, spec, inputs, cache), inputs)
+
+
+def _plan_rows(
+    strategy: Strategy,
+    spec: ModelSpec,
+    inputs: Mapping[str, Tensor],
+    cache: dict[tuple[Strategy, torch.device], _RowPlan] | None,
+) -> _RowPlan:
     device = next(iter(inputs.values())).device
     key = (strategy, device)
     plan = cache.get(key) if cache is not None else None
@@ -121,6 +133,10 @@ def execute(
         plan = _row_plan(strategy, spec.modalities, device)
         if cache is not None:
             cache[key] = plan
+    return plan
+
+
+def _run(model: nn.Module, spec: ModelSpec, plan: _RowPlan, inputs: Mapping[str, Tensor]) -> Tensor:
     features: dict[str, Tensor] = {}
     for m, selection in plan.branch_rows:
         x = inputs[m]
@@ -128,11 +144,10 @@ def execute(
             x = x[selection] if isinstance(selection, slice) else x.index_select(0, selection)
         features[m] = getattr(model, spec.branches[m])(x)
     fuse: Callable[[Mapping[str, Tensor]], Tensor] = getattr(model, spec.fusion)
-    outputs = []
-    for _, count, slices in plan.group_rows:
-        group = {m: (features[m] if count == features[m].shape[0] else features[m][s]) for m, s in slices}
-        outputs.append(fuse(group))
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    if len(plan.group_rows) == 1:
+        return fuse(features)
+    outputs = [fuse({m: features[m][s] for m, s in slices}) for _, _, slices in plan.group_rows]
+    return torch.cat(outputs)
 
 
 class _ModelState:
@@ -143,12 +158,26 @@ class _ModelState:
         self.spec = spec
         self.model_class = model_class
         self.lock = threading.Lock()
+        self.probe: Tensor | None = None
         self.row_plans: dict[tuple[Strategy, torch.device], _RowPlan] = {}
         self.full: dict[tuple[Configuration, int], Strategy] = {}
         cost = profile.cost_model()
         for (available, n), _ in profile.plan.frontiers.items():
             groups = ((available, n),)
             self.full[(available, n)] = Strategy(groups, cost.latency_us(groups), cost.accuracy_units(groups))
+
+    def device(self, model: nn.Module) -> torch.device:
+        """The model's device, read from one of its tensors (``.to()`` updates it in place)."""
+        if self.probe is None:
+            self.probe = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0))
+        return self.probe.device
+
+    def run(
+        self, model: nn.Module, strategy: Strategy, tensors: Mapping[str, Tensor]
+    ) -> tuple[Tensor, tuple[Configuration, ...]]:
+        """Execute ``strategy``; returns the output and each request's configuration."""
+        plan = _plan_rows(strategy, self.spec, tensors, self.row_plans)
+        return _run(model, self.spec, plan, tensors), plan.modalities
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled with the model (e.g. to another process): the profile travels as its JSON form.
@@ -327,16 +356,17 @@ def infer(
     state = _state(model)
     _check_slo(deadline_ms, min_accuracy)
     profile = state.profile
-    tensors, available, n = _check_inputs(inputs, state.spec, model_device(model))
+    tensors, available, n = _check_inputs(inputs, state.spec, state.device(model))
     floor_per_request = accuracy_units(min_accuracy) if min_accuracy is not None else 0
-    sizes = _chunks(n, profile.max_batch_size)
+    plan = profile.plan
     with state.lock, torch.inference_mode():
         started = time.perf_counter()
         waited_ms = (started - arrival) * 1000.0
         budget_us = None if deadline_ms is None else (deadline_ms - waited_ms) * 1000.0
-        strategies = tuple(
-            _choose(
-                profile.plan.frontier(available, size),
+        outputs, modalities, strategies, offset = [], [], [], 0
+        for size in [n] if n <= plan.max_batch_size else _chunks(n, plan.max_batch_size):
+            strategy = _choose(
+                plan.frontier(available, size),
                 state.full[(available, size)],
                 None if budget_us is None else budget_us * size / n,
                 floor_per_request * size,
@@ -345,32 +375,26 @@ def infer(
                 waited_ms,
                 min_accuracy,
             )
-            for size in sizes
-        )
-        if len(sizes) == 1:
-            output = execute(model, state.spec, strategies[0], tensors, state.row_plans)
-        else:
-            outputs, offset = [], 0
-            for size, strategy in zip(sizes, strategies):
-                chunk = {m: t[offset : offset + size] for m, t in tensors.items()}
-                outputs.append(execute(model, state.spec, strategy, chunk, state.row_plans))
-                offset += size
-            output = torch.cat(outputs)
+            chunk = tensors if size == n else {m: t[offset : offset + size] for m, t in tensors.items()}
+            output, rows = state.run(model, strategy, chunk)
+            outputs.append(output)
+            modalities.append(rows)
+            strategies.append(strategy)
+            offset += size
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         if output.is_cuda:
             torch.cuda.synchronize(output.device)
         finished = time.perf_counter()
-    per_request: list[Configuration] = []
-    for strategy in strategies:
-        for config, count in strategy.groups:
-            per_request.extend([config] * count)
     return Result(
         output=output,
-        modalities=tuple(per_request),
-        expected_accuracy=sum(s.accuracy_units for s in strategies) / (n * 1_000_000),
+        modalities=modalities[0]
+        if len(modalities) == 1
+        else tuple(itertools.chain.from_iterable(modalities)),
+        expected_accuracy=sum(s.accuracy_units for s in strategies) / (n * ACCURACY_SCALE),
         predicted_latency_ms=sum(s.latency_us for s in strategies) / 1000.0,
         measured_latency_ms=(finished - started) * 1000.0,
         completion_ms=(finished - arrival) * 1000.0,
-        strategies=strategies,
+        strategies=tuple(strategies),
     )
 
 
