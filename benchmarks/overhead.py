@@ -58,7 +58,11 @@ def by_hand(model: nn.Module, strategy: mosel.Strategy, inputs: Mapping[str, Ten
     feats = {}
     for m, spans in rows.items():
         if spans:
-            x = torch.cat([inputs[m][a:b] for a, b in spans]) if len(spans) > 1 else inputs[m][spans[0][0] : spans[0][1]]
+            x = (
+                torch.cat([inputs[m][a:b] for a, b in spans])
+                if len(spans) > 1
+                else inputs[m][spans[0][0] : spans[0][1]]
+            )
             feats[m] = getattr(model, spec.branches[m])(x)
     offsets = dict.fromkeys(spec.modalities, 0)
     fuse = getattr(model, spec.fusion)
@@ -86,7 +90,9 @@ def interleaved(a: Callable[[], object], b: Callable[[], object], repeats: int) 
     return statistics.median(ta), statistics.median(tb)
 
 
-def measure(model: nn.Module, make_inputs: Callable[[int], dict[str, Tensor]], repeats: int) -> list[dict[str, object]]:
+def measure(
+    model: nn.Module, make_inputs: Callable[[int], dict[str, Tensor]], repeats: int
+) -> list[dict[str, object]]:
     plan = mosel.profile_of(model).plan
     everything = frozenset(mosel.spec_of(model).modalities)
     rows = []
@@ -174,7 +180,10 @@ def main() -> None:
         null,
         synthetic_profile(
             null,
-            branch_us={"audio": [100 + 10 * b for b in range(1, 33)], "video": [300 + 60 * b for b in range(1, 33)]},
+            branch_us={
+                "audio": [100 + 10 * b for b in range(1, 33)],
+                "video": [300 + 60 * b for b in range(1, 33)],
+            },
             accuracy={"audio": 0.78, "video": 0.55, "audio+video": 0.92},
         ),
     )
