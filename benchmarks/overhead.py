@@ -11,6 +11,7 @@ Run: python benchmarks/overhead.py [--repeats N] [--json PATH]
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import platform
@@ -111,8 +112,8 @@ def measure(
             assert got.strategies[0].groups == strategy.groups or name == "mixed", (got.strategies, strategy)
             with torch.inference_mode():
                 direct, served = interleaved(
-                    lambda s=strategy: by_hand(model, s, inputs),
-                    lambda slo=slo: model.infer(inputs, **slo),  # type: ignore[attr-defined]
+                    functools.partial(by_hand, model, strategy, inputs),
+                    functools.partial(model.infer, inputs, **slo),
                     repeats,
                 )
             rows.append(
