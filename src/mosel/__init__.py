@@ -27,14 +27,19 @@ from mosel.errors import (
     NotProfiledError,
     ProfileError,
     ProfileMismatchError,
+    QueueFullError,
+    ShutdownError,
     SLOError,
     SpecError,
 )
+from mosel.execution import Result
 from mosel.plan import CostModel, Frontier, Plan, PlannerConfig, Strategy
 from mosel.profiler import profile, top1
 from mosel.profiles import CostCheck, Fingerprint, LatencyTable, Profile
-from mosel.runtime import Result, attach, infer, profile_of
+from mosel.runtime import attach, close, profile_of, serving, stats
+from mosel.scheduler import SchedulerConfig
 from mosel.spec import ModelSpec, fusion, modality, multimodal, spec_of
+from mosel.stats import StatsSnapshot
 
 __all__ = [
     "AccuracyUnreachableError",
@@ -55,18 +60,24 @@ __all__ = [
     "Profile",
     "ProfileError",
     "ProfileMismatchError",
+    "QueueFullError",
     "Result",
     "SLOError",
+    "SchedulerConfig",
+    "ShutdownError",
     "SpecError",
+    "StatsSnapshot",
     "Strategy",
     "__version__",
     "attach",
+    "close",
     "fusion",
-    "infer",
     "modality",
     "multimodal",
     "profile",
     "profile_of",
+    "serving",
     "spec_of",
+    "stats",
     "top1",
 ]

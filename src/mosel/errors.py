@@ -10,9 +10,11 @@ exception that callers would already catch for that kind of problem::
     ├── NotProfiledError(RuntimeError)   infer() on a model with no profile attached
     ├── InputError(ValueError, TypeError) inputs that do not fit the model (names, types, shapes)
     ├── SLOError(ValueError)             a deadline or accuracy floor that is not a valid number
-    └── InfeasibleError(ValueError)      no strategy satisfies the request's SLO
-        ├── AccuracyUnreachableError     the floor is above every configuration's accuracy
-        └── DeadlineError(TimeoutError)  no strategy that meets the floor fits in the deadline
+    ├── InfeasibleError(ValueError)      no strategy satisfies the request's SLO
+    │   ├── AccuracyUnreachableError     the floor is above every configuration's accuracy
+    │   └── DeadlineError(TimeoutError)  no strategy that meets the floor fits in the deadline
+    ├── QueueFullError(RuntimeError)     admission control: the queue is full
+    └── ShutdownError(RuntimeError)      the scheduler was closed before the job ran
 
 Warnings (a stale profile, a cost model that predicts poorly) are :class:`MoselWarning`.
 
@@ -31,7 +33,9 @@ __all__ = [
     "NotProfiledError",
     "ProfileError",
     "ProfileMismatchError",
+    "QueueFullError",
     "SLOError",
+    "ShutdownError",
     "SpecError",
 ]
 
@@ -102,3 +106,11 @@ class DeadlineError(InfeasibleError, TimeoutError):
 
 class MoselWarning(UserWarning):
     """A condition worth knowing that does not stop mosel: a stale profile, a poor cost model."""
+
+
+class QueueFullError(MoselError, RuntimeError):
+    """Admission control: the model's queue holds as many requests as it is allowed to."""
+
+
+class ShutdownError(MoselError, RuntimeError):
+    """The model's scheduler was closed before the job could run."""

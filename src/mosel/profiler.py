@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from mosel.errors import InputError, MoselWarning, SLOError
+from mosel.execution import execute
 from mosel.plan import PlannerConfig, build_plan
 from mosel.profiles import (
     CostCheck,
@@ -26,7 +27,7 @@ from mosel.profiles import (
     fingerprint_of,
     model_device,
 )
-from mosel.runtime import attach, execute
+from mosel.runtime import attach
 from mosel.spec import ModelSpec, spec_of
 
 __all__ = ["Metric", "profile", "top1"]

@@ -187,7 +187,7 @@ def multimodal(cls: M, /) -> M:
     """Collect the ``modality`` and ``fusion`` marks of an ``nn.Module`` class.
 
     Runs once, at class definition. The class is returned unchanged but for ``__mosel_spec__`` and
-    the serving methods ``infer`` (and, with the online stage, ``submit``/``ainfer``). A class that
+    the serving methods ``infer``, ``submit`` and ``ainfer``. A class that
     defines one of those names itself is rejected rather than silently overwritten.
     """
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
@@ -195,7 +195,11 @@ def multimodal(cls: M, /) -> M:
     spec = _collect(cls)
     from mosel import runtime  # noqa: PLC0415  (runtime imports this module)
 
-    provided: dict[str, Callable[..., Any]] = {"infer": runtime.model_infer}
+    provided: dict[str, Callable[..., Any]] = {
+        "infer": runtime.model_infer,
+        "submit": runtime.model_submit,
+        "ainfer": runtime.model_ainfer,
+    }
     for name in RESERVED_NAMES:
         existing = inspect.getattr_static(cls, name, None)
         if existing is not None and not getattr(existing, PROVIDED_ATTR, False):

@@ -1,0 +1,163 @@
+"""Per-model serving statistics: counters and histograms, a plain snapshot, Prometheus export."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Final
+
+__all__ = ["Histogram", "Stats", "StatsSnapshot"]
+
+BUCKETS_MS: Final = (
+    0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
+)  # fmt: skip
+
+
+class Histogram:
+    """Counts of observations in fixed millisecond buckets (Prometheus-style), plus the sum."""
+
+    __slots__ = ("counts", "sum_ms", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS_MS) + 1)
+        self.sum_ms = 0.0
+        self.total = 0
+
+    def observe(self, value_ms: float) -> None:
+        """Record one value."""
+        self.counts[bisect.bisect_left(BUCKETS_MS, value_ms)] += 1
+        self.sum_ms += value_ms
+        self.total += 1
+
+    def quantile(self, q: float) -> float:
+        """The upper bound of the bucket holding quantile ``q`` (0 when empty)."""
+        if not self.total:
+            return 0.0
+        rank = q * self.total
+        seen = 0
+        for i, count in enumerate(self.counts):
+            seen += count
+            if seen >= rank and count:
+                return BUCKETS_MS[i] if i < len(BUCKETS_MS) else float("inf")
+        return float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSnapshot:
+    """A copy of a model's serving statistics at one moment.
+
+    Attributes:
+        counters: submitted/served_on_time/served_late/failed/rejected_<reason>/solver_* counts.
+        requests_per_configuration: configuration text (``"audio+video"``) -> requests served.
+        histograms: name -> {"count", "sum_ms", "p50_ms", "p99_ms", "buckets": [(le_ms, count)]}
+            for ``queue_wait``, ``completion`` (arrival to result) and ``solver``.
+        correction: part (branch name or ``"fusion"``) -> measured/predicted latency ratio (EWMA).
+    """
+
+    counters: Mapping[str, int]
+    requests_per_configuration: Mapping[str, int]
+    histograms: Mapping[str, Mapping[str, Any]]
+    correction: Mapping[str, float]
+
+
+class Stats:
+    """Mutable statistics of one model's scheduler; thread-safe."""
+
+    HISTOGRAMS: Final = ("queue_wait", "completion", "solver")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: dict[str, int] = {}
+        self._configs: dict[str, int] = {}
+        self._histograms = {name: Histogram() for name in self.HISTOGRAMS}
+        self._correction: dict[str, float] = {}
+
+    def count(self, name: str, by: int = 1) -> None:
+        """Add ``by`` to counter ``name``."""
+        with self._lock:
+            self._counters[name] = self._counters.get(name, 0) + by
+
+    def served(self, configuration: str, requests: int) -> None:
+        """Record requests served with a configuration."""
+        with self._lock:
+            self._configs[configuration] = self._configs.get(configuration, 0) + requests
+
+    def observe(self, histogram: str, value_ms: float) -> None:
+        """Record a value in one of :attr:`HISTOGRAMS`."""
+        with self._lock:
+            self._histograms[histogram].observe(value_ms)
+
+    def set_correction(self, correction: Mapping[str, float]) -> None:
+        """Publish the current latency correction ratios."""
+        with self._lock:
+            self._correction = dict(correction)
+
+    def snapshot(self) -> StatsSnapshot:
+        """A consistent copy of everything."""
+        with self._lock:
+            hists = {
+                name: MappingProxyType(
+                    {
+                        "count": h.total,
+                        "sum_ms": h.sum_ms,
+                        "p50_ms": h.quantile(0.5),
+                        "p99_ms": h.quantile(0.99),
+                        "buckets": tuple(zip((*BUCKETS_MS, float("inf")), h.counts)),
+                    }
+                )
+                for name, h in self._histograms.items()
+            }
+            return StatsSnapshot(
+                MappingProxyType(dict(self._counters)),
+                MappingProxyType(dict(self._configs)),
+                MappingProxyType(hists),
+                MappingProxyType(dict(self._correction)),
+            )
+
+
+def prometheus_collector(stats: Stats, model_name: str) -> Any:
+    """A ``prometheus_client`` collector exporting ``stats`` (requires the optional extra)."""
+    from prometheus_client.core import (  # noqa: PLC0415  (optional dependency)
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
+    class Collector:
+        def collect(self) -> Any:
+            snap = stats.snapshot()
+            counters = CounterMetricFamily(
+                "mosel_events", "mosel scheduler events", labels=["model", "event"]
+            )
+            for name, value in snap.counters.items():
+                counters.add_metric([model_name, name], value)
+            yield counters
+            configs = CounterMetricFamily(
+                "mosel_requests_by_configuration",
+                "requests served per configuration",
+                labels=["model", "configuration"],
+            )
+            for name, value in snap.requests_per_configuration.items():
+                configs.add_metric([model_name, name], value)
+            yield configs
+            for name, h in snap.histograms.items():
+                family = HistogramMetricFamily(
+                    f"mosel_{name}_ms", f"mosel {name} in milliseconds", labels=["model"]
+                )
+                cumulative, buckets = 0, []
+                for le, count in h["buckets"]:
+                    cumulative += count
+                    buckets.append(("+Inf" if le == float("inf") else str(le), cumulative))
+                family.add_metric([model_name], buckets, h["sum_ms"])
+                yield family
+            correction = GaugeMetricFamily(
+                "mosel_latency_correction", "measured/predicted latency ratio", labels=["model", "part"]
+            )
+            for part, ratio in snap.correction.items():
+                correction.add_metric([model_name, part], ratio)
+            yield correction
+
+    return Collector()
