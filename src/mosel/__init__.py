@@ -38,11 +38,13 @@ from mosel.profiler import profile, top1
 from mosel.profiles import CostCheck, Fingerprint, LatencyTable, Profile
 from mosel.runtime import attach, close, profile_of, serving, stats
 from mosel.scheduler import SchedulerConfig
+from mosel.simulate import Arrival, Simulation, simulate
 from mosel.spec import ModelSpec, fusion, modality, multimodal, spec_of
 from mosel.stats import StatsSnapshot
 
 __all__ = [
     "AccuracyUnreachableError",
+    "Arrival",
     "CostCheck",
     "CostModel",
     "DeadlineError",
@@ -66,6 +68,7 @@ __all__ = [
     "SchedulerConfig",
     "ShutdownError",
     "SpecError",
+    "Simulation",
     "StatsSnapshot",
     "Strategy",
     "__version__",
@@ -77,6 +80,7 @@ __all__ = [
     "profile",
     "profile_of",
     "serving",
+    "simulate",
     "spec_of",
     "stats",
     "top1",

@@ -1,0 +1,166 @@
+"""Deterministic simulation of the online stage: the real scheduler against a virtual clock.
+
+Execution times come from the profile's cost model (optionally with seeded noise), so a run is
+machine-independent and reproducible. The :class:`~mosel.scheduler.Scheduler` is the same code
+the threaded server runs; only the clock and the executor are simulated.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from mosel.clock import VirtualClock
+from mosel.errors import MoselError
+from mosel.plan import Strategy
+from mosel.profiles import Profile
+from mosel.scheduler import Batch, Job, Scheduler, SchedulerConfig
+from mosel.stats import Stats, StatsSnapshot
+
+__all__ = ["Arrival", "JobRecord", "Simulation", "simulate"]
+
+Configuration = frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """One job of a workload trace."""
+
+    time_s: float
+    n: int
+    deadline_ms: float | None = None
+    min_accuracy: float | None = None
+    available: Configuration | None = None
+    best_effort: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """What happened to one job of a simulation."""
+
+    arrival: Arrival
+    finish_s: float  # NaN when the job failed
+    started_s: float
+    error: str | None  # the exception's class name
+    strategies: tuple[Strategy, ...]
+    expected_accuracy: float
+
+    @property
+    def served(self) -> bool:
+        """True when the job ran to completion."""
+        return self.error is None
+
+    @property
+    def on_time(self) -> bool:
+        """True when the job was served within its deadline (no deadline: served at all)."""
+        if not self.served:
+            return False
+        deadline = self.arrival.deadline_ms
+        return deadline is None or (self.finish_s - self.arrival.time_s) * 1000.0 <= deadline + 1e-9
+
+    @property
+    def completion_ms(self) -> float:
+        """Arrival to completion in milliseconds (NaN when failed)."""
+        return (self.finish_s - self.arrival.time_s) * 1000.0
+
+
+@dataclass(frozen=True, slots=True)
+class Simulation:
+    """The records of every job, in arrival order, and the scheduler's statistics."""
+
+    records: tuple[JobRecord, ...]
+    stats: StatsSnapshot
+    end_s: float
+
+
+def simulate(
+    profile: Profile,
+    arrivals: Iterable[Arrival],
+    config: SchedulerConfig | None = None,
+    *,
+    noise: float = 0.0,
+    seed: int = 0,
+) -> Simulation:
+    """Replay ``arrivals`` through the scheduler on a virtual clock.
+
+    Args:
+        profile: the model's profile; its cost model gives the simulated execution times.
+        arrivals: the workload, any order (sorted by time here).
+        config: scheduler settings; CP-SAT runs inline with a deterministic time limit.
+        noise: relative standard deviation of execution times (lognormal), 0 for exact.
+        seed: seed of the noise.
+    """
+    base = config or SchedulerConfig()
+    config = SchedulerConfig(
+        policy=base.policy,
+        max_queued_requests=base.max_queued_requests,
+        solver_time_limit_s=base.solver_time_limit_s,
+        deterministic=True,
+        batching=base.batching,
+        max_merge=base.max_merge,
+        correction_alpha=base.correction_alpha,
+    )
+    clock = VirtualClock()
+    stats = Stats()
+    scheduler = Scheduler(profile, config, stats)
+    cost = scheduler.cost
+    rng = random.Random(seed)
+    trace = sorted(arrivals, key=lambda a: a.time_s)
+    everything = frozenset(profile.modalities)
+    jobs: list[Job] = []
+    rejected: dict[int, str] = {}
+    running: Batch | None = None
+    done_at = math.inf
+    i = 0
+    while i < len(trace) or running is not None or scheduler.queue:
+        now = clock.now()
+        next_arrival = trace[i].time_s if i < len(trace) else math.inf
+        if running is not None and done_at <= next_arrival:
+            clock.advance_to(done_at)
+            scheduler.complete(running, done_at, (done_at - running.started) * 1e6)
+            running, done_at = None, math.inf
+            continue
+        if running is None and scheduler.queue and next_arrival > now:
+            running, _ = scheduler.dispatch(now)
+            if running is not None:
+                duration_us = float(cost.latency_us(running.merged.groups))
+                if noise:
+                    duration_us *= math.exp(rng.gauss(-noise * noise / 2, noise))
+                done_at = now + duration_us / 1e6
+            continue
+        if i >= len(trace):
+            break
+        arrival = trace[i]
+        clock.advance_to(max(now, arrival.time_s))
+        job = Job(
+            n=arrival.n,
+            available=arrival.available or everything,
+            arrival=arrival.time_s,
+            deadline_ms=arrival.deadline_ms,
+            min_accuracy=arrival.min_accuracy,
+            best_effort=arrival.best_effort,
+            payload=i,
+        )
+        jobs.append(job)
+        try:
+            scheduler.admit(job, clock.now())
+        except MoselError as exc:
+            rejected[i] = type(exc).__name__
+        i += 1
+    records = []
+    for job in jobs:
+        error = rejected.get(job.payload) or (type(job.error).__name__ if job.error is not None else None)
+        served = error is None
+        records.append(
+            JobRecord(
+                arrival=trace[job.payload],
+                finish_s=job.finished if served else math.nan,
+                started_s=job.started,
+                error=error,
+                strategies=job.strategies if job.tasks and served else (),
+                expected_accuracy=job.expected_accuracy if job.tasks and served else math.nan,
+            )
+        )
+    return Simulation(tuple(records), stats.snapshot(), clock.now())
