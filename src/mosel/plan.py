@@ -183,8 +183,12 @@ class Frontier:
 
     def cheapest_meeting(self, floor_units: int) -> Strategy | None:
         """The fastest strategy whose accuracy units reach ``floor_units``, or None."""
-        i = bisect.bisect_left(self._accuracy, floor_units)
+        i = self.index_meeting(floor_units)
         return self.strategies[i] if i < len(self.strategies) else None
+
+    def index_meeting(self, floor_units: int) -> int:
+        """Index of the fastest strategy reaching ``floor_units`` (``len(strategies)`` if none)."""
+        return bisect.bisect_left(self._accuracy, floor_units)
 
     def points(self) -> list[tuple[int, int]]:
         """(latency_us, accuracy_units) of every strategy, for comparisons."""

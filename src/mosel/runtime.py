@@ -1,7 +1,7 @@
 """A model's serving state: ``attach``, and the ``infer``/``submit``/``ainfer`` methods it gains.
 
 The state lives on the instance as ``_mosel_state`` (never a Module, Parameter or buffer, so
-``state_dict`` and ``.to()`` are unaffected). Its :class:`~mosel.serving.Server` starts lazily.
+``state_dict`` and ``.to()`` are unaffected). Its :class:`~mosel.server.Server` starts lazily.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from mosel.errors import MoselWarning, NotProfiledError, ProfileMismatchError
 from mosel.execution import Result, RowPlanCache
 from mosel.profiles import Profile, fingerprint_of
 from mosel.scheduler import SchedulerConfig
-from mosel.serving import Server
+from mosel.server import Server
 from mosel.spec import PROVIDED_ATTR, ModelSpec, spec_of
 from mosel.stats import StatsSnapshot
 

@@ -3,7 +3,7 @@
 This module holds the scheduling *logic* only. It never sleeps, starts threads, touches tensors or
 resolves futures: a driver calls :meth:`Scheduler.admit`, :meth:`Scheduler.dispatch` and
 :meth:`Scheduler.complete` under its own lock and with its own clock. The threaded driver
-(``mosel.serving``) and the simulator (``mosel.simulate``) run this same code.
+(``mosel.server``) and the simulator (``mosel.simulate``) run this same code.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ __all__ = ["Batch", "Job", "Policy", "Scheduler", "SchedulerConfig", "Task"]
 Configuration = frozenset[str]
 Policy = Literal["mosel", "greedy", "aggressive", "agnostic"]
 NO_DEADLINE_US: Final = 2**62
+CORRECTION_CLAMP: Final = 4.0
+"""A single measurement moves the latency correction by at most this factor (times alpha)."""
 _log = logging.getLogger("mosel")
 
 
@@ -122,7 +124,7 @@ _ids = itertools.count()
 class Task:
     """A chunk of a job (at most ``max_batch_size`` rows) and its admissible strategies."""
 
-    __slots__ = ("first", "frontier", "index", "item", "job", "k", "n", "offset", "version")
+    __slots__ = ("first", "fixed", "frontier", "index", "item", "job", "k", "n", "offset", "version")
 
     def __init__(self, job: Job, index: int, offset: int, n: int, frontier: Frontier, first: int) -> None:
         self.job = job
@@ -132,13 +134,14 @@ class Task:
         self.frontier = frontier
         self.first = first  # frontier index of the cheapest admissible strategy
         self.k = 0  # chosen option, relative to ``first``
+        self.fixed: Strategy | None = None  # set for jobs that must compute every modality
         self.item: Item = Item((), (), 0)
         self.version = -1
 
     @property
     def strategy(self) -> Strategy:
         """The currently chosen strategy."""
-        return self.frontier.strategies[self.first + self.k]
+        return self.fixed if self.fixed is not None else self.frontier.strategies[self.first + self.k]
 
     @property
     def key(self) -> tuple[float, int]:
@@ -187,7 +190,9 @@ class Scheduler:
         self._solve_async = solve_async
         self._solving = False
         self._resolve = False
-        self._full: dict[tuple[Configuration, int], int] = {}
+        self._full_strategies: dict[tuple[Configuration, int], Strategy] = {}
+        self._keys_text: dict[Configuration, str] = {}
+        self._parts: dict[tuple[tuple[Configuration, int], ...], dict[str, int]] = {}
         self._pending_improvement: tuple[list[Task], int, list[int] | None, float] | None = None
         self.stats.set_correction(self.correction)
 
@@ -216,12 +221,25 @@ class Scheduler:
 
     def _item(self, task: Task) -> Item:
         if task.version != self._version:
-            lat = self._latencies(task.frontier)[task.first :]
-            acc = tuple(s.accuracy_units for s in task.frontier.strategies[task.first :])
+            if task.fixed is not None:
+                key = (task.fixed.groups[0][0], -task.n)
+                if key not in self._latency_cache:
+                    self._latency_cache[key] = (self.corrected_latency_us(task.fixed.groups),)
+                lat: tuple[int, ...] = self._latency_cache[key]
+                acc: tuple[int, ...] = (task.fixed.accuracy_units,)
+            else:
+                lat = self._latencies(task.frontier)[task.first :]
+                acc = tuple(s.accuracy_units for s in task.frontier.strategies[task.first :])
             deadline = NO_DEADLINE_US if math.isinf(task.job.deadline) else int(task.job.deadline * 1e6)
             task.item = Item(lat, acc, deadline)
             task.version = self._version
         return task.item
+
+    def _key(self, config: Configuration) -> str:
+        key = self._keys_text.get(config)
+        if key is None:
+            key = self._keys_text[config] = "+".join(m for m in self.cost.modalities if m in config)
+        return key
 
     def _start(self, now: float) -> float:
         return max(now, self.busy_until)
@@ -241,6 +259,28 @@ class Scheduler:
         Returns:
             Other jobs failed because re-assignment found them doomed.
         """
+        self._prepare(job, now)
+        for task in job.tasks:
+            i = bisect.bisect(self._keys, task.key)
+            self._keys.insert(i, task.key)
+            self.queue.insert(i, task)
+        self.queued_requests += job.n
+        return self._replan(now)
+
+    def start_alone(self, job: Job, now: float) -> Batch | None:
+        """Admit a job and dispatch it at once when the device is idle and nothing waits.
+
+        The same admission as :meth:`admit` (same errors) and the same choice as :meth:`dispatch`
+        would make for a lone job, without queueing it. Returns None, and changes nothing, when
+        the device is busy, jobs are waiting, or the job needs several batches.
+        """
+        if self.in_flight is not None or self.queue or job.n > self.profile.max_batch_size:
+            return None
+        self._prepare(job, now)
+        return self._launch(job.tasks, now)
+
+    def _prepare(self, job: Job, now: float) -> None:
+        """Admission checks; creates the job's tasks with their initial strategies."""
         if self.closed:
             raise ShutdownError("the model's scheduler is closed; no new jobs are accepted")
         self.stats.count("submitted")
@@ -254,9 +294,10 @@ class Scheduler:
         sizes = [job.n] if job.n <= plan.max_batch_size else _chunks(job.n, plan.max_batch_size)
         floor = 0 if job.min_accuracy is None else round(job.min_accuracy * ACCURACY_SCALE)
         offset = 0
+        tasks = []
         for index, size in enumerate(sizes):
             frontier = plan.frontier(job.available, size)
-            first = bisect.bisect_left(frontier._accuracy, floor * size)
+            first = frontier.index_meeting(floor * size)
             if first == len(frontier.strategies):
                 self.stats.count("rejected_accuracy")
                 raise AccuracyUnreachableError(
@@ -266,49 +307,42 @@ class Scheduler:
                     min_accuracy=float(job.min_accuracy or 0.0),
                     best_accuracy=frontier.best.expected_accuracy,
                 )
-            job.tasks.append(Task(job, index, offset, size, frontier, first))
+            tasks.append(Task(job, index, offset, size, frontier, first))
             offset += size
+        job.tasks = tasks
         share = 1.0 / len(sizes)
-        for task in job.tasks:
-            item = self._item(task)
-            task.k = self._initial_option(task, item, now, share)
+        every = self.config.policy == "agnostic" or (job.deadline_ms is None and job.min_accuracy is None)
+        for task in tasks:
+            if every:
+                task.fixed = self._full(job.available, task.n)
+            task.k = self._initial_option(task, self._item(task), now, share)
         if not job.best_effort and not math.isinf(job.deadline):
-            cheapest = sum(self._item(t).latency_us[0] for t in job.tasks)
+            cheapest = sum(self._item(t).latency_us[0] for t in tasks)
             if now * 1e6 + cheapest > job.deadline * 1e6:
                 self.stats.count("rejected_deadline")
                 raise self._deadline_error(job, now, cheapest)
-        job.pending = len(job.tasks)
-        for task in job.tasks:
-            i = bisect.bisect(self._keys, task.key)
-            self._keys.insert(i, task.key)
-            self.queue.insert(i, task)
-        self.queued_requests += job.n
-        return self._replan(now)
+        job.pending = len(tasks)
 
     def _initial_option(self, task: Task, item: Item, now: float, share: float) -> int:
-        """Most accurate option meeting the job's own deadline (all modalities with no SLO)."""
+        """The most accurate option meeting the job's own deadline (aggressive: the cheapest)."""
         job = task.job
         top = len(item.latency_us) - 1
-        if self.config.policy == "agnostic" or (job.deadline_ms is None and job.min_accuracy is None):
-            return self._full_option(task)
-        if self.config.policy == "aggressive" or math.isinf(job.deadline):
-            return 0 if self.config.policy == "aggressive" else top
-        budget = (job.deadline - now) * 1e6 * share
-        k = bisect.bisect_right(item.latency_us, budget) - 1
+        if self.config.policy == "aggressive":
+            return 0
+        if math.isinf(job.deadline):
+            return top
+        k = bisect.bisect_right(item.latency_us, (job.deadline - now) * 1e6 * share) - 1
         return max(k, 0)
 
-    def _full_option(self, task: Task) -> int:
-        """Index of the all-available-modalities strategy if admissible, else the most accurate."""
-        key = (task.frontier.available, task.n)
-        if key not in self._full:
-            everything = ((task.frontier.available, task.n),)
-            index = next(
-                (i for i, s in enumerate(task.frontier.strategies) if s.groups == everything),
-                len(task.frontier.strategies) - 1,
-            )
-            self._full[key] = index
-        full = self._full[key]
-        return full - task.first if full >= task.first else len(task.frontier.strategies) - 1 - task.first
+    def _full(self, available: Configuration, n: int) -> Strategy:
+        """Every available modality for every request (need not be on the frontier)."""
+        key = (available, n)
+        strategy = self._full_strategies.get(key)
+        if strategy is None:
+            groups = ((available, n),)
+            strategy = Strategy(groups, self.cost.latency_us(groups), self.cost.accuracy_units(groups))
+            self._full_strategies[key] = strategy
+        return strategy
 
     def _deadline_error(self, job: Job, now: float, predicted_us: int) -> DeadlineError:
         finish_ms = (now - job.arrival) * 1000.0 + predicted_us / 1000.0
@@ -483,7 +517,7 @@ class Scheduler:
         while self.queue:
             head = self.queue[0]
             item = self._item(head)
-            if self.config.policy in ("mosel", "greedy"):
+            if self.config.policy in ("mosel", "greedy") and head.k < len(item.latency_us) - 1:
                 items = [self._item(t) for t in self.queue]
                 head.k = upgrade_head(items, [t.k for t in self.queue], int(now * 1e6))
             finish_us = now * 1e6 + item.latency_us[head.k]
@@ -528,8 +562,25 @@ class Scheduler:
                 self._remove(nxt)
                 tasks.append(nxt)
                 merged_groups, separate, merged_latency = groups, separate + alone, latency
-        order = _execution_order(list(merged_groups.items()), self.cost.modalities)
-        merged = Strategy(order, self.cost.latency_us(order), self.cost.accuracy_units(order))
+        return self._launch(tasks, now, merged_groups, merged_latency), failures
+
+    def _launch(
+        self,
+        tasks: list[Task],
+        now: float,
+        merged_groups: dict[Configuration, int] | None = None,
+        merged_latency: int | None = None,
+    ) -> Batch:
+        """Mark ``tasks`` as running from ``now`` and describe them as one batch."""
+        if len(tasks) == 1:
+            merged = tasks[0].strategy
+            merged_latency = self._item(tasks[0]).latency_us[tasks[0].k]
+        else:
+            assert merged_groups is not None and merged_latency is not None
+            order = _execution_order(list(merged_groups.items()), self.cost.modalities)
+            merged = Strategy(order, self.cost.latency_us(order), self.cost.accuracy_units(order))
+            self.stats.count("batches_merged")
+            self.stats.count("jobs_in_merged_batches", len(tasks))
         batch = Batch(tuple(tasks), tuple(t.strategy for t in tasks), merged, merged_latency, now)
         for task in tasks:
             job = task.job
@@ -537,12 +588,9 @@ class Scheduler:
                 job.started = now
                 self.stats.observe("queue_wait", (now - job.arrival) * 1000.0)
             job.predicted_us += merged_latency
-        if len(tasks) > 1:
-            self.stats.count("batches_merged")
-            self.stats.count("jobs_in_merged_batches", len(tasks))
         self.in_flight = batch
         self.busy_until = now + merged_latency / 1e6
-        return batch, failures
+        return batch
 
     # ------------------------------------------------------------------ completion
 
@@ -576,34 +624,40 @@ class Scheduler:
                 if job.error is None:
                     failures.append(self._fail_job(job, error, "error"))
                 continue
-            for config, count in task.strategy.groups:
-                self.stats.served("+".join(m for m in self.cost.modalities if m in config), count)
             job.pending -= 1
             if job.pending == 0 and job.error is None:
                 job.finished = now
-                self.stats.count("served_on_time" if now <= job.deadline else "served_late")
-                self.stats.observe("completion", (now - job.arrival) * 1000.0)
+                served: dict[str, int] = {}
+                for t in job.tasks:
+                    for config, count in t.strategy.groups:
+                        key = self._key(config)
+                        served[key] = served.get(key, 0) + count
+                self.stats.job_done(now <= job.deadline, (now - job.arrival) * 1000.0, served)
                 done.append(job)
         failures += self._replan(now)
         return done, failures
 
     def _correct(self, batch: Batch, measured_us: float, parts_us: Mapping[str, float] | None) -> None:
         alpha = self.config.correction_alpha
-        rows = dict.fromkeys(self.cost.modalities, 0)
-        fusion = 0
-        for config, count in batch.merged.groups:
-            fusion += self.cost.fusion_us[config][count]
-            for m in config:
-                rows[m] += count
-        predicted = {m: self.cost.branch_us[m][k] for m, k in rows.items() if k} | {"fusion": fusion}
+        predicted = self._parts.get(batch.merged.groups)
+        if predicted is None:
+            rows = dict.fromkeys(self.cost.modalities, 0)
+            fusion = 0
+            for config, count in batch.merged.groups:
+                fusion += self.cost.fusion_us[config][count]
+                for m in config:
+                    rows[m] += count
+            predicted = {m: self.cost.branch_us[m][k] for m, k in rows.items() if k} | {"fusion": fusion}
+            self._parts[batch.merged.groups] = predicted
         if parts_us is None:
             total = sum(predicted.values())
             parts_us = {p: measured_us * v / total for p, v in predicted.items()} if total else {}
         for part, value in predicted.items():
             if value > 0 and part in parts_us:
-                ratio = parts_us[part] / value
+                # One stall (a page fault, a preempted thread) must not swing predictions: clamp.
+                ratio = min(max(parts_us[part] / value, 1 / CORRECTION_CLAMP), CORRECTION_CLAMP)
                 self.correction[part] = (1 - alpha) * self.correction[part] + alpha * ratio
-        if any(abs(self.correction[p] / self._published[p] - 1) > 0.02 for p in self.correction):
+        if any(abs(self.correction[p] / self._published[p] - 1) > 0.02 for p in predicted):
             self._published = dict(self.correction)
             self._version += 1
             self._latency_cache.clear()

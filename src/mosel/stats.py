@@ -90,6 +90,15 @@ class Stats:
         with self._lock:
             self._histograms[histogram].observe(value_ms)
 
+    def job_done(self, on_time: bool, completion_ms: float, served: Mapping[str, int]) -> None:
+        """Record a finished job: on time or late, its completion time, requests per configuration."""
+        with self._lock:
+            name = "served_on_time" if on_time else "served_late"
+            self._counters[name] = self._counters.get(name, 0) + 1
+            self._histograms["completion"].observe(completion_ms)
+            for configuration, requests in served.items():
+                self._configs[configuration] = self._configs.get(configuration, 0) + requests
+
     def set_correction(self, correction: Mapping[str, float]) -> None:
         """Publish the current latency correction ratios."""
         with self._lock:

@@ -72,6 +72,7 @@ class Server:
         deadline_ms: float | None,
         min_accuracy: float | None,
         best_effort: bool,
+        future: bool = True,
     ) -> Job:
         arrival = self.clock.now()
         check_slo(deadline_ms, min_accuracy)
@@ -84,7 +85,7 @@ class Server:
             min_accuracy=min_accuracy,
             best_effort=best_effort,
             inputs=tensors,
-            payload=concurrent.futures.Future(),
+            payload=concurrent.futures.Future() if future else None,
         )
 
     def submit(
@@ -115,27 +116,23 @@ class Server:
         best_effort: bool = False,
     ) -> Result:
         """Serve a job and wait for it; on an idle model it runs on the calling thread."""
-        job = self._job(inputs, deadline_ms, min_accuracy, best_effort)
+        job = self._job(inputs, deadline_ms, min_accuracy, best_effort, future=False)
         with self.cond:
-            now = self.clock.now()
-            failures = self.scheduler.admit(job, now)
-            inline = (
-                self.scheduler.in_flight is None and len(job.tasks) == 1 and len(self.scheduler.queue) == 1
-            )
-            batch = None
-            if inline:
-                batch, more = self.scheduler.dispatch(now)
-                failures += more
-                if batch is not None:
-                    job.payload.set_running_or_notify_cancel()
-            else:
+            batch = self.scheduler.start_alone(job, self.clock.now())
+            if batch is None:
+                job.payload = concurrent.futures.Future()
+                failures = self.scheduler.admit(job, self.clock.now())
                 self._start_thread()
                 self.cond.notify_all()
+        if batch is None:
+            self._fail(failures)
+            future: concurrent.futures.Future[Result] = job.payload
+            return future.result()
+        done, failures = self._execute(batch)
         self._fail(failures)
-        if batch is not None:
-            self._execute(batch)
-        future: concurrent.futures.Future[Result] = job.payload
-        return future.result()
+        if job.error is not None:
+            raise job.error
+        return self._result(done[0])
 
     async def ainfer(
         self,
@@ -179,9 +176,12 @@ class Server:
                             future.set_running_or_notify_cancel()
             self._fail(failures)
             if batch is not None:
-                self._execute(batch)
+                done, failures = self._execute(batch)
+                self._fail(failures)
+                for job in done:
+                    self._resolve(job)
 
-    def _execute(self, batch: Batch) -> None:
+    def _execute(self, batch: Batch) -> tuple[list[Job], list[Failure]]:
         """Run a batch outside the lock, isolating faults, and report its completion."""
         timings: dict[str, float] | None = {} if self.device().type == "cpu" else None
         outputs: dict[int, Tensor] = {}
@@ -215,9 +215,7 @@ class Server:
                 batch, self.clock.now(), measured_us, timings if not errors else None, errors
             )
             self.cond.notify_all()
-        self._fail(failures)
-        for job in done:
-            self._resolve(job)
+        return done, failures
 
     def _run_merged(self, batch: Batch, timings: dict[str, float] | None) -> dict[int, Tensor]:
         """One execution for several jobs' rows, grouped by configuration, split back after."""
@@ -261,18 +259,22 @@ class Server:
         return outputs, errors
 
     def _resolve(self, job: Job) -> None:
-        future: concurrent.futures.Future[Result] = job.payload
-        if future.done():
-            return
-        ordered = [out for _, out in sorted(job.outputs, key=lambda pair: pair[0])]
-        output = ordered[0] if len(ordered) == 1 else torch.cat(ordered)
+        future: concurrent.futures.Future[Result] | None = job.payload
+        if future is not None and not future.done():
+            future.set_result(self._result(job))
+
+    def _result(self, job: Job) -> Result:
+        if len(job.outputs) == 1:
+            output = job.outputs[0][1]
+        else:
+            output = torch.cat([out for _, out in sorted(job.outputs, key=lambda pair: pair[0])])
         modalities: tuple[frozenset[str], ...] = ()
         for task in job.tasks:
-            modalities += plan_rows(
-                task.strategy, self.spec, _rows(job.inputs, task.offset, task.n), self.row_plans
-            ).modalities
+            rows = plan_rows(task.strategy, self.spec, _rows(job.inputs, task.offset, task.n), self.row_plans)
+            modalities += rows.modalities
         strategies: tuple[Strategy, ...] = job.strategies
-        result = Result(
+        job.inputs = None  # release the request's tensors
+        return Result(
             output=output,
             modalities=modalities,
             expected_accuracy=sum(s.accuracy_units for s in strategies) / (job.n * ACCURACY_SCALE),
@@ -281,15 +283,13 @@ class Server:
             completion_ms=(job.finished - job.arrival) * 1000.0,
             strategies=strategies,
         )
-        job.inputs = None  # release the request's tensors
-        future.set_result(result)
 
     @staticmethod
     def _fail(failures: list[Failure]) -> None:
         for job, error in failures:
-            future: concurrent.futures.Future[Result] = job.payload
+            future: concurrent.futures.Future[Result] | None = job.payload
             job.inputs = None
-            if not future.done():
+            if future is not None and not future.done():
                 future.set_exception(error)
 
     # ------------------------------------------------------------------ CP-SAT helper thread
