@@ -16,6 +16,7 @@ Run: python benchmarks/decisions.py [--json PATH]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import random
@@ -76,10 +77,8 @@ def decision_times(profile: mosel.Profile, queue_length: int, iterations: int) -
             min_accuracy=floor,
             best_effort=True,
         )
-        try:
+        with contextlib.suppress(mosel.MoselError):  # a rejected arrival is simply not queued
             scheduler.admit(job, now)
-        except mosel.MoselError:
-            pass
 
     for _ in range(queue_length):
         arrive()
@@ -207,12 +206,14 @@ def main() -> None:
             f"{r['cpsat_p50_ms']} | {r['cpsat_max_ms']} |"
         )
     print(
-        f"\nassignment quality on {q['queues']} random feasible queues (2-6 jobs, 2-5 options), total accuracy "
-        f"over the exhaustive optimum: greedy mean {q['greedy_mean']} (min {q['greedy_min']}), "
+        f"\nassignment quality on {q['queues']} random feasible queues (2-6 jobs, 2-5 options), "
+        f"total accuracy over the exhaustive optimum: greedy mean {q['greedy_mean']} "
+        f"(min {q['greedy_min']}), "
         f"CP-SAT 20 ms mean {q['cpsat_mean']} (min {q['cpsat_min']})"
     )
     print(
-        f"memory: {mem['jobs']} queued jobs cost {mem['total_mb']} MB beyond their inputs ({mem['bytes_per_job']} B/job)"
+        f"memory: {mem['jobs']} queued jobs cost {mem['total_mb']} MB beyond their inputs "
+        f"({mem['bytes_per_job']} B/job)"
     )
     if args.json:
         with open(args.json, "w") as f:
