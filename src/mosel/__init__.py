@@ -41,6 +41,7 @@ from mosel.scheduler import SchedulerConfig
 from mosel.simulate import Arrival, Simulation, simulate
 from mosel.spec import ModelSpec, fusion, modality, multimodal, spec_of
 from mosel.stats import StatsSnapshot
+from mosel.training import train_with_modality_dropout
 
 __all__ = [
     "AccuracyUnreachableError",
@@ -84,4 +85,5 @@ __all__ = [
     "spec_of",
     "stats",
     "top1",
+    "train_with_modality_dropout",
 ]

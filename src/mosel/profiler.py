@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import random
 import statistics
 import sys
 import time
@@ -70,6 +71,21 @@ class _Timer:
         self.device = device
         self.warmup = warmup
         self.repeats = repeats
+
+    def once(self, fn: Callable[[], object]) -> float:
+        """One timed call, in microseconds."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return float(start.elapsed_time(end)) * 1000.0
+        t0 = time.perf_counter_ns()
+        fn()
+        return (time.perf_counter_ns() - t0) / 1000.0
 
     def __call__(self, fn: Callable[[], object]) -> list[float]:
         for _ in range(self.warmup):
@@ -240,14 +256,28 @@ def profile(
         jobs += [(c, b) for c in spec.configurations for b in sizes]
         branch_samples: dict[str, dict[int, list[float]]] = {m: {} for m in spec.modalities}
         fusion_samples: dict[Configuration, dict[int, list[float]]] = {c: {} for c in spec.configurations}
-        for what, b in _progress(jobs, len(jobs), "mosel: latency", show):
+        calls: list[tuple[str | Configuration, int, Callable[[], object]]] = []
+        for what, b in jobs:
             if isinstance(what, str):
-                branch = getattr(model, spec.branches[what])
-                x = big[what][:b]
-                branch_samples[what][b] = timer(functools.partial(branch, x))
+                calls.append((what, b, functools.partial(getattr(model, spec.branches[what]), big[what][:b])))
+                branch_samples[what][b] = []
             else:
-                feats = {m: features[m][:b] for m in what}
-                fusion_samples[what][b] = timer(functools.partial(fuse, feats))
+                calls.append((what, b, functools.partial(fuse, {m: features[m][:b] for m in what})))
+                fusion_samples[what][b] = []
+        # Rounds over every (callable, size) in a shuffled order, not repeats back to back: serving
+        # interleaves branches too, and back-to-back timing of one kernel flatters it (warm caches).
+        order = random.Random(0)
+        for _ in range(warmup):
+            for _, _, call in calls:
+                call()
+        for _ in _progress(range(repeats), repeats, "mosel: latency", show):
+            order.shuffle(calls)
+            for what, b, call in calls:
+                elapsed_us = timer.once(call)
+                if isinstance(what, str):
+                    branch_samples[what][b].append(elapsed_us)
+                else:
+                    fusion_samples[what][b].append(elapsed_us)
         branch_latency = {m: _table(branch_samples[m], max_batch_size) for m in spec.modalities}
         fusion_latency = {c: _table(fusion_samples[c], max_batch_size) for c in spec.configurations}
         profiled_s = time.perf_counter() - started
