@@ -80,7 +80,7 @@ class Split:
 
 def espeak(word: str, voice: str, speed: int, pitch: int) -> np.ndarray:
     """One clip from espeak-ng, as float32 at 16 kHz (one second, zero-padded or cropped)."""
-    from scipy.signal import resample_poly  # noqa: PLC0415
+    from scipy.signal import resample_poly
 
     done = subprocess.run(
         ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", word],
@@ -116,7 +116,7 @@ def build(cache: Path = DEFAULT_CACHE, seed: int = 0, repeats: int = 1) -> Path:
     if shutil.which("espeak-ng") is None:
         raise MissingToolError("AV-Digits needs espeak-ng: apt-get install -y espeak-ng")
     try:
-        from sklearn.datasets import load_digits  # noqa: PLC0415
+        from sklearn.datasets import load_digits
     except ImportError as exc:
         raise MissingToolError("AV-Digits needs scikit-learn: pip install 'mosel[examples]'") from exc
     rng = random.Random(seed)

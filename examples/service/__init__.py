@@ -1,0 +1,1 @@
+"""mosel inside an existing ASGI service (Starlette)."""

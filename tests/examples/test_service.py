@@ -1,0 +1,132 @@
+"""The ASGI service example: Starlette's test client, and a short concurrent load."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+import torch
+from starlette.testclient import TestClient
+from torch import Tensor, nn
+
+try:  # starlette >= 1.0 speaks httpx2; older versions httpx
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx  # type: ignore[no-redef]
+
+import mosel
+from mosel.testing import synthetic_profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+
+from service.app import create_app
+
+
+@mosel.multimodal
+class Echo(nn.Module):
+    """Two modalities; the prediction is the argmax of the summed features."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+        self.scale = nn.Parameter(torch.ones(1))
+
+    @mosel.modality("audio")
+    def encode_audio(self, audio: Tensor) -> Tensor:
+        time.sleep(self.delay_s)
+        return audio * self.scale
+
+    @mosel.modality("video")
+    def encode_video(self, video: Tensor) -> Tensor:
+        time.sleep(self.delay_s)
+        return video * self.scale
+
+    @mosel.fusion
+    def fuse(self, features: Mapping[str, Tensor]) -> Tensor:
+        return sum(features.values())  # type: ignore[return-value]
+
+
+def served(delay_s: float = 0.0, delay_us: float = 50.0) -> Echo:
+    model = Echo(delay_s)
+    mosel.attach(
+        model,
+        synthetic_profile(
+            model,
+            branch_us={"audio": [delay_us] * 8, "video": [4 * delay_us] * 8},
+            accuracy={"audio": 0.8, "video": 0.7, "audio+video": 0.9},
+        ),
+    )
+    return model
+
+
+BODY = {"audio": [[0.0, 1.0, 0.0]], "video": [[0.0, 0.0, 2.0]]}
+
+
+def test_predict_reads_slo_headers_and_reports_modalities() -> None:
+    with TestClient(create_app(served())) as client:
+        plain = client.post("/predict", json=BODY)
+        assert plain.status_code == 200
+        assert plain.json()["prediction"] == [2]
+        assert plain.json()["modalities"] == [["audio", "video"]]
+        tight = client.post(
+            "/predict", json=BODY, headers={"X-Deadline-Ms": "1000", "X-Min-Accuracy": "0.75"}
+        )
+        assert tight.status_code == 200 and tight.json()["expected_accuracy"] >= 0.75
+        audio_only = client.post("/predict", json={"audio": [[0.0, 3.0, 1.0]]})
+        assert audio_only.json()["modalities"] == [["audio"]]
+        assert client.get("/stats").json()["counters"]["submitted"] == 3
+        assert client.get("/healthz").json()["modalities"] == ["audio", "video"]
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "error"),
+    [
+        (BODY, {"X-Deadline-Ms": "soon"}, 400, "SLOError"),
+        (BODY, {"X-Deadline-Ms": "-5"}, 400, "SLOError"),
+        (BODY, {"X-Min-Accuracy": "nan"}, 400, "SLOError"),
+        ({"smell": [[1.0]]}, {}, 400, "InputError"),
+        ([1, 2], {}, 400, "InputError"),
+        (BODY, {"X-Min-Accuracy": "0.99"}, 422, "AccuracyUnreachableError"),
+        (BODY, {"X-Deadline-Ms": "0.001"}, 503, "DeadlineError"),
+    ],
+)
+def test_errors_are_answers_not_stack_traces(
+    body: object, headers: dict[str, str], status: int, error: str
+) -> None:
+    with TestClient(create_app(served())) as client:
+        response = client.post("/predict", json=body, headers=headers)
+        assert response.status_code == status
+        assert response.json()["error"] == error
+        assert "Traceback" not in response.text
+        if status == 503:
+            assert response.headers["retry-after"] == "1"
+
+
+def test_a_short_concurrent_load_with_overload_answers_503() -> None:
+    model = served(delay_s=0.004, delay_us=4000.0)
+    app = create_app(model)
+
+    async def load() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://mosel") as client:
+            requests = [
+                client.post("/predict", json=BODY, headers={"X-Deadline-Ms": "30", "X-Min-Accuracy": "0.75"})
+                for _ in range(40)
+            ]
+            return list(await asyncio.gather(*requests))
+
+    responses = asyncio.run(load())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}
+    assert codes.count(200) >= 3, codes
+    assert codes.count(503) >= 1, codes  # 40 requests of ~4-8 ms each cannot all finish within 30 ms
+    for r in responses:
+        if r.status_code == 503:
+            assert r.json()["error"] in ("DeadlineError", "QueueFullError")
+        else:
+            assert r.json()["expected_accuracy"] >= 0.75
+    mosel.close(model)
