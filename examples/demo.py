@@ -245,8 +245,10 @@ def main() -> None:
             s = frontier.strategies[i]
             say(f"     {s.predicted_latency_ms:7.2f} ms  accuracy {s.expected_accuracy:.3f}  {describe(s)}")
 
+    pretrained_section(train, test, model, quick=args.quick)
+
     say(
-        f"\n4. serving the same bursty stream ({duration_s:.0f} s, job sizes max(1, N(1, 6)), deadline = "
+        f"\n5. serving the same bursty stream ({duration_s:.0f} s, job sizes max(1, N(1, 6)), deadline = "
         "all-modality latency + slack, floor = best - 6 points) twice ..."
     )
     trace = make_trace(profile, test, duration_s, load=args.load, seed=7)
