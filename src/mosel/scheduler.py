@@ -27,7 +27,8 @@ from mosel.stats import Stats
 __all__ = ["Batch", "Job", "Policy", "Scheduler", "SchedulerConfig", "Task"]
 
 Configuration = frozenset[str]
-Policy = Literal["mosel", "greedy", "aggressive", "agnostic"]
+Policy = Literal["mosel", "greedy", "aggressive", "agnostic", "batcher"]
+_ALL_MODALITIES: Final = ("agnostic", "batcher")
 NO_DEADLINE_US: Final = 2**62
 CORRECTION_CLAMP: Final = 4.0
 """A single measurement moves the latency correction by at most this factor (times alpha)."""
@@ -40,7 +41,8 @@ class SchedulerConfig:
 
     Attributes:
         policy: ``"mosel"`` (greedy at once, CP-SAT improvement), ``"greedy"`` (no CP-SAT),
-            ``"aggressive"`` (cheapest admissible strategy on any predicted miss), ``"agnostic"``
+            ``"aggressive"`` (cheapest admissible strategy on any predicted miss), ``"batcher"``
+            (FIFO dynamic batching, every modality, never drops: Triton or Ray Serve style), ``"agnostic"``
             (always every modality, EDF: the paper's baseline).
         max_queued_requests: admission control; more waiting requests are refused.
         solver_time_limit_s: CP-SAT budget per re-assignment.
@@ -59,8 +61,10 @@ class SchedulerConfig:
     correction_alpha: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.policy not in ("mosel", "greedy", "aggressive", "agnostic"):
-            raise ValueError(f"policy must be mosel, greedy, aggressive or agnostic, got {self.policy!r}")
+        if self.policy not in ("mosel", "greedy", "aggressive", "agnostic", "batcher"):
+            raise ValueError(
+                f"policy must be mosel, greedy, aggressive, agnostic or batcher, got {self.policy!r}"
+            )
         if self.max_queued_requests < 1 or self.max_merge < 1:
             raise ValueError("max_queued_requests and max_merge must be at least 1")
         if not 0.0 < self.correction_alpha <= 1.0:
@@ -124,7 +128,7 @@ _ids = itertools.count()
 class Task:
     """A chunk of a job (at most ``max_batch_size`` rows) and its admissible strategies."""
 
-    __slots__ = ("first", "fixed", "frontier", "index", "item", "job", "k", "n", "offset", "version")
+    __slots__ = ("first", "fixed", "frontier", "index", "item", "job", "k", "key", "n", "offset", "version")
 
     def __init__(self, job: Job, index: int, offset: int, n: int, frontier: Frontier, first: int) -> None:
         self.job = job
@@ -135,6 +139,7 @@ class Task:
         self.first = first  # frontier index of the cheapest admissible strategy
         self.k = 0  # chosen option, relative to ``first``
         self.fixed: Strategy | None = None  # set for jobs that must compute every modality
+        self.key = (job.deadline, job.id * 1024 + index)  # EDF: deadline, then arrival order
         self.item: Item = Item((), (), 0)
         self.version = -1
 
@@ -142,11 +147,6 @@ class Task:
     def strategy(self) -> Strategy:
         """The currently chosen strategy."""
         return self.fixed if self.fixed is not None else self.frontier.strategies[self.first + self.k]
-
-    @property
-    def key(self) -> tuple[float, int]:
-        """EDF order: deadline, then arrival order."""
-        return (self.job.deadline, self.job.id * 1024 + self.index)
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,12 +311,16 @@ class Scheduler:
             offset += size
         job.tasks = tasks
         share = 1.0 / len(sizes)
-        every = self.config.policy == "agnostic" or (job.deadline_ms is None and job.min_accuracy is None)
+        every = self.config.policy in _ALL_MODALITIES or (
+            job.deadline_ms is None and job.min_accuracy is None
+        )
         for task in tasks:
+            if self.config.policy == "batcher":
+                task.key = (job.arrival, task.key[1])  # FIFO
             if every:
                 task.fixed = self._full(job.available, task.n)
             task.k = self._initial_option(task, self._item(task), now, share)
-        if not job.best_effort and not math.isinf(job.deadline):
+        if not job.best_effort and not math.isinf(job.deadline) and self.config.policy != "batcher":
             cheapest = sum(self._item(t).latency_us[0] for t in tasks)
             if now * 1e6 + cheapest > job.deadline * 1e6:
                 self.stats.count("rejected_deadline")
@@ -391,7 +395,7 @@ class Scheduler:
     def _replan(self, now: float) -> list[Failure]:
         """Predict finishes; on a predicted miss, re-assign the queued prefix up to the last one."""
         policy = self.config.policy
-        if not self.queue or policy == "agnostic":
+        if not self.queue or policy in _ALL_MODALITIES:
             return []
         items = [self._item(t) for t in self.queue]
         ks = [t.k for t in self.queue]
@@ -522,7 +526,7 @@ class Scheduler:
                 head.k = upgrade_head(items, [t.k for t in self.queue], int(now * 1e6))
             finish_us = now * 1e6 + item.latency_us[head.k]
             deadline_us = item.deadline_us
-            if finish_us > deadline_us and not head.job.best_effort:
+            if finish_us > deadline_us and not head.job.best_effort and self.config.policy != "batcher":
                 if self.config.policy != "agnostic":
                     fits = bisect.bisect_right(item.latency_us, deadline_us - now * 1e6) - 1
                     if fits >= 0:
@@ -533,7 +537,7 @@ class Scheduler:
                 )
                 continue
             if finish_us > deadline_us:  # best effort: serve late, as fast as admissible
-                head.k = 0 if self.config.policy != "agnostic" else head.k
+                head.k = head.k if self.config.policy in _ALL_MODALITIES else 0
             break
         if not self.queue:
             return None, failures
@@ -557,7 +561,8 @@ class Scheduler:
                 latency = self.corrected_latency_us(list(groups.items()))
                 alone = self._item(nxt).latency_us[nxt.k]
                 earliest_us = min(t.job.deadline for t in [*tasks, nxt]) * 1e6
-                if latency >= separate + alone or now * 1e6 + latency > earliest_us:
+                helps = latency < separate + alone and now * 1e6 + latency <= earliest_us
+                if not helps and self.config.policy != "batcher":  # a batcher batches regardless
                     break
                 self._remove(nxt)
                 tasks.append(nxt)
