@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -73,6 +74,7 @@ class Simulation:
     records: tuple[JobRecord, ...]
     stats: StatsSnapshot
     end_s: float
+    decision_ms: tuple[float, ...] = ()  # wall time of each executor-side decision (complete + dispatch)
 
 
 def simulate(
@@ -113,17 +115,22 @@ def simulate(
     rejected: dict[int, str] = {}
     running: Batch | None = None
     done_at = math.inf
+    decisions: list[float] = []
     i = 0
     while i < len(trace) or running is not None or scheduler.queue:
         now = clock.now()
         next_arrival = trace[i].time_s if i < len(trace) else math.inf
         if running is not None and done_at <= next_arrival:
             clock.advance_to(done_at)
+            started = time.perf_counter()
             scheduler.complete(running, done_at, (done_at - running.started) * 1e6)
+            decisions.append((time.perf_counter() - started) * 1e3)
             running, done_at = None, math.inf
             continue
         if running is None and scheduler.queue and next_arrival > now:
+            started = time.perf_counter()
             running, _ = scheduler.dispatch(now)
+            decisions.append((time.perf_counter() - started) * 1e3)
             if running is not None:
                 duration_us = float(cost.latency_us(running.merged.groups))
                 if noise:
@@ -163,4 +170,4 @@ def simulate(
                 expected_accuracy=job.expected_accuracy if job.tasks and served else math.nan,
             )
         )
-    return Simulation(tuple(records), stats.snapshot(), clock.now())
+    return Simulation(tuple(records), stats.snapshot(), clock.now(), tuple(decisions))
