@@ -1,0 +1,99 @@
+"""Replaying a trace against a real model in real time (the benchmark's ``--real`` mode, the demo).
+
+A driver thread submits each job at its arrival time with ``model.submit``; the model's own
+scheduler and executor serve them. Results are checked against the labels.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+import mosel
+
+
+@dataclass(frozen=True)
+class RealJob:
+    """One job of a real-mode trace: when, how big, its SLO, its inputs and labels."""
+
+    time_s: float
+    n: int
+    deadline_ms: float
+    min_accuracy: float | None
+    inputs: dict[str, Tensor]
+    labels: Tensor
+
+
+def replay(model: nn.Module, profile: mosel.Profile, jobs: list[RealJob], policy: str) -> dict[str, float]:
+    """Serve ``jobs`` at their arrival times under ``policy``; the metrics of the run."""
+    mosel.attach(model, profile, scheduler=mosel.SchedulerConfig(policy=policy))  # type: ignore[arg-type]
+    model.infer(jobs[0].inputs)  # start the server and warm it up
+    submitted: list[tuple[RealJob, concurrent.futures.Future[mosel.Result] | None]] = []
+    start = time.perf_counter()
+    for job in jobs:
+        delay = start + job.time_s - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        try:
+            future = model.submit(job.inputs, deadline_ms=job.deadline_ms, min_accuracy=job.min_accuracy)  # type: ignore[operator]
+        except mosel.MoselError:
+            future = None  # rejected at once: a violation
+        submitted.append((job, future))
+    for _, future in submitted:
+        if future is not None:
+            future.exception()  # wait for every job
+    wall_s = time.perf_counter() - start
+    snapshot = mosel.stats(model)
+    mosel.close(model)
+    requests = sum(job.n for job, _ in submitted)
+    on_time = correct = served = 0
+    jct: list[float] = []
+    expected = 0.0
+    for job, future in submitted:
+        if future is None or future.exception() is not None:
+            continue
+        result = future.result()
+        served += job.n
+        jct.append(result.completion_ms)
+        expected += result.expected_accuracy * job.n
+        correct += int((result.output.argmax(-1).cpu() == job.labels).sum())
+        on_time += job.n if result.completion_ms <= job.deadline_ms else 0
+    jct.sort()
+    waits = snapshot.histograms["queue_wait"]
+    return {
+        "goodput_rps": on_time / wall_s,
+        "violation_ratio": 1 - on_time / requests if requests else 0.0,
+        "jct_p50_ms": statistics.median(jct) if jct else float("nan"),
+        "jct_p99_ms": jct[int(0.99 * (len(jct) - 1))] if jct else float("nan"),
+        "expected_accuracy": expected / served if served else float("nan"),
+        "measured_accuracy": correct / served if served else float("nan"),
+        "served_ratio": served / requests if requests else 0.0,
+        "queue_wait_p99_ms": float(waits["p99_ms"]),
+        "jobs": len(submitted),
+        "requests": requests,
+    }
+
+
+def with_inputs(arrivals: list[mosel.Arrival], split: object, seed: int) -> list[RealJob]:
+    """Attach random rows of a labelled split (``.inputs(rows)``, ``.labels``) to each arrival."""
+    generator = torch.Generator().manual_seed(seed)
+    jobs = []
+    size = len(split)  # type: ignore[arg-type]
+    for a in arrivals:
+        rows = torch.randint(0, size, (a.n,), generator=generator)
+        jobs.append(
+            RealJob(
+                a.time_s,
+                a.n,
+                float(a.deadline_ms or 1e9),
+                a.min_accuracy,
+                split.inputs(rows),
+                split.labels[rows],
+            )  # type: ignore[attr-defined]
+        )
+    return jobs
