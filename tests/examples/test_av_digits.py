@@ -82,5 +82,5 @@ def test_demo_runs_quickly_end_to_end() -> None:
         capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    for needle in ("dropout", "frontier for 32 request(s)", "requests on time", "all modalities", "mosel"):
+    for needle in ("dropout", "frontier for 32 request(s)", "deadline violations", "all modalities", "mosel"):
         assert needle in done.stdout
