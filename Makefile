@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean system-deps
+.PHONY: demo test bench clean system-deps demo-deps
 
 # Debian packages the examples need (espeak-ng speaks the AV-Digits audio).
 system-deps:
@@ -21,7 +21,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e ".[test,lint,examples]" "$(TORCH_PIN)"
 	touch $(STAMP)
 
-demo: $(STAMP) system-deps
+# Real human speech for the demo's held-out test (optional; the demo says when it is missing).
+demo-deps: system-deps
+	@[ -d /usr/share/asterisk/sounds ] || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -qq asterisk-core-sounds-en-wav || true; }
+
+demo: $(STAMP) demo-deps
 	$(BIN)/python examples/demo.py
 
 test: $(STAMP) system-deps

@@ -337,11 +337,11 @@ def _strategies_with_support(n: int, k: int, max_support: int) -> IntArray:
 
 def _to_strategy(cost: CostModel, configs: Sequence[Configuration], row: Sequence[int]) -> Strategy:
     groups = [(c, int(k)) for c, k in zip(configs, row) if k]
-    ordered = _execution_order(groups, cost.modalities)
+    ordered = execution_order(groups, cost.modalities)
     return Strategy(ordered, cost.latency_us(ordered), cost.accuracy_units(ordered))
 
 
-def _execution_order(
+def execution_order(
     groups: list[tuple[Configuration, int]], modalities: tuple[str, ...]
 ) -> tuple[tuple[Configuration, int], ...]:
     """Order groups so that as many branches as possible read one contiguous run of rows."""
@@ -534,13 +534,3 @@ def build_plan(cost: CostModel, config: PlannerConfig | None = None) -> Plan:
         cost_model_digest=cost.digest(),
         build_seconds=time.perf_counter() - started,
     )
-
-
-def floor_units(min_accuracy: float, n: int) -> int:
-    """The accuracy floor of a job of ``n`` requests in accuracy units."""
-    return accuracy_units(min_accuracy) * n
-
-
-def ceil_div(a: int, b: int) -> int:
-    """Ceiling of a / b for positive integers."""
-    return -(-a // b)

@@ -88,25 +88,10 @@ class _Timer:
         return (time.perf_counter_ns() - t0) / 1000.0
 
     def __call__(self, fn: Callable[[], object]) -> list[float]:
+        """``repeats`` timed calls after ``warmup`` untimed ones, in microseconds."""
         for _ in range(self.warmup):
             fn()
-        samples_us = []
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            for _ in range(self.repeats):
-                start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-                end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                samples_us.append(start.elapsed_time(end) * 1000.0)
-        else:
-            for _ in range(self.repeats):
-                t0 = time.perf_counter_ns()
-                fn()
-                samples_us.append((time.perf_counter_ns() - t0) / 1000.0)
-        return samples_us
+        return [self.once(fn) for _ in range(self.repeats)]
 
 
 def _p95(samples: Sequence[float]) -> float:

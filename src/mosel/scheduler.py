@@ -20,7 +20,7 @@ from typing import Any, Final, Literal
 
 from mosel.assign import Item, cpsat_assign, greedy_assign, total_accuracy, upgrade_head, violations
 from mosel.errors import AccuracyUnreachableError, DeadlineError, QueueFullError, ShutdownError
-from mosel.plan import ACCURACY_SCALE, CostModel, Frontier, Strategy, _execution_order
+from mosel.plan import ACCURACY_SCALE, CostModel, Frontier, Strategy, execution_order
 from mosel.profiles import Profile
 from mosel.stats import Stats
 
@@ -582,7 +582,7 @@ class Scheduler:
             merged_latency = self._item(tasks[0]).latency_us[tasks[0].k]
         else:
             assert merged_groups is not None and merged_latency is not None
-            order = _execution_order(list(merged_groups.items()), self.cost.modalities)
+            order = execution_order(list(merged_groups.items()), self.cost.modalities)
             merged = Strategy(order, self.cost.latency_us(order), self.cost.accuracy_units(order))
             self.stats.count("batches_merged")
             self.stats.count("jobs_in_merged_batches", len(tasks))

@@ -80,11 +80,6 @@ class Stats:
         with self._lock:
             self._counters[name] = self._counters.get(name, 0) + by
 
-    def served(self, configuration: str, requests: int) -> None:
-        """Record requests served with a configuration."""
-        with self._lock:
-            self._configs[configuration] = self._configs.get(configuration, 0) + requests
-
     def observe(self, histogram: str, value_ms: float) -> None:
         """Record a value in one of :attr:`HISTOGRAMS`."""
         with self._lock:
