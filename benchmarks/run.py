@@ -152,6 +152,60 @@ def real_mode(device: str, seconds: float, seed: int, load: float = 0.5) -> dict
     return {"device": device, "load": load, "seconds": seconds, "policies": results}
 
 
+def sweep(scenario: Scenario, loads: list[float], seconds: float, seed: int) -> dict[str, list[float]]:
+    """Violation ratio of every policy at each load."""
+    return {
+        policy: [
+            run_policy(scenario, trace(scenario, load, seconds, seed), policy, seconds)["violation_ratio"]
+            for load in loads
+        ]
+        for policy in POLICIES
+    }
+
+
+def plot(
+    folder: Path,
+    name: str,
+    loads: list[float],
+    violations: dict[str, list[float]],
+    jct: dict[str, list[float]],
+) -> list[str]:
+    """Violation ratio against load per policy, and the JCT CDF at the fixed load."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy, values in violations.items():
+        ax.plot(loads, [100 * v for v in values], marker="o", label=policy)
+    ax.set(
+        xlabel="load (x all-modality capacity)", ylabel="deadline violations (%)", title=name, xscale="log"
+    )
+    ax.legend()
+    fig.tight_layout()
+    first = folder / f"{name}-violations.png"
+    fig.savefig(first, dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy, values in jct.items():
+        ordered = sorted(values)
+        ax.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=policy)
+    ax.set(
+        xlabel="job completion time (ms)",
+        ylabel="fraction of served jobs",
+        title=f"{name}: JCT CDF",
+        xscale="log",
+    )
+    ax.legend()
+    fig.tight_layout()
+    second = folder / f"{name}-jct-cdf.png"
+    fig.savefig(second, dpi=120)
+    plt.close(fig)
+    return [str(first), str(second)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     size = parser.add_mutually_exclusive_group()
@@ -160,6 +214,7 @@ def main() -> None:
     parser.add_argument("--real", action="store_true", help="also serve the AV-Digits model for real")
     parser.add_argument("--device", default="cpu", help="device of the real mode (cpu, cuda)")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--plots", help="write PNG plots to this folder (needs matplotlib)")
     parser.add_argument("--scenario", action="append", choices=["paper-tvlt", "av-digits"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -198,6 +253,29 @@ def main() -> None:
             "oracle": gap,
             "seconds_to_run": time.perf_counter() - t0,
         }
+        if args.plots or args.full:
+            loads = [0.25, 0.5, 1.0, 1.5, 2.0, 3.0] if args.full else [0.25, 0.5, 1.0, 2.0]
+            result["sweep"] = {
+                "loads": loads,
+                "violation_ratio": sweep(scenario, loads, sweep_seconds, args.seed),
+            }
+        if args.plots:
+            jct = {
+                p: [
+                    r.completion_ms
+                    for r in mosel.simulate(
+                        scenario.profile, arrivals, mosel.SchedulerConfig(policy=p)
+                    ).records
+                    if r.served
+                ]  # type: ignore[arg-type]
+                for p in POLICIES
+            }
+            try:
+                result["plots"] = plot(
+                    Path(args.plots), name, result["sweep"]["loads"], result["sweep"]["violation_ratio"], jct
+                )  # type: ignore[index]
+            except ImportError:
+                print("plots skipped: pip install matplotlib")
         out["scenarios"][name] = result  # type: ignore[index]
         print(
             f"\n{name}: load {load}x the all-modality capacity, {policies['mosel']['jobs']} jobs, "
