@@ -50,6 +50,10 @@ class SchedulerConfig:
         batching: run consecutive queued jobs as one batch when it is predicted to help.
         max_merge: at most this many jobs per batch.
         correction_alpha: weight of a new measurement in the latency correction (EWMA).
+        hedge: under load (jobs waiting at dispatch, on average), a dispatched job's strategy may
+            take at most this fraction of the typical headroom of arriving jobs (their deadline
+            minus their cheapest strategy), so that a burst arriving meanwhile can still be
+            served; 0 disables it (mosel and greedy policies).
     """
 
     policy: Policy = "mosel"
@@ -59,6 +63,7 @@ class SchedulerConfig:
     batching: bool = True
     max_merge: int = 8
     correction_alpha: float = 0.1
+    hedge: float = 0.5
 
     def __post_init__(self) -> None:
         if self.policy not in ("mosel", "greedy", "aggressive", "agnostic", "batcher"):
@@ -192,6 +197,8 @@ class Scheduler:
         self._resolve = False
         self._full_strategies: dict[tuple[Configuration, int], Strategy] = {}
         self._keys_text: dict[Configuration, str] = {}
+        self._headroom_us = 0.0  # EWMA over arrivals: deadline - arrival - cheapest latency
+        self._waiting = 0.0  # EWMA over dispatches: tasks left waiting behind the dispatched one
         self._parts: dict[tuple[tuple[Configuration, int], ...], dict[str, int]] = {}
         self._pending_improvement: tuple[list[Task], int, list[int] | None, float] | None = None
         self.stats.set_correction(self.correction)
@@ -277,6 +284,7 @@ class Scheduler:
         if self.in_flight is not None or self.queue or job.n > self.profile.max_batch_size:
             return None
         self._prepare(job, now)
+        self._hedge(job.tasks[0])
         return self._launch(job.tasks, now)
 
     def _prepare(self, job: Job, now: float) -> None:
@@ -320,6 +328,12 @@ class Scheduler:
             if every:
                 task.fixed = self._full(job.available, task.n)
             task.k = self._initial_option(task, self._item(task), now, share)
+        if not math.isinf(job.deadline):
+            cheapest_us = sum(self._item(t).latency_us[0] for t in tasks)
+            headroom = (job.deadline - now) * 1e6 - cheapest_us
+            self._headroom_us = (
+                headroom if self._headroom_us == 0.0 else 0.9 * self._headroom_us + 0.1 * headroom
+            )
         if not job.best_effort and not math.isinf(job.deadline) and self.config.policy != "batcher":
             cheapest = sum(self._item(t).latency_us[0] for t in tasks)
             if now * 1e6 + cheapest > job.deadline * 1e6:
@@ -541,6 +555,8 @@ class Scheduler:
             break
         if not self.queue:
             return None, failures
+        self._waiting = 0.9 * self._waiting + 0.1 * (len(self.queue) - 1)
+        self._hedge(self.queue[0])
         tasks = [self.queue[0]]
         self._remove(tasks[0])
         merged_groups = dict(tasks[0].strategy.groups)
@@ -568,6 +584,16 @@ class Scheduler:
                 tasks.append(nxt)
                 merged_groups, separate, merged_latency = groups, separate + alone, latency
         return self._launch(tasks, now, merged_groups, merged_latency), failures
+
+    def _hedge(self, task: Task) -> None:
+        """Under load, keep the job about to run short enough for a burst arriving meanwhile."""
+        if self.config.hedge <= 0 or self.config.policy not in ("mosel", "greedy") or self._waiting < 1.0:
+            return
+        item = self._item(task)
+        cap = max(item.latency_us[0], self.config.hedge * self._headroom_us)
+        if item.latency_us[task.k] > cap:
+            task.k = max(bisect.bisect_right(item.latency_us, cap) - 1, 0)
+            self.stats.count("hedged")
 
     def _launch(
         self,

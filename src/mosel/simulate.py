@@ -103,6 +103,7 @@ def simulate(
         batching=base.batching,
         max_merge=base.max_merge,
         correction_alpha=base.correction_alpha,
+        hedge=base.hedge,
     )
     clock = VirtualClock()
     stats = Stats()
