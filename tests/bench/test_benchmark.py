@@ -93,3 +93,16 @@ def test_oracle_serves_what_it_can_and_bounds_mosel_on_a_tiny_trace(scenario: ru
     assert best.served_requests >= served - 1e-9
     for i, finish in best.finish_s.items():
         assert finish <= arrivals[i].time_s + arrivals[i].deadline_ms / 1000 + 1e-9
+
+
+def test_hedge_cuts_violations_under_bursts_and_respects_floors() -> None:
+    scenario = paper_tvlt()
+    arrivals = run.trace(scenario, load=1.5, seconds=4.0, seed=0)
+    with_hedge = mosel.simulate(scenario.profile, arrivals, mosel.SchedulerConfig(hedge=0.5))
+    without = mosel.simulate(scenario.profile, arrivals, mosel.SchedulerConfig(hedge=0.0))
+    assert with_hedge.stats.counters.get("hedged", 0) > 0
+    assert without.stats.counters.get("hedged", 0) == 0
+    assert run.metrics(with_hedge, 4.0)["violation_ratio"] <= run.metrics(without, 4.0)["violation_ratio"]
+    for record in with_hedge.records:
+        if record.served:
+            assert record.expected_accuracy >= (record.arrival.min_accuracy or 0.0) - 1e-12
