@@ -23,6 +23,7 @@ from mosel.scheduler import SchedulerConfig
 from mosel.server import Server
 from mosel.spec import PROVIDED_ATTR, ModelSpec, spec_of
 from mosel.stats import StatsSnapshot
+from mosel.stats import prometheus_collector as _collector
 
 __all__ = ["attach", "close", "profile_of", "serving", "stats"]
 
@@ -163,9 +164,7 @@ def prometheus_collector(model: nn.Module, name: str | None = None) -> Any:
 
     Register it with ``prometheus_client.REGISTRY.register(mosel.runtime.prometheus_collector(model))``.
     """
-    from mosel.stats import prometheus_collector as collector  # noqa: PLC0415
-
-    return collector(_state(model).serve(model).stats, name or type(model).__qualname__)
+    return _collector(_state(model).serve(model).stats, name or type(model).__qualname__)
 
 
 def model_infer(

@@ -179,3 +179,16 @@ def test_out_of_memory_splits_the_batch_and_retries() -> None:
     torch.testing.assert_close(out, rows(8, 0.0)["audio"])
     assert max(calls) == 8 and calls[-1] <= 2
     mosel.close(model)
+
+
+def test_prometheus_export() -> None:
+    prometheus = pytest.importorskip("prometheus_client")
+    model = served()
+    model.infer(rows(2, 1.0))
+    registry = prometheus.CollectorRegistry()
+    registry.register(mosel.runtime.prometheus_collector(model, "slow"))
+    text = prometheus.generate_latest(registry).decode()
+    assert 'mosel_events_total{event="submitted",model="slow"} 1.0' in text
+    assert "mosel_completion_ms_bucket" in text
+    assert 'mosel_requests_by_configuration_total{configuration="audio+video",model="slow"} 2.0' in text
+    mosel.close(model)
