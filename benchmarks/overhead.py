@@ -27,24 +27,7 @@ from torch import Tensor, nn
 
 import mosel
 from mosel.plan import CostModel, PlannerConfig, build_plan
-from mosel.testing import ToyAV, synthetic_profile, toy_av_batches, toy_av_data
-
-
-@mosel.multimodal
-class Null(nn.Module):
-    """Near-free branches: isolates mosel's own per-call cost."""
-
-    @mosel.modality("audio")
-    def encode_audio(self, audio: Tensor) -> Tensor:
-        return audio
-
-    @mosel.modality("video")
-    def encode_video(self, video: Tensor) -> Tensor:
-        return video
-
-    @mosel.fusion
-    def fuse(self, features: Mapping[str, Tensor]) -> Tensor:
-        return next(iter(features.values())).flatten(1)[:, :1]
+from mosel.testing import Passthrough, ToyAV, synthetic_profile, toy_av_batches, toy_av_data
 
 
 def by_hand(model: nn.Module, strategy: mosel.Strategy, inputs: Mapping[str, Tensor]) -> Tensor:
@@ -176,7 +159,7 @@ def main() -> None:
     torch.set_num_threads(2)
     warnings.simplefilter("ignore", mosel.MoselWarning)
 
-    null = Null().eval()
+    null = Passthrough().eval()
     mosel.attach(
         null,
         synthetic_profile(

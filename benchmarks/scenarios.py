@@ -3,34 +3,16 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 import mosel
-from mosel.testing import synthetic_profile
+from mosel.testing import Passthrough, synthetic_profile
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "benchmarks"
-
-
-@mosel.multimodal
-class TVLT(nn.Module):
-    """Stand-in for the paper's TVLT on CMU-MOSEI: only its profile matters in simulation."""
-
-    @mosel.modality("audio")
-    def encode_audio(self, audio: Tensor) -> Tensor:
-        return audio
-
-    @mosel.modality("video")
-    def encode_video(self, video: Tensor) -> Tensor:
-        return video
-
-    @mosel.fusion
-    def fuse(self, features: Mapping[str, Tensor]) -> Tensor:
-        return next(iter(features.values()))
 
 
 @dataclass(frozen=True)
@@ -50,7 +32,7 @@ def paper_tvlt(max_batch: int = 32) -> Scenario:
     audio = [f / 5.3 for f in full]
     video = [f / 1.4 for f in full]
     profile = synthetic_profile(
-        TVLT,
+        Passthrough,  # a stand-in for TVLT: only its profile matters in simulation
         branch_us={"audio": audio, "video": video},
         accuracy={"audio": 0.7233, "video": 0.6600, "audio+video": 0.7432},
         fusion_us={"audio+video": [f - a - v for f, a, v in zip(full, audio, video)]},

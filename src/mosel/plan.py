@@ -58,6 +58,19 @@ IntArray = npt.NDArray[np.int64]
 _log = logging.getLogger("mosel")
 
 
+def configuration_key(configuration: Configuration, order: Sequence[str]) -> str:
+    """The text form of a configuration, modalities in declaration order: ``"audio+video"``."""
+    return "+".join(m for m in order if m in configuration)
+
+
+def parse_configuration(text: str, modalities: Sequence[str]) -> Configuration:
+    """Inverse of :func:`configuration_key`; ValueError for an empty or unknown configuration."""
+    configuration = frozenset(str(text).split("+"))
+    if not configuration or not configuration <= set(modalities):
+        raise ValueError(f"unknown configuration {text!r}; modalities are {list(modalities)}")
+    return configuration
+
+
 def accuracy_units(accuracy: float) -> int:
     """Accuracy as integer units per request (the planner's and the lookup's resolution)."""
     return round(accuracy * ACCURACY_SCALE)
@@ -107,7 +120,10 @@ class CostModel:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (configurations as ``"a+b"`` keys)."""
-        key = self._key
+
+        def key(config: Configuration) -> str:
+            return configuration_key(config, self.modalities)
+
         return {
             "modalities": list(self.modalities),
             "branch_us": {m: list(t) for m, t in self.branch_us.items()},
@@ -119,9 +135,6 @@ class CostModel:
         """A stable hash of the tables, used to tie a saved plan to its cost model."""
         text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def _key(self, config: Configuration) -> str:
-        return "+".join(m for m in self.modalities if m in config)
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +246,10 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
-        key = self._key
+
+        def key(config: Configuration) -> str:
+            return configuration_key(config, self.modalities)
+
         return {
             "modalities": list(self.modalities),
             "max_batch_size": self.max_batch_size,
@@ -259,10 +275,7 @@ class Plan:
         modalities = tuple(str(m) for m in data["modalities"])
 
         def config(text: str) -> Configuration:
-            c = frozenset(text.split("+"))
-            if not c <= set(modalities):
-                raise ValueError(f"unknown modality in configuration {text!r}")
-            return c
+            return parse_configuration(text, modalities)
 
         frontiers: dict[tuple[Configuration, int], Frontier] = {}
         for f in data["frontiers"]:
@@ -281,9 +294,6 @@ class Plan:
             cost_model_digest=str(data["cost_model_digest"]),
             build_seconds=float(data["build_seconds"]),
         )
-
-    def _key(self, config: Configuration) -> str:
-        return "+".join(m for m in self.modalities if m in config)
 
 
 # ----------------------------------------------------------------------------------------------

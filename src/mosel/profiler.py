@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from mosel.errors import InputError, MoselWarning, SLOError
 from mosel.execution import execute
-from mosel.plan import PlannerConfig, build_plan
+from mosel.plan import Plan, PlannerConfig, build_plan
 from mosel.profiles import (
     CostCheck,
     LatencyTable,
@@ -304,7 +304,7 @@ def profile(
 def _check_costs(
     model: nn.Module,
     spec: ModelSpec,
-    plan: Any,
+    plan: Plan,
     big: Mapping[str, Tensor],
     timer: _Timer,
     count: int,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mosel.errors import ProfileError
-from mosel.plan import CostModel, Plan, accuracy_units
+from mosel.plan import CostModel, Plan, accuracy_units, configuration_key, parse_configuration
 
 __all__ = ["CostCheck", "Fingerprint", "LatencyTable", "Profile", "fingerprint_of"]
 
@@ -184,7 +184,7 @@ class Profile:
 
     def key(self, configuration: Configuration) -> str:
         """Text form of a configuration, e.g. ``"audio+video"``."""
-        return "+".join(m for m in self.modalities if m in configuration)
+        return configuration_key(configuration, self.modalities)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict in the versioned profile format."""
@@ -269,10 +269,7 @@ class Profile:
             raise ValueError(f"bad modality list {modalities!r}")
 
         def config(text: str) -> Configuration:
-            c = frozenset(text.split("+"))
-            if not c or not c <= set(modalities):
-                raise ValueError(f"unknown configuration {text!r}")
-            return c
+            return parse_configuration(text, modalities)
 
         max_batch = int(data["max_batch_size"])
         branch = {str(m): LatencyTable.from_json(t) for m, t in data["branch_latency"].items()}

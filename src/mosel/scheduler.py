@@ -20,7 +20,7 @@ from typing import Any, Final, Literal
 
 from mosel.assign import Item, cpsat_assign, greedy_assign, total_accuracy, upgrade_head, violations
 from mosel.errors import AccuracyUnreachableError, DeadlineError, QueueFullError, ShutdownError
-from mosel.plan import ACCURACY_SCALE, CostModel, Frontier, Strategy, execution_order
+from mosel.plan import ACCURACY_SCALE, CostModel, Frontier, Strategy, configuration_key, execution_order
 from mosel.profiles import Profile
 from mosel.stats import Stats
 
@@ -245,7 +245,7 @@ class Scheduler:
     def _key(self, config: Configuration) -> str:
         key = self._keys_text.get(config)
         if key is None:
-            key = self._keys_text[config] = "+".join(m for m in self.cost.modalities if m in config)
+            key = self._keys_text[config] = configuration_key(config, self.cost.modalities)
         return key
 
     def _start(self, now: float) -> float:

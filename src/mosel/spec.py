@@ -223,8 +223,3 @@ def spec_of(model: nn.Module | type[nn.Module], /) -> ModelSpec:
             f"branches with @mosel.modality and its fusion with @mosel.fusion"
         )
     return spec
-
-
-def configuration_key(configuration: frozenset[str], order: tuple[str, ...]) -> str:
-    """The canonical text form of a configuration, e.g. ``"audio+video"`` (JSON keys, logs)."""
-    return "+".join(m for m in order if m in configuration)

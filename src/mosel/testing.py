@@ -15,11 +15,11 @@ from types import MappingProxyType
 import torch
 from torch import Tensor, nn
 
-from mosel.plan import PlannerConfig, build_plan
+from mosel.plan import PlannerConfig, build_plan, configuration_key
 from mosel.profiles import Fingerprint, LatencyTable, Profile, cost_model_of, fingerprint_of
 from mosel.spec import fusion, modality, multimodal, spec_of
 
-__all__ = ["ToyAV", "synthetic_profile", "toy_av_batches", "toy_av_data", "train_toy_av"]
+__all__ = ["Passthrough", "ToyAV", "synthetic_profile", "toy_av_batches", "toy_av_data", "train_toy_av"]
 
 CLASSES = 10
 AUDIO_SAMPLES = 256
@@ -112,6 +112,30 @@ class ToyAV(nn.Module):
         return self.fuse({"audio": self.encode_audio(audio), "video": self.encode_video(video)})
 
 
+@multimodal
+class Passthrough(nn.Module):
+    """Audio and video branches that cost nothing.
+
+    For simulations (only the profile matters) and for measuring mosel's own per-call cost.
+    The output is one column per request.
+    """
+
+    @modality("audio")
+    def encode_audio(self, audio: Tensor) -> Tensor:
+        """Identity."""
+        return audio
+
+    @modality("video")
+    def encode_video(self, video: Tensor) -> Tensor:
+        """Identity."""
+        return video
+
+    @fusion
+    def fuse(self, features: Mapping[str, Tensor]) -> Tensor:
+        """The first column of the first feature present."""
+        return next(iter(features.values())).flatten(1)[:, :1]
+
+
 def train_toy_av(
     model: ToyAV, *, samples: int = 3000, epochs: int = 6, seed: int = 0, drop_p: float = 0.6
 ) -> ToyAV:
@@ -165,7 +189,7 @@ def synthetic_profile(
     if len(sizes) != 1 or set(branch_us) != set(spec.modalities):
         raise ValueError("branch_us needs one table per modality, all of the same length")
     max_batch = sizes.pop()
-    by_key = {"+".join(m for m in spec.modalities if m in c): c for c in spec.configurations}
+    by_key = {configuration_key(c, spec.modalities): c for c in spec.configurations}
 
     def table(values: Sequence[float]) -> LatencyTable:
         return LatencyTable(
