@@ -50,10 +50,20 @@ class SchedulerConfig:
         batching: run consecutive queued jobs as one batch when it is predicted to help.
         max_merge: at most this many jobs per batch.
         correction_alpha: weight of a new measurement in the latency correction (EWMA).
-        hedge: under load (jobs waiting at dispatch, on average), a dispatched job's strategy may
-            take at most this fraction of the typical headroom of arriving jobs (their deadline
-            minus their cheapest strategy), so that a burst arriving meanwhile can still be
-            served; 0 disables it (mosel and greedy policies).
+        hedge: under load (jobs waiting at dispatch, on average), a dispatched batch may take
+            at most this fraction of the typical headroom of arriving jobs (their deadline minus
+            their cheapest strategy), so that a burst arriving meanwhile can still be served;
+            0 disables it.
+        risk: a dispatched batch may outlast the headroom of a tight arriving job (a low
+            quantile of arrivals' headroom) only by so long that, at the recent arrival rate,
+            this many jobs are expected to arrive in the excess; 0 disables it.
+        reserve: every queued job keeps free, before its deadline, this multiple of the time
+            that recent arrivals need at their cheapest strategies (their share of the device
+            times the time left), for jobs that will arrive and run ahead of it; 0 disables it.
+        load_window_s: time constant of the recent arrival rate and work (exponential decay).
+
+    ``hedge``, ``risk`` and ``reserve`` apply to the mosel and greedy policies: they trade a
+    little accuracy for deadlines that late binding alone, which sees only the queue, would miss.
     """
 
     policy: Policy = "mosel"
@@ -64,6 +74,9 @@ class SchedulerConfig:
     max_merge: int = 8
     correction_alpha: float = 0.1
     hedge: float = 0.5
+    risk: float = 0.05
+    reserve: float = 1.0
+    load_window_s: float = 0.5
 
     def __post_init__(self) -> None:
         if self.policy not in ("mosel", "greedy", "aggressive", "agnostic", "batcher"):
@@ -74,6 +87,11 @@ class SchedulerConfig:
             raise ValueError("max_queued_requests and max_merge must be at least 1")
         if not 0.0 < self.correction_alpha <= 1.0:
             raise ValueError(f"correction_alpha must be in (0, 1], got {self.correction_alpha}")
+        for name in ("hedge", "risk", "reserve"):
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"{name} must be at least 0 (0 disables it), got {getattr(self, name)}")
+        if not self.load_window_s > 0.0:
+            raise ValueError(f"load_window_s must be positive, got {self.load_window_s}")
 
 
 class Job:
@@ -199,6 +217,10 @@ class Scheduler:
         self._keys_text: dict[Configuration, str] = {}
         self._headroom_us = 0.0  # EWMA over arrivals: deadline - arrival - cheapest latency
         self._waiting = 0.0  # EWMA over dispatches: tasks left waiting behind the dispatched one
+        self._rate = 0.0  # jobs per second, decaying over load_window_s
+        self._work = 0.0  # cheapest-strategy microseconds arriving per microsecond, same decay
+        self._rate_at = 0.0
+        self._headroom_low_us = 0.0  # a low quantile of arrivals' headroom
         self._parts: dict[tuple[tuple[Configuration, int], ...], dict[str, int]] = {}
         self._pending_improvement: tuple[list[Task], int, list[int] | None, float] | None = None
         self.stats.set_correction(self.correction)
@@ -284,7 +306,7 @@ class Scheduler:
         if self.in_flight is not None or self.queue or job.n > self.profile.max_batch_size:
             return None
         self._prepare(job, now)
-        self._hedge(job.tasks[0])
+        self._hedge(job.tasks, now)
         return self._launch(job.tasks, now)
 
     def _prepare(self, job: Job, now: float) -> None:
@@ -328,18 +350,29 @@ class Scheduler:
             if every:
                 task.fixed = self._full(job.available, task.n)
             task.k = self._initial_option(task, self._item(task), now, share)
+        cheapest_us = sum(self._item(t).latency_us[0] for t in tasks)
+        self._observe_arrival(job, now, cheapest_us)
+        late = now * 1e6 + cheapest_us > job.deadline * 1e6
+        if late and not job.best_effort and self.config.policy != "batcher":
+            self.stats.count("rejected_deadline")
+            raise self._deadline_error(job, now, cheapest_us)
+        job.pending = len(tasks)
+
+    def _observe_arrival(self, job: Job, now: float, cheapest_us: int) -> None:
+        """Update what the hedges know of arrivals: headroom, rate and work."""
         if not math.isinf(job.deadline):
-            cheapest_us = sum(self._item(t).latency_us[0] for t in tasks)
             headroom = (job.deadline - now) * 1e6 - cheapest_us
             self._headroom_us = (
                 headroom if self._headroom_us == 0.0 else 0.9 * self._headroom_us + 0.1 * headroom
             )
-        if not job.best_effort and not math.isinf(job.deadline) and self.config.policy != "batcher":
-            cheapest = sum(self._item(t).latency_us[0] for t in tasks)
-            if now * 1e6 + cheapest > job.deadline * 1e6:
-                self.stats.count("rejected_deadline")
-                raise self._deadline_error(job, now, cheapest)
-        job.pending = len(tasks)
+            low = self._headroom_low_us  # tracks a low quantile: quick down, slow up
+            self._headroom_low_us = (
+                headroom if low == 0.0 else low + (headroom - low) * (0.2 if headroom < low else 0.01)
+            )
+        rate, work = self._load_now(now)
+        self._rate = rate + 1.0 / self.config.load_window_s
+        self._work = work + cheapest_us / 1e6 / self.config.load_window_s
+        self._rate_at = now
 
     def _initial_option(self, task: Task, item: Item, now: float, share: float) -> int:
         """The most accurate option meeting the job's own deadline (aggressive: the cheapest)."""
@@ -556,14 +589,11 @@ class Scheduler:
         if not self.queue:
             return None, failures
         self._waiting = 0.9 * self._waiting + 0.1 * (len(self.queue) - 1)
-        self._hedge(self.queue[0])
         tasks = [self.queue[0]]
         self._remove(tasks[0])
-        merged_groups = dict(tasks[0].strategy.groups)
-        separate = self._item(tasks[0]).latency_us[tasks[0].k]
-        merged_latency = separate
         if self.config.batching:
             limit = self.profile.max_batch_size
+            separate = self._item(tasks[0]).latency_us[tasks[0].k]
             while self.queue and len(tasks) < self.config.max_merge:
                 nxt = self.queue[0]
                 if (
@@ -571,10 +601,7 @@ class Scheduler:
                     or sum(t.n for t in tasks) + nxt.n > limit
                 ):
                     break
-                groups = dict(merged_groups)
-                for config, count in nxt.strategy.groups:
-                    groups[config] = groups.get(config, 0) + count
-                latency = self.corrected_latency_us(list(groups.items()))
+                latency = self._merged_latency_us([*tasks, nxt])
                 alone = self._item(nxt).latency_us[nxt.k]
                 earliest_us = min(t.job.deadline for t in [*tasks, nxt]) * 1e6
                 helps = latency < separate + alone and now * 1e6 + latency <= earliest_us
@@ -582,33 +609,76 @@ class Scheduler:
                     break
                 self._remove(nxt)
                 tasks.append(nxt)
-                merged_groups, separate, merged_latency = groups, separate + alone, latency
-        return self._launch(tasks, now, merged_groups, merged_latency), failures
+                separate += alone
+        self._hedge(tasks, now)
+        return self._launch(tasks, now), failures
 
-    def _hedge(self, task: Task) -> None:
-        """Under load, keep the job about to run short enough for a burst arriving meanwhile."""
-        if self.config.hedge <= 0 or self.config.policy not in ("mosel", "greedy") or self._waiting < 1.0:
+    def _merged_latency_us(self, tasks: Sequence[Task]) -> int:
+        if len(tasks) == 1:
+            return self._item(tasks[0]).latency_us[tasks[0].k]
+        return self.corrected_latency_us(list(_merged_groups(tasks).items()))
+
+    def _load_now(self, now: float) -> tuple[float, float]:
+        """Recent arrivals: jobs per second, and cheapest-strategy work per unit of time."""
+        decay = math.exp(-max(0.0, now - self._rate_at) / self.config.load_window_s)
+        return self._rate * decay, self._work * decay
+
+    def _hedge(self, tasks: list[Task], now: float) -> None:
+        """Shorten the batch about to run so that work arriving meanwhile keeps its chance.
+
+        Three caps on the batch's latency (mosel and greedy policies): a job arriving during the
+        run must still fit in its headroom (``risk``); under load, the run takes at most ``hedge``
+        of the typical headroom; every queued job must keep, beyond its cheapest strategy, the
+        time that recent arrivals' work will take until its deadline (``reserve``).
+        """
+        if self.config.policy not in ("mosel", "greedy"):
             return
-        item = self._item(task)
-        cap = max(item.latency_us[0], self.config.hedge * self._headroom_us)
-        if item.latency_us[task.k] > cap:
-            task.k = max(bisect.bisect_right(item.latency_us, cap) - 1, 0)
-            self.stats.count("hedged")
+        rate, work = self._load_now(now)
+        cap = math.inf
+        if self.config.risk > 0 and self._headroom_low_us > 0 and rate > 0:
+            cap = self._headroom_low_us + self.config.risk / rate * 1e6
+        if self.config.hedge > 0 and self._waiting >= 1.0:
+            cap = min(cap, self.config.hedge * self._headroom_us)
+        if self.config.reserve > 0 and self.queue:
+            reserve = min(1.0, self.config.reserve * work)
+            now_us, ahead = now * 1e6, 0
+            for other in self.queue:
+                item = self._item(other)
+                ahead += item.latency_us[0]
+                cap = min(cap, item.deadline_us - now_us - ahead - reserve * (item.deadline_us - now_us))
+        latency = self._merged_latency_us(tasks)
+        if latency <= cap:
+            return
+        self.stats.count("hedged")
+        if len(tasks) == 1:
+            task, item = tasks[0], self._item(tasks[0])
+            task.k = min(task.k, max(bisect.bisect_right(item.latency_us, cap) - 1, 0))
+            return
+        while latency > cap:
+            excess = latency - cap
+            while excess > 0:
+                lowerable = [t for t in tasks if t.k > 0]
+                if not lowerable:
+                    return
+                task = max(lowerable, key=self._step_value)
+                item = self._item(task)
+                excess -= item.latency_us[task.k] - item.latency_us[task.k - 1]
+                task.k -= 1
+            latency = self._merged_latency_us(tasks)
 
-    def _launch(
-        self,
-        tasks: list[Task],
-        now: float,
-        merged_groups: dict[Configuration, int] | None = None,
-        merged_latency: int | None = None,
-    ) -> Batch:
+    def _step_value(self, task: Task) -> float:
+        """Microseconds saved per accuracy unit lost by lowering ``task`` one option."""
+        item = self._item(task)
+        saved = item.latency_us[task.k] - item.latency_us[task.k - 1]
+        return saved / max(1, item.accuracy[task.k] - item.accuracy[task.k - 1])
+
+    def _launch(self, tasks: list[Task], now: float) -> Batch:
         """Mark ``tasks`` as running from ``now`` and describe them as one batch."""
+        merged_latency = self._merged_latency_us(tasks)
         if len(tasks) == 1:
             merged = tasks[0].strategy
-            merged_latency = self._item(tasks[0]).latency_us[tasks[0].k]
         else:
-            assert merged_groups is not None and merged_latency is not None
-            order = execution_order(list(merged_groups.items()), self.cost.modalities)
+            order = execution_order(list(_merged_groups(tasks).items()), self.cost.modalities)
             merged = Strategy(order, self.cost.latency_us(order), self.cost.accuracy_units(order))
             self.stats.count("batches_merged")
             self.stats.count("jobs_in_merged_batches", len(tasks))
@@ -710,6 +780,15 @@ class Scheduler:
                     )
                 )
         return failures
+
+
+def _merged_groups(tasks: Sequence[Task]) -> dict[Configuration, int]:
+    """Rows per configuration over ``tasks``."""
+    groups: dict[Configuration, int] = {}
+    for task in tasks:
+        for config, count in task.strategy.groups:
+            groups[config] = groups.get(config, 0) + count
+    return groups
 
 
 def _chunks(n: int, max_batch_size: int) -> list[int]:

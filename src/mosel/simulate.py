@@ -7,6 +7,7 @@ the threaded server runs; only the clock and the executor are simulated.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -95,16 +96,7 @@ def simulate(
         seed: seed of the noise.
     """
     base = config or SchedulerConfig()
-    config = SchedulerConfig(
-        policy=base.policy,
-        max_queued_requests=base.max_queued_requests,
-        solver_time_limit_s=base.solver_time_limit_s,
-        deterministic=True,
-        batching=base.batching,
-        max_merge=base.max_merge,
-        correction_alpha=base.correction_alpha,
-        hedge=base.hedge,
-    )
+    config = dataclasses.replace(base, deterministic=True)
     clock = VirtualClock()
     stats = Stats()
     scheduler = Scheduler(profile, config, stats)

@@ -135,3 +135,18 @@ def test_reassignment_never_goes_below_a_floor(
             floor = record.arrival.min_accuracy or 0.0
             assert all(s.expected_accuracy >= floor - 1e-12 for s in record.strategies)
             assert record.on_time  # a job is never run silently late
+
+
+def test_risk_keeps_a_long_batch_from_blocking_a_steady_stream(profile: mosel.Profile) -> None:
+    stream = [mosel.Arrival(i * 0.001, 1, deadline_ms=0.6) for i in range(400)]
+    big = [mosel.Arrival(0.0205 + 0.02 * i, 8, deadline_ms=10.0, min_accuracy=0.6) for i in range(19)]
+    trace = stream + big
+    careless = SchedulerConfig(risk=0.0, hedge=0.0, reserve=0.0)
+    without = mosel.simulate(profile, trace, careless)
+    with_risk = mosel.simulate(profile, trace)
+    missed = [sum(not r.on_time for r in sim.records) for sim in (without, with_risk)]
+    assert missed[0] > 10 * max(1, missed[1]), missed
+    assert with_risk.stats.counters.get("hedged", 0) > 0
+    for record in with_risk.records:
+        if record.served:
+            assert record.expected_accuracy >= (record.arrival.min_accuracy or 0.0) - 1e-12
