@@ -29,9 +29,11 @@ class RealJob:
     labels: Tensor
 
 
-def replay(model: nn.Module, profile: mosel.Profile, jobs: list[RealJob], policy: str) -> dict[str, float]:
-    """Serve ``jobs`` at their arrival times under ``policy``; the metrics of the run."""
-    mosel.attach(model, profile, scheduler=mosel.SchedulerConfig(policy=policy))  # type: ignore[arg-type]
+def replay(
+    model: nn.Module, profile: mosel.Profile, jobs: list[RealJob], policy: str, **config: object
+) -> dict[str, float]:
+    """Serve ``jobs`` at their arrival times under ``policy`` (and other scheduler ``config``)."""
+    mosel.attach(model, profile, scheduler=mosel.SchedulerConfig(policy=policy, **config))  # type: ignore[arg-type]
     model.infer(jobs[0].inputs)  # start the server and warm it up
     submitted: list[tuple[RealJob, concurrent.futures.Future[mosel.Result] | None]] = []
     start = time.perf_counter()

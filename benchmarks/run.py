@@ -5,10 +5,17 @@ baseline), ``batcher`` (FIFO dynamic batching, every modality, as Triton or Ray 
 (cheapest admissible strategy), ``greedy`` (the paper's fallback), ``mosel`` (the online stage)
 and ``oracle`` (CP-SAT over a whole short trace, knowing every arrival).
 
-Workload: a Markov-modulated Poisson process (bursts 4x the calm rate) standing in for the paper's
-Twitter trace; job sizes max(1, int(N(1, 6))) capped at 32; deadline = arrival + the job's
-all-modality latency + slack; floor = best accuracy - drop. Load is expressed as a multiple of the
-all-modality capacity predicted by the profile.
+Workloads: Poisson arrivals at a fixed rate (the paper's fixed-QPS sweeps) and a Markov-modulated
+Poisson process (bursts 4x the calm rate) standing in for the paper's Twitter trace; job sizes
+max(1, int(N(1, 6))) capped at 32; deadline = arrival + the job's all-modality latency + slack;
+floor = best accuracy - drop. Load is a multiple of the all-modality capacity predicted by the
+profile (jobs one at a time).
+
+Headline figures, medians over seeds: ``throughput_ratio`` (mosel's over agnostic's largest load
+with at most 1% of requests late or dropped, Poisson; ``throughput_ratio_bursty`` likewise),
+``jct_ratio`` (agnostic's over mosel's p50 completion time at 1.5x, bursty) and ``oracle_gap``
+(mosel's goodput over the best a clairvoyant one-job-at-a-time schedule can reach, the lowest
+over the loads tried).
 
 Modes: simulated (virtual clock, execution times from the profile; deterministic) and ``--real``
 (the AV-Digits model serves the trace in real time through its threaded server, on ``--device``;
@@ -22,10 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,11 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import oracle
 from replay import replay, with_inputs
 from scenarios import Scenario, av_digits, av_digits_model, paper_tvlt
-from workloads import bursty_arrivals, job_size
+from workloads import bursty_arrivals, job_size, poisson_arrivals
 
 import mosel
 
 POLICIES = ("agnostic", "batcher", "aggressive", "greedy", "mosel")
+Arrivals = Callable[[float, float, int], list[float]]
+WORKLOADS: dict[str, Arrivals] = {"poisson": poisson_arrivals, "bursty": bursty_arrivals}
 
 
 def mean_full_ms(profile: mosel.Profile) -> float:
@@ -46,18 +58,26 @@ def mean_full_ms(profile: mosel.Profile) -> float:
     return statistics.mean(profile.plan.frontier(everything, n).best.predicted_latency_ms for n in sizes)
 
 
-def trace(scenario: Scenario, load: float, seconds: float, seed: int) -> list[mosel.Arrival]:
+def trace(
+    scenario: Scenario, load: float, seconds: float, seed: int, arrivals: Arrivals = bursty_arrivals
+) -> list[mosel.Arrival]:
+    """A seeded workload at ``load`` times the all-modality capacity."""
     profile = scenario.profile
     everything = frozenset(profile.modalities)
     rate = load * 1000.0 / mean_full_ms(profile)
     floor = round(max(profile.accuracy.values()) - scenario.drop, 4)
     rng = random.Random(seed + 1)
-    arrivals = []
-    for t in bursty_arrivals(rate, seconds, seed):
+    out = []
+    for t in arrivals(rate, seconds, seed):
         n = job_size(rng, profile.max_batch_size)
         full = profile.plan.frontier(everything, n).best.predicted_latency_ms
-        arrivals.append(mosel.Arrival(t, n, deadline_ms=full + scenario.slack_ms, min_accuracy=floor))
-    return arrivals
+        out.append(mosel.Arrival(t, n, deadline_ms=full + scenario.slack_ms, min_accuracy=floor))
+    return out
+
+
+def seconds_for(scenario: Scenario, load: float, jobs: int) -> float:
+    """How long a trace at ``load`` must be to hold about ``jobs`` jobs."""
+    return jobs * mean_full_ms(scenario.profile) / (1000.0 * load)
 
 
 def metrics(sim: mosel.Simulation, seconds: float) -> dict[str, float]:
@@ -83,53 +103,110 @@ def metrics(sim: mosel.Simulation, seconds: float) -> dict[str, float]:
 
 
 def run_policy(
-    scenario: Scenario, arrivals: list[mosel.Arrival], policy: str, seconds: float
+    scenario: Scenario, arrivals: list[mosel.Arrival], policy: str, seconds: float, **config: object
 ) -> dict[str, float]:
-    sim = mosel.simulate(scenario.profile, arrivals, mosel.SchedulerConfig(policy=policy))  # type: ignore[arg-type]
+    sim = mosel.simulate(scenario.profile, arrivals, mosel.SchedulerConfig(policy=policy, **config))  # type: ignore[arg-type]
     return metrics(sim, seconds)
 
 
 def sustainable_load(
-    scenario: Scenario, policy: str, seconds: float, seed: int, target: float = 0.01
+    scenario: Scenario,
+    policy: str,
+    jobs: int,
+    seed: int,
+    arrivals: Arrivals = bursty_arrivals,
+    target: float = 0.01,
 ) -> float:
-    """The largest load (x all-modality capacity) with violation ratio <= target, by search."""
-    good, load = 0.0, 0.05
-    while load < 64:
-        if (
-            run_policy(scenario, trace(scenario, load, seconds, seed), policy, seconds)["violation_ratio"]
-            > target
-        ):
-            break
+    """The largest load (x all-modality capacity) with violation ratio <= target, by search.
+
+    Every trace holds about ``jobs`` jobs, so light loads are judged on as many jobs as heavy ones.
+    """
+
+    def ok(load: float) -> bool:
+        seconds = seconds_for(scenario, load, jobs)
+        arrived = trace(scenario, load, seconds, seed, arrivals)
+        return run_policy(scenario, arrived, policy, seconds)["violation_ratio"] <= target
+
+    good, load = 0.0, 0.02
+    while load < 64 and ok(load):
         good, load = load, load * 1.5
     bad = load
-    for _ in range(5):
+    for _ in range(6):
         mid = (good + bad) / 2
-        ok = (
-            run_policy(scenario, trace(scenario, mid, seconds, seed), policy, seconds)["violation_ratio"]
-            <= target
-        )
-        good, bad = (mid, bad) if ok else (good, mid)
+        good, bad = (mid, bad) if ok(mid) else (good, mid)
     return good
 
 
 def oracle_gap(
     scenario: Scenario, load: float, seconds: float, seed: int, limit_s: float
 ) -> dict[str, float]:
+    """Mosel (one job at a time, as the oracle) against the clairvoyant schedule of a short trace."""
     arrivals = trace(scenario, load, seconds, seed)
-    best = oracle.solve(scenario.profile, arrivals, limit_s)
-    ours = run_policy(scenario, arrivals, "mosel", seconds)
-    oracle_goodput = best.served_requests / seconds
+    sim = mosel.simulate(scenario.profile, arrivals, mosel.SchedulerConfig(batching=False))
+    ours = metrics(sim, seconds)
+    hint = {i: (r.started_s, r.strategies[0]) for i, r in enumerate(sim.records) if r.on_time}
+    best = oracle.solve(scenario.profile, arrivals, limit_s, hint=hint)
+    served = ours["goodput_rps"] * seconds
     return {
-        "oracle_goodput_rps": oracle_goodput,
+        "load": load,
+        "oracle_goodput_rps": best.served_requests / seconds,
+        "oracle_bound_rps": best.served_bound / seconds,
         "mosel_goodput_rps": ours["goodput_rps"],
-        "oracle_gap": ours["goodput_rps"] / oracle_goodput if oracle_goodput else math.nan,
+        "oracle_gap": served / best.served_requests if best.served_requests else math.nan,
+        "oracle_gap_to_bound": served / best.served_bound if best.served_bound else math.nan,
         "oracle_proven_optimal": float(best.optimal),
         "jobs": len(arrivals),
     }
 
 
-def real_mode(device: str, seconds: float, seed: int, load: float = 0.5) -> dict[str, object]:
-    """Every policy serving the same AV-Digits trace in real time on ``device``."""
+_SCENARIOS: dict[str, Scenario | None] = {}
+
+
+def scenario_named(name: str) -> Scenario | None:
+    """A scenario by name, built once per process."""
+    if name not in _SCENARIOS:
+        _SCENARIOS[name] = paper_tvlt() if name == "paper-tvlt" else av_digits()
+    return _SCENARIOS[name]
+
+
+def _task(kind: str, name: str, *args: object) -> object:
+    """One unit of work for the process pool (a search, a table, an oracle run)."""
+    scenario = scenario_named(name)
+    assert scenario is not None
+    if kind == "sustainable":
+        policy, workload, jobs, seed = args
+        return sustainable_load(scenario, policy, jobs, seed, WORKLOADS[workload])  # type: ignore[arg-type]
+    if kind == "table":
+        load, seconds, seed = args
+        arrived = trace(scenario, load, seconds, seed)  # type: ignore[arg-type]
+        return {p: run_policy(scenario, arrived, p, seconds) for p in POLICIES}  # type: ignore[arg-type]
+    if kind == "oracle":
+        load, seconds, seed, limit_s = args
+        return oracle_gap(scenario, load, seconds, seed, limit_s)  # type: ignore[arg-type]
+    raise ValueError(kind)
+
+
+def jct_ceiling(scenario: Scenario, arrivals: list[mosel.Arrival], agnostic_p50_ms: float) -> float:
+    """The largest jct_ratio any policy could reach: agnostic's p50 over the p50 of every job run
+    alone at its cheapest admissible strategy the moment it arrives."""
+    profile = scenario.profile
+    everything = frozenset(profile.modalities)
+    cheapest = []
+    for a in arrivals:
+        frontier = profile.plan.frontier(everything, a.n)
+        floor = round((a.min_accuracy or 0.0) * mosel.plan.ACCURACY_SCALE) * a.n
+        cheapest.append(frontier.strategies[frontier.index_meeting(floor)].predicted_latency_ms)
+    return agnostic_p50_ms / statistics.median(cheapest)
+
+
+def real_mode(
+    device: str, seconds: float, seed: int, loads: tuple[float, ...], repeats: int
+) -> dict[str, object]:
+    """Every policy serving the same AV-Digits traces in real time on ``device``.
+
+    Each repeat replays a fresh trace per load to every policy, in a rotated order (so a drift of
+    the machine does not favour one policy); the table gives medians over repeats.
+    """
     built = av_digits_model(device)
     if built is None:
         print("real mode skipped: espeak-ng is needed to build AV-Digits")
@@ -138,29 +215,43 @@ def real_mode(device: str, seconds: float, seed: int, load: float = 0.5) -> dict
     everything = frozenset(profile.modalities)
     mean_ms = sum(profile.plan.frontier(everything, n).best.predicted_latency_ms for n in range(1, 9)) / 8
     scenario = Scenario("av-digits", profile, slack_ms=3 * mean_ms, drop=0.06)
-    jobs = with_inputs(trace(scenario, load, seconds, seed), test, seed)
-    results = {policy: replay(model, profile, jobs, policy) for policy in POLICIES}
-    print(f"\nreal mode, av-digits on {device}: {len(jobs)} jobs in {seconds:.0f} s at load {load}")
-    print(
-        f"{'policy':<11} {'goodput':>9} {'violations':>11} {'JCT p50':>9} {'JCT p99':>9} {'expected':>9} {'measured':>9}"
-    )
-    for policy, m in results.items():
+    out: dict[str, object] = {"device": device, "seconds": seconds, "repeats": repeats, "loads": {}}
+    for load in loads:
+        runs: dict[str, list[dict[str, float]]] = {p: [] for p in POLICIES}
+        for r in range(repeats):
+            jobs = with_inputs(trace(scenario, load, seconds, seed + r), test, seed + r)
+            for policy in POLICIES[r % len(POLICIES) :] + POLICIES[: r % len(POLICIES)]:
+                runs[policy].append(replay(model, profile, jobs, policy))
+        medians = {p: {k: statistics.median(m[k] for m in ms) for k in ms[0]} for p, ms in runs.items()}
+        out["loads"][str(load)] = {"policies": medians, "runs": runs}  # type: ignore[index]
         print(
-            f"{policy:<11} {m['goodput_rps']:>9.1f} {m['violation_ratio']:>11.1%} {m['jct_p50_ms']:>9.2f} "
-            f"{m['jct_p99_ms']:>9.2f} {m['expected_accuracy']:>9.4f} {m['measured_accuracy']:>9.4f}"
+            f"\nreal mode, av-digits on {device}: load {load}, {repeats} x {seconds:.0f} s per policy "
+            f"(about {medians['mosel']['jobs']:.0f} jobs each); medians over repeats"
         )
-    return {"device": device, "load": load, "seconds": seconds, "policies": results}
+        print(
+            f"{'policy':<11} {'goodput':>9} {'violations':>17} {'JCT p50':>9} {'JCT p99':>9} "
+            f"{'expected':>9} {'measured':>9}"
+        )
+        for policy, m in medians.items():
+            spread = [v["violation_ratio"] for v in runs[policy]]
+            print(
+                f"{policy:<11} {m['goodput_rps']:>9.1f} {m['violation_ratio']:>6.1%} "
+                f"[{min(spread):>4.1%}-{max(spread):>4.1%}] {m['jct_p50_ms']:>9.2f} "
+                f"{m['jct_p99_ms']:>9.2f} {m['expected_accuracy']:>9.4f} {m['measured_accuracy']:>9.4f}"
+            )
+    return out
 
 
-def sweep(scenario: Scenario, loads: list[float], seconds: float, seed: int) -> dict[str, list[float]]:
-    """Violation ratio of every policy at each load."""
-    return {
-        policy: [
-            run_policy(scenario, trace(scenario, load, seconds, seed), policy, seconds)["violation_ratio"]
-            for load in loads
-        ]
-        for policy in POLICIES
-    }
+def sweep(scenario: Scenario, loads: list[float], jobs: int, seed: int) -> dict[str, list[float]]:
+    """Violation ratio of every policy at each load (Poisson arrivals, about ``jobs`` jobs)."""
+    out: dict[str, list[float]] = {}
+    for policy in POLICIES:
+        out[policy] = []
+        for load in loads:
+            seconds = seconds_for(scenario, load, jobs)
+            arrived = trace(scenario, load, seconds, seed, poisson_arrivals)
+            out[policy].append(run_policy(scenario, arrived, policy, seconds)["violation_ratio"])
+    return out
 
 
 def plot(
@@ -210,99 +301,160 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="short traces (under 5 minutes on 2 cores)")
-    size.add_argument("--full", action="store_true", help="longer traces and every policy in the sweeps")
+    size.add_argument(
+        "--full", action="store_true", help="longer traces, more seeds, every policy's capacity"
+    )
     parser.add_argument("--real", action="store_true", help="also serve the AV-Digits model for real")
     parser.add_argument("--device", default="cpu", help="device of the real mode (cpu, cuda)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plots", help="write PNG plots to this folder (needs matplotlib)")
     parser.add_argument("--scenario", action="append", choices=["paper-tvlt", "av-digits"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
-    seconds, sweep_seconds, oracle_seconds, oracle_limit = (
-        (10.0, 5.0, 2.0, 10.0)
-        if args.quick
-        else (60.0, 20.0, 4.0, 60.0)
-        if args.full
-        else (30.0, 10.0, 3.0, 30.0)
-    )
+    if args.quick:
+        seconds, jobs, seeds, oracle_s, oracle_limit, real_s, repeats = 10.0, 1500, 3, 1.0, 10.0, 5.0, 3
+    elif args.full:
+        seconds, jobs, seeds, oracle_s, oracle_limit, real_s, repeats = 60.0, 6000, 7, 2.0, 60.0, 20.0, 5
+    else:
+        seconds, jobs, seeds, oracle_s, oracle_limit, real_s, repeats = 30.0, 3000, 5, 2.0, 30.0, 10.0, 3
+    capacity_policies = POLICIES if args.full else ("agnostic", "mosel")
+    oracle_loads = (1.5, 4.0)
+    load = 1.5
     names = args.scenario or ["paper-tvlt", "av-digits"]
     started = time.perf_counter()
-    out: dict[str, object] = {"scenarios": {}, "config": {"seconds": seconds, "seed": args.seed}}
+    out: dict[str, object] = {
+        "scenarios": {},
+        "config": {"seconds": seconds, "jobs_per_search": jobs, "seeds": seeds, "seed": args.seed},
+    }
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        futures: dict[tuple[object, ...], object] = {}
+        for name in names:
+            seeded = [args.seed + i for i in range(seeds)]
+            for seed in seeded:
+                futures[(name, "table", seed)] = pool.submit(_task, "table", name, load, seconds, seed)
+                for workload in WORKLOADS:
+                    for policy in capacity_policies:
+                        futures[(name, "sustainable", workload, policy, seed)] = pool.submit(
+                            _task, "sustainable", name, policy, workload, jobs, seed
+                        )
+            for oload in oracle_loads:
+                futures[(name, "oracle", oload)] = pool.submit(
+                    _task, "oracle", name, oload, oracle_s, args.seed, oracle_limit
+                )
+        done = {key: future.result() for key, future in futures.items()}  # type: ignore[attr-defined]
     for name in names:
-        scenario = paper_tvlt() if name == "paper-tvlt" else av_digits()
+        scenario = scenario_named(name)
         if scenario is None:
             print(f"{name}: skipped (espeak-ng is needed to build AV-Digits)")
             continue
-        t0 = time.perf_counter()
-        load = 1.5
+        seeded = [args.seed + i for i in range(seeds)]
+        tables = [done[(name, "table", seed)] for seed in seeded]
+        policies: dict[str, dict[str, float]] = tables[0]  # type: ignore[assignment]
+        capacity = {
+            workload: {
+                p: [done[(name, "sustainable", workload, p, seed)] for seed in seeded]
+                for p in capacity_policies
+            }
+            for workload in WORKLOADS
+        }
+        ratios = {
+            workload: statistics.median(
+                m / a if a else math.inf
+                for m, a in zip(c["mosel"], c["agnostic"])  # type: ignore[operator]
+            )
+            for workload, c in capacity.items()
+        }
+        jct = [t["agnostic"]["jct_p50_ms"] / t["mosel"]["jct_p50_ms"] for t in tables]  # type: ignore[index]
+        jct_batcher = [t["batcher"]["jct_p50_ms"] / t["mosel"]["jct_p50_ms"] for t in tables]  # type: ignore[index]
         arrivals = trace(scenario, load, seconds, args.seed)
-        policies = {p: run_policy(scenario, arrivals, p, seconds) for p in POLICIES}
-        gap = oracle_gap(scenario, load, oracle_seconds, args.seed, oracle_limit)
-        policies["oracle"] = {"goodput_rps": gap["oracle_goodput_rps"]}
-        agnostic_load = sustainable_load(scenario, "agnostic", sweep_seconds, args.seed)
-        mosel_load = sustainable_load(scenario, "mosel", sweep_seconds, args.seed)
-        result = {
+        oracles = [done[(name, "oracle", oload)] for oload in oracle_loads]
+        gap = min(o["oracle_gap"] for o in oracles)  # type: ignore[index]
+        policies["oracle"] = {"goodput_rps": oracles[0]["oracle_goodput_rps"]}  # type: ignore[index]
+        result: dict[str, object] = {
             "policies": policies,
             "load": load,
-            "throughput_ratio": mosel_load / agnostic_load if agnostic_load else math.inf,
-            "sustainable_load": {"agnostic": agnostic_load, "mosel": mosel_load},
-            "jct_ratio": policies["agnostic"]["jct_p50_ms"] / policies["mosel"]["jct_p50_ms"],
+            "throughput_ratio": ratios["poisson"],
+            "throughput_ratio_bursty": ratios["bursty"],
+            "sustainable_load": capacity,
+            "jct_ratio": statistics.median(jct),
+            "jct_ratio_per_seed": jct,
             # The agnostic baseline drops late jobs, which bounds its JCT; a batcher never drops.
-            "jct_ratio_batcher": policies["batcher"]["jct_p50_ms"] / policies["mosel"]["jct_p50_ms"],
-            "oracle_gap": gap["oracle_gap"],
-            "oracle": gap,
-            "seconds_to_run": time.perf_counter() - t0,
+            "jct_ratio_batcher": statistics.median(jct_batcher),
+            "jct_ratio_ceiling": jct_ceiling(scenario, arrivals, policies["agnostic"]["jct_p50_ms"]),
+            "oracle_gap": gap,
+            "oracle": oracles,
         }
         if args.plots or args.full:
-            loads = [0.25, 0.5, 1.0, 1.5, 2.0, 3.0] if args.full else [0.25, 0.5, 1.0, 2.0]
-            result["sweep"] = {
-                "loads": loads,
-                "violation_ratio": sweep(scenario, loads, sweep_seconds, args.seed),
-            }
+            loads = [0.25, 0.5, 1.0, 2.0, 4.0, 6.0, 8.0] if args.full else [0.25, 0.5, 1.0, 2.0, 4.0]
+            result["sweep"] = {"loads": loads, "violation_ratio": sweep(scenario, loads, jobs, args.seed)}
         if args.plots:
-            jct = {
+            jct_values = {
                 p: [
                     r.completion_ms
                     for r in mosel.simulate(
-                        scenario.profile, arrivals, mosel.SchedulerConfig(policy=p)
+                        scenario.profile,
+                        arrivals,
+                        mosel.SchedulerConfig(policy=p),  # type: ignore[arg-type]
                     ).records
                     if r.served
-                ]  # type: ignore[arg-type]
+                ]
                 for p in POLICIES
             }
             try:
                 result["plots"] = plot(
-                    Path(args.plots), name, result["sweep"]["loads"], result["sweep"]["violation_ratio"], jct
-                )  # type: ignore[index]
+                    Path(args.plots),
+                    name,
+                    loads,
+                    result["sweep"]["violation_ratio"],
+                    jct_values,  # type: ignore[index]
+                )
             except ImportError:
                 print("plots skipped: pip install matplotlib")
         out["scenarios"][name] = result  # type: ignore[index]
-        print(
-            f"\n{name}: load {load}x the all-modality capacity, {policies['mosel']['jobs']} jobs, "
-            f"slack {scenario.slack_ms:.1f} ms, floor = best - {scenario.drop}"
-        )
-        print(
-            f"{'policy':<11} {'goodput':>9} {'violations':>11} {'JCT p50':>9} {'JCT p99':>9} {'accuracy':>9} {'decide p99':>11}"
-        )
-        for policy, m in policies.items():
-            if policy == "oracle":
-                print(f"{'oracle':<11} {m['goodput_rps']:>9.1f}   (short trace of {oracle_seconds:.0f} s)")
-                continue
-            print(
-                f"{policy:<11} {m['goodput_rps']:>9.1f} {m['violation_ratio']:>11.1%} {m['jct_p50_ms']:>9.2f} "
-                f"{m['jct_p99_ms']:>9.2f} {m['expected_accuracy']:>9.4f} {m['decision_p99_ms']:>9.3f}ms"
-            )
-        print(
-            f"throughput_ratio {result['throughput_ratio']:.2f} (sustainable load at <= 1% violations: "
-            f"agnostic {agnostic_load:.3f}, mosel {mosel_load:.3f}); jct_ratio {result['jct_ratio']:.2f} "
-            f"(batcher over mosel {result['jct_ratio_batcher']:.2f}); "
-            f"oracle_gap {result['oracle_gap']:.3f}"
-        )
+        report(name, scenario, result, seeds, oracle_s)
     if args.real:
-        out["real"] = real_mode(args.device, seconds=5.0 if args.quick else 20.0, seed=args.seed)
+        loads_real = (0.5, 1.0, 1.5) if args.full else (1.0,)
+        out["real"] = real_mode(args.device, real_s, args.seed, loads_real, repeats)
     print(f"\nbenchmark finished in {time.perf_counter() - started:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=float))
+
+
+def report(name: str, scenario: Scenario, result: dict[str, object], seeds: int, oracle_s: float) -> None:
+    """Print one scenario's table and headline figures."""
+    policies: dict[str, dict[str, float]] = result["policies"]  # type: ignore[assignment]
+    print(
+        f"\n{name}: bursty load {result['load']}x the all-modality capacity, {policies['mosel']['jobs']:.0f} "
+        f"jobs, slack {scenario.slack_ms:.1f} ms, floor = best - {scenario.drop} (seed 0)"
+    )
+    print(
+        f"{'policy':<11} {'goodput':>9} {'violations':>11} {'JCT p50':>9} {'JCT p99':>9} "
+        f"{'accuracy':>9} {'decide p99':>11}"
+    )
+    for policy, m in policies.items():
+        if policy == "oracle":
+            continue
+        print(
+            f"{policy:<11} {m['goodput_rps']:>9.1f} {m['violation_ratio']:>11.1%} {m['jct_p50_ms']:>9.2f} "
+            f"{m['jct_p99_ms']:>9.2f} {m['expected_accuracy']:>9.4f} {m['decision_p99_ms']:>9.3f}ms"
+        )
+    capacity: dict[str, dict[str, list[float]]] = result["sustainable_load"]  # type: ignore[assignment]
+    print(f"largest load with <= 1% violations (x capacity; median of {seeds} seeds [min-max]):")
+    for workload, by_policy in capacity.items():
+        cells = [f"{p} {statistics.median(v):.3f} [{min(v):.3f}-{max(v):.3f}]" for p, v in by_policy.items()]
+        print(f"  {workload:<8} " + "; ".join(cells))
+    for o in result["oracle"]:  # type: ignore[attr-defined]
+        print(
+            f"oracle at load {o['load']}, {o['jobs']} jobs in {oracle_s:.0f} s, one job at a time: "
+            f"mosel {o['mosel_goodput_rps']:.0f} rps, oracle {o['oracle_goodput_rps']:.0f} rps "
+            f"(bound {o['oracle_bound_rps']:.0f}{', optimal' if o['oracle_proven_optimal'] else ''})"
+        )
+    print(
+        f"throughput_ratio {result['throughput_ratio']:.2f} (bursty {result['throughput_ratio_bursty']:.2f}); "
+        f"jct_ratio {result['jct_ratio']:.2f} (ceiling {result['jct_ratio_ceiling']:.2f}; batcher over "
+        f"mosel {result['jct_ratio_batcher']:.2f}); oracle_gap {result['oracle_gap']:.3f}"
+    )
 
 
 if __name__ == "__main__":

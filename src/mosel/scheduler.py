@@ -46,6 +46,11 @@ class SchedulerConfig:
             (always every modality, EDF: the paper's baseline).
         max_queued_requests: admission control; more waiting requests are refused.
         solver_time_limit_s: CP-SAT budget per re-assignment.
+        solver_share: the CP-SAT helper thread may be busy at most this fraction of the time
+            (after a solve of t ms it rests t * (1 / share - 1) ms, twice as long after each
+            solve that found nothing better than greedy, up to 64 times): its Python model
+            building and its search compete with the executor for the interpreter lock and the
+            cores, and on common queues greedy is already optimal.
         deterministic: solve CP-SAT inline with a deterministic time limit (simulations, tests).
         batching: run consecutive queued jobs as one batch when it is predicted to help.
         max_merge: at most this many jobs per batch.
@@ -69,6 +74,7 @@ class SchedulerConfig:
     policy: Policy = "mosel"
     max_queued_requests: int = 4096
     solver_time_limit_s: float = 0.02
+    solver_share: float = 0.2
     deterministic: bool = False
     batching: bool = True
     max_merge: int = 8
@@ -90,6 +96,8 @@ class SchedulerConfig:
         for name in ("hedge", "risk", "reserve"):
             if not getattr(self, name) >= 0.0:
                 raise ValueError(f"{name} must be at least 0 (0 disables it), got {getattr(self, name)}")
+        if not 0.0 < self.solver_share <= 1.0:
+            raise ValueError(f"solver_share must be in (0, 1], got {self.solver_share}")
         if not self.load_window_s > 0.0:
             raise ValueError(f"load_window_s must be positive, got {self.load_window_s}")
 
@@ -213,6 +221,8 @@ class Scheduler:
         self._solve_async = solve_async
         self._solving = False
         self._resolve = False
+        self._solver_rest_until = -math.inf  # solver_share: no asynchronous solve before this
+        self._solver_backoff = 1.0  # doubles after each solve that did not improve on greedy
         self._full_strategies: dict[tuple[Configuration, int], Strategy] = {}
         self._keys_text: dict[Configuration, str] = {}
         self._headroom_us = 0.0  # EWMA over arrivals: deadline - arrival - cheapest latency
@@ -492,6 +502,9 @@ class Scheduler:
         if self._solving:
             self._resolve = True
             return
+        if now < self._solver_rest_until:
+            self.stats.count("solver_rested")
+            return
         snapshot = list(self.queue)
         items = [self._item(t) for t in snapshot]
         hint = [t.k for t in snapshot]
@@ -532,6 +545,8 @@ class Scheduler:
         self._solving = False
         if pending is not None:
             self._finish_improvement(*pending, now)
+            rest_ms = pending[3] * (1.0 / self.config.solver_share - 1.0) * self._solver_backoff
+            self._solver_rest_until = now + rest_ms / 1000.0
         if self._resolve:
             self._resolve = False
             return self._replan(now)
@@ -557,7 +572,9 @@ class Scheduler:
             for task, k in zip(snapshot, ks):
                 task.k = k
             self.stats.count("solver_improved")
+            self._solver_backoff = 1.0
         else:
+            self._solver_backoff = min(64.0, 2.0 * self._solver_backoff)
             self.stats.count("solver_confirmed")
 
     # ------------------------------------------------------------------ dispatch

@@ -88,21 +88,63 @@ def test_oracle_serves_what_it_can_and_bounds_mosel_on_a_tiny_trace(scenario: ru
     arrivals = run.trace(scenario, load=3.0, seconds=0.1, seed=5)
     assert len(arrivals) >= 5
     best = oracle.solve(scenario.profile, arrivals, time_limit_s=20.0)
-    assert best.optimal
-    served = run.run_policy(scenario, arrivals, "mosel", 0.1)["goodput_rps"] * 0.1
-    assert best.served_requests >= served - 1e-9
+    assert best.optimal and best.served_bound == best.served_requests
+    one_at_a_time = run.run_policy(scenario, arrivals, "mosel", 0.1, batching=False)
+    assert best.served_requests >= one_at_a_time["goodput_rps"] * 0.1 - 1e-9
     for i, finish in best.finish_s.items():
         assert finish <= arrivals[i].time_s + arrivals[i].deadline_ms / 1000 + 1e-9
+
+
+def test_oracle_gap_hints_mosel_and_never_exceeds_the_bound(scenario: run.Scenario) -> None:
+    gap = run.oracle_gap(scenario, load=4.0, seconds=0.2, seed=6, limit_s=2.0)
+    assert gap["jobs"] > 10
+    assert gap["oracle_goodput_rps"] >= gap["mosel_goodput_rps"] - 1e-9  # the hint is a lower bound
+    assert gap["oracle_gap_to_bound"] <= gap["oracle_gap"] <= 1.0 + 1e-9
+
+
+def test_sustainable_load_is_found_on_traces_of_the_same_size(scenario: run.Scenario) -> None:
+    light = run.trace(scenario, 0.1, run.seconds_for(scenario, 0.1, 200), seed=7, arrivals=poisson_arrivals)
+    heavy = run.trace(scenario, 2.0, run.seconds_for(scenario, 2.0, 200), seed=7, arrivals=poisson_arrivals)
+    assert 150 < len(light) < 250 and 150 < len(heavy) < 250
+    mosel_load = run.sustainable_load(scenario, "aggressive", 200, seed=7, arrivals=poisson_arrivals)
+    seconds = run.seconds_for(scenario, mosel_load, 200)
+    at = run.trace(scenario, mosel_load, seconds, seed=7, arrivals=poisson_arrivals)
+    assert run.run_policy(scenario, at, "aggressive", seconds)["violation_ratio"] <= 0.01
+
+
+def test_jct_ceiling_is_agnostic_over_the_cheapest_run(scenario: run.Scenario) -> None:
+    arrivals = [mosel.Arrival(0.0, 1, deadline_ms=30.0, min_accuracy=0.7)] * 3
+    cheapest = scenario.profile.plan.frontier(frozenset({"audio", "video"}), 1).strategies
+    audio_only = min(s.predicted_latency_ms for s in cheapest if s.expected_accuracy >= 0.7)
+    assert run.jct_ceiling(scenario, arrivals, 20.0) == pytest.approx(20.0 / audio_only)
 
 
 def test_hedge_cuts_violations_under_bursts_and_respects_floors() -> None:
     scenario = paper_tvlt()
     arrivals = run.trace(scenario, load=1.5, seconds=4.0, seed=0)
-    with_hedge = mosel.simulate(scenario.profile, arrivals, mosel.SchedulerConfig(hedge=0.5))
-    without = mosel.simulate(scenario.profile, arrivals, mosel.SchedulerConfig(hedge=0.0))
+    with_hedge = mosel.simulate(scenario.profile, arrivals)
+    without = mosel.simulate(
+        scenario.profile, arrivals, mosel.SchedulerConfig(hedge=0.0, risk=0.0, reserve=0.0)
+    )
     assert with_hedge.stats.counters.get("hedged", 0) > 0
     assert without.stats.counters.get("hedged", 0) == 0
     assert run.metrics(with_hedge, 4.0)["violation_ratio"] <= run.metrics(without, 4.0)["violation_ratio"]
     for record in with_hedge.records:
         if record.served:
             assert record.expected_accuracy >= (record.arrival.min_accuracy or 0.0) - 1e-12
+
+
+def test_reserve_cuts_violations_near_saturation() -> None:
+    scenario = paper_tvlt()
+    late = {1.0: 0.0, 0.0: 0.0}
+    for seed in range(4):
+        seconds = run.seconds_for(scenario, 8.0, 1500)
+        arrivals = run.trace(scenario, 8.0, seconds, seed, arrivals=poisson_arrivals)
+        for reserve in late:
+            config = mosel.SchedulerConfig(policy="greedy", reserve=reserve)  # greedy: no CP-SAT, fast
+            sim = mosel.simulate(scenario.profile, arrivals, config)
+            late[reserve] += run.metrics(sim, seconds)["violation_ratio"]
+            for record in sim.records:
+                if record.served:
+                    assert record.expected_accuracy >= (record.arrival.min_accuracy or 0.0) - 1e-12
+    assert late[1.0] < late[0.0]

@@ -150,3 +150,24 @@ def test_risk_keeps_a_long_batch_from_blocking_a_steady_stream(profile: mosel.Pr
     for record in with_risk.records:
         if record.served:
             assert record.expected_accuracy >= (record.arrival.min_accuracy or 0.0) - 1e-12
+
+
+def test_the_solver_rests_between_solves(profile: mosel.Profile) -> None:
+    solves: list[object] = []
+    scheduler = Scheduler(profile, SchedulerConfig(solver_share=0.5), solve_async=solves.append)
+
+    def admit(now: float) -> None:
+        for a in burst(12, 0.0, 12.0, 0.7):
+            slo = {"deadline_ms": a.deadline_ms, "min_accuracy": a.min_accuracy}
+            scheduler.admit(Job(n=a.n, available=ALL, arrival=now, **slo), now)
+
+    admit(0.0)
+    assert len(solves) == 1  # one solve at a time; later requests wait for it
+    solves.pop()()  # the helper thread runs it
+    scheduler.apply_pending_improvement(0.0)
+    rest_s = scheduler._solver_rest_until
+    assert rest_s > 0.0
+    admit(rest_s / 2)
+    assert not solves and scheduler.stats.snapshot().counters["solver_rested"] > 0
+    admit(rest_s + 1.0)
+    assert len(solves) == 1
