@@ -305,6 +305,7 @@ def main() -> None:
         "--full", action="store_true", help="longer traces, more seeds, every policy's capacity"
     )
     parser.add_argument("--real", action="store_true", help="also serve the AV-Digits model for real")
+    parser.add_argument("--real-only", action="store_true", help="only the real mode (no simulation)")
     parser.add_argument("--device", default="cpu", help="device of the real mode (cpu, cuda)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plots", help="write PNG plots to this folder (needs matplotlib)")
@@ -321,7 +322,7 @@ def main() -> None:
     capacity_policies = POLICIES if args.full else ("agnostic", "mosel")
     oracle_loads = (1.5, 4.0)
     load = 1.5
-    names = args.scenario or ["paper-tvlt", "av-digits"]
+    names = [] if args.real_only else args.scenario or ["paper-tvlt", "av-digits"]
     started = time.perf_counter()
     out: dict[str, object] = {
         "scenarios": {},
@@ -413,7 +414,7 @@ def main() -> None:
                 print("plots skipped: pip install matplotlib")
         out["scenarios"][name] = result  # type: ignore[index]
         report(name, scenario, result, seeds, oracle_s)
-    if args.real:
+    if args.real or args.real_only:
         loads_real = (0.5, 1.0, 1.5) if args.full else (1.0,)
         out["real"] = real_mode(args.device, real_s, args.seed, loads_real, repeats)
     print(f"\nbenchmark finished in {time.perf_counter() - started:.0f} s")
