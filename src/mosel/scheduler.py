@@ -227,8 +227,9 @@ class Scheduler:
         self._keys_text: dict[Configuration, str] = {}
         self._headroom_us = 0.0  # EWMA over arrivals: deadline - arrival - cheapest latency
         self._waiting = 0.0  # EWMA over dispatches: tasks left waiting behind the dispatched one
-        self._rate = 0.0  # jobs per second, decaying over load_window_s
-        self._work = 0.0  # cheapest-strategy microseconds arriving per microsecond, same decay
+        self._work = 0.0  # cheapest-strategy seconds arriving per second, decaying over load_window_s
+        self._busy_arrivals = 0.0  # arrivals that found a batch running, same decay
+        self._busy_s = 0.0  # time spent running batches, same decay
         self._rate_at = 0.0
         self._headroom_low_us = 0.0  # a low quantile of arrivals' headroom
         self._parts: dict[tuple[tuple[Configuration, int], ...], dict[str, int]] = {}
@@ -379,10 +380,10 @@ class Scheduler:
             self._headroom_low_us = (
                 headroom if low == 0.0 else low + (headroom - low) * (0.2 if headroom < low else 0.01)
             )
-        rate, work = self._load_now(now)
-        self._rate = rate + 1.0 / self.config.load_window_s
-        self._work = work + cheapest_us / 1e6 / self.config.load_window_s
-        self._rate_at = now
+        self._decay_to(now)
+        self._work += cheapest_us / 1e6 / self.config.load_window_s
+        if self.in_flight is not None:
+            self._busy_arrivals += 1.0
 
     def _initial_option(self, task: Task, item: Item, now: float, share: float) -> int:
         """The most accurate option meeting the job's own deadline (aggressive: the cheapest)."""
@@ -635,10 +636,14 @@ class Scheduler:
             return self._item(tasks[0]).latency_us[tasks[0].k]
         return self.corrected_latency_us(list(_merged_groups(tasks).items()))
 
-    def _load_now(self, now: float) -> tuple[float, float]:
-        """Recent arrivals: jobs per second, and cheapest-strategy work per unit of time."""
-        decay = math.exp(-max(0.0, now - self._rate_at) / self.config.load_window_s)
-        return self._rate * decay, self._work * decay
+    def _decay_to(self, now: float) -> None:
+        """Age the recent-load sums to ``now`` (exponential decay over ``load_window_s``)."""
+        if now > self._rate_at:
+            decay = math.exp((self._rate_at - now) / self.config.load_window_s)
+            self._work *= decay
+            self._busy_arrivals *= decay
+            self._busy_s *= decay
+            self._rate_at = now
 
     def _hedge(self, tasks: list[Task], now: float) -> None:
         """Shorten the batch about to run so that work arriving meanwhile keeps its chance.
@@ -650,14 +655,17 @@ class Scheduler:
         """
         if self.config.policy not in ("mosel", "greedy"):
             return
-        rate, work = self._load_now(now)
+        self._decay_to(now)
         cap = math.inf
-        if self.config.risk > 0 and self._headroom_low_us > 0 and rate > 0:
+        # Arrivals per second of running: a lone caller waiting for each result never arrives
+        # while its own job runs, so it is never hedged against itself.
+        if self.config.risk > 0 and self._headroom_low_us > 0 and self._busy_arrivals > 0 < self._busy_s:
+            rate = self._busy_arrivals / self._busy_s
             cap = self._headroom_low_us + self.config.risk / rate * 1e6
         if self.config.hedge > 0 and self._waiting >= 1.0:
             cap = min(cap, self.config.hedge * self._headroom_us)
         if self.config.reserve > 0 and self.queue:
-            reserve = min(1.0, self.config.reserve * work)
+            reserve = min(1.0, self.config.reserve * self._work)
             now_us, ahead = now * 1e6, 0
             for other in self.queue:
                 item = self._item(other)
@@ -707,6 +715,8 @@ class Scheduler:
                 self.stats.observe("queue_wait", (now - job.arrival) * 1000.0)
             job.predicted_us += merged_latency
         self.in_flight = batch
+        self._decay_to(now)
+        self._busy_s += merged_latency / 1e6
         self.busy_until = now + merged_latency / 1e6
         return batch
 

@@ -171,3 +171,12 @@ def test_the_solver_rests_between_solves(profile: mosel.Profile) -> None:
     assert not solves and scheduler.stats.snapshot().counters["solver_rested"] > 0
     admit(rest_s + 1.0)
     assert len(solves) == 1
+
+
+def test_a_caller_waiting_for_each_result_is_not_hedged_against_itself(profile: mosel.Profile) -> None:
+    # Each job arrives after the previous one is done: nothing ever arrives during a run.
+    trace = [mosel.Arrival(i * 0.0025, 8, deadline_ms=2.45, min_accuracy=0.6) for i in range(800)]
+    sim = mosel.simulate(profile, trace)
+    assert sim.stats.counters.get("hedged", 0) == 0
+    for record in sim.records:
+        assert record.on_time and record.strategies[0].groups == ((ALL, 8),)
