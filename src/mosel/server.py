@@ -27,7 +27,7 @@ from mosel.clock import Clock, MonotonicClock
 from mosel.execution import Result, RowPlanCache, check_inputs, check_slo, plan_rows, run_recovering
 from mosel.plan import ACCURACY_SCALE, Strategy
 from mosel.profiles import Profile
-from mosel.scheduler import Batch, Job, Scheduler, SchedulerConfig
+from mosel.scheduler import Batch, Failure, Job, Scheduler, SchedulerConfig
 from mosel.spec import ModelSpec
 from mosel.stats import Stats
 
@@ -35,7 +35,6 @@ __all__ = ["Server"]
 
 _log = logging.getLogger("mosel")
 _servers: weakref.WeakSet[Server] = weakref.WeakSet()
-Failure = tuple[Job, BaseException]
 
 
 class Server:
@@ -99,13 +98,18 @@ class Server:
         """Queue a job; the future resolves to a :class:`Result` or the job's error."""
         job = self._job(inputs, deadline_ms, min_accuracy, best_effort)
         with self.cond:
-            failures = self.scheduler.admit(job, self.clock.now())
-            self._start_thread()
-            self.cond.notify_all()
+            failures = self._admit_locked(job)
         self._fail(failures)
         future: concurrent.futures.Future[Result] = job.payload
         future.add_done_callback(functools.partial(self._on_cancel, job=job))
         return future
+
+    def _admit_locked(self, job: Job) -> list[Failure]:
+        """Queue ``job`` and wake the executor (the caller holds ``self.cond``)."""
+        failures = self.scheduler.admit(job, self.clock.now())
+        self._start_thread()
+        self.cond.notify_all()
+        return failures
 
     def infer(
         self,
@@ -121,9 +125,7 @@ class Server:
             batch = self.scheduler.start_alone(job, self.clock.now())
             if batch is None:
                 job.payload = concurrent.futures.Future()
-                failures = self.scheduler.admit(job, self.clock.now())
-                self._start_thread()
-                self.cond.notify_all()
+                failures = self._admit_locked(job)
         if batch is None:
             self._fail(failures)
             future: concurrent.futures.Future[Result] = job.payload
