@@ -27,7 +27,9 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
+import reprlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +54,9 @@ __all__ = [
 ACCURACY_SCALE: Final = 1_000_000
 """Integer accuracy units per request: 1.0 accuracy = 1,000,000 units (parts per million)."""
 
+_INT64_MAX: Final = 2**63 - 1
+"""Largest latency in microseconds a plan may hold (the planner computes in int64)."""
+
 Configuration = frozenset[str]
 IntArray = npt.NDArray[np.int64]
 
@@ -67,13 +72,98 @@ def parse_configuration(text: str, modalities: Sequence[str]) -> Configuration:
     """Inverse of :func:`configuration_key`; ValueError for an empty or unknown configuration."""
     configuration = frozenset(str(text).split("+"))
     if not configuration or not configuration <= set(modalities):
-        raise ValueError(f"unknown configuration {text!r}; modalities are {list(modalities)}")
+        raise ValueError(f"unknown configuration {show(text)}; modalities are {list(modalities)}")
     return configuration
 
 
 def accuracy_units(accuracy: float) -> int:
-    """Accuracy as integer units per request (the planner's and the lookup's resolution)."""
+    """Accuracy as integer units per request (the planner's and the lookup's resolution).
+
+    Raises:
+        ValueError: ``accuracy`` is not a finite number in [0, 1].
+    """
+    if not (math.isfinite(accuracy) and 0.0 <= accuracy <= 1.0):
+        raise ValueError(f"accuracy must be a finite number in [0, 1], got {show(accuracy)}")
     return round(accuracy * ACCURACY_SCALE)
+
+
+# ----------------------------------------------------------------------------------------------
+# strict readers of parsed JSON, shared with mosel.profiles: each raises ValueError naming the field
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = 40
+_REPR.maxother = 40
+
+
+def show(value: object) -> str:
+    """A short, bounded repr of a (possibly hostile) JSON value, for error messages."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        return _REPR.repr(value)
+    except Exception:  # a repr that fails must not hide the error being reported
+        return f"a {type(value).__name__}"
+
+
+def json_field(data: Mapping[str, Any], key: str, where: str) -> Any:
+    """``data[key]``, or ValueError saying that ``where`` lacks the field."""
+    if key not in data:
+        raise ValueError(f'{where} has no "{key}" field')
+    return data[key]
+
+
+def json_dict(value: object, what: str) -> dict[str, Any]:
+    """``value`` if it is a JSON object (a dict with string keys)."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"{what} must be a JSON object, got {show(value)}")
+    return value
+
+
+def json_list(value: object, what: str, *, length: int | None = None) -> list[Any]:
+    """``value`` if it is a JSON array (of ``length`` items, when given)."""
+    if not isinstance(value, list):
+        raise ValueError(f"{what} must be a JSON array, got {show(value)}")
+    if length is not None and len(value) != length:
+        raise ValueError(f"{what} must have {show(length)} items, got {len(value)}")
+    return value
+
+
+def json_str(value: object, what: str) -> str:
+    """``value`` if it is a string."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {show(value)}")
+    return value
+
+
+def json_int(value: object, what: str, *, low: int | None = None, high: int | None = None) -> int:
+    """``value`` if it is an integer (not a bool, not a float) within ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be an integer, got {show(value)}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{'-inf' if low is None else show(low)}, {'inf' if high is None else show(high)}]"
+        raise ValueError(f"{what} must lie in {bounds}, got {show(value)}")
+    return value
+
+
+def json_float(value: object, what: str, *, low: float | None = None, high: float | None = None) -> float:
+    """``value`` as a float if it is a finite number (not a bool) within ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number, got {show(value)}")
+    number = float(value) if isinstance(value, float) or abs(value) < 2**1000 else math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"{what} must be a finite number, got {show(value)}")
+    if (low is not None and number < low) or (high is not None and number > high):
+        bounds = f"[{'-inf' if low is None else show(low)}, {'inf' if high is None else show(high)}]"
+        raise ValueError(f"{what} must lie in {bounds}, got {show(value)}")
+    return number
+
+
+def json_bool(value: object, what: str) -> bool:
+    """``value`` if it is ``true`` or ``false``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be true or false, got {show(value)}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,29 +360,149 @@ class Plan:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Plan:
-        """Inverse of :meth:`to_json`; raises KeyError/TypeError/ValueError on malformed data."""
-        modalities = tuple(str(m) for m in data["modalities"])
+    def from_json(cls, data: Any) -> Plan:
+        """Inverse of :meth:`to_json`.
 
-        def config(text: str) -> Configuration:
-            return parse_configuration(text, modalities)
+        Checks the shape and types of ``data`` strictly (integers where integers belong, each
+        frontier once) but not its numbers: :meth:`verify` checks those against a cost model.
+
+        Raises:
+            ValueError: ``data`` is malformed; the message names the field.
+        """
+        data = json_dict(data, "plan")
+        modalities = tuple(
+            json_str(m, "plan.modalities[]")
+            for m in json_list(json_field(data, "modalities", "plan"), "plan.modalities")
+        )
+        max_batch = json_int(json_field(data, "max_batch_size", "plan"), "plan.max_batch_size", low=1)
+
+        def config(text: object, what: str) -> Configuration:
+            return parse_configuration(json_str(text, what), modalities)
 
         frontiers: dict[tuple[Configuration, int], Frontier] = {}
-        for f in data["frontiers"]:
-            strategies = tuple(
-                Strategy(tuple((config(c), int(k)) for c, k in groups), int(lat), int(acc))
-                for groups, lat, acc in f["strategies"]
-            )
+        for i, item in enumerate(json_list(json_field(data, "frontiers", "plan"), "plan.frontiers")):
+            where = f"plan.frontiers[{i}]"
+            f = json_dict(item, where)
+            available = config(json_field(f, "available", where), f"{where}.available")
+            n = json_int(json_field(f, "n", where), f"{where}.n", low=1, high=max_batch)
+            name = frontier_name(available, n, modalities)
+            strategies = []
+            for j, entry in enumerate(json_list(json_field(f, "strategies", where), f"{name}.strategies")):
+                what = f"{name}.strategies[{j}]"
+                groups, latency, accuracy = json_list(entry, what, length=3)
+                pairs = []
+                for group in json_list(groups, f"{what}.groups"):
+                    c, k = json_list(group, f"{what}.groups[]", length=2)
+                    count = json_int(k, f"{what}.groups[] count", low=1, high=n)
+                    pairs.append((config(c, f"{what}.groups[]"), count))
+                strategies.append(
+                    Strategy(
+                        tuple(pairs),
+                        json_int(latency, f"{what} latency_us", low=0, high=_INT64_MAX),
+                        json_int(accuracy, f"{what} accuracy_units", low=0, high=n * ACCURACY_SCALE),
+                    )
+                )
             if not strategies:
-                raise ValueError("empty frontier")
-            frontier = Frontier(config(f["available"]), int(f["n"]), strategies, bool(f["exact"]))
-            frontiers[(frontier.available, frontier.n)] = frontier
+                raise ValueError(f"{name} has no strategies")
+            if (available, n) in frontiers:
+                raise ValueError(f"{name} appears twice")
+            exact = json_bool(json_field(f, "exact", where), f"{name}.exact")
+            frontiers[(available, n)] = Frontier(available, n, tuple(strategies), exact)
         return cls(
             modalities=modalities,
-            max_batch_size=int(data["max_batch_size"]),
+            max_batch_size=max_batch,
             frontiers=MappingProxyType(frontiers),
-            cost_model_digest=str(data["cost_model_digest"]),
-            build_seconds=float(data["build_seconds"]),
+            cost_model_digest=json_str(
+                json_field(data, "cost_model_digest", "plan"), "plan.cost_model_digest"
+            ),
+            build_seconds=json_float(
+                json_field(data, "build_seconds", "plan"), "plan.build_seconds", low=0.0
+            ),
+        )
+
+    def verify(self, cost: CostModel) -> None:
+        """Check every frontier against ``cost``, in time linear in the plan's size.
+
+        Every (available, n) for each non-empty set of modalities and ``n = 1..max_batch_size``
+        must have one frontier, whose strategies split exactly ``n`` requests between distinct
+        configurations of ``available``, carry the latency and accuracy ``cost`` gives them, grow
+        strictly in both, and end at the best accuracy ``available`` reaches.  This catches a plan
+        edited by hand; it does not prove the frontier complete (only rebuilding does).
+
+        Raises:
+            ValueError: the plan does not fit ``cost``; the message names the frontier.
+        """
+        if self.modalities != cost.modalities or self.max_batch_size != cost.max_batch_size:
+            raise ValueError(
+                f"the plan is for modalities {list(self.modalities)} and sizes 1..{self.max_batch_size}, "
+                f"the tables for {list(cost.modalities)} and 1..{cost.max_batch_size}"
+            )
+        everything = frozenset(cost.modalities)
+        for (available, n), frontier in self.frontiers.items():
+            if (frontier.available, frontier.n) != (available, n) or not available <= everything:
+                raise ValueError(
+                    f"the plan files {frontier_name(frontier.available, frontier.n, cost.modalities)}"
+                    f" under available={sorted(available)}, n={n}"
+                )
+            if not 1 <= n <= self.max_batch_size:
+                raise ValueError(
+                    f"the plan has a {frontier_name(available, n, cost.modalities)} beyond "
+                    f"max_batch_size {self.max_batch_size}"
+                )
+            _verify_frontier(cost, frontier)
+        for available in cost.configurations(everything):
+            for n in range(1, self.max_batch_size + 1):
+                if (available, n) not in self.frontiers:
+                    raise ValueError(f"the plan has no {frontier_name(available, n, cost.modalities)}")
+
+
+def frontier_name(available: Configuration, n: int, modalities: Sequence[str]) -> str:
+    """How error messages name a frontier: ``frontier (available='audio+video', n=4)``."""
+    return f"frontier (available={configuration_key(available, modalities)!r}, n={n})"
+
+
+def _verify_frontier(cost: CostModel, frontier: Frontier) -> None:
+    name = frontier_name(frontier.available, frontier.n, cost.modalities)
+
+    def key(config: Configuration) -> str:
+        return configuration_key(config, cost.modalities)
+
+    if not frontier.strategies:
+        raise ValueError(f"{name} has no strategies")
+    previous: Strategy | None = None
+    for i, strategy in enumerate(frontier.strategies):
+        what = f"{name}, strategy {i}"
+        configs = [c for c, _ in strategy.groups]
+        outside = [key(c) for c in configs if not c <= frontier.available]
+        if outside:
+            raise ValueError(f"{what} uses {outside[0]!r}, a configuration outside the available modalities")
+        if len(set(configs)) != len(configs):
+            raise ValueError(f"{what} lists a configuration twice: {[key(c) for c in configs]}")
+        counts = [k for _, k in strategy.groups]
+        if any(k < 1 for k in counts) or sum(counts) != frontier.n:
+            raise ValueError(f"{what} has counts {counts}; they must be positive and sum to {frontier.n}")
+        latency = cost.latency_us(strategy.groups)
+        if strategy.latency_us != latency:
+            raise ValueError(f"{what} claims latency {strategy.latency_us} us; the tables give {latency} us")
+        accuracy = cost.accuracy_units(strategy.groups)
+        if strategy.accuracy_units != accuracy:
+            raise ValueError(
+                f"{what} claims {strategy.accuracy_units} accuracy units; the tables give {accuracy}"
+            )
+        if previous is not None and not (
+            strategy.latency_us > previous.latency_us and strategy.accuracy_units > previous.accuracy_units
+        ):
+            raise ValueError(
+                f"{what} (latency {strategy.latency_us} us, {strategy.accuracy_units} accuracy units) does "
+                f"not improve on the one before it ({previous.latency_us} us, {previous.accuracy_units}); "
+                f"a frontier grows strictly in both"
+            )
+        previous = strategy
+    best = frontier.n * max(cost.accuracy[c] for c in cost.configurations(frontier.available))
+    if frontier.best.accuracy_units != best:
+        raise ValueError(
+            f"{name} ends at {frontier.best.accuracy_units} accuracy units, but its best configuration "
+            f"reaches {best}"
         )
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from mosel.errors import InputError, MoselWarning, SLOError
 from mosel.execution import execute
-from mosel.plan import Plan, PlannerConfig, build_plan
+from mosel.plan import Plan, PlannerConfig, build_plan, configuration_key
 from mosel.profiles import (
     CostCheck,
     LatencyTable,
@@ -145,6 +145,26 @@ def _split_batch(item: object) -> tuple[Mapping[str, Tensor], Any]:
     return item[0], item[1]
 
 
+def _checked_sum(scores: object, rows: int, metric: Metric, configuration: str) -> float:
+    """Sum of one batch of metric scores, after checking there is one finite score in [0, 1] per row."""
+    name = getattr(metric, "__qualname__", None) or repr(metric)
+    if not isinstance(scores, Tensor) or scores.shape[:1] != (rows,) or scores.numel() != rows:
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise InputError(
+            f"metric {name} must return a tensor of one score per request, shape ({rows},), "
+            f"got {shape} for configuration {configuration!r}"
+        )
+    values = scores.detach().to(torch.float64)
+    bad = ~torch.isfinite(values) | (values < 0) | (values > 1)
+    if bool(bad.any()):
+        value = float(values[bad][0])
+        raise InputError(
+            f"metric {name} scored a request {value} under configuration {configuration!r}; a metric must "
+            f"return per-request scores in [0, 1] (e.g. 1.0 for a correct answer, 0.0 for a wrong one)"
+        )
+    return float(values.sum())
+
+
 def _accuracy(
     model: nn.Module,
     spec: ModelSpec,
@@ -171,11 +191,7 @@ def _accuracy(
         rows = next(iter(batch.values())).shape[0]
         for config in spec.configurations:
             scores = metric(fuse({m: features[m] for m in config}), target)
-            if scores.shape[:1] != (rows,):
-                raise InputError(
-                    f"metric must return one score per request, shape ({rows},), got {tuple(scores.shape)}"
-                )
-            totals[config] += float(scores.to(torch.float64).sum())
+            totals[config] += _checked_sum(scores, rows, metric, configuration_key(config, spec.modalities))
         count += rows
     if sample is None or count == 0:
         raise InputError("validation data is empty; pass at least one (inputs, target) batch")

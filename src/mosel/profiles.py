@@ -7,11 +7,14 @@ the plan built from all of it. It is saved as versioned JSON (never pickle).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import math
+import numbers
 import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,20 @@ import torch
 from torch import nn
 
 from mosel.errors import ProfileError
-from mosel.plan import CostModel, Plan, accuracy_units, configuration_key, parse_configuration
+from mosel.plan import (
+    CostModel,
+    Plan,
+    accuracy_units,
+    configuration_key,
+    json_dict,
+    json_field,
+    json_float,
+    json_int,
+    json_list,
+    json_str,
+    parse_configuration,
+    show,
+)
 
 __all__ = ["CostCheck", "Fingerprint", "LatencyTable", "Profile", "fingerprint_of"]
 
@@ -61,13 +77,23 @@ class LatencyTable:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> LatencyTable:
-        """Inverse of :meth:`to_json`."""
-        median = tuple(float(v) for v in data["median_us"])
-        p95 = tuple(float(v) for v in data["p95_us"])
-        if len(median) != len(p95) or not all(math.isfinite(v) and v >= 0 for v in median + p95):
-            raise ValueError("latency table has mismatched lengths or bad values")
-        return cls(median, p95, tuple(int(b) for b in data["measured_sizes"]))
+    def from_json(cls, data: Any, *, what: str = "latency table", size: int | None = None) -> LatencyTable:
+        """Inverse of :meth:`to_json`: a table of ``size`` batch sizes, when given.
+
+        Raises:
+            ValueError: ``data`` is malformed; the message names ``what``.
+        """
+        data = json_dict(data, what)
+        median_us = json_list(json_field(data, "median_us", what), f"{what}.median_us", length=size)
+        p95_us = json_list(json_field(data, "p95_us", what), f"{what}.p95_us", length=len(median_us))
+        if not median_us:
+            raise ValueError(f"{what} is empty")
+        sizes = json_list(json_field(data, "measured_sizes", what), f"{what}.measured_sizes")
+        return cls(
+            tuple(json_float(v, f"{what}.median_us[]", low=0.0) for v in median_us),
+            tuple(json_float(v, f"{what}.p95_us[]", low=0.0) for v in p95_us),
+            tuple(json_int(b, f"{what}.measured_sizes[]", low=1, high=len(median_us)) for b in sizes),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,14 +115,11 @@ class Fingerprint:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Fingerprint:
-        """Inverse of :meth:`to_json`."""
-        return cls(
-            str(data["device"]),
-            str(data["torch_version"]),
-            str(data["model_class"]),
-            str(data["parameter_checksum"]),
-        )
+    def from_json(cls, data: Any) -> Fingerprint:
+        """Inverse of :meth:`to_json`; ValueError on malformed data."""
+        data = json_dict(data, "fingerprint")
+        fields = ("device", "torch_version", "model_class", "parameter_checksum")
+        return cls(*(json_str(json_field(data, f, "fingerprint"), f"fingerprint.{f}") for f in fields))
 
 
 def _device_name(device: torch.device) -> str:
@@ -173,6 +196,10 @@ class Profile:
     cost_checks: tuple[CostCheck, ...]
     plan: Plan
 
+    def __post_init__(self) -> None:
+        for configuration, value in self.accuracy.items():
+            _check_accuracy(configuration_key(configuration, self.modalities), value)
+
     def cost_model(self) -> CostModel:
         """The integer tables the planner uses."""
         return cost_model_of(self.modalities, self.branch_latency, self.fusion_latency, self.accuracy)
@@ -211,11 +238,26 @@ class Profile:
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the profile as JSON (atomically: a crash never leaves a truncated file)."""
+        """Write the profile as JSON, atomically: readers see the old file or the new one, whole.
+
+        The text goes to a fresh temporary file next to ``path``, reaches the disk, then is
+        renamed over ``path``; concurrent saves to one path each land whole (the last one wins).
+        """
         target = Path(path)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        tmp.replace(target)
+        text = json.dumps(self.to_json(), indent=1)
+        # Not tempfile.mkstemp: its mode 0600 would make every profile private, whatever the umask.
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                file.write(text)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Profile:
@@ -226,12 +268,17 @@ class Profile:
                 version, or inconsistent (e.g. its plan does not match its tables).
         """
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ProfileError(f"cannot read profile {str(path)!r}: {exc}") from exc
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
+            data = json.loads(text, parse_constant=_reject_constant)
+        except RecursionError as exc:
+            raise ProfileError(
+                f"{str(path)!r} nests JSON too deeply to be a mosel profile; re-create it with "
+                f"mosel.profile(...).save(path)"
+            ) from exc
+        except (ValueError, MemoryError) as exc:
             raise ProfileError(
                 f"{str(path)!r} is not valid JSON ({exc}); is it truncated? Re-create it with "
                 f"mosel.profile(...).save(path)"
@@ -240,70 +287,154 @@ class Profile:
 
     @classmethod
     def from_json(cls, data: Any, *, source: str = "<data>") -> Profile:
-        """Build a profile from the dict :meth:`to_json` produced; see :meth:`load`."""
+        """Build a profile from the dict :meth:`to_json` produced; see :meth:`load`.
+
+        Raises:
+            ProfileError: ``data`` is not a valid profile; no other exception escapes.
+        """
+        try:
+            return cls._from_json(data, source)
+        except ProfileError:
+            raise
+        except Exception as exc:  # a hostile document must fail as a ProfileError, whatever breaks
+            raise ProfileError(
+                f"{source} is a malformed mosel profile ({type(exc).__name__}: {exc}); "
+                f"re-create it with mosel.profile(...).save(path)"
+            ) from exc
+
+    @classmethod
+    def _from_json(cls, data: Any, source: str) -> Profile:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ProfileError(
                 f'{source} is not a mosel profile (no "format": {FORMAT!r} field); '
                 f"profiles are written by Profile.save"
             )
-        if data.get("version") != VERSION:
+        version = data.get("version")
+        if isinstance(version, bool) or not isinstance(version, int) or version != VERSION:
             raise ProfileError(
-                f"{source} has profile format version {data.get('version')!r}, this mosel reads "
+                f"{source} has profile format version {show(version)}, this mosel reads "
                 f"version {VERSION}; re-profile the model with this version"
             )
         try:
             profile = cls._parse(data)
-        except (KeyError, TypeError, ValueError, AttributeError, StopIteration) as exc:
-            raise ProfileError(f"{source} is a malformed mosel profile: {type(exc).__name__}: {exc}") from exc
-        if profile.plan.cost_model_digest != profile.cost_model().digest():
+        except ValueError as exc:
+            raise ProfileError(
+                f"{source} is a malformed mosel profile: {exc}; "
+                f"re-create it with mosel.profile(...).save(path)"
+            ) from exc
+        cost = profile.cost_model()
+        if profile.plan.cost_model_digest != cost.digest():
             raise ProfileError(
                 f"{source}: the saved plan does not match the saved latency and accuracy tables "
                 f"(edited by hand?); re-profile the model"
             )
+        try:
+            profile.plan.verify(cost)
+        except ValueError as exc:
+            raise ProfileError(
+                f"{source}: the saved plan does not match the saved tables (edited by hand?): {exc}; "
+                f"re-profile the model with mosel.profile(...) and save it again"
+            ) from exc
         return profile
 
     @classmethod
-    def _parse(cls, data: Mapping[str, Any]) -> Profile:
-        modalities = tuple(str(m) for m in data["modalities"])
-        if not modalities or len(set(modalities)) != len(modalities):
-            raise ValueError(f"bad modality list {modalities!r}")
+    def _parse(cls, data: dict[str, Any]) -> Profile:
+        """The profile in ``data``, its plan not yet checked; ValueError naming the bad field."""
 
-        def config(text: str) -> Configuration:
-            return parse_configuration(text, modalities)
+        def field(key: str) -> Any:
+            return json_field(data, key, "the profile")
 
-        max_batch = int(data["max_batch_size"])
-        branch = {str(m): LatencyTable.from_json(t) for m, t in data["branch_latency"].items()}
-        fusion = {config(k): LatencyTable.from_json(t) for k, t in data["fusion_latency"].items()}
-        accuracy = {config(k): float(a) for k, a in data["accuracy"].items()}
-        expected = {frozenset(c) for c in _subsets(modalities)}
-        if set(branch) != set(modalities) or set(fusion) != expected or set(accuracy) != expected:
-            raise ValueError("tables do not cover every modality and configuration")
-        tables = list(branch.values()) + list(fusion.values())
-        if max_batch < 1 or any(len(t.median_us) != max_batch for t in tables):
-            raise ValueError("latency tables do not cover batch sizes 1..max_batch_size")
-        if not all(0.0 <= a <= 1.0 for a in accuracy.values()):
-            raise ValueError("accuracy outside [0, 1]")
-        checks = tuple(
-            CostCheck(
-                tuple((config(c), int(k)) for c, k in item["groups"]),
-                float(item["predicted_us"]),
-                float(item["measured_us"]),
+        modalities = tuple(json_str(m, "modalities[]") for m in json_list(field("modalities"), "modalities"))
+        if (
+            not modalities
+            or len(set(modalities)) != len(modalities)
+            or any(not m or "+" in m for m in modalities)
+        ):
+            raise ValueError(f"modalities must be distinct names without '+', got {show(list(modalities))}")
+        max_batch = json_int(field("max_batch_size"), "max_batch_size", low=1)
+        count = (1 << len(modalities)) - 1
+
+        def table(text: str, configurations: int) -> dict[Configuration, Any]:
+            # Sizes are checked before anything is enumerated or built from them.
+            raw = json_dict(field(text), text)
+            if len(raw) != configurations:
+                raise ValueError(
+                    f"{text} has {len(raw)} entries, {len(modalities)} modalities need {show(count)}"
+                )
+            out = {parse_configuration(k, modalities): v for k, v in raw.items()}
+            if len(out) != len(raw):
+                raise ValueError(f"{text} lists a configuration twice: {show(sorted(raw))}")
+            return out
+
+        accuracy = {
+            c: json_float(a, f"accuracy[{configuration_key(c, modalities)!r}]", low=0.0, high=1.0)
+            for c, a in table("accuracy", count).items()
+        }
+        branch_raw = json_dict(field("branch_latency"), "branch_latency")
+        if set(branch_raw) != set(modalities):
+            raise ValueError(
+                f"branch_latency must have one table per modality {list(modalities)}, "
+                f"got {show(sorted(branch_raw))}"
             )
-            for item in data["cost_checks"]
-        )
-        plan = Plan.from_json(data["plan"])
+        branch = {
+            m: LatencyTable.from_json(branch_raw[m], what=f"branch_latency[{m!r}]", size=max_batch)
+            for m in modalities
+        }
+        fusion = {
+            c: LatencyTable.from_json(
+                t, what=f"fusion_latency[{configuration_key(c, modalities)!r}]", size=max_batch
+            )
+            for c, t in table("fusion_latency", count).items()
+        }
+        checks = []
+        for i, item in enumerate(json_list(field("cost_checks"), "cost_checks")):
+            where = f"cost_checks[{i}]"
+            check = json_dict(item, where)
+            groups = []
+            for group in json_list(json_field(check, "groups", where), f"{where}.groups"):
+                c, k = json_list(group, f"{where}.groups[]", length=2)
+                groups.append(
+                    (
+                        parse_configuration(json_str(c, f"{where}.groups[]"), modalities),
+                        json_int(k, f"{where}.groups[] count", low=1, high=max_batch),
+                    )
+                )
+            checks.append(
+                CostCheck(
+                    tuple(groups),
+                    json_float(json_field(check, "predicted_us", where), f"{where}.predicted_us", low=0.0),
+                    json_float(json_field(check, "measured_us", where), f"{where}.measured_us", low=0.0),
+                )
+            )
+        plan = Plan.from_json(field("plan"))
         if plan.modalities != modalities or plan.max_batch_size != max_batch:
-            raise ValueError("plan does not match the profile's modalities or sizes")
+            raise ValueError(
+                f"the plan is for modalities {show(list(plan.modalities))} and max_batch_size "
+                f"{show(plan.max_batch_size)}, the profile for {list(modalities)} and {show(max_batch)}"
+            )
         return cls(
             modalities=modalities,
             max_batch_size=max_batch,
             branch_latency=MappingProxyType(branch),
             fusion_latency=MappingProxyType(fusion),
             accuracy=MappingProxyType(accuracy),
-            sample_count=int(data["sample_count"]),
-            fingerprint=Fingerprint.from_json(data["fingerprint"]),
-            cost_checks=checks,
+            sample_count=json_int(field("sample_count"), "sample_count", low=0),
+            fingerprint=Fingerprint.from_json(field("fingerprint")),
+            cost_checks=tuple(checks),
             plan=plan,
+        )
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number a profile may hold")
+
+
+def _check_accuracy(key: str, value: object) -> None:
+    """ProfileError unless ``value`` is a finite number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise ProfileError(
+            f"the accuracy of configuration {key!r} is {show(value)}; accuracies must be finite numbers in "
+            f"[0, 1]: re-profile with a metric that scores each request in [0, 1]"
         )
 
 
@@ -317,7 +448,13 @@ def cost_model_of(
     fusion_latency: Mapping[Configuration, LatencyTable],
     accuracy: Mapping[Configuration, float],
 ) -> CostModel:
-    """The planner's integer tables from measured latency and accuracy."""
+    """The planner's integer tables from measured latency and accuracy.
+
+    Raises:
+        ProfileError: an accuracy is not a finite number in [0, 1].
+    """
+    for configuration, value in accuracy.items():
+        _check_accuracy(configuration_key(configuration, modalities), value)
     return CostModel(
         modalities=modalities,
         branch_us=MappingProxyType({m: branch_latency[m].integer_table() for m in modalities}),
