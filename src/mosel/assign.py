@@ -15,15 +15,20 @@ inside :func:`cpsat_assign`.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 __all__ = [
     "Item",
     "cpsat_assign",
     "exhaustive_assign",
     "greedy_assign",
+    "greedy_repair",
+    "step_down",
     "total_accuracy",
     "upgrade_head",
     "violations",
@@ -61,42 +66,122 @@ def total_accuracy(items: Sequence[Item], ks: Sequence[int]) -> int:
     return sum(item.accuracy[k] for item, k in zip(items, ks))
 
 
+def step_down(latency_us: Sequence[int], accuracy: Sequence[int], k: int) -> tuple[int, int, int]:
+    """The next cheaper option below ``k``: (index, microseconds saved, accuracy units lost).
+
+    Options of equal latency are skipped (lowering to one of them saves nothing); (k, 0, 0) when
+    there is no cheaper option.
+    """
+    current = latency_us[k]
+    for lower in range(k - 1, -1, -1):
+        if latency_us[lower] < current:
+            return lower, current - latency_us[lower], accuracy[k] - accuracy[lower]
+    return k, 0, 0
+
+
+def greedy_repair(
+    latency_us: npt.NDArray[np.int64],
+    deadline_us: npt.NDArray[np.int64],
+    cheapest_us: npt.NDArray[np.int64],
+    start_us: int,
+    step: Callable[[int, bool], tuple[int, int]],
+    limit: int | None = None,
+) -> tuple[dict[int, int], list[int]]:
+    """Lower options until every deadline holds, cheapest accuracy loss per microsecond first.
+
+    The vectorised core of :func:`greedy_assign` (numpy over the queue; one pass per step taken).
+    At the first job predicted late, a job that cannot fit even with every kept job up to it at
+    its cheapest option is *doomed*: it is taken out, no option is lowered for it, and the walk
+    goes on. Otherwise one job at or before it is lowered by one step, the step that saves the
+    most time per accuracy unit lost (the first such job on ties), until it fits.
+
+    Args:
+        latency_us: latency of each job's current option, queue order.
+        deadline_us: each job's deadline, same origin as ``start_us``.
+        cheapest_us: latency of each job's cheapest option.
+        start_us: when the first job starts.
+        step: ``step(i, take)`` returns (microseconds saved, accuracy units lost) of job ``i``'s
+            next step down (see :func:`step_down`); with ``take`` it first lowers job ``i`` by
+            that step (the caller owns the options and records the change).
+        limit: consider only the first ``limit`` jobs.
+
+    Returns:
+        (job index -> steps it was lowered, doomed indices in queue order).
+    """
+    n = len(latency_us) if limit is None else min(limit, len(latency_us))
+    cur = latency_us[:n].astype(np.int64, copy=True)
+    deadlines = deadline_us[:n]
+    finish = start_us + np.cumsum(cur)
+    late = np.flatnonzero(finish > deadlines)
+    if not len(late):
+        return {}, []
+    kept = np.ones(n, dtype=bool)
+    cheapest = cheapest_us[:n].astype(np.int64, copy=True)
+    save = np.zeros(n, dtype=np.float64)
+    loss = np.ones(n, dtype=np.float64)
+    known = np.zeros(n, dtype=bool)
+    lowered: dict[int, int] = {}
+    doomed: list[int] = []
+    first = int(late[0])
+    while True:
+        i = first
+        if start_us + int(cheapest[: i + 1][kept[: i + 1]].sum()) > deadlines[i]:
+            doomed.append(i)
+            kept[i] = False
+            finish[i:] -= cur[i]
+            cur[i] = 0
+        else:
+            fresh = np.flatnonzero(~known[: i + 1])
+            for j in fresh.tolist():
+                save[j], loss[j] = step(j, False)
+                known[j] = True
+            while finish[i] > deadlines[i]:
+                useful = kept[: i + 1] & (save[: i + 1] > 0)
+                score = np.where(useful, save[: i + 1] / (loss[: i + 1] + 1e-9), -1.0)
+                j = int(np.argmax(score))
+                if score[j] < 0:  # unreachable while the cheapest options fit; never loop on it
+                    doomed.append(i)
+                    kept[i] = False
+                    finish[i:] -= cur[i]
+                    cur[i] = 0
+                    break
+                saved = int(save[j])
+                cur[j] -= saved
+                finish[j:] -= saved
+                lowered[j] = lowered.get(j, 0) + 1
+                save[j], loss[j] = step(j, True)
+        late = np.flatnonzero((finish[first:] > deadlines[first:]) & kept[first:])
+        if not len(late):
+            return lowered, doomed
+        first += int(late[0])
+
+
 def greedy_assign(items: Sequence[Item], ks: Sequence[int], start_us: int) -> tuple[list[int], list[int]]:
     """Downgrade jobs until every deadline holds, cheapest accuracy loss per microsecond first.
 
-    Walks the queue in order; at the first job predicted late, repeatedly lowers one option of a
-    job at or before it, picking the step that saves the most time per accuracy unit lost,
-    until that job fits. A job that cannot fit with every job up to it at its cheapest option is
-    *doomed*: it is taken out and the walk goes on without it.
+    Walks the queue in order. At the first job predicted late, a job that cannot fit even with
+    every job up to it (doomed ones excepted) at its cheapest option is *doomed*: it is taken out
+    and the walk goes on without it. Otherwise one option of a job at or before it is lowered,
+    the step that saves the most time per accuracy unit lost, until that job fits.
 
     Returns:
         (assignment, doomed indices). Doomed jobs keep their index in the assignment.
     """
     ks = list(ks)
-    doomed: list[int] = []
-    t = start_us
-    for i, item in enumerate(items):
-        if i in doomed:
-            continue
-        t += item.latency_us[ks[i]]
-        while t > item.deadline_us:
-            best_j, best_score = -1, -1.0
-            for j in range(i + 1):
-                if j in doomed or ks[j] == 0:
-                    continue
-                other = items[j]
-                saved = other.latency_us[ks[j]] - other.latency_us[ks[j] - 1]
-                lost = other.accuracy[ks[j]] - other.accuracy[ks[j] - 1]
-                score = saved / (lost + 1e-9)
-                if saved > 0 and score > best_score:
-                    best_j, best_score = j, score
-            if best_j < 0:
-                doomed.append(i)
-                t -= item.latency_us[ks[i]]
-                break
-            other = items[best_j]
-            t -= other.latency_us[ks[best_j]] - other.latency_us[ks[best_j] - 1]
-            ks[best_j] -= 1
+    if not items:
+        return ks, []
+
+    def step(i: int, take: bool) -> tuple[int, int]:
+        lower, saved, lost = step_down(items[i].latency_us, items[i].accuracy, ks[i])
+        if take:
+            ks[i] = lower
+            _, saved, lost = step_down(items[i].latency_us, items[i].accuracy, ks[i])
+        return saved, lost
+
+    latency = np.array([item.latency_us[k] for item, k in zip(items, ks)], dtype=np.int64)
+    deadline = np.array([item.deadline_us for item in items], dtype=np.int64)
+    cheapest = np.array([item.latency_us[0] for item in items], dtype=np.int64)
+    _, doomed = greedy_repair(latency, deadline, cheapest, start_us, step)
     return ks, doomed
 
 
@@ -140,6 +225,7 @@ def cpsat_assign(
     time_limit_s: float = 0.05,
     deterministic: bool = False,
     seed: int = 0,
+    budget_us: int | None = None,
 ) -> tuple[list[int] | None, bool]:
     """The optimum with CP-SAT within a time budget.
 
@@ -150,6 +236,7 @@ def cpsat_assign(
         time_limit_s: the budget; in deterministic mode it is CP-SAT's deterministic time.
         deterministic: one worker and a deterministic time limit, for simulations and tests.
         seed: CP-SAT random seed.
+        budget_us: a cap on the items' total latency (the slack of the jobs queued behind them).
 
     Returns:
         (assignment or None when none was found, whether it is proven optimal).
@@ -158,6 +245,9 @@ def cpsat_assign(
 
     model = cp_model.CpModel()
     picks = []
+    elapsed: Any = None
+    total = 0
+    # One running-sum variable per job keeps the model linear in the queue length.
     for j, item in enumerate(items):
         pick = [model.new_bool_var(f"pick[{j},{k}]") for k in range(len(item.latency_us))]
         model.add_exactly_one(pick)
@@ -165,11 +255,14 @@ def cpsat_assign(
         if hint is not None:
             for k, var in enumerate(pick):
                 model.add_hint(var, k == hint[j])
-    # Every job's own deadline: the prefix of latencies up to it fits.
-    elapsed: Any = 0
-    for i, item in enumerate(items):
-        elapsed = elapsed + sum(lat * var for lat, var in zip(item.latency_us, picks[i]))
-        model.add(elapsed <= item.deadline_us - start_us)
+        total += item.latency_us[-1]
+        finish = model.new_int_var(0, total, f"finish[{j}]")
+        own = sum(lat * var for lat, var in zip(item.latency_us, pick))
+        model.add(finish == own if elapsed is None else finish == elapsed + own)
+        model.add(finish <= item.deadline_us - start_us)
+        elapsed = finish
+    if budget_us is not None and elapsed is not None:
+        model.add(elapsed <= budget_us)
     model.maximize(
         sum(acc * var for item, pick in zip(items, picks) for acc, var in zip(item.accuracy, pick))
     )

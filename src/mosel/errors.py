@@ -9,11 +9,13 @@ exception that callers would already catch for that kind of problem::
     │   └── ProfileMismatchError         a profile that belongs to another model
     ├── NotProfiledError(RuntimeError)   infer() on a model with no profile attached
     ├── InputError(ValueError, TypeError) inputs that do not fit the model (names, types, shapes)
+    ├── OutputError(ValueError, TypeError) a branch or fusion returned what mosel cannot split into rows
     ├── SLOError(ValueError)             a deadline or accuracy floor that is not a valid number
     ├── InfeasibleError(ValueError)      no strategy satisfies the request's SLO
     │   ├── AccuracyUnreachableError     the floor is above every configuration's accuracy
     │   └── DeadlineError(TimeoutError)  no strategy that meets the floor fits in the deadline
     ├── QueueFullError(RuntimeError)     admission control: the queue is full
+    ├── ExecutionError(RuntimeError)     the model's code stopped a job with a BaseException
     └── ShutdownError(RuntimeError)      the scheduler was closed before the job ran
 
 Warnings (a stale profile, a cost model that predicts poorly) are :class:`MoselWarning`.
@@ -26,11 +28,13 @@ from __future__ import annotations
 __all__ = [
     "AccuracyUnreachableError",
     "DeadlineError",
+    "ExecutionError",
     "InfeasibleError",
     "InputError",
     "MoselError",
     "MoselWarning",
     "NotProfiledError",
+    "OutputError",
     "ProfileError",
     "ProfileMismatchError",
     "QueueFullError",
@@ -62,6 +66,16 @@ class NotProfiledError(MoselError, RuntimeError):
 
 class InputError(MoselError, ValueError, TypeError):
     """The inputs of a request do not fit the model."""
+
+
+class OutputError(MoselError, ValueError, TypeError):
+    """A branch or the fusion returned something mosel cannot serve.
+
+    Branches and fusion return a tensor, or a (nested) dict, tuple or list of tensors, whose
+    batch dimension has exactly one entry per request they were given. Anything else (a scalar,
+    a row too many or too few, chunks that do not concatenate) fails the job that produced it,
+    and only that job.
+    """
 
 
 class SLOError(MoselError, ValueError):
@@ -110,6 +124,16 @@ class MoselWarning(UserWarning):
 
 class QueueFullError(MoselError, RuntimeError):
     """Admission control: the model's queue holds as many requests as it is allowed to."""
+
+
+class ExecutionError(MoselError, RuntimeError):
+    """The model's code raised a ``BaseException`` that is not an ``Exception`` while serving a job.
+
+    ``SystemExit``, ``KeyboardInterrupt`` or ``GeneratorExit`` raised by a branch or the fusion
+    on mosel's executor thread fails the jobs of that batch with this error (the original is its
+    ``__cause__``); the executor goes on serving. Raised on the caller's own thread (a lone
+    ``infer``), the original propagates to the caller unchanged.
+    """
 
 
 class ShutdownError(MoselError, RuntimeError):

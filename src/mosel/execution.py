@@ -7,18 +7,32 @@ otherwise), fusion runs once per configuration group, and outputs keep the input
 from __future__ import annotations
 
 import math
+import numbers
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Final
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mosel.errors import InputError, SLOError
+from mosel import trees
+from mosel.errors import InputError, OutputError, SLOError
 from mosel.plan import Strategy
 from mosel.spec import ModelSpec
+from mosel.trees import Tree
 
-__all__ = ["Result", "check_inputs", "check_slo", "execute", "is_out_of_memory", "run_recovering"]
+__all__ = [
+    "Result",
+    "check_inputs",
+    "check_slo",
+    "checked",
+    "concat",
+    "execute",
+    "is_out_of_memory",
+    "run_recovering",
+]
 
 Configuration = frozenset[str]
 RowPlanCache = dict[tuple[Strategy, torch.device], "RowPlan"]
@@ -29,16 +43,18 @@ class Result:
     """What ``infer`` returns for one job.
 
     Attributes:
-        output: fusion outputs, one row per request, in input order.
+        output: fusion outputs, one row per request, in input order: a tensor, or the same
+            (nested) dict/tuple/list of tensors the fusion returns.
         modalities: per request, the configuration that was computed for it.
         expected_accuracy: request-weighted expected accuracy of the job's strategy (profiled).
         predicted_latency_ms: the cost model's prediction of the execution time.
         measured_latency_ms: measured execution time.
-        completion_ms: time from the call's arrival to the result (waiting included).
+        completion_ms: time from the call's arrival until its result was assembled and handed
+            over (waiting, execution and output assembly included; the caller's own wake-up not).
         strategies: the strategy of each chunk (one chunk unless the job exceeded max_batch_size).
     """
 
-    output: Tensor
+    output: Any
     modalities: tuple[Configuration, ...]
     expected_accuracy: float
     predicted_latency_ms: float
@@ -51,7 +67,7 @@ class Result:
 class RowPlan:
     """Precomputed row selections of one strategy: what each branch reads, what each fusion reads."""
 
-    branch_rows: tuple[tuple[str, slice | Tensor | None], ...]
+    branch_rows: tuple[tuple[str, slice | Tensor | None, int], ...]  # (modality, selection, rows)
     group_rows: tuple[tuple[Configuration, int, tuple[tuple[str, slice], ...]], ...]
     modalities: tuple[Configuration, ...]
 
@@ -63,7 +79,7 @@ def _row_plan(strategy: Strategy, modalities: tuple[str, ...], device: torch.dev
     for _, count in strategy.groups:
         starts.append(offset)
         offset += count
-    branch_rows: list[tuple[str, slice | Tensor | None]] = []
+    branch_rows: list[tuple[str, slice | Tensor | None, int]] = []
     group_slices: list[list[tuple[str, slice]]] = [[] for _ in strategy.groups]
     for m in modalities:
         members = [i for i, (c, _) in enumerate(strategy.groups) if m in c]
@@ -83,7 +99,7 @@ def _row_plan(strategy: Strategy, modalities: tuple[str, ...], device: torch.dev
             selection = slice(rows[0], rows[0] + len(rows))
         else:
             selection = torch.tensor(rows, dtype=torch.long, device=device)
-        branch_rows.append((m, selection))
+        branch_rows.append((m, selection, len(rows)))
     groups = tuple(
         (config, count, tuple(slices)) for (config, count), slices in zip(strategy.groups, group_slices)
     )
@@ -95,9 +111,9 @@ def execute(
     model: nn.Module,
     spec: ModelSpec,
     strategy: Strategy,
-    inputs: Mapping[str, Tensor],
+    inputs: Mapping[str, Tree],
     cache: RowPlanCache | None = None,
-) -> Tensor:
+) -> Tree:
     """Run one strategy over ``inputs`` (already validated, on the model's device, n rows).
 
     Rows are assigned to the strategy's groups in order; each branch runs once over the rows
@@ -109,10 +125,11 @@ def execute(
 def plan_rows(
     strategy: Strategy,
     spec: ModelSpec,
-    inputs: Mapping[str, Tensor],
+    inputs: Mapping[str, Tree],
     cache: RowPlanCache | None,
 ) -> RowPlan:
-    device = next(iter(inputs.values())).device
+    """The row selections of ``strategy`` on the inputs' device (cached per strategy and device)."""
+    device = trees.leaves(next(iter(inputs.values())))[0].device
     key = (strategy, device)
     plan = cache.get(key) if cache is not None else None
     if plan is None:
@@ -122,35 +139,77 @@ def plan_rows(
     return plan
 
 
+def checked(output: Tree, rows: int, what: str) -> Tree:
+    """``output`` if it is a batched tree of exactly ``rows`` rows; :class:`OutputError` otherwise."""
+    if isinstance(output, Tensor) and output.dim() > 0 and output.shape[0] == rows:
+        return output
+    try:
+        got = trees.check(output)
+    except trees.TreeError as exc:
+        raise OutputError(
+            f"{what} returned {type(output).__name__} that mosel cannot split into {rows} row(s): {exc}; "
+            f"return a tensor (or a dict/tuple/list of tensors) with one row per request"
+        ) from None
+    if got != rows:
+        raise OutputError(
+            f"{what} returned {got} row(s) for {rows} request(s); it must return exactly one row per "
+            f"request, in order (a reduction or a slice such as out[1:] drops rows)"
+        )
+    return output
+
+
 def run(
     model: nn.Module,
     spec: ModelSpec,
     plan: RowPlan,
-    inputs: Mapping[str, Tensor],
+    inputs: Mapping[str, Tree],
     parts_us: dict[str, float] | None = None,
-) -> Tensor:
-    """Execute a row plan; with ``parts_us``, add the time of each branch and of fusion to it."""
-    features: dict[str, Tensor] = {}
+) -> Tree:
+    """Execute a row plan; with ``parts_us``, add the time of each branch and of fusion to it.
+
+    Every branch and fusion output is checked to have exactly one row per request it was given
+    (:class:`~mosel.errors.OutputError` otherwise), so a misbehaving model fails its own rows
+    rather than handing rows of one request to another.
+    """
+    features: dict[str, Tree] = {}
     clock = time.perf_counter
-    for m, selection in plan.branch_rows:
+    for m, selection, rows in plan.branch_rows:
         x = inputs[m]
         if selection is not None:
-            x = x[selection] if isinstance(selection, slice) else x.index_select(0, selection)
+            x = trees.take(x, selection)
+        name = spec.branches[m]
         if parts_us is None:
-            features[m] = getattr(model, spec.branches[m])(x)
+            features[m] = checked(getattr(model, name)(x), rows, f"branch {name!r} ({m!r})")
         else:
             t0 = clock()
-            features[m] = getattr(model, spec.branches[m])(x)
+            features[m] = checked(getattr(model, name)(x), rows, f"branch {name!r} ({m!r})")
             parts_us[m] = parts_us.get(m, 0.0) + (clock() - t0) * 1e6
-    fuse: Callable[[Mapping[str, Tensor]], Tensor] = getattr(model, spec.fusion)
+    fuse: Callable[[Mapping[str, Tree]], Tree] = getattr(model, spec.fusion)
+    what = f"fusion {spec.fusion!r}"
     t0 = clock()
     if len(plan.group_rows) == 1:
-        output = fuse(features)
+        output = checked(fuse(features), plan.group_rows[0][1], what)
     else:
-        output = torch.cat([fuse({m: features[m][s] for m, s in slices}) for _, _, slices in plan.group_rows])
+        outputs = [
+            checked(fuse({m: trees.take(features[m], s) for m, s in slices}), count, what)
+            for _, count, slices in plan.group_rows
+        ]
+        output = concat(outputs, what)
     if parts_us is not None:
         parts_us["fusion"] = parts_us.get("fusion", 0.0) + (clock() - t0) * 1e6
     return output
+
+
+def concat(outputs: Sequence[Tree], what: str) -> Tree:
+    """Outputs of several chunks joined along the batch dimension, or :class:`OutputError`."""
+    try:
+        return trees.concat(outputs)
+    except trees.TreeError as exc:
+        raise OutputError(
+            f"{what} returned outputs for different groups of requests that do not concatenate: {exc}; "
+            f"return the same structure, dtype and trailing shape whatever the number of rows "
+            f"(a .squeeze() on a one-row batch changes it)"
+        ) from None
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -164,10 +223,10 @@ def run_recovering(
     model: nn.Module,
     spec: ModelSpec,
     strategy: Strategy,
-    inputs: Mapping[str, Tensor],
+    inputs: Mapping[str, Tree],
     cache: RowPlanCache | None,
     parts_us: dict[str, float] | None = None,
-) -> Tensor:
+) -> Tree:
     """:func:`run` a strategy; on a device out-of-memory error, split the batch and retry.
 
     A strategy of several groups retries group by group; a single group retries in halves,
@@ -178,7 +237,7 @@ def run_recovering(
     except Exception as exc:
         if not is_out_of_memory(exc) or strategy.n == 1:
             raise
-        if inputs and next(iter(inputs.values())).is_cuda:
+        if any(leaf.is_cuda for value in inputs.values() for leaf in trees.leaves(value)):
             torch.cuda.empty_cache()
     if len(strategy.groups) > 1:
         parts = [((group,), group[1]) for group in strategy.groups]
@@ -187,33 +246,60 @@ def run_recovering(
         parts = [(((config, count // 2),), count // 2), (((config, count - count // 2),), count - count // 2)]
     outputs, offset = [], 0
     for groups, count in parts:
-        piece = {m: t[offset : offset + count] for m, t in inputs.items()}
+        piece = {m: trees.take(t, slice(offset, offset + count)) for m, t in inputs.items()}
         outputs.append(run_recovering(model, spec, Strategy(groups, 0, 0), piece, cache, parts_us))
         offset += count
-    return torch.cat(outputs)
+    return concat(outputs, f"fusion {spec.fusion!r}")
 
 
-def check_slo(deadline_ms: float | None, min_accuracy: float | None) -> None:
-    """Raise :class:`SLOError` unless both values are valid (None means "not given")."""
-    if deadline_ms is not None and (
-        isinstance(deadline_ms, bool)
-        or not isinstance(deadline_ms, (int, float))
-        or not math.isfinite(deadline_ms)
-        or deadline_ms <= 0
-    ):
-        raise SLOError(f"deadline_ms must be a positive finite number of milliseconds, got {deadline_ms!r}")
-    if min_accuracy is not None and (
-        isinstance(min_accuracy, bool)
-        or not isinstance(min_accuracy, (int, float))
-        or not 0.0 <= min_accuracy <= 1.0
-    ):
-        raise SLOError(f"min_accuracy must be a number in [0, 1], got {min_accuracy!r}")
+MAX_DEADLINE_MS: Final = 1e15
+"""Deadlines beyond this (about 31,700 years) are served as this: no clock gets there."""
+
+
+def _real(value: object) -> float | None:
+    """``value`` as a float if it is a real number (numpy scalars included, bools excluded)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range
+        huge: Any = value
+        return math.inf if huge > 0 else -math.inf
+
+
+def check_slo(deadline_ms: object, min_accuracy: object) -> tuple[float | None, float | None]:
+    """Validate both SLO values (None means "not given"); returns them as floats.
+
+    Raises:
+        SLOError: a value that is not a real number, a deadline that is not positive and finite
+            (a huge integer is served as :data:`MAX_DEADLINE_MS`), a floor outside [0, 1].
+    """
+    deadline: float | None = None
+    if deadline_ms is not None:
+        deadline = _real(deadline_ms)
+        if deadline is None or math.isnan(deadline) or deadline <= 0 or (
+            deadline == math.inf and isinstance(deadline_ms, (float, np.floating))
+        ):
+            raise SLOError(
+                f"deadline_ms must be a positive finite number of milliseconds, got {deadline_ms!r}"
+            )
+        deadline = min(deadline, MAX_DEADLINE_MS)
+    floor: float | None = None
+    if min_accuracy is not None:
+        floor = _real(min_accuracy)
+        if floor is None or not 0.0 <= floor <= 1.0:
+            raise SLOError(f"min_accuracy must be a number in [0, 1], got {min_accuracy!r}")
+    return deadline, floor
 
 
 def check_inputs(
     inputs: object, spec: ModelSpec, device: torch.device
-) -> tuple[dict[str, Tensor], Configuration, int]:
-    """Validate a job's inputs; returns the tensors on ``device``, the modalities present, the size."""
+) -> tuple[dict[str, Tree], Configuration, int]:
+    """Validate a job's inputs; returns them on ``device``, the modalities present, the size.
+
+    A modality's input is a tensor or a (nested) dict/tuple/list of tensors whose first dimension
+    is the request dimension; None (or leaving the modality out) means "not available".
+    """
     if not isinstance(inputs, Mapping):
         raise InputError(
             f"inputs must map modality names to tensors, e.g. {{{spec.modalities[0]!r}: tensor}}, "
@@ -224,23 +310,31 @@ def check_inputs(
         raise InputError(
             f"unknown modality {unknown[0]!r} in inputs; {spec.model_class} declares {list(spec.modalities)}"
         )
-    tensors: dict[str, Tensor] = {}
-    n = -1
+    tensors: dict[str, Tree] = {}
+    sizes: dict[str, int] = {}
     for m in spec.modalities:
         value = inputs.get(m)
         if value is None:
             continue
-        if not isinstance(value, Tensor):
-            raise InputError(f"inputs[{m!r}] must be a torch.Tensor, got {type(value).__name__}")
-        if value.dim() == 0:
-            raise InputError(f"inputs[{m!r}] is a scalar; its first dimension must be the request dimension")
-        if n >= 0 and value.shape[0] != n:
-            sizes = {k: int(v.shape[0]) for k, v in tensors.items()} | {m: int(value.shape[0])}
-            raise InputError(f"inputs disagree on the number of requests (first dimension): {sizes}")
-        n = int(value.shape[0])
-        tensors[m] = value if value.device == device else value.to(device, non_blocking=True)
+        if isinstance(value, Tensor) and value.dim() > 0:
+            rows = int(value.shape[0])
+        else:
+            try:
+                rows = trees.check(value)
+            except trees.TreeError as exc:
+                kind = "a scalar" if isinstance(value, Tensor) else f"a {type(value).__name__}"
+                raise InputError(
+                    f"inputs[{m!r}] is {kind} mosel cannot split into requests: {exc}; it must be a "
+                    f"torch.Tensor (or a dict/tuple/list of tensors) whose first dimension is the "
+                    f"request dimension"
+                ) from None
+        sizes[m] = rows
+        tensors[m] = trees.to_device(value, device)
     if not tensors:
         raise InputError(f"inputs hold none of the modalities {list(spec.modalities)}")
+    if len(set(sizes.values())) > 1:
+        raise InputError(f"inputs disagree on the number of requests (first dimension): {sizes}")
+    n = next(iter(sizes.values()))
     if n == 0:
         raise InputError("inputs hold zero requests; the first dimension must be at least 1")
     return tensors, frozenset(tensors), n

@@ -1,14 +1,18 @@
 """A model's serving state: ``attach``, and the ``infer``/``submit``/``ainfer`` methods it gains.
 
 The state lives on the instance as ``_mosel_state`` (never a Module, Parameter or buffer, so
-``state_dict`` and ``.to()`` are unaffected). Its :class:`~mosel.server.Server` starts lazily.
+``state_dict`` and ``.to()`` are unaffected). Its :class:`~mosel.server.Server` starts lazily, once,
+however many threads use the model first; a process forked from a serving one starts its own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+import threading
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any, Final, TypeVar
@@ -22,13 +26,27 @@ from mosel.profiles import Profile, fingerprint_of
 from mosel.scheduler import SchedulerConfig
 from mosel.server import Server
 from mosel.spec import PROVIDED_ATTR, ModelSpec, spec_of
-from mosel.stats import StatsSnapshot
+from mosel.stats import Stats, StatsSnapshot
 from mosel.stats import prometheus_collector as _collector
 
 __all__ = ["attach", "close", "profile_of", "serving", "stats"]
 
 STATE_ATTR: Final = "_mosel_state"
 M = TypeVar("M", bound=nn.Module)
+_lock = threading.Lock()  # guards starting and closing servers (rare: first use, close, attach)
+_states: weakref.WeakSet[_ModelState] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child no other thread exists: locks they held are re-made, servers re-started."""
+    global _lock  # noqa: PLW0603  (the one module-level lock, re-made once per fork)
+    _lock = threading.Lock()
+    for state in list(_states):
+        state.stats = state.stats.forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _ModelState:
@@ -48,6 +66,8 @@ class _ModelState:
         self.row_plans: RowPlanCache = {}
         self.probe: Tensor | None = None
         self.server: Server | None = None
+        self.stats = Stats()  # outlives servers: counters survive close() and a restart
+        _states.add(self)
 
     def device(self, model: nn.Module) -> torch.device:
         """The model's device, read from one of its tensors (``.to()`` updates it in place)."""
@@ -56,13 +76,30 @@ class _ModelState:
         return self.probe.device
 
     def serve(self, model: nn.Module) -> Server:
-        """The model's server, started on first use."""
+        """The model's server, started on first use (exactly one, whichever threads race to it)."""
         server = self.server
-        if server is None or server.closed:
-            server = self.server = Server(
-                model, self.spec, self.profile, lambda: self.device(model), self.row_plans, self.config
-            )
-        return server
+        if server is not None and not server.closed and server.pid == os.getpid():
+            return server
+        with _lock:
+            server = self.server
+            # A server of the parent process (after fork) has no threads here: leave it, untouched.
+            if server is None or server.closed or server.pid != os.getpid():
+                server = self.server = Server(
+                    model,
+                    self.spec,
+                    self.profile,
+                    lambda: self.device(model),
+                    self.row_plans,
+                    self.config,
+                    stats=self.stats,
+                )
+            return server
+
+    def take_server(self) -> Server | None:
+        """Detach the current server (to close it); the next use starts a new one."""
+        with _lock:
+            server, self.server = self.server, None
+        return server if server is not None and server.pid == os.getpid() else None
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled with the model (e.g. to another process): the profile travels as its JSON form.
@@ -128,9 +165,11 @@ def attach(
             raise ProfileMismatchError(message)
         warnings.warn(message, MoselWarning, stacklevel=2)
     old = model.__dict__.get(STATE_ATTR)
-    if isinstance(old, _ModelState) and old.server is not None:
-        old.server.close()
     model.__dict__[STATE_ATTR] = _ModelState(profile, spec, type(model), scheduler)
+    if isinstance(old, _ModelState):
+        server = old.take_server()
+        if server is not None:
+            server.close()
 
 
 def close(model: nn.Module, *, cancel: bool = False, timeout: float | None = None) -> None:
@@ -140,9 +179,10 @@ def close(model: nn.Module, *, cancel: bool = False, timeout: float | None = Non
     model again starts a new scheduler.
     """
     state = model.__dict__.get(STATE_ATTR)
-    if isinstance(state, _ModelState) and state.server is not None:
-        state.server.close(cancel=cancel, timeout=timeout)
-        state.server = None
+    if isinstance(state, _ModelState):
+        server = state.take_server()
+        if server is not None:
+            server.close(cancel=cancel, timeout=timeout)
 
 
 @contextlib.contextmanager
@@ -155,8 +195,12 @@ def serving(model: M, *, cancel: bool = False) -> Iterator[M]:
 
 
 def stats(model: nn.Module) -> StatsSnapshot:
-    """A snapshot of the model's serving statistics (counters, histograms, latency correction)."""
-    return _state(model).serve(model).stats.snapshot()
+    """A snapshot of the model's serving statistics (counters, histograms, latency correction).
+
+    The statistics belong to the model, not to one scheduler: they survive ``close`` and count on
+    when serving resumes; ``attach`` starts them afresh. Reading them starts nothing.
+    """
+    return _state(model).stats.snapshot()
 
 
 def prometheus_collector(model: nn.Module, name: str | None = None) -> Any:
@@ -164,7 +208,7 @@ def prometheus_collector(model: nn.Module, name: str | None = None) -> Any:
 
     Register it with ``prometheus_client.REGISTRY.register(mosel.runtime.prometheus_collector(model))``.
     """
-    return _collector(_state(model).serve(model).stats, name or type(model).__qualname__)
+    return _collector(_state(model).stats, name or type(model).__qualname__)
 
 
 def model_infer(

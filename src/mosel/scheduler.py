@@ -18,8 +18,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from mosel.assign import Item, cpsat_assign, greedy_assign, total_accuracy, upgrade_head, violations
-from mosel.errors import AccuracyUnreachableError, DeadlineError, QueueFullError, ShutdownError
+import numpy as np
+import numpy.typing as npt
+
+from mosel.assign import Item, cpsat_assign, greedy_repair, step_down
+from mosel.errors import AccuracyUnreachableError, DeadlineError, InputError, QueueFullError, ShutdownError
 from mosel.plan import ACCURACY_SCALE, CostModel, Frontier, Strategy, configuration_key, execution_order
 from mosel.profiles import Profile
 from mosel.stats import Stats
@@ -31,7 +34,7 @@ Policy = Literal["mosel", "greedy", "aggressive", "agnostic", "batcher"]
 _ALL_MODALITIES: Final = ("agnostic", "batcher")
 NO_DEADLINE_US: Final = 2**62
 CORRECTION_CLAMP: Final = 4.0
-"""A single measurement moves the latency correction by at most this factor (times alpha)."""
+"""A single measurement counts as at most this factor above or below the current correction."""
 _log = logging.getLogger("mosel")
 
 
@@ -66,6 +69,9 @@ class SchedulerConfig:
             that recent arrivals need at their cheapest strategies (their share of the device
             times the time left), for jobs that will arrive and run ahead of it; 0 disables it.
         load_window_s: time constant of the recent arrival rate and work (exponential decay).
+        solver_window: CP-SAT re-assigns at most this many queued tasks at the head of the
+            queue (the jobs behind them keep their slack), so that a solve's model building stays
+            bounded however long the queue.
 
     ``hedge``, ``risk`` and ``reserve`` apply to the mosel and greedy policies: they trade a
     little accuracy for deadlines that late binding alone, which sees only the queue, would miss.
@@ -83,14 +89,15 @@ class SchedulerConfig:
     risk: float = 0.05
     reserve: float = 1.0
     load_window_s: float = 0.5
+    solver_window: int = 64
 
     def __post_init__(self) -> None:
         if self.policy not in ("mosel", "greedy", "aggressive", "agnostic", "batcher"):
             raise ValueError(
                 f"policy must be mosel, greedy, aggressive, agnostic or batcher, got {self.policy!r}"
             )
-        if self.max_queued_requests < 1 or self.max_merge < 1:
-            raise ValueError("max_queued_requests and max_merge must be at least 1")
+        if self.max_queued_requests < 1 or self.max_merge < 1 or self.solver_window < 1:
+            raise ValueError("max_queued_requests, max_merge and solver_window must be at least 1")
         if not 0.0 < self.correction_alpha <= 1.0:
             raise ValueError(f"correction_alpha must be in (0, 1], got {self.correction_alpha}")
         for name in ("hedge", "risk", "reserve"):
@@ -157,9 +164,16 @@ _ids = itertools.count()
 
 
 class Task:
-    """A chunk of a job (at most ``max_batch_size`` rows) and its admissible strategies."""
+    """A chunk of a job (at most ``max_batch_size`` rows) and its admissible strategies.
 
-    __slots__ = ("first", "fixed", "frontier", "index", "item", "job", "k", "key", "n", "offset", "version")
+    ``lat`` and ``acc`` are the corrected latency and the accuracy units of each admissible
+    option (the frontier from ``first`` on, or the one ``fixed`` strategy), ``k`` the chosen one.
+    """
+
+    __slots__ = (
+        "acc", "first", "fixed", "frontier", "index", "job", "k", "key", "lat", "n", "offset", "queued",
+        "version",
+    )  # fmt: skip
 
     def __init__(self, job: Job, index: int, offset: int, n: int, frontier: Frontier, first: int) -> None:
         self.job = job
@@ -171,13 +185,44 @@ class Task:
         self.k = 0  # chosen option, relative to ``first``
         self.fixed: Strategy | None = None  # set for jobs that must compute every modality
         self.key = (job.deadline, job.id * 1024 + index)  # EDF: deadline, then arrival order
-        self.item: Item = Item((), (), 0)
+        self.lat: tuple[int, ...] = ()
+        self.acc: tuple[int, ...] = ()
         self.version = -1
+        self.queued = False
 
     @property
     def strategy(self) -> Strategy:
         """The currently chosen strategy."""
         return self.fixed if self.fixed is not None else self.frontier.strategies[self.first + self.k]
+
+    @property
+    def item(self) -> Item:
+        """The task as the assignment solvers see it."""
+        return Item(self.lat, self.acc, deadline_us(self.job))
+
+
+def deadline_us(job: Job) -> int:
+    """The job's absolute deadline in integer microseconds (:data:`NO_DEADLINE_US` for none)."""
+    if math.isinf(job.deadline):
+        return NO_DEADLINE_US
+    return min(int(job.deadline * 1e6), NO_DEADLINE_US)
+
+
+def floor_units(min_accuracy: float | None, n: int) -> int:
+    """The least accuracy units ``n`` requests must reach to meet ``min_accuracy``.
+
+    The smallest ``u`` whose expected accuracy ``u / (n * ACCURACY_SCALE)``, as reported, is at
+    least the floor: 0.7000004 is not met by 0.7, and 0.9 is met by 0.9.
+    """
+    if not min_accuracy:
+        return 0
+    scale = ACCURACY_SCALE * n
+    units = math.ceil(min_accuracy * scale)
+    while units / scale < min_accuracy:
+        units += 1
+    while units > 0 and (units - 1) / scale >= min_accuracy:
+        units -= 1
+    return units
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,10 +237,16 @@ class Batch:
 
 
 Failure = tuple[Job, BaseException]
+IntArray = npt.NDArray[np.int64]
 
 
 class Scheduler:
-    """EDF queue, late binding, violation prediction and strategy re-assignment for one model."""
+    """EDF queue, late binding, violation prediction and strategy re-assignment for one model.
+
+    The queue is a list of tasks in EDF order with parallel numpy arrays (each task's current
+    latency, deadline and cheapest latency), so that predicting every queued job's finish is one
+    cumulative sum, whatever the queue length.
+    """
 
     def __init__(
         self,
@@ -210,6 +261,10 @@ class Scheduler:
         self.cost: CostModel = profile.cost_model()
         self.queue: list[Task] = []
         self._keys: list[tuple[float, int]] = []
+        self._lat: IntArray = np.zeros(0, dtype=np.int64)  # current option's latency, queue order
+        self._dl: IntArray = np.zeros(0, dtype=np.int64)  # deadline
+        self._low: IntArray = np.zeros(0, dtype=np.int64)  # cheapest admissible option's latency
+        self._lenient: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)  # best effort: never failed
         self.in_flight: Batch | None = None
         self.busy_until = -math.inf
         self.queued_requests = 0
@@ -259,20 +314,23 @@ class Scheduler:
             self._latency_cache[key] = cached
         return cached
 
+    def _refresh(self, task: Task) -> None:
+        """Bring the task's option latencies up to date with the correction."""
+        if task.version == self._version:
+            return
+        if task.fixed is not None:
+            key = (task.fixed.groups[0][0], -task.n)
+            if key not in self._latency_cache:
+                self._latency_cache[key] = (self.corrected_latency_us(task.fixed.groups),)
+            task.lat = self._latency_cache[key]
+            task.acc = (task.fixed.accuracy_units,)
+        else:
+            task.lat = self._latencies(task.frontier)[task.first :]
+            task.acc = tuple(s.accuracy_units for s in task.frontier.strategies[task.first :])
+        task.version = self._version
+
     def _item(self, task: Task) -> Item:
-        if task.version != self._version:
-            if task.fixed is not None:
-                key = (task.fixed.groups[0][0], -task.n)
-                if key not in self._latency_cache:
-                    self._latency_cache[key] = (self.corrected_latency_us(task.fixed.groups),)
-                lat: tuple[int, ...] = self._latency_cache[key]
-                acc: tuple[int, ...] = (task.fixed.accuracy_units,)
-            else:
-                lat = self._latencies(task.frontier)[task.first :]
-                acc = tuple(s.accuracy_units for s in task.frontier.strategies[task.first :])
-            deadline = NO_DEADLINE_US if math.isinf(task.job.deadline) else int(task.job.deadline * 1e6)
-            task.item = Item(lat, acc, deadline)
-            task.version = self._version
+        self._refresh(task)
         return task.item
 
     def _key(self, config: Configuration) -> str:
@@ -284,6 +342,53 @@ class Scheduler:
     def _start(self, now: float) -> float:
         return max(now, self.busy_until)
 
+    def _finishes(self, now: float) -> IntArray:
+        """Predicted finish of every queued task (absolute microseconds), queue order."""
+        finish: IntArray = int(self._start(now) * 1e6) + np.cumsum(self._lat)
+        return finish
+
+    # ------------------------------------------------------------------ the queue
+
+    def _position(self, task: Task) -> int:
+        i = bisect.bisect_left(self._keys, task.key)
+        assert self.queue[i] is task
+        return i
+
+    def _insert(self, task: Task) -> None:
+        self._refresh(task)
+        i = bisect.bisect(self._keys, task.key)
+        self._keys.insert(i, task.key)
+        self.queue.insert(i, task)
+        self._lat = np.insert(self._lat, i, task.lat[task.k])
+        self._dl = np.insert(self._dl, i, deadline_us(task.job))
+        self._low = np.insert(self._low, i, task.lat[0])
+        self._lenient = np.insert(self._lenient, i, task.job.best_effort)
+        task.queued = True
+        self.queued_requests += task.n
+
+    def _remove(self, task: Task) -> None:
+        i = self._position(task)
+        del self.queue[i]
+        del self._keys[i]
+        self._lat = np.delete(self._lat, i)
+        self._dl = np.delete(self._dl, i)
+        self._low = np.delete(self._low, i)
+        self._lenient = np.delete(self._lenient, i)
+        task.queued = False
+        self.queued_requests -= task.n
+
+    def _set_k(self, task: Task, k: int, position: int | None = None) -> None:
+        task.k = k
+        if task.queued:
+            self._lat[self._position(task) if position is None else position] = task.lat[k]
+
+    def _refresh_queue(self) -> None:
+        """Re-read every queued task's latencies after the correction changed."""
+        for i, task in enumerate(self.queue):
+            self._refresh(task)
+            self._lat[i] = task.lat[task.k]
+            self._low[i] = task.lat[0]
+
     # ------------------------------------------------------------------ admission
 
     def admit(self, job: Job, now: float) -> list[Failure]:
@@ -292,7 +397,9 @@ class Scheduler:
         Raises:
             ShutdownError: the scheduler is closed.
             QueueFullError: admission control.
-            AccuracyUnreachableError: the floor is above what the available modalities reach.
+            InputError: the job alone has more requests than the queue may ever hold.
+            AccuracyUnreachableError: the floor is above what the available modalities reach
+                (or, under the all-modality policies, above what every modality gives).
             DeadlineError: the job cannot make its deadline even alone at its cheapest strategy
                 (unless ``best_effort``).
 
@@ -301,10 +408,7 @@ class Scheduler:
         """
         self._prepare(job, now)
         for task in job.tasks:
-            i = bisect.bisect(self._keys, task.key)
-            self._keys.insert(i, task.key)
-            self.queue.insert(i, task)
-        self.queued_requests += job.n
+            self._insert(task)
         return self._replan(now)
 
     def start_alone(self, job: Job, now: float) -> Batch | None:
@@ -320,53 +424,92 @@ class Scheduler:
         self._hedge(job.tasks, now)
         return self._launch(job.tasks, now)
 
-    def _prepare(self, job: Job, now: float) -> None:
+    def prepare_inline(self, job: Job, now: float) -> None:
+        """Admit a job that runs at once outside the queue (a call from inside a running batch).
+
+        The same checks and choice as for a lone job on an idle device; the queue, the running
+        batch and the hedges' estimates are left alone.
+        """
+        self._prepare(job, now, observe=False)
+        for task in job.tasks:
+            self._refresh(task)
+            if task.lat[task.k] > (job.deadline - now) * 1e6:
+                task.k = 0
+
+    def fail(self, job: Job, error: BaseException) -> Failure | None:
+        """Fail a job now (a driver's last resort); None if it had already failed."""
+        if job.error is not None:
+            return None
+        return self._fail_job(job, error, "error")
+
+    def solver_gone(self) -> None:
+        """The driver can no longer run asynchronous solves (it is closing)."""
+        self._solving = False
+
+    def _prepare(self, job: Job, now: float, observe: bool = True) -> None:
         """Admission checks; creates the job's tasks with their initial strategies."""
         if self.closed:
             raise ShutdownError("the model's scheduler is closed; no new jobs are accepted")
         self.stats.count("submitted")
-        if self.queued_requests + job.n > self.config.max_queued_requests:
+        limit = self.config.max_queued_requests
+        if job.n > limit:
+            self.stats.count("rejected_too_large")
+            raise InputError(
+                f"a job of {job.n} requests can never be queued: max_queued_requests={limit}; split the "
+                f"job into calls of at most {limit} requests, or raise SchedulerConfig.max_queued_requests"
+            )
+        if self.queued_requests + job.n > limit:
             self.stats.count("rejected_queue_full")
             raise QueueFullError(
                 f"queue holds {self.queued_requests} request(s); admitting {job.n} more would exceed "
-                f"max_queued_requests={self.config.max_queued_requests}; retry later or raise the limit"
+                f"max_queued_requests={limit}; retry later or raise the limit"
             )
         plan = self.profile.plan
         sizes = [job.n] if job.n <= plan.max_batch_size else _chunks(job.n, plan.max_batch_size)
-        floor = 0 if job.min_accuracy is None else round(job.min_accuracy * ACCURACY_SCALE)
+        no_slo = job.deadline_ms is None and job.min_accuracy is None
+        every = self.config.policy in _ALL_MODALITIES or no_slo
         offset = 0
         tasks = []
         for index, size in enumerate(sizes):
             frontier = plan.frontier(job.available, size)
-            first = frontier.index_meeting(floor * size)
-            if first == len(frontier.strategies):
+            floor = floor_units(job.min_accuracy, size)
+            first = frontier.index_meeting(floor)
+            task = Task(job, index, offset, size, frontier, min(first, len(frontier.strategies) - 1))
+            if every:
+                task.fixed = self._full(job.available, size)
+            reachable = task.fixed.accuracy_units if task.fixed is not None else frontier.best.accuracy_units
+            if reachable < floor:
                 self.stats.count("rejected_accuracy")
+                how = (
+                    f"with every modality of {sorted(job.available)} (policy {self.config.policy!r} "
+                    f"computes them all)"
+                    if task.fixed is not None
+                    else f"with modalities {sorted(job.available)}"
+                )
                 raise AccuracyUnreachableError(
                     f"min_accuracy={job.min_accuracy} is above the best expected accuracy "
-                    f"{frontier.best.expected_accuracy:.4f} reachable with modalities "
-                    f"{sorted(job.available)}; lower the floor or send more modalities",
+                    f"{reachable / (size * ACCURACY_SCALE):.6f} reachable {how}; lower the floor or "
+                    f"send more modalities",
                     min_accuracy=float(job.min_accuracy or 0.0),
-                    best_accuracy=frontier.best.expected_accuracy,
+                    best_accuracy=reachable / (size * ACCURACY_SCALE),
                 )
-            tasks.append(Task(job, index, offset, size, frontier, first))
+            tasks.append(task)
             offset += size
         job.tasks = tasks
         share = 1.0 / len(sizes)
-        every = self.config.policy in _ALL_MODALITIES or (
-            job.deadline_ms is None and job.min_accuracy is None
-        )
         for task in tasks:
             if self.config.policy == "batcher":
                 task.key = (job.arrival, task.key[1])  # FIFO
-            if every:
-                task.fixed = self._full(job.available, task.n)
-            task.k = self._initial_option(task, self._item(task), now, share)
-        cheapest_us = sum(self._item(t).latency_us[0] for t in tasks)
-        self._observe_arrival(job, now, cheapest_us)
+            self._refresh(task)
+            task.k = self._initial_option(task, now, share)
+        cheapest_us = sum(t.lat[0] for t in tasks)
         late = now * 1e6 + cheapest_us > job.deadline * 1e6
         if late and not job.best_effort and self.config.policy != "batcher":
             self.stats.count("rejected_deadline")
             raise self._deadline_error(job, now, cheapest_us)
+        # Only accepted jobs inform the hedges: refused ones never load the device.
+        if observe:
+            self._observe_arrival(job, now, cheapest_us)
         job.pending = len(tasks)
 
     def _observe_arrival(self, job: Job, now: float, cheapest_us: int) -> None:
@@ -385,15 +528,15 @@ class Scheduler:
         if self.in_flight is not None:
             self._busy_arrivals += 1.0
 
-    def _initial_option(self, task: Task, item: Item, now: float, share: float) -> int:
+    def _initial_option(self, task: Task, now: float, share: float) -> int:
         """The most accurate option meeting the job's own deadline (aggressive: the cheapest)."""
         job = task.job
-        top = len(item.latency_us) - 1
+        top = len(task.lat) - 1
         if self.config.policy == "aggressive":
             return 0
         if math.isinf(job.deadline):
             return top
-        k = bisect.bisect_right(item.latency_us, (job.deadline - now) * 1e6 * share) - 1
+        k = bisect.bisect_right(task.lat, (job.deadline - now) * 1e6 * share) - 1
         return max(k, 0)
 
     def _full(self, available: Configuration, n: int) -> Strategy:
@@ -425,7 +568,7 @@ class Scheduler:
 
     def cancel(self, job: Job) -> bool:
         """Take a cancelled job's queued tasks out of the queue; True if any were queued."""
-        queued = [t for t in job.tasks if t in self.queue]
+        queued = [t for t in job.tasks if t.queued]
         for task in queued:
             self._remove(task)
         if job.error is None:
@@ -433,15 +576,9 @@ class Scheduler:
             self.stats.count("cancelled")
         return bool(queued)
 
-    def _remove(self, task: Task) -> None:
-        i = self.queue.index(task)
-        del self.queue[i]
-        del self._keys[i]
-        self.queued_requests -= task.n
-
     def _fail_job(self, job: Job, error: BaseException, reason: str) -> Failure:
         for task in job.tasks:
-            if task in self.queue:
+            if task.queued:
                 self._remove(task)
         if job.error is None:
             job.error = error
@@ -455,47 +592,68 @@ class Scheduler:
         policy = self.config.policy
         if not self.queue or policy in _ALL_MODALITIES:
             return []
-        items = [self._item(t) for t in self.queue]
-        ks = [t.k for t in self.queue]
         start_us = int(self._start(now) * 1e6)
-        late = violations(items, ks, start_us)
-        if not late:
+        finish = start_us + np.cumsum(self._lat)
+        late = np.flatnonzero(finish > self._dl)
+        if not len(late):
             return []
         self.stats.count("violations_predicted")
-        end = late[-1] + 1
-        prefix = self.queue[:end]
+        end = int(late[-1]) + 1
         if policy == "aggressive":
-            ks = [0] * end
-            new_ks, doomed = greedy_assign(items[:end], ks, start_us)
-        else:
-            new_ks, doomed = greedy_assign(items[:end], ks[:end], start_us)
+            for i, task in enumerate(self.queue[:end]):
+                if task.k:
+                    self._set_k(task, 0, i)
+        queue = self.queue
+
+        def step(i: int, take: bool) -> tuple[int, int]:
+            task = queue[i]
+            lower, saved, lost = step_down(task.lat, task.acc, task.k)
+            if take:
+                self._set_k(task, lower, i)
+                _, saved, lost = step_down(task.lat, task.acc, lower)
+            return saved, lost
+
+        _, doomed = greedy_repair(self._lat, self._dl, self._low, start_us, step, limit=end)
         self.stats.count("greedy_assignments")
-        for task, k in zip(prefix, new_ks):
-            task.k = k
         failures = []
-        for i in doomed:
-            task = prefix[i]
+        doomed_tasks = [(queue[i], int(finish[i])) for i in doomed]
+        for task, predicted in doomed_tasks:
             job = task.job
             if job.best_effort:
-                task.k = 0
+                self._set_k(task, 0)
                 continue
             if job.error is None:
                 failures.append(
-                    self._fail_job(
-                        job, self._deadline_error(job, now, self._predicted_finish_us(task, now)), "doomed"
-                    )
+                    self._fail_job(job, self._deadline_error(job, now, predicted - int(now * 1e6)), "doomed")
                 )
         if policy == "mosel":
             self._request_improvement(now)
         return failures
 
-    def _predicted_finish_us(self, task: Task, now: float) -> int:
-        t = self._start(now) * 1e6
-        for other in self.queue:
-            t += self._item(other).latency_us[other.k]
-            if other is task:
-                break
-        return int(t - now * 1e6)
+    def expire(self, now: float) -> list[Failure]:
+        """Fail queued jobs that can no longer make their deadline while a batch overruns.
+
+        The driver calls this from a timer while a batch runs (see :meth:`next_expiry`): a batch
+        that runs past its prediction makes the device's free time unknown, and jobs waiting
+        behind it must hear at (or before) their deadline that they will miss it.
+        """
+        if self.in_flight is None or not self.queue:
+            return []
+        self.busy_until = max(self.busy_until, now)  # at least: the batch is still running
+        return self._replan(now)
+
+    def next_expiry(self) -> float | None:
+        """When :meth:`expire` should next run (None: nothing runs, or nothing can expire).
+
+        That is the first moment a queued job would be doomed if the running batch went on.
+        """
+        if self.in_flight is None or not self.queue:
+            return None
+        latest = self._dl - np.cumsum(self._low)
+        latest = latest[~self._lenient & (self._dl < NO_DEADLINE_US)]
+        if not len(latest):
+            return None
+        return max(float(latest.min()) / 1e6, self.busy_until)
 
     def _request_improvement(self, now: float) -> None:
         if self._solve_async is None and not self.config.deterministic:
@@ -506,15 +664,19 @@ class Scheduler:
         if now < self._solver_rest_until:
             self.stats.count("solver_rested")
             return
-        snapshot = list(self.queue)
-        items = [self._item(t) for t in snapshot]
-        hint = [t.k for t in snapshot]
-        start_us = int(self._start(now) * 1e6)
-        version = self._version
-        end = max((i for i, it in enumerate(items) if it.deadline_us < NO_DEADLINE_US), default=-1) + 1
-        if end == 0:
+        finite = np.flatnonzero(self._dl < NO_DEADLINE_US)
+        if not len(finite):
             return
-        snapshot, items, hint = snapshot[:end], items[:end], hint[:end]
+        end = min(int(finite[-1]) + 1, self.config.solver_window)
+        start_us = int(self._start(now) * 1e6)
+        finish = start_us + np.cumsum(self._lat)
+        budget = None
+        if end < len(self.queue):  # jobs behind the window keep their slack
+            budget = int(finish[end - 1] - start_us + max(0, int((self._dl[end:] - finish[end:]).min())))
+        snapshot = self.queue[:end]
+        items = [t.item for t in snapshot]
+        hint = [t.k for t in snapshot]
+        version = self._version
 
         def solve() -> tuple[list[int] | None, float]:
             started = time.perf_counter()
@@ -524,6 +686,7 @@ class Scheduler:
                 hint,
                 time_limit_s=self.config.solver_time_limit_s,
                 deterministic=self.config.deterministic,
+                budget_us=budget,
             )
             return ks, (time.perf_counter() - started) * 1000.0
 
@@ -561,17 +724,19 @@ class Scheduler:
             self.stats.count("solver_no_answer")
             return
         # Valid only if the queue still starts with exactly these tasks and every deadline holds now.
-        if version != self._version or self.queue[: len(snapshot)] != snapshot:
+        end = len(snapshot)
+        if version != self._version or self.queue[:end] != snapshot:
             self.stats.count("solver_stale")
             return
-        items = [self._item(t) for t in snapshot]
-        current = [t.k for t in snapshot]
-        if violations(items, ks, int(self._start(now) * 1e6)):
+        latency = self._lat.copy()
+        latency[:end] = [t.lat[k] for t, k in zip(snapshot, ks)]
+        finish = int(self._start(now) * 1e6) + np.cumsum(latency)
+        if (finish > self._dl).any():
             self.stats.count("solver_stale")
             return
-        if total_accuracy(items, ks) > total_accuracy(items, current):
-            for task, k in zip(snapshot, ks):
-                task.k = k
+        if sum(t.acc[k] for t, k in zip(snapshot, ks)) > sum(t.acc[t.k] for t in snapshot):
+            for i, (task, k) in enumerate(zip(snapshot, ks)):
+                self._set_k(task, k, i)
             self.stats.count("solver_improved")
             self._solver_backoff = 1.0
         else:
@@ -583,26 +748,30 @@ class Scheduler:
     def dispatch(self, now: float) -> tuple[Batch | None, list[Failure]]:
         """Take the next batch for the executor (late binding happens here)."""
         failures: list[Failure] = []
+        policy = self.config.policy
+        now_us = int(now * 1e6)
         while self.queue:
             head = self.queue[0]
-            item = self._item(head)
-            if self.config.policy in ("mosel", "greedy") and head.k < len(item.latency_us) - 1:
-                items = [self._item(t) for t in self.queue]
-                head.k = upgrade_head(items, [t.k for t in self.queue], int(now * 1e6))
-            finish_us = now * 1e6 + item.latency_us[head.k]
-            deadline_us = item.deadline_us
-            if finish_us > deadline_us and not head.job.best_effort and self.config.policy != "batcher":
-                if self.config.policy != "agnostic":
-                    fits = bisect.bisect_right(item.latency_us, deadline_us - now * 1e6) - 1
+            top = len(head.lat) - 1
+            if policy in ("mosel", "greedy") and head.k < top:
+                finish = now_us + np.cumsum(self._lat)
+                slack = int((self._dl - finish).min())
+                extra = head.lat[head.k] + slack
+                self._set_k(head, max(head.k, bisect.bisect_right(head.lat, extra) - 1), 0)
+            finish_us = now_us + head.lat[head.k]
+            deadline = int(self._dl[0])
+            if finish_us > deadline and not head.job.best_effort and policy != "batcher":
+                if policy != "agnostic":
+                    fits = bisect.bisect_right(head.lat, deadline - now_us) - 1
                     if fits >= 0:
-                        head.k = fits
+                        self._set_k(head, fits, 0)
                         break
                 failures.append(
-                    self._fail_job(head.job, self._deadline_error(head.job, now, item.latency_us[0]), "late")
+                    self._fail_job(head.job, self._deadline_error(head.job, now, head.lat[0]), "late")
                 )
                 continue
-            if finish_us > deadline_us:  # best effort: serve late, as fast as admissible
-                head.k = head.k if self.config.policy in _ALL_MODALITIES else 0
+            if finish_us > deadline and policy not in _ALL_MODALITIES:  # best effort: late, fast
+                self._set_k(head, 0, 0)
             break
         if not self.queue:
             return None, failures
@@ -611,29 +780,29 @@ class Scheduler:
         self._remove(tasks[0])
         if self.config.batching:
             limit = self.profile.max_batch_size
-            separate = self._item(tasks[0]).latency_us[tasks[0].k]
+            separate = tasks[0].lat[tasks[0].k]
+            rows = tasks[0].n
             while self.queue and len(tasks) < self.config.max_merge:
                 nxt = self.queue[0]
-                if (
-                    nxt.frontier.available != tasks[0].frontier.available
-                    or sum(t.n for t in tasks) + nxt.n > limit
-                ):
+                if nxt.frontier.available != tasks[0].frontier.available or rows + nxt.n > limit:
                     break
                 latency = self._merged_latency_us([*tasks, nxt])
-                alone = self._item(nxt).latency_us[nxt.k]
-                earliest_us = min(t.job.deadline for t in [*tasks, nxt]) * 1e6
-                helps = latency < separate + alone and now * 1e6 + latency <= earliest_us
-                if not helps and self.config.policy != "batcher":  # a batcher batches regardless
+                alone = nxt.lat[nxt.k]
+                earliest_us = min(deadline_us(t.job) for t in [*tasks, nxt])
+                helps = latency < separate + alone and now_us + latency <= earliest_us
+                if not helps and policy != "batcher":  # a batcher batches regardless
                     break
                 self._remove(nxt)
                 tasks.append(nxt)
                 separate += alone
+                rows += nxt.n
         self._hedge(tasks, now)
         return self._launch(tasks, now), failures
 
     def _merged_latency_us(self, tasks: Sequence[Task]) -> int:
         if len(tasks) == 1:
-            return self._item(tasks[0]).latency_us[tasks[0].k]
+            self._refresh(tasks[0])
+            return tasks[0].lat[tasks[0].k]
         return self.corrected_latency_us(list(_merged_groups(tasks).items()))
 
     def _decay_to(self, now: float) -> None:
@@ -666,18 +835,16 @@ class Scheduler:
             cap = min(cap, self.config.hedge * self._headroom_us)
         if self.config.reserve > 0 and self.queue:
             reserve = min(1.0, self.config.reserve * self._work)
-            now_us, ahead = now * 1e6, 0
-            for other in self.queue:
-                item = self._item(other)
-                ahead += item.latency_us[0]
-                cap = min(cap, item.deadline_us - now_us - ahead - reserve * (item.deadline_us - now_us))
+            remaining = (self._dl - now * 1e6).astype(np.float64)
+            ahead = np.cumsum(self._low)
+            cap = min(cap, float((remaining * (1.0 - reserve) - ahead).min()))
         latency = self._merged_latency_us(tasks)
         if latency <= cap:
             return
         self.stats.count("hedged")
         if len(tasks) == 1:
-            task, item = tasks[0], self._item(tasks[0])
-            task.k = min(task.k, max(bisect.bisect_right(item.latency_us, cap) - 1, 0))
+            task = tasks[0]
+            task.k = min(task.k, max(bisect.bisect_right(task.lat, cap) - 1, 0))
             return
         while latency > cap:
             excess = latency - cap
@@ -686,16 +853,14 @@ class Scheduler:
                 if not lowerable:
                     return
                 task = max(lowerable, key=self._step_value)
-                item = self._item(task)
-                excess -= item.latency_us[task.k] - item.latency_us[task.k - 1]
+                excess -= task.lat[task.k] - task.lat[task.k - 1]
                 task.k -= 1
             latency = self._merged_latency_us(tasks)
 
     def _step_value(self, task: Task) -> float:
         """Microseconds saved per accuracy unit lost by lowering ``task`` one option."""
-        item = self._item(task)
-        saved = item.latency_us[task.k] - item.latency_us[task.k - 1]
-        return saved / max(1, item.accuracy[task.k] - item.accuracy[task.k - 1])
+        saved = task.lat[task.k] - task.lat[task.k - 1]
+        return saved / max(1, task.acc[task.k] - task.acc[task.k - 1])
 
     def _launch(self, tasks: list[Task], now: float) -> Batch:
         """Mark ``tasks`` as running from ``now`` and describe them as one batch."""
@@ -739,9 +904,11 @@ class Scheduler:
             parts_us: measured time per branch and ``"fusion"``, when the executor has it.
             errors: task position in the batch -> the exception that task's execution raised.
         """
-        self.in_flight = None
-        self.busy_until = now
-        self._correct(batch, measured_us, parts_us)
+        if self.in_flight is batch:
+            self.in_flight = None
+            self.busy_until = now
+        if not errors:
+            self._correct(batch, measured_us, parts_us)
         done: list[Job] = []
         failures: list[Failure] = []
         for position, task in enumerate(batch.tasks):
@@ -781,14 +948,19 @@ class Scheduler:
             total = sum(predicted.values())
             parts_us = {p: measured_us * v / total for p, v in predicted.items()} if total else {}
         for part, value in predicted.items():
-            if value > 0 and part in parts_us:
-                # One stall (a page fault, a preempted thread) must not swing predictions: clamp.
-                ratio = min(max(parts_us[part] / value, 1 / CORRECTION_CLAMP), CORRECTION_CLAMP)
-                self.correction[part] = (1 - alpha) * self.correction[part] + alpha * ratio
+            measured = parts_us.get(part)
+            if value > 0 and measured is not None and math.isfinite(measured):
+                # One stall (a page fault, a preempted thread) must not swing predictions: each
+                # measurement is clamped to a factor of the current level, so the step is bounded
+                # but a lasting change of any size is followed.
+                level = self.correction[part]
+                ratio = min(max(measured / value, level / CORRECTION_CLAMP), level * CORRECTION_CLAMP)
+                self.correction[part] = min(max((1 - alpha) * level + alpha * ratio, 1e-3), 1e6)
         if any(abs(self.correction[p] / self._published[p] - 1) > 0.02 for p in predicted):
             self._published = dict(self.correction)
             self._version += 1
             self._latency_cache.clear()
+            self._refresh_queue()
             self.stats.set_correction(self.correction)
 
     def close(self, cancel: bool) -> list[Failure]:
@@ -798,7 +970,7 @@ class Scheduler:
             return []
         failures = []
         for task in list(self.queue):
-            if task.job.error is None:
+            if task.queued and task.job.error is None:
                 failures.append(
                     self._fail_job(
                         task.job,

@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mosel.clock import VirtualClock
-from mosel.errors import MoselError
+from mosel.errors import InputError, MoselError, SLOError
+from mosel.execution import check_slo
 from mosel.plan import Strategy
 from mosel.profiles import Profile
 from mosel.scheduler import Batch, Job, Scheduler, SchedulerConfig
@@ -78,6 +79,38 @@ class Simulation:
     decision_ms: tuple[float, ...] = ()  # wall time of each executor-side decision (complete + dispatch)
 
 
+def _checked(arrival: object, index: int, modalities: Configuration) -> Arrival:
+    """``arrival`` if it is a valid :class:`Arrival` (with its SLO values as floats)."""
+    if not isinstance(arrival, Arrival):
+        raise InputError(f"arrivals[{index}] is a {type(arrival).__name__}, not a mosel.Arrival")
+    where = f"arrivals[{index}] (time_s={arrival.time_s!r})"
+    if (
+        isinstance(arrival.time_s, bool)
+        or not isinstance(arrival.time_s, (int, float))
+        or not (math.isfinite(arrival.time_s) and arrival.time_s >= 0)
+    ):
+        raise InputError(f"{where}: time_s must be a finite number of seconds >= 0")
+    if isinstance(arrival.n, bool) or not isinstance(arrival.n, int) or arrival.n < 1:
+        raise InputError(f"{where}: n must be an int >= 1 (requests in the job), got {arrival.n!r}")
+    if arrival.available is not None:
+        unknown = sorted(set(arrival.available) - modalities)
+        if unknown or not arrival.available:
+            raise InputError(
+                f"{where}: available must be a non-empty subset of {sorted(modalities)}, got "
+                f"{sorted(arrival.available)}" + (f" (unknown: {unknown})" if unknown else "")
+            )
+    try:
+        deadline_ms, min_accuracy = check_slo(arrival.deadline_ms, arrival.min_accuracy)
+    except SLOError as exc:
+        raise SLOError(f"{where}: {exc}") from None
+    return dataclasses.replace(
+        arrival,
+        deadline_ms=deadline_ms,
+        min_accuracy=min_accuracy,
+        available=arrival.available and frozenset(arrival.available),
+    )
+
+
 def simulate(
     profile: Profile,
     arrivals: Iterable[Arrival],
@@ -90,7 +123,9 @@ def simulate(
 
     Args:
         profile: the model's profile; its cost model gives the simulated execution times.
-        arrivals: the workload, any order (sorted by time here).
+        arrivals: the workload, any order (sorted by time here). A malformed arrival (no
+            requests, an unknown modality, a bad SLO value) raises :class:`mosel.InputError` or
+            :class:`mosel.SLOError` naming it, before anything runs.
         config: scheduler settings; CP-SAT runs inline with a deterministic time limit.
         noise: relative standard deviation of execution times (lognormal), 0 for exact.
         seed: seed of the noise.
@@ -102,8 +137,9 @@ def simulate(
     scheduler = Scheduler(profile, config, stats)
     cost = scheduler.cost
     rng = random.Random(seed)
-    trace = sorted(arrivals, key=lambda a: a.time_s)
     everything = frozenset(profile.modalities)
+    trace = [_checked(a, i, everything) for i, a in enumerate(arrivals)]
+    trace.sort(key=lambda a: a.time_s)
     jobs: list[Job] = []
     rejected: dict[int, str] = {}
     running: Batch | None = None

@@ -57,6 +57,10 @@ class ModelSpec:
     configurations: tuple[frozenset[str], ...]
 
 
+def _describe(mark: Mark) -> str:
+    return "@mosel.fusion" if mark.kind == "fusion" else f"@mosel.modality({mark.modality!r})"
+
+
 def _check_function(obj: object, decorator: str) -> None:
     if isinstance(obj, (staticmethod, classmethod, property)):
         raise SpecError(
@@ -67,9 +71,9 @@ def _check_function(obj: object, decorator: str) -> None:
         raise SpecError(f"{decorator} must decorate a function defined in a class body, got {obj!r}")
     previous: Mark | None = getattr(obj, MARK_ATTR, None)
     if previous is not None:
-        what = "@mosel.fusion" if previous.kind == "fusion" else f"@mosel.modality({previous.modality!r})"
         raise SpecError(
-            f"{obj.__qualname__!r} is already marked with {what}; a method is one branch or the fusion, "
+            f"{obj.__qualname__!r} is already marked with {_describe(previous)}; a method is one branch "
+            f"or the fusion, "
             f"not both: remove one of the decorators"
         )
     params = list(inspect.signature(obj).parameters.values())
@@ -125,6 +129,15 @@ def fusion(fn: F, /) -> F:
     return fn
 
 
+def _wrapped_mark(value: object) -> Mark | None:
+    """The mark of a function hidden inside a staticmethod, classmethod or property."""
+    for inner in (getattr(value, "__func__", None), getattr(value, "fget", None)):
+        mark = getattr(inner, MARK_ATTR, None)
+        if isinstance(mark, Mark):
+            return mark
+    return None
+
+
 def _collect(cls: type) -> ModelSpec:
     branches: dict[str, str] = {}  # modality -> attribute name
     fusion_attr: str | None = None
@@ -132,6 +145,16 @@ def _collect(cls: type) -> ModelSpec:
         own_modalities: dict[str, str] = {}
         own_fusion: str | None = None
         for attr, value in vars(base).items():
+            if isinstance(value, (staticmethod, classmethod, property)):
+                hidden = _wrapped_mark(value)
+                if hidden is not None:
+                    raise SpecError(
+                        f"{base.__qualname__}.{attr} is a {type(value).__name__} wrapping a "
+                        f"{_describe(hidden)} method; "
+                        f"branches and fusion are plain instance methods 'def {attr}(self, x)': remove "
+                        f"@{type(value).__name__}"
+                    )
+                continue
             mark: Mark | None = getattr(value, MARK_ATTR, None)
             if not isinstance(mark, Mark):
                 continue
@@ -200,9 +223,10 @@ def multimodal(cls: M, /) -> M:
         "submit": runtime.model_submit,
         "ainfer": runtime.model_ainfer,
     }
+    missing = object()
     for name in RESERVED_NAMES:
-        existing = inspect.getattr_static(cls, name, None)
-        if existing is not None and not getattr(existing, PROVIDED_ATTR, False):
+        existing = inspect.getattr_static(cls, name, missing)
+        if existing is not missing and not getattr(existing, PROVIDED_ATTR, False):
             raise SpecError(
                 f"{cls.__qualname__} already defines {name!r}, which @mosel.multimodal adds for serving; "
                 f"rename your {name!r} (mosel never overwrites user attributes)"

@@ -99,6 +99,18 @@ class Stats:
         with self._lock:
             self._correction = dict(correction)
 
+    def forked(self) -> Stats:
+        """A copy for a forked child process, made without taking the lock.
+
+        Another thread may have held it at the fork, and no other thread exists in the child.
+        """
+        copy = Stats()
+        copy._counters = dict(self._counters)
+        copy._configs = dict(self._configs)
+        copy._histograms = self._histograms
+        copy._correction = dict(self._correction)
+        return copy
+
     def snapshot(self) -> StatsSnapshot:
         """A consistent copy of everything."""
         with self._lock:

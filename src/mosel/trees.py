@@ -1,0 +1,114 @@
+"""Batched pytrees: a tensor, or nested dicts, tuples and lists of tensors, one row per request.
+
+Inputs, branch features and fusion outputs may all be such trees (``{"input_ids": t, "attention_mask":
+m}``, ``(hidden, pooled)``). Every leaf carries the requests along one batch dimension; mosel slices,
+gathers and concatenates every leaf along it. Flattening is done by `optree
+<https://github.com/metaopt/optree>`_, the maintained public pytree library (torch's own
+``torch.utils._pytree`` is private); a bare tensor takes a fast path that never flattens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeAlias
+
+import optree
+import torch
+from torch import Tensor
+
+__all__ = ["Tree", "TreeError", "check", "concat", "leaves", "take", "to_device"]
+
+Tree: TypeAlias = Any
+"""A tensor, or a nested dict / tuple / list (or namedtuple) of tensors."""
+
+NAMESPACE = "mosel"
+
+
+class TreeError(ValueError):
+    """A tree that is not batched as required; callers re-raise it as a typed mosel error."""
+
+
+def leaves(tree: Tree) -> list[Any]:
+    """The leaves of ``tree`` (a bare tensor is its own single leaf; None is an empty subtree)."""
+    if isinstance(tree, Tensor):
+        return [tree]
+    return optree.tree_leaves(tree, none_is_leaf=False, namespace=NAMESPACE)
+
+
+def check(tree: Tree, dim: int = 0) -> int:
+    """The number of rows of ``tree`` along ``dim``; :class:`TreeError` unless it is a batched tree.
+
+    Every leaf must be a tensor with at least ``dim + 1`` dimensions, and all leaves must agree on
+    the size of dimension ``dim``.
+    """
+    if isinstance(tree, Tensor):
+        if tree.dim() <= dim:
+            raise TreeError(f"a tensor of shape {tuple(tree.shape)} has no batch dimension {dim}")
+        return int(tree.shape[dim])
+    items = leaves(tree)
+    if not items:
+        raise TreeError(f"{type(tree).__name__} {_short(tree)} holds no tensor")
+    rows = -1
+    for leaf in items:
+        if not isinstance(leaf, Tensor):
+            raise TreeError(
+                f"a leaf of type {type(leaf).__name__} ({_short(leaf)}); every leaf must be a torch.Tensor"
+            )
+        if leaf.dim() <= dim:
+            raise TreeError(f"a leaf of shape {tuple(leaf.shape)} has no batch dimension {dim}")
+        if rows >= 0 and leaf.shape[dim] != rows:
+            sizes = sorted({int(t.shape[dim]) for t in items if isinstance(t, Tensor) and t.dim() > dim})
+            raise TreeError(f"leaves disagree on the batch dimension {dim}: sizes {sizes}")
+        rows = int(leaf.shape[dim])
+    return rows
+
+
+def take(tree: Tree, rows: slice | Tensor, dim: int = 0) -> Tree:
+    """The selected rows of every leaf: a slice (a view) or a gather by a long index tensor."""
+    if isinstance(tree, Tensor):
+        return _take(tree, rows, dim)
+    return optree.tree_map(lambda t: _take(t, rows, dim), tree, none_is_leaf=False, namespace=NAMESPACE)
+
+
+def _take(t: Tensor, rows: slice | Tensor, dim: int) -> Tensor:
+    if isinstance(rows, slice):
+        return t[rows] if dim == 0 else t[(slice(None),) * dim + (rows,)]
+    return t.index_select(dim, rows if rows.device == t.device else rows.to(t.device))
+
+
+def concat(trees: Sequence[Tree], dim: int = 0) -> Tree:
+    """Concatenate trees of one structure leaf by leaf; :class:`TreeError` when they do not fit."""
+    if len(trees) == 1:
+        return trees[0]
+    first = trees[0]
+    try:
+        if isinstance(first, Tensor):
+            if not all(isinstance(t, Tensor) for t in trees):
+                raise TreeError("chunks are not all tensors")
+            return torch.cat(list(trees), dim)
+        flat = [optree.tree_flatten(t, none_is_leaf=False, namespace=NAMESPACE) for t in trees]
+        spec = flat[0][1]
+        if any(s != spec for _, s in flat):
+            other = next(s for _, s in flat if s != spec)
+            raise TreeError(f"chunks have different structures: {spec} and {other}")
+        joined = [torch.cat([f[0][i] for f in flat], dim) for i in range(len(flat[0][0]))]
+        return optree.tree_unflatten(spec, joined)
+    except (RuntimeError, TypeError) as exc:  # shapes or dtypes that torch.cat refuses
+        raise TreeError(f"chunks do not concatenate along dimension {dim}: {exc}") from exc
+
+
+def to_device(tree: Tree, device: torch.device) -> Tree:
+    """``tree`` with every leaf on ``device`` (leaves already there are returned as they are)."""
+    if isinstance(tree, Tensor):
+        return tree if tree.device == device else tree.to(device, non_blocking=True)
+    return optree.tree_map(
+        lambda t: t if t.device == device else t.to(device, non_blocking=True),
+        tree,
+        none_is_leaf=False,
+        namespace=NAMESPACE,
+    )
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
