@@ -492,18 +492,23 @@ def _executor_main(ref: weakref.ref[Server], cond: threading.Condition) -> None:
                 cond.wait()
             _running().add(id(server))
             batch, failures = server._next_batch()
-        try:
+        _serve(server, batch, failures)
+        del server, scheduler, batch, failures  # hold nothing of the server while waiting
+
+
+def _serve(server: Server, batch: Batch | None, failures: list[Failure]) -> None:
+    """One turn of the executor, outside the lock; nothing it raises escapes."""
+    try:
+        server._fail(failures)
+        if batch is not None:
+            done, failures, _ = server._execute(batch)
             server._fail(failures)
-            if batch is not None:
-                done, failures, _ = server._execute(batch)
-                server._fail(failures)
-                for job in done:
-                    server._resolve(job)
-        except BaseException as exc:  # nothing may stop the executor; every job of the batch resolves
-            _log.exception("mosel executor: unexpected error; failing the batch and going on")
-            if batch is not None:
-                server._fail_batch(batch, exc)
-        del server, scheduler, batch, failures
+            for job in done:
+                server._resolve(job)
+    except BaseException as exc:  # nothing may stop the executor; every job of the batch resolves
+        _log.exception("mosel executor: unexpected error; failing the batch and going on")
+        if batch is not None:
+            server._fail_batch(batch, exc)
 
 
 def _watchdog_main(ref: weakref.ref[Server], watch: threading.Condition) -> None:
