@@ -9,6 +9,10 @@ and what queued jobs cost in memory.
    (20 ms budget) assignments against the exhaustive optimum.
 3. Memory: 1,000 jobs queued behind a blocked executor in the real threaded server, with
    tracemalloc, beyond their (shared) input tensors.
+4. Admission: one ``model.submit`` (validation, admission, re-assignment, under the server's lock)
+   with 1,024 and 4,096 one-row jobs queued behind a blocked executor, deadlines spread so that
+   part of the queue is predicted late and re-assigned; and one CP-SAT solve of the window the
+   helper thread re-assigns (``SchedulerConfig.solver_window``), model building included.
 
 Run: python benchmarks/decisions.py [--json PATH]
 """
@@ -43,13 +47,13 @@ def model_class(m: int) -> type[nn.Module]:
     return mosel.multimodal(type(f"Synthetic{m}", (nn.Module,), namespace))
 
 
-def profile_for(m: int, max_batch: int = 32) -> mosel.Profile:
+def profile_for(m: int, max_batch: int = 32, cls: nn.Module | None = None) -> mosel.Profile:
     rng = random.Random(m)
     per_row = {n: rng.uniform(20, 300) for n in NAMES[:m]}
     configs = [c for r in range(1, m + 1) for c in itertools.combinations(NAMES[:m], r)]
     accuracy = {"+".join(c): round(0.5 + 0.1 * len(c) + rng.uniform(0, 0.08), 4) for c in configs}
     return synthetic_profile(
-        model_class(m),
+        cls or model_class(m),
         branch_us={n: [300 + per_row[n] * b**0.9 for b in range(1, max_batch + 1)] for n in NAMES[:m]},
         accuracy=accuracy,
         fusion_us={k: [20 + 3 * b for b in range(1, max_batch + 1)] for k in accuracy},
@@ -182,6 +186,72 @@ def queued_memory(jobs: int = 1000) -> dict[str, float]:
     return {"jobs": jobs, "total_mb": round(grown / 2**20, 3), "bytes_per_job": round(grown / jobs)}
 
 
+def gated_class(m: int) -> type[nn.Module]:
+    """A ``Synthetic{m}``-like model whose first branch waits for ``model.release``."""
+
+    def first(self: nn.Module, x: Tensor) -> Tensor:
+        self.release.wait()  # type: ignore[operator]
+        return x
+
+    namespace: dict[str, object] = {f"encode_{NAMES[0]}": mosel.modality(NAMES[0])(first)}
+    namespace.update({f"encode_{n}": mosel.modality(n)(lambda self, x: x) for n in NAMES[1:m]})
+    namespace["fuse"] = mosel.fusion(lambda self, feats: next(iter(feats.values())))
+    return mosel.multimodal(type(f"Gated{m}", (nn.Module,), namespace))
+
+
+def submit_latency(queued: int, timed: int = 400, m: int = 3, seed: int = 0) -> dict[str, float]:
+    """p50/p99 of one ``model.submit`` with ``queued`` one-row jobs waiting, and a windowed CP-SAT solve."""
+    model = gated_class(m)()
+    model.release = threading.Event()
+    profile = profile_for(m, cls=model)
+    mosel.attach(
+        model,
+        profile,
+        scheduler=mosel.SchedulerConfig(policy="greedy", max_queued_requests=queued + timed + 8),
+    )
+    rng = random.Random(seed)
+    one_full_s = profile.plan.frontier(frozenset(profile.modalities), 1).best.latency_us / 1e6
+    work_s = queued * one_full_s  # the queue's work at full accuracy
+    inputs = {n: torch.zeros(1, 4) for n in NAMES[:m]}
+
+    def slo() -> dict[str, float]:  # deadlines over the queue's span: part of it is late at full accuracy
+        return {"deadline_ms": 1e3 * (0.03 + rng.uniform(0.2, 0.9) * work_s), "min_accuracy": 0.6}
+
+    first = model.submit(inputs)
+    time.sleep(0.05)
+    futures = [model.submit(inputs, **slo()) for _ in range(queued)]
+    server = mosel.runtime._state(model).serve(model)
+    times = []
+    for _ in range(timed):
+        started = time.perf_counter()
+        futures.append(model.submit(inputs, **slo()))
+        times.append((time.perf_counter() - started) * 1e3)
+        victim = futures.pop(rng.randrange(len(futures)))  # keep the queue at its length
+        victim.cancel()
+    scheduler = server.scheduler
+    with server.lock:
+        window = [scheduler._item(t) for t in scheduler.queue[: scheduler.config.solver_window]]
+        hint = [t.k for t in scheduler.queue[: scheduler.config.solver_window]]
+    solves = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        cpsat_assign(window, int(time.perf_counter() * 1e6), hint, time_limit_s=0.02)
+        solves.append((time.perf_counter() - t0) * 1e3)
+    counters = mosel.stats(model).counters
+    model.release.set()
+    mosel.close(model, cancel=True)
+    first.result()
+    times.sort()
+    return {
+        "queued": queued,
+        "submit_p50_ms": round(statistics.median(times), 4),
+        "submit_p99_ms": round(times[int(0.99 * (len(times) - 1))], 4),
+        "submit_max_ms": round(times[-1], 4),
+        "replans": counters.get("greedy_assignments", 0),
+        "cpsat_window_p50_ms": round(statistics.median(solves), 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=400)
@@ -196,6 +266,7 @@ def main() -> None:
             )
     q = quality()
     mem = queued_memory()
+    admission = [submit_latency(queued) for queued in (1024, 4096)]
     print(
         "| modalities | queued jobs | executor wait p50 (ms) | p99 (ms) | CP-SAT p50 (ms) | CP-SAT max (ms) |"
     )
@@ -215,9 +286,19 @@ def main() -> None:
         f"memory: {mem['jobs']} queued jobs cost {mem['total_mb']} MB beyond their inputs "
         f"({mem['bytes_per_job']} B/job)"
     )
+    print(
+        "\n| queued one-row jobs | submit p50 (ms) | p99 (ms) | max (ms) | re-assignments | "
+        "CP-SAT window solve p50 (ms) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|")
+    for a in admission:
+        print(
+            f"| {a['queued']} | {a['submit_p50_ms']} | {a['submit_p99_ms']} | {a['submit_max_ms']} | "
+            f"{a['replans']} | {a['cpsat_window_p50_ms']} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"decisions": rows, "quality": q, "memory": mem}, f, indent=1)
+            json.dump({"decisions": rows, "quality": q, "memory": mem, "admission": admission}, f, indent=1)
 
 
 if __name__ == "__main__":

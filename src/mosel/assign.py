@@ -83,8 +83,10 @@ def greedy_repair(
     latency_us: npt.NDArray[np.int64],
     deadline_us: npt.NDArray[np.int64],
     cheapest_us: npt.NDArray[np.int64],
+    save_us: npt.NDArray[np.int64],
+    loss: npt.NDArray[np.int64],
     start_us: int,
-    step: Callable[[int, bool], tuple[int, int]],
+    take: Callable[[int], tuple[int, int]],
     limit: int | None = None,
 ) -> tuple[dict[int, int], list[int]]:
     """Lower options until every deadline holds, cheapest accuracy loss per microsecond first.
@@ -99,10 +101,11 @@ def greedy_repair(
         latency_us: latency of each job's current option, queue order.
         deadline_us: each job's deadline, same origin as ``start_us``.
         cheapest_us: latency of each job's cheapest option.
+        save_us: microseconds that each job's next step down saves (0: none), see :func:`step_down`.
+        loss: accuracy units that step loses.
         start_us: when the first job starts.
-        step: ``step(i, take)`` returns (microseconds saved, accuracy units lost) of job ``i``'s
-            next step down (see :func:`step_down`); with ``take`` it first lowers job ``i`` by
-            that step (the caller owns the options and records the change).
+        take: ``take(i)`` lowers job ``i`` by its next step (the caller owns the options and
+            records the change) and returns (saved, lost) of the step after it.
         limit: consider only the first ``limit`` jobs.
 
     Returns:
@@ -116,10 +119,9 @@ def greedy_repair(
     if not len(late):
         return {}, []
     kept = np.ones(n, dtype=bool)
-    cheapest = cheapest_us[:n].astype(np.int64, copy=True)
-    save = np.zeros(n, dtype=np.float64)
-    loss = np.ones(n, dtype=np.float64)
-    known = np.zeros(n, dtype=bool)
+    cheapest = cheapest_us[:n]
+    save = save_us[:n].astype(np.float64)
+    lost = loss[:n].astype(np.float64)
     lowered: dict[int, int] = {}
     doomed: list[int] = []
     first = int(late[0])
@@ -131,13 +133,9 @@ def greedy_repair(
             finish[i:] -= cur[i]
             cur[i] = 0
         else:
-            fresh = np.flatnonzero(~known[: i + 1])
-            for j in fresh.tolist():
-                save[j], loss[j] = step(j, False)
-                known[j] = True
             while finish[i] > deadlines[i]:
                 useful = kept[: i + 1] & (save[: i + 1] > 0)
-                score = np.where(useful, save[: i + 1] / (loss[: i + 1] + 1e-9), -1.0)
+                score = np.where(useful, save[: i + 1] / (lost[: i + 1] + 1e-9), -1.0)
                 j = int(np.argmax(score))
                 if score[j] < 0:  # unreachable while the cheapest options fit; never loop on it
                     doomed.append(i)
@@ -149,7 +147,7 @@ def greedy_repair(
                 cur[j] -= saved
                 finish[j:] -= saved
                 lowered[j] = lowered.get(j, 0) + 1
-                save[j], loss[j] = step(j, True)
+                save[j], lost[j] = take(j)
         late = np.flatnonzero((finish[first:] > deadlines[first:]) & kept[first:])
         if not len(late):
             return lowered, doomed
@@ -171,17 +169,17 @@ def greedy_assign(items: Sequence[Item], ks: Sequence[int], start_us: int) -> tu
     if not items:
         return ks, []
 
-    def step(i: int, take: bool) -> tuple[int, int]:
-        lower, saved, lost = step_down(items[i].latency_us, items[i].accuracy, ks[i])
-        if take:
-            ks[i] = lower
-            _, saved, lost = step_down(items[i].latency_us, items[i].accuracy, ks[i])
-        return saved, lost
+    def take(i: int) -> tuple[int, int]:
+        ks[i] = step_down(items[i].latency_us, items[i].accuracy, ks[i])[0]
+        return step_down(items[i].latency_us, items[i].accuracy, ks[i])[1:]
 
+    steps = [step_down(item.latency_us, item.accuracy, k) for item, k in zip(items, ks)]
     latency = np.array([item.latency_us[k] for item, k in zip(items, ks)], dtype=np.int64)
     deadline = np.array([item.deadline_us for item in items], dtype=np.int64)
     cheapest = np.array([item.latency_us[0] for item in items], dtype=np.int64)
-    _, doomed = greedy_repair(latency, deadline, cheapest, start_us, step)
+    save = np.array([s[1] for s in steps], dtype=np.int64)
+    loss = np.array([s[2] for s in steps], dtype=np.int64)
+    _, doomed = greedy_repair(latency, deadline, cheapest, save, loss, start_us, take)
     return ks, doomed
 
 

@@ -264,6 +264,8 @@ class Scheduler:
         self._lat: IntArray = np.zeros(0, dtype=np.int64)  # current option's latency, queue order
         self._dl: IntArray = np.zeros(0, dtype=np.int64)  # deadline
         self._low: IntArray = np.zeros(0, dtype=np.int64)  # cheapest admissible option's latency
+        self._save: IntArray = np.zeros(0, dtype=np.int64)  # what the next step down saves (us)
+        self._loss: IntArray = np.zeros(0, dtype=np.int64)  # and loses (accuracy units)
         self._lenient: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)  # best effort: never failed
         self.in_flight: Batch | None = None
         self.busy_until = -math.inf
@@ -362,6 +364,9 @@ class Scheduler:
         self._lat = np.insert(self._lat, i, task.lat[task.k])
         self._dl = np.insert(self._dl, i, deadline_us(task.job))
         self._low = np.insert(self._low, i, task.lat[0])
+        _, saved, lost = step_down(task.lat, task.acc, task.k)
+        self._save = np.insert(self._save, i, saved)
+        self._loss = np.insert(self._loss, i, lost)
         self._lenient = np.insert(self._lenient, i, task.job.best_effort)
         task.queued = True
         self.queued_requests += task.n
@@ -373,6 +378,8 @@ class Scheduler:
         self._lat = np.delete(self._lat, i)
         self._dl = np.delete(self._dl, i)
         self._low = np.delete(self._low, i)
+        self._save = np.delete(self._save, i)
+        self._loss = np.delete(self._loss, i)
         self._lenient = np.delete(self._lenient, i)
         task.queued = False
         self.queued_requests -= task.n
@@ -380,7 +387,9 @@ class Scheduler:
     def _set_k(self, task: Task, k: int, position: int | None = None) -> None:
         task.k = k
         if task.queued:
-            self._lat[self._position(task) if position is None else position] = task.lat[k]
+            i = self._position(task) if position is None else position
+            self._lat[i] = task.lat[k]
+            _, self._save[i], self._loss[i] = step_down(task.lat, task.acc, k)
 
     def _refresh_queue(self) -> None:
         """Re-read every queued task's latencies after the correction changed."""
@@ -388,6 +397,7 @@ class Scheduler:
             self._refresh(task)
             self._lat[i] = task.lat[task.k]
             self._low[i] = task.lat[0]
+            _, self._save[i], self._loss[i] = step_down(task.lat, task.acc, task.k)
 
     # ------------------------------------------------------------------ admission
 
@@ -605,15 +615,14 @@ class Scheduler:
                     self._set_k(task, 0, i)
         queue = self.queue
 
-        def step(i: int, take: bool) -> tuple[int, int]:
+        def take(i: int) -> tuple[int, int]:
             task = queue[i]
-            lower, saved, lost = step_down(task.lat, task.acc, task.k)
-            if take:
-                self._set_k(task, lower, i)
-                _, saved, lost = step_down(task.lat, task.acc, lower)
-            return saved, lost
+            self._set_k(task, step_down(task.lat, task.acc, task.k)[0], i)
+            return int(self._save[i]), int(self._loss[i])
 
-        _, doomed = greedy_repair(self._lat, self._dl, self._low, start_us, step, limit=end)
+        _, doomed = greedy_repair(
+            self._lat, self._dl, self._low, self._save, self._loss, start_us, take, limit=end
+        )
         self.stats.count("greedy_assignments")
         failures = []
         doomed_tasks = [(queue[i], int(finish[i])) for i in doomed]

@@ -194,3 +194,28 @@ def test_decorating_non_functions_and_bare_modality_are_rejected() -> None:
 def test_spec_of_undecorated_model_says_how_to_fix() -> None:
     with pytest.raises(mosel.SpecError, match="not decorated with @mosel.multimodal"):
         mosel.spec_of(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("value", [None, 0, "infer me"])
+def test_reserved_names_set_to_any_value_are_refused(value: object) -> None:
+    namespace = {
+        "a": mosel.modality("audio")(lambda self, x: x),
+        "f": mosel.fusion(lambda self, feats: feats["audio"]),
+        "infer": value,
+    }
+    with pytest.raises(mosel.SpecError, match="already defines 'infer'"):
+        mosel.multimodal(type("Clash", (nn.Module,), namespace))
+
+
+@pytest.mark.parametrize("wrapper", [staticmethod, classmethod, property])
+def test_a_mark_hidden_under_a_method_wrapper_is_refused(wrapper: type) -> None:
+    def encode(self: object, x: object) -> object:
+        return x
+
+    namespace = {
+        "a": wrapper(mosel.modality("audio")(encode)),
+        "v": mosel.modality("video")(lambda self, x: x),
+        "f": mosel.fusion(lambda self, feats: feats["video"]),
+    }
+    with pytest.raises(mosel.SpecError, match=f"is a {wrapper.__name__} wrapping a @mosel.modality"):
+        mosel.multimodal(type("Hidden", (nn.Module,), namespace))
