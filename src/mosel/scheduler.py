@@ -1,38 +1,46 @@
-"""The online stage: an earliest-deadline-first queue with late binding and re-assignment.
+"""The online stage's core: an EDF queue with late binding, admission, completion and correction.
 
 This module holds the scheduling *logic* only. It never sleeps, starts threads, touches tensors or
 resolves futures: a driver calls :meth:`Scheduler.admit`, :meth:`Scheduler.dispatch` and
 :meth:`Scheduler.complete` under its own lock and with its own clock. The threaded driver
-(``mosel.server``) and the simulator (``mosel.simulate``) run this same code.
+(``mosel.server``) and the simulator (``mosel.simulate``) run this same code. The decisions (which
+option, what to merge, whom to fail) belong to a policy object (:mod:`mosel.policies`).
 """
 
 from __future__ import annotations
 
 import bisect
 import concurrent.futures
-import itertools
 import logging
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
-from mosel.assign import Item, cpsat_assign, greedy_repair, step_down
+from mosel.assign import Item, greedy_repair, step_down
 from mosel.errors import AccuracyUnreachableError, DeadlineError, InputError, QueueFullError, ShutdownError
+from mosel.jobs import NO_DEADLINE_US, Batch, Failure, Job, Task, deadline_us, floor_units
 from mosel.plan import ACCURACY_SCALE, CostModel, Frontier, Strategy, configuration_key, execution_order
+from mosel.policies import Policy, policy_class
 from mosel.profiles import Profile
 from mosel.stats import Stats
 
-__all__ = ["Batch", "Job", "Policy", "Scheduler", "SchedulerConfig", "Task"]
+__all__ = [
+    "NO_DEADLINE_US",
+    "Batch",
+    "Failure",
+    "Job",
+    "Scheduler",
+    "SchedulerConfig",
+    "Task",
+    "floor_units",
+    "merged_groups",
+]
 
 Configuration = frozenset[str]
-Policy = Literal["mosel", "greedy", "aggressive", "agnostic", "batcher"]
-_ALL_MODALITIES: Final = ("agnostic", "batcher")
-NO_DEADLINE_US: Final = 2**62
 CORRECTION_CLAMP: Final = 4.0
 """A single measurement counts as at most this factor above or below the current correction."""
 _log = logging.getLogger("mosel")
@@ -43,10 +51,9 @@ class SchedulerConfig:
     """Knobs of the online stage.
 
     Attributes:
-        policy: ``"mosel"`` (greedy at once, CP-SAT improvement), ``"greedy"`` (no CP-SAT),
-            ``"aggressive"`` (cheapest admissible strategy on any predicted miss), ``"batcher"``
-            (FIFO dynamic batching, every modality, never drops: Triton or Ray Serve style), ``"agnostic"``
-            (always every modality, EDF: the paper's baseline).
+        policy: a policy name from :data:`mosel.policies.POLICIES` (``"mosel"``, the default;
+            ``"greedy"``, ``"aggressive"``, ``"agnostic"``, ``"agnostic_plus"``, ``"batcher"``),
+            or a :class:`mosel.policies.Policy` subclass (one instance per scheduler).
         max_queued_requests: admission control; more waiting requests are refused.
         solver_time_limit_s: CP-SAT budget per re-assignment.
         solver_share: the CP-SAT helper thread may be busy at most this fraction of the time
@@ -77,7 +84,7 @@ class SchedulerConfig:
     little accuracy for deadlines that late binding alone, which sees only the queue, would miss.
     """
 
-    policy: Policy = "mosel"
+    policy: str | type[Policy] = "mosel"
     max_queued_requests: int = 4096
     solver_time_limit_s: float = 0.02
     solver_share: float = 0.2
@@ -92,10 +99,7 @@ class SchedulerConfig:
     solver_window: int = 64
 
     def __post_init__(self) -> None:
-        if self.policy not in ("mosel", "greedy", "aggressive", "agnostic", "batcher"):
-            raise ValueError(
-                f"policy must be mosel, greedy, aggressive, agnostic or batcher, got {self.policy!r}"
-            )
+        policy_class(self.policy)  # raises ValueError for an unknown policy
         if self.max_queued_requests < 1 or self.max_merge < 1 or self.solver_window < 1:
             raise ValueError("max_queued_requests, max_merge and solver_window must be at least 1")
         if not 0.0 < self.correction_alpha <= 1.0:
@@ -109,143 +113,17 @@ class SchedulerConfig:
             raise ValueError(f"load_window_s must be positive, got {self.load_window_s}")
 
 
-class Job:
-    """The requests of one call: one deadline, one floor, one or more tasks (chunks)."""
-
-    __slots__ = (
-        "arrival", "available", "best_effort", "deadline", "deadline_ms", "error", "finished", "id",
-        "inputs", "measured_us", "min_accuracy", "n", "outputs", "payload", "pending", "predicted_us",
-        "started", "tasks",
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        *,
-        n: int,
-        available: Configuration,
-        arrival: float,
-        deadline_ms: float | None,
-        min_accuracy: float | None,
-        best_effort: bool = False,
-        inputs: Any = None,
-        payload: Any = None,
-    ) -> None:
-        self.id = next(_ids)
-        self.n = n
-        self.available = available
-        self.arrival = arrival
-        self.deadline_ms = deadline_ms
-        self.deadline = math.inf if deadline_ms is None else arrival + deadline_ms / 1000.0
-        self.min_accuracy = min_accuracy
-        self.best_effort = best_effort
-        self.inputs = inputs
-        self.payload = payload
-        self.tasks: list[Task] = []
-        self.pending = 0
-        self.outputs: list[Any] = []
-        self.started = math.nan
-        self.finished = math.nan
-        self.predicted_us = 0
-        self.measured_us = 0.0
-        self.error: BaseException | None = None
-
-    @property
-    def strategies(self) -> tuple[Strategy, ...]:
-        """Each task's current (or final) strategy."""
-        return tuple(t.strategy for t in self.tasks)
-
-    @property
-    def expected_accuracy(self) -> float:
-        """Request-weighted expected accuracy of the job's strategies."""
-        return sum(t.strategy.accuracy_units for t in self.tasks) / (self.n * ACCURACY_SCALE)
-
-
-_ids = itertools.count()
-
-
-class Task:
-    """A chunk of a job (at most ``max_batch_size`` rows) and its admissible strategies.
-
-    ``lat`` and ``acc`` are the corrected latency and the accuracy units of each admissible
-    option (the frontier from ``first`` on, or the one ``fixed`` strategy), ``k`` the chosen one.
-    """
-
-    __slots__ = (
-        "acc", "first", "fixed", "frontier", "index", "job", "k", "key", "lat", "n", "offset", "queued",
-        "version",
-    )  # fmt: skip
-
-    def __init__(self, job: Job, index: int, offset: int, n: int, frontier: Frontier, first: int) -> None:
-        self.job = job
-        self.index = index
-        self.offset = offset
-        self.n = n
-        self.frontier = frontier
-        self.first = first  # frontier index of the cheapest admissible strategy
-        self.k = 0  # chosen option, relative to ``first``
-        self.fixed: Strategy | None = None  # set for jobs that must compute every modality
-        self.key = (job.deadline, job.id * 1024 + index)  # EDF: deadline, then arrival order
-        self.lat: tuple[int, ...] = ()
-        self.acc: tuple[int, ...] = ()
-        self.version = -1
-        self.queued = False
-
-    @property
-    def strategy(self) -> Strategy:
-        """The currently chosen strategy."""
-        return self.fixed if self.fixed is not None else self.frontier.strategies[self.first + self.k]
-
-    @property
-    def item(self) -> Item:
-        """The task as the assignment solvers see it."""
-        return Item(self.lat, self.acc, deadline_us(self.job))
-
-
-def deadline_us(job: Job) -> int:
-    """The job's absolute deadline in integer microseconds (:data:`NO_DEADLINE_US` for none)."""
-    if math.isinf(job.deadline):
-        return NO_DEADLINE_US
-    return min(int(job.deadline * 1e6), NO_DEADLINE_US)
-
-
-def floor_units(min_accuracy: float | None, n: int) -> int:
-    """The least accuracy units ``n`` requests must reach to meet ``min_accuracy``.
-
-    The smallest ``u`` whose expected accuracy ``u / (n * ACCURACY_SCALE)``, as reported, is at
-    least the floor: 0.7000004 is not met by 0.7, and 0.9 is met by 0.9.
-    """
-    if not min_accuracy:
-        return 0
-    scale = ACCURACY_SCALE * n
-    units = math.ceil(min_accuracy * scale)
-    while units / scale < min_accuracy:
-        units += 1
-    while units > 0 and (units - 1) / scale >= min_accuracy:
-        units -= 1
-    return units
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """What the executor runs next: one or more tasks, and the strategy covering all their rows."""
-
-    tasks: tuple[Task, ...]
-    strategies: tuple[Strategy, ...]  # per task
-    merged: Strategy  # the rows of all tasks, grouped by configuration
-    predicted_us: int
-    started: float
-
-
-Failure = tuple[Job, BaseException]
 IntArray = npt.NDArray[np.int64]
 
 
 class Scheduler:
-    """EDF queue, late binding, violation prediction and strategy re-assignment for one model.
+    """The policy-free core of the online stage for one model.
 
-    The queue is a list of tasks in EDF order with parallel numpy arrays (each task's current
-    latency, deadline and cheapest latency), so that predicting every queued job's finish is one
-    cumulative sum, whatever the queue length.
+    It owns the queue (tasks in the policy's order, with parallel numpy arrays of each task's
+    current latency, deadline, cheapest latency and the saving and loss of its next step down, so
+    that predicting every queued job's finish is one cumulative sum), admission, late binding,
+    completion, the online latency correction and the statistics. What to run, at which option,
+    and whom to fail is the policy's (:mod:`mosel.policies`); the core knows no policy by name.
     """
 
     def __init__(
@@ -261,37 +139,32 @@ class Scheduler:
         self.cost: CostModel = profile.cost_model()
         self.queue: list[Task] = []
         self._keys: list[tuple[float, int]] = []
-        self._lat: IntArray = np.zeros(0, dtype=np.int64)  # current option's latency, queue order
-        self._dl: IntArray = np.zeros(0, dtype=np.int64)  # deadline
-        self._low: IntArray = np.zeros(0, dtype=np.int64)  # cheapest admissible option's latency
-        self._save: IntArray = np.zeros(0, dtype=np.int64)  # what the next step down saves (us)
-        self._loss: IntArray = np.zeros(0, dtype=np.int64)  # and loses (accuracy units)
-        self._lenient: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)  # best effort: never failed
+        self.latency_us: IntArray = np.zeros(0, dtype=np.int64)
+        """Each queued task's current option's latency, queue order."""
+        self.deadlines_us: IntArray = np.zeros(0, dtype=np.int64)
+        self.cheapest_us: IntArray = np.zeros(0, dtype=np.int64)
+        """Each queued task's cheapest admissible option's latency."""
+        self.save_us: IntArray = np.zeros(0, dtype=np.int64)
+        """What each queued task's next step down saves (0: none)."""
+        self.loss_units: IntArray = np.zeros(0, dtype=np.int64)
+        """And what it loses, in accuracy units."""
+        self.lenient: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)
+        """Best-effort tasks: served late rather than failed."""
         self.in_flight: Batch | None = None
         self.busy_until = -math.inf
         self.queued_requests = 0
         self.closed = False
         self.correction: dict[str, float] = dict.fromkeys((*profile.modalities, "fusion"), 1.0)
-        self._version = 0
+        self.version = 0
+        """Bumped whenever the correction moves option latencies."""
+        self.solve_async = solve_async
         self._published = dict(self.correction)
         self._latency_cache: dict[tuple[Configuration, int], tuple[int, ...]] = {}
-        self._solve_async = solve_async
-        self._solving = False
-        self._resolve = False
-        self._solver_rest_until = -math.inf  # solver_share: no asynchronous solve before this
-        self._solver_backoff = 1.0  # doubles after each solve that did not improve on greedy
         self._full_strategies: dict[tuple[Configuration, int], Strategy] = {}
         self._keys_text: dict[Configuration, str] = {}
-        self._headroom_us = 0.0  # EWMA over arrivals: deadline - arrival - cheapest latency
-        self._waiting = 0.0  # EWMA over dispatches: tasks left waiting behind the dispatched one
-        self._work = 0.0  # cheapest-strategy seconds arriving per second, decaying over load_window_s
-        self._busy_arrivals = 0.0  # arrivals that found a batch running, same decay
-        self._busy_s = 0.0  # time spent running batches, same decay
-        self._rate_at = 0.0
-        self._headroom_low_us = 0.0  # a low quantile of arrivals' headroom
         self._parts: dict[tuple[tuple[Configuration, int], ...], dict[str, int]] = {}
-        self._pending_improvement: tuple[list[Task], int, list[int] | None, float] | None = None
         self.stats.set_correction(self.correction)
+        self.policy: Policy = policy_class(self.config.policy)(self)
 
     # ------------------------------------------------------------------ predictions
 
@@ -316,9 +189,9 @@ class Scheduler:
             self._latency_cache[key] = cached
         return cached
 
-    def _refresh(self, task: Task) -> None:
+    def refresh(self, task: Task) -> None:
         """Bring the task's option latencies up to date with the correction."""
-        if task.version == self._version:
+        if task.version == self.version:
             return
         if task.fixed is not None:
             key = (task.fixed.groups[0][0], -task.n)
@@ -329,10 +202,10 @@ class Scheduler:
         else:
             task.lat = self._latencies(task.frontier)[task.first :]
             task.acc = tuple(s.accuracy_units for s in task.frontier.strategies[task.first :])
-        task.version = self._version
+        task.version = self.version
 
     def _item(self, task: Task) -> Item:
-        self._refresh(task)
+        self.refresh(task)
         return task.item
 
     def _key(self, config: Configuration) -> str:
@@ -341,63 +214,84 @@ class Scheduler:
             key = self._keys_text[config] = configuration_key(config, self.cost.modalities)
         return key
 
-    def _start(self, now: float) -> float:
+    def start(self, now: float) -> float:
+        """When the next batch could start: now, or when the running one is predicted to end."""
         return max(now, self.busy_until)
 
-    def _finishes(self, now: float) -> IntArray:
-        """Predicted finish of every queued task (absolute microseconds), queue order."""
-        finish: IntArray = int(self._start(now) * 1e6) + np.cumsum(self._lat)
+    def finishes_us(self, now: float) -> IntArray:
+        """Predicted finish of every queued task run one after another (absolute microseconds)."""
+        finish: IntArray = int(self.start(now) * 1e6) + np.cumsum(self.latency_us)
         return finish
+
+    def merged_latency_us(self, tasks: Sequence[Task]) -> int:
+        """Predicted latency of ``tasks`` run as one batch at their current options."""
+        if len(tasks) == 1:
+            self.refresh(tasks[0])
+            return tasks[0].lat[tasks[0].k]
+        return self.corrected_latency_us(list(merged_groups(tasks).items()))
+
+    def full(self, available: Configuration, n: int) -> Strategy:
+        """Every available modality for every request (need not be on the frontier)."""
+        key = (available, n)
+        strategy = self._full_strategies.get(key)
+        if strategy is None:
+            groups = ((available, n),)
+            strategy = Strategy(groups, self.cost.latency_us(groups), self.cost.accuracy_units(groups))
+            self._full_strategies[key] = strategy
+        return strategy
 
     # ------------------------------------------------------------------ the queue
 
-    def _position(self, task: Task) -> int:
+    def position(self, task: Task) -> int:
+        """Index of a queued task in the queue."""
         i = bisect.bisect_left(self._keys, task.key)
         assert self.queue[i] is task
         return i
 
     def _insert(self, task: Task) -> None:
-        self._refresh(task)
+        self.refresh(task)
         i = bisect.bisect(self._keys, task.key)
         self._keys.insert(i, task.key)
         self.queue.insert(i, task)
-        self._lat = np.insert(self._lat, i, task.lat[task.k])
-        self._dl = np.insert(self._dl, i, deadline_us(task.job))
-        self._low = np.insert(self._low, i, task.lat[0])
+        self.latency_us = np.insert(self.latency_us, i, task.lat[task.k])
+        self.deadlines_us = np.insert(self.deadlines_us, i, deadline_us(task.job))
+        self.cheapest_us = np.insert(self.cheapest_us, i, task.lat[0])
         _, saved, lost = step_down(task.lat, task.acc, task.k)
-        self._save = np.insert(self._save, i, saved)
-        self._loss = np.insert(self._loss, i, lost)
-        self._lenient = np.insert(self._lenient, i, task.job.best_effort)
+        self.save_us = np.insert(self.save_us, i, saved)
+        self.loss_units = np.insert(self.loss_units, i, lost)
+        self.lenient = np.insert(self.lenient, i, task.job.best_effort)
         task.queued = True
         self.queued_requests += task.n
 
-    def _remove(self, task: Task) -> None:
-        i = self._position(task)
+    def remove(self, task: Task) -> None:
+        """Take a task out of the queue (to run it, or because its job failed)."""
+        i = self.position(task)
         del self.queue[i]
         del self._keys[i]
-        self._lat = np.delete(self._lat, i)
-        self._dl = np.delete(self._dl, i)
-        self._low = np.delete(self._low, i)
-        self._save = np.delete(self._save, i)
-        self._loss = np.delete(self._loss, i)
-        self._lenient = np.delete(self._lenient, i)
+        self.latency_us = np.delete(self.latency_us, i)
+        self.deadlines_us = np.delete(self.deadlines_us, i)
+        self.cheapest_us = np.delete(self.cheapest_us, i)
+        self.save_us = np.delete(self.save_us, i)
+        self.loss_units = np.delete(self.loss_units, i)
+        self.lenient = np.delete(self.lenient, i)
         task.queued = False
         self.queued_requests -= task.n
 
-    def _set_k(self, task: Task, k: int, position: int | None = None) -> None:
+    def set_option(self, task: Task, k: int, position: int | None = None) -> None:
+        """Choose option ``k`` for ``task`` (late binding: until it is dispatched)."""
         task.k = k
         if task.queued:
-            i = self._position(task) if position is None else position
-            self._lat[i] = task.lat[k]
-            _, self._save[i], self._loss[i] = step_down(task.lat, task.acc, k)
+            i = self.position(task) if position is None else position
+            self.latency_us[i] = task.lat[k]
+            _, self.save_us[i], self.loss_units[i] = step_down(task.lat, task.acc, k)
 
     def _refresh_queue(self) -> None:
         """Re-read every queued task's latencies after the correction changed."""
         for i, task in enumerate(self.queue):
-            self._refresh(task)
-            self._lat[i] = task.lat[task.k]
-            self._low[i] = task.lat[0]
-            _, self._save[i], self._loss[i] = step_down(task.lat, task.acc, task.k)
+            self.refresh(task)
+            self.latency_us[i] = task.lat[task.k]
+            self.cheapest_us[i] = task.lat[0]
+            _, self.save_us[i], self.loss_units[i] = step_down(task.lat, task.acc, task.k)
 
     # ------------------------------------------------------------------ admission
 
@@ -411,7 +305,7 @@ class Scheduler:
             AccuracyUnreachableError: the floor is above what the available modalities reach
                 (or, under the all-modality policies, above what every modality gives).
             DeadlineError: the job cannot make its deadline even alone at its cheapest strategy
-                (unless ``best_effort``).
+                (unless ``best_effort``, or the policy never refuses).
 
         Returns:
             Other jobs failed because re-assignment found them doomed.
@@ -419,7 +313,7 @@ class Scheduler:
         self._prepare(job, now)
         for task in job.tasks:
             self._insert(task)
-        return self._replan(now)
+        return self.policy.replan(now)
 
     def start_alone(self, job: Job, now: float) -> Batch | None:
         """Admit a job and dispatch it at once when the device is idle and nothing waits.
@@ -431,33 +325,23 @@ class Scheduler:
         if self.in_flight is not None or self.queue or job.n > self.profile.max_batch_size:
             return None
         self._prepare(job, now)
-        self._hedge(job.tasks, now)
+        self.policy.alone(job.tasks[0], now)
         return self._launch(job.tasks, now)
 
     def prepare_inline(self, job: Job, now: float) -> None:
         """Admit a job that runs at once outside the queue (a call from inside a running batch).
 
         The same checks and choice as for a lone job on an idle device; the queue, the running
-        batch and the hedges' estimates are left alone.
+        batch and the policy's estimates are left alone.
         """
         self._prepare(job, now, observe=False)
         for task in job.tasks:
-            self._refresh(task)
+            self.refresh(task)
             if task.lat[task.k] > (job.deadline - now) * 1e6:
                 task.k = 0
 
-    def fail(self, job: Job, error: BaseException) -> Failure | None:
-        """Fail a job now (a driver's last resort); None if it had already failed."""
-        if job.error is not None:
-            return None
-        return self._fail_job(job, error, "error")
-
-    def solver_gone(self) -> None:
-        """The driver can no longer run asynchronous solves (it is closing)."""
-        self._solving = False
-
     def _prepare(self, job: Job, now: float, observe: bool = True) -> None:
-        """Admission checks; creates the job's tasks with their initial strategies."""
+        """Admission checks; creates the job's tasks with their initial options."""
         if self.closed:
             raise ShutdownError("the model's scheduler is closed; no new jobs are accepted")
         self.stats.count("submitted")
@@ -474,10 +358,11 @@ class Scheduler:
                 f"queue holds {self.queued_requests} request(s); admitting {job.n} more would exceed "
                 f"max_queued_requests={limit}; retry later or raise the limit"
             )
+        policy = self.policy
         plan = self.profile.plan
         sizes = [job.n] if job.n <= plan.max_batch_size else _chunks(job.n, plan.max_batch_size)
         no_slo = job.deadline_ms is None and job.min_accuracy is None
-        every = self.config.policy in _ALL_MODALITIES or no_slo
+        every = policy.every_modality or no_slo
         offset = 0
         tasks = []
         for index, size in enumerate(sizes):
@@ -486,12 +371,12 @@ class Scheduler:
             first = frontier.index_meeting(floor)
             task = Task(job, index, offset, size, frontier, min(first, len(frontier.strategies) - 1))
             if every:
-                task.fixed = self._full(job.available, size)
+                task.fixed = self.full(job.available, size)
             reachable = task.fixed.accuracy_units if task.fixed is not None else frontier.best.accuracy_units
             if reachable < floor:
                 self.stats.count("rejected_accuracy")
                 how = (
-                    f"with every modality of {sorted(job.available)} (policy {self.config.policy!r} "
+                    f"with every modality of {sorted(job.available)} (policy {policy.name!r} "
                     f"computes them all)"
                     if task.fixed is not None
                     else f"with modalities {sorted(job.available)}"
@@ -508,58 +393,21 @@ class Scheduler:
         job.tasks = tasks
         share = 1.0 / len(sizes)
         for task in tasks:
-            if self.config.policy == "batcher":
-                task.key = (job.arrival, task.key[1])  # FIFO
-            self._refresh(task)
-            task.k = self._initial_option(task, now, share)
+            if policy.fifo:
+                task.key = (job.arrival, task.key[1])
+            self.refresh(task)
+            task.k = policy.initial(task, now, share)
         cheapest_us = sum(t.lat[0] for t in tasks)
         late = now * 1e6 + cheapest_us > job.deadline * 1e6
-        if late and not job.best_effort and self.config.policy != "batcher":
+        if late and not job.best_effort and policy.refuse_late:
             self.stats.count("rejected_deadline")
-            raise self._deadline_error(job, now, cheapest_us)
-        # Only accepted jobs inform the hedges: refused ones never load the device.
-        if observe:
-            self._observe_arrival(job, now, cheapest_us)
+            raise self.deadline_error(job, now, cheapest_us)
+        if observe:  # only accepted jobs inform the policy: refused ones never load the device
+            policy.observe_arrival(job, now, cheapest_us)
         job.pending = len(tasks)
 
-    def _observe_arrival(self, job: Job, now: float, cheapest_us: int) -> None:
-        """Update what the hedges know of arrivals: headroom, rate and work."""
-        if not math.isinf(job.deadline):
-            headroom = (job.deadline - now) * 1e6 - cheapest_us
-            self._headroom_us = (
-                headroom if self._headroom_us == 0.0 else 0.9 * self._headroom_us + 0.1 * headroom
-            )
-            low = self._headroom_low_us  # tracks a low quantile: quick down, slow up
-            self._headroom_low_us = (
-                headroom if low == 0.0 else low + (headroom - low) * (0.2 if headroom < low else 0.01)
-            )
-        self._decay_to(now)
-        self._work += cheapest_us / 1e6 / self.config.load_window_s
-        if self.in_flight is not None:
-            self._busy_arrivals += 1.0
-
-    def _initial_option(self, task: Task, now: float, share: float) -> int:
-        """The most accurate option meeting the job's own deadline (aggressive: the cheapest)."""
-        job = task.job
-        top = len(task.lat) - 1
-        if self.config.policy == "aggressive":
-            return 0
-        if math.isinf(job.deadline):
-            return top
-        k = bisect.bisect_right(task.lat, (job.deadline - now) * 1e6 * share) - 1
-        return max(k, 0)
-
-    def _full(self, available: Configuration, n: int) -> Strategy:
-        """Every available modality for every request (need not be on the frontier)."""
-        key = (available, n)
-        strategy = self._full_strategies.get(key)
-        if strategy is None:
-            groups = ((available, n),)
-            strategy = Strategy(groups, self.cost.latency_us(groups), self.cost.accuracy_units(groups))
-            self._full_strategies[key] = strategy
-        return strategy
-
-    def _deadline_error(self, job: Job, now: float, predicted_us: int) -> DeadlineError:
+    def deadline_error(self, job: Job, now: float, predicted_us: int) -> DeadlineError:
+        """The error of a job that cannot make its deadline (``predicted_us`` from ``now``)."""
         finish_ms = (now - job.arrival) * 1000.0 + predicted_us / 1000.0
         fitting = None
         if len(job.tasks) == 1 and not math.isinf(job.deadline):
@@ -580,63 +428,60 @@ class Scheduler:
         """Take a cancelled job's queued tasks out of the queue; True if any were queued."""
         queued = [t for t in job.tasks if t.queued]
         for task in queued:
-            self._remove(task)
+            self.remove(task)
         if job.error is None:
             job.error = concurrent.futures.CancelledError()
             self.stats.count("cancelled")
         return bool(queued)
 
-    def _fail_job(self, job: Job, error: BaseException, reason: str) -> Failure:
+    def fail_job(self, job: Job, error: BaseException, reason: str) -> Failure:
+        """Fail a job: its queued tasks leave the queue; counted as ``failed_<reason>``."""
         for task in job.tasks:
             if task.queued:
-                self._remove(task)
+                self.remove(task)
         if job.error is None:
             job.error = error
             self.stats.count(f"failed_{reason}")
         return (job, error)
 
+    def fail(self, job: Job, error: BaseException) -> Failure | None:
+        """Fail a job now (a driver's last resort); None if it had already failed."""
+        if job.error is not None:
+            return None
+        return self.fail_job(job, error, "error")
+
     # ------------------------------------------------------------------ re-assignment
 
-    def _replan(self, now: float) -> list[Failure]:
-        """Predict finishes; on a predicted miss, re-assign the queued prefix up to the last one."""
-        policy = self.config.policy
-        if not self.queue or policy in _ALL_MODALITIES:
-            return []
-        start_us = int(self._start(now) * 1e6)
-        finish = start_us + np.cumsum(self._lat)
-        late = np.flatnonzero(finish > self._dl)
-        if not len(late):
-            return []
-        self.stats.count("violations_predicted")
-        end = int(late[-1]) + 1
-        if policy == "aggressive":
-            for i, task in enumerate(self.queue[:end]):
-                if task.k:
-                    self._set_k(task, 0, i)
+    def repair(self, now: float, end: int) -> list[Failure]:
+        """Lower options of the first ``end`` tasks until every deadline holds; fail the doomed.
+
+        The shared greedy (:func:`mosel.assign.greedy_repair`): a job that cannot fit even with
+        every job before it at its cheapest option is doomed, and fails with
+        :class:`~mosel.errors.DeadlineError` (a best-effort one drops to its cheapest option).
+        """
+        start_us = int(self.start(now) * 1e6)
+        finish = start_us + np.cumsum(self.latency_us)
         queue = self.queue
 
         def take(i: int) -> tuple[int, int]:
             task = queue[i]
-            self._set_k(task, step_down(task.lat, task.acc, task.k)[0], i)
-            return int(self._save[i]), int(self._loss[i])
+            self.set_option(task, step_down(task.lat, task.acc, task.k)[0], i)
+            return int(self.save_us[i]), int(self.loss_units[i])
 
         _, doomed = greedy_repair(
-            self._lat, self._dl, self._low, self._save, self._loss, start_us, take, limit=end
-        )
+            self.latency_us, self.deadlines_us, self.cheapest_us, self.save_us, self.loss_units,
+            start_us, take, limit=end,
+        )  # fmt: skip
         self.stats.count("greedy_assignments")
         failures = []
-        doomed_tasks = [(queue[i], int(finish[i])) for i in doomed]
-        for task, predicted in doomed_tasks:
+        for task, predicted in [(queue[i], int(finish[i])) for i in doomed]:
             job = task.job
             if job.best_effort:
-                self._set_k(task, 0)
+                self.set_option(task, 0)
                 continue
             if job.error is None:
-                failures.append(
-                    self._fail_job(job, self._deadline_error(job, now, predicted - int(now * 1e6)), "doomed")
-                )
-        if policy == "mosel":
-            self._request_improvement(now)
+                error = self.deadline_error(job, now, predicted - int(now * 1e6))
+                failures.append(self.fail_job(job, error, "doomed"))
         return failures
 
     def expire(self, now: float) -> list[Failure]:
@@ -649,7 +494,16 @@ class Scheduler:
         if self.in_flight is None or not self.queue:
             return []
         self.busy_until = max(self.busy_until, now)  # at least: the batch is still running
-        return self._replan(now)
+        failures = self.policy.replan(now)
+        # Whatever the policy: a job that cannot fit even at every cheapest option fails now.
+        late = self.deadlines_us < int(now * 1e6) + np.cumsum(self.cheapest_us)
+        for i in np.flatnonzero(late & ~self.lenient)[::-1].tolist():
+            job = self.queue[i].job
+            if job.error is None:
+                failures.append(
+                    self.fail_job(job, self.deadline_error(job, now, self.queue[i].lat[0]), "doomed")
+                )
+        return failures
 
     def next_expiry(self) -> float | None:
         """When :meth:`expire` should next run (None: nothing runs, or nothing can expire).
@@ -658,226 +512,37 @@ class Scheduler:
         """
         if self.in_flight is None or not self.queue:
             return None
-        latest = self._dl - np.cumsum(self._low)
-        latest = latest[~self._lenient & (self._dl < NO_DEADLINE_US)]
+        latest = self.deadlines_us - np.cumsum(self.cheapest_us)
+        latest = latest[~self.lenient & (self.deadlines_us < NO_DEADLINE_US)]
         if not len(latest):
             return None
         return max(float(latest.min()) / 1e6, self.busy_until)
 
-    def _request_improvement(self, now: float) -> None:
-        if self._solve_async is None and not self.config.deterministic:
-            return
-        if self._solving:
-            self._resolve = True
-            return
-        if now < self._solver_rest_until:
-            self.stats.count("solver_rested")
-            return
-        finite = np.flatnonzero(self._dl < NO_DEADLINE_US)
-        if not len(finite):
-            return
-        end = min(int(finite[-1]) + 1, self.config.solver_window)
-        start_us = int(self._start(now) * 1e6)
-        finish = start_us + np.cumsum(self._lat)
-        budget = None
-        if end < len(self.queue):  # jobs behind the window keep their slack
-            budget = int(finish[end - 1] - start_us + max(0, int((self._dl[end:] - finish[end:]).min())))
-        snapshot = self.queue[:end]
-        items = [t.item for t in snapshot]
-        hint = [t.k for t in snapshot]
-        version = self._version
-
-        def solve() -> tuple[list[int] | None, float]:
-            started = time.perf_counter()
-            ks, _ = cpsat_assign(
-                items,
-                start_us,
-                hint,
-                time_limit_s=self.config.solver_time_limit_s,
-                deterministic=self.config.deterministic,
-                budget_us=budget,
-            )
-            return ks, (time.perf_counter() - started) * 1000.0
-
-        if self.config.deterministic:
-            ks, elapsed_ms = solve()
-            self._finish_improvement(snapshot, version, ks, elapsed_ms, now)
-            return
-        assert self._solve_async is not None
-        self._solving = True
-
-        def run() -> None:
-            ks, elapsed_ms = solve()
-            self._pending_improvement = (snapshot, version, ks, elapsed_ms)
-
-        self._solve_async(run)
-
     def apply_pending_improvement(self, now: float) -> list[Failure]:
         """Called by the driver (under its lock) once an asynchronous solve has returned."""
-        pending, self._pending_improvement = self._pending_improvement, None
-        self._solving = False
-        if pending is not None:
-            self._finish_improvement(*pending, now)
-            rest_ms = pending[3] * (1.0 / self.config.solver_share - 1.0) * self._solver_backoff
-            self._solver_rest_until = now + rest_ms / 1000.0
-        if self._resolve:
-            self._resolve = False
-            return self._replan(now)
-        return []
+        return self.policy.solved(now)
 
-    def _finish_improvement(
-        self, snapshot: list[Task], version: int, ks: list[int] | None, elapsed_ms: float, now: float
-    ) -> None:
-        self.stats.observe("solver", elapsed_ms)
-        if ks is None:
-            self.stats.count("solver_no_answer")
-            return
-        # Valid only if the queue still starts with exactly these tasks and every deadline holds now.
-        end = len(snapshot)
-        if version != self._version or self.queue[:end] != snapshot:
-            self.stats.count("solver_stale")
-            return
-        latency = self._lat.copy()
-        latency[:end] = [t.lat[k] for t, k in zip(snapshot, ks)]
-        finish = int(self._start(now) * 1e6) + np.cumsum(latency)
-        if (finish > self._dl).any():
-            self.stats.count("solver_stale")
-            return
-        if sum(t.acc[k] for t, k in zip(snapshot, ks)) > sum(t.acc[t.k] for t in snapshot):
-            for i, (task, k) in enumerate(zip(snapshot, ks)):
-                self._set_k(task, k, i)
-            self.stats.count("solver_improved")
-            self._solver_backoff = 1.0
-        else:
-            self._solver_backoff = min(64.0, 2.0 * self._solver_backoff)
-            self.stats.count("solver_confirmed")
+    def solver_gone(self) -> None:
+        """The driver can no longer run asynchronous solves (it is closing)."""
+        self.solve_async = None
+        self.policy.solved(-math.inf)
 
     # ------------------------------------------------------------------ dispatch
 
     def dispatch(self, now: float) -> tuple[Batch | None, list[Failure]]:
-        """Take the next batch for the executor (late binding happens here)."""
-        failures: list[Failure] = []
-        policy = self.config.policy
-        now_us = int(now * 1e6)
-        while self.queue:
-            head = self.queue[0]
-            top = len(head.lat) - 1
-            if policy in ("mosel", "greedy") and head.k < top:
-                finish = now_us + np.cumsum(self._lat)
-                slack = int((self._dl - finish).min())
-                extra = head.lat[head.k] + slack
-                self._set_k(head, max(head.k, bisect.bisect_right(head.lat, extra) - 1), 0)
-            finish_us = now_us + head.lat[head.k]
-            deadline = int(self._dl[0])
-            if finish_us > deadline and not head.job.best_effort and policy != "batcher":
-                if policy != "agnostic":
-                    fits = bisect.bisect_right(head.lat, deadline - now_us) - 1
-                    if fits >= 0:
-                        self._set_k(head, fits, 0)
-                        break
-                failures.append(
-                    self._fail_job(head.job, self._deadline_error(head.job, now, head.lat[0]), "late")
-                )
-                continue
-            if finish_us > deadline and policy not in _ALL_MODALITIES:  # best effort: late, fast
-                self._set_k(head, 0, 0)
-            break
-        if not self.queue:
+        """Take the next batch for the executor (the policy binds its options here)."""
+        tasks, failures = self.policy.dispatch(now)
+        if not tasks:
             return None, failures
-        self._waiting = 0.9 * self._waiting + 0.1 * (len(self.queue) - 1)
-        tasks = [self.queue[0]]
-        self._remove(tasks[0])
-        if self.config.batching:
-            limit = self.profile.max_batch_size
-            separate = tasks[0].lat[tasks[0].k]
-            rows = tasks[0].n
-            while self.queue and len(tasks) < self.config.max_merge:
-                nxt = self.queue[0]
-                if nxt.frontier.available != tasks[0].frontier.available or rows + nxt.n > limit:
-                    break
-                latency = self._merged_latency_us([*tasks, nxt])
-                alone = nxt.lat[nxt.k]
-                earliest_us = min(deadline_us(t.job) for t in [*tasks, nxt])
-                helps = latency < separate + alone and now_us + latency <= earliest_us
-                if not helps and policy != "batcher":  # a batcher batches regardless
-                    break
-                self._remove(nxt)
-                tasks.append(nxt)
-                separate += alone
-                rows += nxt.n
-        self._hedge(tasks, now)
         return self._launch(tasks, now), failures
-
-    def _merged_latency_us(self, tasks: Sequence[Task]) -> int:
-        if len(tasks) == 1:
-            self._refresh(tasks[0])
-            return tasks[0].lat[tasks[0].k]
-        return self.corrected_latency_us(list(_merged_groups(tasks).items()))
-
-    def _decay_to(self, now: float) -> None:
-        """Age the recent-load sums to ``now`` (exponential decay over ``load_window_s``)."""
-        if now > self._rate_at:
-            decay = math.exp((self._rate_at - now) / self.config.load_window_s)
-            self._work *= decay
-            self._busy_arrivals *= decay
-            self._busy_s *= decay
-            self._rate_at = now
-
-    def _hedge(self, tasks: list[Task], now: float) -> None:
-        """Shorten the batch about to run so that work arriving meanwhile keeps its chance.
-
-        Three caps on the batch's latency (mosel and greedy policies): a job arriving during the
-        run must still fit in its headroom (``risk``); under load, the run takes at most ``hedge``
-        of the typical headroom; every queued job must keep, beyond its cheapest strategy, the
-        time that recent arrivals' work will take until its deadline (``reserve``).
-        """
-        if self.config.policy not in ("mosel", "greedy"):
-            return
-        self._decay_to(now)
-        cap = math.inf
-        # Arrivals per second of running: a lone caller waiting for each result never arrives
-        # while its own job runs, so it is never hedged against itself.
-        if self.config.risk > 0 and self._headroom_low_us > 0 and self._busy_arrivals > 0 < self._busy_s:
-            rate = self._busy_arrivals / self._busy_s
-            cap = self._headroom_low_us + self.config.risk / rate * 1e6
-        if self.config.hedge > 0 and self._waiting >= 1.0:
-            cap = min(cap, self.config.hedge * self._headroom_us)
-        if self.config.reserve > 0 and self.queue:
-            reserve = min(1.0, self.config.reserve * self._work)
-            remaining = (self._dl - now * 1e6).astype(np.float64)
-            ahead = np.cumsum(self._low)
-            cap = min(cap, float((remaining * (1.0 - reserve) - ahead).min()))
-        latency = self._merged_latency_us(tasks)
-        if latency <= cap:
-            return
-        self.stats.count("hedged")
-        if len(tasks) == 1:
-            task = tasks[0]
-            task.k = min(task.k, max(bisect.bisect_right(task.lat, cap) - 1, 0))
-            return
-        while latency > cap:
-            excess = latency - cap
-            while excess > 0:
-                lowerable = [t for t in tasks if t.k > 0]
-                if not lowerable:
-                    return
-                task = max(lowerable, key=self._step_value)
-                excess -= task.lat[task.k] - task.lat[task.k - 1]
-                task.k -= 1
-            latency = self._merged_latency_us(tasks)
-
-    def _step_value(self, task: Task) -> float:
-        """Microseconds saved per accuracy unit lost by lowering ``task`` one option."""
-        saved = task.lat[task.k] - task.lat[task.k - 1]
-        return saved / max(1, task.acc[task.k] - task.acc[task.k - 1])
 
     def _launch(self, tasks: list[Task], now: float) -> Batch:
         """Mark ``tasks`` as running from ``now`` and describe them as one batch."""
-        merged_latency = self._merged_latency_us(tasks)
+        merged_latency = self.merged_latency_us(tasks)
         if len(tasks) == 1:
             merged = tasks[0].strategy
         else:
-            order = execution_order(list(_merged_groups(tasks).items()), self.cost.modalities)
+            order = execution_order(list(merged_groups(tasks).items()), self.cost.modalities)
             merged = Strategy(order, self.cost.latency_us(order), self.cost.accuracy_units(order))
             self.stats.count("batches_merged")
             self.stats.count("jobs_in_merged_batches", len(tasks))
@@ -889,9 +554,8 @@ class Scheduler:
                 self.stats.observe("queue_wait", (now - job.arrival) * 1000.0)
             job.predicted_us += merged_latency
         self.in_flight = batch
-        self._decay_to(now)
-        self._busy_s += merged_latency / 1e6
         self.busy_until = now + merged_latency / 1e6
+        self.policy.observe_launch(batch, now)
         return batch
 
     # ------------------------------------------------------------------ completion
@@ -926,7 +590,7 @@ class Scheduler:
             error = (errors or {}).get(position)
             if error is not None:
                 if job.error is None:
-                    failures.append(self._fail_job(job, error, "error"))
+                    failures.append(self.fail_job(job, error, "error"))
                 continue
             job.pending -= 1
             if job.pending == 0 and job.error is None:
@@ -938,7 +602,7 @@ class Scheduler:
                         served[key] = served.get(key, 0) + count
                 self.stats.job_done(now <= job.deadline, (now - job.arrival) * 1000.0, served)
                 done.append(job)
-        failures += self._replan(now)
+        failures += self.policy.replan(now)
         return done, failures
 
     def _correct(self, batch: Batch, measured_us: float, parts_us: Mapping[str, float] | None) -> None:
@@ -967,7 +631,7 @@ class Scheduler:
                 self.correction[part] = min(max((1 - alpha) * level + alpha * ratio, 1e-3), 1e6)
         if any(abs(self.correction[p] / self._published[p] - 1) > 0.02 for p in predicted):
             self._published = dict(self.correction)
-            self._version += 1
+            self.version += 1
             self._latency_cache.clear()
             self._refresh_queue()
             self.stats.set_correction(self.correction)
@@ -981,7 +645,7 @@ class Scheduler:
         for task in list(self.queue):
             if task.queued and task.job.error is None:
                 failures.append(
-                    self._fail_job(
+                    self.fail_job(
                         task.job,
                         ShutdownError("the model's scheduler was closed before this job ran"),
                         "shutdown",
@@ -990,8 +654,8 @@ class Scheduler:
         return failures
 
 
-def _merged_groups(tasks: Sequence[Task]) -> dict[Configuration, int]:
-    """Rows per configuration over ``tasks``."""
+def merged_groups(tasks: Sequence[Task]) -> dict[Configuration, int]:
+    """Rows per configuration over ``tasks`` at their current options."""
     groups: dict[Configuration, int] = {}
     for task in tasks:
         for config, count in task.strategy.groups:

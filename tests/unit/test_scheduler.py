@@ -165,7 +165,7 @@ def test_the_solver_rests_between_solves(profile: mosel.Profile) -> None:
     assert len(solves) == 1  # one solve at a time; later requests wait for it
     solves.pop()()  # the helper thread runs it
     scheduler.apply_pending_improvement(0.0)
-    rest_s = scheduler._solver_rest_until
+    rest_s = scheduler.policy.rest_until  # type: ignore[attr-defined]
     assert rest_s > 0.0
     admit(rest_s / 2)
     assert not solves and scheduler.stats.snapshot().counters["solver_rested"] > 0

@@ -1,0 +1,585 @@
+"""Scheduling policies: what the scheduler core runs, at which option, and whom it fails.
+
+The core (:class:`mosel.scheduler.Scheduler`) owns the queue, admission, completion and the
+latency correction, and knows no policy by name. A policy is one object per scheduler, called
+under the driver's lock at four moments:
+
+* :meth:`Policy.initial`: a job's initial option at admission;
+* :meth:`Policy.replan`: whenever the queue changed (an arrival, a completion, the watchdog);
+* :meth:`Policy.dispatch`: the device is free; bind options and choose the tasks of one batch;
+* :meth:`Policy.alone`: a lone job is about to run at once on an idle device.
+
+Class attributes say what the core must know up front: :attr:`Policy.every_modality` (tasks run
+every available modality, no choice), :attr:`Policy.fifo` (arrival order instead of earliest
+deadline first) and :attr:`Policy.refuse_late` (a job that cannot make its deadline even alone is
+refused at admission and dropped at dispatch).
+
+``mosel`` is the default; the others are the baselines it is measured against, available by name
+in :class:`~mosel.scheduler.SchedulerConfig` for A/B tests. A policy of one's own subclasses
+:class:`Policy` and is passed as ``SchedulerConfig(policy=MyPolicy)``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+from mosel.assign import cpsat_assign
+from mosel.jobs import NO_DEADLINE_US, Batch, Failure, Job, Task, deadline_us
+
+if TYPE_CHECKING:
+    from mosel.scheduler import Scheduler
+
+__all__ = [
+    "POLICIES",
+    "Aggressive",
+    "Agnostic",
+    "AgnosticPlus",
+    "Batcher",
+    "Greedy",
+    "Mosel",
+    "Policy",
+    "policy_class",
+]
+
+
+class Policy:
+    """Base class of scheduling policies; by default EDF, deadline-fitting options, no re-planning.
+
+    Subclasses override the hooks they need and use the building blocks (:meth:`bind_head`,
+    :meth:`take_batch`) and the core's primitives (``core.set_option``, ``core.repair``,
+    ``core.fail_job``, the queue arrays ``core.latency_us``, ``core.deadlines_us``, ...).
+    """
+
+    name: ClassVar[str] = "custom"
+    every_modality: ClassVar[bool] = False
+    """Every task runs every available modality (its one fixed strategy)."""
+    fifo: ClassVar[bool] = False
+    """Queue in arrival order rather than earliest deadline first."""
+    refuse_late: ClassVar[bool] = True
+    """Refuse (at admission) and drop (at dispatch) jobs that cannot make their deadline."""
+    merge_always: ClassVar[bool] = False
+    """Merge consecutive queued jobs into a batch even when the cost model says it does not help."""
+
+    def __init__(self, core: Scheduler) -> None:
+        self.core = core
+
+    # ------------------------------------------------------------------ hooks
+
+    def initial(self, task: Task, now: float, share: float) -> int:
+        """The initial option of a task: the most accurate that meets the job's own deadline.
+
+        ``share`` is the task's share of the job's time when the job is split into chunks.
+        """
+        job = task.job
+        if math.isinf(job.deadline):
+            return len(task.lat) - 1
+        return max(bisect.bisect_right(task.lat, (job.deadline - now) * 1e6 * share) - 1, 0)
+
+    def observe_arrival(self, job: Job, now: float, cheapest_us: int) -> None:
+        """An accepted job arrived (its cheapest strategies take ``cheapest_us`` in all)."""
+
+    def observe_launch(self, batch: Batch, now: float) -> None:
+        """A batch started running."""
+
+    def replan(self, now: float) -> list[Failure]:
+        """The queue changed: re-assign options, fail jobs that cannot make it."""
+        return []
+
+    def solved(self, now: float) -> list[Failure]:
+        """An asynchronous solve requested through ``core.solve_async`` has returned."""
+        return []
+
+    def alone(self, task: Task, now: float) -> None:
+        """A lone job is about to run at once on an idle device (its option can still change)."""
+
+    def dispatch(self, now: float) -> tuple[list[Task], list[Failure]]:
+        """Bind the head's option, drop what cannot make it, and take the next batch's tasks."""
+        failures = self.bind_head(now)
+        if not self.core.queue:
+            return [], failures
+        return self.take_batch(now), failures
+
+    # ------------------------------------------------------------------ building blocks
+
+    def upgrade_head(self, head: Task, now: float) -> None:
+        """Late binding: raise the head to the most accurate option every queued job's slack absorbs."""
+        core = self.core
+        if head.k >= len(head.lat) - 1:
+            return
+        finish = int(now * 1e6) + np.cumsum(core.latency_us)
+        slack = int((core.deadlines_us - finish).min())
+        extra = head.lat[head.k] + slack
+        core.set_option(head, max(head.k, bisect.bisect_right(head.lat, extra) - 1), 0)
+
+    def bind_head(self, now: float, upgrade: bool = False) -> list[Failure]:
+        """Settle the queue's head: a head that would finish late is lowered to fit or failed."""
+        core = self.core
+        failures: list[Failure] = []
+        now_us = int(now * 1e6)
+        while core.queue:
+            head = core.queue[0]
+            if upgrade:
+                self.upgrade_head(head, now)
+            finish_us = now_us + head.lat[head.k]
+            deadline = int(core.deadlines_us[0])
+            if finish_us > deadline and not head.job.best_effort and self.refuse_late:
+                if not self.every_modality:
+                    fits = bisect.bisect_right(head.lat, deadline - now_us) - 1
+                    if fits >= 0:
+                        core.set_option(head, fits, 0)
+                        break
+                error = core.deadline_error(head.job, now, head.lat[0])
+                failures.append(core.fail_job(head.job, error, "late"))
+                continue
+            if finish_us > deadline and not self.every_modality:  # best effort: late, but fast
+                core.set_option(head, 0, 0)
+            break
+        return failures
+
+    def take_batch(self, now: float) -> list[Task]:
+        """The head and the consecutive queued tasks worth running with it as one batch.
+
+        A follower joins while the batch stays within ``max_batch_size`` rows and
+        ``max_merge`` jobs, shares the head's available modalities, the merged batch is predicted
+        faster than running them one after another, and every member still meets its deadline.
+        """
+        core = self.core
+        tasks = [core.queue[0]]
+        core.remove(tasks[0])
+        if not core.config.batching:
+            return tasks
+        now_us = int(now * 1e6)
+        limit = core.profile.max_batch_size
+        separate = tasks[0].lat[tasks[0].k]
+        rows = tasks[0].n
+        earliest = deadline_us(tasks[0].job)
+        while core.queue and len(tasks) < core.config.max_merge:
+            nxt = core.queue[0]
+            if nxt.frontier.available != tasks[0].frontier.available or rows + nxt.n > limit:
+                break
+            latency = core.merged_latency_us([*tasks, nxt])
+            alone = nxt.lat[nxt.k]
+            earliest = min(earliest, deadline_us(nxt.job))
+            helps = latency < separate + alone and now_us + latency <= earliest
+            if not helps and not self.merge_always:
+                break
+            core.remove(nxt)
+            tasks.append(nxt)
+            separate += alone
+            rows += nxt.n
+        return tasks
+
+
+class Agnostic(Policy):
+    """Every modality, earliest deadline first, late jobs dropped at dispatch: the paper's baseline."""
+
+    name = "agnostic"
+    every_modality = True
+
+
+class Batcher(Policy):
+    """FIFO dynamic batching of every modality that never drops (Triton or Ray Serve defaults)."""
+
+    name = "batcher"
+    every_modality = True
+    fifo = True
+    refuse_late = False
+    merge_always = True
+
+
+class Aggressive(Policy):
+    """Every job at its cheapest admissible strategy; doomed jobs fail at once."""
+
+    name = "aggressive"
+
+    def initial(self, task: Task, now: float, share: float) -> int:
+        """Always the cheapest admissible option."""
+        return 0
+
+    def replan(self, now: float) -> list[Failure]:
+        """Fail the jobs that cannot make it even with every job at its cheapest option."""
+        core = self.core
+        if not core.queue:
+            return []
+        late = np.flatnonzero(core.finishes_us(now) > core.deadlines_us)
+        if not len(late):
+            return []
+        core.stats.count("violations_predicted")
+        end = int(late[-1]) + 1
+        for i, task in enumerate(core.queue[:end]):
+            if task.k:
+                core.set_option(task, 0, i)
+        return core.repair(now, end)
+
+
+class Greedy(Policy):
+    """The online stage without CP-SAT: greedy re-assignment, late binding and the hedges.
+
+    On a predicted miss the queue prefix up to the last late job is repaired greedily
+    (``core.repair``). At dispatch the head is raised to the most accurate option the queue's
+    slack absorbs, consecutive jobs are merged when that helps, and three hedges cap the batch's
+    latency for the jobs that will arrive while it runs (``SchedulerConfig.hedge``, ``risk``,
+    ``reserve``; see ``docs/online.md``).
+    """
+
+    name = "greedy"
+
+    def __init__(self, core: Scheduler) -> None:
+        super().__init__(core)
+        self.headroom_us = 0.0  # EWMA over arrivals: deadline - arrival - cheapest latency
+        self.headroom_low_us = 0.0  # a low quantile of arrivals' headroom
+        self.waiting = 0.0  # EWMA over dispatches: tasks left waiting behind the dispatched one
+        self.work = 0.0  # cheapest-strategy seconds arriving per second, decaying over load_window_s
+        self.busy_arrivals = 0.0  # arrivals that found a batch running, same decay
+        self.busy_s = 0.0  # time spent running batches, same decay
+        self.rate_at = 0.0
+
+    def observe_arrival(self, job: Job, now: float, cheapest_us: int) -> None:
+        """Update what the hedges know of arrivals: headroom, rate and work."""
+        if not math.isinf(job.deadline):
+            headroom = (job.deadline - now) * 1e6 - cheapest_us
+            self.headroom_us = (
+                headroom if self.headroom_us == 0.0 else 0.9 * self.headroom_us + 0.1 * headroom
+            )
+            low = self.headroom_low_us  # tracks a low quantile: quick down, slow up
+            self.headroom_low_us = (
+                headroom if low == 0.0 else low + (headroom - low) * (0.2 if headroom < low else 0.01)
+            )
+        self.decay_to(now)
+        self.work += cheapest_us / 1e6 / self.core.config.load_window_s
+        if self.core.in_flight is not None:
+            self.busy_arrivals += 1.0
+
+    def observe_launch(self, batch: Batch, now: float) -> None:
+        """Count the batch's predicted time as time spent running."""
+        self.decay_to(now)
+        self.busy_s += batch.predicted_us / 1e6
+
+    def decay_to(self, now: float) -> None:
+        """Age the recent-load sums to ``now`` (exponential decay over ``load_window_s``)."""
+        if now > self.rate_at:
+            decay = math.exp((self.rate_at - now) / self.core.config.load_window_s)
+            self.work *= decay
+            self.busy_arrivals *= decay
+            self.busy_s *= decay
+            self.rate_at = now
+
+    def replan(self, now: float) -> list[Failure]:
+        """On a predicted miss, repair the prefix up to the last late job."""
+        core = self.core
+        if not core.queue:
+            return []
+        late = np.flatnonzero(core.finishes_us(now) > core.deadlines_us)
+        if not len(late):
+            return []
+        core.stats.count("violations_predicted")
+        failures = core.repair(now, int(late[-1]) + 1)
+        self.repaired(now)
+        return failures
+
+    def repaired(self, now: float) -> None:
+        """Called after each greedy repair (the mosel policy asks CP-SAT to improve on it)."""
+
+    def alone(self, task: Task, now: float) -> None:
+        """A lone job is hedged like any batch."""
+        self.hedge([task], now)
+
+    def dispatch(self, now: float) -> tuple[list[Task], list[Failure]]:
+        """Late-bind the head, merge the followers that help, hedge the batch."""
+        core = self.core
+        failures = self.bind_head(now, upgrade=True)
+        if not core.queue:
+            return [], failures
+        self.waiting = 0.9 * self.waiting + 0.1 * (len(core.queue) - 1)
+        tasks = self.take_batch(now)
+        self.hedge(tasks, now)
+        return tasks, failures
+
+    def hedge(self, tasks: list[Task], now: float) -> None:
+        """Shorten the batch about to run so that work arriving meanwhile keeps its chance.
+
+        Three caps on the batch's latency: a job arriving during the run must still fit in its
+        headroom (``risk``); under load, the run takes at most ``hedge`` of the typical headroom;
+        every queued job must keep, beyond its cheapest strategy, the time that recent arrivals'
+        work will take until its deadline (``reserve``). The batch is lowered cheapest accuracy
+        loss per microsecond first, never below a floor.
+        """
+        core = self.core
+        config = core.config
+        self.decay_to(now)
+        cap = math.inf
+        # Arrivals per second of running: a lone caller waiting for each result never arrives
+        # while its own job runs, so it is never hedged against itself.
+        if config.risk > 0 and self.headroom_low_us > 0 and self.busy_arrivals > 0 < self.busy_s:
+            rate = self.busy_arrivals / self.busy_s
+            cap = self.headroom_low_us + config.risk / rate * 1e6
+        if config.hedge > 0 and self.waiting >= 1.0:
+            cap = min(cap, config.hedge * self.headroom_us)
+        if config.reserve > 0 and core.queue:
+            reserve = min(1.0, config.reserve * self.work)
+            remaining = (core.deadlines_us - now * 1e6).astype(np.float64)
+            ahead = np.cumsum(core.cheapest_us)
+            cap = min(cap, float((remaining * (1.0 - reserve) - ahead).min()))
+        latency = core.merged_latency_us(tasks)
+        if latency <= cap:
+            return
+        core.stats.count("hedged")
+        if len(tasks) == 1:
+            task = tasks[0]
+            task.k = min(task.k, max(bisect.bisect_right(task.lat, cap) - 1, 0))
+            return
+        while latency > cap:
+            excess = latency - cap
+            while excess > 0:
+                lowerable = [t for t in tasks if t.k > 0]
+                if not lowerable:
+                    return
+                task = max(lowerable, key=_step_value)
+                excess -= task.lat[task.k] - task.lat[task.k - 1]
+                task.k -= 1
+            latency = core.merged_latency_us(tasks)
+
+
+def _step_value(task: Task) -> float:
+    """Microseconds saved per accuracy unit lost by lowering ``task`` one option."""
+    saved = task.lat[task.k] - task.lat[task.k - 1]
+    return saved / max(1, task.acc[task.k] - task.acc[task.k - 1])
+
+
+class Mosel(Greedy):
+    """The default: :class:`Greedy` at once, then CP-SAT improves the assignment of the queue head.
+
+    After each greedy repair, CP-SAT (on the driver's helper thread, or inline and deterministic
+    in simulations) re-assigns the first ``solver_window`` queued tasks exactly, under every
+    job's own deadline and floor; its answer is applied only if the queue has not changed, every
+    deadline still holds, and it is more accurate. The helper rests between solves
+    (``solver_share``).
+    """
+
+    name = "mosel"
+
+    def __init__(self, core: Scheduler) -> None:
+        super().__init__(core)
+        self.solving = False
+        self.again = False  # a repair happened while solving: solve again afterwards
+        self.rest_until = -math.inf  # solver_share: no asynchronous solve before this
+        self.backoff = 1.0  # doubles after each solve that did not improve on greedy
+        self.pending: tuple[list[Task], int, list[int] | None, float] | None = None
+
+    def repaired(self, now: float) -> None:
+        """Ask CP-SAT to improve on the greedy repair, if it is allowed to run now."""
+        core = self.core
+        config = core.config
+        if core.solve_async is None and not config.deterministic:
+            return
+        if self.solving:
+            self.again = True
+            return
+        if now < self.rest_until:
+            core.stats.count("solver_rested")
+            return
+        finite = np.flatnonzero(core.deadlines_us < NO_DEADLINE_US)
+        if not len(finite):
+            return
+        end = min(int(finite[-1]) + 1, config.solver_window)
+        start_us = int(core.start(now) * 1e6)
+        finish = start_us + np.cumsum(core.latency_us)
+        budget = None
+        if end < len(core.queue):  # jobs behind the window keep their slack
+            behind = int((core.deadlines_us[end:] - finish[end:]).min())
+            budget = int(finish[end - 1] - start_us + max(0, behind))
+        snapshot = core.queue[:end]
+        items = [t.item for t in snapshot]
+        hint = [t.k for t in snapshot]
+        version = core.version
+
+        def solve() -> tuple[list[int] | None, float]:
+            started = time.perf_counter()
+            ks, _ = cpsat_assign(
+                items,
+                start_us,
+                hint,
+                time_limit_s=config.solver_time_limit_s,
+                deterministic=config.deterministic,
+                budget_us=budget,
+            )
+            return ks, (time.perf_counter() - started) * 1000.0
+
+        if config.deterministic:
+            ks, elapsed_ms = solve()
+            self.apply(snapshot, version, ks, elapsed_ms, now)
+            return
+        assert core.solve_async is not None
+        self.solving = True
+
+        def run() -> None:
+            ks, elapsed_ms = solve()
+            self.pending = (snapshot, version, ks, elapsed_ms)
+
+        core.solve_async(run)
+
+    def solved(self, now: float) -> list[Failure]:
+        """Apply the returned solve if still valid; rest; solve again if asked meanwhile."""
+        pending, self.pending = self.pending, None
+        self.solving = False
+        if pending is not None:
+            self.apply(*pending, now)
+            rest_ms = pending[3] * (1.0 / self.core.config.solver_share - 1.0) * self.backoff
+            self.rest_until = now + rest_ms / 1000.0
+        if self.again and math.isfinite(now):
+            self.again = False
+            return self.replan(now)
+        return []
+
+    def apply(
+        self, snapshot: list[Task], version: int, ks: list[int] | None, elapsed_ms: float, now: float
+    ) -> None:
+        """Take a CP-SAT assignment if the queue still starts with ``snapshot`` and it is better."""
+        core = self.core
+        core.stats.observe("solver", elapsed_ms)
+        if ks is None:
+            core.stats.count("solver_no_answer")
+            return
+        end = len(snapshot)
+        if version != core.version or core.queue[:end] != snapshot:
+            core.stats.count("solver_stale")
+            return
+        latency = core.latency_us.copy()
+        latency[:end] = [t.lat[k] for t, k in zip(snapshot, ks)]
+        finish = int(core.start(now) * 1e6) + np.cumsum(latency)
+        if (finish > core.deadlines_us).any():
+            core.stats.count("solver_stale")
+            return
+        if sum(t.acc[k] for t, k in zip(snapshot, ks)) > sum(t.acc[t.k] for t in snapshot):
+            for i, (task, k) in enumerate(zip(snapshot, ks)):
+                core.set_option(task, k, i)
+            core.stats.count("solver_improved")
+            self.backoff = 1.0
+        else:
+            self.backoff = min(64.0, 2.0 * self.backoff)
+            core.stats.count("solver_confirmed")
+
+
+class AgnosticPlus(Agnostic):
+    """A careful all-modality server: batch-aware shedding and batching that may skip jobs.
+
+    What a deadline-aware Triton or Ray Serve deployment could do without modality selection:
+
+    * prediction that merges consecutive jobs exactly as dispatch would;
+    * shedding (weighted Moore-Hodgson): while a queued job is predicted late, the job at or
+      before it with the fewest requests per microsecond fails with ``DeadlineError``;
+    * batching that may skip queued jobs: any queued job that fits the batch's rows and its
+      earliest deadline joins, unless the jobs it would overtake then miss theirs.
+    """
+
+    name = "agnostic_plus"
+    horizon: ClassVar[int] = 256
+    """Queued tasks the batch-aware prediction looks at (the rest keep their slack)."""
+
+    def predict(self, now: float) -> list[tuple[int, int]]:
+        """(queue index, predicted finish in µs) of the first ``horizon`` tasks, batched greedily."""
+        core = self.core
+        queue = core.queue[: self.horizon]
+        limit, cap = core.profile.max_batch_size, core.config.max_merge
+        t = int(core.start(now) * 1e6)
+        out: list[tuple[int, int]] = []
+        i = 0
+        while i < len(queue):
+            group = [queue[i]]
+            rows, separate = queue[i].n, queue[i].lat[0]
+            earliest = deadline_us(queue[i].job)
+            j = i + 1
+            while core.config.batching and j < len(queue) and len(group) < cap:
+                nxt = queue[j]
+                if nxt.frontier.available != group[0].frontier.available or rows + nxt.n > limit:
+                    break
+                latency = core.merged_latency_us([*group, nxt])
+                alone = nxt.lat[0]
+                if latency >= separate + alone or t + latency > min(earliest, deadline_us(nxt.job)):
+                    break
+                group.append(nxt)
+                rows += nxt.n
+                separate += alone
+                earliest = min(earliest, deadline_us(nxt.job))
+                j += 1
+            t += core.merged_latency_us(group)
+            out.extend((k, t) for k in range(i, j))
+            i = j
+        return out
+
+    def replan(self, now: float) -> list[Failure]:
+        """Shed, fewest requests per microsecond first, until no queued job is predicted late."""
+        core = self.core
+        failures: list[Failure] = []
+        while core.queue:
+            predicted = self.predict(now)
+            late = next((i for i, finish in predicted if finish > core.deadlines_us[i]), None)
+            if late is None:
+                break
+            candidates = [t for t in core.queue[: late + 1] if not t.job.best_effort]
+            if not candidates:
+                break
+            core.stats.count("violations_predicted")
+            victim = min(candidates, key=lambda t: t.job.n / max(1, t.lat[0]))
+            error = core.deadline_error(victim.job, now, dict(predicted)[late] - int(now * 1e6))
+            failures.append(core.fail_job(victim.job, error, "shed"))
+        return failures
+
+    def take_batch(self, now: float) -> list[Task]:
+        """The head and any later queued tasks that fit with it without making others late."""
+        core = self.core
+        tasks = [core.queue[0]]
+        core.remove(tasks[0])
+        if not core.config.batching:
+            return tasks
+        now_us = int(now * 1e6)
+        limit = core.profile.max_batch_size
+        rows = tasks[0].n
+        earliest = deadline_us(tasks[0].job)
+        latency = tasks[0].lat[0]
+        for nxt in list(core.queue[: self.horizon]):
+            if len(tasks) >= core.config.max_merge or rows >= limit:
+                break
+            if nxt.frontier.available != tasks[0].frontier.available or rows + nxt.n > limit:
+                continue
+            merged = core.merged_latency_us([*tasks, nxt])
+            if now_us + merged > min(earliest, deadline_us(nxt.job)):
+                continue
+            # The jobs left behind start later by the growth of the batch minus what leaves the queue.
+            i = core.position(nxt)
+            rest = np.delete(core.latency_us, i)
+            finish = now_us + merged + np.cumsum(rest)
+            before = now_us + latency + np.cumsum(core.latency_us)
+            now_late = finish > np.delete(core.deadlines_us, i)
+            was_late = np.delete(before > core.deadlines_us, i)
+            if (now_late & ~was_late).any():
+                continue
+            core.remove(nxt)
+            tasks.append(nxt)
+            rows += nxt.n
+            latency = merged
+            earliest = min(earliest, deadline_us(nxt.job))
+        return tasks
+
+
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (Mosel, Greedy, Aggressive, Agnostic, AgnosticPlus, Batcher)
+}
+"""The policies available by name in :class:`~mosel.scheduler.SchedulerConfig`."""
+
+
+def policy_class(policy: str | type[Policy]) -> type[Policy]:
+    """The policy class for a name (or a :class:`Policy` subclass itself); ValueError if unknown."""
+    if isinstance(policy, type) and issubclass(policy, Policy):
+        return policy
+    found = POLICIES.get(policy) if isinstance(policy, str) else None
+    if found is None:
+        raise ValueError(
+            f"policy must be one of {sorted(POLICIES)} or a mosel.policies.Policy subclass, got {policy!r}"
+        )
+    return found
