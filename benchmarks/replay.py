@@ -30,10 +30,12 @@ class RealJob:
 
 
 def replay(
-    model: nn.Module, profile: mosel.Profile, jobs: list[RealJob], policy: str, **config: object
+    model: nn.Module, profile: mosel.Profile, jobs: list[RealJob], config: mosel.SchedulerConfig | str
 ) -> dict[str, float]:
-    """Serve ``jobs`` at their arrival times under ``policy`` (and other scheduler ``config``)."""
-    mosel.attach(model, profile, scheduler=mosel.SchedulerConfig(policy=policy, **config))  # type: ignore[arg-type]
+    """Serve ``jobs`` at their arrival times under ``config`` (or a policy name)."""
+    if isinstance(config, str):
+        config = mosel.SchedulerConfig(policy=config)
+    mosel.attach(model, profile, scheduler=config)
     model.infer(jobs[0].inputs)  # start the server and warm it up
     submitted: list[tuple[RealJob, concurrent.futures.Future[mosel.Result] | None]] = []
     start = time.perf_counter()

@@ -6,7 +6,7 @@ import math
 import random
 from collections.abc import Callable
 
-__all__ = ["bursty_arrivals", "job_size", "poisson_arrivals"]
+__all__ = ["bursty_arrivals", "fixed_qps_jobs", "job_size", "poisson_arrivals"]
 
 
 def job_size(rng: random.Random, cap: int) -> int:
@@ -58,6 +58,32 @@ def bursty_arrivals(
         if t < duration_s and rng.random() < rates[burst] * shape / peak:
             times.append(t)
     return times
+
+
+def fixed_qps_jobs(qps: float, duration_s: float, seed: int, cap: int) -> list[tuple[float, int]]:
+    """The paper's fixed-QPS stream: (arrival time, job size) pairs, evenly spaced, not Poisson.
+
+    As the authors' producer does: each second, ``qps`` requests are cut into jobs of size
+    max(1, int(N(1, 6))) (capped at ``cap``), the last one trimmed so that the sizes sum to the
+    QPS; within the second, a job of n requests is followed by a gap of n / QPS seconds. A
+    fractional QPS carries its remainder to the next second.
+    """
+    rng = random.Random(seed)
+    out: list[tuple[float, int]] = []
+    carry = 0.0
+    for second in range(math.ceil(duration_s)):
+        carry += qps
+        budget = int(carry)
+        carry -= budget
+        t = float(second)
+        while budget > 0:
+            n = min(job_size(rng, cap), budget)
+            if t >= duration_s:
+                return out
+            out.append((t, n))
+            budget -= n
+            t += n / qps
+    return out
 
 
 def diurnal_shape(progress: float) -> float:

@@ -410,9 +410,10 @@ class Mosel(Greedy):
             )
             return ks, (time.perf_counter() - started) * 1000.0
 
-        if config.deterministic:
+        if config.deterministic:  # simulations: the solve is charged its budget, then rests as live
             ks, elapsed_ms = solve()
             self.apply(snapshot, version, ks, elapsed_ms, now)
+            self.rest(config.solver_time_limit_s * 1000.0, now)
             return
         assert core.solve_async is not None
         self.solving = True
@@ -429,12 +430,16 @@ class Mosel(Greedy):
         self.solving = False
         if pending is not None:
             self.apply(*pending, now)
-            rest_ms = pending[3] * (1.0 / self.core.config.solver_share - 1.0) * self.backoff
-            self.rest_until = now + rest_ms / 1000.0
+            self.rest(pending[3], now)
         if self.again and math.isfinite(now):
             self.again = False
             return self.replan(now)
         return []
+
+    def rest(self, busy_ms: float, now: float) -> None:
+        """After a solve that kept the helper busy ``busy_ms``: no solve for a while (solver_share)."""
+        rest_ms = busy_ms * (1.0 / self.core.config.solver_share - 1.0) * self.backoff
+        self.rest_until = now + rest_ms / 1000.0
 
     def apply(
         self, snapshot: list[Task], version: int, ks: list[int] | None, elapsed_ms: float, now: float

@@ -1,4 +1,4 @@
-"""Fast checks of the benchmark's parts: traces, metrics, and that every policy resolves every job."""
+"""Fast checks of the benchmark's parts: workloads, conditions, metrics, capacity, determinism."""
 
 from __future__ import annotations
 
@@ -11,13 +11,16 @@ import pytest
 
 import mosel
 from mosel.simulate import JobRecord
+from mosel.stats import Stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-import oracle
+import itertools
+
+import conditions
 import run
-from scenarios import paper_tvlt
-from workloads import bursty_arrivals, job_size, poisson_arrivals
+from scenarios import Scenario, av_digits, paper_tvlt
+from workloads import bursty_arrivals, fixed_qps_jobs, job_size, poisson_arrivals
 
 
 def test_poisson_and_bursty_arrivals_are_seeded_and_have_their_rate() -> None:
@@ -29,7 +32,6 @@ def test_poisson_and_bursty_arrivals_are_seeded_and_have_their_rate() -> None:
     assert bursty == bursty_arrivals(50, 200, seed=3)
     assert len(bursty) / 200 == pytest.approx(50, rel=0.15)
 
-    # Burstier than Poisson: per-second counts vary more.
     def dispersion(ts: list[float]) -> float:
         counts = [0] * 200
         for t in ts:
@@ -47,104 +49,103 @@ def test_job_sizes_follow_the_paper() -> None:
     assert 0.5 < sizes.count(1) / len(sizes) < 0.65  # about 57% of jobs have one request
 
 
+def test_the_fixed_qps_stream_is_evenly_spaced_and_sums_to_the_qps() -> None:
+    jobs = fixed_qps_jobs(100.0, 5.0, seed=3, cap=32)
+    assert jobs == fixed_qps_jobs(100.0, 5.0, seed=3, cap=32)
+    for second in range(5):
+        inside = [(t, n) for t, n in jobs if second <= t < second + 1]
+        assert sum(n for _, n in inside) == 100
+        for (t0, n0), (t1, _) in itertools.pairwise(inside):
+            assert t1 - t0 == pytest.approx(n0 / 100.0)  # a job of n is followed by n / QPS
+
+
 @pytest.fixture(scope="module")
-def scenario() -> run.Scenario:
+def scenario() -> Scenario:
     return paper_tvlt(max_batch=8)
 
 
-def test_every_policy_resolves_every_job(scenario: run.Scenario) -> None:
-    arrivals = run.trace(scenario, load=2.0, seconds=1.0, seed=4)
-    assert arrivals
-    for policy in run.POLICIES:
-        sim = mosel.simulate(scenario.profile, arrivals, mosel.SchedulerConfig(policy=policy))  # type: ignore[arg-type]
-        assert len(sim.records) == len(arrivals)
-        for record in sim.records:
-            assert record.served or record.error is not None
-            assert not (record.served and math.isnan(record.finish_s))
+def test_conditions_shape_deadlines_and_floors(scenario: Scenario) -> None:
+    profile = scenario.profile
+    best = max(profile.accuracy.values())
+    strict = conditions.arrivals_for(
+        profile, conditions.CONDITIONS["strict"], 1.0, 2.0, seed=1, slack_ms=17.0, drop=0.03
+    )
+    paper = conditions.arrivals_for(
+        profile, conditions.CONDITIONS["paper"], 1.0, 2.0, seed=1, slack_ms=17.0, drop=0.03
+    )
+    full = {
+        n: profile.plan.frontier(frozenset(profile.modalities), n).best.predicted_latency_ms
+        for n in range(1, 9)
+    }
+    assert all(a.deadline_ms == pytest.approx(full[a.n] + 17.0) for a in strict)
+    assert all(a.deadline_ms == pytest.approx(full[a.n] + 17.0 + 5.0 + 12.0) for a in paper)
+    assert {a.min_accuracy for a in strict} == {round(best - 0.03, 4)}
+    floors = {
+        conditions.arrivals_for(
+            profile, conditions.CONDITIONS["paper"], 1.0, 0.5, seed=s, slack_ms=17, drop=0.03
+        )[0].min_accuracy
+        for s in range(20)
+    }
+    assert len(floors) > 10 and all(best - 0.03 <= f <= best for f in floors)  # type: ignore[operator]
 
 
-def test_metrics_on_a_hand_made_simulation() -> None:
+def test_metrics_count_every_submitted_request() -> None:
     a = mosel.Arrival(0.0, 2, deadline_ms=10.0)
     b = mosel.Arrival(0.0, 3, deadline_ms=10.0)
+    c = mosel.Arrival(5.0, 5, deadline_ms=10.0)
+    strategy = mosel.Strategy(((frozenset({"audio"}), 2),), 100, 1_800_000)
+    late = mosel.Strategy(((frozenset({"audio"}), 5),), 100, 4_000_000)
     records = (
-        JobRecord(a, 0.005, 0.0, None, (), 0.9),
+        JobRecord(a, 0.005, 0.0, None, (strategy,), 0.9),
         JobRecord(b, math.nan, math.nan, "DeadlineError", (), math.nan),
+        JobRecord(c, 5.5, 5.0, None, (late,), 0.8),  # served 500 ms late
     )
-    sim = mosel.Simulation(records, _empty(), 1.0, (0.1, 0.2))
-    m = run.metrics(sim, seconds=1.0)
-    assert m["goodput_rps"] == 2.0
-    assert m["violation_ratio"] == pytest.approx(0.6)
-    assert m["jct_p50_ms"] == pytest.approx(5.0)
-    assert m["expected_accuracy"] == pytest.approx(0.9)
+    sim = mosel.Simulation(records, Stats().snapshot(), 8.0, (0.1, 0.2))
+    m = conditions.metrics(sim, 8.0, conditions.CONDITIONS["paper"])
+    assert m["violation_ratio"] == pytest.approx(0.8)
+    assert m["goodput_rps"] == pytest.approx(2 / 8)
+    assert m["correct_rps"] == pytest.approx(1.8 / 8)
+    assert m["accuracy_all"] == pytest.approx(1.8 / 10)
+    assert m["accuracy_served"] == pytest.approx((0.9 * 2 + 0.8 * 5) / 7)
+    assert m["dropped_ratio"] == pytest.approx(0.3)
+    # Two 4 s windows: the first processed 2 of 5, the second 0 of 5.
+    assert m["window_violation_ratio"] == pytest.approx((0.6 + 1.0) / 2)
 
 
-def _empty() -> mosel.StatsSnapshot:
-    from mosel.stats import Stats
-
-    return Stats().snapshot()
-
-
-def test_oracle_serves_what_it_can_and_bounds_mosel_on_a_tiny_trace(scenario: run.Scenario) -> None:
-    arrivals = run.trace(scenario, load=3.0, seconds=0.1, seed=5)
-    assert len(arrivals) >= 5
-    best = oracle.solve(scenario.profile, arrivals, time_limit_s=20.0)
-    assert best.optimal and best.served_bound == best.served_requests
-    one_at_a_time = run.run_policy(scenario, arrivals, "mosel", 0.1, batching=False)
-    assert best.served_requests >= one_at_a_time["goodput_rps"] * 0.1 - 1e-9
-    for i, finish in best.finish_s.items():
-        assert finish <= arrivals[i].time_s + arrivals[i].deadline_ms / 1000 + 1e-9
-
-
-def test_oracle_gap_hints_mosel_and_never_exceeds_the_bound(scenario: run.Scenario) -> None:
-    gap = run.oracle_gap(scenario, load=4.0, seconds=0.2, seed=6, limit_s=2.0)
-    assert gap["jobs"] > 10
-    assert gap["oracle_goodput_rps"] >= gap["mosel_goodput_rps"] - 1e-9  # the hint is a lower bound
-    assert gap["oracle_gap_to_bound"] <= gap["oracle_gap"] <= 1.0 + 1e-9
-
-
-def test_sustainable_load_is_found_on_traces_of_the_same_size(scenario: run.Scenario) -> None:
-    light = run.trace(scenario, 0.1, run.seconds_for(scenario, 0.1, 200), seed=7, arrivals=poisson_arrivals)
-    heavy = run.trace(scenario, 2.0, run.seconds_for(scenario, 2.0, 200), seed=7, arrivals=poisson_arrivals)
-    assert 150 < len(light) < 250 and 150 < len(heavy) < 250
-    mosel_load = run.sustainable_load(scenario, "aggressive", 200, seed=7, arrivals=poisson_arrivals)
-    seconds = run.seconds_for(scenario, mosel_load, 200)
-    at = run.trace(scenario, mosel_load, seconds, seed=7, arrivals=poisson_arrivals)
-    assert run.run_policy(scenario, at, "aggressive", seconds)["violation_ratio"] <= 0.01
-
-
-def test_jct_ceiling_is_agnostic_over_the_cheapest_run(scenario: run.Scenario) -> None:
-    arrivals = [mosel.Arrival(0.0, 1, deadline_ms=30.0, min_accuracy=0.7)] * 3
-    cheapest = scenario.profile.plan.frontier(frozenset({"audio", "video"}), 1).strategies
-    audio_only = min(s.predicted_latency_ms for s in cheapest if s.expected_accuracy >= 0.7)
-    assert run.jct_ceiling(scenario, arrivals, 20.0) == pytest.approx(20.0 / audio_only)
-
-
-def test_hedge_cuts_violations_under_bursts_and_respects_floors() -> None:
-    scenario = paper_tvlt()
-    arrivals = run.trace(scenario, load=1.5, seconds=4.0, seed=0)
-    with_hedge = mosel.simulate(scenario.profile, arrivals)
-    without = mosel.simulate(
-        scenario.profile, arrivals, mosel.SchedulerConfig(hedge=0.0, risk=0.0, reserve=0.0)
+def test_capacity_interpolates_in_log_load() -> None:
+    loads = [0.5, 1.0, 2.0, 4.0]
+    assert run.capacity(loads, [0.0, 0.0, 0.02, 0.2], 0.01) == pytest.approx(
+        math.exp((math.log(1) + math.log(2)) / 2)
     )
-    assert with_hedge.stats.counters.get("hedged", 0) > 0
-    assert without.stats.counters.get("hedged", 0) == 0
-    assert run.metrics(with_hedge, 4.0)["violation_ratio"] <= run.metrics(without, 4.0)["violation_ratio"]
-    for record in with_hedge.records:
-        if record.served:
-            assert record.expected_accuracy >= (record.arrival.min_accuracy or 0.0) - 1e-12
+    assert run.capacity(loads, [0.5, 0.6, 0.7, 0.8], 0.01) == 0.0
+    assert run.capacity(loads, [0.0] * 4, 0.01) == 4.0
 
 
-def test_reserve_cuts_violations_near_saturation() -> None:
-    scenario = paper_tvlt()
-    late = {1.0: 0.0, 0.0: 0.0}
-    for seed in range(4):
-        seconds = run.seconds_for(scenario, 8.0, 1500)
-        arrivals = run.trace(scenario, 8.0, seconds, seed, arrivals=poisson_arrivals)
-        for reserve in late:
-            config = mosel.SchedulerConfig(policy="greedy", reserve=reserve)  # greedy: no CP-SAT, fast
-            sim = mosel.simulate(scenario.profile, arrivals, config)
-            late[reserve] += run.metrics(sim, seconds)["violation_ratio"]
-            for record in sim.records:
-                if record.served:
-                    assert record.expected_accuracy >= (record.arrival.min_accuracy or 0.0) - 1e-12
-    assert late[1.0] < late[0.0]
+@pytest.mark.parametrize("cond_key", list(conditions.CONDITIONS))
+def test_every_policy_resolves_every_job_and_honours_floors(scenario: Scenario, cond_key: str) -> None:
+    cond = conditions.CONDITIONS[cond_key]
+    arrivals = conditions.arrivals_for(scenario.profile, cond, 3.0, 0.5, seed=4, slack_ms=17.0, drop=0.03)
+    assert len(arrivals) > 20
+    for policy in run.POLICIES:
+        sim = mosel.simulate(scenario.profile, arrivals, run.config_for(policy, cond))
+        assert len(sim.records) == len(arrivals)
+        for record in sim.records:
+            assert record.served or record.error is not None, policy
+            if record.served:
+                assert record.expected_accuracy >= (record.arrival.min_accuracy or 0.0) - 1e-12, policy
+
+
+def test_a_cell_is_deterministic() -> None:
+    one = run.cell("paper-tvlt", "strict", 17.0, 4.0, 3, 150, 0.0, ("aggressive", "mosel", "paper"))
+    two = run.cell("paper-tvlt", "strict", 17.0, 4.0, 3, 150, 0.0, ("aggressive", "mosel", "paper"))
+    for policy in one:
+        assert {k: v for k, v in one[policy].items() if k not in ("wall_s", "decision_p99_ms")} == {
+            k: v for k, v in two[policy].items() if k not in ("wall_s", "decision_p99_ms")
+        }
+
+
+def test_the_av_digits_profile_is_committed_and_sound() -> None:
+    scenario = av_digits()
+    errors = sorted(abs(c.relative_error) for c in scenario.profile.cost_checks)
+    assert errors and errors[len(errors) // 2] <= 0.25  # the profiler would have warned otherwise
+    assert scenario.slack_ms > 0
