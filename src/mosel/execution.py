@@ -277,8 +277,11 @@ def check_slo(deadline_ms: object, min_accuracy: object) -> tuple[float | None, 
     deadline: float | None = None
     if deadline_ms is not None:
         deadline = _real(deadline_ms)
-        if deadline is None or math.isnan(deadline) or deadline <= 0 or (
-            deadline == math.inf and isinstance(deadline_ms, (float, np.floating))
+        if (
+            deadline is None
+            or math.isnan(deadline)
+            or deadline <= 0
+            or (deadline == math.inf and isinstance(deadline_ms, (float, np.floating)))
         ):
             raise SLOError(
                 f"deadline_ms must be a positive finite number of milliseconds, got {deadline_ms!r}"

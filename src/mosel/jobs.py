@@ -107,7 +107,11 @@ class Task:
     @property
     def strategy(self) -> Strategy:
         """The currently chosen strategy."""
-        return self.fixed if self.fixed is not None else self.frontier.strategies[self.first + self.k]
+        return self.option(self.k)
+
+    def option(self, k: int) -> Strategy:
+        """The strategy of option ``k`` (relative to the cheapest admissible one)."""
+        return self.fixed if self.fixed is not None else self.frontier.strategies[self.first + k]
 
     @property
     def item(self) -> Item:

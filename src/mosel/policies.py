@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from mosel.assign import cpsat_assign
+from mosel.assign import cpsat_assign, greedy_repair, step_down
 from mosel.jobs import NO_DEADLINE_US, Batch, Failure, Job, Task, deadline_us
 
 if TYPE_CHECKING:
@@ -51,8 +51,9 @@ class Policy:
     """Base class of scheduling policies; by default EDF, deadline-fitting options, no re-planning.
 
     Subclasses override the hooks they need and use the building blocks (:meth:`bind_head`,
-    :meth:`take_batch`) and the core's primitives (``core.set_option``, ``core.repair``,
-    ``core.fail_job``, the queue arrays ``core.latency_us``, ``core.deadlines_us``, ...).
+    :meth:`take_batch`, :meth:`predict`, :meth:`repair`) and the core's primitives
+    (``core.set_option``, ``core.fail_job``, the queue arrays ``core.latency_us``,
+    ``core.deadlines_us``, ...). :meth:`take_batch` removes the tasks it returns from the queue.
     """
 
     name: ClassVar[str] = "custom"
@@ -64,6 +65,8 @@ class Policy:
     """Refuse (at admission) and drop (at dispatch) jobs that cannot make their deadline."""
     merge_always: ClassVar[bool] = False
     """Merge consecutive queued jobs into a batch even when the cost model says it does not help."""
+    horizon: ClassVar[int] = 64
+    """Queued tasks whose batching :meth:`predict` follows exactly (behind them: one after another)."""
 
     def __init__(self, core: Scheduler) -> None:
         self.core = core
@@ -106,14 +109,163 @@ class Policy:
 
     # ------------------------------------------------------------------ building blocks
 
+    def predict(
+        self, now: float, end: int, *, cheapest: bool = False, stop: bool = False
+    ) -> tuple[list[int], int]:
+        """Predicted finishes (µs) of the first ``end`` queued tasks, batched as :meth:`take_batch` would.
+
+        With ``cheapest``, every task at its cheapest option. With ``stop``, the walk ends at the
+        first batch holding a task predicted late (best-effort tasks are never "late" here).
+        Returns (finishes, index of the first late task or -1); finishes past a stop are 0.
+        """
+        core = self.core
+        queue = core.queue
+        end = min(end, len(queue))
+        deadlines = core.deadlines_us
+        lenient = core.lenient
+        limit, most = core.profile.max_batch_size, core.config.max_merge
+        batching = core.config.batching
+        batch = core.batch_latency()
+        t = int(core.start(now) * 1e6)
+        finish = [0] * end
+        i = 0
+        while i < end:
+            head = queue[i]
+            k = 0 if cheapest else head.k
+            batch.clear()
+            batch.add(head.option(k))
+            latency = separate = head.lat[k]
+            rows, earliest = head.n, int(deadlines[i])
+            j = i + 1
+            while batching and j < end and j - i < most:
+                nxt = queue[j]
+                if nxt.frontier.available != head.frontier.available or rows + nxt.n > limit:
+                    break
+                kn = 0 if cheapest else nxt.k
+                option = nxt.option(kn)
+                merged = batch.with_(option)
+                alone = nxt.lat[kn]
+                soonest = min(earliest, int(deadlines[j]))
+                if merged >= separate + alone or t + merged > soonest:
+                    break
+                batch.add(option)
+                latency, separate, rows, earliest = merged, separate + alone, rows + nxt.n, soonest
+                j += 1
+            t += latency
+            for x in range(i, j):
+                finish[x] = t
+                if stop and t > deadlines[x] and not lenient[x]:
+                    return finish, x
+            i = j
+        return finish, -1
+
+    def repair(self, now: float) -> list[Failure]:
+        """Lower options until every job is predicted on time; fail the jobs nothing can save.
+
+        Batch-aware over the first :attr:`horizon` tasks: at the first job predicted late (with
+        the queue batched as dispatch will batch it), if it is late even with every job at its
+        cheapest option it is *doomed* (it fails with ``DeadlineError``; a best-effort one drops
+        to its cheapest option and waits); otherwise options at or before it are lowered, the
+        step that saves the most time per accuracy unit lost first, until it fits. Behind the
+        horizon, jobs are predicted one after another from the horizon's end and repaired with
+        the vectorised greedy (:func:`mosel.assign.greedy_repair`), never failed: they are
+        judged again once they come within the horizon.
+        """
+        core = self.core
+        if not core.queue:
+            return []
+        summed = core.finishes_us(now)
+        late_one_by_one = np.flatnonzero((summed > core.deadlines_us) & ~core.lenient)
+        if not len(late_one_by_one):
+            return []
+        core.stats.count("violations_predicted")
+        failures = core.doom_certain(now)  # in bulk: after a stall there may be many
+        summed = core.finishes_us(now)
+        late_one_by_one = np.flatnonzero((summed > core.deadlines_us) & ~core.lenient)
+        if not len(late_one_by_one):
+            return failures
+        if late_one_by_one[0] >= self.horizon:  # batching only makes jobs earlier: the head is fine
+            core.stats.count("greedy_assignments")
+            self._repair_tail(now, int(summed[self.horizon - 1]))
+            return failures
+        for _ in range(
+            2 * self.horizon
+        ):  # each turn lowers options or fails a job; dispatch settles the rest
+            end = min(len(core.queue), self.horizon)
+            finish, late = self.predict(now, end, stop=True)
+            if late < 0:
+                break
+            task = core.queue[late]
+            cheapest, _ = self.predict(now, late + 1, cheapest=True)
+            deficit = finish[late] - int(core.deadlines_us[late])
+            if cheapest[late] <= core.deadlines_us[late] and self._lower(late, deficit):
+                continue
+            if task.job.best_effort:  # unreachable: lenient tasks are never late in predict
+                core.set_option(task, 0, late)
+                continue
+            error = core.deadline_error(task.job, now, finish[late] - int(now * 1e6))
+            failures.append(core.fail_job(task.job, error, "doomed"))
+        core.stats.count("greedy_assignments")
+        if len(core.queue) > self.horizon:
+            self._repair_tail(now, self.predict(now, self.horizon)[0][-1])
+        return failures
+
+    def _lower(self, late: int, deficit: int) -> bool:
+        """Lower options of tasks ``0..late`` by at least ``deficit`` µs (one after another)."""
+        core = self.core
+        lowered = False
+        while deficit > 0:
+            save = core.save_us[: late + 1]
+            useful = save > 0
+            if not useful.any():
+                return lowered
+            score = np.where(useful, save / (core.loss_units[: late + 1] + 1e-9), -1.0)
+            j = int(np.argmax(score))
+            task = core.queue[j]
+            deficit -= int(save[j])
+            core.set_option(task, step_down(task.lat, task.acc, task.k)[0], j)
+            lowered = True
+        return lowered
+
+    def _repair_tail(self, now: float, start_us: int) -> None:
+        """Greedy repair, one job after another from ``start_us``, of the tasks behind the horizon."""
+        core = self.core
+        h = self.horizon
+        queue = core.queue
+
+        def take(i: int) -> tuple[int, int]:
+            task = queue[h + i]
+            core.set_option(task, step_down(task.lat, task.acc, task.k)[0], h + i)
+            return int(core.save_us[h + i]), int(core.loss_units[h + i])
+
+        greedy_repair(
+            core.latency_us[h:], core.deadlines_us[h:], core.cheapest_us[h:], core.save_us[h:],
+            core.loss_units[h:], start_us, take,
+        )  # fmt: skip
+
     def upgrade_head(self, head: Task, now: float) -> None:
-        """Late binding: raise the head to the most accurate option every queued job's slack absorbs."""
+        """Late binding: raise the head to the most accurate option every queued job's slack absorbs.
+
+        The slack is measured with the queue batched as dispatch will batch it.
+        """
         core = self.core
         if head.k >= len(head.lat) - 1:
             return
-        finish = int(now * 1e6) + np.cumsum(core.latency_us)
-        slack = int((core.deadlines_us - finish).min())
-        extra = head.lat[head.k] + slack
+        summed = int(now * 1e6) + np.cumsum(core.latency_us)
+        lenient = core.lenient
+        tight = int((core.deadlines_us - summed)[~lenient].min()) if not lenient.all() else NO_DEADLINE_US
+        if head.lat[-1] - head.lat[head.k] <= tight:  # one after another, the top option fits already
+            core.set_option(head, len(head.lat) - 1, 0)
+            return
+        end = min(len(core.queue), self.horizon)
+        finish, _ = self.predict(now, end)
+        slack = np.asarray(core.deadlines_us[:end]) - np.asarray(finish, dtype=np.int64)
+        slack = slack[~core.lenient[:end]]
+        tight = int(slack.min()) if len(slack) else NO_DEADLINE_US
+        if len(core.queue) > end:
+            behind = finish[-1] + np.cumsum(core.latency_us[end:])
+            tight = min(tight, int((core.deadlines_us[end:] - behind).min()))
+        extra = head.lat[head.k] + tight
         core.set_option(head, max(head.k, bisect.bisect_right(head.lat, extra) - 1), 0)
 
     def bind_head(self, now: float, upgrade: bool = False) -> list[Failure]:
@@ -203,18 +355,7 @@ class Aggressive(Policy):
 
     def replan(self, now: float) -> list[Failure]:
         """Fail the jobs that cannot make it even with every job at its cheapest option."""
-        core = self.core
-        if not core.queue:
-            return []
-        late = np.flatnonzero(core.finishes_us(now) > core.deadlines_us)
-        if not len(late):
-            return []
-        core.stats.count("violations_predicted")
-        end = int(late[-1]) + 1
-        for i, task in enumerate(core.queue[:end]):
-            if task.k:
-                core.set_option(task, 0, i)
-        return core.repair(now, end)
+        return self.repair(now)
 
 
 class Greedy(Policy):
@@ -272,13 +413,9 @@ class Greedy(Policy):
     def replan(self, now: float) -> list[Failure]:
         """On a predicted miss, repair the prefix up to the last late job."""
         core = self.core
-        if not core.queue:
+        if not core.queue or not (core.finishes_us(now) > core.deadlines_us).any():
             return []
-        late = np.flatnonzero(core.finishes_us(now) > core.deadlines_us)
-        if not len(late):
-            return []
-        core.stats.count("violations_predicted")
-        failures = core.repair(now, int(late[-1]) + 1)
+        failures = self.repair(now)
         self.repaired(now)
         return failures
 
@@ -483,55 +620,19 @@ class AgnosticPlus(Agnostic):
     """
 
     name = "agnostic_plus"
-    horizon: ClassVar[int] = 256
-    """Queued tasks the batch-aware prediction looks at (the rest keep their slack)."""
-
-    def predict(self, now: float) -> list[tuple[int, int]]:
-        """(queue index, predicted finish in µs) of the first ``horizon`` tasks, batched greedily."""
-        core = self.core
-        queue = core.queue[: self.horizon]
-        limit, cap = core.profile.max_batch_size, core.config.max_merge
-        t = int(core.start(now) * 1e6)
-        out: list[tuple[int, int]] = []
-        i = 0
-        while i < len(queue):
-            group = [queue[i]]
-            rows, separate = queue[i].n, queue[i].lat[0]
-            earliest = deadline_us(queue[i].job)
-            j = i + 1
-            while core.config.batching and j < len(queue) and len(group) < cap:
-                nxt = queue[j]
-                if nxt.frontier.available != group[0].frontier.available or rows + nxt.n > limit:
-                    break
-                latency = core.merged_latency_us([*group, nxt])
-                alone = nxt.lat[0]
-                if latency >= separate + alone or t + latency > min(earliest, deadline_us(nxt.job)):
-                    break
-                group.append(nxt)
-                rows += nxt.n
-                separate += alone
-                earliest = min(earliest, deadline_us(nxt.job))
-                j += 1
-            t += core.merged_latency_us(group)
-            out.extend((k, t) for k in range(i, j))
-            i = j
-        return out
 
     def replan(self, now: float) -> list[Failure]:
         """Shed, fewest requests per microsecond first, until no queued job is predicted late."""
         core = self.core
         failures: list[Failure] = []
         while core.queue:
-            predicted = self.predict(now)
-            late = next((i for i, finish in predicted if finish > core.deadlines_us[i]), None)
-            if late is None:
+            finish, late = self.predict(now, self.horizon, stop=True)
+            if late < 0:
                 break
             candidates = [t for t in core.queue[: late + 1] if not t.job.best_effort]
-            if not candidates:
-                break
             core.stats.count("violations_predicted")
             victim = min(candidates, key=lambda t: t.job.n / max(1, t.lat[0]))
-            error = core.deadline_error(victim.job, now, dict(predicted)[late] - int(now * 1e6))
+            error = core.deadline_error(victim.job, now, finish[late] - int(now * 1e6))
             failures.append(core.fail_job(victim.job, error, "shed"))
         return failures
 
@@ -547,7 +648,7 @@ class AgnosticPlus(Agnostic):
         rows = tasks[0].n
         earliest = deadline_us(tasks[0].job)
         latency = tasks[0].lat[0]
-        for nxt in list(core.queue[: self.horizon]):
+        for nxt in list(core.queue[: 4 * self.horizon]):
             if len(tasks) >= core.config.max_merge or rows >= limit:
                 break
             if nxt.frontier.available != tasks[0].frontier.available or rows + nxt.n > limit:

@@ -20,7 +20,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from mosel.assign import Item, greedy_repair, step_down
+from mosel.assign import Item, step_down
 from mosel.errors import AccuracyUnreachableError, DeadlineError, InputError, QueueFullError, ShutdownError
 from mosel.jobs import NO_DEADLINE_US, Batch, Failure, Job, Task, deadline_us, floor_units
 from mosel.plan import ACCURACY_SCALE, CostModel, Frontier, Strategy, configuration_key, execution_order
@@ -139,19 +139,13 @@ class Scheduler:
         self.cost: CostModel = profile.cost_model()
         self.queue: list[Task] = []
         self._keys: list[tuple[float, int]] = []
-        self.latency_us: IntArray = np.zeros(0, dtype=np.int64)
-        """Each queued task's current option's latency, queue order."""
-        self.deadlines_us: IntArray = np.zeros(0, dtype=np.int64)
-        self.cheapest_us: IntArray = np.zeros(0, dtype=np.int64)
-        """Each queued task's cheapest admissible option's latency."""
-        self.save_us: IntArray = np.zeros(0, dtype=np.int64)
-        """What each queued task's next step down saves (0: none)."""
-        self.loss_units: IntArray = np.zeros(0, dtype=np.int64)
-        """And what it loses, in accuracy units."""
-        self.lenient: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)
-        """Best-effort tasks: served late rather than failed."""
+        # One row per column (latency, deadline, cheapest, save, loss, lenient), one column per
+        # queued task, with spare capacity: an insertion is one memmove, not a new array.
+        self._columns: IntArray = np.zeros((6, 64), dtype=np.int64)
         self.in_flight: Batch | None = None
         self.busy_until = -math.inf
+        self.overrun = False
+        """The running batch went past its predicted end (set by :meth:`expire`)."""
         self.queued_requests = 0
         self.closed = False
         self.correction: dict[str, float] = dict.fromkeys((*profile.modalities, "fusion"), 1.0)
@@ -165,6 +159,39 @@ class Scheduler:
         self._parts: dict[tuple[tuple[Configuration, int], ...], dict[str, int]] = {}
         self.stats.set_correction(self.correction)
         self.policy: Policy = policy_class(self.config.policy)(self)
+
+    # ------------------------------------------------------------------ the queue's columns
+
+    @property
+    def latency_us(self) -> IntArray:
+        """Each queued task's current option's latency, queue order (a view)."""
+        return self._columns[0, : len(self.queue)]
+
+    @property
+    def deadlines_us(self) -> IntArray:
+        """Each queued task's deadline (absolute µs; :data:`NO_DEADLINE_US` for none)."""
+        return self._columns[1, : len(self.queue)]
+
+    @property
+    def cheapest_us(self) -> IntArray:
+        """Each queued task's cheapest admissible option's latency."""
+        return self._columns[2, : len(self.queue)]
+
+    @property
+    def save_us(self) -> IntArray:
+        """What each queued task's next step down saves (0: none)."""
+        return self._columns[3, : len(self.queue)]
+
+    @property
+    def loss_units(self) -> IntArray:
+        """And what that step loses, in accuracy units."""
+        return self._columns[4, : len(self.queue)]
+
+    @property
+    def lenient(self) -> npt.NDArray[np.bool_]:
+        """Best-effort tasks: served late rather than failed (a copy)."""
+        lenient: npt.NDArray[np.bool_] = self._columns[5, : len(self.queue)] != 0
+        return lenient
 
     # ------------------------------------------------------------------ predictions
 
@@ -230,6 +257,10 @@ class Scheduler:
             return tasks[0].lat[tasks[0].k]
         return self.corrected_latency_us(list(merged_groups(tasks).items()))
 
+    def batch_latency(self) -> BatchLatency:
+        """An empty batch whose corrected latency grows as tasks join (for predictions)."""
+        return BatchLatency(self)
+
     def full(self, available: Configuration, n: int) -> Strategy:
         """Every available modality for every request (need not be on the frontier)."""
         key = (available, n)
@@ -251,29 +282,32 @@ class Scheduler:
     def _insert(self, task: Task) -> None:
         self.refresh(task)
         i = bisect.bisect(self._keys, task.key)
+        n = len(self.queue)
+        if n == self._columns.shape[1]:
+            self._columns = np.concatenate([self._columns, np.zeros_like(self._columns)], axis=1)
+        columns = self._columns
+        columns[:, i + 1 : n + 1] = columns[:, i:n]
+        _, saved, lost = step_down(task.lat, task.acc, task.k)
+        columns[:, i] = (
+            task.lat[task.k],
+            deadline_us(task.job),
+            task.lat[0],
+            saved,
+            lost,
+            task.job.best_effort,
+        )
         self._keys.insert(i, task.key)
         self.queue.insert(i, task)
-        self.latency_us = np.insert(self.latency_us, i, task.lat[task.k])
-        self.deadlines_us = np.insert(self.deadlines_us, i, deadline_us(task.job))
-        self.cheapest_us = np.insert(self.cheapest_us, i, task.lat[0])
-        _, saved, lost = step_down(task.lat, task.acc, task.k)
-        self.save_us = np.insert(self.save_us, i, saved)
-        self.loss_units = np.insert(self.loss_units, i, lost)
-        self.lenient = np.insert(self.lenient, i, task.job.best_effort)
         task.queued = True
         self.queued_requests += task.n
 
     def remove(self, task: Task) -> None:
         """Take a task out of the queue (to run it, or because its job failed)."""
         i = self.position(task)
+        n = len(self.queue)
+        self._columns[:, i : n - 1] = self._columns[:, i + 1 : n]
         del self.queue[i]
         del self._keys[i]
-        self.latency_us = np.delete(self.latency_us, i)
-        self.deadlines_us = np.delete(self.deadlines_us, i)
-        self.cheapest_us = np.delete(self.cheapest_us, i)
-        self.save_us = np.delete(self.save_us, i)
-        self.loss_units = np.delete(self.loss_units, i)
-        self.lenient = np.delete(self.lenient, i)
         task.queued = False
         self.queued_requests -= task.n
 
@@ -282,16 +316,24 @@ class Scheduler:
         task.k = k
         if task.queued:
             i = self.position(task) if position is None else position
-            self.latency_us[i] = task.lat[k]
-            _, self.save_us[i], self.loss_units[i] = step_down(task.lat, task.acc, k)
+            _, saved, lost = step_down(task.lat, task.acc, k)
+            columns = self._columns
+            columns[0, i] = task.lat[k]
+            columns[3, i] = saved
+            columns[4, i] = lost
 
     def _refresh_queue(self) -> None:
         """Re-read every queued task's latencies after the correction changed."""
+        columns = self._columns
         for i, task in enumerate(self.queue):
             self.refresh(task)
-            self.latency_us[i] = task.lat[task.k]
-            self.cheapest_us[i] = task.lat[0]
-            _, self.save_us[i], self.loss_units[i] = step_down(task.lat, task.acc, task.k)
+            _, saved, lost = step_down(task.lat, task.acc, task.k)
+            columns[0, i], columns[2, i], columns[3, i], columns[4, i] = (
+                task.lat[task.k],
+                task.lat[0],
+                saved,
+                lost,
+            )
 
     # ------------------------------------------------------------------ admission
 
@@ -452,38 +494,6 @@ class Scheduler:
 
     # ------------------------------------------------------------------ re-assignment
 
-    def repair(self, now: float, end: int) -> list[Failure]:
-        """Lower options of the first ``end`` tasks until every deadline holds; fail the doomed.
-
-        The shared greedy (:func:`mosel.assign.greedy_repair`): a job that cannot fit even with
-        every job before it at its cheapest option is doomed, and fails with
-        :class:`~mosel.errors.DeadlineError` (a best-effort one drops to its cheapest option).
-        """
-        start_us = int(self.start(now) * 1e6)
-        finish = start_us + np.cumsum(self.latency_us)
-        queue = self.queue
-
-        def take(i: int) -> tuple[int, int]:
-            task = queue[i]
-            self.set_option(task, step_down(task.lat, task.acc, task.k)[0], i)
-            return int(self.save_us[i]), int(self.loss_units[i])
-
-        _, doomed = greedy_repair(
-            self.latency_us, self.deadlines_us, self.cheapest_us, self.save_us, self.loss_units,
-            start_us, take, limit=end,
-        )  # fmt: skip
-        self.stats.count("greedy_assignments")
-        failures = []
-        for task, predicted in [(queue[i], int(finish[i])) for i in doomed]:
-            job = task.job
-            if job.best_effort:
-                self.set_option(task, 0)
-                continue
-            if job.error is None:
-                error = self.deadline_error(job, now, predicted - int(now * 1e6))
-                failures.append(self.fail_job(job, error, "doomed"))
-        return failures
-
     def expire(self, now: float) -> list[Failure]:
         """Fail queued jobs that can no longer make their deadline while a batch overruns.
 
@@ -493,30 +503,36 @@ class Scheduler:
         """
         if self.in_flight is None or not self.queue:
             return []
-        self.busy_until = max(self.busy_until, now)  # at least: the batch is still running
-        failures = self.policy.replan(now)
-        # Whatever the policy: a job that cannot fit even at every cheapest option fails now.
-        late = self.deadlines_us < int(now * 1e6) + np.cumsum(self.cheapest_us)
-        for i in np.flatnonzero(late & ~self.lenient)[::-1].tolist():
+        if now >= self.busy_until:  # the batch runs past its prediction: its end is unknown
+            self.overrun = True
+            self.busy_until = now
+        return self.doom_certain(now) + self.policy.replan(now)
+
+    def doom_certain(self, now: float) -> list[Failure]:
+        """Fail every queued job that would miss its deadline even if it started alone now."""
+        late = (self.deadlines_us < int(self.start(now) * 1e6) + self.cheapest_us) & ~self.lenient
+        failures = []
+        for i in np.flatnonzero(late)[::-1].tolist():
             job = self.queue[i].job
             if job.error is None:
-                failures.append(
-                    self.fail_job(job, self.deadline_error(job, now, self.queue[i].lat[0]), "doomed")
-                )
+                error = self.deadline_error(job, now, self.queue[i].lat[0])
+                failures.append(self.fail_job(job, error, "doomed"))
         return failures
 
     def next_expiry(self) -> float | None:
         """When :meth:`expire` should next run (None: nothing runs, or nothing can expire).
 
-        That is the first moment a queued job would be doomed if the running batch went on.
+        The running batch's predicted end (if it has not passed), and the first moment a queued
+        job could no longer make its deadline even alone: a stalled batch never holds a caller
+        past its deadline.
         """
         if self.in_flight is None or not self.queue:
             return None
-        latest = self.deadlines_us - np.cumsum(self.cheapest_us)
-        latest = latest[~self.lenient & (self.deadlines_us < NO_DEADLINE_US)]
-        if not len(latest):
-            return None
-        return max(float(latest.min()) / 1e6, self.busy_until)
+        latest = (self.deadlines_us - self.cheapest_us)[~self.lenient & (self.deadlines_us < NO_DEADLINE_US)]
+        times = [float(latest.min()) / 1e6] if len(latest) else []
+        if not self.overrun:
+            times.append(self.busy_until)
+        return min(times) if times else None
 
     def apply_pending_improvement(self, now: float) -> list[Failure]:
         """Called by the driver (under its lock) once an asynchronous solve has returned."""
@@ -580,6 +596,7 @@ class Scheduler:
         if self.in_flight is batch:
             self.in_flight = None
             self.busy_until = now
+            self.overrun = False
         if not errors:
             self._correct(batch, measured_us, parts_us)
         done: list[Job] = []
@@ -652,6 +669,55 @@ class Scheduler:
                     )
                 )
         return failures
+
+
+class BatchLatency:
+    """The corrected latency of a batch being formed, one task at a time, without building it.
+
+    Rows per modality and per configuration are kept as running sums, so the latency of "this
+    batch plus one more task" costs a few table lookups (the same arithmetic as
+    :meth:`Scheduler.corrected_latency_us`).
+    """
+
+    __slots__ = ("core", "counts", "rows")
+
+    def __init__(self, core: Scheduler) -> None:
+        self.core = core
+        self.rows = dict.fromkeys(core.cost.modalities, 0)
+        self.counts: dict[Configuration, int] = {}
+
+    def clear(self) -> None:
+        """Empty the batch."""
+        for m in self.rows:
+            self.rows[m] = 0
+        self.counts.clear()
+
+    def add(self, strategy: Strategy) -> None:
+        """Put a task's rows, at ``strategy``, into the batch."""
+        for config, count in strategy.groups:
+            self.counts[config] = self.counts.get(config, 0) + count
+            for m in config:
+                self.rows[m] += count
+
+    def with_(self, strategy: Strategy) -> int:
+        """The batch's corrected latency if a task at ``strategy`` joined it (the batch is unchanged)."""
+        self.add(strategy)
+        latency = self.latency_us()
+        for config, count in strategy.groups:
+            self.counts[config] -= count
+            for m in config:
+                self.rows[m] -= count
+        return latency
+
+    def latency_us(self) -> int:
+        """The batch's corrected latency."""
+        cost = self.core.cost
+        correction = self.core.correction
+        total = correction["fusion"] * sum(cost.fusion_us[c][k] for c, k in self.counts.items() if k)
+        for m, k in self.rows.items():
+            if k:
+                total += correction[m] * cost.branch_us[m][k]
+        return math.ceil(total)
 
 
 def merged_groups(tasks: Sequence[Task]) -> dict[Configuration, int]:
