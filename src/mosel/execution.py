@@ -6,6 +6,7 @@ otherwise), fusion runs once per configuration group, and outputs keep the input
 
 from __future__ import annotations
 
+import decimal
 import math
 import numbers
 import time
@@ -257,7 +258,21 @@ MAX_DEADLINE_MS: Final = 1e15
 
 
 def _real(value: object) -> float | None:
-    """``value`` as a float if it is a real number (numpy scalars included, bools excluded)."""
+    """``value`` as a float if it is a real number, else None.
+
+    Python, numpy and ``Decimal`` numbers, and 0-d numpy arrays or tensors of a real dtype, are
+    real numbers here; bools are not.
+    """
+    if isinstance(value, Tensor) and value.dim() == 0:
+        if value.dtype == torch.bool or value.is_complex():
+            return None
+        value = value.item()
+    elif isinstance(value, np.ndarray) and value.ndim == 0:
+        if value.dtype.kind not in "iuf":
+            return None
+        value = value.item()
+    if isinstance(value, decimal.Decimal):
+        return float(value) if value.is_finite() or value.is_infinite() else math.nan
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         return None
     try:

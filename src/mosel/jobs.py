@@ -27,9 +27,9 @@ class Job:
     """The requests of one call: one deadline, one floor, one or more tasks (chunks)."""
 
     __slots__ = (
-        "arrival", "available", "best_effort", "deadline", "deadline_ms", "error", "finished", "id",
-        "inputs", "measured_us", "min_accuracy", "n", "outputs", "payload", "pending", "predicted_us",
-        "started", "tasks",
+        "arrival", "available", "batch_key", "best_effort", "deadline", "deadline_ms", "error", "finished",
+        "id", "inputs", "measured_us", "min_accuracy", "n", "outputs", "payload", "pending",
+        "predicted_us", "started", "tasks",
     )  # fmt: skip
 
     def __init__(
@@ -54,6 +54,7 @@ class Job:
         self.best_effort = best_effort
         self.inputs = inputs
         self.payload = payload
+        self.batch_key: object = None  # jobs merge into one batch only if their keys are equal
         self.tasks: list[Task] = []
         self.pending = 0
         self.outputs: list[Any] = []
@@ -98,7 +99,7 @@ class Task:
         self.first = first  # frontier index of the cheapest admissible strategy
         self.k = 0  # chosen option, relative to ``first``
         self.fixed: Strategy | None = None  # set for jobs that must compute every modality
-        self.key = (job.deadline, job.id * 1024 + index)  # EDF: deadline, then arrival order
+        self.key = (job.deadline, job.id, index)  # EDF: deadline, then arrival order
         self.lat: tuple[int, ...] = ()
         self.acc: tuple[int, ...] = ()
         self.version = -1

@@ -33,6 +33,7 @@ import reprlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -79,12 +80,16 @@ def parse_configuration(text: str, modalities: Sequence[str]) -> Configuration:
 def accuracy_units(accuracy: float) -> int:
     """Accuracy as integer units per request (the planner's and the lookup's resolution).
 
+    Rounded *down* from the number's shortest decimal form, so that a strategy's units never
+    claim more than its measured accuracy: 0.6999996 is 699,999 units and does not meet a 0.7
+    floor, while 0.29 is exactly 290,000.
+
     Raises:
         ValueError: ``accuracy`` is not a finite number in [0, 1].
     """
     if not (math.isfinite(accuracy) and 0.0 <= accuracy <= 1.0):
         raise ValueError(f"accuracy must be a finite number in [0, 1], got {show(accuracy)}")
-    return round(accuracy * ACCURACY_SCALE)
+    return math.floor(Fraction(repr(float(accuracy))) * ACCURACY_SCALE)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ class Policy:
             j = i + 1
             while batching and j < end and j - i < most:
                 nxt = queue[j]
-                if nxt.frontier.available != head.frontier.available or rows + nxt.n > limit:
+                if not mergeable(head, nxt) or rows + nxt.n > limit:
                     break
                 kn = 0 if cheapest else nxt.k
                 option = nxt.option(kn)
@@ -312,7 +312,7 @@ class Policy:
         earliest = deadline_us(tasks[0].job)
         while core.queue and len(tasks) < core.config.max_merge:
             nxt = core.queue[0]
-            if nxt.frontier.available != tasks[0].frontier.available or rows + nxt.n > limit:
+            if not mergeable(tasks[0], nxt) or rows + nxt.n > limit:
                 break
             latency = core.merged_latency_us([*tasks, nxt])
             alone = nxt.lat[nxt.k]
@@ -480,6 +480,15 @@ class Greedy(Policy):
                 excess -= task.lat[task.k] - task.lat[task.k - 1]
                 task.k -= 1
             latency = core.merged_latency_us(tasks)
+
+
+def mergeable(head: Task, other: Task) -> bool:
+    """Whether two tasks may run in one batch: the same available modalities and inputs alike.
+
+    Inputs alike (the driver's ``Job.batch_key``: structure, dtypes and trailing shapes) keeps a
+    job's rows from being cast or padded to fit another tenant's.
+    """
+    return head.frontier.available == other.frontier.available and head.job.batch_key == other.job.batch_key
 
 
 def _step_value(task: Task) -> float:
@@ -651,7 +660,7 @@ class AgnosticPlus(Agnostic):
         for nxt in list(core.queue[: 4 * self.horizon]):
             if len(tasks) >= core.config.max_merge or rows >= limit:
                 break
-            if nxt.frontier.available != tasks[0].frontier.available or rows + nxt.n > limit:
+            if not mergeable(tasks[0], nxt) or rows + nxt.n > limit:
                 continue
             merged = core.merged_latency_us([*tasks, nxt])
             if now_us + merged > min(earliest, deadline_us(nxt.job)):

@@ -154,6 +154,11 @@ def _checked_sum(scores: object, rows: int, metric: Metric, configuration: str) 
             f"metric {name} must return a tensor of one score per request, shape ({rows},), "
             f"got {shape} for configuration {configuration!r}"
         )
+    if scores.is_complex():
+        raise InputError(
+            f"metric {name} returned complex scores ({scores.dtype}) for configuration {configuration!r}; "
+            f"return real per-request scores in [0, 1]"
+        )
     values = scores.detach().to(torch.float64)
     bad = ~torch.isfinite(values) | (values < 0) | (values > 1)
     if bool(bad.any()):
@@ -190,7 +195,15 @@ def _accuracy(
         features = {m: getattr(model, spec.branches[m])(batch[m]) for m in spec.modalities}
         rows = next(iter(batch.values())).shape[0]
         for config in spec.configurations:
-            scores = metric(fuse({m: features[m] for m in config}), target)
+            try:
+                scores = metric(fuse({m: features[m] for m in config}), target)
+            except Exception as exc:
+                name = getattr(metric, "__qualname__", repr(metric))
+                raise InputError(
+                    f"metric {name} failed on configuration "
+                    f"{configuration_key(config, spec.modalities)!r}: {type(exc).__name__}: {exc}; "
+                    f"check that the targets have one entry per request of the batch"
+                ) from exc
             totals[config] += _checked_sum(scores, rows, metric, configuration_key(config, spec.modalities))
         count += rows
     if sample is None or count == 0:

@@ -43,7 +43,7 @@ from mosel.plan import (
 __all__ = ["CostCheck", "Fingerprint", "LatencyTable", "Profile", "fingerprint_of"]
 
 FORMAT: Final = "mosel.profile"
-VERSION: Final = 1
+VERSION: Final = 2
 
 Configuration = frozenset[str]
 

@@ -138,7 +138,7 @@ class Scheduler:
         self.stats = stats or Stats()
         self.cost: CostModel = profile.cost_model()
         self.queue: list[Task] = []
-        self._keys: list[tuple[float, int]] = []
+        self._keys: list[tuple[float, int, int]] = []
         # One row per column (latency, deadline, cheapest, save, loss, lenient), one column per
         # queued task, with spare capacity: an insertion is one memmove, not a new array.
         self._columns: IntArray = np.zeros((6, 64), dtype=np.int64)
@@ -373,21 +373,21 @@ class Scheduler:
     def prepare_inline(self, job: Job, now: float) -> None:
         """Admit a job that runs at once outside the queue (a call from inside a running batch).
 
-        The same checks and choice as for a lone job on an idle device; the queue, the running
-        batch and the policy's estimates are left alone.
+        The same checks and choice as for a lone job on an idle device; the queue (and its
+        bound), the running batch and the policy's estimates are left alone.
         """
-        self._prepare(job, now, observe=False)
+        self._prepare(job, now, inline=True)
         for task in job.tasks:
             self.refresh(task)
             if task.lat[task.k] > (job.deadline - now) * 1e6:
                 task.k = 0
 
-    def _prepare(self, job: Job, now: float, observe: bool = True) -> None:
+    def _prepare(self, job: Job, now: float, inline: bool = False) -> None:
         """Admission checks; creates the job's tasks with their initial options."""
         if self.closed:
             raise ShutdownError("the model's scheduler is closed; no new jobs are accepted")
         self.stats.count("submitted")
-        limit = self.config.max_queued_requests
+        limit = math.inf if inline else self.config.max_queued_requests
         if job.n > limit:
             self.stats.count("rejected_too_large")
             raise InputError(
@@ -436,7 +436,7 @@ class Scheduler:
         share = 1.0 / len(sizes)
         for task in tasks:
             if policy.fifo:
-                task.key = (job.arrival, task.key[1])
+                task.key = (job.arrival, *task.key[1:])
             self.refresh(task)
             task.k = policy.initial(task, now, share)
         cheapest_us = sum(t.lat[0] for t in tasks)
@@ -444,7 +444,7 @@ class Scheduler:
         if late and not job.best_effort and policy.refuse_late:
             self.stats.count("rejected_deadline")
             raise self.deadline_error(job, now, cheapest_us)
-        if observe:  # only accepted jobs inform the policy: refused ones never load the device
+        if not inline:  # only queued jobs inform the policy: refused ones never load the device
             policy.observe_arrival(job, now, cheapest_us)
         job.pending = len(tasks)
 

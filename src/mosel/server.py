@@ -17,13 +17,15 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import os
+import signal
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -86,10 +88,11 @@ class Server:
         self.closed = False
         self.pid = os.getpid()
         self._watch_at = float("inf")  # when the watchdog means to wake
+        self._outbox: list[Failure] = []  # failed jobs whose futures are still to be resolved
         self._thread: threading.Thread | None = None
         self._watchdog: threading.Thread | None = None
         self._solver: concurrent.futures.ThreadPoolExecutor | None = None
-        weakref.finalize(self, _wake, self.lock, self.cond, self.watch)
+        weakref.finalize(self, _wake, self.pid, self.lock, self.cond, self.watch)
         _servers.add(self)
 
     # ------------------------------------------------------------------ caller side
@@ -105,7 +108,7 @@ class Server:
         arrival = self.clock.now()
         deadline, floor = check_slo(deadline_ms, min_accuracy)
         tensors, available, n = check_inputs(inputs, self.spec, self.device())
-        return Job(
+        job = Job(
             n=n,
             available=available,
             arrival=arrival,
@@ -113,8 +116,10 @@ class Server:
             min_accuracy=floor,
             best_effort=bool(best_effort),
             inputs=tensors,
-            payload=concurrent.futures.Future() if future else None,
+            payload=_Future() if future else None,
         )
+        job.batch_key = tuple((m, trees.signature(t)) for m, t in tensors.items())
+        return job
 
     def submit(
         self,
@@ -133,19 +138,25 @@ class Server:
             except Exception as exc:
                 future.set_exception(exc)
             return future
-        with self.lock:
-            failures = self._admit_locked(job)
-        self._fail(failures)
+        try:
+            try:
+                with _deferred_interrupts(), self.lock:
+                    self._admit_locked(job)
+            finally:
+                self._drain()
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # interrupted (Ctrl-C): nobody will hold the future
+                self._withdraw(job)
+            raise
         future.add_done_callback(functools.partial(self._on_cancel, job=job))
         return future
 
-    def _admit_locked(self, job: Job) -> list[Failure]:
+    def _admit_locked(self, job: Job) -> None:
         """Queue ``job`` and wake the executor (the caller holds ``self.lock``)."""
-        failures = self.scheduler.admit(job, self.clock.now())
+        self._post(self.scheduler.admit(job, self.clock.now()))
         self._start_threads()
         self.cond.notify()
         self._poke_watchdog()
-        return failures
 
     def infer(
         self,
@@ -159,27 +170,48 @@ class Server:
         job = self._job(inputs, deadline_ms, min_accuracy, best_effort, future=False)
         if id(self) in _running():  # called back from this model's own batch: run it here
             return self._inline(job)
-        with self.lock:
-            batch = self.scheduler.start_alone(job, self.clock.now())
-            if batch is None:
-                job.payload = concurrent.futures.Future()
-                failures = self._admit_locked(job)
-        if batch is None:
-            self._fail(failures)
-            future: concurrent.futures.Future[Result] = job.payload
-            future.add_done_callback(functools.partial(self._on_cancel, job=job))
+        batch: Batch | None = None
+        try:
             try:
+                with _deferred_interrupts(), self.lock:
+                    batch = self.scheduler.start_alone(job, self.clock.now())
+                    if batch is None:
+                        job.payload = _Future()
+                        self._admit_locked(job)
+            finally:
+                self._drain()
+            if batch is None:
+                future: concurrent.futures.Future[Result] = job.payload
+                future.add_done_callback(functools.partial(self._on_cancel, job=job))
                 return future.result()
-            except BaseException:
-                future.cancel()  # interrupted while waiting (Ctrl-C): take the job out of the queue
-                raise
-        done, failures, interrupt = self._execute(batch)
-        self._fail(failures)
+            done, interrupt = self._execute(batch)
+        except BaseException as exc:  # e.g. Ctrl-C: the job must not stay in flight or queued
+            if not isinstance(exc, Exception):
+                self._withdraw(job, exc)
+            raise
+        finally:
+            self._drain()
         if interrupt is not None:
             raise interrupt
         if job.error is not None:
             raise job.error
         return self._result(done[0])
+
+    def _withdraw(self, job: Job, error: BaseException | None = None) -> None:
+        """Take an interrupted caller's job back: out of the queue, or its batch ended as failed."""
+        with _deferred_interrupts(), self.lock:
+            batch = self.scheduler.in_flight
+            if batch is not None and any(task.job is job for task in batch.tasks):
+                wrapped = error if error is not None else ExecutionError("the caller was interrupted")
+                errors = dict.fromkeys(range(len(batch.tasks)), wrapped)
+                _, failures = self.scheduler.complete(batch, self.clock.now(), 0.0, None, errors)
+                self._post(failures)
+            elif job.error is None:
+                self.scheduler.cancel(job)
+            self.cond.notify()
+        if job.payload is not None:
+            job.payload.cancel()
+        self._drain()
 
     async def ainfer(
         self,
@@ -197,17 +229,34 @@ class Server:
 
     def _on_cancel(self, future: concurrent.futures.Future[Result], job: Job) -> None:
         if future.cancelled():
-            with self.lock:
+            with _deferred_interrupts(), self.lock:
                 self.scheduler.cancel(job)
                 self.cond.notify()
+
+    def _post(self, failures: list[Failure]) -> None:
+        """Keep failed jobs for :meth:`_drain` (the caller holds ``self.lock``)."""
+        self._outbox.extend(failures)
+
+    def _drain(self) -> None:
+        """Resolve every failed job posted so far, outside the lock (any thread may do it).
+
+        Failures travel through this outbox rather than a thread's local variable, so a caller
+        interrupted between the scheduler's decision and the futures' resolution strands no job:
+        the next thread through here resolves it.
+        """
+        if not self._outbox:
+            return
+        with _deferred_interrupts(), self.lock:
+            failures, self._outbox = self._outbox, []
+        self._fail(failures)
 
     def _inline(self, job: Job) -> Result:
         """Serve a job on this thread, outside the queue (a call from inside this model's batch).
 
-        The same admission and strategy choice as a lone job on an idle device; the queue and the
-        running batch are left alone, so the call cannot wait for itself.
+        The same admission and strategy choice as a lone job on an idle device; the queue, its
+        bound and the running batch are left alone, so the call cannot wait for itself.
         """
-        with self.lock:
+        with _deferred_interrupts(), self.lock:
             self.scheduler.prepare_inline(job, self.clock.now())
         started = time.perf_counter()
         outputs = []
@@ -219,6 +268,7 @@ class Server:
         job.predicted_us = sum(t.strategy.latency_us for t in job.tasks)
         job.finished = self.clock.now()
         self.stats.count("served_inline")
+        self.stats.job_done(job.finished <= job.deadline, (job.finished - job.arrival) * 1000.0, {})
         return self._result(job)
 
     # ------------------------------------------------------------------ executor side
@@ -241,28 +291,31 @@ class Server:
         if expiry is not None and expiry < self._watch_at:
             self.watch.notify()
 
-    def _next_batch(self) -> tuple[Batch | None, list[Failure]]:
+    def _next_batch(self) -> Batch | None:
         """Dispatch under the lock; marks the batch's futures as running."""
         try:
             batch, failures = self.scheduler.dispatch(self.clock.now())
         except Exception as exc:  # a scheduler bug: fail what waits rather than die or spin
             _log.exception("mosel scheduler failed to dispatch; failing the queued jobs")
             failed = [self.scheduler.fail(task.job, exc) for task in list(self.scheduler.queue)]
-            return None, [f for f in failed if f is not None]
+            self._post([f for f in failed if f is not None])
+            return None
+        self._post(failures)
         if batch is not None:
             for task in batch.tasks:
                 future = task.job.payload
                 if future is not None and not future.done() and not future.running():
                     future.set_running_or_notify_cancel()
             self._poke_watchdog()
-        return batch, failures
+        return batch
 
-    def _execute(self, batch: Batch) -> tuple[list[Job], list[Failure], BaseException | None]:
+    def _execute(self, batch: Batch) -> tuple[list[Job], BaseException | None]:
         """Run a batch outside the lock, isolating faults, and report its completion.
 
-        Returns the finished jobs, the failed ones, and a ``BaseException`` that is not an
-        ``Exception`` (Ctrl-C, ``SystemExit``) if the model's code raised one: the caller's own
-        thread re-raises it after the scheduler has been told, the executor thread does not.
+        Returns the finished jobs (failed ones are posted for :meth:`_drain`), and a
+        ``BaseException`` that is not an ``Exception`` (Ctrl-C, ``SystemExit``) if the model's
+        code raised one on the caller's own thread: the caller re-raises it after the scheduler
+        has been told. On the executor thread such an exception fails only the job it belongs to.
         """
         timings: dict[str, float] | None = {} if self.device().type == "cpu" else None
         outputs: dict[int, Tree] = {}
@@ -284,34 +337,32 @@ class Server:
                     else:
                         outputs = self._run_merged(batch, timings)
                     _synchronize(outputs)
-            except Exception as exc:
+            except BaseException as exc:
+                if not isinstance(exc, Exception) and not nested:
+                    raise  # on the caller's own thread: theirs to see, once the scheduler is told
                 if len(batch.tasks) == 1:
-                    errors[0] = exc
+                    errors[0] = _own(exc)
                 else:  # fail only the jobs the error belongs to: re-run each task alone
                     _log.info(
-                        "merged batch failed (%s); re-running its %d jobs separately", exc, len(batch.tasks)
+                        "merged batch failed (%r); re-running its %d jobs separately", exc, len(batch.tasks)
                     )
                     outputs, errors = self._run_separately(batch)
             self._assemble(batch, outputs, errors)
         except BaseException as exc:  # the model's code raised SystemExit, KeyboardInterrupt, ...
             interrupt = exc
             outputs = {}
-            wrapped = ExecutionError(
-                f"the model's code raised {type(exc).__name__} while serving this job; the job is "
-                f"failed and the model keeps serving"
-            )
-            wrapped.__cause__ = exc
-            errors = dict.fromkeys(range(len(batch.tasks)), wrapped)
+            errors = dict.fromkeys(range(len(batch.tasks)), _own(exc))
         finally:
             if not nested:
                 running.discard(id(self))
         measured_us = (time.perf_counter() - started) * 1e6
-        with self.lock:
+        with _deferred_interrupts(), self.lock:
             done, failures = self.scheduler.complete(
                 batch, self.clock.now(), measured_us, timings if not errors else None, errors
             )
+            self._post(failures)
             self.cond.notify()
-        return done, failures, interrupt
+        return done, interrupt
 
     def _assemble(self, batch: Batch, outputs: dict[int, Tree], errors: dict[int, BaseException]) -> None:
         """Hand each task's output to its job; a job's last chunk joins its chunks' outputs."""
@@ -347,10 +398,12 @@ class Server:
         for position, config, count in layout:
             parts[(position, config)] = trees.take(merged, slice(offset, offset + count))
             offset += count
-        return {
-            position: trees.concat([parts[(position, c)] for c, _ in strategy.groups])
-            for position, strategy in enumerate(batch.strategies)
-        }
+        outputs = {}
+        for position, strategy in enumerate(batch.strategies):
+            chunks = [parts[(position, c)] for c, _ in strategy.groups]
+            # A slice of the merged output would keep every merged job's rows in its storage.
+            outputs[position] = trees.concat(chunks) if len(chunks) > 1 else trees.copy(chunks[0])
+        return outputs
 
     def _run_separately(self, batch: Batch) -> tuple[dict[int, Tree], dict[int, BaseException]]:
         outputs: dict[int, Tree] = {}
@@ -362,8 +415,8 @@ class Server:
                     outputs[position] = run_recovering(
                         self.model, self.spec, task.strategy, rows, self.row_plans
                     )
-            except Exception as exc:
-                errors[position] = exc
+            except BaseException as exc:  # on the executor thread: the job's own failure
+                errors[position] = _own(exc)
         return outputs, errors
 
     def _resolve(self, job: Job) -> None:
@@ -399,6 +452,7 @@ class Server:
 
     def _fail_batch(self, batch: Batch, error: BaseException) -> None:
         """Resolve every job of a batch with ``error`` (after an unexpected executor error)."""
+        error = _own(error)
         with self.lock:
             failures: list[Failure] = []
             if self.scheduler.in_flight is batch:
@@ -417,14 +471,14 @@ class Server:
     def _fail(failures: list[Failure]) -> None:
         for job, error in failures:
             job.inputs = None
-            _settle(job.payload, error=error)
+            _settle(job.payload, error=_own(error))
 
     # ------------------------------------------------------------------ CP-SAT helper thread
 
     def _solve_async(self, solve: Callable[[], None]) -> None:
         if self._solver is None:
             self._solver = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mosel-solver")
-            weakref.finalize(self, self._solver.shutdown, wait=False, cancel_futures=True)
+            weakref.finalize(self, _shutdown, self.pid, self._solver)
         ref = weakref.ref(self)
 
         def run() -> None:
@@ -437,9 +491,9 @@ class Server:
                 _log.exception("CP-SAT re-assignment failed; keeping the greedy assignment")
                 server.stats.count("solver_errors")
             with server.lock:
-                failures = server.scheduler.apply_pending_improvement(server.clock.now())
+                server._post(server.scheduler.apply_pending_improvement(server.clock.now()))
                 server.cond.notify()
-            server._fail(failures)
+            server._drain()
 
         try:
             self._solver.submit(run)
@@ -454,12 +508,12 @@ class Server:
         Called from inside one of this model's own batches (a branch, or a future's callback on
         the executor thread), it stops admission and returns without waiting for itself.
         """
-        with self.lock:
+        with _deferred_interrupts(), self.lock:
             self.closed = True
-            failures = self.scheduler.close(cancel)
+            self._post(self.scheduler.close(cancel))
             self.cond.notify_all()
             self.watch.notify_all()
-        self._fail(failures)
+        self._drain()
         if id(self) not in _running():
             self.join(timeout)
         if self._solver is not None:
@@ -491,18 +545,18 @@ def _executor_main(ref: weakref.ref[Server], cond: threading.Condition) -> None:
                 del server, scheduler
                 cond.wait()
             _running().add(id(server))
-            batch, failures = server._next_batch()
-        _serve(server, batch, failures)
-        del server, scheduler, batch, failures  # hold nothing of the server while waiting
+            batch = server._next_batch()
+        _serve(server, batch)
+        del server, scheduler, batch  # hold nothing of the server while waiting
 
 
-def _serve(server: Server, batch: Batch | None, failures: list[Failure]) -> None:
+def _serve(server: Server, batch: Batch | None) -> None:
     """One turn of the executor, outside the lock; nothing it raises escapes."""
     try:
-        server._fail(failures)
+        server._drain()
         if batch is not None:
-            done, failures, _ = server._execute(batch)
-            server._fail(failures)
+            done, _ = server._execute(batch)
+            server._drain()
             for job in done:
                 server._resolve(job)
     except BaseException as exc:  # nothing may stop the executor; every job of the batch resolves
@@ -524,6 +578,7 @@ def _watchdog_main(ref: weakref.ref[Server], watch: threading.Condition) -> None
                 return
             now = server.clock.now()
             failures = scheduler.expire(now) if scheduler.in_flight is not None else []
+            server._post(failures)
             expiry = scheduler.next_expiry()
             server._watch_at = float("inf") if expiry is None else expiry
             if failures:
@@ -532,7 +587,10 @@ def _watchdog_main(ref: weakref.ref[Server], watch: threading.Condition) -> None
                 del server, scheduler
                 watch.wait(None if expiry is None else max(expiry - now, 0.0) + 1e-4)
                 continue
-        server._fail(failures)
+        try:
+            server._drain()
+        except BaseException:  # nothing may stop the watchdog either
+            _log.exception("mosel watchdog: unexpected error while failing late jobs")
         del server, scheduler, failures
 
 
@@ -554,11 +612,83 @@ def _settle(
         pass  # cancelled by its caller between our check and our call: nobody waits for it
 
 
-def _wake(lock: threading.RLock, *conditions: threading.Condition) -> None:
-    """Wake a collected server's threads so that they notice and end."""
+def _wake(pid: int, lock: threading.RLock, *conditions: threading.Condition) -> None:
+    """Wake a collected server's threads so that they notice and end.
+
+    Only in its own process: in a forked child the lock may have been held by a thread that no
+    longer exists.
+    """
+    if os.getpid() != pid:
+        return
     with lock:
         for condition in conditions:
             condition.notify_all()
+
+
+def _shutdown(pid: int, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    """Stop a collected server's CP-SAT helper (in its own process only)."""
+    if os.getpid() == pid:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _own(error: BaseException) -> BaseException:
+    """``error`` as a job's failure: a ``BaseException`` that is not an ``Exception`` is wrapped."""
+    if isinstance(error, Exception):
+        return error
+    wrapped = ExecutionError(
+        f"the model's code raised {type(error).__name__} while serving this job; the job is failed "
+        f"and the model keeps serving"
+    )
+    wrapped.__cause__ = error
+    return wrapped
+
+
+class _Future(concurrent.futures.Future[Result]):
+    """A future whose done-callbacks cannot stop the thread that resolves it.
+
+    ``concurrent.futures`` lets a callback's ``BaseException`` (``SystemExit``) escape from
+    ``set_result`` into mosel's executor; here every callback is guarded and its error logged.
+    """
+
+    def add_done_callback(self, fn: Callable[[concurrent.futures.Future[Result]], object]) -> None:
+        """Like ``Future.add_done_callback``; what ``fn`` raises is logged, never propagated."""
+
+        def guarded(future: concurrent.futures.Future[Result]) -> None:
+            try:
+                fn(future)
+            except BaseException:
+                _log.exception("a done-callback of a mosel future raised; ignored")
+
+        super().add_done_callback(guarded)
+
+
+@contextlib.contextmanager
+def _deferred_interrupts() -> Iterator[None]:
+    """On the main thread, hold Ctrl-C (``SIGINT``) back until the block is done.
+
+    Scheduler state changes under the lock are short and must not be cut in half: an interrupt
+    arriving meanwhile is raised (or handed to the previous handler) right after the block.
+    Elsewhere (other threads, no signals) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+        held: list[tuple[int, Any]] = []
+        signal.signal(signal.SIGINT, lambda signum, frame: held.append((signum, frame)))
+    except (ValueError, TypeError):  # not the main interpreter, or an unusual handler
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            if callable(previous):
+                previous(*held[0])
+            elif previous == signal.SIG_DFL:
+                signal.default_int_handler(*held[0])
 
 
 def _rows(inputs: Any, offset: int, n: int) -> dict[str, Tree]:

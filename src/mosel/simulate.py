@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import random
 import time
 from collections.abc import Iterable
@@ -86,11 +87,11 @@ def _checked(arrival: object, index: int, modalities: Configuration) -> Arrival:
     where = f"arrivals[{index}] (time_s={arrival.time_s!r})"
     if (
         isinstance(arrival.time_s, bool)
-        or not isinstance(arrival.time_s, (int, float))
+        or not isinstance(arrival.time_s, numbers.Real)
         or not (math.isfinite(arrival.time_s) and arrival.time_s >= 0)
     ):
         raise InputError(f"{where}: time_s must be a finite number of seconds >= 0")
-    if isinstance(arrival.n, bool) or not isinstance(arrival.n, int) or arrival.n < 1:
+    if isinstance(arrival.n, bool) or not isinstance(arrival.n, numbers.Integral) or arrival.n < 1:
         raise InputError(f"{where}: n must be an int >= 1 (requests in the job), got {arrival.n!r}")
     if arrival.available is not None:
         unknown = sorted(set(arrival.available) - modalities)
@@ -105,6 +106,8 @@ def _checked(arrival: object, index: int, modalities: Configuration) -> Arrival:
         raise SLOError(f"{where}: {exc}") from None
     return dataclasses.replace(
         arrival,
+        time_s=float(arrival.time_s),
+        n=int(arrival.n),
         deadline_ms=deadline_ms,
         min_accuracy=min_accuracy,
         available=arrival.available and frozenset(arrival.available),

@@ -16,7 +16,7 @@ import optree
 import torch
 from torch import Tensor
 
-__all__ = ["Tree", "TreeError", "check", "concat", "leaves", "take", "to_device"]
+__all__ = ["Tree", "TreeError", "check", "concat", "copy", "leaves", "signature", "take", "to_device"]
 
 Tree: TypeAlias = Any
 """A tensor, or a nested dict / tuple / list (or namedtuple) of tensors."""
@@ -95,6 +95,24 @@ def concat(trees: Sequence[Tree], dim: int = 0) -> Tree:
         return optree.tree_unflatten(spec, joined)
     except (RuntimeError, TypeError) as exc:  # shapes or dtypes that torch.cat refuses
         raise TreeError(f"chunks do not concatenate along dimension {dim}: {exc}") from exc
+
+
+def copy(tree: Tree) -> Tree:
+    """``tree`` with every leaf copied into storage of its own (a view would keep its base alive)."""
+    if isinstance(tree, Tensor):
+        return tree.clone()
+    return optree.tree_map(lambda t: t.clone(), tree, none_is_leaf=False, namespace=NAMESPACE)
+
+
+def signature(tree: Tree, dim: int = 0) -> object:
+    """What must match for two trees to be concatenated along ``dim`` without a cast or a pad.
+
+    That is the structure, and each leaf's dtype, device and shape apart from ``dim``.
+    """
+    if isinstance(tree, Tensor):
+        return (tree.dtype, tree.device, tree.shape[:dim] + tree.shape[dim + 1 :])
+    items, spec = optree.tree_flatten(tree, none_is_leaf=False, namespace=NAMESPACE)
+    return (spec, tuple((t.dtype, t.device, t.shape[:dim] + t.shape[dim + 1 :]) for t in items))
 
 
 def to_device(tree: Tree, device: torch.device) -> Tree:

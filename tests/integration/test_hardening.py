@@ -594,3 +594,207 @@ def test_sixty_four_threads_of_hostile_traffic_all_resolve_with_their_own_rows()
 
 if sys.platform == "win32":  # pragma: no cover
     pytest.skip("fork and signals", allow_module_level=True)
+
+
+# ---------------------------------------------------------------- found by hostile probing
+
+
+def test_a_done_callback_raising_system_exit_stops_nothing() -> None:
+    model = served()
+    gate = blocked(model)
+    futures = [model.submit(rows(1, float(i))) for i in range(4)]
+
+    def leave(_: object) -> None:
+        raise SystemExit(1)
+
+    futures[0].add_done_callback(leave)
+    model.gate.set()
+    for i, future in enumerate(futures):
+        torch.testing.assert_close(future.result(WAIT).output, rows(1, float(i))["audio"])
+    gate.result(WAIT)
+    srv = runtime._state(model).server
+    assert srv is not None and all(t.is_alive() for t in threads_of(srv))
+    torch.testing.assert_close(model.submit(rows(2, 5.0)).result(WAIT).output, rows(2, 5.0)["audio"])
+    mosel.close(model)
+
+
+def test_an_interrupt_between_admission_and_execution_leaves_the_model_usable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = served()
+    real = server.Server._execute
+    calls = {"n": 0}
+
+    def interrupted(self: server.Server, batch: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt  # after start_alone, before the model runs
+        return real(self, batch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(server.Server, "_execute", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.infer(rows(2, 0.0))
+    srv = runtime._state(model).server
+    assert srv is not None and srv.scheduler.in_flight is None
+    torch.testing.assert_close(model.infer(rows(2, 1.0)).output, rows(2, 1.0)["audio"])
+    torch.testing.assert_close(model.submit(rows(1, 2.0)).result(WAIT).output, rows(1, 2.0)["audio"])
+    mosel.close(model)
+
+
+def test_ctrl_c_inside_the_scheduler_is_held_until_its_state_is_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = served()
+    gate = blocked(model)
+    srv = runtime._state(model).serve(model)
+    real = srv.scheduler.admit
+
+    def admit_then_signal(job: object, now: float) -> object:
+        out = real(job, now)  # type: ignore[arg-type]
+        signal.raise_signal(signal.SIGINT)  # arrives while the queue is being changed
+        srv.scheduler.queue  # noqa: B018  (more bytecode before the block ends)
+        return out
+
+    monkeypatch.setattr(srv.scheduler, "admit", admit_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        model.submit(rows(1, 3.0))
+    monkeypatch.undo()
+    assert len(srv.scheduler.queue) == len(srv.scheduler.latency_us) == 0  # withdrawn, and whole
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    after = model.submit(rows(1, 4.0))
+    model.gate.set()
+    torch.testing.assert_close(after.result(WAIT).output, rows(1, 4.0)["audio"])
+    gate.result(WAIT)
+    mosel.close(model)
+
+
+def test_a_failure_posted_by_an_interrupted_thread_is_resolved_by_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = served()
+    srv = runtime._state(model).serve(model)
+    stranded = srv._job(rows(1, 0.0), None, None, False)
+    with srv.lock:
+        srv._post(
+            [
+                (
+                    stranded,
+                    mosel.DeadlineError(
+                        "x", deadline_ms=1.0, predicted_ms=2.0, best_accuracy_within_deadline=None
+                    ),
+                )
+            ]
+        )
+    assert not stranded.payload.done()  # the thread that decided it was interrupted before resolving it
+    model.infer(rows(1, 1.0))  # any later call through the server resolves it
+    assert isinstance(stranded.payload.exception(0), mosel.DeadlineError)
+    mosel.close(model)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_while_another_thread_holds_the_lock_does_not_hang_the_child() -> None:
+    model = served()
+    model.submit(rows(1, 0.0)).result(WAIT)
+    srv = runtime._state(model).server
+    assert srv is not None
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with srv.lock:
+            held.set()
+            release.wait(WAIT)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(WAIT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.alarm(20)
+            out = model.submit(rows(2, 6.0)).result(WAIT).output
+            gc.collect()  # the parent's server, now unreachable, is finalised here
+            ok = torch.equal(out, rows(2, 6.0)["audio"]) and torch.equal(
+                model.infer(rows(1, 7.0)).output, rows(1, 7.0)["audio"]
+            )
+            code = 0 if ok else 2
+        finally:
+            os._exit(code)
+    release.set()
+    holder.join(WAIT)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    mosel.close(model)
+
+
+def test_a_merged_job_output_holds_only_its_own_rows() -> None:
+    model = served()
+    gate = blocked(model)
+    futures = [model.submit(rows(2 + i, 10.0 * i)) for i in range(3)]
+    model.gate.set()
+    gate.result(WAIT)
+    assert mosel.stats(model).counters.get("batches_merged", 0) >= 1
+    for i, future in enumerate(futures):
+        out = future.result(WAIT).output
+        assert out.untyped_storage().nbytes() == out.numel() * out.element_size()
+        torch.testing.assert_close(out, rows(2 + i, 10.0 * i)["audio"])
+    mosel.close(model)
+
+
+def test_a_base_exception_fails_only_its_own_job_in_a_merged_batch() -> None:
+    model = served()
+    gate = blocked(model)
+
+    def leave(audio: Tensor) -> None:
+        if bool((audio == 42).any()):
+            raise SystemExit(2)
+
+    model.on_audio = leave
+    futures = [model.submit(rows(1, 41.0 + i)) for i in range(3)]  # the middle one holds 42
+    model.gate.set()
+    gate.result(WAIT)
+    torch.testing.assert_close(futures[0].result(WAIT).output, rows(1, 41.0)["audio"])
+    assert isinstance(futures[1].exception(WAIT), mosel.ExecutionError)
+    torch.testing.assert_close(futures[2].result(WAIT).output, rows(1, 43.0)["audio"])
+    mosel.close(model)
+
+
+def test_jobs_with_inputs_of_other_dtypes_are_not_merged_or_cast() -> None:
+    model = served()
+    gate = blocked(model)
+    halves = model.submit(
+        {"audio": torch.ones(2, 1, dtype=torch.float64), "video": torch.zeros(2, 1, dtype=torch.float64)}
+    )
+    singles = model.submit(rows(2, 3.0))
+    model.gate.set()
+    gate.result(WAIT)
+    assert halves.result(WAIT).output.dtype == torch.float64
+    assert singles.result(WAIT).output.dtype == torch.float32
+    mosel.close(model)
+
+
+def test_a_nested_call_is_served_when_the_queue_is_full_and_counted() -> None:
+    model = served(max_queued_requests=2)
+    inner: list[mosel.Result] = []
+
+    def nested(audio: Tensor) -> None:
+        if bool((audio == 9).any()):
+            inner.append(model.infer(rows(3, 50.0)))  # 3 > the queue's bound: never queued anyway
+
+    model.on_audio = nested
+    torch.testing.assert_close(model.infer(rows(1, 9.0)).output, rows(1, 9.0)["audio"])
+    torch.testing.assert_close(inner[0].output, rows(3, 50.0)["audio"])
+    counters = mosel.stats(model).counters
+    assert counters["served_inline"] == 1 and counters["served_on_time"] == 2
+    mosel.close(model)
+
+
+@pytest.mark.parametrize(
+    "deadline", [__import__("decimal").Decimal("50"), torch.tensor(50.0), np.array(50.0), np.float16(50)]
+)
+def test_other_real_numbers_are_deadlines_too(deadline: object) -> None:
+    model = served()
+    torch.testing.assert_close(model.infer(rows(1, 0.0), deadline_ms=deadline).output, rows(1, 0.0)["audio"])  # type: ignore[arg-type]
+    mosel.close(model)

@@ -278,6 +278,22 @@ def test_a_metric_returning_one_score_per_element_is_refused() -> None:
         )
 
 
+def test_a_complex_metric_and_a_failing_metric_are_input_errors() -> None:
+    def complex_scores(output: torch.Tensor, target: Any) -> torch.Tensor:
+        return torch.ones(output.shape[0], dtype=torch.complex64)
+
+    with pytest.raises(mosel.InputError, match="complex scores"):
+        mosel.profile(
+            Tiny().eval(),
+            [(tiny_inputs(4), torch.zeros(4))],
+            metric=complex_scores,
+            max_batch_size=2,
+            cost_checks=0,
+        )
+    with pytest.raises(mosel.InputError, match="one entry per request"):  # top-1 against 3 targets for 4 rows
+        mosel.profile(Tiny().eval(), [(tiny_inputs(4), torch.zeros(3))], max_batch_size=2, cost_checks=0)
+
+
 @pytest.mark.parametrize("value", [math.nan, 1.5, -0.1])
 def test_accuracies_outside_unit_interval_are_refused_clearly(profile: mosel.Profile, value: float) -> None:
     accuracy = dict.fromkeys(["audio", "video", "text", "audio+video", "audio+text", "video+text", ALL], 0.5)
@@ -315,11 +331,11 @@ HOSTILE_TEXTS: dict[str, Callable[[str], str | bytes]] = {
     "deep field": lambda t: t.replace(
         '"sample_count": 1000', '"sample_count": ' + "[" * 100_000 + "]" * 100_000
     ),
-    "5000-digit version": lambda t: t.replace('"version": 1', '"version": ' + "9" * 5000),
+    "5000-digit version": lambda t: t.replace('"version": 2', '"version": ' + "9" * 5000),
     "5000-digit batch size": lambda t: t.replace('"max_batch_size": 8', '"max_batch_size": ' + "9" * 5000),
-    "version true": lambda t: t.replace('"version": 1', '"version": true'),
-    "version 1.0": lambda t: t.replace('"version": 1', '"version": 1.0'),
-    "version string": lambda t: t.replace('"version": 1', '"version": "1"'),
+    "version true": lambda t: t.replace('"version": 2', '"version": true'),
+    "version 1.0": lambda t: t.replace('"version": 2', '"version": 2.0'),
+    "version string": lambda t: t.replace('"version": 2', '"version": "2"'),
     "NaN accuracy": lambda t: t.replace('"audio": 0.6', '"audio": NaN'),
     "Infinity latency": lambda t: t.replace('"median_us": [110.0', '"median_us": [Infinity'),
     "-Infinity build time": lambda t: t.replace('"build_seconds": ', '"build_seconds": -Infinity, "x": '),

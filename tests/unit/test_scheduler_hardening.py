@@ -250,3 +250,47 @@ def test_a_job_larger_than_the_queue_bound_is_not_a_retryable_error(profile: mos
     with pytest.raises(mosel.InputError, match="can never be queued") as info:
         Scheduler(profile, SchedulerConfig(max_queued_requests=20)).admit(job(30), 0.0)
     assert not isinstance(info.value, mosel.QueueFullError)
+
+
+# ---------------------------------------------------------------- found by hostile probing
+
+
+def test_a_job_of_more_than_a_thousand_chunks_keeps_its_own_queue_keys(profile: mosel.Profile) -> None:
+    scheduler = Scheduler(profile, SchedulerConfig(max_queued_requests=20_000))
+    scheduler.in_flight = object()  # type: ignore[assignment]  # the device is busy
+    big = job(8 * 1100)  # 1100 chunks, no deadline
+    other = job(1)
+    scheduler.admit(big, 0.0)
+    scheduler.admit(other, 0.0)
+    assert len({t.key for t in scheduler.queue}) == len(scheduler.queue)
+    assert scheduler.cancel(other)
+    assert [t.job for t in scheduler.queue] == [big] * 1100
+
+
+def test_a_configuration_a_hair_below_the_floor_does_not_meet_it() -> None:
+    from mosel.plan import accuracy_units
+
+    assert accuracy_units(0.6999996) == 699_999
+    assert accuracy_units(0.29) == 290_000 and accuracy_units(0.72) == 720_000
+    model = Tiny()
+    accuracy = {
+        "audio": 0.6999996, "video": 0.5, "text": 0.5, "audio+video": 0.6, "audio+text": 0.6,
+        "video+text": 0.6, "audio+video+text": 0.69,
+    }  # fmt: skip
+    profile = synthetic_profile(
+        model,
+        branch_us={m: [10.0 * b for b in range(1, 5)] for m in ("audio", "video", "text")},
+        accuracy=accuracy,
+    )
+    for policy in ("mosel", "aggressive", "agnostic"):
+        sim = mosel.simulate(
+            profile,
+            [mosel.Arrival(0.0, 1, deadline_ms=10.0, min_accuracy=0.7)],
+            SchedulerConfig(policy=policy),
+        )
+        assert sim.records[0].error == "AccuracyUnreachableError", policy
+
+
+def test_simulate_takes_numpy_numbers(profile: mosel.Profile) -> None:
+    sim = mosel.simulate(profile, [mosel.Arrival(np.float32(0.5), np.int64(3), deadline_ms=np.float64(50.0))])  # type: ignore[arg-type]
+    assert sim.records[0].served
