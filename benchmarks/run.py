@@ -216,12 +216,13 @@ def plot(folder: Path, name: str, cond_key: str, loads: list[float], summary: di
     return [str(path)]
 
 
-def bound_cell(name: str, load: float, seconds: float, seed: int, limit_s: float) -> dict[str, Any]:
-    """The clairvoyant bound on one short bursty trace against every online policy (strict)."""
+def bound_cell(name: str, load: float, jobs: int, seed: int, limit_s: float) -> dict[str, Any]:
+    """The clairvoyant bound on one short bursty trace (about ``jobs`` jobs) against every policy."""
     import bound
 
     scenario = scenario_named(name)
     conditions = CONDITIONS["strict-bursty"]
+    seconds = jobs / rate_per_s(scenario.profile, load)
     arrivals = arrivals_for(
         scenario.profile, conditions, load, seconds, seed, slack_ms=scenario.slack_ms, drop=scenario.drop,
         phase_s=seconds / 4,
@@ -323,7 +324,7 @@ def main() -> None:
         }
         bounds = {
             name: [
-                pool.submit(bound_cell, name, load, 1.5, s, bound_limit)
+                pool.submit(bound_cell, name, load, 120, s, bound_limit)
                 for s in seed_list[: 5 if args.full else 2]
                 for load in ((1.5, 4.0, 8.0) if args.full else (4.0,))
             ]
