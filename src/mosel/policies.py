@@ -41,6 +41,7 @@ __all__ = [
     "AgnosticPlus",
     "Batcher",
     "Greedy",
+    "GreedyCpsat",
     "Mosel",
     "Policy",
     "policy_class",
@@ -65,6 +66,8 @@ class Policy:
     """Refuse (at admission) and drop (at dispatch) jobs that cannot make their deadline."""
     merge_always: ClassVar[bool] = False
     """Merge consecutive queued jobs into a batch even when the cost model says it does not help."""
+    merge_skips: ClassVar[bool] = True
+    """A batch may take queued jobs out of order, when the jobs it overtakes keep their deadlines."""
     horizon: ClassVar[int] = 64
     """Queued tasks whose batching :meth:`predict` follows exactly (behind them: one after another)."""
 
@@ -195,20 +198,21 @@ class Policy:
             finish, late = self.predict(now, end, stop=True)
             if late < 0:
                 break
-            task = core.queue[late]
             cheapest, _ = self.predict(now, late + 1, cheapest=True)
             deficit = finish[late] - int(core.deadlines_us[late])
             if cheapest[late] <= core.deadlines_us[late] and self._lower(late, deficit):
                 continue
-            if task.job.best_effort:  # unreachable: lenient tasks are never late in predict
-                core.set_option(task, 0, late)
-                continue
+            task = core.queue[self.victim(late)]
             error = core.deadline_error(task.job, now, finish[late] - int(now * 1e6))
             failures.append(core.fail_job(task.job, error, "doomed"))
         core.stats.count("greedy_assignments")
         if len(core.queue) > self.horizon:
             self._repair_tail(now, self.predict(now, self.horizon)[0][-1])
         return failures
+
+    def victim(self, late: int) -> int:
+        """Which job :meth:`repair` fails when job ``late`` cannot be saved: by default, that one."""
+        return late
 
     def _lower(self, late: int, deficit: int) -> bool:
         """Lower options of tasks ``0..late`` by at least ``deficit`` µs (one after another)."""
@@ -294,36 +298,72 @@ class Policy:
         return failures
 
     def take_batch(self, now: float) -> list[Task]:
-        """The head and the consecutive queued tasks worth running with it as one batch.
+        """The head and the queued tasks worth running with it as one batch (removed from the queue).
 
-        A follower joins while the batch stays within ``max_batch_size`` rows and
-        ``max_merge`` jobs, shares the head's available modalities, the merged batch is predicted
-        faster than running them one after another, and every member still meets its deadline.
+        A task joins while the batch stays within ``max_batch_size`` rows and ``max_merge`` jobs,
+        shares the head's available modalities and input shapes, the merged batch is predicted
+        faster than running the task apart, and every member still meets its deadline. With
+        :attr:`merge_skips` the task need not be next in the queue, as long as the tasks the
+        batch overtakes still meet their deadlines; otherwise only consecutive tasks join.
         """
         core = self.core
-        tasks = [core.queue[0]]
-        core.remove(tasks[0])
-        if not core.config.batching:
+        head = core.queue[0]
+        core.remove(head)
+        tasks = [head]
+        if not core.config.batching or not core.queue:
             return tasks
         now_us = int(now * 1e6)
-        limit = core.profile.max_batch_size
-        separate = tasks[0].lat[tasks[0].k]
-        rows = tasks[0].n
-        earliest = deadline_us(tasks[0].job)
-        while core.queue and len(tasks) < core.config.max_merge:
-            nxt = core.queue[0]
-            if not mergeable(tasks[0], nxt) or rows + nxt.n > limit:
+        limit, most = core.profile.max_batch_size, core.config.max_merge
+        batch = core.batch_latency()
+        batch.add(head.strategy)
+        latency = head.lat[head.k]
+        rows, earliest = head.n, deadline_us(head.job)
+        if not self.merge_skips:
+            while core.queue and len(tasks) < most:
+                nxt = core.queue[0]
+                if not mergeable(head, nxt) or rows + nxt.n > limit:
+                    break
+                merged = batch.with_(nxt.strategy)
+                soonest = min(earliest, deadline_us(nxt.job))
+                helps = merged < latency + nxt.lat[nxt.k] and now_us + merged <= soonest
+                if not helps and not self.merge_always:
+                    break
+                core.remove(nxt)
+                batch.add(nxt.strategy)
+                tasks.append(nxt)
+                latency, rows, earliest = merged, rows + nxt.n, soonest
+            return tasks
+        # Skipping: every queued task's slack if the batch took ``latency``; each join delays the
+        # tasks ahead of the joiner by the batch's growth and moves those behind it up.
+        n = min(len(core.queue), self.horizon)
+        queued = core.queue[:n]
+        slack = (core.deadlines_us[:n] - (now_us + latency + np.cumsum(core.latency_us[:n]))).astype(
+            np.float64
+        )
+        slack[core.lenient[:n] | (slack < 0)] = np.inf  # already late (or lenient): not this batch's doing
+        delay = np.zeros(n, dtype=np.float64)
+        joined = np.zeros(n, dtype=bool)
+        for p, nxt in enumerate(queued):
+            if len(tasks) >= most or rows >= limit:
                 break
-            latency = core.merged_latency_us([*tasks, nxt])
-            alone = nxt.lat[nxt.k]
-            earliest = min(earliest, deadline_us(nxt.job))
-            helps = latency < separate + alone and now_us + latency <= earliest
-            if not helps and not self.merge_always:
-                break
-            core.remove(nxt)
+            if not mergeable(head, nxt) or rows + nxt.n > limit:
+                continue
+            soonest = min(earliest, deadline_us(nxt.job))
+            merged = batch.with_(nxt.strategy)
+            if merged >= latency + nxt.lat[nxt.k] or now_us + merged > soonest:
+                continue
+            growth = merged - latency
+            ahead = ~joined[:p]
+            if ahead.any() and float((slack[:p] - delay[:p])[ahead].min()) < growth:
+                continue
+            delay[:p] += growth
+            delay[p + 1 :] += growth - nxt.lat[nxt.k]
+            joined[p] = True
+            batch.add(nxt.strategy)
             tasks.append(nxt)
-            separate += alone
-            rows += nxt.n
+            latency, rows, earliest = merged, rows + nxt.n, soonest
+        for task in tasks[1:]:
+            core.remove(task)
         return tasks
 
 
@@ -332,6 +372,7 @@ class Agnostic(Policy):
 
     name = "agnostic"
     every_modality = True
+    merge_skips = False
 
 
 class Batcher(Policy):
@@ -342,6 +383,7 @@ class Batcher(Policy):
     fifo = True
     refuse_late = False
     merge_always = True
+    merge_skips = False
 
 
 class Aggressive(Policy):
@@ -497,8 +539,8 @@ def _step_value(task: Task) -> float:
     return saved / max(1, task.acc[task.k] - task.acc[task.k - 1])
 
 
-class Mosel(Greedy):
-    """The default: :class:`Greedy` at once, then CP-SAT improves the assignment of the queue head.
+class GreedyCpsat(Greedy):
+    """:class:`Greedy` at once, then CP-SAT improves the assignment of the queue head (mosel v1).
 
     After each greedy repair, CP-SAT (on the driver's helper thread, or inline and deterministic
     in simulations) re-assigns the first ``solver_window`` queued tasks exactly, under every
@@ -507,7 +549,7 @@ class Mosel(Greedy):
     (``solver_share``).
     """
 
-    name = "mosel"
+    name = "greedy_cpsat"
 
     def __init__(self, core: Scheduler) -> None:
         super().__init__(core)
@@ -616,6 +658,209 @@ class Mosel(Greedy):
             core.stats.count("solver_confirmed")
 
 
+class Mosel(Policy):
+    """The default: every job at its cheapest admissible option, upgraded with spare device time.
+
+    A job is admitted at the cheapest strategy that meets its floor, which is what serves the
+    most requests; accuracy is bought afterwards, at dispatch (late binding), and only with
+    device time that neither the queue nor the jobs still to come need:
+
+    * **spare capacity**: upgrades are paid from a budget of device seconds that grows at
+      ``1 - rho - spare_margin`` per second, ``rho`` being the recent arrival rate of work at the
+      cheapest strategies (so under overload nothing is spent and mosel serves like the static
+      cheapest policy), and holds at most the headroom of a tight arrival;
+    * **the queue**: the batch grows only by what every queued job's slack absorbs, with the
+      queue batched as dispatch will batch it, less the work that arrivals at the recent rate
+      bring before that job's deadline;
+    * **the next arrival**: the batch's total latency stays within the headroom of a tight
+      arrival (a low quantile of arrivals' deadline minus cheapest strategy), so a job that
+      arrives while it runs still makes its deadline.
+
+    Within those limits the batch's requests are raised by the steps that buy the most accuracy
+    per microsecond. On a predicted miss the queue is repaired batch-aware (:meth:`repair`), and
+    when a job cannot be saved the one with the fewest expected correct answers per microsecond
+    at or before it is shed (weighted Moore-Hodgson).
+    """
+
+    name = "mosel"
+
+    def __init__(self, core: Scheduler) -> None:
+        super().__init__(core)
+        window = core.config.load_window_s
+        self.windows = (window, window / 10)  # a long view, and a short one that sees a burst begin
+        self.sums = [0.0, 0.0]  # cheapest-strategy seconds arrived, decaying over each window
+        self.first = math.nan  # the first arrival
+        self.rate_at = 0.0
+        self.budget_s = math.inf  # device seconds that upgrades may still spend (full until capped)
+        self.budget_at = 0.0
+        self.headroom_low_us = math.inf  # a low quantile of arrivals' headroom
+        self.busy_arrivals = 0.0  # arrivals that found a batch running, decaying over load_window_s
+        self.busy_s = 0.0  # time spent running batches, same decay
+
+    def initial(self, task: Task, now: float, share: float) -> int:
+        """The cheapest admissible option: accuracy is added at dispatch, if there is time."""
+        return 0
+
+    def observe_arrival(self, job: Job, now: float, cheapest_us: int) -> None:
+        """Track the arrival rate of work and a low quantile of arrivals' headroom."""
+        self.refill(now)
+        self.decay_to(now)
+        if math.isnan(self.first):
+            self.first = now
+        for i in range(2):
+            self.sums[i] += cheapest_us / 1e6
+        if self.core.in_flight is not None:
+            self.busy_arrivals += 1.0
+        if not math.isinf(job.deadline):
+            headroom = (job.deadline - now) * 1e6 - cheapest_us
+            low = self.headroom_low_us
+            self.headroom_low_us = (
+                headroom if math.isinf(low) else low + (headroom - low) * (0.2 if headroom < low else 0.01)
+            )
+
+    def decay_to(self, now: float) -> None:
+        """Age the arrival sums to ``now``."""
+        if now > self.rate_at:
+            for i, window in enumerate(self.windows):
+                self.sums[i] *= math.exp((self.rate_at - now) / window)
+            decay = math.exp((self.rate_at - now) / self.windows[0])
+            self.busy_arrivals *= decay
+            self.busy_s *= decay
+            self.rate_at = now
+
+    def observe_launch(self, batch: Batch, now: float) -> None:
+        """Count the batch's predicted time as time spent running."""
+        self.decay_to(now)
+        self.busy_s += batch.predicted_us / 1e6
+
+    def rho(self, now: float) -> float:
+        """Recent arrivals' work at their cheapest strategies, per second (the larger of two views)."""
+        if math.isnan(self.first):
+            return 0.0
+        self.decay_to(now)
+        elapsed = max(now - self.first, 1e-6)
+        # Normalised by the time the sum has had to build up, so the first arrivals are not diluted.
+        return max(s / (w * (1.0 - math.exp(-elapsed / w))) for s, w in zip(self.sums, self.windows))
+
+    def refill(self, now: float) -> None:
+        """Add the spare device time since the last refill to the budget."""
+        if now <= self.budget_at:
+            return
+        spare = max(0.0, 1.0 - self.rho(now) - self.core.config.spare_margin)
+        cap = self.headroom_low_us / 1e6 if math.isfinite(self.headroom_low_us) else 1.0
+        self.budget_s = min(cap, self.budget_s + spare * (now - self.budget_at))
+        self.budget_at = now
+
+    def replan(self, now: float) -> list[Failure]:
+        """Batch-aware repair on a predicted miss."""
+        return self.repair(now)
+
+    def victim(self, late: int) -> int:
+        """The job at or before ``late`` with the fewest expected correct answers per microsecond."""
+        core = self.core
+        density = [
+            (task.acc[0] / max(1, task.lat[0]), i)
+            for i, task in enumerate(core.queue[: late + 1])
+            if not task.job.best_effort
+        ]
+        return min(density)[1] if density else late
+
+    def alone(self, task: Task, now: float) -> None:
+        """A lone job on an idle device is upgraded like any batch."""
+        self.upgrade([task], now)
+
+    def dispatch(self, now: float) -> tuple[list[Task], list[Failure]]:
+        """Settle the head, take the batch, then buy what accuracy the spare time allows."""
+        failures = self.bind_head(now)
+        if not self.core.queue:
+            return [], failures
+        tasks = self.take_batch(now)
+        self.upgrade(tasks, now)
+        return tasks, failures
+
+    def upgrade(self, tasks: list[Task], now: float) -> None:
+        """Raise the batch's options, most accuracy per microsecond first, within the three limits."""
+        core = self.core
+        if all(t.k >= len(t.lat) - 1 for t in tasks):
+            return
+        self.refill(now)
+        now_us = int(now * 1e6)
+        batch = core.batch_latency()
+        for task in tasks:
+            batch.add(task.strategy)
+        base = batch.latency_us()
+        allowed = self.budget_s * 1e6
+        rho = self.rho(now)
+        if math.isfinite(self.headroom_low_us) and self.core.config.risk > 0:
+            # Arrivals during the run, at the recent rate, still fit; beyond that, the run may
+            # outlast a tight arrival's headroom only by as long as ``risk`` arrivals take to come
+            # (arrivals per second of running: a caller waiting for each result never arrives
+            # during its own job's run).
+            cap = self.headroom_low_us / (1.0 + rho)
+            if self.busy_arrivals > 0 < self.busy_s:
+                cap += self.core.config.risk / (self.busy_arrivals / self.busy_s) * 1e6
+            else:
+                cap = math.inf
+            allowed = min(allowed, cap - base)
+        allowed = min(allowed, min(deadline_us(t.job) for t in tasks) - now_us - base)
+        if core.queue:  # each queued job keeps its slack, less what arrivals until its deadline need
+            end = min(len(core.queue), self.horizon)
+            finish, _ = self.predict_from(now_us + base, end)
+            deadlines = core.deadlines_us[:end]
+            slack = deadlines - np.asarray(finish, dtype=np.int64)
+            keep = ~core.lenient[:end] & (slack >= 0)
+            if keep.any():
+                reserve = rho * (deadlines - now_us)
+                allowed = min(allowed, float((slack - reserve)[keep].min()))
+        if allowed <= 0:
+            return
+        if len(tasks) == 1:  # the common case: the option's own latency is the batch's
+            task = tasks[0]
+            top = bisect.bisect_right(task.lat, task.lat[task.k] + allowed) - 1
+            if top > task.k:
+                self.budget_s -= (task.lat[top] - task.lat[task.k]) / 1e6
+                task.k = top
+                core.stats.count("upgraded")
+            return
+        # Several tasks: the steps that buy the most accuracy per microsecond (each task's own
+        # latencies), then the merged batch is checked and the last steps undone while it is over.
+        steps: list[tuple[Task, int]] = []
+        used = 0
+        while True:
+            best: tuple[float, Task, int] | None = None
+            for task in tasks:
+                here = task.k
+                for k in range(here + 1, len(task.lat)):
+                    cost = task.lat[k] - task.lat[here]
+                    if used + cost > allowed:
+                        break
+                    value = (task.acc[k] - task.acc[here]) / max(cost, 1)
+                    if best is None or value > best[0]:
+                        best = (value, task, k)
+            if best is None:
+                break
+            _, task, k = best
+            used += task.lat[k] - task.lat[task.k]
+            steps.append((task, task.k))
+            task.k = k
+        while steps and core.merged_latency_us(tasks) - base > allowed:
+            task, k = steps.pop()
+            task.k = k
+        if steps:
+            self.budget_s -= (core.merged_latency_us(tasks) - base) / 1e6
+            core.stats.count("upgraded")
+
+    def predict_from(self, start_us: int, end: int) -> tuple[list[int], int]:
+        """:meth:`predict` for a device free from ``start_us`` (after the batch being formed)."""
+        core = self.core
+        saved = core.busy_until
+        core.busy_until = start_us / 1e6
+        try:
+            return self.predict(start_us / 1e6, end)
+        finally:
+            core.busy_until = saved
+
+
 class AgnosticPlus(Agnostic):
     """A careful all-modality server: batch-aware shedding and batching that may skip jobs.
 
@@ -645,45 +890,9 @@ class AgnosticPlus(Agnostic):
             failures.append(core.fail_job(victim.job, error, "shed"))
         return failures
 
-    def take_batch(self, now: float) -> list[Task]:
-        """The head and any later queued tasks that fit with it without making others late."""
-        core = self.core
-        tasks = [core.queue[0]]
-        core.remove(tasks[0])
-        if not core.config.batching:
-            return tasks
-        now_us = int(now * 1e6)
-        limit = core.profile.max_batch_size
-        rows = tasks[0].n
-        earliest = deadline_us(tasks[0].job)
-        latency = tasks[0].lat[0]
-        for nxt in list(core.queue[: 4 * self.horizon]):
-            if len(tasks) >= core.config.max_merge or rows >= limit:
-                break
-            if not mergeable(tasks[0], nxt) or rows + nxt.n > limit:
-                continue
-            merged = core.merged_latency_us([*tasks, nxt])
-            if now_us + merged > min(earliest, deadline_us(nxt.job)):
-                continue
-            # The jobs left behind start later by the growth of the batch minus what leaves the queue.
-            i = core.position(nxt)
-            rest = np.delete(core.latency_us, i)
-            finish = now_us + merged + np.cumsum(rest)
-            before = now_us + latency + np.cumsum(core.latency_us)
-            now_late = finish > np.delete(core.deadlines_us, i)
-            was_late = np.delete(before > core.deadlines_us, i)
-            if (now_late & ~was_late).any():
-                continue
-            core.remove(nxt)
-            tasks.append(nxt)
-            rows += nxt.n
-            latency = merged
-            earliest = min(earliest, deadline_us(nxt.job))
-        return tasks
-
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (Mosel, Greedy, Aggressive, Agnostic, AgnosticPlus, Batcher)
+    cls.name: cls for cls in (Mosel, Greedy, GreedyCpsat, Aggressive, Agnostic, AgnosticPlus, Batcher)
 }
 """The policies available by name in :class:`~mosel.scheduler.SchedulerConfig`."""
 

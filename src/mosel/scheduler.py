@@ -76,6 +76,10 @@ class SchedulerConfig:
             that recent arrivals need at their cheapest strategies (their share of the device
             times the time left), for jobs that will arrive and run ahead of it; 0 disables it.
         load_window_s: time constant of the recent arrival rate and work (exponential decay).
+        spare_margin: the mosel policy spends on accuracy only the device time that recent
+            arrivals at their cheapest strategies leave free, less this share of the device (a
+            safety margin against the arrival estimate's error; measured, 0 lost nothing
+            against 0.1 on the benchmark's traces, see ``docs/online.md``).
         solver_window: CP-SAT re-assigns at most this many queued tasks at the head of the
             queue (the jobs behind them keep their slack), so that a solve's model building stays
             bounded however long the queue.
@@ -97,6 +101,7 @@ class SchedulerConfig:
     reserve: float = 1.0
     load_window_s: float = 0.5
     solver_window: int = 64
+    spare_margin: float = 0.0
 
     def __post_init__(self) -> None:
         policy_class(self.policy)  # raises ValueError for an unknown policy
@@ -109,6 +114,8 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be at least 0 (0 disables it), got {getattr(self, name)}")
         if not 0.0 < self.solver_share <= 1.0:
             raise ValueError(f"solver_share must be in (0, 1], got {self.solver_share}")
+        if not 0.0 <= self.spare_margin <= 1.0:
+            raise ValueError(f"spare_margin must be in [0, 1], got {self.spare_margin}")
         if not self.load_window_s > 0.0:
             raise ValueError(f"load_window_s must be positive, got {self.load_window_s}")
 
@@ -511,12 +518,12 @@ class Scheduler:
     def doom_certain(self, now: float) -> list[Failure]:
         """Fail every queued job that would miss its deadline even if it started alone now."""
         late = (self.deadlines_us < int(self.start(now) * 1e6) + self.cheapest_us) & ~self.lenient
+        doomed = {id(self.queue[i].job): self.queue[i] for i in np.flatnonzero(late).tolist()}
         failures = []
-        for i in np.flatnonzero(late)[::-1].tolist():
-            job = self.queue[i].job
-            if job.error is None:
-                error = self.deadline_error(job, now, self.queue[i].lat[0])
-                failures.append(self.fail_job(job, error, "doomed"))
+        for task in doomed.values():  # a job of several chunks fails once, all its chunks with it
+            if task.job.error is None:
+                error = self.deadline_error(task.job, now, task.lat[0])
+                failures.append(self.fail_job(task.job, error, "doomed"))
         return failures
 
     def next_expiry(self) -> float | None:

@@ -79,8 +79,8 @@ def test_large_jobs_are_split_and_every_chunk_meets_the_floor(profile: mosel.Pro
 
 def test_cross_job_batching_merges_small_jobs(profile: mosel.Profile) -> None:
     trace = [mosel.Arrival(0.0, 2, deadline_ms=20.0) for _ in range(4)]
-    merged = mosel.simulate(profile, trace)
-    alone = mosel.simulate(profile, trace, SchedulerConfig(batching=False))
+    merged = mosel.simulate(profile, trace, SchedulerConfig(policy="aggressive"))
+    alone = mosel.simulate(profile, trace, SchedulerConfig(policy="aggressive", batching=False))
     assert merged.stats.counters.get("batches_merged", 0) >= 1
     assert all(r.on_time for r in merged.records)
     assert merged.end_s < alone.end_s
@@ -141,9 +141,9 @@ def test_risk_keeps_a_long_batch_from_blocking_a_steady_stream(profile: mosel.Pr
     stream = [mosel.Arrival(i * 0.001, 1, deadline_ms=0.6) for i in range(400)]
     big = [mosel.Arrival(0.0205 + 0.02 * i, 8, deadline_ms=10.0, min_accuracy=0.6) for i in range(19)]
     trace = stream + big
-    careless = SchedulerConfig(risk=0.0, hedge=0.0, reserve=0.0)
+    careless = SchedulerConfig(policy="greedy", risk=0.0, hedge=0.0, reserve=0.0)
     without = mosel.simulate(profile, trace, careless)
-    with_risk = mosel.simulate(profile, trace)
+    with_risk = mosel.simulate(profile, trace, SchedulerConfig(policy="greedy"))
     missed = [sum(not r.on_time for r in sim.records) for sim in (without, with_risk)]
     assert missed[0] > 10 * max(1, missed[1]), missed
     assert with_risk.stats.counters.get("hedged", 0) > 0
@@ -154,7 +154,8 @@ def test_risk_keeps_a_long_batch_from_blocking_a_steady_stream(profile: mosel.Pr
 
 def test_the_solver_rests_between_solves(profile: mosel.Profile) -> None:
     solves: list[object] = []
-    scheduler = Scheduler(profile, SchedulerConfig(solver_share=0.5), solve_async=solves.append)
+    config = SchedulerConfig(policy="greedy_cpsat", solver_share=0.5)
+    scheduler = Scheduler(profile, config, solve_async=solves.append)
 
     def admit(now: float) -> None:
         for a in burst(12, 0.0, 12.0, 0.7):

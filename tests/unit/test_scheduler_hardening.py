@@ -66,7 +66,9 @@ def test_cpsat_model_is_linear_and_windowed(profile: mosel.Profile, monkeypatch)
         return None, False
 
     monkeypatch.setattr("mosel.policies.cpsat_assign", fake)
-    scheduler = Scheduler(profile, SchedulerConfig(deterministic=True, solver_window=16))
+    scheduler = Scheduler(
+        profile, SchedulerConfig(policy="greedy_cpsat", deterministic=True, solver_window=16)
+    )
     for i in range(200):
         scheduler.admit(job(8, deadline_ms=5.0 + i * 0.05, min_accuracy=0.55), 0.0)
     assert seen and max(seen) <= 16
