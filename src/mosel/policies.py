@@ -755,8 +755,16 @@ class Mosel(Policy):
         """Batch-aware repair on a predicted miss."""
         return self.repair(now)
 
+    shed_by_density: ClassVar[bool] = True
+    """Shed the job with the fewest expected correct answers per microsecond at or before a late
+    one (weighted Moore-Hodgson) rather than the late one (on 150 random traces, against the
+    static cheapest policy: worst 0.94 and median 1.06 of its correct answers, against 0.80 and
+    1.00 when the late job is shed)."""
+
     def victim(self, late: int) -> int:
-        """The job at or before ``late`` with the fewest expected correct answers per microsecond."""
+        """The late job itself, or with :attr:`shed_by_density` the least valuable per microsecond."""
+        if not self.shed_by_density:
+            return late
         core = self.core
         density = [
             (task.acc[0] / max(1, task.lat[0]), i)
