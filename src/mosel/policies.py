@@ -683,6 +683,12 @@ class Mosel(Policy):
     """
 
     name = "mosel"
+    limit_budget: ClassVar[bool] = True
+    """Pay upgrades from the spare-capacity budget (off only for the ablation)."""
+    limit_reserve: ClassVar[bool] = True
+    """Keep, before each queued job's deadline, the work arrivals bring meanwhile (ablation)."""
+    limit_arrivals: ClassVar[bool] = True
+    """Keep the batch within a tight arrival's headroom (ablation)."""
 
     def __init__(self, core: Scheduler) -> None:
         super().__init__(core)
@@ -797,9 +803,9 @@ class Mosel(Policy):
         for task in tasks:
             batch.add(task.strategy)
         base = batch.latency_us()
-        allowed = self.budget_s * 1e6
+        allowed = self.budget_s * 1e6 if self.limit_budget else math.inf
         rho = self.rho(now)
-        if math.isfinite(self.headroom_low_us) and self.core.config.risk > 0:
+        if math.isfinite(self.headroom_low_us) and self.core.config.risk > 0 and self.limit_arrivals:
             # Arrivals during the run, at the recent rate, still fit; beyond that, the run may
             # outlast a tight arrival's headroom only by as long as ``risk`` arrivals take to come
             # (arrivals per second of running: a caller waiting for each result never arrives
@@ -818,7 +824,7 @@ class Mosel(Policy):
             slack = deadlines - np.asarray(finish, dtype=np.int64)
             keep = ~core.lenient[:end] & (slack >= 0)
             if keep.any():
-                reserve = rho * (deadlines - now_us)
+                reserve = rho * (deadlines - now_us) if self.limit_reserve else 0.0
                 allowed = min(allowed, float((slack - reserve)[keep].min()))
         if allowed <= 0:
             return
