@@ -12,7 +12,7 @@ mkdir -p .gpu/whl .gpu/cache/av_digits .gpu/cache/benchmarks
 "$BIN/python" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl \
-  ortools==9.15.6755 protobuf==6.33.6 immutabledict==4.3.1
+  ortools==9.15.6755 protobuf==6.33.6 immutabledict==4.3.1 optree==0.20.0
 "$BIN/python" - <<'PY'
 import shutil
 import sys
