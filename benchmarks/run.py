@@ -258,7 +258,7 @@ def main() -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the headline in under 10 minutes on 2 cores")
     size.add_argument(
-        "--full", action="store_true", help="finer load grid, 60 s traces, the slack axis, the bound"
+        "--full", action="store_true", help="finer loads, longer traces, the slack axis, a longer bound"
     )
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plots", help="write PNG plots to this folder (needs matplotlib)")
