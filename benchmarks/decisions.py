@@ -2,9 +2,10 @@
 and what queued jobs cost in memory.
 
 1. Decision time: a queue kept at L jobs (1..64) whose deadlines force re-assignment; per
-   iteration the executor side (``complete`` of the running batch, which re-plans, then
-   ``dispatch``, which late-binds the head) is timed. CP-SAT runs on a helper thread in serving,
-   never here; its solve time on the same queues is measured separately.
+   iteration the executor side under the default policy (``complete`` of the running batch,
+   which re-plans, then ``dispatch``, which takes the batch and buys its upgrades) is timed.
+   CP-SAT's solve time on the same queues (the ``greedy_cpsat`` policy's helper) is measured
+   separately.
 2. Quality: on random small queues, the total accuracy of the greedy and of the CP-SAT
    (20 ms budget) assignments against the exhaustive optimum.
 3. Memory: 1,000 jobs queued behind a blocked executor in the real threaded server, with
@@ -60,10 +61,12 @@ def profile_for(m: int, max_batch: int = 32, cls: nn.Module | None = None) -> mo
     )
 
 
-def decision_times(profile: mosel.Profile, queue_length: int, iterations: int) -> dict[str, float]:
+def decision_times(
+    profile: mosel.Profile, queue_length: int, iterations: int, policy: str = "mosel"
+) -> dict[str, float]:
     rng = random.Random(queue_length)
     everything = frozenset(profile.modalities)
-    scheduler = Scheduler(profile, SchedulerConfig(policy="greedy"))
+    scheduler = Scheduler(profile, SchedulerConfig(policy=policy))
     now = 0.0
     top = profile.max_batch_size
     full = {n: profile.plan.frontier(everything, n).best.latency_us / 1e6 for n in range(1, top + 1)}
@@ -209,7 +212,7 @@ def submit_latency(
     mosel.attach(
         model,
         profile,
-        scheduler=mosel.SchedulerConfig(policy="greedy", max_queued_requests=queued + timed + 8),
+        scheduler=mosel.SchedulerConfig(max_queued_requests=queued + timed + 8),
     )
     rng = random.Random(seed)
     one_full_s = profile.plan.frontier(frozenset(profile.modalities), 1).best.latency_us / 1e6
