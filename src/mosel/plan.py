@@ -145,9 +145,7 @@ def json_int(value: object, what: str, *, low: int | None = None, high: int | No
     """``value`` if it is an integer (not a bool, not a float) within ``[low, high]``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{what} must be an integer, got {show(value)}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"[{'-inf' if low is None else show(low)}, {'inf' if high is None else show(high)}]"
-        raise ValueError(f"{what} must lie in {bounds}, got {show(value)}")
+    _within(value, what, low, high)
     return value
 
 
@@ -158,10 +156,14 @@ def json_float(value: object, what: str, *, low: float | None = None, high: floa
     number = float(value) if isinstance(value, float) or abs(value) < 2**1000 else math.inf
     if not math.isfinite(number):
         raise ValueError(f"{what} must be a finite number, got {show(value)}")
-    if (low is not None and number < low) or (high is not None and number > high):
+    _within(number, what, low, high)
+    return number
+
+
+def _within(value: float, what: str, low: float | None, high: float | None) -> None:
+    if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"[{'-inf' if low is None else show(low)}, {'inf' if high is None else show(high)}]"
         raise ValueError(f"{what} must lie in {bounds}, got {show(value)}")
-    return number
 
 
 def json_bool(value: object, what: str) -> bool:
