@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import itertools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -215,14 +216,6 @@ class Scheduler:
             total += self.correction[m] * self.cost.branch_us[m][k]
         return math.ceil(total)
 
-    def _latencies(self, frontier: Frontier) -> tuple[int, ...]:
-        key = (frontier.available, frontier.n)
-        cached = self._latency_cache.get(key)
-        if cached is None:
-            cached = tuple(self.corrected_latency_us(s.groups) for s in frontier.strategies)
-            self._latency_cache[key] = cached
-        return cached
-
     def refresh(self, task: Task) -> None:
         """Bring the task's option latencies up to date with the correction."""
         if task.version == self.version:
@@ -237,6 +230,18 @@ class Scheduler:
             task.lat = self._latencies(task.frontier)[task.first :]
             task.acc = tuple(s.accuracy_units for s in task.frontier.strategies[task.first :])
         task.version = self.version
+
+    def _latencies(self, frontier: Frontier) -> tuple[int, ...]:
+        key = (frontier.available, frontier.n)
+        cached = self._latency_cache.get(key)
+        if cached is None:
+            # Per-part corrections can reorder options; a running maximum keeps them ascending
+            # (a cheaper option further up is priced as the one below it: never optimistic).
+            cached = tuple(
+                itertools.accumulate((self.corrected_latency_us(s.groups) for s in frontier.strategies), max)
+            )
+            self._latency_cache[key] = cached
+        return cached
 
     def _item(self, task: Task) -> Item:
         self.refresh(task)
@@ -513,7 +518,8 @@ class Scheduler:
         if now >= self.busy_until:  # the batch runs past its prediction: its end is unknown
             self.overrun = True
             self.busy_until = now
-        return self.doom_certain(now) + self.policy.replan(now)
+        failures = self.doom_certain(now) if self.policy.refuse_late else []
+        return failures + self.policy.replan(now)
 
     def doom_certain(self, now: float) -> list[Failure]:
         """Fail every queued job that would miss its deadline even if it started alone now."""
@@ -535,6 +541,8 @@ class Scheduler:
         """
         if self.in_flight is None or not self.queue:
             return None
+        if not self.policy.refuse_late:  # such a policy serves late jobs: nothing expires
+            return None if self.overrun else self.busy_until
         latest = (self.deadlines_us - self.cheapest_us)[~self.lenient & (self.deadlines_us < NO_DEADLINE_US)]
         times = [float(latest.min()) / 1e6] if len(latest) else []
         if not self.overrun:
@@ -554,7 +562,14 @@ class Scheduler:
 
     def dispatch(self, now: float) -> tuple[Batch | None, list[Failure]]:
         """Take the next batch for the executor (the policy binds its options here)."""
-        tasks, failures = self.policy.dispatch(now)
+        before = list(self.queue)
+        try:
+            tasks, failures = self.policy.dispatch(now)
+        except Exception:  # the tasks the policy took out would resolve nowhere: fail them, re-raise
+            for task in before:
+                if not task.queued and task.job.error is None:
+                    self.fail_job(task.job, ShutdownError("the scheduling policy failed"), "error")
+            raise
         if not tasks:
             return None, failures
         return self._launch(tasks, now), failures

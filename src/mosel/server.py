@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -88,7 +89,7 @@ class Server:
         self.closed = False
         self.pid = os.getpid()
         self._watch_at = float("inf")  # when the watchdog means to wake
-        self._outbox: list[Failure] = []  # failed jobs whose futures are still to be resolved
+        self._outbox: collections.deque[Failure] = collections.deque()  # failed, not yet resolved
         self._thread: threading.Thread | None = None
         self._watchdog: threading.Thread | None = None
         self._solver: concurrent.futures.ThreadPoolExecutor | None = None
@@ -187,7 +188,7 @@ class Server:
             done, interrupt = self._execute(batch)
         except BaseException as exc:  # e.g. Ctrl-C: the job must not stay in flight or queued
             if not isinstance(exc, Exception):
-                self._withdraw(job, exc)
+                self._withdraw(job, batch, exc)
             raise
         finally:
             self._drain()
@@ -197,16 +198,19 @@ class Server:
             raise job.error
         return self._result(done[0])
 
-    def _withdraw(self, job: Job, error: BaseException | None = None) -> None:
-        """Take an interrupted caller's job back: out of the queue, or its batch ended as failed."""
+    def _withdraw(self, job: Job, batch: Batch | None = None, error: BaseException | None = None) -> None:
+        """Take an interrupted caller's job back.
+
+        A batch this thread started (a lone job, ``batch``) and that is still in flight ends as
+        failed; a queued job leaves the queue; a job the executor is already running runs on
+        (other callers' jobs may share its batch), its result unclaimed.
+        """
         with _deferred_interrupts(), self.lock:
-            batch = self.scheduler.in_flight
-            if batch is not None and any(task.job is job for task in batch.tasks):
-                wrapped = error if error is not None else ExecutionError("the caller was interrupted")
-                errors = dict.fromkeys(range(len(batch.tasks)), wrapped)
+            if batch is not None and self.scheduler.in_flight is batch:
+                errors = dict.fromkeys(range(len(batch.tasks)), _own(error or KeyboardInterrupt()))
                 _, failures = self.scheduler.complete(batch, self.clock.now(), 0.0, None, errors)
                 self._post(failures)
-            elif job.error is None:
+            elif job.error is None and any(task.queued for task in job.tasks):
                 self.scheduler.cancel(job)
             self.cond.notify()
         if job.payload is not None:
@@ -244,11 +248,16 @@ class Server:
         interrupted between the scheduler's decision and the futures' resolution strands no job:
         the next thread through here resolves it.
         """
-        if not self._outbox:
-            return
-        with _deferred_interrupts(), self.lock:
-            failures, self._outbox = self._outbox, []
-        self._fail(failures)
+        while self._outbox:
+            with self.lock:
+                if not self._outbox:
+                    return
+                job, error = self._outbox[0]
+            job.inputs = None
+            _settle(job.payload, error=_own(error))
+            with self.lock:  # taken out only once resolved: an interrupt before leaves it for the next
+                if self._outbox and self._outbox[0][0] is job:
+                    self._outbox.popleft()
 
     def _inline(self, job: Job) -> Result:
         """Serve a job on this thread, outside the queue (a call from inside this model's batch).
@@ -467,11 +476,11 @@ class Server:
         for task in batch.tasks:
             _settle(task.job.payload, error=error)
 
-    @staticmethod
-    def _fail(failures: list[Failure]) -> None:
-        for job, error in failures:
-            job.inputs = None
-            _settle(job.payload, error=_own(error))
+    def _fail(self, failures: list[Failure]) -> None:
+        """Resolve failed jobs' futures (through the outbox: an interrupt strands none of them)."""
+        with self.lock:
+            self._post(failures)
+        self._drain()
 
     # ------------------------------------------------------------------ CP-SAT helper thread
 
@@ -577,9 +586,13 @@ def _watchdog_main(ref: weakref.ref[Server], watch: threading.Condition) -> None
             if server.closed and not scheduler.queue and scheduler.in_flight is None:
                 return
             now = server.clock.now()
-            failures = scheduler.expire(now) if scheduler.in_flight is not None else []
-            server._post(failures)
-            expiry = scheduler.next_expiry()
+            try:
+                failures = scheduler.expire(now) if scheduler.in_flight is not None else []
+                server._post(failures)
+                expiry = scheduler.next_expiry()
+            except Exception:  # nothing may stop the watchdog: log, and look again a little later
+                _log.exception("mosel watchdog: unexpected error; retrying in 10 ms")
+                failures, expiry = [], now + 0.01
             server._watch_at = float("inf") if expiry is None else expiry
             if failures:
                 server.cond.notify()
@@ -675,6 +688,8 @@ def _deferred_interrupts() -> Iterator[None]:
         return
     try:
         previous = signal.getsignal(signal.SIGINT)
+        if previous is None:  # a handler installed from C: Python cannot put it back
+            raise TypeError
         held: list[tuple[int, Any]] = []
         signal.signal(signal.SIGINT, lambda signum, frame: held.append((signum, frame)))
     except (ValueError, TypeError):  # not the main interpreter, or an unusual handler

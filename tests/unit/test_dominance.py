@@ -24,9 +24,10 @@ TOLERANCE = 0.07
 Online decisions cannot be right on every trace: upgrading a job on an idle device is a bet that
 no burst arrives during its run, and shedding the least valuable job to save a late one is a
 bet too; on a short trace one unlucky bet is a few percent. Over 150 random traces of 20-120
-jobs from this test's own generator, mosel delivered 0.941 of aggressive's correct answers at
-worst, 0.999 at the 5th percentile and 1.061 at the median. The examples are derandomised, so
-CI sees the same traces every run.
+jobs from this test's own generator, mosel delivered 0.862 of aggressive's correct answers at
+worst (one 24-job trace at 5x load, where a single early upgrade started a cascade of sheds),
+0.99 at the 5th percentile and 1.059 at the median; 4 traces fell below 0.98. The examples are
+derandomised, so CI sees the same traces every run.
 """
 
 
