@@ -798,3 +798,41 @@ def test_other_real_numbers_are_deadlines_too(deadline: object) -> None:
     model = served()
     torch.testing.assert_close(model.infer(rows(1, 0.0), deadline_ms=deadline).output, rows(1, 0.0)["audio"])  # type: ignore[arg-type]
     mosel.close(model)
+
+
+def test_ctrl_c_of_one_waiting_caller_does_not_fail_the_jobs_it_shares_a_batch_with() -> None:
+    model = served()
+    gate = blocked(model)
+    other = model.submit(rows(2, 5.0))
+    srv = runtime._state(model).serve(model)
+    mine = srv._job(rows(1, 9.0), None, None, False)
+    with srv.lock:
+        srv._admit_locked(mine)
+    model.gate.set()
+    gate.result(WAIT)
+    srv._withdraw(mine, None, KeyboardInterrupt())  # the caller of `mine` pressed Ctrl-C meanwhile
+    torch.testing.assert_close(other.result(WAIT).output, rows(2, 5.0)["audio"])
+    torch.testing.assert_close(model.infer(rows(1, 1.0)).output, rows(1, 1.0)["audio"])
+    mosel.close(model)
+
+
+def test_an_interrupt_while_resolving_failures_strands_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = served()
+    srv = runtime._state(model).serve(model)
+    jobs = [srv._job(rows(1, float(i)), None, None, False) for i in range(3)]
+    real = server._settle
+    calls = {"n": 0}
+
+    def interrupted(future: object, **kwargs: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        real(future, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(server, "_settle", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        srv._fail([(j, mosel.ShutdownError("x")) for j in jobs])
+    monkeypatch.undo()
+    srv._drain()  # the next thread through resolves what is left
+    assert all(isinstance(j.payload.exception(0), mosel.ShutdownError) for j in jobs)
+    mosel.close(model)

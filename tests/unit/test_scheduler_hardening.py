@@ -296,3 +296,39 @@ def test_a_configuration_a_hair_below_the_floor_does_not_meet_it() -> None:
 def test_simulate_takes_numpy_numbers(profile: mosel.Profile) -> None:
     sim = mosel.simulate(profile, [mosel.Arrival(np.float32(0.5), np.int64(3), deadline_ms=np.float64(50.0))])  # type: ignore[arg-type]
     assert sim.records[0].served
+
+
+# ---------------------------------------------------------------- found in review
+
+
+@pytest.mark.parametrize("policy", ["mosel", "aggressive"])
+def test_a_batch_never_overtakes_a_job_it_would_make_late(profile: mosel.Profile, policy: str) -> None:
+    audio = frozenset({"audio"})
+    scheduler = Scheduler(profile, SchedulerConfig(policy=policy))
+    head = Job(n=1, available=audio, arrival=0.0, deadline_ms=0.2, min_accuracy=None)
+    tight = [job(1, deadline_ms=0.264), job(1, deadline_ms=0.264), job(1, deadline_ms=0.265)]
+    joiner = Job(n=1, available=audio, arrival=0.0, deadline_ms=10.0, min_accuracy=None)
+    for j in (head, *tight, joiner):
+        assert scheduler.admit(j, 0.0) == []
+    _, late = scheduler.policy.predict(0.0, 10, stop=True)
+    assert late == -1  # batched as dispatch runs them, every job is on time
+    batch, _ = scheduler.dispatch(0.0)
+    assert batch is not None
+    _, failures = scheduler.complete(batch, batch.predicted_us / 1e6, batch.predicted_us)
+    assert failures == []  # nobody was pushed past a deadline by a job overtaking it
+
+
+def test_a_policy_that_serves_late_jobs_never_sees_them_expire(profile: mosel.Profile) -> None:
+    scheduler = Scheduler(profile, SchedulerConfig(policy="batcher"))
+    scheduler.admit(job(8), 0.0)
+    scheduler.dispatch(0.0)
+    waiting = job(1, deadline_ms=1.0)
+    scheduler.admit(waiting, 0.0)
+    assert scheduler.expire(5.0) == [] and waiting.error is None
+    assert scheduler.next_expiry() is None
+
+
+def test_agnostic_plus_merges_across_skipped_jobs() -> None:
+    from mosel.policies import AgnosticPlus
+
+    assert AgnosticPlus.merge_skips
