@@ -115,7 +115,7 @@ def test_a_short_concurrent_load_with_overload_answers_503() -> None:
         async with httpx.AsyncClient(transport=transport, base_url="http://mosel") as client:
             requests = [
                 client.post("/predict", json=BODY, headers={"X-Deadline-Ms": "30", "X-Min-Accuracy": "0.75"})
-                for _ in range(40)
+                for _ in range(200)
             ]
             return list(await asyncio.gather(*requests))
 
@@ -123,7 +123,8 @@ def test_a_short_concurrent_load_with_overload_answers_503() -> None:
     codes = [r.status_code for r in responses]
     assert set(codes) <= {200, 503}
     assert codes.count(200) >= 3, codes
-    assert codes.count(503) >= 1, codes  # 40 requests of ~4-8 ms each cannot all finish within 30 ms
+    # 200 one-row requests: even merged 8 at a time (4 ms a batch) they cannot all finish in 30 ms.
+    assert codes.count(503) >= 1, codes
     for r in responses:
         if r.status_code == 503:
             assert r.json()["error"] in ("DeadlineError", "QueueFullError")
