@@ -140,12 +140,12 @@ def plan_rows(
     return plan
 
 
-def checked(output: Tree, rows: int, what: str) -> Tree:
-    """``output`` if it is a batched tree of exactly ``rows`` rows; :class:`OutputError` otherwise."""
-    if isinstance(output, Tensor) and output.dim() > 0 and output.shape[0] == rows:
+def checked(output: Tree, rows: int, what: str, dim: int = 0) -> Tree:
+    """``output`` if it is a batched tree of exactly ``rows`` rows along ``dim``, or :class:`OutputError`."""
+    if isinstance(output, Tensor) and output.dim() > dim and output.shape[dim] == rows:
         return output
     try:
-        got = trees.check(output)
+        got = trees.check(output, dim)
     except trees.TreeError as exc:
         raise OutputError(
             f"{what} returned {type(output).__name__} that mosel cannot split into {rows} row(s): {exc}; "
@@ -176,14 +176,15 @@ def run(
     clock = time.perf_counter
     for m, selection, rows in plan.branch_rows:
         x = inputs[m]
+        dim = spec.batch_dim(m)
         if selection is not None:
-            x = trees.take(x, selection)
+            x = trees.take(x, selection, dim)
         name = spec.branches[m]
         if parts_us is None:
-            features[m] = checked(getattr(model, name)(x), rows, f"branch {name!r} ({m!r})")
+            features[m] = checked(getattr(model, name)(x), rows, f"branch {name!r} ({m!r})", dim)
         else:
             t0 = clock()
-            features[m] = checked(getattr(model, name)(x), rows, f"branch {name!r} ({m!r})")
+            features[m] = checked(getattr(model, name)(x), rows, f"branch {name!r} ({m!r})", dim)
             parts_us[m] = parts_us.get(m, 0.0) + (clock() - t0) * 1e6
     fuse: Callable[[Mapping[str, Tree]], Tree] = getattr(model, spec.fusion)
     what = f"fusion {spec.fusion!r}"
@@ -192,7 +193,7 @@ def run(
         output = checked(fuse(features), plan.group_rows[0][1], what)
     else:
         outputs = [
-            checked(fuse({m: trees.take(features[m], s) for m, s in slices}), count, what)
+            checked(fuse({m: trees.take(features[m], s, spec.batch_dim(m)) for m, s in slices}), count, what)
             for _, count, slices in plan.group_rows
         ]
         output = concat(outputs, what)
@@ -247,7 +248,9 @@ def run_recovering(
         parts = [(((config, count // 2),), count // 2), (((config, count - count // 2),), count - count // 2)]
     outputs, offset = [], 0
     for groups, count in parts:
-        piece = {m: trees.take(t, slice(offset, offset + count)) for m, t in inputs.items()}
+        piece = {
+            m: trees.take(t, slice(offset, offset + count), spec.batch_dim(m)) for m, t in inputs.items()
+        }
         outputs.append(run_recovering(model, spec, Strategy(groups, 0, 0), piece, cache, parts_us))
         offset += count
     return concat(outputs, f"fusion {spec.fusion!r}")
@@ -334,16 +337,17 @@ def check_inputs(
         value = inputs.get(m)
         if value is None:
             continue
-        if isinstance(value, Tensor) and value.dim() > 0:
-            rows = int(value.shape[0])
+        dim = spec.batch_dim(m)
+        if isinstance(value, Tensor) and value.dim() > dim:
+            rows = int(value.shape[dim])
         else:
             try:
-                rows = trees.check(value)
+                rows = trees.check(value, dim)
             except trees.TreeError as exc:
                 kind = "a scalar" if isinstance(value, Tensor) else f"a {type(value).__name__}"
                 raise InputError(
                     f"inputs[{m!r}] is {kind} mosel cannot split into requests: {exc}; it must be a "
-                    f"torch.Tensor (or a dict/tuple/list of tensors) whose first dimension is the "
+                    f"torch.Tensor (or a dict/tuple/list of tensors) whose dimension {dim} is the "
                     f"request dimension"
                 ) from None
         sizes[m] = rows
@@ -351,7 +355,9 @@ def check_inputs(
     if not tensors:
         raise InputError(f"inputs hold none of the modalities {list(spec.modalities)}")
     if len(set(sizes.values())) > 1:
-        raise InputError(f"inputs disagree on the number of requests (first dimension): {sizes}")
+        raise InputError(
+            f"inputs disagree on the number of requests (each modality's batch dimension): {sizes}"
+        )
     n = next(iter(sizes.values()))
     if n == 0:
         raise InputError("inputs hold zero requests; the first dimension must be at least 1")

@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from mosel import trees
 from mosel.errors import InputError, MoselWarning, SLOError
-from mosel.execution import execute
+from mosel.execution import check_inputs, execute
 from mosel.plan import Plan, PlannerConfig, build_plan, configuration_key
 from mosel.profiles import (
     CostCheck,
@@ -30,6 +31,7 @@ from mosel.profiles import (
 )
 from mosel.runtime import attach
 from mosel.spec import ModelSpec, spec_of
+from mosel.trees import Tree
 
 __all__ = ["Metric", "profile", "top1"]
 
@@ -130,11 +132,12 @@ def _default_sizes(max_batch_size: int) -> list[int]:
     return sorted(sizes)
 
 
-def _repeat_rows(x: Tensor, rows: int) -> Tensor:
-    if x.shape[0] >= rows:
-        return x[:rows]
-    times = -(-rows // x.shape[0])
-    return torch.cat([x] * times)[:rows]
+def _repeat_rows(x: Tree, rows: int, dim: int) -> Tree:
+    """``rows`` rows of ``x`` along ``dim``, repeating its rows as often as needed."""
+    have = trees.check(x, dim)
+    if have < rows:
+        x = trees.concat([x] * -(-rows // have), dim)
+    return trees.take(x, slice(0, rows), dim)
 
 
 def _split_batch(item: object) -> tuple[Mapping[str, Tensor], Any]:
@@ -177,23 +180,22 @@ def _accuracy(
     metric: Metric,
     device: torch.device,
     show: bool,
-) -> tuple[dict[Configuration, float], int, dict[str, Tensor]]:
+) -> tuple[dict[Configuration, float], int, dict[str, Tree]]:
     """Accuracy of every configuration; each branch runs once per batch, its features reused."""
     fuse = getattr(model, spec.fusion)
     totals = dict.fromkeys(spec.configurations, 0.0)
     count = 0
-    sample: dict[str, Tensor] | None = None
+    sample: dict[str, Tree] | None = None
     total = len(data) if isinstance(data, Sequence) else None
     for item in _progress(data, total, "mosel: accuracy", show):
         inputs, target = _split_batch(item)
-        missing = [m for m in spec.modalities if not isinstance(inputs.get(m), Tensor)]
+        missing = [m for m in spec.modalities if inputs.get(m) is None]
         if missing:
             raise InputError(f"validation inputs must hold every modality; missing {missing}")
-        batch = {m: inputs[m].to(device) for m in spec.modalities}
+        batch, _, rows = check_inputs(inputs, spec, device)
         if sample is None:
             sample = batch
         features = {m: getattr(model, spec.branches[m])(batch[m]) for m in spec.modalities}
-        rows = next(iter(batch.values())).shape[0]
         for config in spec.configurations:
             try:
                 scores = metric(fuse({m: features[m] for m in config}), target)
@@ -263,7 +265,7 @@ def profile(
     started = time.perf_counter()
     with torch.inference_mode():
         accuracy, samples, sample = _accuracy(model, spec, data, metric or top1, device, show)
-        big = {m: _repeat_rows(x, max_batch_size) for m, x in sample.items()}
+        big = {m: _repeat_rows(x, max_batch_size, spec.batch_dim(m)) for m, x in sample.items()}
         features = {m: getattr(model, spec.branches[m])(big[m]) for m in spec.modalities}
         fuse = getattr(model, spec.fusion)
         jobs: list[tuple[str | Configuration, int]] = [(m, b) for m in spec.modalities for b in sizes]
@@ -273,10 +275,12 @@ def profile(
         calls: list[tuple[str | Configuration, int, Callable[[], object]]] = []
         for what, b in jobs:
             if isinstance(what, str):
-                calls.append((what, b, functools.partial(getattr(model, spec.branches[what]), big[what][:b])))
+                rows = trees.take(big[what], slice(0, b), spec.batch_dim(what))
+                calls.append((what, b, functools.partial(getattr(model, spec.branches[what]), rows)))
                 branch_samples[what][b] = []
             else:
-                calls.append((what, b, functools.partial(fuse, {m: features[m][:b] for m in what})))
+                some = {m: trees.take(features[m], slice(0, b), spec.batch_dim(m)) for m in what}
+                calls.append((what, b, functools.partial(fuse, some)))
                 fusion_samples[what][b] = []
         # Rounds over every (callable, size) in a shuffled order, not repeats back to back: serving
         # interleaves branches too, and back-to-back timing of one kernel flatters it (warm caches).
@@ -334,7 +338,7 @@ def _check_costs(
     model: nn.Module,
     spec: ModelSpec,
     plan: Plan,
-    big: Mapping[str, Tensor],
+    big: Mapping[str, Tree],
     timer: _Timer,
     count: int,
 ) -> tuple[CostCheck, ...]:
@@ -355,7 +359,7 @@ def _check_costs(
         if strategy in seen:
             continue
         seen.add(strategy)
-        inputs = {m: x[: strategy.n] for m, x in big.items()}
+        inputs = {m: trees.take(x, slice(0, strategy.n), spec.batch_dim(m)) for m, x in big.items()}
         samples = timer(functools.partial(execute, model, spec, strategy, inputs))
         checks.append(CostCheck(strategy.groups, float(strategy.latency_us), statistics.median(samples)))
         if len(checks) >= count:

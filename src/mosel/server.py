@@ -119,7 +119,7 @@ class Server:
             inputs=tensors,
             payload=_Future() if future else None,
         )
-        job.batch_key = tuple((m, trees.signature(t)) for m, t in tensors.items())
+        job.batch_key = tuple((m, trees.signature(t, self.spec.batch_dim(m))) for m, t in tensors.items())
         return job
 
     def submit(
@@ -270,7 +270,7 @@ class Server:
         started = time.perf_counter()
         outputs = []
         for task in job.tasks:
-            rows = _rows(job.inputs, task.offset, task.n)
+            rows = self._rows(job.inputs, task.offset, task.n)
             outputs.append(run_recovering(self.model, self.spec, task.strategy, rows, self.row_plans))
         job.outputs = [(0, concat(outputs, f"fusion {self.spec.fusion!r}"))]
         job.measured_us = (time.perf_counter() - started) * 1e6
@@ -339,7 +339,7 @@ class Server:
                 with torch.inference_mode():
                     if len(batch.tasks) == 1:
                         task = batch.tasks[0]
-                        rows = _rows(task.job.inputs, task.offset, task.n)
+                        rows = self._rows(task.job.inputs, task.offset, task.n)
                         outputs[0] = run_recovering(
                             self.model, self.spec, task.strategy, rows, self.row_plans, timings
                         )
@@ -395,12 +395,12 @@ class Server:
                 start = 0
                 for c, count in strategy.groups:
                     if c == config:
-                        rows = _rows(task.job.inputs, task.offset + start, count)
+                        rows = self._rows(task.job.inputs, task.offset + start, count)
                         for m, t in rows.items():
                             pieces[m].append(t)
                         layout.append((position, config, count))
                     start += count
-        inputs = {m: trees.concat(ts) for m, ts in pieces.items() if ts}
+        inputs = {m: trees.concat(ts, self.spec.batch_dim(m)) for m, ts in pieces.items() if ts}
         merged = run_recovering(self.model, self.spec, batch.merged, inputs, self.row_plans, timings)
         parts: dict[tuple[int, Configuration], Tree] = {}
         offset = 0
@@ -420,7 +420,7 @@ class Server:
         for position, task in enumerate(batch.tasks):
             try:
                 with torch.inference_mode():
-                    rows = _rows(task.job.inputs, task.offset, task.n)
+                    rows = self._rows(task.job.inputs, task.offset, task.n)
                     outputs[position] = run_recovering(
                         self.model, self.spec, task.strategy, rows, self.row_plans
                     )
@@ -445,7 +445,9 @@ class Server:
         output = job.outputs[0][1]
         modalities: tuple[frozenset[str], ...] = ()
         for task in job.tasks:
-            rows = plan_rows(task.strategy, self.spec, _rows(job.inputs, task.offset, task.n), self.row_plans)
+            rows = plan_rows(
+                task.strategy, self.spec, self._rows(job.inputs, task.offset, task.n), self.row_plans
+            )
             modalities += rows.modalities
         strategies: tuple[Strategy, ...] = job.strategies
         job.inputs = None  # release the request's tensors
@@ -483,6 +485,15 @@ class Server:
         self._drain()
 
     # ------------------------------------------------------------------ CP-SAT helper thread
+
+    def _rows(self, inputs: Any, offset: int, n: int) -> dict[str, Tree]:
+        """Rows ``offset .. offset + n`` of a job's inputs, along each modality's batch dimension."""
+        first = next(iter(inputs))
+        if offset == 0 and trees.check(inputs[first], self.spec.batch_dim(first)) == n:
+            return inputs  # type: ignore[no-any-return]
+        return {
+            m: trees.take(t, slice(offset, offset + n), self.spec.batch_dim(m)) for m, t in inputs.items()
+        }
 
     def _solve_async(self, solve: Callable[[], None]) -> None:
         if self._solver is None:
@@ -704,12 +715,6 @@ def _deferred_interrupts() -> Iterator[None]:
                 previous(*held[0])
             elif previous == signal.SIG_DFL:
                 signal.default_int_handler(*held[0])
-
-
-def _rows(inputs: Any, offset: int, n: int) -> dict[str, Tree]:
-    if offset == 0 and trees.check(next(iter(inputs.values()))) == n:
-        return inputs  # type: ignore[no-any-return]
-    return {m: trees.take(t, slice(offset, offset + n)) for m, t in inputs.items()}
 
 
 def _synchronize(outputs: Mapping[int, Tree]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import itertools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, Literal, TypeVar
 
@@ -36,6 +36,7 @@ class Mark:
 
     kind: Literal["modality", "fusion"]
     modality: str | None = None
+    batch_dim: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,8 @@ class ModelSpec:
         branches: modality name -> name of the method that encodes it.
         fusion: name of the fusion method.
         configurations: every non-empty subset of ``modalities``, smallest first.
+        batch_dims: modality -> the dimension of its input and features that holds the requests
+            (0 unless declared, e.g. ``@mosel.modality("text", batch_dim=1)`` for (T, B, ...)).
     """
 
     model_class: str
@@ -55,6 +58,11 @@ class ModelSpec:
     branches: Mapping[str, str]
     fusion: str
     configurations: tuple[frozenset[str], ...]
+    batch_dims: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+
+    def batch_dim(self, modality: str) -> int:
+        """The request dimension of ``modality``'s input and features."""
+        return self.batch_dims.get(modality, 0)
 
 
 def _describe(mark: Mark) -> str:
@@ -88,16 +96,24 @@ def _check_function(obj: object, decorator: str) -> None:
         )
 
 
-def modality(name: str, /) -> Callable[[F], F]:
+def modality(name: str, /, *, batch_dim: int = 0) -> Callable[[F], F]:
     """Mark a method as the branch (encoder) that computes modality ``name``.
 
-    The method takes the modality's batched tensor (first dimension = requests) and returns its
-    features, batched the same way. It is returned unchanged.
+    The method takes the modality's batched input (a tensor, or a dict/tuple/list of tensors)
+    and returns its features, batched the same way. It is returned unchanged.
+
+    Args:
+        name: the modality's name (the key of its input in ``model.infer``).
+        batch_dim: the dimension of every input and feature tensor of this modality that holds
+            the requests: 0 (batch-first, the default) or, e.g., 1 for sequence-first (T, B, ...).
 
     Example::
 
         @mosel.modality("audio")
         def encode_audio(self, audio): ...
+
+        @mosel.modality("text", batch_dim=1)
+        def encode_text(self, tokens): ...     # tokens: (T, B)
     """
     if callable(name) and not isinstance(name, str):
         raise SpecError(
@@ -108,7 +124,11 @@ def modality(name: str, /) -> Callable[[F], F]:
         raise SpecError(
             f"a modality name must be a non-empty string without spaces, '+', ',' or '/', got {name!r}"
         )
-    mark = Mark("modality", name)
+    if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:
+        raise SpecError(
+            f"@mosel.modality({name!r}, batch_dim=...) takes a dimension index >= 0, got {batch_dim!r}"
+        )
+    mark = Mark("modality", name, batch_dim)
 
     def mark_branch(fn: F) -> F:
         _check_function(fn, f"@mosel.modality({name!r})")
@@ -140,6 +160,7 @@ def _wrapped_mark(value: object) -> Mark | None:
 
 def _collect(cls: type) -> ModelSpec:
     branches: dict[str, str] = {}  # modality -> attribute name
+    dims: dict[str, int] = {}
     fusion_attr: str | None = None
     for base in reversed(cls.__mro__):
         own_modalities: dict[str, str] = {}
@@ -173,6 +194,7 @@ def _collect(cls: type) -> ModelSpec:
                     f"{own_modalities[mark.modality]!r} and {attr!r}; rename one of them"
                 )
             own_modalities[mark.modality] = attr
+            dims[mark.modality] = mark.batch_dim
         # An attribute re-marked in a subclass drops what its name meant in the base.
         for attr in list(own_modalities.values()) + ([own_fusion] if own_fusion else []):
             for mod, old_attr in list(branches.items()):
@@ -203,6 +225,7 @@ def _collect(cls: type) -> ModelSpec:
         branches=MappingProxyType(dict(branches)),
         fusion=fusion_attr,
         configurations=configs,
+        batch_dims=MappingProxyType({m: dims[m] for m in names if dims.get(m)}),
     )
 
 
