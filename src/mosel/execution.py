@@ -53,6 +53,7 @@ class Result:
         completion_ms: time from the call's arrival until its result was assembled and handed
             over (waiting, execution and output assembly included; the caller's own wake-up not).
         strategies: the strategy of each chunk (one chunk unless the job exceeded max_batch_size).
+        deadline_met: whether the result was handed over within the deadline (None: no deadline).
     """
 
     output: Any
@@ -62,6 +63,7 @@ class Result:
     measured_latency_ms: float
     completion_ms: float
     strategies: tuple[Strategy, ...]
+    deadline_met: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

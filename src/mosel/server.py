@@ -365,6 +365,16 @@ class Server:
             if not nested:
                 running.discard(id(self))
         measured_us = (time.perf_counter() - started) * 1e6
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug(
+                "batch of %d job(s), %d row(s), %s: predicted %.3f ms, measured %.3f ms, %d failed",
+                len(batch.tasks),
+                batch.merged.n,
+                " + ".join(f"{count}x{'+'.join(sorted(config))}" for config, count in batch.merged.groups),
+                batch.predicted_us / 1000.0,
+                measured_us / 1000.0,
+                len(errors),
+            )
         with _deferred_interrupts(), self.lock:
             done, failures = self.scheduler.complete(
                 batch, self.clock.now(), measured_us, timings if not errors else None, errors
@@ -451,14 +461,16 @@ class Server:
             modalities += rows.modalities
         strategies: tuple[Strategy, ...] = job.strategies
         job.inputs = None  # release the request's tensors
+        completion_ms = (self.clock.now() - job.arrival) * 1000.0
         return Result(
             output=output,
             modalities=modalities,
             expected_accuracy=sum(s.accuracy_units for s in strategies) / (job.n * ACCURACY_SCALE),
             predicted_latency_ms=job.predicted_us / 1000.0,
             measured_latency_ms=job.measured_us / 1000.0,
-            completion_ms=(self.clock.now() - job.arrival) * 1000.0,
+            completion_ms=completion_ms,
             strategies=strategies,
+            deadline_met=None if job.deadline_ms is None else completion_ms <= job.deadline_ms,
         )
 
     def _fail_batch(self, batch: Batch, error: BaseException) -> None:

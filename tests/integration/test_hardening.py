@@ -836,3 +836,14 @@ def test_an_interrupt_while_resolving_failures_strands_none(monkeypatch: pytest.
     srv._drain()  # the next thread through resolves what is left
     assert all(isinstance(j.payload.exception(0), mosel.ShutdownError) for j in jobs)
     mosel.close(model)
+
+
+def test_results_say_whether_the_deadline_was_met_and_batches_are_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = served()
+    with caplog.at_level("DEBUG", logger="mosel"):
+        assert model.infer(rows(1, 0.0)).deadline_met is None
+        assert model.infer(rows(1, 0.0), deadline_ms=10_000.0).deadline_met is True
+    assert any("batch of 1 job(s), 1 row(s)" in r.getMessage() for r in caplog.records)
+    mosel.close(model)
