@@ -5,18 +5,60 @@ the same traces, repeated in a rotated order so that a drift of the machine favo
 tables give medians over repeats with the min-max of violations. Accuracy is also measured
 against the labels. Live figures depend on the machine and its load: they are measured, not
 reproducible to the digit.
+
+Every real run is then replayed through the simulator, so that what the simulator promises sits
+beside what the service got, and the gap is decomposed step by step (see :func:`decompose`):
+exact predictions, the profile's bias, the spread of execution times, the per-batch dispatch
+overhead, and the driver's lag behind the trace, each as recorded by that real run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from typing import Any
 
-from conditions import CONDITIONS, arrivals_for
-from replay import replay, with_inputs
+from conditions import CONDITIONS, Conditions, arrivals_for, metrics
+from replay import RealJob, Replayed, replay, with_inputs
 from scenarios import av_digits_model, av_digits_slack_ms
 
+import mosel
+
 POLICIES = ("agnostic", "agnostic_plus", "aggressive", "greedy", "mosel", "paper")
+STEPS = ("exact", "+bias", "+spread", "+overhead", "+lag")
+
+
+def decompose(
+    profile: mosel.Profile,
+    arrivals: list[mosel.Arrival],
+    run: Replayed,
+    config: mosel.SchedulerConfig,
+    conditions: Conditions,
+    seconds: float,
+    seed: int,
+) -> dict[str, float]:
+    """Violation ratios of the simulator replaying one real run, adding its effects one at a time.
+
+    ``exact``: the profile's predictions; ``+bias``: every batch at the run's median
+    measured/predicted ratio; ``+spread``: ratios drawn from the run's; ``+overhead``: plus its
+    per-batch dispatch overheads; ``+lag``: jobs arrive when the real driver submitted them.
+    """
+    residuals = run.residuals or mosel.Residuals.exact()
+    variants: dict[str, tuple[mosel.Residuals | None, list[mosel.Arrival]]] = {
+        "exact": (None, arrivals),
+        "+bias": (mosel.Residuals((residuals.bias,)), arrivals),
+        "+spread": (mosel.Residuals(residuals.ratios), arrivals),
+        "+overhead": (residuals, arrivals),
+        "+lag": (
+            residuals,
+            [dataclasses.replace(a, time_s=s) for a, s in zip(arrivals, run.submitted_s)],
+        ),
+    }
+    out = {}
+    for step, (sample, trace) in variants.items():
+        sim = mosel.simulate(profile, trace, config, residuals=sample, seed=seed)
+        out[step] = metrics(sim, seconds, conditions)["violation_ratio"]
+    return out
 
 
 def real_mode(device: str, seed: int = 0, full: bool = False) -> dict[str, Any]:
@@ -42,29 +84,57 @@ def real_mode(device: str, seed: int = 0, full: bool = False) -> dict[str, Any]:
     }
     for load in loads:
         runs: dict[str, list[dict[str, float]]] = {p: [] for p in POLICIES}
+        gaps: dict[str, list[dict[str, float]]] = {p: [] for p in POLICIES}
         for r in range(repeats):
             arrivals = arrivals_for(
                 profile, conditions, load, seconds, seed + r, slack_ms=slack_ms, drop=0.06, phase_s=1.0
             )
-            jobs = with_inputs(arrivals, test, seed + r)
+            jobs: list[RealJob] = with_inputs(arrivals, test, seed + r)
             for policy in POLICIES[r % len(POLICIES) :] + POLICIES[: r % len(POLICIES)]:
-                runs[policy].append(replay(model, profile, jobs, config_for(policy, conditions)))
+                config = config_for(policy, conditions)
+                run = replay(model, profile, jobs, config)
+                runs[policy].append(run.metrics)
+                gaps[policy].append(decompose(profile, arrivals, run, config, conditions, seconds, seed + r))
         medians = {p: {k: statistics.median(m[k] for m in ms) for k in ms[0]} for p, ms in runs.items()}
-        out["loads"][f"{load:g}"] = {"policies": medians, "runs": runs}
+        gap_medians = {p: {k: statistics.median(g[k] for g in gs) for k in STEPS} for p, gs in gaps.items()}
+        out["loads"][f"{load:g}"] = {"policies": medians, "runs": runs, "simulated": gaps}
         print(
             f"\nlive mode, av-digits on {device}: load {load:g}, bursty, slack {slack_ms:.1f} ms, "
             f"{repeats} x {seconds:.0f} s per policy (about {medians['mosel']['jobs']:.0f} jobs each); "
-            f"medians over repeats"
+            f"medians over repeats; latency_quantile {mosel.SchedulerConfig().latency_quantile}"
         )
         print(
-            "| policy | goodput rps | violations [min-max] | JCT p50 | JCT p99 | expected acc | measured acc |"
+            "| policy | goodput rps | violations [min-max] | simulated (recorded residuals) | "
+            "JCT p50 | JCT p99 | expected acc | measured acc |"
         )
-        print("|---|---:|---|---:|---:|---:|---:|")
+        print("|---|---:|---|---:|---:|---:|---:|---:|")
         for policy, m in medians.items():
             spread = [v["violation_ratio"] for v in runs[policy]]
             print(
                 f"| {policy} | {m['goodput_rps']:.1f} | {m['violation_ratio']:.1%} [{min(spread):.1%}-"
-                f"{max(spread):.1%}] | {m['jct_p50_ms']:.2f} | {m['jct_p99_ms']:.2f} | "
-                f"{m['expected_accuracy']:.4f} | {m['measured_accuracy']:.4f} |"
+                f"{max(spread):.1%}] | {gap_medians[policy]['+lag']:.1%} | {m['jct_p50_ms']:.2f} | "
+                f"{m['jct_p99_ms']:.2f} | {m['expected_accuracy']:.4f} | {m['measured_accuracy']:.4f} |"
+            )
+        print(
+            "\nthe real-vs-simulated gap, step by step (violations, medians over repeats): the simulator "
+            "replays each real trace adding the run's own measured effects one at a time"
+        )
+        print("| policy | " + " | ".join(STEPS) + " | real |")
+        print("|---|" + "---:|" * (len(STEPS) + 1))
+        for policy in POLICIES:
+            cells = " | ".join(f"{gap_medians[policy][s]:.1%}" for s in STEPS)
+            print(f"| {policy} | {cells} | {medians[policy]['violation_ratio']:.1%} |")
+        print("\nwhere the time went (medians over repeats of each run's p50 / p99)")
+        print(
+            "| policy | profile bias | ratio p90/p50 | overhead p50 ms | submit lag p50/p99 ms | "
+            "queue p50/p99 ms | execution p50 ms | hand-off p50/p99 ms | margin |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for policy, m in medians.items():
+            print(
+                f"| {policy} | {m['profile_bias']:.3f} | {m['ratio_p90']:.3f} | {m['overhead_p50_ms']:.3f} | "
+                f"{m['submit_lag_p50_ms']:.2f}/{m['submit_lag_p99_ms']:.2f} | "
+                f"{m['queue_p50_ms']:.2f}/{m['queue_p99_ms']:.2f} | {m['execution_p50_ms']:.2f} | "
+                f"{m['handoff_p50_ms']:.3f}/{m['handoff_p99_ms']:.3f} | {m['latency_margin']:.3f} |"
             )
     return out

@@ -188,7 +188,7 @@ def main() -> None:
     results = {}
     for policy in ("agnostic", "mosel"):
         t0 = time.perf_counter()
-        results[policy] = replay(model, profile, trace, policy)
+        results[policy] = replay(model, profile, trace, policy).metrics
         say(f"   {policy}: {time.perf_counter() - t0:.1f} s")
     say(f"\n   {len(trace)} jobs, {results['mosel']['requests']:.0f} requests, floor {trace[0].min_accuracy}")
     say(f"   {'metric':<28} {'all modalities':>15} {'mosel':>10}")

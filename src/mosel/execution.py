@@ -54,6 +54,8 @@ class Result:
             over (waiting, execution and output assembly included; the caller's own wake-up not).
         strategies: the strategy of each chunk (one chunk unless the job exceeded max_batch_size).
         deadline_met: whether the result was handed over within the deadline (None: no deadline).
+        queue_ms: time from the call's arrival until its (first) batch was dispatched; the
+            rest of ``completion_ms`` beyond ``measured_latency_ms`` is dispatch and hand-over.
     """
 
     output: Any
@@ -64,6 +66,7 @@ class Result:
     completion_ms: float
     strategies: tuple[Strategy, ...]
     deadline_met: bool | None = None
+    queue_ms: float = math.nan
 
 
 @dataclass(frozen=True, slots=True)

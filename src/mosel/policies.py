@@ -87,7 +87,10 @@ class Policy:
         return max(bisect.bisect_right(task.lat, (job.deadline - now) * 1e6 * share) - 1, 0)
 
     def observe_arrival(self, job: Job, now: float, cheapest_us: int) -> None:
-        """An accepted job arrived (its cheapest strategies take ``cheapest_us`` in all)."""
+        """An accepted job arrived; its cheapest strategies are priced ``cheapest_us`` in all.
+
+        That is a price at the latency quantile; ``core.tail.typical`` gives the median.
+        """
 
     def observe_launch(self, batch: Batch, now: float) -> None:
         """A batch started running."""
@@ -443,14 +446,14 @@ class Greedy(Policy):
                 headroom if low == 0.0 else low + (headroom - low) * (0.2 if headroom < low else 0.01)
             )
         self.decay_to(now)
-        self.work += cheapest_us / 1e6 / self.core.config.load_window_s
+        self.work += self.core.tail.typical(cheapest_us) / 1e6 / self.core.config.load_window_s
         if self.core.in_flight is not None:
             self.busy_arrivals += 1.0
 
     def observe_launch(self, batch: Batch, now: float) -> None:
         """Count the batch's predicted time as time spent running."""
         self.decay_to(now)
-        self.busy_s += batch.predicted_us / 1e6
+        self.busy_s += self.core.tail.typical(batch.predicted_us) / 1e6
 
     def decay_to(self, now: float) -> None:
         """Age the recent-load sums to ``now`` (exponential decay over ``load_window_s``)."""
@@ -722,8 +725,9 @@ class Mosel(Policy):
         self.decay_to(now)
         if math.isnan(self.first):
             self.first = now
+        typical_s = self.core.tail.typical(cheapest_us) / 1e6  # throughput at the median
         for i in range(2):
-            self.sums[i] += cheapest_us / 1e6
+            self.sums[i] += typical_s
         if self.core.in_flight is not None:
             self.busy_arrivals += 1.0
         if not math.isinf(job.deadline):
@@ -746,7 +750,7 @@ class Mosel(Policy):
     def observe_launch(self, batch: Batch, now: float) -> None:
         """Count the batch's predicted time as time spent running."""
         self.decay_to(now)
-        self.busy_s += batch.predicted_us / 1e6
+        self.busy_s += self.core.tail.typical(batch.predicted_us) / 1e6
 
     def rho(self, now: float) -> float:
         """Recent arrivals' work at their cheapest strategies, per second (the larger of two views)."""

@@ -28,6 +28,7 @@ from mosel.plan import ACCURACY_SCALE, CostModel, Frontier, Strategy, configurat
 from mosel.policies import Policy, policy_class
 from mosel.profiles import Profile
 from mosel.stats import Stats
+from mosel.tail import TailModel, profile_sigma
 
 __all__ = [
     "NO_DEADLINE_US",
@@ -81,6 +82,14 @@ class SchedulerConfig:
             arrivals at their cheapest strategies leave free, less this share of the device (a
             safety margin against the arrival estimate's error; measured, 0 lost nothing
             against 0.1 on the benchmark's traces, see ``docs/online.md``).
+        latency_quantile: every decision (admission, the doom test, late binding, dispatch)
+            prices a batch at this quantile of its latency, not its median: the corrected
+            median times a margin, plus the per-batch dispatch overhead, both measured over
+            recent batches (:class:`mosel.tail.TailModel`; before enough batches ran, the
+            profile's own spread). A deadline is a tail constraint: a batch planned at its
+            median with no slack overruns about half the time. Higher values trade accuracy
+            (and some throughput) for fewer violations; 0.5 plans at the median (throughput
+            estimates always do). See ``docs/online.md`` for the measured trade-off.
         solver_window: CP-SAT re-assigns at most this many queued tasks at the head of the
             queue (the jobs behind them keep their slack), so that a solve's model building stays
             bounded however long the queue.
@@ -103,6 +112,7 @@ class SchedulerConfig:
     load_window_s: float = 0.5
     solver_window: int = 64
     spare_margin: float = 0.0
+    latency_quantile: float = 0.9
 
     def __post_init__(self) -> None:
         policy_class(self.policy)  # raises ValueError for an unknown policy
@@ -117,6 +127,10 @@ class SchedulerConfig:
             raise ValueError(f"solver_share must be in (0, 1], got {self.solver_share}")
         if not 0.0 <= self.spare_margin <= 1.0:
             raise ValueError(f"spare_margin must be in [0, 1], got {self.spare_margin}")
+        if not 0.5 <= self.latency_quantile < 1.0:
+            raise ValueError(
+                f"latency_quantile must be in [0.5, 1) (0.5 plans at the median), got {self.latency_quantile}"
+            )
         if not self.load_window_s > 0.0:
             raise ValueError(f"load_window_s must be positive, got {self.load_window_s}")
 
@@ -158,13 +172,17 @@ class Scheduler:
         self.closed = False
         self.correction: dict[str, float] = dict.fromkeys((*profile.modalities, "fusion"), 1.0)
         self.version = 0
-        """Bumped whenever the correction moves option latencies."""
+        """Bumped whenever the correction or the tail model moves option latencies."""
         self.solve_async = solve_async
         self._published = dict(self.correction)
         self._latency_cache: dict[tuple[Configuration, int], tuple[int, ...]] = {}
         self._full_strategies: dict[tuple[Configuration, int], Strategy] = {}
         self._keys_text: dict[Configuration, str] = {}
         self._parts: dict[tuple[tuple[Configuration, int], ...], dict[str, int]] = {}
+        self._measured: tuple[Batch, float] | None = None  # the last completed batch, for settled()
+        self.tail = TailModel(self.config.latency_quantile, profile_sigma(profile))
+        """The margin and overhead that turn a corrected median into the price decisions use."""
+        self.stats.set_tail(self.tail)
         self.stats.set_correction(self.correction)
         self.policy: Policy = policy_class(self.config.policy)(self)
 
@@ -204,7 +222,7 @@ class Scheduler:
     # ------------------------------------------------------------------ predictions
 
     def corrected_latency_us(self, groups: Sequence[tuple[Configuration, int]]) -> int:
-        """Predicted latency of a strategy with the online correction applied."""
+        """The price of a strategy: its corrected median latency at the tail model's quantile."""
         rows = dict.fromkeys(self.cost.modalities, 0)
         fusion = 0
         for config, count in groups:
@@ -214,7 +232,7 @@ class Scheduler:
         total = self.correction["fusion"] * fusion
         for m, k in rows.items():
             total += self.correction[m] * self.cost.branch_us[m][k]
-        return math.ceil(total)
+        return self.tail.price(total)
 
     def refresh(self, task: Task) -> None:
         """Bring the task's option latencies up to date with the correction."""
@@ -621,6 +639,7 @@ class Scheduler:
             self.overrun = False
         if not errors:
             self._correct(batch, measured_us, parts_us)
+            self._measured = (batch, measured_us)
         done: list[Job] = []
         failures: list[Failure] = []
         for position, task in enumerate(batch.tasks):
@@ -644,6 +663,21 @@ class Scheduler:
         failures += self.policy.replan(now)
         return done, failures
 
+    def settled(self, batch: Batch, now: float) -> None:
+        """The batch's results have been handed over: its dispatch overhead is now known.
+
+        The overhead is the batch's time from dispatch to hand-over less its measured
+        execution (taking the batch, assembling and delivering outputs, thread hand-offs); the
+        tail model adds it to every price.
+        """
+        if self._measured is None or self._measured[0] is not batch:
+            return
+        measured_us = self._measured[1]
+        self._measured = None
+        overhead_us = max((now - batch.started) * 1e6 - measured_us, 0.0)
+        if self.tail.observe_overhead(overhead_us):
+            self._reprice()
+
     def _correct(self, batch: Batch, measured_us: float, parts_us: Mapping[str, float] | None) -> None:
         alpha = self.config.correction_alpha
         predicted = self._parts.get(batch.merged.groups)
@@ -656,6 +690,9 @@ class Scheduler:
                     rows[m] += count
             predicted = {m: self.cost.branch_us[m][k] for m, k in rows.items() if k} | {"fusion": fusion}
             self._parts[batch.merged.groups] = predicted
+        raw = sum(predicted.values())
+        corrected = sum(self.correction[p] * v for p, v in predicted.items())
+        refitted = raw > 0 and self.tail.observe(measured_us / corrected, measured_us / raw)
         if parts_us is None:
             total = sum(predicted.values())
             parts_us = {p: measured_us * v / total for p, v in predicted.items()} if total else {}
@@ -670,10 +707,16 @@ class Scheduler:
                 self.correction[part] = min(max((1 - alpha) * level + alpha * ratio, 1e-3), 1e6)
         if any(abs(self.correction[p] / self._published[p] - 1) > 0.02 for p in predicted):
             self._published = dict(self.correction)
-            self.version += 1
-            self._latency_cache.clear()
-            self._refresh_queue()
             self.stats.set_correction(self.correction)
+            refitted = True
+        if refitted:
+            self._reprice()
+
+    def _reprice(self) -> None:
+        """Option latencies moved (correction or tail): re-read them everywhere."""
+        self.version += 1
+        self._latency_cache.clear()
+        self._refresh_queue()
 
     def close(self, cancel: bool) -> list[Failure]:
         """Stop admitting; with ``cancel``, fail every queued job with :class:`ShutdownError`."""
@@ -739,7 +782,7 @@ class BatchLatency:
         for m, k in self.rows.items():
             if k:
                 total += correction[m] * cost.branch_us[m][k]
-        return math.ceil(total)
+        return self.core.tail.price(total)
 
 
 def merged_groups(tasks: Sequence[Task]) -> dict[Configuration, int]:

@@ -196,7 +196,9 @@ class Server:
             raise interrupt
         if job.error is not None:
             raise job.error
-        return self._result(done[0])
+        result = self._result(done[0])
+        self._settled(batch)
+        return result
 
     def _withdraw(self, job: Job, batch: Batch | None = None, error: BaseException | None = None) -> None:
         """Take an interrupted caller's job back.
@@ -470,8 +472,14 @@ class Server:
             measured_latency_ms=job.measured_us / 1000.0,
             completion_ms=completion_ms,
             strategies=strategies,
+            queue_ms=(job.started - job.arrival) * 1000.0,
             deadline_met=None if job.deadline_ms is None else completion_ms <= job.deadline_ms,
         )
+
+    def _settled(self, batch: Batch) -> None:
+        """Every result of ``batch`` was handed over: the scheduler learns the dispatch overhead."""
+        with _deferred_interrupts(), self.lock:
+            self.scheduler.settled(batch, self.clock.now())
 
     def _fail_batch(self, batch: Batch, error: BaseException) -> None:
         """Resolve every job of a batch with ``error`` (after an unexpected executor error)."""
@@ -591,6 +599,7 @@ def _serve(server: Server, batch: Batch | None) -> None:
             server._drain()
             for job in done:
                 server._resolve(job)
+            server._settled(batch)
     except BaseException as exc:  # nothing may stop the executor; every job of the batch resolves
         _log.exception("mosel executor: unexpected error; failing the batch and going on")
         if batch is not None:

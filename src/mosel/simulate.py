@@ -1,6 +1,8 @@
 """Deterministic simulation of the online stage: the real scheduler against a virtual clock.
 
-Execution times come from the profile's cost model (optionally with seeded noise), so a run is
+Execution times come from the profile's cost model times a residual drawn (seeded) from a
+:class:`~mosel.tail.Residuals` sample: the profile's own timing spread, or what a real run
+recorded (``mosel.stats(model).residuals``), plus that run's per-batch dispatch overhead. A run is
 machine-independent and reproducible. The :class:`~mosel.scheduler.Scheduler` is the same code
 the threaded server runs; only the clock and the executor are simulated.
 """
@@ -22,6 +24,7 @@ from mosel.plan import Strategy
 from mosel.profiles import Profile
 from mosel.scheduler import Batch, Job, Scheduler, SchedulerConfig
 from mosel.stats import Stats, StatsSnapshot
+from mosel.tail import Residuals
 
 __all__ = ["Arrival", "JobRecord", "Simulation", "simulate"]
 
@@ -121,6 +124,7 @@ def simulate(
     *,
     noise: float = 0.0,
     seed: int = 0,
+    residuals: Residuals | None = None,
 ) -> Simulation:
     """Replay ``arrivals`` through the scheduler on a virtual clock.
 
@@ -131,7 +135,12 @@ def simulate(
             :class:`mosel.SLOError` naming it, before anything runs.
         config: scheduler settings; CP-SAT runs inline with a deterministic time limit.
         noise: relative standard deviation of execution times (lognormal), 0 for exact.
-        seed: seed of the noise.
+        seed: seed of the noise and of the residual draws.
+        residuals: each batch takes its predicted time times a ratio drawn from this sample,
+            plus an overhead drawn from it (the executor is busy, and the batch's jobs are not
+            done, until both have passed). ``Residuals.from_profile(profile)`` is the profile's
+            own spread; a real run's ``mosel.stats(model).residuals`` replays its machine.
+            None: exact predictions (with ``noise`` if given).
     """
     base = config or SchedulerConfig()
     config = dataclasses.replace(base, deterministic=True)
@@ -147,6 +156,7 @@ def simulate(
     rejected: dict[int, str] = {}
     running: Batch | None = None
     done_at = math.inf
+    measured_us = 0.0
     decisions: list[float] = []
     i = 0
     while i < len(trace) or running is not None or scheduler.queue:
@@ -155,7 +165,8 @@ def simulate(
         if running is not None and done_at <= next_arrival:
             clock.advance_to(done_at)
             started = time.perf_counter()
-            scheduler.complete(running, done_at, (done_at - running.started) * 1e6)
+            scheduler.complete(running, done_at, measured_us)
+            scheduler.settled(running, done_at)
             decisions.append((time.perf_counter() - started) * 1e3)
             running, done_at = None, math.inf
             continue
@@ -164,10 +175,15 @@ def simulate(
             running, _ = scheduler.dispatch(now)
             decisions.append((time.perf_counter() - started) * 1e3)
             if running is not None:
-                duration_us = float(cost.latency_us(running.merged.groups))
+                exec_us = float(cost.latency_us(running.merged.groups))
+                overhead_us = 0.0
+                if residuals is not None:
+                    ratio, overhead_us = residuals.sample(rng)
+                    exec_us *= ratio
                 if noise:
-                    duration_us *= math.exp(rng.gauss(-noise * noise / 2, noise))
-                done_at = now + duration_us / 1e6
+                    exec_us *= math.exp(rng.gauss(-noise * noise / 2, noise))
+                done_at = now + (exec_us + overhead_us) / 1e6
+                measured_us = exec_us
             continue
         if i >= len(trace):
             break

@@ -7,7 +7,10 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from mosel.tail import Residuals, TailModel
 
 __all__ = ["Histogram", "Stats", "StatsSnapshot"]
 
@@ -55,12 +58,20 @@ class StatsSnapshot:
         histograms: name -> {"count", "sum_ms", "p50_ms", "p99_ms", "buckets": [(le_ms, count)]}
             for ``queue_wait``, ``completion`` (arrival to result) and ``solver``.
         correction: part (branch name or ``"fusion"``) -> measured/predicted latency ratio (EWMA).
+        latency_margin: the factor on corrected medians that prices batches at the scheduler's
+            latency quantile (``SchedulerConfig.latency_quantile``).
+        overhead_ms: the per-batch dispatch overhead added to every price, at that quantile.
+        residuals: recent batches' measured/predicted execution ratios and overheads (what
+            :func:`mosel.simulate` can replay), None before any batch.
     """
 
     counters: Mapping[str, int]
     requests_per_configuration: Mapping[str, int]
     histograms: Mapping[str, Mapping[str, Any]]
     correction: Mapping[str, float]
+    latency_margin: float = 1.0
+    overhead_ms: float = 0.0
+    residuals: Residuals | None = None
 
 
 class Stats:
@@ -74,6 +85,7 @@ class Stats:
         self._configs: dict[str, int] = {}
         self._histograms = {name: Histogram() for name in self.HISTOGRAMS}
         self._correction: dict[str, float] = {}
+        self._tail: TailModel | None = None
 
     def count(self, name: str, by: int = 1) -> None:
         """Add ``by`` to counter ``name``."""
@@ -99,6 +111,11 @@ class Stats:
         with self._lock:
             self._correction = dict(correction)
 
+    def set_tail(self, tail: TailModel) -> None:
+        """Report this tail model's margin, overhead and residuals in snapshots."""
+        with self._lock:
+            self._tail = tail
+
     def forked(self) -> Stats:
         """A copy for a forked child process, made without taking the lock.
 
@@ -109,6 +126,7 @@ class Stats:
         copy._configs = dict(self._configs)
         copy._histograms = self._histograms
         copy._correction = dict(self._correction)
+        copy._tail = self._tail
         return copy
 
     def snapshot(self) -> StatsSnapshot:
@@ -126,11 +144,15 @@ class Stats:
                 )
                 for name, h in self._histograms.items()
             }
+            tail = self._tail
             return StatsSnapshot(
                 MappingProxyType(dict(self._counters)),
                 MappingProxyType(dict(self._configs)),
                 MappingProxyType(hists),
                 MappingProxyType(dict(self._correction)),
+                1.0 if tail is None else tail.margin,
+                0.0 if tail is None else tail.overhead_us / 1000.0,
+                None if tail is None else tail.residuals(),
             )
 
 
@@ -175,5 +197,15 @@ def prometheus_collector(stats: Stats, model_name: str) -> Any:
             for part, ratio in snap.correction.items():
                 correction.add_metric([model_name, part], ratio)
             yield correction
+            margin = GaugeMetricFamily(
+                "mosel_latency_margin", "price of a batch over its corrected median", labels=["model"]
+            )
+            margin.add_metric([model_name], snap.latency_margin)
+            yield margin
+            overhead = GaugeMetricFamily(
+                "mosel_dispatch_overhead_ms", "per-batch dispatch overhead in predictions", labels=["model"]
+            )
+            overhead.add_metric([model_name], snap.overhead_ms)
+            yield overhead
 
     return Collector()

@@ -1,0 +1,221 @@
+"""Latency tails: how far measured batch times stray from the cost model, and the price of a deadline.
+
+A deadline is a tail constraint: a batch priced at its median latency overruns about half the
+time. The scheduler therefore prices every strategy at a quantile of its latency: the corrected
+median (the profile's tables times the online correction) scaled by a margin, plus the per-batch
+dispatch overhead the cost model does not see (taking the batch, assembling outputs, handing
+results over). Both come from a window of recent batches (:class:`TailModel`); before enough
+batches ran, from the profile's own spread (its p95 against its median).
+
+:class:`Residuals` is the same information as a plain sample: what the simulator draws
+execution times from, and what a real run records for its replay.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from mosel.plan import json_dict, json_field, json_float, json_list
+
+if TYPE_CHECKING:
+    from mosel.profiles import Profile
+
+__all__ = ["Residuals", "TailModel"]
+
+WINDOW: Final = 256
+"""Recent batches the online tail model keeps."""
+MIN_SAMPLES: Final = 24
+"""Batches needed before measured residuals replace the profile's prior."""
+REFIT_EVERY: Final = 8
+"""The margin is recomputed every so many batches (a quantile over the window)."""
+_Z95: Final = 1.6448536269514722
+
+
+@dataclass(frozen=True, slots=True)
+class Residuals:
+    """A sample of per-batch residuals of the cost model.
+
+    Attributes:
+        ratios: measured execution time over the profile's prediction (no online correction),
+            one per batch: the profile's bias and the spread around it.
+        overhead_us: per batch, the time from dispatch to the hand-over of its results that is
+            not model execution (empty for none); drawn independently of the ratios.
+    """
+
+    ratios: tuple[float, ...]
+    overhead_us: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.ratios:
+            raise ValueError("Residuals need at least one ratio (measured / predicted execution time)")
+        for name, values in (("ratios", self.ratios), ("overhead_us", self.overhead_us)):
+            bad = [v for v in values if not (math.isfinite(v) and v >= 0.0)]
+            if bad:
+                raise ValueError(f"Residuals.{name} must be finite and >= 0, got {bad[0]!r}")
+
+    @classmethod
+    def exact(cls) -> Residuals:
+        """No spread, no bias, no overhead: the simulator charges exactly the prediction."""
+        return cls((1.0,))
+
+    @classmethod
+    def from_profile(cls, profile: Profile, count: int = 101) -> Residuals:
+        """The profile's own spread: lognormal ratios whose p95 is the tables' typical p95/median.
+
+        The profile times each branch and fusion repeatedly and keeps the median and the p95;
+        the median over every table and batch size of ``log(p95 / median)`` sets the spread.
+        No overhead (the profiler times the model, not a server).
+        """
+        sigma = profile_sigma(profile)
+        if sigma == 0.0:
+            return cls.exact()
+        normal = statistics.NormalDist(-sigma * sigma / 2, sigma)  # mean ratio 1
+        return cls(tuple(math.exp(normal.inv_cdf((i + 0.5) / count)) for i in range(count)))
+
+    @property
+    def bias(self) -> float:
+        """Median ratio (1: the profile is right at the median)."""
+        return statistics.median(self.ratios)
+
+    def ratio_quantile(self, q: float) -> float:
+        """Quantile ``q`` of the ratios."""
+        return float(np.quantile(self.ratios, q))
+
+    def sample(self, rng: random.Random) -> tuple[float, float]:
+        """One batch's (ratio, overhead_us), each drawn from its sample."""
+        ratio = self.ratios[rng.randrange(len(self.ratios))]
+        return ratio, self.overhead_us[rng.randrange(len(self.overhead_us))] if self.overhead_us else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {"ratios": list(self.ratios), "overhead_us": list(self.overhead_us)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Residuals:
+        """Inverse of :meth:`to_json`; ValueError on malformed data."""
+        data = json_dict(data, "residuals")
+        ratios = json_list(json_field(data, "ratios", "residuals"), "residuals.ratios")
+        overhead = json_list(json_field(data, "overhead_us", "residuals"), "residuals.overhead_us")
+        return cls(
+            tuple(json_float(v, "residuals.ratios[]", low=0.0) for v in ratios),
+            tuple(json_float(v, "residuals.overhead_us[]", low=0.0) for v in overhead),
+        )
+
+
+def profile_sigma(profile: Profile) -> float:
+    """Log-spread of the profile's timings: median over its table entries of ``log(p95/median) / z95``."""
+    tables = (*profile.branch_latency.values(), *profile.fusion_latency.values())
+    logs = [
+        math.log(max(p95 / median, 1.0))
+        for table in tables
+        for median, p95 in zip(table.median_us, table.p95_us)
+        if median > 0
+    ]
+    return statistics.median(logs) / _Z95 if logs else 0.0
+
+
+class TailModel:
+    """The online price of a deadline: a margin on the corrected median, plus the dispatch overhead.
+
+    ``price(t) = margin * t + overhead_us`` for a corrected median ``t``, where ``margin`` is the
+    ``quantile`` of recent measured/corrected execution ratios and ``overhead_us`` the same
+    quantile of recent per-batch overheads (each a quantile, so their sum is conservative).
+    :meth:`typical` is the same at the median: what throughput estimates use.
+    """
+
+    __slots__ = (
+        "_overheads",
+        "_ratios",
+        "_raw",
+        "margin",
+        "median_overhead_us",
+        "overhead_us",
+        "quantile",
+    )
+
+    def __init__(self, quantile: float, prior_sigma: float = 0.0) -> None:
+        self.quantile = quantile
+        z = statistics.NormalDist().inv_cdf(quantile) if 0.5 < quantile < 1.0 else 0.0
+        self.margin = math.exp(prior_sigma * z)
+        self.overhead_us = 0.0
+        self.median_overhead_us = 0.0
+        self._ratios = _Ring()
+        self._raw = _Ring()
+        self._overheads = _Ring()
+
+    def observe(self, ratio: float, raw_ratio: float) -> bool:
+        """Record one batch's measured execution over its corrected and its raw prediction.
+
+        Returns True when the margin moved by more than 2% (prices should be re-read).
+        """
+        self._raw.add(raw_ratio)
+        if not self._ratios.add(ratio):
+            return False
+        margin = max(self._ratios.quantile(self.quantile), 1.0) if self.quantile > 0.5 else 1.0
+        moved = abs(margin / self.margin - 1.0) > 0.02
+        self.margin = margin
+        return moved
+
+    def observe_overhead(self, overhead_us: float) -> bool:
+        """Record one batch's dispatch overhead; True when its quantile moved by more than 2 µs and 2%."""
+        if not self._overheads.add(overhead_us):
+            return False
+        self.median_overhead_us = self._overheads.quantile(0.5)
+        value = self._overheads.quantile(self.quantile)
+        moved = abs(value - self.overhead_us) > max(2.0, 0.02 * self.overhead_us)
+        self.overhead_us = value
+        return moved
+
+    def price(self, corrected_us: float) -> int:
+        """The latency to plan with for a batch whose corrected median is ``corrected_us``."""
+        return math.ceil(self.margin * corrected_us + self.overhead_us)
+
+    def typical(self, priced_us: float) -> float:
+        """The median time of a batch priced ``priced_us`` (for throughput estimates)."""
+        corrected = max(priced_us - self.overhead_us, 0.0) / self.margin
+        return corrected + self.median_overhead_us
+
+    def residuals(self) -> Residuals | None:
+        """The recent batches as a :class:`Residuals` sample (None before any batch)."""
+        ratios = self._raw.values()
+        if not len(ratios):
+            return None
+        return Residuals(tuple(map(float, ratios)), tuple(map(float, self._overheads.values())))
+
+
+class _Ring:
+    """The last :data:`WINDOW` values; :meth:`add` says when a refit is due."""
+
+    __slots__ = ("count", "data")
+
+    def __init__(self) -> None:
+        self.data = np.zeros(WINDOW)
+        self.count = 0
+
+    def add(self, value: float) -> bool:
+        self.data[self.count % WINDOW] = value
+        self.count += 1
+        return self.count >= MIN_SAMPLES and self.count % REFIT_EVERY == 0
+
+    def values(self) -> npt.NDArray[np.float64]:
+        if self.count <= WINDOW:
+            return self.data[: self.count]
+        return np.roll(self.data, -(self.count % WINDOW))
+
+    def quantile(self, q: float) -> float:
+        return float(np.quantile(self.data[: min(self.count, WINDOW)], q))
+
+
+def merge(samples: Iterable[Residuals]) -> Residuals:
+    """One sample from several (e.g. the repeats of a real run)."""
+    parts: Sequence[Residuals] = list(samples)
+    ratios = tuple(r for s in parts for r in s.ratios)
+    return Residuals(ratios, tuple(o for s in parts for o in s.overhead_us))
