@@ -57,7 +57,10 @@ def cell(name: str, cond_key: str, load: float, jobs: int) -> dict[str, tuple[fl
             scenario.profile, conditions, load, seconds, seed, slack_ms=scenario.slack_ms, drop=scenario.drop
         )
         for label, policy in VARIANTS.items():
-            sim = mosel.simulate(scenario.profile, arrivals, mosel.SchedulerConfig(policy=policy))
+            sim = mosel.simulate(
+                scenario.profile, arrivals, mosel.SchedulerConfig(policy=policy), residuals=scenario.residuals,
+                seed=seed,
+            )  # fmt: skip
             runs[label].append(metrics(sim, seconds, conditions))
     key = "window_violation_ratio" if conditions.windowed else "violation_ratio"
     return {
@@ -74,7 +77,9 @@ def main() -> None:
     keys = [(n, c, load) for n in ("paper-tvlt", "av-digits") for c in CONDITIONS for load in args.loads]
     with ProcessPoolExecutor() as pool:
         results = list(pool.map(cell, *zip(*keys), [args.jobs] * len(keys)))
-    print(f"correct answers on time per second / violations, medians over seeds {SEEDS.start}-{SEEDS.stop - 1}")
+    print(
+        f"correct answers on time per second / violations, medians over seeds {SEEDS.start}-{SEEDS.stop - 1}"
+    )
     print("| scenario | conditions | load | " + " | ".join(VARIANTS) + " |")
     print("|---|---|---:|" + "---|" * len(VARIANTS))
     for (name, cond, load), result in zip(keys, results):

@@ -40,7 +40,9 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); device {profile.fingerprint.device}"
     )
     print(f"accuracy: { {profile.key(c): round(a, 4) for c, a in profile.accuracy.items()} }")
-    print(f"cost checks: median error {errors[len(errors) // 2]:.1%}, max {errors[-1]:.1%} over {len(errors)}")
+    print(
+        f"cost checks: median error {errors[len(errors) // 2]:.1%}, max {errors[-1]:.1%} over {len(errors)}"
+    )
     print(f"slack (3 x mean all-modality latency, jobs of 1..8): {av_digits_slack_ms(profile):.2f} ms")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ class Scenario:
     profile: mosel.Profile
     slack_ms: float  # deadline = arrival + all-modality latency of the job + slack
     drop: float  # floor = best accuracy - drop
+    residuals: mosel.Residuals  # what each simulated batch's time is drawn from
+    residuals_source: str
 
 
 def paper_tvlt(max_batch: int = 32) -> Scenario:
@@ -37,7 +40,10 @@ def paper_tvlt(max_batch: int = 32) -> Scenario:
         accuracy={"audio": 0.7233, "video": 0.6600, "audio+video": 0.7432},
         fusion_us={"audio+video": [f - a - v for f, a, v in zip(full, audio, video)]},
     )
-    return Scenario("paper-tvlt", profile, slack_ms=17.0, drop=0.03)
+    return Scenario(
+        "paper-tvlt", profile, slack_ms=17.0, drop=0.03, residuals=mosel.Residuals.exact(),
+        residuals_source="exact (a synthetic profile: nothing was measured)",
+    )  # fmt: skip
 
 
 def av_digits_model(
@@ -83,12 +89,23 @@ def av_digits_model(
 
 AV_DIGITS_PROFILE = Path(__file__).resolve().parent / "profiles" / "av-digits.profile.json"
 """The AV-Digits profile the simulated benchmark uses (committed; see ``profiles/README.md``)."""
+AV_DIGITS_RESIDUALS = Path(__file__).resolve().parent / "profiles" / "av-digits.residuals.json"
+"""Execution-time residuals and overheads recorded serving AV-Digits live (``record_residuals.py``)."""
 
 
 def av_digits() -> Scenario:
-    """The demo's from-scratch AV-Digits model, as profiled once and committed (machine-independent)."""
+    """The demo's from-scratch AV-Digits model, as profiled once and committed (machine-independent);
+    batch times drawn from the residuals recorded serving it live (the profile's own spread if absent)."""
     profile = mosel.Profile.load(AV_DIGITS_PROFILE)
-    return Scenario("av-digits", profile, slack_ms=av_digits_slack_ms(profile), drop=0.06)
+    if AV_DIGITS_RESIDUALS.exists():
+        residuals = mosel.Residuals.from_json(json.loads(AV_DIGITS_RESIDUALS.read_text()))
+        source = f"recorded live ({AV_DIGITS_RESIDUALS.name}, {len(residuals.ratios)} batches)"
+    else:
+        residuals, source = mosel.Residuals.from_profile(profile), "the profile's p95/median spread"
+    return Scenario(
+        "av-digits", profile, slack_ms=av_digits_slack_ms(profile), drop=0.06, residuals=residuals,
+        residuals_source=source,
+    )  # fmt: skip
 
 
 def av_digits_slack_ms(profile: mosel.Profile) -> float:
