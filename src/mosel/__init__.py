@@ -41,9 +41,9 @@ from mosel.profiles import CostCheck, Fingerprint, LatencyTable, Profile
 from mosel.runtime import attach, close, profile_of, serving, stats
 from mosel.scheduler import SchedulerConfig
 from mosel.simulate import Arrival, Simulation, simulate
-from mosel.tail import Residuals
 from mosel.spec import ModelSpec, fusion, modality, multimodal, spec_of
 from mosel.stats import StatsSnapshot
+from mosel.tail import Residuals
 from mosel.training import train_with_modality_dropout
 
 __all__ = [

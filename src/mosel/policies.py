@@ -214,6 +214,10 @@ class Policy:
             deficit = finish[late] - int(core.deadlines_us[late])
             if cheapest[late] <= core.deadlines_us[late] and self._lower(late, deficit):
                 continue
+            if late == len(core.queue) - 1 and not core.doomed(
+                cheapest[late], int(core.deadlines_us[late]), now
+            ):
+                break  # late at the tail price, on time at the median, and nobody behind it: it tries
             victim = self.victim(late)
             task = core.queue[victim]
             error = core.deadline_error(task.job, now, finish[late] - int(now * 1e6))
@@ -302,6 +306,10 @@ class Policy:
                     if fits >= 0:
                         core.set_option(head, fits, 0)
                         break
+                if len(core.queue) == 1 and not core.doomed(now_us + head.lat[0], deadline, now):
+                    if not self.every_modality:  # on time at the median, nobody behind it: it tries
+                        core.set_option(head, 0, 0)
+                    break
                 error = core.deadline_error(head.job, now, head.lat[0])
                 failures.append(core.fail_job(head.job, error, "late"))
                 continue

@@ -112,7 +112,7 @@ class SchedulerConfig:
     load_window_s: float = 0.5
     solver_window: int = 64
     spare_margin: float = 0.0
-    latency_quantile: float = 0.9
+    latency_quantile: float = 0.7
 
     def __post_init__(self) -> None:
         policy_class(self.policy)  # raises ValueError for an unknown policy
@@ -270,6 +270,20 @@ class Scheduler:
         if key is None:
             key = self._keys_text[config] = configuration_key(config, self.cost.modalities)
         return key
+
+    def typical_us(self, priced_us: IntArray) -> IntArray:
+        """Median times of spans priced ``priced_us`` (vectorised :meth:`TailModel.typical`).
+
+        Options are chosen at the tail price; a job is refused or failed as doomed only when it
+        would miss its deadline even at the median (trying costs no more than refusing it).
+        """
+        tail = self.tail
+        if tail.margin == 1.0 and tail.overhead_us == tail.median_overhead_us:
+            return priced_us
+        typical: IntArray = (
+            np.maximum(priced_us - tail.overhead_us, 0.0) / tail.margin + tail.median_overhead_us
+        ).astype(np.int64)
+        return typical
 
     def start(self, now: float) -> float:
         """When the next batch could start: now, or when the running one is predicted to end."""
@@ -470,13 +484,18 @@ class Scheduler:
             self.refresh(task)
             task.k = policy.initial(task, now, share)
         cheapest_us = sum(t.lat[0] for t in tasks)
-        late = now * 1e6 + cheapest_us > job.deadline * 1e6
+        late = now * 1e6 + self.tail.typical(cheapest_us) > job.deadline * 1e6
         if late and not job.best_effort and policy.refuse_late:
             self.stats.count("rejected_deadline")
             raise self.deadline_error(job, now, cheapest_us)
         if not inline:  # only queued jobs inform the policy: refused ones never load the device
             policy.observe_arrival(job, now, cheapest_us)
         job.pending = len(tasks)
+
+    def doomed(self, finish_us: int, deadline_us: int, now: float) -> bool:
+        """Would a task priced to finish at ``finish_us`` miss ``deadline_us`` even at the median?"""
+        start_us = int(self.start(now) * 1e6)
+        return start_us + self.tail.typical(max(finish_us - start_us, 0)) > deadline_us
 
     def deadline_error(self, job: Job, now: float, predicted_us: int) -> DeadlineError:
         """The error of a job that cannot make its deadline (``predicted_us`` from ``now``)."""
@@ -541,7 +560,8 @@ class Scheduler:
 
     def doom_certain(self, now: float) -> list[Failure]:
         """Fail every queued job that would miss its deadline even if it started alone now."""
-        late = (self.deadlines_us < int(self.start(now) * 1e6) + self.cheapest_us) & ~self.lenient
+        start_us = int(self.start(now) * 1e6)
+        late = (self.deadlines_us < start_us + self.typical_us(self.cheapest_us)) & ~self.lenient
         doomed = {id(self.queue[i].job): self.queue[i] for i in np.flatnonzero(late).tolist()}
         failures = []
         for task in doomed.values():  # a job of several chunks fails once, all its chunks with it
@@ -561,7 +581,9 @@ class Scheduler:
             return None
         if not self.policy.refuse_late:  # such a policy serves late jobs: nothing expires
             return None if self.overrun else self.busy_until
-        latest = (self.deadlines_us - self.cheapest_us)[~self.lenient & (self.deadlines_us < NO_DEADLINE_US)]
+        latest = (self.deadlines_us - self.typical_us(self.cheapest_us))[
+            ~self.lenient & (self.deadlines_us < NO_DEADLINE_US)
+        ]
         times = [float(latest.min()) / 1e6] if len(latest) else []
         if not self.overrun:
             times.append(self.busy_until)

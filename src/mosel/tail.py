@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 __all__ = ["Residuals", "TailModel"]
 
 WINDOW: Final = 256
-"""Recent batches the online tail model keeps."""
+"""Recent batches the online tail model prices from."""
+RECORD: Final = 4096
+"""Recent batches the tail model keeps for :meth:`TailModel.residuals` (a run's sample)."""
 MIN_SAMPLES: Final = 24
 """Batches needed before measured residuals replace the profile's prior."""
 REFIT_EVERY: Final = 8
@@ -135,6 +137,7 @@ class TailModel:
         "_overheads",
         "_ratios",
         "_raw",
+        "_raw_overheads",
         "margin",
         "median_overhead_us",
         "overhead_us",
@@ -147,9 +150,10 @@ class TailModel:
         self.margin = math.exp(prior_sigma * z)
         self.overhead_us = 0.0
         self.median_overhead_us = 0.0
-        self._ratios = _Ring()
-        self._raw = _Ring()
-        self._overheads = _Ring()
+        self._ratios = _Ring(WINDOW)
+        self._overheads = _Ring(WINDOW)
+        self._raw = _Ring(RECORD)
+        self._raw_overheads = _Ring(RECORD)
 
     def observe(self, ratio: float, raw_ratio: float) -> bool:
         """Record one batch's measured execution over its corrected and its raw prediction.
@@ -166,6 +170,7 @@ class TailModel:
 
     def observe_overhead(self, overhead_us: float) -> bool:
         """Record one batch's dispatch overhead; True when its quantile moved by more than 2 µs and 2%."""
+        self._raw_overheads.add(overhead_us)
         if not self._overheads.add(overhead_us):
             return False
         self.median_overhead_us = self._overheads.quantile(0.5)
@@ -184,34 +189,34 @@ class TailModel:
         return corrected + self.median_overhead_us
 
     def residuals(self) -> Residuals | None:
-        """The recent batches as a :class:`Residuals` sample (None before any batch)."""
+        """The last :data:`RECORD` batches as a :class:`Residuals` sample (None before any batch)."""
         ratios = self._raw.values()
         if not len(ratios):
             return None
-        return Residuals(tuple(map(float, ratios)), tuple(map(float, self._overheads.values())))
+        return Residuals(tuple(map(float, ratios)), tuple(map(float, self._raw_overheads.values())))
 
 
 class _Ring:
-    """The last :data:`WINDOW` values; :meth:`add` says when a refit is due."""
+    """The last ``size`` values; :meth:`add` says when a refit is due."""
 
     __slots__ = ("count", "data")
 
-    def __init__(self) -> None:
-        self.data = np.zeros(WINDOW)
+    def __init__(self, size: int) -> None:
+        self.data = np.zeros(size)
         self.count = 0
 
     def add(self, value: float) -> bool:
-        self.data[self.count % WINDOW] = value
+        self.data[self.count % len(self.data)] = value
         self.count += 1
         return self.count >= MIN_SAMPLES and self.count % REFIT_EVERY == 0
 
     def values(self) -> npt.NDArray[np.float64]:
-        if self.count <= WINDOW:
+        if self.count <= len(self.data):
             return self.data[: self.count]
-        return np.roll(self.data, -(self.count % WINDOW))
+        return np.roll(self.data, -(self.count % len(self.data)))
 
     def quantile(self, q: float) -> float:
-        return float(np.quantile(self.data[: min(self.count, WINDOW)], q))
+        return float(np.quantile(self.data[: min(self.count, len(self.data))], q))
 
 
 def merge(samples: Iterable[Residuals]) -> Residuals:

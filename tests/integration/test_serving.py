@@ -192,3 +192,21 @@ def test_prometheus_export() -> None:
     assert "mosel_completion_ms_bucket" in text
     assert 'mosel_requests_by_configuration_total{configuration="audio+video",model="slow"} 2.0' in text
     mosel.close(model)
+
+
+def test_the_server_records_residuals_overheads_and_queue_waits() -> None:
+    model = served(delay_s=0.001)
+    with mosel.serving(model):
+        futures = [model.submit(rows(2, 10.0 * i), deadline_ms=500.0) for i in range(60)]  # type: ignore[operator]
+        results = [f.result(timeout=30) for f in futures]
+        lone = model.infer(rows(1, 0.0))  # type: ignore[operator]
+    for result in [*results, lone]:
+        assert result.queue_ms >= 0.0
+        assert result.completion_ms >= result.queue_ms + result.measured_latency_ms - 1e-6
+    snapshot = mosel.stats(model)  # after close: the record survives
+    residuals = snapshot.residuals
+    assert residuals is not None and len(residuals.ratios) >= 5
+    assert len(residuals.overhead_us) == len(residuals.ratios)  # every batch settled, lone one included
+    assert all(o > 0.0 for o in residuals.overhead_us)
+    assert residuals.bias > 1.0  # a sleeping branch is slower than its synthetic table
+    assert snapshot.latency_margin >= 1.0 and snapshot.overhead_ms >= 0.0
