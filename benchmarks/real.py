@@ -71,7 +71,9 @@ def labelled_config(label: str, conditions: Conditions) -> mosel.SchedulerConfig
     return config_for(policy, conditions, **({"latency_quantile": float(quantile)} if quantile else {}))
 
 
-def real_mode(device: str, seed: int = 0, full: bool = False) -> dict[str, Any]:
+def real_mode(
+    device: str, seed: int = 0, full: bool = False, repeats: int | None = None, seconds: float | None = None
+) -> dict[str, Any]:
     """Every policy serving the same live AV-Digits traces (strict conditions, bursty arrivals)."""
     built = av_digits_model(device)
     if built is None:
@@ -81,7 +83,8 @@ def real_mode(device: str, seed: int = 0, full: bool = False) -> dict[str, Any]:
     assert profile is not None
     conditions = CONDITIONS["strict-bursty"]
     slack_ms = av_digits_slack_ms(profile)
-    seconds, repeats = (20.0, 5) if full else (5.0, 3)
+    seconds = seconds or (20.0 if full else 5.0)
+    repeats = repeats or (5 if full else 3)
     loads = (0.5, 1.0, 1.5) if full else (1.0,)
     out: dict[str, Any] = {
         "device": device,

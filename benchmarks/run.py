@@ -277,6 +277,10 @@ def main() -> None:
     parser.add_argument("--real", action="store_true", help="also serve the AV-Digits model live")
     parser.add_argument("--real-only", action="store_true", help="only the live mode")
     parser.add_argument("--device", default="cpu", help="device of the live mode")
+    parser.add_argument("--real-repeats", type=int, help="repeats of each live trace (default 3, --full 5)")
+    parser.add_argument(
+        "--real-seconds", type=float, help="length of each live trace (default 5 s, --full 20 s)"
+    )
     args = parser.parse_args()
     policies = tuple(args.policies)
     if args.full:
@@ -366,7 +370,9 @@ def main() -> None:
     if args.real or args.real_only:
         from real import real_mode
 
-        out["real"] = real_mode(args.device, seed=0, full=args.full)
+        out["real"] = real_mode(
+            args.device, seed=0, full=args.full, repeats=args.real_repeats, seconds=args.real_seconds
+        )
     out["config"]["wall_s"] = time.perf_counter() - started
     print(f"\nbenchmark finished in {time.perf_counter() - started:.0f} s")
     if args.json:
