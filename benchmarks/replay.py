@@ -34,7 +34,7 @@ class Replayed:
     """A real run's figures, what its scheduler measured, and when each job was really submitted."""
 
     metrics: dict[str, float]
-    residuals: mosel.Residuals | None
+    residuals: mosel.Residuals | None  # batch start times in seconds after the trace's start
     submitted_s: list[float]  # per job, seconds after the trace's start
 
 
@@ -91,7 +91,7 @@ def replay(
         on_time += job.n if result.completion_ms <= job.deadline_ms else 0
     jct.sort()
     lag = [(s - job.time_s) * 1000.0 for s, (job, _) in zip(submitted_s, submitted)]
-    residuals = snapshot.residuals
+    residuals = snapshot.residuals.shifted(-start) if snapshot.residuals else None
     metrics = {
         "goodput_rps": on_time / wall_s,
         "violation_ratio": 1 - on_time / requests if requests else 0.0,

@@ -179,7 +179,8 @@ class Scheduler:
         self._full_strategies: dict[tuple[Configuration, int], Strategy] = {}
         self._keys_text: dict[Configuration, str] = {}
         self._parts: dict[tuple[tuple[Configuration, int], ...], dict[str, int]] = {}
-        self._measured: tuple[Batch, float] | None = None  # the last completed batch, for settled()
+        self._measured: tuple[Batch, float, float, float] | None = None  # for settled(): the last
+        # completed batch, its measured time, and its corrected and raw predictions
         self.tail = TailModel(self.config.latency_quantile, profile_sigma(profile))
         """The margin and overhead that turn a corrected median into the price decisions use."""
         self.stats.set_tail(self.tail)
@@ -661,7 +662,6 @@ class Scheduler:
             self.overrun = False
         if not errors:
             self._correct(batch, measured_us, parts_us)
-            self._measured = (batch, measured_us)
         done: list[Job] = []
         failures: list[Failure] = []
         for position, task in enumerate(batch.tasks):
@@ -694,10 +694,10 @@ class Scheduler:
         """
         if self._measured is None or self._measured[0] is not batch:
             return
-        measured_us = self._measured[1]
+        _, measured_us, corrected, raw = self._measured
         self._measured = None
         overhead_us = max((now - batch.started) * 1e6 - measured_us, 0.0)
-        if self.tail.observe_overhead(overhead_us):
+        if self.tail.observe(measured_us / corrected, measured_us / raw, overhead_us, batch.started):
             self._reprice()
 
     def _correct(self, batch: Batch, measured_us: float, parts_us: Mapping[str, float] | None) -> None:
@@ -713,8 +713,9 @@ class Scheduler:
             predicted = {m: self.cost.branch_us[m][k] for m, k in rows.items() if k} | {"fusion": fusion}
             self._parts[batch.merged.groups] = predicted
         raw = sum(predicted.values())
-        corrected = sum(self.correction[p] * v for p, v in predicted.items())
-        refitted = raw > 0 and self.tail.observe(measured_us / corrected, measured_us / raw)
+        if raw > 0:
+            corrected = sum(self.correction[p] * v for p, v in predicted.items())
+            self._measured = (batch, measured_us, corrected, raw)
         if parts_us is None:
             total = sum(predicted.values())
             parts_us = {p: measured_us * v / total for p, v in predicted.items()} if total else {}
@@ -730,8 +731,6 @@ class Scheduler:
         if any(abs(self.correction[p] / self._published[p] - 1) > 0.02 for p in predicted):
             self._published = dict(self.correction)
             self.stats.set_correction(self.correction)
-            refitted = True
-        if refitted:
             self._reprice()
 
     def _reprice(self) -> None:

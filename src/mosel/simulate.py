@@ -139,7 +139,8 @@ def simulate(
         residuals: each batch takes its predicted time times a ratio drawn from this sample,
             plus an overhead drawn from it (the executor is busy, and the batch's jobs are not
             done, until both have passed). ``Residuals.from_profile(profile)`` is the profile's
-            own spread; a real run's ``mosel.stats(model).residuals`` replays its machine.
+            own spread; a real run's ``mosel.stats(model).residuals`` replays its machine (with
+            its batch times shifted to the trace's clock, its slow spells when they happened).
             None: exact predictions (with ``noise`` if given).
     """
     base = config or SchedulerConfig()
@@ -178,7 +179,7 @@ def simulate(
                 exec_us = float(cost.latency_us(running.merged.groups))
                 overhead_us = 0.0
                 if residuals is not None:
-                    ratio, overhead_us = residuals.sample(rng)
+                    ratio, overhead_us = residuals.sample(rng, now)
                     exec_us *= ratio
                 if noise:
                     exec_us *= math.exp(rng.gauss(-noise * noise / 2, noise))

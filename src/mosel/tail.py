@@ -13,6 +13,7 @@ execution times from, and what a real run records for its replay.
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 import statistics
@@ -49,11 +50,17 @@ class Residuals:
         ratios: measured execution time over the profile's prediction (no online correction),
             one per batch: the profile's bias and the spread around it.
         overhead_us: per batch, the time from dispatch to the hand-over of its results that is
-            not model execution (empty for none); drawn independently of the ratios.
+            not model execution (empty for none).
+        at_s: when each batch started (seconds, ascending; empty for unknown). With it (and one
+            overhead per ratio), :meth:`sample` replays the machine's phases: a batch starting
+            at ``t`` gets the residuals of the recorded batch nearest to ``t``, so slow spells
+            (another tenant's burst) come back when they happened. Without it, draws are
+            independent.
     """
 
     ratios: tuple[float, ...]
     overhead_us: tuple[float, ...] = ()
+    at_s: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.ratios:
@@ -62,6 +69,24 @@ class Residuals:
             bad = [v for v in values if not (math.isfinite(v) and v >= 0.0)]
             if bad:
                 raise ValueError(f"Residuals.{name} must be finite and >= 0, got {bad[0]!r}")
+        if self.at_s:
+            if len(self.at_s) != len(self.ratios) or len(self.overhead_us) not in (0, len(self.ratios)):
+                raise ValueError(
+                    f"Residuals.at_s needs one time per ratio ({len(self.ratios)}), and then one overhead "
+                    f"per ratio or none; got {len(self.at_s)} times and {len(self.overhead_us)} overheads"
+                )
+            if any(not math.isfinite(t) for t in self.at_s) or any(
+                b < a for a, b in zip(self.at_s, self.at_s[1:], strict=False)
+            ):
+                raise ValueError("Residuals.at_s must be finite and ascending (batch start times)")
+
+    def shifted(self, by_s: float) -> Residuals:
+        """The same sample with its times moved by ``by_s`` (e.g. to a trace's start)."""
+        return Residuals(self.ratios, self.overhead_us, tuple(t + by_s for t in self.at_s))
+
+    def independent(self) -> Residuals:
+        """The same sample without its times: draws independent of when a batch runs."""
+        return Residuals(self.ratios, self.overhead_us)
 
     @classmethod
     def exact(cls) -> Residuals:
@@ -91,14 +116,23 @@ class Residuals:
         """Quantile ``q`` of the ratios."""
         return float(np.quantile(self.ratios, q))
 
-    def sample(self, rng: random.Random) -> tuple[float, float]:
-        """One batch's (ratio, overhead_us), each drawn from its sample."""
+    def sample(self, rng: random.Random, at_s: float | None = None) -> tuple[float, float]:
+        """One batch's (ratio, overhead_us).
+
+        The recorded batch nearest ``at_s`` when the sample has times, else each value drawn at
+        random from its sample.
+        """
+        if self.at_s and at_s is not None:
+            i = bisect.bisect_left(self.at_s, at_s)
+            if i == len(self.at_s) or (i > 0 and at_s - self.at_s[i - 1] < self.at_s[i] - at_s):
+                i -= 1
+            return self.ratios[i], self.overhead_us[i] if self.overhead_us else 0.0
         ratio = self.ratios[rng.randrange(len(self.ratios))]
         return ratio, self.overhead_us[rng.randrange(len(self.overhead_us))] if self.overhead_us else 0.0
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
-        return {"ratios": list(self.ratios), "overhead_us": list(self.overhead_us)}
+        return {"ratios": list(self.ratios), "overhead_us": list(self.overhead_us), "at_s": list(self.at_s)}
 
     @classmethod
     def from_json(cls, data: Any) -> Residuals:
@@ -106,9 +140,11 @@ class Residuals:
         data = json_dict(data, "residuals")
         ratios = json_list(json_field(data, "ratios", "residuals"), "residuals.ratios")
         overhead = json_list(json_field(data, "overhead_us", "residuals"), "residuals.overhead_us")
+        at_s = json_list(data.get("at_s", []), "residuals.at_s")
         return cls(
             tuple(json_float(v, "residuals.ratios[]", low=0.0) for v in ratios),
             tuple(json_float(v, "residuals.overhead_us[]", low=0.0) for v in overhead),
+            tuple(json_float(v, "residuals.at_s[]") for v in at_s),
         )
 
 
@@ -136,8 +172,8 @@ class TailModel:
     __slots__ = (
         "_overheads",
         "_ratios",
-        "_raw",
-        "_raw_overheads",
+        "_record",
+        "_record_count",
         "margin",
         "median_overhead_us",
         "overhead_us",
@@ -152,31 +188,28 @@ class TailModel:
         self.median_overhead_us = 0.0
         self._ratios = _Ring(WINDOW)
         self._overheads = _Ring(WINDOW)
-        self._raw = _Ring(RECORD)
-        self._raw_overheads = _Ring(RECORD)
+        self._record = np.zeros((3, RECORD))  # raw ratio, overhead, start time
+        self._record_count = 0
 
-    def observe(self, ratio: float, raw_ratio: float) -> bool:
-        """Record one batch's measured execution over its corrected and its raw prediction.
+    def observe(self, ratio: float, raw_ratio: float, overhead_us: float, at_s: float) -> bool:
+        """Record one settled batch.
 
-        Returns True when the margin moved by more than 2% (prices should be re-read).
+        Its measured execution over its corrected and its raw prediction, its dispatch
+        overhead, and when it started. Returns True when the margin or the overhead moved
+        enough to re-read prices (2%, and 2 µs for the overhead).
         """
-        self._raw.add(raw_ratio)
+        self._record[:, self._record_count % RECORD] = (raw_ratio, overhead_us, at_s)
+        self._record_count += 1
+        self._overheads.add(overhead_us)
         if not self._ratios.add(ratio):
             return False
         margin = max(self._ratios.quantile(self.quantile), 1.0) if self.quantile > 0.5 else 1.0
-        moved = abs(margin / self.margin - 1.0) > 0.02
-        self.margin = margin
-        return moved
-
-    def observe_overhead(self, overhead_us: float) -> bool:
-        """Record one batch's dispatch overhead; True when its quantile moved by more than 2 µs and 2%."""
-        self._raw_overheads.add(overhead_us)
-        if not self._overheads.add(overhead_us):
-            return False
+        overhead = self._overheads.quantile(self.quantile)
+        moved = abs(margin / self.margin - 1.0) > 0.02 or abs(overhead - self.overhead_us) > max(
+            2.0, 0.02 * self.overhead_us
+        )
+        self.margin, self.overhead_us = margin, overhead
         self.median_overhead_us = self._overheads.quantile(0.5)
-        value = self._overheads.quantile(self.quantile)
-        moved = abs(value - self.overhead_us) > max(2.0, 0.02 * self.overhead_us)
-        self.overhead_us = value
         return moved
 
     def price(self, corrected_us: float) -> int:
@@ -189,11 +222,19 @@ class TailModel:
         return corrected + self.median_overhead_us
 
     def residuals(self) -> Residuals | None:
-        """The last :data:`RECORD` batches as a :class:`Residuals` sample (None before any batch)."""
-        ratios = self._raw.values()
-        if not len(ratios):
+        """The last :data:`RECORD` batches as a :class:`Residuals` sample (None before any batch).
+
+        Batch start times are on the scheduler's clock.
+        """
+        count = self._record_count
+        if not count:
             return None
-        return Residuals(tuple(map(float, ratios)), tuple(map(float, self._raw_overheads.values())))
+        record = (
+            self._record[:, :count] if count <= RECORD else np.roll(self._record, -(count % RECORD), axis=1)
+        )
+        record = record[:, np.argsort(record[2], kind="stable")]
+        ratios, overheads, times = (tuple(float(v) for v in row) for row in record)
+        return Residuals(ratios, overheads, times)
 
 
 class _Ring:
@@ -220,7 +261,7 @@ class _Ring:
 
 
 def merge(samples: Iterable[Residuals]) -> Residuals:
-    """One sample from several (e.g. the repeats of a real run)."""
+    """One sample from several (e.g. the repeats of a real run), without their times."""
     parts: Sequence[Residuals] = list(samples)
     ratios = tuple(r for s in parts for r in s.ratios)
     return Residuals(ratios, tuple(o for s in parts for o in s.overhead_us))

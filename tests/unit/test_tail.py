@@ -81,6 +81,21 @@ def test_a_synthetic_profile_has_no_spread_and_a_measured_one_does() -> None:
     assert sample.ratio_quantile(0.95) / sample.ratio_quantile(0.5) == pytest.approx(2.0, rel=0.05)
 
 
+def test_a_timed_sample_replays_the_batch_nearest_in_time() -> None:
+    sample = mosel.Residuals((1.0, 3.0, 1.0), (10.0, 30.0, 10.0), (0.0, 1.0, 2.0))
+    rng = random.Random(0)
+    assert sample.sample(rng, 0.9) == (3.0, 30.0)
+    assert sample.sample(rng, 1.6) == (1.0, 10.0)
+    assert sample.sample(rng, -5.0) == (1.0, 10.0) and sample.sample(rng, 99.0) == (1.0, 10.0)
+    assert sample.shifted(-1.0).sample(rng, 0.0) == (3.0, 30.0)
+    assert sample.independent().at_s == ()
+    assert mosel.Residuals.from_json(sample.to_json()) == sample
+    with pytest.raises(ValueError, match="ascending"):
+        mosel.Residuals((1.0, 2.0), (), (1.0, 0.0))
+    with pytest.raises(ValueError, match="one time per ratio"):
+        mosel.Residuals((1.0, 2.0), (5.0,), (0.0, 1.0))
+
+
 def test_sampling_draws_from_both_samples() -> None:
     sample = mosel.Residuals((0.5, 2.0), (100.0,))
     rng = random.Random(0)
@@ -102,9 +117,8 @@ def test_the_prior_comes_from_the_profile_spread_until_enough_batches_ran() -> N
 def test_the_margin_is_the_quantile_of_recent_ratios_and_the_overhead_is_added() -> None:
     tail = TailModel(0.9)
     ratios = [0.8 + 0.01 * i for i in range(MIN_SAMPLES * 4)]
-    for r in ratios:
-        tail.observe(r, r)
-        tail.observe_overhead(100.0 + r)
+    for i, r in enumerate(ratios):
+        tail.observe(r, r, 100.0 + r, float(i))
     p90 = statistics.quantiles(ratios, n=10, method="inclusive")[-1]
     assert tail.margin == pytest.approx(p90, rel=0.01)
     assert tail.overhead_us > tail.median_overhead_us > 100.0
@@ -117,13 +131,14 @@ def test_the_margin_is_the_quantile_of_recent_ratios_and_the_overhead_is_added()
 
 def test_the_margin_never_falls_below_one_and_the_window_forgets() -> None:
     tail = TailModel(0.9)
-    for _ in range(300):
-        tail.observe(3.0, 3.0)
-    for _ in range(300):  # more than the window: the old, slow batches are forgotten
-        tail.observe(0.5, 0.5)
+    for i in range(300):
+        tail.observe(3.0, 3.0, 0.0, float(i))
+    for i in range(300):  # more than the window: the old, slow batches are forgotten
+        tail.observe(0.5, 0.5, 0.0, 300.0 + i)
     assert tail.margin == 1.0
     sample = tail.residuals()  # the run's record keeps more than the pricing window
     assert sample is not None and sample.ratios == (3.0,) * 300 + (0.5,) * 300
+    assert sample.at_s == tuple(float(i) for i in range(600))
 
 
 def test_knob_is_validated() -> None:
