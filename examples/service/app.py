@@ -1,7 +1,11 @@
 """mosel inside an HTTP service: a Starlette app around any profiled ``@mosel.multimodal`` model.
 
 ``POST /predict`` takes a JSON body mapping modality names to nested lists (first dimension =
-requests) and reads the SLO from headers: ``X-Deadline-Ms`` and ``X-Min-Accuracy``. It awaits
+requests), or to objects of them for structured modalities (``{"text": {"input_ids": [[...]],
+"attention_mask": [[...]]}}``). Each list becomes one tensor whose dtype follows its values
+(booleans: bool, integers: int64, so token ids stay integers, any float: float32) unless
+``create_app(model, dtypes=...)`` fixes a modality's dtype. It reads the SLO from headers:
+``X-Deadline-Ms`` and ``X-Min-Accuracy``. It awaits
 ``model.ainfer`` (the event loop never blocks) and answers the prediction with the modalities
 used and the expected accuracy. Overload (a deadline the queue cannot meet, a full queue, a
 shutdown) answers 503 with the reason and a ``Retry-After``; an unreachable floor 422; bad
@@ -15,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import torch
@@ -48,9 +52,40 @@ def _header_float(request: Request, name: str) -> float | None:
     return number
 
 
-def create_app(model: torch.nn.Module) -> Starlette:
-    """An ASGI app serving ``model`` (already profiled or attached)."""
+Dtypes = Mapping[str, "torch.dtype | Dtypes"]
+
+
+def decode(value: Any, where: str, dtype: torch.dtype | Dtypes | None = None) -> Any:
+    """JSON to tensors: an object is a dict of parts, a (nested) list one tensor.
+
+    The tensor's dtype is ``dtype`` when given, else follows the values: bool, int64 for
+    integers (token ids), float32 as soon as one value is a float.
+    """
+    if isinstance(value, dict):
+        parts = dtype if isinstance(dtype, Mapping) else {}
+        return {k: decode(v, f"{where}[{k!r}]", parts.get(k)) for k, v in value.items()}
+    if not isinstance(value, list):
+        raise mosel.InputError(
+            f"{where} must be a list (requests first) or an object, got {type(value).__name__}"
+        )
+    try:
+        tensor = torch.tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise mosel.InputError(f"{where} must be a rectangular list of numbers or booleans ({exc})") from None
+    if isinstance(dtype, torch.dtype):
+        return tensor.to(dtype)
+    return tensor.to(torch.float32) if tensor.is_floating_point() else tensor
+
+
+def create_app(model: torch.nn.Module, dtypes: Dtypes | None = None) -> Starlette:
+    """An ASGI app serving ``model`` (already profiled or attached).
+
+    ``dtypes`` fixes the dtype of a modality's tensors (``{"audio": torch.float32}``, or
+    ``{"text": {"input_ids": torch.int64}}`` for a part of a structured one); the others
+    follow their JSON values.
+    """
     spec = mosel.spec_of(model)
+    fixed = dtypes or {}
 
     async def predict(request: Request) -> JSONResponse:
         try:
@@ -61,7 +96,7 @@ def create_app(model: torch.nn.Module) -> Starlette:
                 raise mosel.InputError(
                     f"the body must be a JSON object of modalities {list(spec.modalities)}"
                 )
-            inputs = {name: torch.tensor(value, dtype=torch.float32) for name, value in body.items()}
+            inputs = {name: decode(value, f"body[{name!r}]", fixed.get(name)) for name, value in body.items()}
         except (ValueError, TypeError) as exc:  # includes mosel.SLOError and mosel.InputError
             return _error(400, exc)
         try:

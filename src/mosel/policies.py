@@ -116,12 +116,19 @@ class Policy:
     # ------------------------------------------------------------------ building blocks
 
     def predict(
-        self, now: float, end: int, *, cheapest: bool = False, stop: bool = False
+        self,
+        now: float,
+        end: int,
+        *,
+        cheapest: bool = False,
+        stop: bool = False,
+        tolerated: frozenset[int] | set[int] = frozenset(),
     ) -> tuple[list[int], int]:
         """Predicted finishes (µs) of the first ``end`` queued tasks, batched as :meth:`take_batch` would.
 
         With ``cheapest``, every task at its cheapest option. With ``stop``, the walk ends at the
-        first batch holding a task predicted late (best-effort tasks are never "late" here).
+        first batch holding a task predicted late (best-effort tasks, and tasks whose ``id`` is in
+        ``tolerated``, are never "late" here).
         Returns (finishes, index of the first late task or -1); finishes past a stop are 0.
         """
         core = self.core
@@ -159,7 +166,7 @@ class Policy:
             t += latency
             for x in range(i, j):
                 finish[x] = t
-                if stop and t > deadlines[x] and not lenient[x]:
+                if stop and t > deadlines[x] and not lenient[x] and id(queue[x]) not in tolerated:
                     return finish, x
             i = j
         return finish, -1
@@ -203,21 +210,24 @@ class Policy:
             core.stats.count("greedy_assignments")
             self._repair_tail(now, int(summed[self.horizon - 1]))
             return failures
+        tolerated: set[int] = set()
         for _ in range(
             2 * self.horizon
-        ):  # each turn lowers options or fails a job; dispatch settles the rest
+        ):  # each turn lowers options, tolerates or fails a job; dispatch settles the rest
             end = min(len(core.queue), self.horizon)
-            finish, late = self.predict(now, end, stop=True)
+            finish, late = self.predict(now, end, stop=True, tolerated=tolerated)
             if late < 0:
                 break
             cheapest, _ = self.predict(now, late + 1, cheapest=True)
             deficit = finish[late] - int(core.deadlines_us[late])
             if cheapest[late] <= core.deadlines_us[late] and self._lower(late, deficit):
                 continue
-            if late == len(core.queue) - 1 and not core.doomed(
-                cheapest[late], int(core.deadlines_us[late]), now
-            ):
-                break  # late at the tail price, on time at the median, and nobody behind it: it tries
+            if not core.doomed(cheapest[late], int(core.deadlines_us[late]), now):
+                # Late at the tail price even at the cheapest options, on time at the median:
+                # options are chosen at the tail, but a job is shed only when the median says so.
+                self._lower(late, deficit)
+                tolerated.add(id(core.queue[late]))
+                continue
             victim = self.victim(late)
             task = core.queue[victim]
             error = core.deadline_error(task.job, now, finish[late] - int(now * 1e6))
@@ -306,8 +316,8 @@ class Policy:
                     if fits >= 0:
                         core.set_option(head, fits, 0)
                         break
-                if len(core.queue) == 1 and not core.doomed(now_us + head.lat[0], deadline, now):
-                    if not self.every_modality:  # on time at the median, nobody behind it: it tries
+                if not core.doomed(now_us + head.lat[0], deadline, now):
+                    if not self.every_modality:  # late at the tail, on time at the median: it tries
                         core.set_option(head, 0, 0)
                     break
                 error = core.deadline_error(head.job, now, head.lat[0])
