@@ -24,9 +24,18 @@ from scenarios import av_digits_model, av_digits_slack_ms
 
 import mosel
 
-POLICIES = ("agnostic", "agnostic_plus", "aggressive", "greedy", "mosel", "paper", "mosel q=0.5")
-"""Every policy at the default latency quantile, and mosel priced at the median (what tail pricing buys)."""
-FULL_EXTRA = ("mosel q=0.75", "mosel q=0.95", "mosel q=0.99")
+POLICIES = (
+    "agnostic",
+    "agnostic_plus",
+    "aggressive",
+    "greedy",
+    "mosel",
+    "paper",
+    "mosel q=0.7",
+    "mosel q=0.9",
+)
+"""Every policy at the default latency quantile, and mosel priced further into the tail."""
+FULL_EXTRA = ("mosel q=0.95", "mosel q=0.99")
 STEPS = ("exact", "+bias", "+spread", "+overhead", "+lag", "+phases")
 
 
@@ -73,7 +82,13 @@ def labelled_config(label: str, conditions: Conditions) -> mosel.SchedulerConfig
 
 
 def real_mode(
-    device: str, seed: int = 0, full: bool = False, repeats: int | None = None, seconds: float | None = None
+    device: str,
+    seed: int = 0,
+    full: bool = False,
+    repeats: int | None = None,
+    seconds: float | None = None,
+    loads: tuple[float, ...] | None = None,
+    labels: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Every policy serving the same live AV-Digits traces (strict conditions, bursty arrivals)."""
     built = av_digits_model(device)
@@ -86,7 +101,7 @@ def real_mode(
     slack_ms = av_digits_slack_ms(profile)
     seconds = seconds or (20.0 if full else 5.0)
     repeats = repeats or (5 if full else 3)
-    loads = (0.5, 1.0, 1.5) if full else (1.0,)
+    loads = loads or ((0.5, 1.0, 1.5) if full else (1.0,))
     out: dict[str, Any] = {
         "device": device,
         "seconds": seconds,
@@ -94,7 +109,7 @@ def real_mode(
         "slack_ms": slack_ms,
         "loads": {},
     }
-    labels = POLICIES + FULL_EXTRA if full else POLICIES
+    labels = labels or (POLICIES + FULL_EXTRA if full else POLICIES)
     for load in loads:
         runs: dict[str, list[dict[str, float]]] = {p: [] for p in labels}
         gaps: dict[str, list[dict[str, float]]] = {p: [] for p in labels}
@@ -113,7 +128,7 @@ def real_mode(
         out["loads"][f"{load:g}"] = {"policies": medians, "runs": runs, "simulated": gaps}
         print(
             f"\nlive mode, av-digits on {device}: load {load:g}, bursty, slack {slack_ms:.1f} ms, "
-            f"{repeats} x {seconds:.0f} s per policy (about {medians['mosel']['jobs']:.0f} jobs each); "
+            f"{repeats} x {seconds:.0f} s per policy (about {medians[labels[0]]['jobs']:.0f} jobs each); "
             f"medians over repeats; latency_quantile {mosel.SchedulerConfig().latency_quantile}"
         )
         print(

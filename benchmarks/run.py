@@ -281,6 +281,10 @@ def main() -> None:
     parser.add_argument(
         "--real-seconds", type=float, help="length of each live trace (default 5 s, --full 20 s)"
     )
+    parser.add_argument("--real-loads", type=float, nargs="+", help="loads of the live mode (default 1.0)")
+    parser.add_argument(
+        "--real-policies", nargs="+", help='live-mode policies, e.g. mosel "mosel q=0.5" (default: all)'
+    )
     args = parser.parse_args()
     policies = tuple(args.policies)
     if args.full:
@@ -371,8 +375,10 @@ def main() -> None:
         from real import real_mode
 
         out["real"] = real_mode(
-            args.device, seed=0, full=args.full, repeats=args.real_repeats, seconds=args.real_seconds
-        )
+            args.device, seed=0, full=args.full, repeats=args.real_repeats, seconds=args.real_seconds,
+            loads=tuple(args.real_loads) if args.real_loads else None,
+            labels=tuple(args.real_policies) if args.real_policies else None,
+        )  # fmt: skip
     out["config"]["wall_s"] = time.perf_counter() - started
     print(f"\nbenchmark finished in {time.perf_counter() - started:.0f} s")
     if args.json:

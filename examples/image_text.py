@@ -43,7 +43,7 @@ def make_split(n: int, seed: int) -> tuple[dict[str, Tensor | dict[str, Tensor]]
     gen = torch.Generator().manual_seed(seed)
     templates = torch.randn(CLASSES, 1, 16, 16, generator=torch.Generator().manual_seed(1234))
     labels = torch.randint(0, CLASSES, (n,), generator=gen)
-    images = templates[labels] + 1.6 * torch.randn(n, 1, 16, 16, generator=gen)
+    images = templates[labels] + 1.3 * torch.randn(n, 1, 16, 16, generator=gen)
     ids = torch.full((n, MAX_LEN), PAD, dtype=torch.int64)
     lengths = torch.randint(4, MAX_LEN + 1, (n,), generator=gen)
     for i in range(n):

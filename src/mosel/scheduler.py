@@ -88,8 +88,9 @@ class SchedulerConfig:
             recent batches (:class:`mosel.tail.TailModel`; before enough batches ran, the
             profile's own spread). A deadline is a tail constraint: a batch planned at its
             median with no slack overruns about half the time. Higher values trade accuracy
-            (and some throughput) for fewer violations; 0.5 plans at the median (throughput
-            estimates always do). See ``docs/online.md`` for the measured trade-off.
+            for fewer overruns below capacity, and shed more near it; the default 0.5 prices
+            at the median plus the median overhead, which served best live on a shared CPU near
+            capacity (``docs/benchmarks.md``). Throughput estimates always use the median.
         solver_window: CP-SAT re-assigns at most this many queued tasks at the head of the
             queue (the jobs behind them keep their slack), so that a solve's model building stays
             bounded however long the queue.
@@ -112,7 +113,7 @@ class SchedulerConfig:
     load_window_s: float = 0.5
     solver_window: int = 64
     spare_margin: float = 0.0
-    latency_quantile: float = 0.7
+    latency_quantile: float = 0.5
 
     def __post_init__(self) -> None:
         policy_class(self.policy)  # raises ValueError for an unknown policy

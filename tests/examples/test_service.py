@@ -131,3 +131,60 @@ def test_a_short_concurrent_load_with_overload_answers_503() -> None:
         else:
             assert r.json()["expected_accuracy"] >= 0.75
     mosel.close(model)
+
+
+@mosel.multimodal
+class Tokens(nn.Module):
+    """A text modality of token ids and a mask (an embedding needs int64 ids), and a float one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 3)
+        nn.init.eye_(self.embed.weight[:3])
+
+    @mosel.modality("text")
+    def encode_text(self, text: Mapping[str, Tensor]) -> Tensor:
+        assert text["input_ids"].dtype == torch.int64 and text["attention_mask"].dtype == torch.bool
+        weights = text["attention_mask"].unsqueeze(-1).float()
+        return (self.embed(text["input_ids"]) * weights).sum(1)
+
+    @mosel.modality("audio")
+    def encode_audio(self, audio: Tensor) -> Tensor:
+        assert audio.dtype == torch.float32
+        return audio
+
+    @mosel.fusion
+    def fuse(self, features: Mapping[str, Tensor]) -> Tensor:
+        return sum(features.values())  # type: ignore[return-value]
+
+
+def test_token_ids_stay_integers_masks_booleans_and_dtypes_can_be_fixed() -> None:
+    model = Tokens()
+    mosel.attach(
+        model,
+        synthetic_profile(
+            model,
+            branch_us={"text": [50.0] * 8, "audio": [50.0] * 8},
+            accuracy={"text": 0.8, "audio": 0.7, "audio+text": 0.9},
+        ),
+    )
+    body = {
+        "text": {
+            "input_ids": [[2, 2, 0], [1, 0, 0]],
+            "attention_mask": [[True, True, False], [True, False, False]],
+        }
+    }
+    with TestClient(create_app(model, dtypes={"audio": torch.float32})) as client:
+        text_only = client.post("/predict", json=body)
+        assert text_only.status_code == 200, text_only.text
+        assert text_only.json()["prediction"] == [2, 1]
+        both = client.post("/predict", json=body | {"audio": [[0, 0, 5], [0, 0, 0]]})  # ints, cast to float
+        assert both.status_code == 200, both.text
+        assert both.json()["prediction"] == [2, 1]
+        ragged = client.post(
+            "/predict", json={"text": {"input_ids": [[1, 2], [1]], "attention_mask": [[True]]}}
+        )
+        assert ragged.status_code == 400 and ragged.json()["error"] == "InputError"
+        scalar = client.post("/predict", json={"audio": 3})
+        assert scalar.status_code == 400 and "must be a list" in scalar.json()["detail"]
+    mosel.close(model)
