@@ -182,12 +182,15 @@ def test_a_lone_job_late_at_the_tail_but_not_at_the_median_is_tried_not_refused(
 def test_simulation_learns_the_margin_and_reports_it() -> None:
     profile = random_profile(0)
     trace = [mosel.Arrival(0.01 * i, 1 + i % 3, deadline_ms=50.0) for i in range(200)]
-    sim = mosel.simulate(profile, trace, residuals=mosel.Residuals(lognormal(0.3).ratios, (150.0,)), seed=1)
+    config = SchedulerConfig(latency_quantile=0.9)
+    sim = mosel.simulate(
+        profile, trace, config, residuals=mosel.Residuals(lognormal(0.3).ratios, (150.0,)), seed=1
+    )
     assert sim.stats.latency_margin == pytest.approx(math.exp(0.3 * 1.2816), rel=0.25)
     assert sim.stats.overhead_ms == pytest.approx(0.15)
     assert sim.stats.residuals is not None
     assert sim.stats.residuals.overhead_us == pytest.approx([150.0] * len(sim.stats.residuals.overhead_us))
-    exact = mosel.simulate(profile, trace)
+    exact = mosel.simulate(profile, trace, config)
     assert exact.stats.latency_margin == 1.0 and exact.stats.overhead_ms == pytest.approx(0.0, abs=1e-6)
 
 
