@@ -17,6 +17,7 @@ Decorate a model, profile it, serve it::
 """
 
 from mosel._version import __version__
+from mosel.compiling import compile_branches
 from mosel.errors import (
     AccuracyUnreachableError,
     DeadlineError,
@@ -80,6 +81,7 @@ __all__ = [
     "Strategy",
     "__version__",
     "attach",
+    "compile_branches",
     "close",
     "fusion",
     "modality",

@@ -56,6 +56,10 @@ class Result:
         deadline_met: whether the result was handed over within the deadline (None: no deadline).
         queue_ms: time from the call's arrival until its (first) batch was dispatched; the
             rest of ``completion_ms`` beyond ``measured_latency_ms`` is dispatch and hand-over.
+        reason: why the job was served below the most accurate strategy its floor and its
+            modalities allowed (``"deadline: ..."``, ``"queue: ..."``, ``"spare capacity:
+            ..."``, ``"arrivals: ..."``, ``"overload: ..."``, or the policy's own rule); None
+            when it was served at its best.
     """
 
     output: Any
@@ -67,6 +71,7 @@ class Result:
     strategies: tuple[Strategy, ...]
     deadline_met: bool | None = None
     queue_ms: float = math.nan
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ class Job:
     __slots__ = (
         "arrival", "available", "batch_key", "best_effort", "deadline", "deadline_ms", "error", "finished",
         "id", "inputs", "measured_us", "min_accuracy", "n", "outputs", "payload", "pending",
-        "predicted_us", "started", "tasks",
+        "predicted_us", "reason", "started", "tasks",
     )  # fmt: skip
 
     def __init__(
@@ -63,6 +63,7 @@ class Job:
         self.predicted_us = 0
         self.measured_us = 0.0
         self.error: BaseException | None = None
+        self.reason: str | None = None  # why a policy kept the job below its best option
 
     @property
     def strategies(self) -> tuple[Strategy, ...]:

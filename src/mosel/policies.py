@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -255,6 +256,7 @@ class Policy:
             task = core.queue[j]
             deficit -= int(save[j])
             core.set_option(task, step_down(task.lat, task.acc, task.k)[0], j)
+            task.job.reason = "queue: lowered so that the jobs queued with it make their deadlines"
             lowered = True
         return lowered
 
@@ -315,10 +317,12 @@ class Policy:
                     fits = bisect.bisect_right(head.lat, deadline - now_us) - 1
                     if fits >= 0:
                         core.set_option(head, fits, 0)
+                        head.job.reason = "deadline: a more accurate strategy would finish too late"
                         break
                 if not core.doomed(now_us + head.lat[0], deadline, now):
                     if not self.every_modality:  # late at the tail, on time at the median: it tries
                         core.set_option(head, 0, 0)
+                        head.job.reason = "deadline: only the cheapest strategy may make it"
                     break
                 error = core.deadline_error(head.job, now, head.lat[0])
                 failures.append(core.fail_job(head.job, error, "late"))
@@ -552,6 +556,13 @@ class Greedy(Policy):
                 excess -= task.lat[task.k] - task.lat[task.k - 1]
                 task.k -= 1
             latency = core.merged_latency_us(tasks)
+
+
+def _explain(tasks: Sequence[Task], reason: str) -> None:
+    """Record why tasks left below their most accurate option stay there."""
+    for task in tasks:
+        if task.k < len(task.lat) - 1:
+            task.job.reason = reason
 
 
 def mergeable(head: Task, other: Task) -> bool:
@@ -837,8 +848,10 @@ class Mosel(Policy):
             batch.add(task.strategy)
         base = batch.latency_us()
         allowed = self.budget_s * 1e6 if self.limit_budget else math.inf
+        binding = "spare capacity: recent arrivals leave too little device time"
         rho = self.rho(now)
         if self.limit_budget and rho >= 1.0 - self.core.config.spare_margin:
+            _explain(tasks, "overload: recent arrivals need the whole device at their cheapest strategies")
             return  # no spare time now: a stored budget is not spent into an overload
         if math.isfinite(self.headroom_low_us) and self.core.config.risk > 0 and self.limit_arrivals:
             # Arrivals during the run, at the recent rate, still fit; beyond that, the run may
@@ -850,8 +863,11 @@ class Mosel(Policy):
                 cap += self.core.config.risk / (self.busy_arrivals / self.busy_s) * 1e6
             else:
                 cap = math.inf
-            allowed = min(allowed, cap - base)
-        allowed = min(allowed, min(deadline_us(t.job) for t in tasks) - now_us - base)
+            if cap - base < allowed:
+                allowed, binding = cap - base, "arrivals: a tight job arriving meanwhile must still fit"
+        own = min(deadline_us(t.job) for t in tasks) - now_us - base
+        if own < allowed:
+            allowed, binding = own, "deadline: a more accurate strategy would finish too late"
         if core.queue:  # each queued job keeps its slack, less what arrivals until its deadline need
             end = min(len(core.queue), self.horizon)
             finish, _ = self.predict_from(now_us + base, end)
@@ -860,8 +876,11 @@ class Mosel(Policy):
             keep = ~core.lenient[:end] & (slack >= 0)
             if keep.any():
                 reserve = rho * (deadlines - now_us) if self.limit_reserve else 0.0
-                allowed = min(allowed, float((slack - reserve)[keep].min()))
+                queue = float((slack - reserve)[keep].min())
+                if queue < allowed:
+                    allowed, binding = queue, "queue: jobs waiting behind it need the time"
         if allowed <= 0:
+            _explain(tasks, binding)
             return
         if len(tasks) == 1:  # the common case: the option's own latency is the batch's
             task = tasks[0]
@@ -870,6 +889,7 @@ class Mosel(Policy):
                 self.budget_s -= (task.lat[top] - task.lat[task.k]) / 1e6
                 task.k = top
                 core.stats.count("upgraded")
+            _explain(tasks, binding)
             return
         # Several tasks: the steps that buy the most accuracy per microsecond (each task's own
         # latencies), then the merged batch is checked and the last steps undone while it is over.
@@ -898,6 +918,7 @@ class Mosel(Policy):
         if steps:
             self.budget_s -= (core.merged_latency_us(tasks) - base) / 1e6
             core.stats.count("upgraded")
+        _explain(tasks, binding)
 
 
 class AgnosticPlus(Agnostic):

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mosel import trees
+from mosel.compiling import unwrap_compiled
 from mosel.errors import InputError, MoselWarning, SLOError
 from mosel.execution import check_inputs, execute
 from mosel.plan import Plan, PlannerConfig, build_plan, configuration_key
@@ -244,6 +245,7 @@ def profile(
     Returns:
         The :class:`Profile`, also attached to ``model``.
     """
+    model = unwrap_compiled(model)
     spec = spec_of(model)
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise SLOError(f"max_batch_size must be a positive int, got {max_batch_size!r}")

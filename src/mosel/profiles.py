@@ -24,6 +24,7 @@ from typing import Any, Final
 import torch
 from torch import nn
 
+from mosel.compiling import compiled_parts
 from mosel.errors import ProfileError
 from mosel.plan import (
     CostModel,
@@ -98,20 +99,29 @@ class LatencyTable:
 
 @dataclass(frozen=True, slots=True)
 class Fingerprint:
-    """What a profile was measured on: device, torch version, model class and weights."""
+    """What a profile was measured on: device, torch version, model class and weights.
+
+    ``dtype`` is the dtype of the model's first parameter (``""``: not recorded, an older
+    profile), ``compiled`` the branches and fusion compiled with
+    :func:`mosel.compile_branches` when it was measured.
+    """
 
     device: str
     torch_version: str
     model_class: str
     parameter_checksum: str
+    dtype: str = ""
+    compiled: tuple[str, ...] = ()
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return {
             "device": self.device,
             "torch_version": self.torch_version,
             "model_class": self.model_class,
             "parameter_checksum": self.parameter_checksum,
+            "dtype": self.dtype,
+            "compiled": list(self.compiled),
         }
 
     @classmethod
@@ -119,7 +129,14 @@ class Fingerprint:
         """Inverse of :meth:`to_json`; ValueError on malformed data."""
         data = json_dict(data, "fingerprint")
         fields = ("device", "torch_version", "model_class", "parameter_checksum")
-        return cls(*(json_str(json_field(data, f, "fingerprint"), f"fingerprint.{f}") for f in fields))
+        values = [json_str(json_field(data, f, "fingerprint"), f"fingerprint.{f}") for f in fields]
+        dtype = json_str(data.get("dtype", ""), "fingerprint.dtype")
+        compiled = json_list(data.get("compiled", []), "fingerprint.compiled")
+        device, torch_version, model_class, checksum = values
+        return cls(
+            device, torch_version, model_class, checksum, dtype,
+            tuple(json_str(c, "fingerprint.compiled[]") for c in compiled),
+        )  # fmt: skip
 
 
 def _device_name(device: torch.device) -> str:
@@ -148,11 +165,14 @@ def fingerprint_of(model: nn.Module, model_class: str) -> Fingerprint:
             if tensor.numel() and (tensor.is_floating_point() or tensor.dtype in (torch.int64, torch.int32)):
                 t = tensor.detach().to(torch.float64)
                 digest.update(f"{float(t.sum()):.6e}:{float(t.abs().sum()):.6e}".encode())
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
     return Fingerprint(
         device=_device_name(model_device(model)),
         torch_version=torch.__version__,
         model_class=model_class,
         parameter_checksum=digest.hexdigest()[:16],
+        dtype="" if first is None else str(first.dtype),
+        compiled=compiled_parts(model),
     )
 
 

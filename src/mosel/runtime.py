@@ -13,13 +13,14 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from mosel.compiling import unwrap_compiled
 from mosel.errors import MoselWarning, NotProfiledError, ProfileMismatchError
 from mosel.execution import Result, RowPlanCache
 from mosel.profiles import Profile, fingerprint_of
@@ -32,6 +33,8 @@ from mosel.stats import prometheus_collector as _collector
 __all__ = ["attach", "close", "profile_of", "serving", "stats"]
 
 STATE_ATTR: Final = "_mosel_state"
+OnStale = Literal["refuse", "warn"] | Callable[[nn.Module], Profile]
+"""What serving does when the model moved to another device or dtype after ``attach``."""
 M = TypeVar("M", bound=nn.Module)
 _lock = threading.Lock()  # guards starting and closing servers (rare: first use, close, attach)
 _states: weakref.WeakSet[_ModelState] = weakref.WeakSet()
@@ -58,16 +61,34 @@ class _ModelState:
         spec: ModelSpec,
         model_class: type[nn.Module],
         config: SchedulerConfig | None = None,
+        on_stale: OnStale = "refuse",
     ) -> None:
         self.profile = profile
         self.spec = spec
         self.model_class = model_class
         self.config = config
+        self.on_stale = on_stale
         self.row_plans: RowPlanCache = {}
         self.probe: Tensor | None = None
+        self.attached_as: tuple[torch.device, torch.dtype] | None = None  # the probe's, at attach
+        self.stale_lock = threading.Lock()
         self.server: Server | None = None
         self.stats = Stats()  # outlives servers: counters survive close() and a restart
         _states.add(self)
+
+    def pin(self, model: nn.Module) -> None:
+        """Remember the model's device and dtype now: serving checks they did not change."""
+        probe = next(itertools.chain(model.parameters(), model.buffers()), None)
+        if probe is not None:
+            self.probe = probe
+            self.attached_as = (probe.device, probe.dtype)
+
+    def moved(self) -> str | None:
+        """How the model moved since :meth:`pin` (device or dtype), or None."""
+        probe, pinned = self.probe, self.attached_as
+        if probe is None or pinned is None or (probe.device, probe.dtype) == pinned:
+            return None
+        return f"{pinned[0]}/{pinned[1]} to {probe.device}/{probe.dtype}"
 
     def device(self, model: nn.Module) -> torch.device:
         """The model's device, read from one of its tensors (``.to()`` updates it in place)."""
@@ -78,6 +99,8 @@ class _ModelState:
     def serve(self, model: nn.Module) -> Server:
         """The model's server, started on first use (exactly one, whichever threads race to it)."""
         server = self.server
+        if self.attached_as is not None and self.moved() is not None:
+            return _stale(model, self)
         if server is not None and not server.closed and server.pid == os.getpid():
             return server
         with _lock:
@@ -103,13 +126,44 @@ class _ModelState:
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled with the model (e.g. to another process): the profile travels as its JSON form.
-        return (_restore_state, (self.profile.to_json(), self.model_class, self.config))
+        on_stale = self.on_stale if isinstance(self.on_stale, str) else "refuse"
+        return (_restore_state, (self.profile.to_json(), self.model_class, self.config, on_stale))
 
 
 def _restore_state(
-    profile_json: dict[str, Any], model_class: type[nn.Module], config: SchedulerConfig | None
+    profile_json: dict[str, Any],
+    model_class: type[nn.Module],
+    config: SchedulerConfig | None,
+    on_stale: OnStale = "refuse",
 ) -> _ModelState:
-    return _ModelState(Profile.from_json(profile_json), spec_of(model_class), model_class, config)
+    return _ModelState(Profile.from_json(profile_json), spec_of(model_class), model_class, config, on_stale)
+
+
+def _stale(model: nn.Module, state: _ModelState) -> Server:
+    """The model moved to another device or dtype after attach: refuse, warn, or re-profile."""
+    with state.stale_lock:
+        how = state.moved()
+        if how is None:  # another thread re-profiled meanwhile
+            return _state(model).serve(model)
+        name = type(model).__qualname__
+        if state.on_stale == "refuse":
+            raise ProfileMismatchError(
+                f"{name} moved from {how} after its profile was attached: the profile's latencies "
+                f"no longer hold. Re-profile it there (mosel.profile(model, data)), attach a profile "
+                f"measured there, or attach(model, profile, on_stale='warn') to serve on anyway"
+            )
+        if state.on_stale == "warn":
+            warnings.warn(
+                f"{name} moved from {how} after its profile was attached; serving on with the old "
+                f"profile's latencies (decisions may miss deadlines)",
+                MoselWarning,
+                stacklevel=4,
+            )
+            state.pin(model)
+            return state.serve(model)
+        profile = state.on_stale(model)  # re-profile, by the user's function
+        attach(model, profile, scheduler=state.config, on_stale=state.on_stale)
+    return _state(model).serve(model)
 
 
 def _state(model: nn.Module) -> _ModelState:
@@ -130,15 +184,32 @@ def profile_of(model: nn.Module) -> Profile:
 
 
 def attach(
-    model: nn.Module, profile: Profile, *, strict: bool = False, scheduler: SchedulerConfig | None = None
+    model: nn.Module,
+    profile: Profile,
+    *,
+    strict: bool = False,
+    scheduler: SchedulerConfig | None = None,
+    on_stale: OnStale = "refuse",
 ) -> None:
     """Attach a profile (and its plan) to a model so that it can serve.
 
     A profile of another model class or other modalities is refused. One measured on another
-    device, torch version or other weights is accepted with a :class:`MoselWarning`, or refused
-    when ``strict`` is true. ``scheduler`` configures the online stage. A model that was
-    already serving is closed first (its queued jobs finish).
+    device, dtype, torch version, other weights or other compiled branches is accepted with a
+    :class:`MoselWarning`, or refused when ``strict`` is true. ``scheduler`` configures the
+    online stage. A model that was already serving is closed first (its queued jobs finish).
+
+    ``on_stale`` says what serving does when the model moves to another device or dtype after
+    this call (``model.to("cuda")``, ``model.half()``), which makes the profile's latencies
+    wrong: ``"refuse"`` (the default) raises :class:`ProfileMismatchError` on every call until
+    a fitting profile is attached; ``"warn"`` warns once and serves on; a function
+    ``model -> Profile`` (e.g. ``lambda m: mosel.profile(m, validation_data)``) re-profiles
+    once, on the first call that sees the move, and attaches the result.
     """
+    model = unwrap_compiled(model)
+    if not (on_stale in ("refuse", "warn") or callable(on_stale)):
+        raise ValueError(
+            f"on_stale must be 'refuse', 'warn' or a function model -> Profile, got {on_stale!r}"
+        )
     spec = spec_of(model)
     if profile.modalities != spec.modalities:
         raise ProfileMismatchError(
@@ -153,8 +224,9 @@ def attach(
     here = fingerprint_of(model, spec.model_class)
     stale = [
         f"{name} {getattr(profile.fingerprint, name)!r} != {getattr(here, name)!r}"
-        for name in ("device", "torch_version", "parameter_checksum")
+        for name in ("device", "torch_version", "parameter_checksum", "dtype", "compiled")
         if getattr(profile.fingerprint, name) != getattr(here, name)
+        and not (name == "dtype" and not profile.fingerprint.dtype)  # an older profile: unknown
     ]
     if stale:
         message = (
@@ -165,7 +237,9 @@ def attach(
             raise ProfileMismatchError(message)
         warnings.warn(message, MoselWarning, stacklevel=2)
     old = model.__dict__.get(STATE_ATTR)
-    model.__dict__[STATE_ATTR] = _ModelState(profile, spec, type(model), scheduler)
+    state = _ModelState(profile, spec, type(model), scheduler, on_stale)
+    state.pin(model)
+    model.__dict__[STATE_ATTR] = state
     if isinstance(old, _ModelState):
         server = old.take_server()
         if server is not None:

@@ -473,8 +473,20 @@ class Server:
             completion_ms=completion_ms,
             strategies=strategies,
             queue_ms=(job.started - job.arrival) * 1000.0,
+            reason=self._reason(job),
             deadline_met=None if job.deadline_ms is None else completion_ms <= job.deadline_ms,
         )
+
+    def _reason(self, job: Job) -> str | None:
+        """Why the job was served below the most accurate strategy its floor allowed (None: it was not)."""
+        below = any(t.fixed is None and t.k < len(t.lat) - 1 for t in job.tasks)
+        if not below:
+            return None
+        if job.reason is not None:
+            return job.reason
+        policy = self.scheduler.policy
+        rule = (type(policy).__doc__ or "").strip().split("\n")[0]
+        return f"policy {policy.name!r}: {rule}"
 
     def _settled(self, batch: Batch) -> None:
         """Every result of ``batch`` was handed over: the scheduler learns the dispatch overhead."""

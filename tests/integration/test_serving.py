@@ -210,3 +210,22 @@ def test_the_server_records_residuals_overheads_and_queue_waits() -> None:
     assert all(o > 0.0 for o in residuals.overhead_us)
     assert residuals.bias > 1.0  # a sleeping branch is slower than its synthetic table
     assert snapshot.latency_margin >= 1.0 and snapshot.overhead_ms >= 0.0
+
+
+def test_a_job_below_its_best_says_why() -> None:
+    model = served()
+    everything = frozenset({"audio", "video"})
+    frontier = mosel.profile_of(model).plan.frontier(everything, 2)
+    cheapest_ms = frontier.strategies[0].predicted_latency_ms
+    best_ms = frontier.best.predicted_latency_ms
+    roomy = model.infer(rows(2, 0.0), deadline_ms=1000.0, min_accuracy=0.6)  # type: ignore[operator]
+    assert roomy.reason is None and roomy.expected_accuracy == pytest.approx(0.9)
+    tight_ms = (cheapest_ms + best_ms) / 2 + 0.001
+    tight = model.infer(rows(2, 0.0), deadline_ms=tight_ms, min_accuracy=0.6)  # type: ignore[operator]
+    assert tight.expected_accuracy < 0.9
+    assert tight.reason is not None and tight.reason.startswith("deadline"), tight.reason
+    mosel.close(model)
+    static = served(policy="aggressive")
+    cheap = static.infer(rows(1, 0.0), deadline_ms=1000.0, min_accuracy=0.6)  # type: ignore[operator]
+    assert cheap.reason is not None and cheap.reason.startswith("policy 'aggressive'"), cheap.reason
+    mosel.close(static)

@@ -1,0 +1,109 @@
+"""Stale profiles (issue 13, item 7): a model that moves after attach, and compiled branches."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import mosel
+from mosel.profiles import Fingerprint
+
+from ..unit.helpers import Tiny, tiny_inputs, tiny_profile
+
+
+def attached(**options: object) -> Tiny:
+    model = Tiny()
+    mosel.attach(model, tiny_profile(model), **options)  # type: ignore[arg-type]
+    return model
+
+
+def test_the_fingerprint_records_dtype_and_compiled_parts_and_reads_older_profiles() -> None:
+    model = Tiny()
+    print_ = tiny_profile(model).fingerprint
+    assert print_.dtype == "torch.float32" and print_.compiled == ()
+    assert Fingerprint.from_json(print_.to_json()) == print_
+    older = {k: v for k, v in print_.to_json().items() if k not in ("dtype", "compiled")}
+    assert Fingerprint.from_json(older).dtype == ""
+
+
+def test_a_model_cast_after_attach_is_refused_with_what_to_do() -> None:
+    model = attached()
+    assert model.infer(tiny_inputs(2)).output.dtype == torch.float32  # type: ignore[operator]
+    model.double()
+    with pytest.raises(
+        mosel.ProfileMismatchError, match=r"moved from cpu/torch.float32 to cpu/torch.float64"
+    ) as info:
+        model.infer({k: v.double() for k, v in tiny_inputs(2).items()})  # type: ignore[operator]
+    assert "mosel.profile" in str(info.value) and "on_stale" in str(info.value)
+    with pytest.raises(mosel.ProfileMismatchError):
+        model.submit(tiny_inputs(1))  # type: ignore[operator]
+    model.float()  # back where it was profiled: serves again
+    assert model.infer(tiny_inputs(1)).output.shape == (1, 3)  # type: ignore[operator]
+    mosel.close(model)
+
+
+def test_warn_serves_on_after_one_warning() -> None:
+    model = attached(on_stale="warn")
+    model.double()
+    inputs = {k: v.double() for k, v in tiny_inputs(2).items()}
+    with pytest.warns(mosel.MoselWarning, match="moved from"):
+        model.infer(inputs)  # type: ignore[operator]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model.infer(inputs).output.dtype == torch.float64  # type: ignore[operator]
+    mosel.close(model)
+
+
+def test_a_reprofile_function_runs_once_and_its_profile_serves() -> None:
+    calls: list[torch.dtype] = []
+
+    def reprofile(model: torch.nn.Module) -> mosel.Profile:
+        calls.append(next(model.parameters()).dtype)
+        return tiny_profile(model)
+
+    model = attached(on_stale=reprofile)
+    model.double()
+    inputs = {k: v.double() for k, v in tiny_inputs(2).items()}
+    for _ in range(3):
+        model.infer(inputs)  # type: ignore[operator]
+    assert calls == [torch.float64]
+    assert mosel.profile_of(model).fingerprint.dtype == "torch.float64"
+    mosel.close(model)
+
+
+def test_on_stale_is_validated() -> None:
+    with pytest.raises(ValueError, match="on_stale"):
+        attached(on_stale="ignore")
+
+
+def test_torch_compile_of_the_whole_model_is_refused_with_the_alternative() -> None:
+    model = Tiny()
+    wrapped = torch.compile(model, backend="eager")
+    with pytest.raises(mosel.SpecError, match="compile_branches"):
+        mosel.attach(wrapped, tiny_profile(model))
+    with pytest.raises(mosel.SpecError, match="compile_branches"):
+        mosel.profile(wrapped, [])
+
+
+def test_compiled_branches_serve_and_are_recorded_in_the_fingerprint() -> None:
+    model = Tiny()
+    eager = tiny_profile(model)
+    assert mosel.compile_branches(model, backend="eager") is model
+    assert mosel.compile_branches(model, backend="eager") is model  # twice: a no-op
+    assert isinstance(model, Tiny) and set(model.state_dict()) == {"scale"}
+    compiled = tiny_profile(model)
+    assert compiled.fingerprint.compiled == ("encode_audio", "encode_video", "encode_text", "fuse")
+    with pytest.warns(mosel.MoselWarning, match="compiled"):
+        mosel.attach(model, eager)  # measured eager: its latencies do not hold
+    mosel.attach(model, compiled)
+    result = model.infer(tiny_inputs(3))  # type: ignore[operator]
+    reference = Tiny()
+    reference.load_state_dict(model.state_dict())
+    torch.testing.assert_close(result.output, reference.fuse({
+        "audio": reference.encode_audio(tiny_inputs(3)["audio"]),
+        "video": reference.encode_video(tiny_inputs(3)["video"]),
+        "text": reference.encode_text(tiny_inputs(3)["text"]),
+    }))  # fmt: skip
+    mosel.close(model)
