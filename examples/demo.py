@@ -206,6 +206,13 @@ def main() -> None:
             f"   {title:<28} {fmt.format(results['agnostic'][key]):>15} "
             f"{fmt.format(results['mosel'][key]):>10}"
         )
+    if args.quick:  # tests run the worked example on its own (tests/examples/test_image_text.py)
+        say("\n6. the worked example (examples/image_text.py) is skipped with --quick")
+    else:
+        say("\n6. a model people actually have: examples/image_text.py (token ids + attention mask, image)")
+        import image_text
+
+        image_text.main()
     say(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
 
 
