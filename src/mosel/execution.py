@@ -295,6 +295,22 @@ def _real(value: object) -> float | None:
         return math.inf if huge > 0 else -math.inf
 
 
+def check_confidence(confidence: object, min_accuracy: float | None) -> float | None:
+    """Validate ``confidence`` (None: the floor is on the profiled mean); returns it as a float.
+
+    Raises:
+        SLOError: not a real number in [0.5, 1), or given without a floor.
+    """
+    if confidence is None:
+        return None
+    value = _real(confidence)
+    if value is None or not 0.5 <= value < 1.0:
+        raise SLOError(f"confidence must be a number in [0.5, 1) (e.g. 0.95), got {confidence!r}")
+    if min_accuracy is None:
+        raise SLOError(f"confidence={confidence!r} applies to min_accuracy, which was not given")
+    return value
+
+
 def check_slo(deadline_ms: object, min_accuracy: object) -> tuple[float | None, float | None]:
     """Validate both SLO values (None means "not given"); returns them as floats.
 

@@ -27,9 +27,9 @@ class Job:
     """The requests of one call: one deadline, one floor, one or more tasks (chunks)."""
 
     __slots__ = (
-        "arrival", "available", "batch_key", "best_effort", "deadline", "deadline_ms", "error", "finished",
-        "id", "inputs", "measured_us", "min_accuracy", "n", "outputs", "payload", "pending",
-        "predicted_us", "reason", "started", "tasks",
+        "arrival", "available", "batch_key", "best_effort", "confidence", "deadline", "deadline_ms", "error",
+        "finished", "id", "inputs", "measured_us", "min_accuracy", "n", "outputs", "payload", "pending",
+        "per_request", "predicted_us", "reason", "started", "tasks",
     )  # fmt: skip
 
     def __init__(
@@ -43,6 +43,8 @@ class Job:
         best_effort: bool = False,
         inputs: Any = None,
         payload: Any = None,
+        confidence: float | None = None,
+        per_request: bool = False,
     ) -> None:
         self.id = next(_ids)
         self.n = n
@@ -52,6 +54,8 @@ class Job:
         self.deadline = math.inf if deadline_ms is None else arrival + deadline_ms / 1000.0
         self.min_accuracy = min_accuracy
         self.best_effort = best_effort
+        self.confidence = confidence  # the floor holds for this lower confidence bound of accuracy
+        self.per_request = per_request  # every request's configuration meets the floor
         self.inputs = inputs
         self.payload = payload
         self.batch_key: object = None  # jobs merge into one batch only if their keys are equal

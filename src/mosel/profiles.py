@@ -15,6 +15,7 @@ import math
 import numbers
 import os
 import secrets
+import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,6 +224,21 @@ class Profile:
     def cost_model(self) -> CostModel:
         """The integer tables the planner uses."""
         return cost_model_of(self.modalities, self.branch_latency, self.fusion_latency, self.accuracy)
+
+    def accuracy_bound(self, configuration: Configuration, confidence: float) -> float:
+        """Lower ``confidence`` bound of a configuration's accuracy (one-sided Wilson score bound).
+
+        The profile measured each accuracy on ``sample_count`` validation requests; with
+        probability ``confidence`` the true accuracy is at least this. The Wilson bound treats
+        the metric as a proportion (exact for top-1 correct/incorrect; for a metric with values
+        in between it is conservative, as a Bernoulli has the largest variance for its mean).
+        """
+        p = self.accuracy[configuration]
+        n = max(self.sample_count, 1)
+        z = statistics.NormalDist().inv_cdf(confidence)
+        centre = p + z * z / (2 * n)
+        spread = z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n))
+        return max(0.0, (centre - spread) / (1 + z * z / n))
 
     def accuracy_stderr(self, configuration: Configuration) -> float:
         """Standard error of a configuration's accuracy (binomial), for confidence bounds."""

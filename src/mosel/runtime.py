@@ -292,6 +292,8 @@ def model_infer(
     deadline_ms: float | None = None,
     min_accuracy: float | None = None,
     best_effort: bool = False,
+    confidence: float | None = None,
+    per_request: bool = False,
 ) -> Result:
     """Serve one job (the rows of ``inputs``) under an optional deadline and accuracy floor.
 
@@ -304,6 +306,9 @@ def model_infer(
         min_accuracy: floor on the job's expected accuracy (from the profile). None: no floor.
         best_effort: when the deadline cannot be met, serve late with the fastest strategy that
             meets the floor instead of raising :class:`mosel.DeadlineError`.
+        confidence: plan the floor against each configuration's lower ``confidence`` bound of
+            accuracy (Wilson, from the profile's validation size), not its mean; e.g. 0.95.
+        per_request: every request's configuration meets the floor, not just the job's average.
 
     Returns:
         A :class:`mosel.Result`. With neither SLO, every available modality is computed.
@@ -311,7 +316,10 @@ def model_infer(
     Thread-safe: concurrent callers share the model's queue (earliest deadline first).
     """
     server = _state(self).serve(self)
-    return server.infer(inputs, deadline_ms=deadline_ms, min_accuracy=min_accuracy, best_effort=best_effort)
+    return server.infer(
+        inputs, deadline_ms=deadline_ms, min_accuracy=min_accuracy, best_effort=best_effort,
+        confidence=confidence, per_request=per_request,
+    )  # fmt: skip
 
 
 def model_submit(
@@ -321,6 +329,8 @@ def model_submit(
     deadline_ms: float | None = None,
     min_accuracy: float | None = None,
     best_effort: bool = False,
+    confidence: float | None = None,
+    per_request: bool = False,
 ) -> Future[Result]:
     """Like ``infer``, but return a ``concurrent.futures.Future`` at once.
 
@@ -329,7 +339,10 @@ def model_submit(
     Cancelling the future takes the job out of the queue.
     """
     server = _state(self).serve(self)
-    return server.submit(inputs, deadline_ms=deadline_ms, min_accuracy=min_accuracy, best_effort=best_effort)
+    return server.submit(
+        inputs, deadline_ms=deadline_ms, min_accuracy=min_accuracy, best_effort=best_effort,
+        confidence=confidence, per_request=per_request,
+    )  # fmt: skip
 
 
 async def model_ainfer(
@@ -339,12 +352,15 @@ async def model_ainfer(
     deadline_ms: float | None = None,
     min_accuracy: float | None = None,
     best_effort: bool = False,
+    confidence: float | None = None,
+    per_request: bool = False,
 ) -> Result:
     """``await model.ainfer(...)``: ``infer`` for asyncio code; the event loop is never blocked."""
     server = _state(self).serve(self)
     return await server.ainfer(
-        inputs, deadline_ms=deadline_ms, min_accuracy=min_accuracy, best_effort=best_effort
-    )
+        inputs, deadline_ms=deadline_ms, min_accuracy=min_accuracy, best_effort=best_effort,
+        confidence=confidence, per_request=per_request,
+    )  # fmt: skip
 
 
 for _fn, _name in ((model_infer, "infer"), (model_submit, "submit"), (model_ainfer, "ainfer")):

@@ -24,7 +24,15 @@ import numpy.typing as npt
 from mosel.assign import Item, step_down
 from mosel.errors import AccuracyUnreachableError, DeadlineError, InputError, QueueFullError, ShutdownError
 from mosel.jobs import NO_DEADLINE_US, Batch, Failure, Job, Task, deadline_us, floor_units
-from mosel.plan import ACCURACY_SCALE, CostModel, Frontier, Strategy, configuration_key, execution_order
+from mosel.plan import (
+    ACCURACY_SCALE,
+    CostModel,
+    Frontier,
+    Strategy,
+    accuracy_units,
+    configuration_key,
+    execution_order,
+)
 from mosel.policies import Policy, policy_class
 from mosel.profiles import Profile
 from mosel.stats import Stats
@@ -180,6 +188,8 @@ class Scheduler:
         self._full_strategies: dict[tuple[Configuration, int], Strategy] = {}
         self._keys_text: dict[Configuration, str] = {}
         self._parts: dict[tuple[tuple[Configuration, int], ...], dict[str, int]] = {}
+        self._bounds: dict[float | None, dict[Configuration, int]] = {}
+        self._admissible: dict[tuple[object, ...], int] = {}
         self._measured: tuple[Batch, float, float, float] | None = None  # for settled(): the last
         # completed batch, its measured time, and its corrected and raw predictions
         self.tail = TailModel(self.config.latency_quantile, profile_sigma(profile))
@@ -453,15 +463,39 @@ class Scheduler:
         every = policy.every_modality or no_slo
         offset = 0
         tasks = []
+        strict = job.confidence is not None or job.per_request
         for index, size in enumerate(sizes):
             frontier = plan.frontier(job.available, size)
             floor = floor_units(job.min_accuracy, size)
-            first = frontier.index_meeting(floor)
+            first = self._first_admissible(frontier, job) if strict else frontier.index_meeting(floor)
             task = Task(job, index, offset, size, frontier, min(first, len(frontier.strategies) - 1))
             if every:
                 task.fixed = self.full(job.available, size)
-            reachable = task.fixed.accuracy_units if task.fixed is not None else frontier.best.accuracy_units
+            if strict:
+                meets = (
+                    self._meets(task.fixed, job)
+                    if task.fixed is not None
+                    else first < len(frontier.strategies)
+                )
+                reachable = frontier.best.accuracy_units if meets else -1
+            else:
+                reachable = (
+                    task.fixed.accuracy_units if task.fixed is not None else frontier.best.accuracy_units
+                )
             if reachable < floor:
+                if strict:
+                    self.stats.count("rejected_accuracy")
+                    how = f"at confidence {job.confidence}" if job.confidence is not None else "on the mean"
+                    raise AccuracyUnreachableError(
+                        f"min_accuracy={job.min_accuracy} {how}"
+                        + (" for every request" if job.per_request else "")
+                        + f" is above what modalities {sorted(job.available)} reach "
+                        + ("(policy computes them all) " if task.fixed is not None else "")
+                        + "by the profile's lower confidence bounds; lower the floor or the confidence, "
+                        "send more modalities, or profile on more validation data (tighter bounds)",
+                        min_accuracy=float(job.min_accuracy or 0.0),
+                        best_accuracy=frontier.best.accuracy_units / (size * ACCURACY_SCALE),
+                    )
                 self.stats.count("rejected_accuracy")
                 how = (
                     f"with every modality of {sorted(job.available)} (policy {policy.name!r} "
@@ -498,6 +532,44 @@ class Scheduler:
         """Would a task priced to finish at ``finish_us`` miss ``deadline_us`` even at the median?"""
         start_us = int(self.start(now) * 1e6)
         return start_us + self.tail.typical(max(finish_us - start_us, 0)) > deadline_us
+
+    def _unit_bounds(self, confidence: float | None) -> dict[Configuration, int]:
+        """Accuracy units per request of every configuration: the mean, or its lower bound."""
+        bounds = self._bounds.get(confidence)
+        if bounds is None:
+            profile = self.profile
+            bounds = self._bounds[confidence] = {
+                c: self.cost.accuracy[c]
+                if confidence is None
+                else accuracy_units(profile.accuracy_bound(c, confidence))
+                for c in self.cost.accuracy
+            }
+        return bounds
+
+    def _meets(self, strategy: Strategy, job: Job) -> bool:
+        """Does ``strategy`` meet the job's floor as the job asks (confidence, per request)?"""
+        bounds = self._unit_bounds(job.confidence)
+        if job.per_request:
+            return all(bounds[c] >= floor_units(job.min_accuracy, 1) for c, k in strategy.groups if k)
+        return sum(bounds[c] * k for c, k in strategy.groups) >= floor_units(job.min_accuracy, strategy.n)
+
+    def _first_admissible(self, frontier: Frontier, job: Job) -> int:
+        """The first frontier index from which every strategy meets the job's floor as asked.
+
+        Options must be a suffix of the frontier; a strategy below it that meets the floor (a
+        mix that happens to) is left out, which only makes the guarantee safer.
+        """
+        key = (frontier.available, frontier.n, job.min_accuracy, job.confidence, job.per_request)
+        first = self._admissible.get(key)
+        if first is None:
+            strategies = frontier.strategies
+            first = len(strategies)
+            while first > 0 and self._meets(strategies[first - 1], job):
+                first -= 1
+            if len(self._admissible) > 4096:
+                self._admissible.clear()
+            self._admissible[key] = first
+        return first
 
     def deadline_error(self, job: Job, now: float, predicted_us: int) -> DeadlineError:
         """The error of a job that cannot make its deadline (``predicted_us`` from ``now``)."""

@@ -35,7 +35,16 @@ from torch import nn
 from mosel import trees
 from mosel.clock import Clock, MonotonicClock
 from mosel.errors import ExecutionError, OutputError
-from mosel.execution import Result, RowPlanCache, check_inputs, check_slo, concat, plan_rows, run_recovering
+from mosel.execution import (
+    Result,
+    RowPlanCache,
+    check_confidence,
+    check_inputs,
+    check_slo,
+    concat,
+    plan_rows,
+    run_recovering,
+)
 from mosel.plan import ACCURACY_SCALE, Strategy
 from mosel.profiles import Profile
 from mosel.scheduler import Batch, Failure, Job, Scheduler, SchedulerConfig
@@ -105,9 +114,12 @@ class Server:
         min_accuracy: object,
         best_effort: bool,
         future: bool = True,
+        confidence: object = None,
+        per_request: bool = False,
     ) -> Job:
         arrival = self.clock.now()
         deadline, floor = check_slo(deadline_ms, min_accuracy)
+        bound = check_confidence(confidence, floor)
         tensors, available, n = check_inputs(inputs, self.spec, self.device())
         job = Job(
             n=n,
@@ -118,6 +130,8 @@ class Server:
             best_effort=bool(best_effort),
             inputs=tensors,
             payload=_Future() if future else None,
+            confidence=bound,
+            per_request=bool(per_request) and floor is not None,
         )
         job.batch_key = tuple((m, trees.signature(t, self.spec.batch_dim(m))) for m, t in tensors.items())
         return job
@@ -129,9 +143,11 @@ class Server:
         deadline_ms: float | None = None,
         min_accuracy: float | None = None,
         best_effort: bool = False,
+        confidence: float | None = None,
+        per_request: bool = False,
     ) -> concurrent.futures.Future[Result]:
         """Queue a job; the future resolves to a :class:`Result` or the job's error."""
-        job = self._job(inputs, deadline_ms, min_accuracy, best_effort)
+        job = self._job(inputs, deadline_ms, min_accuracy, best_effort, True, confidence, per_request)
         future: concurrent.futures.Future[Result] = job.payload
         if id(self) in _running():  # called back from this model's own batch: never queue behind it
             try:
@@ -166,9 +182,11 @@ class Server:
         deadline_ms: float | None = None,
         min_accuracy: float | None = None,
         best_effort: bool = False,
+        confidence: float | None = None,
+        per_request: bool = False,
     ) -> Result:
         """Serve a job and wait for it; on an idle model it runs on the calling thread."""
-        job = self._job(inputs, deadline_ms, min_accuracy, best_effort, future=False)
+        job = self._job(inputs, deadline_ms, min_accuracy, best_effort, False, confidence, per_request)
         if id(self) in _running():  # called back from this model's own batch: run it here
             return self._inline(job)
         batch: Batch | None = None
@@ -226,10 +244,17 @@ class Server:
         deadline_ms: float | None = None,
         min_accuracy: float | None = None,
         best_effort: bool = False,
+        confidence: float | None = None,
+        per_request: bool = False,
     ) -> Result:
         """``await``-able :meth:`submit`; cancelling the awaiting task cancels the queued job."""
         future = self.submit(
-            inputs, deadline_ms=deadline_ms, min_accuracy=min_accuracy, best_effort=best_effort
+            inputs,
+            deadline_ms=deadline_ms,
+            min_accuracy=min_accuracy,
+            best_effort=best_effort,
+            confidence=confidence,
+            per_request=per_request,
         )
         return await asyncio.wrap_future(future)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from mosel.clock import VirtualClock
 from mosel.errors import InputError, MoselError, SLOError
-from mosel.execution import check_slo
+from mosel.execution import check_confidence, check_slo
 from mosel.plan import Strategy
 from mosel.profiles import Profile
 from mosel.scheduler import Batch, Job, Scheduler, SchedulerConfig
@@ -41,6 +41,8 @@ class Arrival:
     min_accuracy: float | None = None
     available: Configuration | None = None
     best_effort: bool = False
+    confidence: float | None = None
+    per_request: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +107,7 @@ def _checked(arrival: object, index: int, modalities: Configuration) -> Arrival:
             )
     try:
         deadline_ms, min_accuracy = check_slo(arrival.deadline_ms, arrival.min_accuracy)
+        confidence = check_confidence(arrival.confidence, min_accuracy)
     except SLOError as exc:
         raise SLOError(f"{where}: {exc}") from None
     return dataclasses.replace(
@@ -114,6 +117,8 @@ def _checked(arrival: object, index: int, modalities: Configuration) -> Arrival:
         deadline_ms=deadline_ms,
         min_accuracy=min_accuracy,
         available=arrival.available and frozenset(arrival.available),
+        confidence=confidence,
+        per_request=bool(arrival.per_request) and min_accuracy is not None,
     )
 
 
@@ -198,6 +203,8 @@ def simulate(
             min_accuracy=arrival.min_accuracy,
             best_effort=arrival.best_effort,
             payload=i,
+            confidence=arrival.confidence,
+            per_request=arrival.per_request,
         )
         jobs.append(job)
         try:
