@@ -165,7 +165,7 @@ def test_token_ids_stay_integers_masks_booleans_and_dtypes_can_be_fixed() -> Non
         synthetic_profile(
             model,
             branch_us={"text": [50.0] * 8, "audio": [50.0] * 8},
-            accuracy={"text": 0.8, "audio": 0.7, "audio+text": 0.9},
+            accuracy={"text": 0.8, "audio": 0.7, "text+audio": 0.9},
         ),
     )
     body = {
