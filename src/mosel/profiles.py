@@ -54,8 +54,11 @@ Configuration = frozenset[str]
 class LatencyTable:
     """Latency of one callable for batch sizes ``1..len(median_us)``, in microseconds.
 
-    ``measured_sizes`` are the batch sizes actually timed; the others are interpolated linearly.
-    Medians are made non-decreasing in batch size (a larger batch is never predicted faster).
+    ``median_us`` is the table's central estimate: profiles of format 2 measured by this version
+    keep the 10th percentile of the timed repeats (robust to a busy host; the online correction
+    scales it to what serving meets), older ones the median. ``measured_sizes`` are the batch
+    sizes actually timed; the others are interpolated linearly. Values are made non-decreasing in
+    batch size (a larger batch is never predicted faster).
     """
 
     median_us: tuple[float, ...]
@@ -104,7 +107,8 @@ class Fingerprint:
 
     ``dtype`` is the dtype of the model's first parameter (``""``: not recorded, an older
     profile), ``compiled`` the branches and fusion compiled with
-    :func:`mosel.compile_branches` when it was measured.
+    :func:`mosel.compile_branches` when it was measured, ``threads`` torch's intra-op thread
+    count then (0: not recorded).
     """
 
     device: str
@@ -113,6 +117,7 @@ class Fingerprint:
     parameter_checksum: str
     dtype: str = ""
     compiled: tuple[str, ...] = ()
+    threads: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -123,6 +128,7 @@ class Fingerprint:
             "parameter_checksum": self.parameter_checksum,
             "dtype": self.dtype,
             "compiled": list(self.compiled),
+            "threads": self.threads,
         }
 
     @classmethod
@@ -133,10 +139,11 @@ class Fingerprint:
         values = [json_str(json_field(data, f, "fingerprint"), f"fingerprint.{f}") for f in fields]
         dtype = json_str(data.get("dtype", ""), "fingerprint.dtype")
         compiled = json_list(data.get("compiled", []), "fingerprint.compiled")
+        threads = json_int(data.get("threads", 0), "fingerprint.threads", low=0)
         device, torch_version, model_class, checksum = values
         return cls(
             device, torch_version, model_class, checksum, dtype,
-            tuple(json_str(c, "fingerprint.compiled[]") for c in compiled),
+            tuple(json_str(c, "fingerprint.compiled[]") for c in compiled), threads,
         )  # fmt: skip
 
 
@@ -174,6 +181,7 @@ def fingerprint_of(model: nn.Module, model_class: str) -> Fingerprint:
         parameter_checksum=digest.hexdigest()[:16],
         dtype="" if first is None else str(first.dtype),
         compiled=compiled_parts(model),
+        threads=torch.get_num_threads(),
     )
 
 

@@ -224,9 +224,9 @@ def attach(
     here = fingerprint_of(model, spec.model_class)
     stale = [
         f"{name} {getattr(profile.fingerprint, name)!r} != {getattr(here, name)!r}"
-        for name in ("device", "torch_version", "parameter_checksum", "dtype", "compiled")
+        for name in ("device", "torch_version", "parameter_checksum", "dtype", "compiled", "threads")
         if getattr(profile.fingerprint, name) != getattr(here, name)
-        and not (name == "dtype" and not profile.fingerprint.dtype)  # an older profile: unknown
+        and not (name in ("dtype", "threads") and not getattr(profile.fingerprint, name))  # older: unknown
     ]
     if stale:
         message = (
