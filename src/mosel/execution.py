@@ -339,6 +339,63 @@ def check_slo(deadline_ms: object, min_accuracy: object) -> tuple[float | None, 
     return deadline, floor
 
 
+def group_by_presence(
+    tensors: dict[str, Tree], available: Configuration, n: int, present: object, spec: ModelSpec
+) -> tuple[dict[str, Tree], tuple[tuple[Configuration, int], ...], Tensor | None]:
+    """Rows grouped by the modalities each has, from a per-row presence mask.
+
+    ``present`` maps modality names to a bool tensor of ``n`` (row ``i`` has the modality when
+    ``present[m][i]``); a modality left out of it is present in every row that has it in
+    ``tensors``. Returns the inputs with rows reordered so that each group is contiguous (a
+    stable order: rows keep their order within a group), the groups as (modalities, rows), and
+    the index that puts outputs back into the caller's row order (None: no reordering).
+
+    Raises:
+        InputError: a mask for a modality not in the inputs, not a bool tensor of ``n`` rows, or
+            a row left with no modality.
+    """
+    if present is None:
+        return tensors, ((available, n),), None
+    if not isinstance(present, Mapping):
+        raise InputError(
+            f"present must map modality names to bool tensors of {n} rows, got {type(present).__name__}"
+        )
+    masks: dict[str, Tensor] = {}
+    for m, mask in present.items():
+        if m not in available:
+            raise InputError(
+                f"present[{m!r}]: {m!r} is not among the inputs' modalities {sorted(available)}; a mask "
+                f"marks which rows of a given modality are real"
+            )
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (n,):
+            what = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise InputError(f"present[{m!r}] must be a bool tensor of shape ({n},), got {what}")
+        masks[m] = mask.detach().cpu()
+    columns = [m for m in spec.modalities if m in available]
+    bits = torch.zeros(n, dtype=torch.int64)
+    for i, m in enumerate(columns):
+        has = masks.get(m)
+        bits |= (torch.ones(n, dtype=torch.int64) if has is None else has.to(torch.int64)) << i
+    empty = torch.nonzero(bits == 0).flatten()
+    if len(empty):
+        raise InputError(f"present leaves row {int(empty[0])} with no modality; every request needs one")
+    keys, counts = torch.unique(bits, return_counts=True)
+    groups = tuple(
+        (frozenset(m for i, m in enumerate(columns) if int(key) >> i & 1), int(count))
+        for key, count in zip(keys.tolist(), counts.tolist(), strict=True)
+    )
+    if len(groups) == 1:
+        return tensors, groups, None
+    order = torch.argsort(bits, stable=True)
+    reordered = {m: trees.take(t, order.to(_device_of(t)), spec.batch_dim(m)) for m, t in tensors.items()}
+    return reordered, groups, torch.argsort(order)
+
+
+def _device_of(tree: Tree) -> torch.device:
+    leaf = tree if isinstance(tree, Tensor) else next(iter(trees.leaves(tree)))
+    return leaf.device
+
+
 def check_inputs(
     inputs: object, spec: ModelSpec, device: torch.device
 ) -> tuple[dict[str, Tree], Configuration, int]:

@@ -27,9 +27,9 @@ class Job:
     """The requests of one call: one deadline, one floor, one or more tasks (chunks)."""
 
     __slots__ = (
-        "arrival", "available", "batch_key", "best_effort", "confidence", "deadline", "deadline_ms", "error",
-        "finished", "id", "inputs", "measured_us", "min_accuracy", "n", "outputs", "payload", "pending",
-        "per_request", "predicted_us", "reason", "started", "tasks",
+        "arrival", "available", "batch_key", "best_effort", "confidence", "deadline", "deadline_ms",
+        "error", "finished", "groups", "id", "inputs", "measured_us", "min_accuracy", "n", "order",
+        "outputs", "payload", "pending", "per_request", "predicted_us", "reason", "started", "tasks",
     )  # fmt: skip
 
     def __init__(
@@ -68,6 +68,10 @@ class Job:
         self.measured_us = 0.0
         self.error: BaseException | None = None
         self.reason: str | None = None  # why a policy kept the job below its best option
+        # Rows grouped by the modalities they have (a presence mask): (modalities, rows) in row
+        # order of ``inputs``; ``order`` gathers outputs back into the caller's row order.
+        self.groups: tuple[tuple[Configuration, int], ...] = ((available, n),)
+        self.order: Any = None
 
     @property
     def strategies(self) -> tuple[Strategy, ...]:

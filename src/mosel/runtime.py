@@ -294,6 +294,7 @@ def model_infer(
     best_effort: bool = False,
     confidence: float | None = None,
     per_request: bool = False,
+    present: Mapping[str, Tensor] | None = None,
 ) -> Result:
     """Serve one job (the rows of ``inputs``) under an optional deadline and accuracy floor.
 
@@ -309,6 +310,9 @@ def model_infer(
         confidence: plan the floor against each configuration's lower ``confidence`` bound of
             accuracy (Wilson, from the profile's validation size), not its mean; e.g. 0.95.
         per_request: every request's configuration meets the floor, not just the job's average.
+        present: modality -> bool tensor of the job's size: which rows really have it (a camera
+            off for some requests). Each row is planned within the modalities it has; a
+            missing one is never computed for it.
 
     Returns:
         A :class:`mosel.Result`. With neither SLO, every available modality is computed.
@@ -318,7 +322,7 @@ def model_infer(
     server = _state(self).serve(self)
     return server.infer(
         inputs, deadline_ms=deadline_ms, min_accuracy=min_accuracy, best_effort=best_effort,
-        confidence=confidence, per_request=per_request,
+        confidence=confidence, per_request=per_request, present=present,
     )  # fmt: skip
 
 
@@ -331,6 +335,7 @@ def model_submit(
     best_effort: bool = False,
     confidence: float | None = None,
     per_request: bool = False,
+    present: Mapping[str, Tensor] | None = None,
 ) -> Future[Result]:
     """Like ``infer``, but return a ``concurrent.futures.Future`` at once.
 
@@ -341,7 +346,7 @@ def model_submit(
     server = _state(self).serve(self)
     return server.submit(
         inputs, deadline_ms=deadline_ms, min_accuracy=min_accuracy, best_effort=best_effort,
-        confidence=confidence, per_request=per_request,
+        confidence=confidence, per_request=per_request, present=present,
     )  # fmt: skip
 
 
@@ -354,12 +359,13 @@ async def model_ainfer(
     best_effort: bool = False,
     confidence: float | None = None,
     per_request: bool = False,
+    present: Mapping[str, Tensor] | None = None,
 ) -> Result:
     """``await model.ainfer(...)``: ``infer`` for asyncio code; the event loop is never blocked."""
     server = _state(self).serve(self)
     return await server.ainfer(
         inputs, deadline_ms=deadline_ms, min_accuracy=min_accuracy, best_effort=best_effort,
-        confidence=confidence, per_request=per_request,
+        confidence=confidence, per_request=per_request, present=present,
     )  # fmt: skip
 
 

@@ -420,7 +420,12 @@ class Scheduler:
         would make for a lone job, without queueing it. Returns None, and changes nothing, when
         the device is busy, jobs are waiting, or the job needs several batches.
         """
-        if self.in_flight is not None or self.queue or job.n > self.profile.max_batch_size:
+        if (
+            self.in_flight is not None
+            or self.queue
+            or job.n > self.profile.max_batch_size
+            or len(job.groups) > 1
+        ):
             return None
         self._prepare(job, now)
         self.policy.alone(job.tasks[0], now)
@@ -458,19 +463,22 @@ class Scheduler:
             )
         policy = self.policy
         plan = self.profile.plan
-        sizes = [job.n] if job.n <= plan.max_batch_size else _chunks(job.n, plan.max_batch_size)
+        sizes: list[tuple[Configuration, int]] = []  # per task: its rows' modalities, its rows
+        for available, rows in job.groups:
+            chunks = [rows] if rows <= plan.max_batch_size else _chunks(rows, plan.max_batch_size)
+            sizes += [(available, size) for size in chunks]
         no_slo = job.deadline_ms is None and job.min_accuracy is None
         every = policy.every_modality or no_slo
         offset = 0
         tasks = []
         strict = job.confidence is not None or job.per_request
-        for index, size in enumerate(sizes):
-            frontier = plan.frontier(job.available, size)
+        for index, (available, size) in enumerate(sizes):
+            frontier = plan.frontier(available, size)
             floor = floor_units(job.min_accuracy, size)
             first = self._first_admissible(frontier, job) if strict else frontier.index_meeting(floor)
             task = Task(job, index, offset, size, frontier, min(first, len(frontier.strategies) - 1))
             if every:
-                task.fixed = self.full(job.available, size)
+                task.fixed = self.full(available, size)
             if strict:
                 meets = (
                     self._meets(task.fixed, job)
@@ -489,7 +497,7 @@ class Scheduler:
                     raise AccuracyUnreachableError(
                         f"min_accuracy={job.min_accuracy} {how}"
                         + (" for every request" if job.per_request else "")
-                        + f" is above what modalities {sorted(job.available)} reach "
+                        + f" is above what modalities {sorted(available)} reach "
                         + ("(policy computes them all) " if task.fixed is not None else "")
                         + "by the profile's lower confidence bounds; lower the floor or the confidence, "
                         "send more modalities, or profile on more validation data (tighter bounds)",
@@ -498,10 +506,9 @@ class Scheduler:
                     )
                 self.stats.count("rejected_accuracy")
                 how = (
-                    f"with every modality of {sorted(job.available)} (policy {policy.name!r} "
-                    f"computes them all)"
+                    f"with every modality of {sorted(available)} (policy {policy.name!r} computes them all)"
                     if task.fixed is not None
-                    else f"with modalities {sorted(job.available)}"
+                    else f"with modalities {sorted(available)}"
                 )
                 raise AccuracyUnreachableError(
                     f"min_accuracy={job.min_accuracy} is above the best expected accuracy "

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mosel import trees
 from mosel.clock import Clock, MonotonicClock
@@ -42,6 +42,7 @@ from mosel.execution import (
     check_inputs,
     check_slo,
     concat,
+    group_by_presence,
     plan_rows,
     run_recovering,
 )
@@ -116,11 +117,13 @@ class Server:
         future: bool = True,
         confidence: object = None,
         per_request: bool = False,
+        present: object = None,
     ) -> Job:
         arrival = self.clock.now()
         deadline, floor = check_slo(deadline_ms, min_accuracy)
         bound = check_confidence(confidence, floor)
         tensors, available, n = check_inputs(inputs, self.spec, self.device())
+        tensors, groups, order = group_by_presence(tensors, available, n, present, self.spec)
         job = Job(
             n=n,
             available=available,
@@ -134,6 +137,7 @@ class Server:
             per_request=bool(per_request) and floor is not None,
         )
         job.batch_key = tuple((m, trees.signature(t, self.spec.batch_dim(m))) for m, t in tensors.items())
+        job.groups, job.order = groups, order
         return job
 
     def submit(
@@ -145,9 +149,12 @@ class Server:
         best_effort: bool = False,
         confidence: float | None = None,
         per_request: bool = False,
+        present: Mapping[str, Tensor] | None = None,
     ) -> concurrent.futures.Future[Result]:
         """Queue a job; the future resolves to a :class:`Result` or the job's error."""
-        job = self._job(inputs, deadline_ms, min_accuracy, best_effort, True, confidence, per_request)
+        job = self._job(
+            inputs, deadline_ms, min_accuracy, best_effort, True, confidence, per_request, present
+        )
         future: concurrent.futures.Future[Result] = job.payload
         if id(self) in _running():  # called back from this model's own batch: never queue behind it
             try:
@@ -184,9 +191,12 @@ class Server:
         best_effort: bool = False,
         confidence: float | None = None,
         per_request: bool = False,
+        present: Mapping[str, Tensor] | None = None,
     ) -> Result:
         """Serve a job and wait for it; on an idle model it runs on the calling thread."""
-        job = self._job(inputs, deadline_ms, min_accuracy, best_effort, False, confidence, per_request)
+        job = self._job(
+            inputs, deadline_ms, min_accuracy, best_effort, False, confidence, per_request, present
+        )
         if id(self) in _running():  # called back from this model's own batch: run it here
             return self._inline(job)
         batch: Batch | None = None
@@ -246,6 +256,7 @@ class Server:
         best_effort: bool = False,
         confidence: float | None = None,
         per_request: bool = False,
+        present: Mapping[str, Tensor] | None = None,
     ) -> Result:
         """``await``-able :meth:`submit`; cancelling the awaiting task cancels the queued job."""
         future = self.submit(
@@ -255,6 +266,7 @@ class Server:
             best_effort=best_effort,
             confidence=confidence,
             per_request=per_request,
+            present=present,
         )
         return await asyncio.wrap_future(future)
 
@@ -486,6 +498,10 @@ class Server:
                 task.strategy, self.spec, self._rows(job.inputs, task.offset, task.n), self.row_plans
             )
             modalities += rows.modalities
+        if job.order is not None:  # rows were grouped by presence: back to the caller's order
+            back = job.order.tolist()
+            output = trees.take(output, job.order.to(_leaf_device(output)))
+            modalities = tuple(modalities[i] for i in back)
         strategies: tuple[Strategy, ...] = job.strategies
         job.inputs = None  # release the request's tensors
         completion_ms = (self.clock.now() - job.arrival) * 1000.0
@@ -773,6 +789,12 @@ def _deferred_interrupts() -> Iterator[None]:
                 previous(*held[0])
             elif previous == signal.SIG_DFL:
                 signal.default_int_handler(*held[0])
+
+
+def _leaf_device(tree: Tree) -> torch.device:
+    leaf = tree if isinstance(tree, torch.Tensor) else trees.leaves(tree)[0]
+    device: torch.device = leaf.device
+    return device
 
 
 def _synchronize(outputs: Mapping[int, Tree]) -> None:

@@ -138,3 +138,70 @@ def test_every_output_row_is_its_configuration_run_by_hand(
         for x, future in zip(jobs, futures):
             result = future.result(30)
             torch.testing.assert_close(result.output, by_hand(model, x, result.modalities))
+
+
+def masks(b: int, seed: int, mode: int) -> dict[str, Tensor]:
+    """A presence mask per modality (mode 0: none given, 1: image off for some rows, 2: mixed)."""
+    g = torch.Generator().manual_seed(seed)
+    if mode == 0:
+        return {}
+    image = torch.rand(b, generator=g) > 0.5
+    if mode == 1:
+        return {"image": image}
+    text = ~image | (torch.rand(b, generator=g) > 0.5)  # every row keeps at least one modality
+    return {"image": image, "text": text}
+
+
+def test_rows_without_a_modality_never_compute_it(model: TextImage) -> None:
+    x = inputs(6, seed=7)
+    image = x["image"]
+    assert isinstance(image, Tensor)
+    image[[1, 4]] = float("nan")  # placeholders for a camera that was off: must never be read
+    present = {"image": torch.tensor([True, False, True, True, False, True])}
+    result = model.infer(x, present=present)  # type: ignore[operator]
+    assert not torch.isnan(result.output).any()
+    assert [sorted(c) for c in result.modalities][1] == ["text"]
+    assert all("image" in c for i, c in enumerate(result.modalities) if i not in (1, 4))
+    torch.testing.assert_close(result.output, by_hand(model, x, result.modalities))
+
+
+def test_presence_masks_are_validated(model: TextImage) -> None:
+    x = inputs(3)
+    for present, message in (
+        ({"image": torch.tensor([True, False])}, "shape"),
+        ({"image": torch.tensor([1, 0, 1])}, "bool tensor"),
+        ({"audio": torch.tensor([True, True, True])}, "not among"),
+        (
+            {"image": torch.zeros(3, dtype=torch.bool), "text": torch.tensor([True, False, True])},
+            "no modality",
+        ),
+    ):
+        with pytest.raises(mosel.InputError, match=message):
+            model.infer(x, present=present)  # type: ignore[operator]
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(
+    sizes=st.lists(st.integers(1, 12), min_size=1, max_size=4),
+    deadline=st.sampled_from([None, 0.3, 0.6, 2.0]),
+    modes=st.lists(st.integers(0, 2), min_size=4, max_size=4),
+    floor=st.sampled_from([None, 0.6]),
+)
+def test_every_row_with_a_presence_mask_is_its_configuration_run_by_hand(
+    model: TextImage, sizes: list[int], deadline: float | None, modes: list[int], floor: float | None
+) -> None:
+    """Random jobs (structured, sequence-first text; some beyond max_batch_size, so chunked) with
+    random presence masks, served concurrently: every row equals its configuration by hand, and
+    no row computes a modality it lacks."""
+    jobs = [(inputs(n, seed=200 + i), masks(n, 300 + i, modes[i])) for i, n in enumerate(sizes)]
+    with torch.no_grad():
+        futures = [
+            model.submit(x, deadline_ms=deadline, min_accuracy=floor, best_effort=True, present=p)  # type: ignore[operator]
+            for x, p in jobs
+        ]
+        for (x, present), future in zip(jobs, futures):
+            result = future.result(30)
+            for m, mask in present.items():
+                for i, config in enumerate(result.modalities):
+                    assert bool(mask[i]) or m not in config, (m, i, config)
+            torch.testing.assert_close(result.output, by_hand(model, x, result.modalities))
