@@ -152,6 +152,19 @@ def real_mode(
         for policy in labels:
             cells = " | ".join(f"{gap_medians[policy][s]:.1%}" for s in STEPS)
             print(f"| {policy} | {cells} | {medians[policy]['violation_ratio']:.1%} |")
+        print(
+            f"\naccuracy against the labels per 1 s window (windows of at least 50 served requests; "
+            f"floor {jobs[0].min_accuracy}), medians over repeats"
+        )
+        print(
+            "| policy | measured acc | worst window measured | worst window expected | windows below floor |"
+        )
+        print("|---|---:|---:|---:|---:|")
+        for policy, m in medians.items():
+            print(
+                f"| {policy} | {m['measured_accuracy']:.4f} | {m['window_accuracy_min']:.4f} | "
+                f"{m['window_expected_min']:.4f} | {m['windows_below_floor']:.0%} |"
+            )
         print("\nwhere the time went (medians over repeats of each run's p50 / p99)")
         print(
             "| policy | profile bias | ratio p90/p50 | overhead p50 ms | submit lag p50/p99 ms | "

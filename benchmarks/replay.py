@@ -75,6 +75,7 @@ def replay(
     queue: list[float] = []
     execution: list[float] = []
     handoff: list[float] = []
+    windows: dict[int, list[float]] = {}  # 1 s windows of completion: [correct, expected, requests]
     expected = 0.0
     for job, future in submitted:
         if future is None or future.exception() is not None:
@@ -87,11 +88,19 @@ def replay(
             execution.append(result.measured_latency_ms)
             handoff.append(result.completion_ms - result.queue_ms - result.measured_latency_ms)
         expected += result.expected_accuracy * job.n
-        correct += int((result.output.argmax(-1).cpu() == job.labels).sum())
+        right = int((result.output.argmax(-1).cpu() == job.labels).sum())
+        correct += right
+        window = windows.setdefault(int(job.time_s + result.completion_ms / 1000.0), [0.0, 0.0, 0.0])
+        window[0] += right
+        window[1] += result.expected_accuracy * job.n
+        window[2] += job.n
         on_time += job.n if result.completion_ms <= job.deadline_ms else 0
     jct.sort()
     lag = [(s - job.time_s) * 1000.0 for s, (job, _) in zip(submitted_s, submitted)]
     residuals = snapshot.residuals.shifted(-start) if snapshot.residuals else None
+    floor = jobs[0].min_accuracy or 0.0
+    full = [w for w in windows.values() if w[2] >= 50]  # windows with enough requests to judge
+    window_accuracy = [w[0] / w[2] for w in full]
     metrics = {
         "goodput_rps": on_time / wall_s,
         "violation_ratio": 1 - on_time / requests if requests else 0.0,
@@ -113,6 +122,11 @@ def replay(
         if residuals and residuals.overhead_us
         else float("nan"),
         "latency_margin": snapshot.latency_margin,
+        "window_accuracy_min": min(window_accuracy) if window_accuracy else float("nan"),
+        "window_expected_min": min(w[1] / w[2] for w in full) if full else float("nan"),
+        "windows_below_floor": sum(a < floor for a in window_accuracy) / len(window_accuracy)
+        if window_accuracy
+        else float("nan"),
         "jobs": len(submitted),
         "requests": requests,
     }

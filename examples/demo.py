@@ -198,6 +198,8 @@ def main() -> None:
         ("job completion p50 (ms)", "jct_p50_ms", "{:.2f}"),
         ("job completion p99 (ms)", "jct_p99_ms", "{:.2f}"),
         ("accuracy vs labels (served)", "measured_accuracy", "{:.3f}"),
+        ("  worst 1 s window", "window_accuracy_min", "{:.3f}"),
+        ("  1 s windows below floor", "windows_below_floor", "{:.0%}"),
         ("expected accuracy (served)", "expected_accuracy", "{:.3f}"),
         ("requests served", "served_ratio", "{:.1%}"),
     ]
