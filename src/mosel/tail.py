@@ -35,10 +35,10 @@ WINDOW: Final = 256
 """Recent batches the online tail model prices from."""
 RECORD: Final = 4096
 """Recent batches the tail model keeps for :meth:`TailModel.residuals` (a run's sample)."""
-MIN_SAMPLES: Final = 24
+MIN_SAMPLES: Final = 32
 """Batches needed before measured residuals replace the profile's prior."""
-REFIT_EVERY: Final = 8
-"""The margin is recomputed every so many batches (a quantile over the window)."""
+REFIT_EVERY: Final = 32
+"""The margin is recomputed every so many batches (quantiles over the window cost about 150 µs)."""
 _Z95: Final = 1.6448536269514722
 
 
@@ -204,12 +204,11 @@ class TailModel:
         if not self._ratios.add(ratio):
             return False
         margin = max(self._ratios.quantile(self.quantile), 1.0) if self.quantile > 0.5 else 1.0
-        overhead = self._overheads.quantile(self.quantile)
+        overhead, median_overhead = self._overheads.quantiles((self.quantile, 0.5))
         moved = abs(margin / self.margin - 1.0) > 0.02 or abs(overhead - self.overhead_us) > max(
             2.0, 0.02 * self.overhead_us
         )
-        self.margin, self.overhead_us = margin, overhead
-        self.median_overhead_us = self._overheads.quantile(0.5)
+        self.margin, self.overhead_us, self.median_overhead_us = margin, overhead, median_overhead
         return moved
 
     def price(self, corrected_us: float) -> int:
@@ -258,6 +257,10 @@ class _Ring:
 
     def quantile(self, q: float) -> float:
         return float(np.quantile(self.data[: min(self.count, len(self.data))], q))
+
+    def quantiles(self, qs: tuple[float, float]) -> tuple[float, float]:
+        low, high = np.quantile(self.data[: min(self.count, len(self.data))], qs)
+        return float(low), float(high)
 
 
 def merge(samples: Iterable[Residuals]) -> Residuals:
