@@ -17,7 +17,7 @@ Decorate a model, profile it, serve it::
 """
 
 from mosel._version import __version__
-from mosel.compiling import compile_branches
+from mosel.compiling import compile_branches, compiled_parts
 from mosel.errors import (
     AccuracyUnreachableError,
     DeadlineError,
@@ -82,6 +82,7 @@ __all__ = [
     "__version__",
     "attach",
     "compile_branches",
+    "compiled_parts",
     "close",
     "fusion",
     "modality",

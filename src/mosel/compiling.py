@@ -24,15 +24,20 @@ M = TypeVar("M", bound=nn.Module)
 COMPILED_ATTR: Final = "_mosel_compiled"
 
 
-def compile_branches(model: M, **options: Any) -> M:
-    """Compile every branch and the fusion of ``model`` in place with ``torch.compile(**options)``.
+def compile_branches(model: M, *, fusion: bool = False, **options: Any) -> M:
+    """Compile every branch of ``model`` in place with ``torch.compile(**options)``.
 
     Returns ``model`` itself. Call it before :func:`mosel.profile`, so that the profile times the
-    compiled code (the first calls at each batch size compile; the profiler's warm-up runs
-    absorb them). Compiling twice is a no-op.
+    compiled code (the profiler's warm-up runs absorb the compilations). ``dynamic=True`` is the
+    default (one compilation for every batch size, not one per size). The fusion is compiled
+    only with ``fusion=True``: it is called with every subset of the modalities at every batch
+    size, which exhausts torch's recompile limit (8) and then runs eager anyway; the branches
+    hold the time. Compiling twice is a no-op.
     """
     spec = spec_of(model)
-    for name in (*spec.branches.values(), spec.fusion):
+    options = {"dynamic": True, **options}
+    names = (*spec.branches.values(), spec.fusion) if fusion else tuple(spec.branches.values())
+    for name in names:
         method = getattr(model, name)
         if getattr(method, COMPILED_ATTR, False):
             continue

@@ -91,7 +91,8 @@ def test_compiled_branches_serve_and_are_recorded_in_the_fingerprint() -> None:
     model = Tiny()
     eager = tiny_profile(model)
     assert mosel.compile_branches(model, backend="eager") is model
-    assert mosel.compile_branches(model, backend="eager") is model  # twice: a no-op
+    assert mosel.compiled_parts(model) == ("encode_audio", "encode_video", "encode_text")
+    assert mosel.compile_branches(model, fusion=True, backend="eager") is model  # adds the fusion only
     assert isinstance(model, Tiny) and set(model.state_dict()) == {"scale"}
     compiled = tiny_profile(model)
     assert compiled.fingerprint.compiled == ("encode_audio", "encode_video", "encode_text", "fuse")
