@@ -191,6 +191,8 @@ def test_prometheus_export() -> None:
     assert 'mosel_events_total{event="submitted",model="slow"} 1.0' in text
     assert "mosel_completion_ms_bucket" in text
     assert 'mosel_requests_by_configuration_total{configuration="audio+video",model="slow"} 2.0' in text
+    assert 'mosel_latency_margin{model="slow"} 1.0' in text
+    assert 'mosel_dispatch_overhead_ms{model="slow"}' in text
     mosel.close(model)
 
 
