@@ -387,13 +387,8 @@ def group_by_presence(
     if len(groups) == 1:
         return tensors, groups, None
     order = torch.argsort(bits, stable=True)
-    reordered = {m: trees.take(t, order.to(_device_of(t)), spec.batch_dim(m)) for m, t in tensors.items()}
+    reordered = {m: trees.take(t, order.to(trees.device(t)), spec.batch_dim(m)) for m, t in tensors.items()}
     return reordered, groups, torch.argsort(order)
-
-
-def _device_of(tree: Tree) -> torch.device:
-    leaf = tree if isinstance(tree, Tensor) else next(iter(trees.leaves(tree)))
-    return leaf.device
 
 
 def check_inputs(

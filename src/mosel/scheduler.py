@@ -491,8 +491,8 @@ class Scheduler:
                     task.fixed.accuracy_units if task.fixed is not None else frontier.best.accuracy_units
                 )
             if reachable < floor:
+                self.stats.count("rejected_accuracy")
                 if strict:
-                    self.stats.count("rejected_accuracy")
                     how = f"at confidence {job.confidence}" if job.confidence is not None else "on the mean"
                     raise AccuracyUnreachableError(
                         f"min_accuracy={job.min_accuracy} {how}"
@@ -504,7 +504,6 @@ class Scheduler:
                         min_accuracy=float(job.min_accuracy or 0.0),
                         best_accuracy=frontier.best.accuracy_units / (size * ACCURACY_SCALE),
                     )
-                self.stats.count("rejected_accuracy")
                 how = (
                     f"with every modality of {sorted(available)} (policy {policy.name!r} computes them all)"
                     if task.fixed is not None

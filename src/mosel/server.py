@@ -502,7 +502,7 @@ class Server:
             modalities += rows.modalities
         if job.order is not None:  # rows were grouped by presence: back to the caller's order
             back = job.order.tolist()
-            output = trees.take(output, job.order.to(_leaf_device(output)))
+            output = trees.take(output, job.order.to(trees.device(output)))
             modalities = tuple(modalities[i] for i in back)
         strategies: tuple[Strategy, ...] = job.strategies
         job.inputs = None  # release the request's tensors
@@ -797,12 +797,6 @@ def _deferred_interrupts() -> Iterator[None]:
                 previous(*held[0])
             elif previous == signal.SIG_DFL:
                 signal.default_int_handler(*held[0])
-
-
-def _leaf_device(tree: Tree) -> torch.device:
-    leaf = tree if isinstance(tree, torch.Tensor) else trees.leaves(tree)[0]
-    device: torch.device = leaf.device
-    return device
 
 
 def _synchronize(outputs: Mapping[int, Tree]) -> None:

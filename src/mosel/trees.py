@@ -35,6 +35,12 @@ def leaves(tree: Tree) -> list[Any]:
     return optree.tree_leaves(tree, none_is_leaf=False, namespace=NAMESPACE)
 
 
+def device(tree: Tree) -> torch.device:
+    """The device of the tree's first leaf."""
+    first: Tensor = leaves(tree)[0]
+    return first.device
+
+
 def check(tree: Tree, dim: int = 0) -> int:
     """The number of rows of ``tree`` along ``dim``; :class:`TreeError` unless it is a batched tree.
 

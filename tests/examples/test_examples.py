@@ -8,17 +8,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_quickstart_runs_end_to_end() -> None:
-    env = os.environ | {"PYTHONWARNINGS": "ignore"}
+def run_example(name: str, timeout_s: int = 600) -> str:
+    """Run ``examples/<name>`` in a fresh interpreter; its stdout (its stderr on failure)."""
     done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "quickstart.py")],
+        [sys.executable, str(ROOT / "examples" / name)],
         capture_output=True,
         text=True,
-        timeout=600,
-        env=env,
+        timeout=timeout_s,
+        env=os.environ | {"PYTHONWARNINGS": "ignore"},
         check=False,
     )
-    assert done.returncode == 0, done.stderr
-    assert "frontier for 32 request(s)" in done.stdout
-    assert "DeadlineError" in done.stdout
-    assert "expected accuracy" in done.stdout
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_quickstart_runs_end_to_end() -> None:
+    out = run_example("quickstart.py")
+    assert "frontier for 32 request(s)" in out
+    assert "DeadlineError" in out
+    assert "expected accuracy" in out

@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from .test_examples import run_example
 
 
 def test_image_text_example_runs_end_to_end() -> None:
-    env = os.environ | {"PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "image_text.py")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = done.stdout
+    out = run_example("image_text.py", timeout_s=900)
     assert "equal to forward()" in out
     assert "text only (no image sent): ['text']" in out
     assert "POST /predict -> 200" in out

@@ -19,12 +19,12 @@ def attached(**options: object) -> Tiny:
     return model
 
 
-def test_the_fingerprint_records_dtype_and_compiled_parts_and_reads_older_profiles() -> None:
+def test_the_fingermeasuredrecords_dtype_and_compiled_parts_and_reads_older_profiles() -> None:
     model = Tiny()
-    print_ = tiny_profile(model).fingerprint
-    assert print_.dtype == "torch.float32" and print_.compiled == ()
-    assert Fingerprint.from_json(print_.to_json()) == print_
-    older = {k: v for k, v in print_.to_json().items() if k not in ("dtype", "compiled")}
+    measured = tiny_profile(model).fingerprint
+    assert measured.dtype == "torch.float32" and measured.compiled == ()
+    assert Fingerprint.from_json(measured.to_json()) == measured
+    older = {k: v for k, v in measured.to_json().items() if k not in ("dtype", "compiled")}
     assert Fingerprint.from_json(older).dtype == ""
 
 
