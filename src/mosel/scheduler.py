@@ -28,13 +28,14 @@ from mosel.plan import (
     ACCURACY_SCALE,
     CostModel,
     Frontier,
+    Plan,
     Strategy,
     accuracy_units,
     configuration_key,
     execution_order,
 )
 from mosel.policies import Policy, policy_class
-from mosel.profiles import Profile
+from mosel.profiles import BucketKey, Profile
 from mosel.stats import Stats
 from mosel.tail import TailModel, profile_sigma
 
@@ -184,10 +185,13 @@ class Scheduler:
         """Bumped whenever the correction or the tail model moves option latencies."""
         self.solve_async = solve_async
         self._published = dict(self.correction)
-        self._latency_cache: dict[tuple[Configuration, int], tuple[int, ...]] = {}
-        self._full_strategies: dict[tuple[Configuration, int], Strategy] = {}
+        self._latency_cache: dict[tuple[Configuration, int, BucketKey | None], tuple[int, ...]] = {}
+        self._full_strategies: dict[tuple[Configuration, int, BucketKey | None], Strategy] = {}
+        self._priced: dict[BucketKey, tuple[Plan, CostModel]] = {
+            profile.reference_bucket: (profile.plan, self.cost)
+        }
         self._keys_text: dict[Configuration, str] = {}
-        self._parts: dict[tuple[tuple[Configuration, int], ...], dict[str, int]] = {}
+        self._parts: dict[tuple[tuple[tuple[Configuration, int], ...], BucketKey | None], dict[str, int]] = {}
         self._bounds: dict[float | None, dict[Configuration, int]] = {}
         self._admissible: dict[tuple[object, ...], int] = {}
         self._measured: tuple[Batch, float, float, float] | None = None  # for settled(): the last
@@ -233,42 +237,52 @@ class Scheduler:
 
     # ------------------------------------------------------------------ predictions
 
-    def corrected_latency_us(self, groups: Sequence[tuple[Configuration, int]]) -> int:
-        """The price of a strategy: its corrected median latency at the tail model's quantile."""
-        rows = dict.fromkeys(self.cost.modalities, 0)
+    def corrected_latency_us(
+        self, groups: Sequence[tuple[Configuration, int]], cost: CostModel | None = None
+    ) -> int:
+        """The price of a strategy: its corrected median latency at the tail model's quantile.
+
+        ``cost``: the cost model of the jobs' size bucket (default: the reference one).
+        """
+        cost = cost or self.cost
+        rows = dict.fromkeys(cost.modalities, 0)
         fusion = 0
         for config, count in groups:
-            fusion += self.cost.fusion_us[config][count]
+            fusion += cost.fusion_us[config][count]
             for m in config:
                 rows[m] += count
         total = self.correction["fusion"] * fusion
         for m, k in rows.items():
-            total += self.correction[m] * self.cost.branch_us[m][k]
+            total += self.correction[m] * cost.branch_us[m][k]
         return self.tail.price(total)
 
     def refresh(self, task: Task) -> None:
         """Bring the task's option latencies up to date with the correction."""
         if task.version == self.version:
             return
+        job = task.job
         if task.fixed is not None:
-            key = (task.fixed.groups[0][0], -task.n)
+            key = (task.fixed.groups[0][0], -task.n, job.bucket)
             if key not in self._latency_cache:
-                self._latency_cache[key] = (self.corrected_latency_us(task.fixed.groups),)
+                self._latency_cache[key] = (self.corrected_latency_us(task.fixed.groups, job.cost),)
             task.lat = self._latency_cache[key]
             task.acc = (task.fixed.accuracy_units,)
         else:
-            task.lat = self._latencies(task.frontier)[task.first :]
+            task.lat = self._latencies(task.frontier, job)[task.first :]
             task.acc = tuple(s.accuracy_units for s in task.frontier.strategies[task.first :])
         task.version = self.version
 
-    def _latencies(self, frontier: Frontier) -> tuple[int, ...]:
-        key = (frontier.available, frontier.n)
+    def _latencies(self, frontier: Frontier, job: Job) -> tuple[int, ...]:
+        key = (frontier.available, frontier.n, job.bucket)
         cached = self._latency_cache.get(key)
         if cached is None:
             # Per-part corrections can reorder options; a running maximum keeps them ascending
             # (a cheaper option further up is priced as the one below it: never optimistic).
+            cost = job.cost
             cached = tuple(
-                itertools.accumulate((self.corrected_latency_us(s.groups) for s in frontier.strategies), max)
+                itertools.accumulate(
+                    (self.corrected_latency_us(s.groups, cost) for s in frontier.strategies), max
+                )
             )
             self._latency_cache[key] = cached
         return cached
@@ -311,21 +325,34 @@ class Scheduler:
         if len(tasks) == 1:
             self.refresh(tasks[0])
             return tasks[0].lat[tasks[0].k]
-        return self.corrected_latency_us(list(merged_groups(tasks).items()))
+        return self.corrected_latency_us(list(merged_groups(tasks).items()), tasks[0].job.cost)
 
-    def batch_latency(self) -> BatchLatency:
-        """An empty batch whose corrected latency grows as tasks join (for predictions)."""
-        return BatchLatency(self)
+    def batch_latency(self, cost: CostModel | None = None) -> BatchLatency:
+        """An empty batch whose corrected latency grows as tasks join (for predictions).
 
-    def full(self, available: Configuration, n: int) -> Strategy:
+        ``cost``: the cost model of its jobs' size bucket (default: the reference one).
+        """
+        return BatchLatency(self, cost)
+
+    def full(self, available: Configuration, n: int, job: Job) -> Strategy:
         """Every available modality for every request (need not be on the frontier)."""
-        key = (available, n)
+        key = (available, n, job.bucket)
         strategy = self._full_strategies.get(key)
         if strategy is None:
             groups = ((available, n),)
-            strategy = Strategy(groups, self.cost.latency_us(groups), self.cost.accuracy_units(groups))
+            cost = job.cost or self.cost
+            strategy = Strategy(groups, cost.latency_us(groups), cost.accuracy_units(groups))
             self._full_strategies[key] = strategy
         return strategy
+
+    def priced(self, bucket: BucketKey) -> tuple[Plan, CostModel]:
+        """The plan and cost model of jobs of size ``bucket`` (cached; no solving)."""
+        priced = self._priced.get(bucket)
+        if priced is None:
+            if len(self._priced) > 256:  # sizes beyond the measured buckets: keep the cache bounded
+                self._priced = {self.profile.reference_bucket: (self.profile.plan, self.cost)}
+            priced = self._priced[bucket] = self.profile.priced_at(bucket)
+        return priced
 
     # ------------------------------------------------------------------ the queue
 
@@ -462,7 +489,9 @@ class Scheduler:
                 f"max_queued_requests={limit}; retry later or raise the limit"
             )
         policy = self.policy
-        plan = self.profile.plan
+        if job.bucket is None:
+            job.bucket = self.profile.reference_bucket
+        plan, job.cost = self.priced(job.bucket)
         sizes: list[tuple[Configuration, int]] = []  # per task: its rows' modalities, its rows
         for available, rows in job.groups:
             chunks = [rows] if rows <= plan.max_batch_size else _chunks(rows, plan.max_batch_size)
@@ -478,7 +507,7 @@ class Scheduler:
             first = self._first_admissible(frontier, job) if strict else frontier.index_meeting(floor)
             task = Task(job, index, offset, size, frontier, min(first, len(frontier.strategies) - 1))
             if every:
-                task.fixed = self.full(available, size)
+                task.fixed = self.full(available, size, job)
             if strict:
                 meets = (
                     self._meets(task.fixed, job)
@@ -565,7 +594,7 @@ class Scheduler:
         Options must be a suffix of the frontier; a strategy below it that meets the floor (a
         mix that happens to) is left out, which only makes the guarantee safer.
         """
-        key = (frontier.available, frontier.n, job.min_accuracy, job.confidence, job.per_request)
+        key = (frontier.available, frontier.n, job.bucket, job.min_accuracy, job.confidence, job.per_request)
         first = self._admissible.get(key)
         if first is None:
             strategies = frontier.strategies
@@ -700,8 +729,9 @@ class Scheduler:
         if len(tasks) == 1:
             merged = tasks[0].strategy
         else:
-            order = execution_order(list(merged_groups(tasks).items()), self.cost.modalities)
-            merged = Strategy(order, self.cost.latency_us(order), self.cost.accuracy_units(order))
+            cost = tasks[0].job.cost or self.cost
+            order = execution_order(list(merged_groups(tasks).items()), cost.modalities)
+            merged = Strategy(order, cost.latency_us(order), cost.accuracy_units(order))
             self.stats.count("batches_merged")
             self.stats.count("jobs_in_merged_batches", len(tasks))
         batch = Batch(tuple(tasks), tuple(t.strategy for t in tasks), merged, merged_latency, now)
@@ -781,16 +811,18 @@ class Scheduler:
 
     def _correct(self, batch: Batch, measured_us: float, parts_us: Mapping[str, float] | None) -> None:
         alpha = self.config.correction_alpha
-        predicted = self._parts.get(batch.merged.groups)
+        job = batch.tasks[0].job
+        predicted = self._parts.get((batch.merged.groups, job.bucket))
         if predicted is None:
-            rows = dict.fromkeys(self.cost.modalities, 0)
+            cost = job.cost or self.cost
+            rows = dict.fromkeys(cost.modalities, 0)
             fusion = 0
             for config, count in batch.merged.groups:
-                fusion += self.cost.fusion_us[config][count]
+                fusion += cost.fusion_us[config][count]
                 for m in config:
                     rows[m] += count
-            predicted = {m: self.cost.branch_us[m][k] for m, k in rows.items() if k} | {"fusion": fusion}
-            self._parts[batch.merged.groups] = predicted
+            predicted = {m: cost.branch_us[m][k] for m, k in rows.items() if k} | {"fusion": fusion}
+            self._parts[(batch.merged.groups, job.bucket)] = predicted
         raw = sum(predicted.values())
         if raw > 0:
             corrected = sum(self.correction[p] * v for p, v in predicted.items())
@@ -844,15 +876,17 @@ class BatchLatency:
     :meth:`Scheduler.corrected_latency_us`).
     """
 
-    __slots__ = ("core", "counts", "rows")
+    __slots__ = ("core", "cost", "counts", "rows")
 
-    def __init__(self, core: Scheduler) -> None:
+    def __init__(self, core: Scheduler, cost: CostModel | None = None) -> None:
         self.core = core
+        self.cost = cost or core.cost
         self.rows = dict.fromkeys(core.cost.modalities, 0)
         self.counts: dict[Configuration, int] = {}
 
-    def clear(self) -> None:
-        """Empty the batch."""
+    def clear(self, cost: CostModel | None = None) -> None:
+        """Empty the batch (for jobs of the size bucket of ``cost``, default the reference)."""
+        self.cost = cost or self.core.cost
         for m in self.rows:
             self.rows[m] = 0
         self.counts.clear()
@@ -876,7 +910,7 @@ class BatchLatency:
 
     def latency_us(self) -> int:
         """The batch's corrected latency."""
-        cost = self.core.cost
+        cost = self.cost
         correction = self.core.correction
         total = correction["fusion"] * sum(cost.fusion_us[c][k] for c, k in self.counts.items() if k)
         for m, k in self.rows.items():
