@@ -10,10 +10,12 @@ option, what to merge, whom to fail) belong to a policy object (:mod:`mosel.poli
 from __future__ import annotations
 
 import bisect
+import collections
 import concurrent.futures
 import itertools
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -36,7 +38,7 @@ from mosel.plan import (
 )
 from mosel.policies import Policy, policy_class
 from mosel.profiles import BucketKey, Profile
-from mosel.stats import Stats
+from mosel.stats import DEGRADED_WINDOW, Load, Stats
 from mosel.tail import TailModel, profile_sigma
 
 __all__ = [
@@ -179,6 +181,7 @@ class Scheduler:
         self.overrun = False
         """The running batch went past its predicted end (set by :meth:`expire`)."""
         self.queued_requests = 0
+        self._queued_jobs: dict[int, int] = {}  # job id -> its queued tasks
         self.closed = False
         self.correction: dict[str, float] = dict.fromkeys((*profile.modalities, "fusion"), 1.0)
         self.version = 0
@@ -196,6 +199,8 @@ class Scheduler:
         self._admissible: dict[tuple[object, ...], int] = {}
         self._measured: tuple[Batch, float, float, float] | None = None  # for settled(): the last
         # completed batch, its measured time, and its corrected and raw predictions
+        self._degraded: collections.deque[bool] = collections.deque(maxlen=DEGRADED_WINDOW)
+        self._degraded_count = 0  # True entries in _degraded
         self.tail = TailModel(self.config.latency_quantile, profile_sigma(profile))
         """The margin and overhead that turn a corrected median into the price decisions use."""
         self.stats.set_tail(self.tail)
@@ -320,6 +325,44 @@ class Scheduler:
         finish: IntArray = int(self.start(now) * 1e6) + np.cumsum(self.latency_us)
         return finish
 
+    def load(self, now: float, at_s: float | None = None) -> Load:
+        """What this scheduler tells a router about itself at ``now`` (its own clock).
+
+        O(1) numpy work over the queue's columns, no solving: the running batch's predicted
+        remainder plus every queued task at its current option's price, one after another.
+
+        Args:
+            now: the scheduler's clock (``time.perf_counter`` in a server, virtual in a
+                simulation).
+            at_s: the load's timestamp; default ``time.time()`` (a simulation passes its clock).
+        """
+        running_us = max(self.busy_until - now, 0.0) * 1e6 if self.in_flight is not None else 0.0
+        queued_us = int(self.latency_us.sum())
+        window = len(self._degraded)
+        return Load(
+            drain_ms=(running_us + queued_us) / 1000.0,
+            queued_jobs=len(self._queued_jobs),
+            queued_requests=self.queued_requests,
+            latency_margin=self.tail.margin,
+            overhead_ms=self.tail.overhead_us / 1000.0,
+            degraded_share=self._degraded_count / window if window else 0.0,
+            at_s=time.time() if at_s is None else at_s,
+        )
+
+    @staticmethod
+    def degraded(job: Job) -> bool:
+        """Was ``job`` served below the most accurate option its floor and modalities allowed?"""
+        return any(t.fixed is None and t.k < len(t.lat) - 1 for t in job.tasks)
+
+    def _record_served(self, job: Job) -> None:
+        """Count a served job in the window behind :attr:`Load.degraded_share`."""
+        window = self._degraded
+        if len(window) == window.maxlen:
+            self._degraded_count -= window[0]
+        below = self.degraded(job)
+        window.append(below)
+        self._degraded_count += below
+
     def merged_latency_us(self, tasks: Sequence[Task]) -> int:
         """Predicted latency of ``tasks`` run as one batch at their current options."""
         if len(tasks) == 1:
@@ -383,6 +426,7 @@ class Scheduler:
         self.queue.insert(i, task)
         task.queued = True
         self.queued_requests += task.n
+        self._queued_jobs[task.job.id] = self._queued_jobs.get(task.job.id, 0) + 1
 
     def remove(self, task: Task) -> None:
         """Take a task out of the queue (to run it, or because its job failed)."""
@@ -393,6 +437,9 @@ class Scheduler:
         del self._keys[i]
         task.queued = False
         self.queued_requests -= task.n
+        left = self._queued_jobs.pop(task.job.id) - 1
+        if left:
+            self._queued_jobs[task.job.id] = left
 
     def set_option(self, task: Task, k: int, position: int | None = None) -> None:
         """Choose option ``k`` for ``task`` (late binding: until it is dispatched)."""
@@ -790,6 +837,7 @@ class Scheduler:
                         key = self._key(config)
                         served[key] = served.get(key, 0) + count
                 self.stats.job_done(now <= job.deadline, (now - job.arrival) * 1000.0, served)
+                self._record_served(job)
                 done.append(job)
         failures += self.policy.replan(now)
         return done, failures

@@ -52,7 +52,7 @@ from mosel.plan import ACCURACY_SCALE, Strategy
 from mosel.profiles import Profile
 from mosel.scheduler import Batch, Failure, Job, Scheduler, SchedulerConfig
 from mosel.spec import ModelSpec
-from mosel.stats import Stats
+from mosel.stats import Load, Stats
 from mosel.trees import Tree
 
 __all__ = ["Server"]
@@ -110,6 +110,11 @@ class Server:
         self._solver: concurrent.futures.ThreadPoolExecutor | None = None
         weakref.finalize(self, _wake, self.pid, self.lock, self.cond, self.watch)
         _servers.add(self)
+
+    def load(self) -> Load:
+        """The scheduler's :class:`~mosel.stats.Load` now (under the lock; no solving)."""
+        with self.lock:
+            return self.scheduler.load(self.clock.now())
 
     # ------------------------------------------------------------------ caller side
 
@@ -529,8 +534,7 @@ class Server:
 
     def _reason(self, job: Job) -> str | None:
         """Why the job was served below the most accurate strategy its floor allowed (None: it was not)."""
-        below = any(t.fixed is None and t.k < len(t.lat) - 1 for t in job.tasks)
-        if not below:
+        if not self.scheduler.degraded(job):
             return None
         if job.reason is not None:
             return job.reason
