@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import logging
 import math
 import random
@@ -34,6 +33,7 @@ from mosel.profiles import (
     cost_model_of,
     fingerprint_of,
     model_device,
+    plan_buckets,
 )
 from mosel.runtime import attach
 from mosel.spec import ModelSpec, spec_of
@@ -416,18 +416,15 @@ def _profile(
             plan=plan,
             sized=MappingProxyType(sized),
         )
-        sized_plans: dict[BucketKey, Plan] = {}
-        for key in itertools.product(*(sorted(s.tables) for s in sized.values())):
-            if key == partial.reference_bucket:
-                continue
-            sized_plans[key] = build_plan(partial.cost_at(key), planner)
+        partial = plan_buckets(partial, planner)
+        for key, bucket_plan in partial.sized_plans.items():
             inputs = dict(big) | {
                 m: _repeat_rows(by_size[m][edge], max_batch_size, spec.batch_dim(m))
                 for m, edge in zip(sized, key, strict=True)
             }
-            checks += _check_costs(model, spec, sized_plans[key], inputs, timer, SIZED_CHECKS, key)
+            checks += _check_costs(model, spec, bucket_plan, inputs, timer, SIZED_CHECKS, key)
         profiled_s = time.perf_counter() - started
-    result = dataclasses.replace(partial, cost_checks=checks, sized_plans=MappingProxyType(sized_plans))
+    result = dataclasses.replace(partial, cost_checks=checks)
     errors = [abs(c.relative_error) for c in checks]
     if errors and statistics.median(errors) > COST_CHECK_WARN:
         warnings.warn(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -31,7 +32,9 @@ from mosel.errors import ProfileError
 from mosel.plan import (
     CostModel,
     Plan,
+    PlannerConfig,
     accuracy_units,
+    build_plan,
     configuration_key,
     json_dict,
     json_field,
@@ -45,7 +48,7 @@ from mosel.plan import (
 
 __all__ = [
     "BucketKey", "CostCheck", "Fingerprint", "LatencyTable", "Profile", "SizedLatency", "bucket_edge",
-    "fingerprint_of",
+    "fingerprint_of", "plan_buckets",
 ]  # fmt: skip
 
 FORMAT: Final = "mosel.profile"
@@ -646,6 +649,16 @@ class Profile:
             sized=MappingProxyType(sized),
             sized_plans=MappingProxyType(sized_plans),
         )
+
+
+def plan_buckets(profile: Profile, planner: PlannerConfig | None = None) -> Profile:
+    """``profile`` with a plan for every combination of measured size buckets but the reference."""
+    plans = {
+        key: build_plan(profile.cost_at(key), planner)
+        for key in itertools.product(*(sorted(s.tables) for s in profile.sized.values()))
+        if key != profile.reference_bucket
+    }
+    return dataclasses.replace(profile, sized_plans=MappingProxyType(plans))
 
 
 def _reject_constant(name: str) -> float:
