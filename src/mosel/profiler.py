@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from mosel import trees
-from mosel.compiling import unwrap_compiled
+from mosel.compiling import compiled_parts, unwrap_compiled
 from mosel.errors import InputError, MoselWarning, SLOError
 from mosel.execution import check_inputs, execute
 from mosel.plan import Plan, PlannerConfig, build_plan, configuration_key
@@ -366,6 +366,17 @@ def _profile(
             for b in sizes:
                 rows = trees.take(x, slice(0, b), spec.batch_dim(m))
                 calls.append((samples_by_b[b], functools.partial(branch, rows)))
+        # A branch compiled with mosel.compile_branches is also timed eager (its class's method), so
+        # the profile shows what compiling bought on this device.
+        compiled = set(compiled_parts(model))
+        eager_samples: dict[str, Timings] = {
+            m: {b: [] for b in sizes} for m in spec.modalities if spec.branches[m] in compiled
+        }
+        for m, samples_by_b in eager_samples.items():
+            eager = getattr(type(model), spec.branches[m]).__get__(model)
+            for b in sizes:
+                rows = trees.take(big[m], slice(0, b), spec.batch_dim(m))
+                calls.append((samples_by_b[b], functools.partial(eager, rows)))
         for c in spec.configurations:
             for b in sizes:
                 some = {m: trees.take(features[m], slice(0, b), spec.batch_dim(m)) for m in c}
@@ -415,6 +426,7 @@ def _profile(
             cost_checks=checks,
             plan=plan,
             sized=MappingProxyType(sized),
+            eager_latency=MappingProxyType({m: _table(t, max_batch_size) for m, t in eager_samples.items()}),
         )
         partial = plan_buckets(partial, planner)
         for key, bucket_plan in partial.sized_plans.items():
