@@ -110,6 +110,12 @@ def test_slack_spreads_a_burst_between_two_reports(profile: mosel.Profile) -> No
         for _ in range(16)
     ]
     assert sorted(collections.Counter(picks).values()) == [2] * 8
+    # Unequal reports: the emptiest replica takes requests only until it is no longer the emptiest.
+    uneven = [load(drain_ms=0.05 * i, at_s=0.0) for i in range(8)]
+    router = mosel.SlackRouter(profile)
+    request = mosel.RouteRequest(n=4, deadline_ms=5.0, min_accuracy=0.6)
+    counts = collections.Counter(router.choose(uneven, request, 1e-6, rng) for _ in range(16))
+    assert len(counts) >= 6 and max(counts.values()) <= 4
     # The local additions drain with time, and a newer report replaces them.
     [before] = router.predict(loads[:1], mosel.RouteRequest(n=1), 1e-6)
     [later] = router.predict(loads[:1], mosel.RouteRequest(n=1), 1e-6 + 0.0005)
