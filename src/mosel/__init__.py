@@ -39,9 +39,10 @@ from mosel.execution import Result
 from mosel.plan import CostModel, Frontier, Plan, PlannerConfig, Strategy
 from mosel.profiler import profile, top1
 from mosel.profiles import CostCheck, Fingerprint, LatencyTable, Profile
+from mosel.routing import PowerOfTwoRouter, RandomRouter, Router, RouteRequest, SlackRouter
 from mosel.runtime import attach, close, load, profile_of, serving, stats
 from mosel.scheduler import SchedulerConfig
-from mosel.simulate import Arrival, Simulation, simulate
+from mosel.simulate import Arrival, ClusterSimulation, Simulation, simulate, simulate_replicas
 from mosel.spec import ModelSpec, fusion, modality, multimodal, spec_of
 from mosel.stats import Load, StatsSnapshot
 from mosel.tail import Residuals
@@ -50,6 +51,7 @@ from mosel.training import train_with_modality_dropout
 __all__ = [
     "AccuracyUnreachableError",
     "Arrival",
+    "ClusterSimulation",
     "CostCheck",
     "CostModel",
     "DeadlineError",
@@ -67,16 +69,21 @@ __all__ = [
     "OutputError",
     "Plan",
     "PlannerConfig",
+    "PowerOfTwoRouter",
     "Profile",
     "ProfileError",
     "ProfileMismatchError",
     "QueueFullError",
+    "RandomRouter",
     "Residuals",
     "Result",
+    "RouteRequest",
+    "Router",
     "SLOError",
     "SchedulerConfig",
     "ShutdownError",
     "Simulation",
+    "SlackRouter",
     "SpecError",
     "StatsSnapshot",
     "Strategy",
@@ -93,6 +100,7 @@ __all__ = [
     "profile_of",
     "serving",
     "simulate",
+    "simulate_replicas",
     "spec_of",
     "stats",
     "top1",
