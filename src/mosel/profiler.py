@@ -31,6 +31,7 @@ from mosel.profiles import (
     model_device,
 )
 from mosel.runtime import attach
+from mosel.schema import SchemaRecorder
 from mosel.spec import ModelSpec, spec_of
 from mosel.trees import Tree
 
@@ -203,6 +204,7 @@ def _accuracy(
     metric: Metric,
     device: torch.device,
     show: bool,
+    schema: SchemaRecorder | None = None,
 ) -> tuple[dict[Configuration, float], int, dict[str, Tree]]:
     """Accuracy of every configuration; each branch runs once per batch, its features reused."""
     fuse = getattr(model, spec.fusion)
@@ -216,6 +218,8 @@ def _accuracy(
         if missing:
             raise InputError(f"validation inputs must hold every modality; missing {missing}")
         batch, _, rows = check_inputs(inputs, spec, device)
+        if schema is not None:
+            schema.observe(batch)
         if sample is None:
             sample = batch
         features = {m: getattr(model, spec.branches[m])(batch[m]) for m in spec.modalities}
@@ -321,8 +325,9 @@ def _profile(
     device = model_device(model)
     timer = _Timer(device, warmup, repeats)
     started = time.perf_counter()
+    schema = SchemaRecorder(spec)
     with torch.inference_mode():
-        accuracy, samples, sample = _accuracy(model, spec, data, metric or top1, device, show)
+        accuracy, samples, sample = _accuracy(model, spec, data, metric or top1, device, show, schema)
         big = {m: _repeat_rows(x, max_batch_size, spec.batch_dim(m)) for m, x in sample.items()}
         features = {m: getattr(model, spec.branches[m])(big[m]) for m in spec.modalities}
         fuse = getattr(model, spec.fusion)
@@ -378,6 +383,7 @@ def _profile(
         fingerprint=fingerprint_of(model, spec.model_class),
         cost_checks=checks,
         plan=plan,
+        input_schema=MappingProxyType(schema.schema()),
     )
     errors = [abs(c.relative_error) for c in checks]
     if errors and statistics.median(errors) > COST_CHECK_WARN:

@@ -17,7 +17,7 @@ import os
 import secrets
 import statistics
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
@@ -41,6 +41,7 @@ from mosel.plan import (
     parse_configuration,
     show,
 )
+from mosel.schema import ModalitySchema
 
 __all__ = ["CostCheck", "Fingerprint", "LatencyTable", "Profile", "fingerprint_of"]
 
@@ -213,6 +214,9 @@ class Profile:
         fingerprint: what the profile was measured on.
         cost_checks: end-to-end runs of mixed strategies against their prediction.
         plan: the strategy frontiers for every job size.
+        input_schema: modality -> dtype and shape of each tensor of its input, recorded from
+            the validation data (see :mod:`mosel.schema`); empty for a profile saved before
+            schemas were recorded, or for a modality whose batches disagreed.
     """
 
     modalities: tuple[str, ...]
@@ -224,6 +228,7 @@ class Profile:
     fingerprint: Fingerprint
     cost_checks: tuple[CostCheck, ...]
     plan: Plan
+    input_schema: Mapping[str, ModalitySchema] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
         for configuration, value in self.accuracy.items():
@@ -279,6 +284,7 @@ class Profile:
                 for check in self.cost_checks
             ],
             "plan": self.plan.to_json(),
+            "input_schema": {m: s.to_json() for m, s in self.input_schema.items()},
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -456,6 +462,11 @@ class Profile:
                 f"the plan is for modalities {show(list(plan.modalities))} and max_batch_size "
                 f"{show(plan.max_batch_size)}, the profile for {list(modalities)} and {show(max_batch)}"
             )
+        schema_raw = json_dict(data.get("input_schema", {}), "input_schema")  # absent before schemas
+        unknown = [m for m in schema_raw if m not in modalities]
+        if unknown:
+            raise ValueError(f"input_schema names modalities {show(unknown)} the profile does not have")
+        schema = {m: ModalitySchema.from_json(v, f"input_schema[{m!r}]") for m, v in schema_raw.items()}
         return cls(
             modalities=modalities,
             max_batch_size=max_batch,
@@ -466,6 +477,7 @@ class Profile:
             fingerprint=Fingerprint.from_json(field("fingerprint")),
             cost_checks=tuple(checks),
             plan=plan,
+            input_schema=MappingProxyType(schema),
         )
 
 
