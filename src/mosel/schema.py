@@ -66,7 +66,7 @@ class LeafSchema:
         for key in json_list(json_field(data, "path", what), f"{what}.path"):
             path.append(key if isinstance(key, str) else json_int(key, f"{what}.path[]", low=0))
         dtype = json_str(json_field(data, "dtype", what), f"{what}.dtype")
-        _dtype(dtype, ValueError)
+        _dtype(dtype, ValueError, f"{what}.dtype: ")
         shape = tuple(
             None if size is None else json_int(size, f"{what}.shape[]", low=0)
             for size in json_list(json_field(data, "shape", what), f"{what}.shape")
@@ -110,10 +110,10 @@ class ModalitySchema:
         return f"({', '.join(sizes)})"
 
 
-def _dtype(name: str, error: type[Exception] = InputError) -> torch.dtype:
+def _dtype(name: str, error: type[Exception] = InputError, where: str = "") -> torch.dtype:
     value = getattr(torch, name, None) if name.isidentifier() else None
     if not isinstance(value, torch.dtype):
-        raise error(f"{name!r} is not a torch dtype")
+        raise error(f"{where}{name!r} is not a torch dtype")
     return value
 
 
