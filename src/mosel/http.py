@@ -342,13 +342,10 @@ def error_status(exc: BaseException) -> int:
 
 
 def _drain_ms(model: nn.Module) -> float | None:
-    """The model's predicted queue drain time (``mosel.load(model).drain_ms``), when available."""
-    load = getattr(mosel, "load", None)  # added by the routing work; absent in older versions
-    if load is None:
-        return None
+    """The model's predicted queue drain time, ``mosel.load(model).drain_ms`` (None if unknown)."""
     try:
-        return float(load(model).drain_ms)
-    except (MoselError, AttributeError, TypeError, ValueError):
+        return float(mosel.load(model).drain_ms)
+    except MoselError:
         return None
 
 

@@ -437,3 +437,27 @@ def test_the_router_mounts_under_a_prefix_and_documents_predict(model: TextAudio
 def test_import_mosel_does_not_import_fastapi() -> None:
     code = "import sys, mosel; assert 'fastapi' not in sys.modules and 'pydantic' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_presence_masks_and_a_confidence_floor_from_the_body_and_headers(
+    model: TextAudio, profile: mosel.Profile
+) -> None:
+    x = batch(2, 3, seed=5)
+    with TestClient(mosel.http.create_app(model)) as client:
+        masked = post(client, {"inputs": as_json(x), "present": {"audio": [True, False]}})
+        assert masked.status_code == 200, masked.text
+        assert masked.json()["modalities"][1] == ["text"]
+        torch.testing.assert_close(
+            torch.tensor(masked.json()["outputs"]), by_hand(model, x, masked.json()["modalities"])
+        )
+        best = max(profile.accuracy.values())  # reachable on the mean, not at 95% confidence
+        assert post(client, {"inputs": as_json(x), "min_accuracy": best}).status_code == 200
+        bounded = post(client, {"inputs": as_json(x), "min_accuracy": best}, **{"X-Confidence": "0.95"})
+        assert bounded.status_code == 422 and bounded.json()["error"] == "AccuracyUnreachableError"
+
+
+def test_tree_outputs_and_non_finite_values_encode_as_json() -> None:
+    nan = float("nan")
+    tree = {"logits": torch.tensor([[1.0, nan], [float("inf"), 2.0]]), "parts": (torch.tensor([1, 2]),)}
+    assert mosel.http.encode_output(tree) == {"logits": [[1.0, None], [None, 2.0]], "parts": ([1, 2],)}
+    assert mosel.http.encode_output(torch.ones(1, 2, dtype=torch.float16)) == [[1.0, 1.0]]
