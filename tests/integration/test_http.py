@@ -319,7 +319,7 @@ def test_a_model_closed_under_a_queued_request_answers_503(model: TextAudio) -> 
             )
             server = _state(model).server
             assert server is not None
-            while not server.scheduler.queue:  # the request reached the queue
+            while not server.scheduler.queue and not request.done():  # the request reached the queue
                 await asyncio.sleep(0.001)
             closing = threading.Thread(target=mosel.close, args=(model,), kwargs={"cancel": True})
             closing.start()
