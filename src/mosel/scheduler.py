@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from mosel.assign import Item, step_down
 from mosel.errors import AccuracyUnreachableError, DeadlineError, InputError, QueueFullError, ShutdownError
-from mosel.jobs import NO_DEADLINE_US, Batch, Failure, Job, Task, deadline_us, floor_units
+from mosel.jobs import NO_DEADLINE_US, Batch, Failure, Job, Task, deadline_us, floor_units, time_us
 from mosel.plan import (
     ACCURACY_SCALE,
     CostModel,
@@ -323,7 +323,7 @@ class Scheduler:
 
     def finishes_us(self, now: float) -> IntArray:
         """Predicted finish of every queued task run one after another (absolute microseconds)."""
-        finish: IntArray = int(self.start(now) * 1e6) + np.cumsum(self.latency_us)
+        finish: IntArray = time_us(self.start(now)) + np.cumsum(self.latency_us)
         return finish
 
     def load(self, now: float, at_s: float | None = None) -> Load:
@@ -613,7 +613,7 @@ class Scheduler:
 
     def doomed(self, finish_us: int, deadline_us: int, now: float) -> bool:
         """Would a task priced to finish at ``finish_us`` miss ``deadline_us`` even at the median?"""
-        start_us = int(self.start(now) * 1e6)
+        start_us = time_us(self.start(now))
         return start_us + self.tail.typical(max(finish_us - start_us, 0)) > deadline_us
 
     def _unit_bounds(self, confidence: float | None) -> dict[Configuration, int]:
@@ -717,7 +717,7 @@ class Scheduler:
 
     def doom_certain(self, now: float) -> list[Failure]:
         """Fail every queued job that would miss its deadline even if it started alone now."""
-        start_us = int(self.start(now) * 1e6)
+        start_us = time_us(self.start(now))
         late = (self.deadlines_us < start_us + self.typical_us(self.cheapest_us)) & ~self.lenient
         doomed = {id(self.queue[i].job): self.queue[i] for i in np.flatnonzero(late).tolist()}
         failures = []

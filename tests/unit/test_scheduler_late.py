@@ -1,12 +1,11 @@
-"""A known defect, found by ``test_reassignment_never_goes_below_a_floor``: a job served silently late.
+"""A defect found by ``test_reassignment_never_goes_below_a_floor``: a job served silently late.
 
-The same on main (688b17a) and before the simulator's refactor into engines: the scheduler's
-decisions, not the driver. Kept as a strict xfail so that a fix shows up.
+The plan put the job's finish exactly on its deadline in integer microseconds, but starts were
+rounded down: the real finish was up to a microsecond later. Starts now round up
+(:func:`mosel.jobs.time_us`), deadlines down.
 """
 
 from __future__ import annotations
-
-import pytest
 
 import mosel
 from mosel.scheduler import SchedulerConfig
@@ -18,7 +17,6 @@ GAPS_S = (0.0, 0.001953125, 0.0014914936686189278, 0.001953125, 0.00176537564424
 SIZES = (1, 5, 6, 6, 2, 1, 1, 5, 8)
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: the mosel policy serves the last job late, silently")
 def test_no_job_is_served_silently_late() -> None:
     t, trace = 0.0, []
     for gap, n in zip(GAPS_S, SIZES, strict=True):
