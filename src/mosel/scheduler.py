@@ -191,9 +191,8 @@ class Scheduler:
         self._published = dict(self.correction)
         self._latency_cache: dict[tuple[Configuration, int, BucketKey | None], tuple[int, ...]] = {}
         self._full_strategies: dict[tuple[Configuration, int, BucketKey | None], Strategy] = {}
-        self._priced: dict[BucketKey, tuple[Plan, CostModel]] = {
-            profile.reference_bucket: (profile.plan, self.cost)
-        }
+        self._reference = profile.reference_bucket
+        self._priced: dict[BucketKey, tuple[Plan, CostModel]] = {self._reference: (profile.plan, self.cost)}
         self._keys_text: dict[Configuration, str] = {}
         self._parts: dict[tuple[tuple[tuple[Configuration, int], ...], BucketKey | None], dict[str, int]] = {}
         self._bounds: dict[float | None, dict[Configuration, int]] = {}
@@ -394,7 +393,7 @@ class Scheduler:
         priced = self._priced.get(bucket)
         if priced is None:
             if len(self._priced) > 256:  # sizes beyond the measured buckets: keep the cache bounded
-                self._priced = {self.profile.reference_bucket: (self.profile.plan, self.cost)}
+                self._priced = {self._reference: (self.profile.plan, self.cost)}
             priced = self._priced[bucket] = self.profile.priced_at(bucket)
         return priced
 
@@ -537,9 +536,10 @@ class Scheduler:
                 f"max_queued_requests={limit}; retry later or raise the limit"
             )
         policy = self.policy
-        if job.bucket is None:
-            job.bucket = self.profile.reference_bucket
-        plan, job.cost = self.priced(job.bucket)
+        if job.bucket is None or job.bucket == self._reference:  # a fixed-shape model: always
+            job.bucket, plan, job.cost = self._reference, self.profile.plan, self.cost
+        else:
+            plan, job.cost = self.priced(job.bucket)
         sizes: list[tuple[Configuration, int]] = []  # per task: its rows' modalities, its rows
         for available, rows in job.groups:
             chunks = [rows] if rows <= plan.max_batch_size else chunk_sizes(rows, plan.max_batch_size)
