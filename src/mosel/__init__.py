@@ -40,11 +40,11 @@ from mosel.execution import Result
 from mosel.plan import CostModel, Frontier, Plan, PlannerConfig, Strategy
 from mosel.profiler import profile, top1
 from mosel.profiles import CostCheck, Fingerprint, LatencyTable, Profile
-from mosel.runtime import attach, close, profile_of, serving, stats
+from mosel.runtime import attach, close, load, profile_of, serving, stats
 from mosel.scheduler import SchedulerConfig
 from mosel.simulate import Arrival, Simulation, simulate
 from mosel.spec import ModelSpec, fusion, modality, multimodal, spec_of
-from mosel.stats import StatsSnapshot
+from mosel.stats import Load, StatsSnapshot
 from mosel.tail import Residuals
 from mosel.training import train_with_modality_dropout
 
@@ -60,6 +60,7 @@ __all__ = [
     "InfeasibleError",
     "InputError",
     "LatencyTable",
+    "Load",
     "ModelSpec",
     "MoselError",
     "MoselWarning",
@@ -72,21 +73,22 @@ __all__ = [
     "ProfileMismatchError",
     "QueueFullError",
     "ReplicaError",
+    "Residuals",
     "Result",
     "SLOError",
     "SchedulerConfig",
     "ShutdownError",
-    "SpecError",
-    "Residuals",
     "Simulation",
+    "SpecError",
     "StatsSnapshot",
     "Strategy",
     "__version__",
     "attach",
+    "close",
     "compile_branches",
     "compiled_parts",
-    "close",
     "fusion",
+    "load",
     "modality",
     "multimodal",
     "profile",

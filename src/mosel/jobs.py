@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from mosel.assign import Item
-from mosel.plan import ACCURACY_SCALE, Frontier, Strategy
+from mosel.plan import ACCURACY_SCALE, CostModel, Frontier, Strategy
 
 __all__ = ["NO_DEADLINE_US", "Batch", "Failure", "Job", "Task", "deadline_us", "floor_units"]
 
@@ -27,9 +27,10 @@ class Job:
     """The requests of one call: one deadline, one floor, one or more tasks (chunks)."""
 
     __slots__ = (
-        "arrival", "available", "batch_key", "best_effort", "confidence", "deadline", "deadline_ms",
-        "error", "finished", "groups", "id", "inputs", "measured_us", "min_accuracy", "n", "order",
-        "outputs", "payload", "pending", "per_request", "predicted_us", "reason", "started", "tasks",
+        "arrival", "available", "batch_key", "best_effort", "bucket", "confidence", "cost", "deadline",
+        "deadline_ms", "error", "finished", "groups", "id", "inputs", "measured_us", "min_accuracy", "n",
+        "order", "outputs", "payload", "pending", "per_request", "predicted_us", "reason", "started",
+        "tasks",
     )  # fmt: skip
 
     def __init__(
@@ -45,6 +46,7 @@ class Job:
         payload: Any = None,
         confidence: float | None = None,
         per_request: bool = False,
+        bucket: tuple[int, ...] | None = None,
     ) -> None:
         self.id = next(_ids)
         self.n = n
@@ -59,6 +61,10 @@ class Job:
         self.inputs = inputs
         self.payload = payload
         self.batch_key: object = None  # jobs merge into one batch only if their keys are equal
+        # The size bucket its sized modalities are priced at (None: the profile's reference), and
+        # the cost model of that bucket (set on admission).
+        self.bucket = bucket
+        self.cost: CostModel | None = None
         self.tasks: list[Task] = []
         self.pending = 0
         self.outputs: list[Any] = []

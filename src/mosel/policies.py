@@ -146,7 +146,7 @@ class Policy:
         while i < end:
             head = queue[i]
             k = 0 if cheapest else head.k
-            batch.clear()
+            batch.clear(head.job.cost)
             batch.add(head.option(k))
             latency = head.lat[k]
             rows, earliest = head.n, int(deadlines[i])
@@ -349,7 +349,7 @@ class Policy:
             return tasks
         now_us = int(now * 1e6)
         limit, most = core.profile.max_batch_size, core.config.max_merge
-        batch = core.batch_latency()
+        batch = core.batch_latency(head.job.cost)
         batch.add(head.strategy)
         latency = head.lat[head.k]
         rows, earliest = head.n, deadline_us(head.job)
@@ -569,9 +569,13 @@ def mergeable(head: Task, other: Task) -> bool:
     """Whether two tasks may run in one batch: the same available modalities and inputs alike.
 
     Inputs alike (the driver's ``Job.batch_key``: structure, dtypes and trailing shapes) keeps a
-    job's rows from being cast or padded to fit another tenant's.
+    job's rows from being cast or padded to fit another tenant's; one size bucket, one price.
     """
-    return head.frontier.available == other.frontier.available and head.job.batch_key == other.job.batch_key
+    return (
+        head.frontier.available == other.frontier.available
+        and head.job.batch_key == other.job.batch_key
+        and head.job.bucket == other.job.bucket
+    )
 
 
 def _step_value(task: Task) -> float:
@@ -843,7 +847,7 @@ class Mosel(Policy):
             return
         self.refill(now)
         now_us = int(now * 1e6)
-        batch = core.batch_latency()
+        batch = core.batch_latency(tasks[0].job.cost)
         for task in tasks:
             batch.add(task.strategy)
         base = batch.latency_us()

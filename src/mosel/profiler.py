@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import logging
 import math
 import random
@@ -23,9 +25,12 @@ from mosel.errors import InputError, MoselWarning, SLOError
 from mosel.execution import check_inputs, execute
 from mosel.plan import Plan, PlannerConfig, build_plan, configuration_key
 from mosel.profiles import (
+    BucketKey,
     CostCheck,
     LatencyTable,
     Profile,
+    SizedLatency,
+    bucket_edge,
     cost_model_of,
     fingerprint_of,
     model_device,
@@ -45,6 +50,8 @@ _log = logging.getLogger("mosel")
 
 COST_CHECK_WARN = 0.25
 CENTRAL_QUANTILE = 0.1
+SIZED_CHECKS = 2
+"""End-to-end cost checks at each size bucket other than the reference."""
 """The quantile of timed repeats a latency table keeps (see :func:`_central`)."""
 """Warn when the cost model's median relative error over the checks exceeds this."""
 
@@ -203,12 +210,17 @@ def _accuracy(
     metric: Metric,
     device: torch.device,
     show: bool,
-) -> tuple[dict[Configuration, float], int, dict[str, Tree]]:
-    """Accuracy of every configuration; each branch runs once per batch, its features reused."""
+) -> tuple[dict[Configuration, float], int, dict[str, Tree], dict[str, dict[int, Tree]]]:
+    """Accuracy of every configuration; each branch runs once per batch, its features reused.
+
+    Also returns the first batch, and for each sized modality its input in every size bucket
+    the data holds (the first batch's bucket first).
+    """
     fuse = getattr(model, spec.fusion)
     totals = dict.fromkeys(spec.configurations, 0.0)
     count = 0
     sample: dict[str, Tree] | None = None
+    by_size: dict[str, dict[int, Tree]] = {m: {} for m in spec.sizings}
     total = len(data) if isinstance(data, Sequence) else None
     for item in _progress(data, total, "mosel: accuracy", show):
         inputs, target = _split_batch(item)
@@ -218,6 +230,8 @@ def _accuracy(
         batch, _, rows = check_inputs(inputs, spec, device)
         if sample is None:
             sample = batch
+        for m, sizing in spec.sizings.items():
+            by_size[m].setdefault(bucket_edge(sizing.buckets, sizing.read(m, batch[m])), batch[m])
         features = {m: getattr(model, spec.branches[m])(batch[m]) for m in spec.modalities}
         for config in spec.configurations:
             try:
@@ -233,7 +247,7 @@ def _accuracy(
         count += rows
     if sample is None or count == 0:
         raise InputError("validation data is empty; pass at least one (inputs, target) batch")
-    return {c: totals[c] / count for c in spec.configurations}, count, sample
+    return {c: totals[c] / count for c in spec.configurations}, count, sample, by_size
 
 
 def profile(
@@ -322,39 +336,51 @@ def _profile(
     timer = _Timer(device, warmup, repeats)
     started = time.perf_counter()
     with torch.inference_mode():
-        accuracy, samples, sample = _accuracy(model, spec, data, metric or top1, device, show)
+        accuracy, samples, sample, by_size = _accuracy(model, spec, data, metric or top1, device, show)
         big = {m: _repeat_rows(x, max_batch_size, spec.batch_dim(m)) for m, x in sample.items()}
         features = {m: getattr(model, spec.branches[m])(big[m]) for m in spec.modalities}
         fuse = getattr(model, spec.fusion)
-        jobs: list[tuple[str | Configuration, int]] = [(m, b) for m in spec.modalities for b in sizes]
-        jobs += [(c, b) for c in spec.configurations for b in sizes]
-        branch_samples: dict[str, dict[int, list[float]]] = {m: {} for m in spec.modalities}
-        fusion_samples: dict[Configuration, dict[int, list[float]]] = {c: {} for c in spec.configurations}
-        calls: list[tuple[str | Configuration, int, Callable[[], object]]] = []
-        for what, b in jobs:
-            if isinstance(what, str):
-                rows = trees.take(big[what], slice(0, b), spec.batch_dim(what))
-                calls.append((what, b, functools.partial(getattr(model, spec.branches[what]), rows)))
-                branch_samples[what][b] = []
-            else:
-                some = {m: trees.take(features[m], slice(0, b), spec.batch_dim(m)) for m in what}
-                calls.append((what, b, functools.partial(fuse, some)))
-                fusion_samples[what][b] = []
+        reference = {m: next(iter(edges)) for m, edges in by_size.items()}
+        # Each call appends its timings to its own list: branch (at every size bucket the data
+        # holds) or fusion, per batch size.
+        Timings = dict[int, list[float]]
+        branch_samples: dict[str, Timings] = {m: {b: [] for b in sizes} for m in spec.modalities}
+        fusion_samples: dict[Configuration, Timings] = {
+            c: {b: [] for b in sizes} for c in spec.configurations
+        }
+        sized_samples: dict[tuple[str, int], Timings] = {
+            (m, edge): {b: [] for b in sizes}
+            for m, edges in by_size.items()
+            for edge in edges
+            if edge != reference[m]
+        }
+        calls: list[tuple[list[float], Callable[[], object]]] = []
+        for m in spec.modalities:
+            branch = getattr(model, spec.branches[m])
+            for b in sizes:
+                rows = trees.take(big[m], slice(0, b), spec.batch_dim(m))
+                calls.append((branch_samples[m][b], functools.partial(branch, rows)))
+        for (m, edge), samples_by_b in sized_samples.items():
+            branch = getattr(model, spec.branches[m])
+            x = _repeat_rows(by_size[m][edge], max_batch_size, spec.batch_dim(m))
+            for b in sizes:
+                rows = trees.take(x, slice(0, b), spec.batch_dim(m))
+                calls.append((samples_by_b[b], functools.partial(branch, rows)))
+        for c in spec.configurations:
+            for b in sizes:
+                some = {m: trees.take(features[m], slice(0, b), spec.batch_dim(m)) for m in c}
+                calls.append((fusion_samples[c][b], functools.partial(fuse, some)))
         # Rounds over every (callable, size) in a shuffled order, not repeats back to back: serving
         # interleaves branches too, and back-to-back timing of one kernel flatters it (warm caches).
         order = random.Random(0)
         for _ in range(warmup):
-            for _, _, call in calls:
+            for _, call in calls:
                 call()
         for attempt in range(3):
             for _ in _progress(range(repeats), repeats, "mosel: latency", show):
                 order.shuffle(calls)
-                for what, b, call in calls:
-                    elapsed_us = timer.once(call)
-                    if isinstance(what, str):
-                        branch_samples[what][b].append(elapsed_us)
-                    else:
-                        fusion_samples[what][b].append(elapsed_us)
+                for timings, call in calls:
+                    timings.append(timer.once(call))
             branch_latency = {m: _table(branch_samples[m], max_batch_size) for m in spec.modalities}
             fusion_latency = {c: _table(fusion_samples[c], max_batch_size) for c in spec.configurations}
             cost = cost_model_of(spec.modalities, branch_latency, fusion_latency, accuracy)
@@ -367,18 +393,41 @@ def _profile(
                 "cost checks off by %.0f%% (median); timing every table again",
                 100 * statistics.median(errors),
             )
+        sized = {
+            m: SizedLatency(
+                spec.sizings[m].buckets,
+                reference[m],
+                MappingProxyType(
+                    {reference[m]: branch_latency[m]}
+                    | {e: _table(t, max_batch_size) for (n, e), t in sized_samples.items() if n == m}
+                ),
+            )
+            for m in by_size
+        }
+        partial = Profile(
+            modalities=spec.modalities,
+            max_batch_size=max_batch_size,
+            branch_latency=MappingProxyType(branch_latency),
+            fusion_latency=MappingProxyType(fusion_latency),
+            accuracy=MappingProxyType(accuracy),
+            sample_count=samples,
+            fingerprint=fingerprint_of(model, spec.model_class),
+            cost_checks=checks,
+            plan=plan,
+            sized=MappingProxyType(sized),
+        )
+        sized_plans: dict[BucketKey, Plan] = {}
+        for key in itertools.product(*(sorted(s.tables) for s in sized.values())):
+            if key == partial.reference_bucket:
+                continue
+            sized_plans[key] = build_plan(partial.cost_at(key), planner)
+            inputs = dict(big) | {
+                m: _repeat_rows(by_size[m][edge], max_batch_size, spec.batch_dim(m))
+                for m, edge in zip(sized, key, strict=True)
+            }
+            checks += _check_costs(model, spec, sized_plans[key], inputs, timer, SIZED_CHECKS, key)
         profiled_s = time.perf_counter() - started
-    result = Profile(
-        modalities=spec.modalities,
-        max_batch_size=max_batch_size,
-        branch_latency=MappingProxyType(branch_latency),
-        fusion_latency=MappingProxyType(fusion_latency),
-        accuracy=MappingProxyType(accuracy),
-        sample_count=samples,
-        fingerprint=fingerprint_of(model, spec.model_class),
-        cost_checks=checks,
-        plan=plan,
-    )
+    result = dataclasses.replace(partial, cost_checks=checks, sized_plans=MappingProxyType(sized_plans))
     errors = [abs(c.relative_error) for c in checks]
     if errors and statistics.median(errors) > COST_CHECK_WARN:
         warnings.warn(
@@ -407,6 +456,7 @@ def _check_costs(
     big: Mapping[str, Tree],
     timer: _Timer,
     count: int,
+    bucket: BucketKey = (),
 ) -> tuple[CostCheck, ...]:
     """Time a few strategies end to end (mixed ones first) against their predicted latency."""
     if count <= 0:
@@ -430,7 +480,7 @@ def _check_costs(
         seen.add(strategy)
         inputs = {m: trees.take(x, slice(0, strategy.n), spec.batch_dim(m)) for m, x in big.items()}
         samples = timer(functools.partial(execute, model, spec, strategy, inputs))
-        checks.append(CostCheck(strategy.groups, float(strategy.latency_us), _central(samples)))
+        checks.append(CostCheck(strategy.groups, float(strategy.latency_us), _central(samples), bucket))
         if len(checks) >= count:
             break
     return tuple(checks)

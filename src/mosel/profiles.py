@@ -7,6 +7,7 @@ the plan built from all of it. It is saved as versioned JSON (never pickle).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import itertools
@@ -17,7 +18,7 @@ import os
 import secrets
 import statistics
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
@@ -42,12 +43,17 @@ from mosel.plan import (
     show,
 )
 
-__all__ = ["CostCheck", "Fingerprint", "LatencyTable", "Profile", "fingerprint_of"]
+__all__ = [
+    "BucketKey", "CostCheck", "Fingerprint", "LatencyTable", "Profile", "SizedLatency", "bucket_edge",
+    "fingerprint_of",
+]  # fmt: skip
 
 FORMAT: Final = "mosel.profile"
 VERSION: Final = 2
 
 Configuration = frozenset[str]
+BucketKey = tuple[int, ...]
+"""A job's size bucket: one bucket edge per sized modality, in the order of ``Profile.sized``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +74,14 @@ class LatencyTable:
     def at(self, batch_size: int) -> float:
         """Median latency for ``batch_size`` rows (0 rows cost nothing)."""
         return 0.0 if batch_size == 0 else self.median_us[batch_size - 1]
+
+    def scaled(self, factor: float) -> LatencyTable:
+        """The table with every latency multiplied by ``factor`` (an extrapolation)."""
+        return LatencyTable(
+            tuple(v * factor for v in self.median_us),
+            tuple(v * factor for v in self.p95_us),
+            self.measured_sizes,
+        )
 
     def integer_table(self) -> tuple[int, ...]:
         """Rounded-up microseconds for ``b = 0..max``; the planner's input."""
@@ -185,13 +199,90 @@ def fingerprint_of(model: nn.Module, model_class: str) -> Fingerprint:
     )
 
 
+def bucket_edge(buckets: tuple[int, ...], size: int) -> int:
+    """The first of ascending ``buckets`` that is ``>= size``; beyond the last, the next power of two."""
+    i = bisect.bisect_left(buckets, size)
+    if i < len(buckets):
+        return buckets[i]
+    return 1 << max(int(size) - 1, 0).bit_length()
+
+
+@dataclass(frozen=True, slots=True)
+class SizedLatency:
+    """A branch's latency per input size bucket (a modality declared with ``size=``).
+
+    Attributes:
+        buckets: the declared upper edges of the size buckets, ascending.
+        reference: the bucket that ``Profile.branch_latency`` and ``Profile.plan`` are for (the
+            size of the first validation batch).
+        tables: bucket edge -> latency table of the branch, for every bucket the validation
+            data held (the reference included).
+    """
+
+    buckets: tuple[int, ...]
+    reference: int
+    tables: Mapping[int, LatencyTable]
+
+    def edge(self, size: int) -> int:
+        """The bucket of a job of ``size`` (see :func:`bucket_edge`)."""
+        return bucket_edge(self.buckets, size)
+
+    def measured(self, edge: int) -> tuple[int, float]:
+        """The measured bucket that prices ``edge``, and the factor on its latencies.
+
+        A measured bucket prices itself; otherwise the nearest measured one above (a job never
+        priced below a size it was measured at); beyond the largest, the largest, scaled
+        linearly by ``edge / largest``.
+        """
+        if edge in self.tables:
+            return edge, 1.0
+        above = [e for e in self.tables if e >= edge]
+        if above:
+            return min(above), 1.0
+        largest = max(self.tables)
+        return largest, edge / largest
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "buckets": list(self.buckets),
+            "reference": self.reference,
+            "tables": {str(e): t.to_json() for e, t in sorted(self.tables.items())},
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, *, what: str, size: int) -> SizedLatency:
+        """Inverse of :meth:`to_json`; ValueError naming ``what`` when malformed."""
+        data = json_dict(data, what)
+        buckets = tuple(
+            json_int(e, f"{what}.buckets[]", low=1)
+            for e in json_list(json_field(data, "buckets", what), f"{what}.buckets")
+        )
+        if not buckets or any(a >= b for a, b in itertools.pairwise(buckets)):
+            raise ValueError(f"{what}.buckets must be strictly ascending, got {show(list(buckets))}")
+        tables = {}
+        for text, table in json_dict(json_field(data, "tables", what), f"{what}.tables").items():
+            edge = int(text) if text.isdigit() else -1
+            if edge < 1:
+                raise ValueError(f"{what}.tables has a key {text!r} that is not a positive bucket edge")
+            tables[edge] = LatencyTable.from_json(table, what=f"{what}.tables[{text!r}]", size=size)
+        reference = json_int(json_field(data, "reference", what), f"{what}.reference", low=1)
+        if reference not in tables:
+            raise ValueError(f"{what}.reference {reference} has no table")
+        return cls(buckets, reference, MappingProxyType(tables))
+
+
 @dataclass(frozen=True, slots=True)
 class CostCheck:
-    """One end-to-end run of a strategy against its predicted latency."""
+    """One end-to-end run of a strategy against its predicted latency.
+
+    ``buckets`` is the size bucket it ran at (empty: the reference, ``Profile.branch_latency``).
+    """
 
     groups: tuple[tuple[Configuration, int], ...]
     predicted_us: float
     measured_us: float
+    buckets: BucketKey = ()
 
     @property
     def relative_error(self) -> float:
@@ -213,6 +304,11 @@ class Profile:
         fingerprint: what the profile was measured on.
         cost_checks: end-to-end runs of mixed strategies against their prediction.
         plan: the strategy frontiers for every job size.
+        sized: modality -> its branch latency per size bucket, for the modalities declared
+            with ``size=`` (empty for a fixed-shape model); ``branch_latency`` holds each one's
+            reference bucket. Fusion is timed at the reference (fusion over pooled features does
+            not depend on the input size; the cost checks at other buckets test that).
+        sized_plans: the plan for every other combination of measured buckets.
     """
 
     modalities: tuple[str, ...]
@@ -224,6 +320,8 @@ class Profile:
     fingerprint: Fingerprint
     cost_checks: tuple[CostCheck, ...]
     plan: Plan
+    sized: Mapping[str, SizedLatency] = field(default_factory=lambda: MappingProxyType({}))
+    sized_plans: Mapping[BucketKey, Plan] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
         for configuration, value in self.accuracy.items():
@@ -232,6 +330,36 @@ class Profile:
     def cost_model(self) -> CostModel:
         """The integer tables the planner uses."""
         return cost_model_of(self.modalities, self.branch_latency, self.fusion_latency, self.accuracy)
+
+    @property
+    def reference_bucket(self) -> BucketKey:
+        """The bucket ``branch_latency`` and ``plan`` are for (``()`` for a fixed-shape model)."""
+        return tuple(s.reference for s in self.sized.values())
+
+    def bucket(self, sizes: Mapping[str, int]) -> BucketKey:
+        """The bucket of a job whose sized modalities have ``sizes`` (missing: the reference)."""
+        return tuple(s.edge(sizes[m]) if m in sizes else s.reference for m, s in self.sized.items())
+
+    def priced_at(self, bucket: BucketKey) -> tuple[Plan, CostModel]:
+        """The plan and the cost model for jobs of ``bucket`` (see :meth:`SizedLatency.measured`).
+
+        The reference bucket gives ``plan`` and :meth:`cost_model`; a bucket measured in
+        profiling, its own plan; a bucket beyond the measured ones, the plan of the bucket
+        that prices it, with its tables scaled.
+        """
+        if bucket == self.reference_bucket:
+            return self.plan, self.cost_model()
+        measured = tuple(s.measured(edge)[0] for s, edge in zip(self.sized.values(), bucket, strict=True))
+        plan = self.plan if measured == self.reference_bucket else self.sized_plans[measured]
+        return plan, self.cost_at(bucket)
+
+    def cost_at(self, bucket: BucketKey) -> CostModel:
+        """The cost model for jobs of ``bucket``: each sized branch's table at that bucket."""
+        branch = dict(self.branch_latency)
+        for (m, sized), edge in zip(self.sized.items(), bucket, strict=True):
+            used, factor = sized.measured(edge)
+            branch[m] = sized.tables[used] if factor == 1.0 else sized.tables[used].scaled(factor)
+        return cost_model_of(self.modalities, branch, self.fusion_latency, self.accuracy)
 
     def accuracy_bound(self, configuration: Configuration, confidence: float) -> float:
         """Lower ``confidence`` bound of a configuration's accuracy (one-sided Wilson score bound).
@@ -275,10 +403,21 @@ class Profile:
                     "groups": [[key(c), k] for c, k in check.groups],
                     "predicted_us": check.predicted_us,
                     "measured_us": check.measured_us,
+                    **({"buckets": list(check.buckets)} if check.buckets else {}),
                 }
                 for check in self.cost_checks
             ],
             "plan": self.plan.to_json(),
+            **(
+                {
+                    "sized": {m: s.to_json() for m, s in self.sized.items()},
+                    "sized_plans": [
+                        {"buckets": list(k), "plan": p.to_json()} for k, p in self.sized_plans.items()
+                    ],
+                }
+                if self.sized
+                else {}
+            ),
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -367,18 +506,20 @@ class Profile:
                 f"re-create it with mosel.profile(...).save(path)"
             ) from exc
         cost = profile.cost_model()
-        if profile.plan.cost_model_digest != cost.digest():
-            raise ProfileError(
-                f"{source}: the saved plan does not match the saved latency and accuracy tables "
-                f"(edited by hand?); re-profile the model"
-            )
-        try:
-            profile.plan.verify(cost)
-        except ValueError as exc:
-            raise ProfileError(
-                f"{source}: the saved plan does not match the saved tables (edited by hand?): {exc}; "
-                f"re-profile the model with mosel.profile(...) and save it again"
-            ) from exc
+        plans = [(profile.plan, cost)] + [profile.priced_at(k) for k in profile.sized_plans]
+        for plan, cost in plans:
+            if plan.cost_model_digest != cost.digest():
+                raise ProfileError(
+                    f"{source}: a saved plan does not match the saved latency and accuracy tables "
+                    f"(edited by hand?); re-profile the model"
+                )
+            try:
+                plan.verify(cost)
+            except ValueError as exc:
+                raise ProfileError(
+                    f"{source}: the saved plan does not match the saved tables (edited by hand?): {exc}; "
+                    f"re-profile the model with mosel.profile(...) and save it again"
+                ) from exc
         return profile
 
     @classmethod
@@ -448,14 +589,50 @@ class Profile:
                     tuple(groups),
                     json_float(json_field(check, "predicted_us", where), f"{where}.predicted_us", low=0.0),
                     json_float(json_field(check, "measured_us", where), f"{where}.measured_us", low=0.0),
+                    tuple(
+                        json_int(e, f"{where}.buckets[]", low=1)
+                        for e in json_list(check.get("buckets", []), f"{where}.buckets")
+                    ),
                 )
             )
-        plan = Plan.from_json(field("plan"))
-        if plan.modalities != modalities or plan.max_batch_size != max_batch:
-            raise ValueError(
-                f"the plan is for modalities {show(list(plan.modalities))} and max_batch_size "
-                f"{show(plan.max_batch_size)}, the profile for {list(modalities)} and {show(max_batch)}"
+
+        def plan_of(value: Any, what: str) -> Plan:
+            plan = Plan.from_json(value)
+            if plan.modalities != modalities or plan.max_batch_size != max_batch:
+                raise ValueError(
+                    f"{what} is for modalities {show(list(plan.modalities))} and max_batch_size "
+                    f"{show(plan.max_batch_size)}, the profile for {list(modalities)} and {show(max_batch)}"
+                )
+            return plan
+
+        plan = plan_of(field("plan"), "the plan")
+        sized_raw = json_dict(data.get("sized", {}), "sized")
+        if not set(sized_raw) <= set(modalities):
+            unknown = sorted(set(sized_raw) - set(modalities))
+            raise ValueError(f"sized names unknown modalities {show(unknown)}")
+        sized = {
+            m: SizedLatency.from_json(sized_raw[m], what=f"sized[{m!r}]", size=max_batch)
+            for m in modalities
+            if m in sized_raw
+        }
+        sized_plans = {}
+        for i, item in enumerate(json_list(data.get("sized_plans", []), "sized_plans")):
+            where = f"sized_plans[{i}]"
+            entry = json_dict(item, where)
+            key = tuple(
+                json_int(e, f"{where}.buckets[]", low=1)
+                for e in json_list(json_field(entry, "buckets", where), f"{where}.buckets", length=len(sized))
             )
+            if any(e not in s.tables for e, s in zip(key, sized.values())):
+                raise ValueError(f"{where}.buckets {show(list(key))} are not all measured buckets")
+            sized_plans[key] = plan_of(json_field(entry, "plan", where), where)
+        missing = [
+            k for k in itertools.product(*(sorted(s.tables) for s in sized.values()))
+            if k not in sized_plans and k != tuple(s.reference for s in sized.values())
+        ]  # fmt: skip
+        if sized and missing:
+            lacking = show([list(k) for k in missing])
+            raise ValueError(f"sized_plans lacks a plan for measured buckets {lacking}")
         return cls(
             modalities=modalities,
             max_batch_size=max_batch,
@@ -466,6 +643,8 @@ class Profile:
             fingerprint=Fingerprint.from_json(field("fingerprint")),
             cost_checks=tuple(checks),
             plan=plan,
+            sized=MappingProxyType(sized),
+            sized_plans=MappingProxyType(sized_plans),
         )
 
 

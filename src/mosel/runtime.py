@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import os
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -27,10 +28,11 @@ from mosel.profiles import Profile, fingerprint_of
 from mosel.scheduler import SchedulerConfig
 from mosel.server import Server
 from mosel.spec import PROVIDED_ATTR, ModelSpec, spec_of
-from mosel.stats import Stats, StatsSnapshot
+from mosel.stats import Load, Stats, StatsSnapshot
 from mosel.stats import prometheus_collector as _collector
+from mosel.tail import TailModel, profile_sigma
 
-__all__ = ["attach", "close", "profile_of", "serving", "stats"]
+__all__ = ["attach", "close", "load", "profile_of", "serving", "stats"]
 
 STATE_ATTR: Final = "_mosel_state"
 OnStale = Literal["refuse", "warn"] | Callable[[nn.Module], Profile]
@@ -275,6 +277,36 @@ def stats(model: nn.Module) -> StatsSnapshot:
     when serving resumes; ``attach`` starts them afresh. Reading them starts nothing.
     """
     return _state(model).stats.snapshot()
+
+
+def load(model: nn.Module) -> Load:
+    """What the model's scheduler would tell a router now: a :class:`mosel.Load`.
+
+    Thread-safe and cheap (a few numpy sums under the scheduler's lock, no solving); reading it
+    starts nothing. A model whose server has not started (or was closed) reports an empty load
+    priced with the last scheduler's tail model, or the profile's prior before any.
+
+    Raises:
+        NotProfiledError: no profile is attached.
+    """
+    state = _state(model)
+    server = state.server
+    if server is not None and not server.closed and server.pid == os.getpid():
+        return server.load()
+    prices = state.stats.prices()
+    if prices is None:
+        quantile = (state.config or SchedulerConfig()).latency_quantile
+        prices = (TailModel(quantile, profile_sigma(state.profile)).margin, 0.0)
+    margin, overhead_ms = prices
+    return Load(
+        drain_ms=0.0,
+        queued_jobs=0,
+        queued_requests=0,
+        latency_margin=margin,
+        overhead_ms=overhead_ms,
+        degraded_share=0.0,
+        at_s=time.time(),
+    )
 
 
 def prometheus_collector(model: nn.Module, name: str | None = None) -> Any:

@@ -10,10 +10,12 @@ option, what to merge, whom to fail) belong to a policy object (:mod:`mosel.poli
 from __future__ import annotations
 
 import bisect
+import collections
 import concurrent.futures
 import itertools
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -28,14 +30,15 @@ from mosel.plan import (
     ACCURACY_SCALE,
     CostModel,
     Frontier,
+    Plan,
     Strategy,
     accuracy_units,
     configuration_key,
     execution_order,
 )
 from mosel.policies import Policy, policy_class
-from mosel.profiles import Profile
-from mosel.stats import Stats
+from mosel.profiles import BucketKey, Profile
+from mosel.stats import DEGRADED_WINDOW, Load, Stats
 from mosel.tail import TailModel, profile_sigma
 
 __all__ = [
@@ -178,20 +181,26 @@ class Scheduler:
         self.overrun = False
         """The running batch went past its predicted end (set by :meth:`expire`)."""
         self.queued_requests = 0
+        self._queued_jobs: dict[int, int] = {}  # job id -> its queued tasks
         self.closed = False
         self.correction: dict[str, float] = dict.fromkeys((*profile.modalities, "fusion"), 1.0)
         self.version = 0
         """Bumped whenever the correction or the tail model moves option latencies."""
         self.solve_async = solve_async
         self._published = dict(self.correction)
-        self._latency_cache: dict[tuple[Configuration, int], tuple[int, ...]] = {}
-        self._full_strategies: dict[tuple[Configuration, int], Strategy] = {}
+        self._latency_cache: dict[tuple[Configuration, int, BucketKey | None], tuple[int, ...]] = {}
+        self._full_strategies: dict[tuple[Configuration, int, BucketKey | None], Strategy] = {}
+        self._priced: dict[BucketKey, tuple[Plan, CostModel]] = {
+            profile.reference_bucket: (profile.plan, self.cost)
+        }
         self._keys_text: dict[Configuration, str] = {}
-        self._parts: dict[tuple[tuple[Configuration, int], ...], dict[str, int]] = {}
+        self._parts: dict[tuple[tuple[tuple[Configuration, int], ...], BucketKey | None], dict[str, int]] = {}
         self._bounds: dict[float | None, dict[Configuration, int]] = {}
         self._admissible: dict[tuple[object, ...], int] = {}
         self._measured: tuple[Batch, float, float, float] | None = None  # for settled(): the last
         # completed batch, its measured time, and its corrected and raw predictions
+        self._degraded: collections.deque[bool] = collections.deque(maxlen=DEGRADED_WINDOW)
+        self._degraded_count = 0  # True entries in _degraded
         self.tail = TailModel(self.config.latency_quantile, profile_sigma(profile))
         """The margin and overhead that turn a corrected median into the price decisions use."""
         self.stats.set_tail(self.tail)
@@ -233,42 +242,52 @@ class Scheduler:
 
     # ------------------------------------------------------------------ predictions
 
-    def corrected_latency_us(self, groups: Sequence[tuple[Configuration, int]]) -> int:
-        """The price of a strategy: its corrected median latency at the tail model's quantile."""
-        rows = dict.fromkeys(self.cost.modalities, 0)
+    def corrected_latency_us(
+        self, groups: Sequence[tuple[Configuration, int]], cost: CostModel | None = None
+    ) -> int:
+        """The price of a strategy: its corrected median latency at the tail model's quantile.
+
+        ``cost``: the cost model of the jobs' size bucket (default: the reference one).
+        """
+        cost = cost or self.cost
+        rows = dict.fromkeys(cost.modalities, 0)
         fusion = 0
         for config, count in groups:
-            fusion += self.cost.fusion_us[config][count]
+            fusion += cost.fusion_us[config][count]
             for m in config:
                 rows[m] += count
         total = self.correction["fusion"] * fusion
         for m, k in rows.items():
-            total += self.correction[m] * self.cost.branch_us[m][k]
+            total += self.correction[m] * cost.branch_us[m][k]
         return self.tail.price(total)
 
     def refresh(self, task: Task) -> None:
         """Bring the task's option latencies up to date with the correction."""
         if task.version == self.version:
             return
+        job = task.job
         if task.fixed is not None:
-            key = (task.fixed.groups[0][0], -task.n)
+            key = (task.fixed.groups[0][0], -task.n, job.bucket)
             if key not in self._latency_cache:
-                self._latency_cache[key] = (self.corrected_latency_us(task.fixed.groups),)
+                self._latency_cache[key] = (self.corrected_latency_us(task.fixed.groups, job.cost),)
             task.lat = self._latency_cache[key]
             task.acc = (task.fixed.accuracy_units,)
         else:
-            task.lat = self._latencies(task.frontier)[task.first :]
+            task.lat = self._latencies(task.frontier, job)[task.first :]
             task.acc = tuple(s.accuracy_units for s in task.frontier.strategies[task.first :])
         task.version = self.version
 
-    def _latencies(self, frontier: Frontier) -> tuple[int, ...]:
-        key = (frontier.available, frontier.n)
+    def _latencies(self, frontier: Frontier, job: Job) -> tuple[int, ...]:
+        key = (frontier.available, frontier.n, job.bucket)
         cached = self._latency_cache.get(key)
         if cached is None:
             # Per-part corrections can reorder options; a running maximum keeps them ascending
             # (a cheaper option further up is priced as the one below it: never optimistic).
+            cost = job.cost
             cached = tuple(
-                itertools.accumulate((self.corrected_latency_us(s.groups) for s in frontier.strategies), max)
+                itertools.accumulate(
+                    (self.corrected_latency_us(s.groups, cost) for s in frontier.strategies), max
+                )
             )
             self._latency_cache[key] = cached
         return cached
@@ -306,26 +325,77 @@ class Scheduler:
         finish: IntArray = int(self.start(now) * 1e6) + np.cumsum(self.latency_us)
         return finish
 
+    def load(self, now: float, at_s: float | None = None) -> Load:
+        """What this scheduler tells a router about itself at ``now`` (its own clock).
+
+        O(1) numpy work over the queue's columns, no solving: the running batch's predicted
+        remainder plus every queued task at its current option's price, one after another.
+
+        Args:
+            now: the scheduler's clock (``time.perf_counter`` in a server, virtual in a
+                simulation).
+            at_s: the load's timestamp; default ``time.time()`` (a simulation passes its clock).
+        """
+        running_us = max(self.busy_until - now, 0.0) * 1e6 if self.in_flight is not None else 0.0
+        queued_us = int(self.latency_us.sum())
+        window = len(self._degraded)
+        return Load(
+            drain_ms=(running_us + queued_us) / 1000.0,
+            queued_jobs=len(self._queued_jobs),
+            queued_requests=self.queued_requests,
+            latency_margin=self.tail.margin,
+            overhead_ms=self.tail.overhead_us / 1000.0,
+            degraded_share=self._degraded_count / window if window else 0.0,
+            at_s=time.time() if at_s is None else at_s,
+        )
+
+    @staticmethod
+    def degraded(job: Job) -> bool:
+        """Was ``job`` served below the most accurate option its floor and modalities allowed?"""
+        return any(t.fixed is None and t.k < len(t.lat) - 1 for t in job.tasks)
+
+    def _record_served(self, job: Job) -> None:
+        """Count a served job in the window behind :attr:`Load.degraded_share`."""
+        window = self._degraded
+        if len(window) == window.maxlen:
+            self._degraded_count -= window[0]
+        below = self.degraded(job)
+        window.append(below)
+        self._degraded_count += below
+
     def merged_latency_us(self, tasks: Sequence[Task]) -> int:
         """Predicted latency of ``tasks`` run as one batch at their current options."""
         if len(tasks) == 1:
             self.refresh(tasks[0])
             return tasks[0].lat[tasks[0].k]
-        return self.corrected_latency_us(list(merged_groups(tasks).items()))
+        return self.corrected_latency_us(list(merged_groups(tasks).items()), tasks[0].job.cost)
 
-    def batch_latency(self) -> BatchLatency:
-        """An empty batch whose corrected latency grows as tasks join (for predictions)."""
-        return BatchLatency(self)
+    def batch_latency(self, cost: CostModel | None = None) -> BatchLatency:
+        """An empty batch whose corrected latency grows as tasks join (for predictions).
 
-    def full(self, available: Configuration, n: int) -> Strategy:
+        ``cost``: the cost model of its jobs' size bucket (default: the reference one).
+        """
+        return BatchLatency(self, cost)
+
+    def full(self, available: Configuration, n: int, job: Job) -> Strategy:
         """Every available modality for every request (need not be on the frontier)."""
-        key = (available, n)
+        key = (available, n, job.bucket)
         strategy = self._full_strategies.get(key)
         if strategy is None:
             groups = ((available, n),)
-            strategy = Strategy(groups, self.cost.latency_us(groups), self.cost.accuracy_units(groups))
+            cost = job.cost or self.cost
+            strategy = Strategy(groups, cost.latency_us(groups), cost.accuracy_units(groups))
             self._full_strategies[key] = strategy
         return strategy
+
+    def priced(self, bucket: BucketKey) -> tuple[Plan, CostModel]:
+        """The plan and cost model of jobs of size ``bucket`` (cached; no solving)."""
+        priced = self._priced.get(bucket)
+        if priced is None:
+            if len(self._priced) > 256:  # sizes beyond the measured buckets: keep the cache bounded
+                self._priced = {self.profile.reference_bucket: (self.profile.plan, self.cost)}
+            priced = self._priced[bucket] = self.profile.priced_at(bucket)
+        return priced
 
     # ------------------------------------------------------------------ the queue
 
@@ -356,6 +426,7 @@ class Scheduler:
         self.queue.insert(i, task)
         task.queued = True
         self.queued_requests += task.n
+        self._queued_jobs[task.job.id] = self._queued_jobs.get(task.job.id, 0) + 1
 
     def remove(self, task: Task) -> None:
         """Take a task out of the queue (to run it, or because its job failed)."""
@@ -366,6 +437,9 @@ class Scheduler:
         del self._keys[i]
         task.queued = False
         self.queued_requests -= task.n
+        left = self._queued_jobs.pop(task.job.id) - 1
+        if left:
+            self._queued_jobs[task.job.id] = left
 
     def set_option(self, task: Task, k: int, position: int | None = None) -> None:
         """Choose option ``k`` for ``task`` (late binding: until it is dispatched)."""
@@ -462,7 +536,9 @@ class Scheduler:
                 f"max_queued_requests={limit}; retry later or raise the limit"
             )
         policy = self.policy
-        plan = self.profile.plan
+        if job.bucket is None:
+            job.bucket = self.profile.reference_bucket
+        plan, job.cost = self.priced(job.bucket)
         sizes: list[tuple[Configuration, int]] = []  # per task: its rows' modalities, its rows
         for available, rows in job.groups:
             chunks = [rows] if rows <= plan.max_batch_size else _chunks(rows, plan.max_batch_size)
@@ -478,7 +554,7 @@ class Scheduler:
             first = self._first_admissible(frontier, job) if strict else frontier.index_meeting(floor)
             task = Task(job, index, offset, size, frontier, min(first, len(frontier.strategies) - 1))
             if every:
-                task.fixed = self.full(available, size)
+                task.fixed = self.full(available, size, job)
             if strict:
                 meets = (
                     self._meets(task.fixed, job)
@@ -565,7 +641,7 @@ class Scheduler:
         Options must be a suffix of the frontier; a strategy below it that meets the floor (a
         mix that happens to) is left out, which only makes the guarantee safer.
         """
-        key = (frontier.available, frontier.n, job.min_accuracy, job.confidence, job.per_request)
+        key = (frontier.available, frontier.n, job.bucket, job.min_accuracy, job.confidence, job.per_request)
         first = self._admissible.get(key)
         if first is None:
             strategies = frontier.strategies
@@ -700,8 +776,9 @@ class Scheduler:
         if len(tasks) == 1:
             merged = tasks[0].strategy
         else:
-            order = execution_order(list(merged_groups(tasks).items()), self.cost.modalities)
-            merged = Strategy(order, self.cost.latency_us(order), self.cost.accuracy_units(order))
+            cost = tasks[0].job.cost or self.cost
+            order = execution_order(list(merged_groups(tasks).items()), cost.modalities)
+            merged = Strategy(order, cost.latency_us(order), cost.accuracy_units(order))
             self.stats.count("batches_merged")
             self.stats.count("jobs_in_merged_batches", len(tasks))
         batch = Batch(tuple(tasks), tuple(t.strategy for t in tasks), merged, merged_latency, now)
@@ -760,6 +837,7 @@ class Scheduler:
                         key = self._key(config)
                         served[key] = served.get(key, 0) + count
                 self.stats.job_done(now <= job.deadline, (now - job.arrival) * 1000.0, served)
+                self._record_served(job)
                 done.append(job)
         failures += self.policy.replan(now)
         return done, failures
@@ -781,16 +859,18 @@ class Scheduler:
 
     def _correct(self, batch: Batch, measured_us: float, parts_us: Mapping[str, float] | None) -> None:
         alpha = self.config.correction_alpha
-        predicted = self._parts.get(batch.merged.groups)
+        job = batch.tasks[0].job
+        predicted = self._parts.get((batch.merged.groups, job.bucket))
         if predicted is None:
-            rows = dict.fromkeys(self.cost.modalities, 0)
+            cost = job.cost or self.cost
+            rows = dict.fromkeys(cost.modalities, 0)
             fusion = 0
             for config, count in batch.merged.groups:
-                fusion += self.cost.fusion_us[config][count]
+                fusion += cost.fusion_us[config][count]
                 for m in config:
                     rows[m] += count
-            predicted = {m: self.cost.branch_us[m][k] for m, k in rows.items() if k} | {"fusion": fusion}
-            self._parts[batch.merged.groups] = predicted
+            predicted = {m: cost.branch_us[m][k] for m, k in rows.items() if k} | {"fusion": fusion}
+            self._parts[(batch.merged.groups, job.bucket)] = predicted
         raw = sum(predicted.values())
         if raw > 0:
             corrected = sum(self.correction[p] * v for p, v in predicted.items())
@@ -844,15 +924,17 @@ class BatchLatency:
     :meth:`Scheduler.corrected_latency_us`).
     """
 
-    __slots__ = ("core", "counts", "rows")
+    __slots__ = ("core", "cost", "counts", "rows")
 
-    def __init__(self, core: Scheduler) -> None:
+    def __init__(self, core: Scheduler, cost: CostModel | None = None) -> None:
         self.core = core
+        self.cost = cost or core.cost
         self.rows = dict.fromkeys(core.cost.modalities, 0)
         self.counts: dict[Configuration, int] = {}
 
-    def clear(self) -> None:
-        """Empty the batch."""
+    def clear(self, cost: CostModel | None = None) -> None:
+        """Empty the batch (for jobs of the size bucket of ``cost``, default the reference)."""
+        self.cost = cost or self.core.cost
         for m in self.rows:
             self.rows[m] = 0
         self.counts.clear()
@@ -876,7 +958,7 @@ class BatchLatency:
 
     def latency_us(self) -> int:
         """The batch's corrected latency."""
-        cost = self.core.cost
+        cost = self.cost
         correction = self.core.correction
         total = correction["fusion"] * sum(cost.fusion_us[c][k] for c, k in self.counts.items() if k)
         for m, k in self.rows.items():

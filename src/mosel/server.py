@@ -52,7 +52,7 @@ from mosel.plan import ACCURACY_SCALE, Strategy
 from mosel.profiles import Profile
 from mosel.scheduler import Batch, Failure, Job, Scheduler, SchedulerConfig
 from mosel.spec import ModelSpec
-from mosel.stats import Stats
+from mosel.stats import Load, Stats
 from mosel.trees import Tree
 
 __all__ = ["Server"]
@@ -98,6 +98,9 @@ class Server:
         self.cond = threading.Condition(self.lock)  # the executor waits on it
         self.watch = threading.Condition(self.lock)  # the watchdog waits on it
         self.scheduler = Scheduler(profile, config, self.stats, solve_async=self._solve_async)
+        self.profile = profile
+        # Modalities whose latency the profile prices per input size: (name, how to read it).
+        self._sized = tuple((m, spec.sizings[m]) for m in profile.sized if m in spec.sizings)
         self.closed = False
         self.pid = os.getpid()
         self._watch_at = float("inf")  # when the watchdog means to wake
@@ -107,6 +110,11 @@ class Server:
         self._solver: concurrent.futures.ThreadPoolExecutor | None = None
         weakref.finalize(self, _wake, self.pid, self.lock, self.cond, self.watch)
         _servers.add(self)
+
+    def load(self) -> Load:
+        """The scheduler's :class:`~mosel.stats.Load` now (under the lock; no solving)."""
+        with self.lock:
+            return self.scheduler.load(self.clock.now())
 
     # ------------------------------------------------------------------ caller side
 
@@ -140,6 +148,10 @@ class Server:
         )
         job.batch_key = tuple((m, trees.signature(t, self.spec.batch_dim(m))) for m, t in tensors.items())
         job.groups, job.order = groups, order
+        if self._sized:
+            job.bucket = self.profile.bucket(
+                {m: how.read(m, tensors[m]) for m, how in self._sized if m in tensors}
+            )
         return job
 
     def submit(
@@ -522,8 +534,7 @@ class Server:
 
     def _reason(self, job: Job) -> str | None:
         """Why the job was served below the most accurate strategy its floor allowed (None: it was not)."""
-        below = any(t.fixed is None and t.k < len(t.lat) - 1 for t in job.tasks)
-        if not below:
+        if not self.scheduler.degraded(job):
             return None
         if job.reason is not None:
             return job.reason

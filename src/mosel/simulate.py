@@ -14,7 +14,7 @@ import math
 import numbers
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from mosel.clock import VirtualClock
@@ -43,6 +43,8 @@ class Arrival:
     best_effort: bool = False
     confidence: float | None = None
     per_request: bool = False
+    sizes: Mapping[str, int] | None = None
+    """Input sizes of the modalities declared with ``size=`` (None: the profile's reference)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +87,7 @@ class Simulation:
     decision_ms: tuple[float, ...] = ()  # wall time of each executor-side decision (complete + dispatch)
 
 
-def _checked(arrival: object, index: int, modalities: Configuration) -> Arrival:
+def _checked(arrival: object, index: int, modalities: Configuration, sized: Iterable[str] = ()) -> Arrival:
     """``arrival`` if it is a valid :class:`Arrival` (with its SLO values as floats)."""
     if not isinstance(arrival, Arrival):
         raise InputError(f"arrivals[{index}] is a {type(arrival).__name__}, not a mosel.Arrival")
@@ -104,6 +106,16 @@ def _checked(arrival: object, index: int, modalities: Configuration) -> Arrival:
             raise InputError(
                 f"{where}: available must be a non-empty subset of {sorted(modalities)}, got "
                 f"{sorted(arrival.available)}" + (f" (unknown: {unknown})" if unknown else "")
+            )
+    if arrival.sizes is not None:
+        bad = {
+            m: v for m, v in arrival.sizes.items()
+            if m not in sized or isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1
+        }  # fmt: skip
+        if bad:
+            raise InputError(
+                f"{where}: sizes must map modalities declared with size= ({sorted(sized)}) to ints >= 1, "
+                f"got {bad}"
             )
     try:
         deadline_ms, min_accuracy = check_slo(arrival.deadline_ms, arrival.min_accuracy)
@@ -156,7 +168,7 @@ def simulate(
     cost = scheduler.cost
     rng = random.Random(seed)
     everything = frozenset(profile.modalities)
-    trace = [_checked(a, i, everything) for i, a in enumerate(arrivals)]
+    trace = [_checked(a, i, everything, profile.sized) for i, a in enumerate(arrivals)]
     trace.sort(key=lambda a: a.time_s)
     jobs: list[Job] = []
     rejected: dict[int, str] = {}
@@ -181,7 +193,7 @@ def simulate(
             running, _ = scheduler.dispatch(now)
             decisions.append((time.perf_counter() - started) * 1e3)
             if running is not None:
-                exec_us = float(cost.latency_us(running.merged.groups))
+                exec_us = float((running.tasks[0].job.cost or cost).latency_us(running.merged.groups))
                 overhead_us = 0.0
                 if residuals is not None:
                     ratio, overhead_us = residuals.sample(rng, now)
@@ -205,6 +217,7 @@ def simulate(
             payload=i,
             confidence=arrival.confidence,
             per_request=arrival.per_request,
+            bucket=None if arrival.sizes is None else profile.bucket(arrival.sizes),
         )
         jobs.append(job)
         try:

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Callable, Mapping
+import operator
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, Literal, TypeVar
 
 from torch import nn
 
-from mosel.errors import SpecError
+from mosel.errors import InputError, SpecError
 
-__all__ = ["Mark", "ModelSpec", "fusion", "modality", "multimodal", "spec_of"]
+__all__ = ["Mark", "ModelSpec", "Sizing", "fusion", "modality", "multimodal", "spec_of"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 M = TypeVar("M", bound=type[nn.Module])
@@ -28,6 +29,39 @@ SPEC_ATTR: Final = "__mosel_spec__"
 PROVIDED_ATTR: Final = "__mosel_provided__"
 RESERVED_NAMES: Final = ("infer", "submit", "ainfer")
 _FORBIDDEN_CHARS: Final = frozenset("+,/ \t\n")
+DEFAULT_BUCKETS: Final = tuple(2**i for i in range(17))
+"""Size buckets of a modality declared with ``size=`` but no ``buckets=``: powers of two."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sizing:
+    """How the size that drives a branch's latency is read from a job's input, and bucketed.
+
+    Attributes:
+        size: ``size(batched_input) -> int``, e.g. the padded sequence length or the image side.
+        buckets: ascending upper edges; a job of size ``s`` is priced at the first edge ``>= s``.
+    """
+
+    size: Callable[[Any], int]
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+
+    def read(self, modality: str, x: Any) -> int:
+        """The size of ``modality``'s batched input ``x``.
+
+        Raises:
+            InputError: the size function failed or did not return a positive int.
+        """
+        try:
+            value = self.size(x)
+            size = operator.index(value)
+        except Exception as exc:
+            raise InputError(
+                f"the size function of modality {modality!r} failed on its input "
+                f"({type(exc).__name__}: {exc}); it must return a positive int (e.g. x.shape[-1])"
+            ) from exc
+        if size < 1:
+            raise InputError(f"the size function of modality {modality!r} returned {size}; sizes are >= 1")
+        return size
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +71,7 @@ class Mark:
     kind: Literal["modality", "fusion"]
     modality: str | None = None
     batch_dim: int = 0
+    sizing: Sizing | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +86,8 @@ class ModelSpec:
         configurations: every non-empty subset of ``modalities``, smallest first.
         batch_dims: modality -> the dimension of its input and features that holds the requests
             (0 unless declared, e.g. ``@mosel.modality("text", batch_dim=1)`` for (T, B, ...)).
+        sizings: modality -> how its input size is read and bucketed, for the modalities
+            declared with ``size=`` (their latency is profiled and priced per size bucket).
     """
 
     model_class: str
@@ -59,6 +96,7 @@ class ModelSpec:
     fusion: str
     configurations: tuple[frozenset[str], ...]
     batch_dims: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    sizings: Mapping[str, Sizing] = field(default_factory=lambda: MappingProxyType({}))
 
     def batch_dim(self, modality: str) -> int:
         """The request dimension of ``modality``'s input and features."""
@@ -96,7 +134,14 @@ def _check_function(obj: object, decorator: str) -> None:
         )
 
 
-def modality(name: str, /, *, batch_dim: int = 0) -> Callable[[F], F]:
+def modality(
+    name: str,
+    /,
+    *,
+    batch_dim: int = 0,
+    size: Callable[[Any], int] | None = None,
+    buckets: Sequence[int] | None = None,
+) -> Callable[[F], F]:
     """Mark a method as the branch (encoder) that computes modality ``name``.
 
     The method takes the modality's batched input (a tensor, or a dict/tuple/list of tensors)
@@ -106,6 +151,11 @@ def modality(name: str, /, *, batch_dim: int = 0) -> Callable[[F], F]:
         name: the modality's name (the key of its input in ``model.infer``).
         batch_dim: the dimension of every input and feature tensor of this modality that holds
             the requests: 0 (batch-first, the default) or, e.g., 1 for sequence-first (T, B, ...).
+        size: for a branch whose latency depends on more than the number of requests, a
+            function of the job's batched input returning its size (the padded sequence length,
+            the image side). Latency is then profiled per size bucket, from the sizes the
+            validation data holds, and each job is priced at its own bucket.
+        buckets: ascending upper edges of the size buckets (default: powers of two).
 
     Example::
 
@@ -114,6 +164,9 @@ def modality(name: str, /, *, batch_dim: int = 0) -> Callable[[F], F]:
 
         @mosel.modality("text", batch_dim=1)
         def encode_text(self, tokens): ...     # tokens: (T, B)
+
+        @mosel.modality("text", size=lambda x: x["input_ids"].shape[-1], buckets=(16, 32, 64, 128))
+        def encode_text(self, x): ...          # costs priced at the job's padded length
     """
     if callable(name) and not isinstance(name, str):
         raise SpecError(
@@ -128,7 +181,26 @@ def modality(name: str, /, *, batch_dim: int = 0) -> Callable[[F], F]:
         raise SpecError(
             f"@mosel.modality({name!r}, batch_dim=...) takes a dimension index >= 0, got {batch_dim!r}"
         )
-    mark = Mark("modality", name, batch_dim)
+    sizing = None
+    if size is not None or buckets is not None:
+        if not callable(size):
+            raise SpecError(
+                f"@mosel.modality({name!r}, size=...) takes a function of the batched input returning "
+                f"its size (e.g. lambda x: x.shape[-1]), got {size!r}"
+                + ("; buckets= needs size= too" if size is None else "")
+            )
+        edges = tuple(DEFAULT_BUCKETS if buckets is None else buckets)
+        if (
+            not edges
+            or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in edges)
+            or any(a >= b for a, b in itertools.pairwise(edges))
+        ):
+            raise SpecError(
+                f"@mosel.modality({name!r}, buckets=...) takes strictly ascending positive ints "
+                f"(upper edges, e.g. (16, 32, 64, 128)), got {buckets!r}"
+            )
+        sizing = Sizing(size, edges)
+    mark = Mark("modality", name, batch_dim, sizing)
 
     def mark_branch(fn: F) -> F:
         _check_function(fn, f"@mosel.modality({name!r})")
@@ -161,6 +233,7 @@ def _wrapped_mark(value: object) -> Mark | None:
 def _collect(cls: type) -> ModelSpec:
     branches: dict[str, str] = {}  # modality -> attribute name
     dims: dict[str, int] = {}
+    sizings: dict[str, Sizing] = {}
     fusion_attr: str | None = None
     for base in reversed(cls.__mro__):
         own_modalities: dict[str, str] = {}
@@ -195,6 +268,10 @@ def _collect(cls: type) -> ModelSpec:
                 )
             own_modalities[mark.modality] = attr
             dims[mark.modality] = mark.batch_dim
+            if mark.sizing is not None:
+                sizings[mark.modality] = mark.sizing
+            else:
+                sizings.pop(mark.modality, None)
         # An attribute re-marked in a subclass drops what its name meant in the base.
         for attr in list(own_modalities.values()) + ([own_fusion] if own_fusion else []):
             for mod, old_attr in list(branches.items()):
@@ -226,6 +303,7 @@ def _collect(cls: type) -> ModelSpec:
         fusion=fusion_attr,
         configurations=configs,
         batch_dims=MappingProxyType({m: dims[m] for m in names if dims.get(m)}),
+        sizings=MappingProxyType({m: sizings[m] for m in names if m in sizings}),
     )
 
 

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
+from mosel.errors import InputError
+
 if TYPE_CHECKING:
     from mosel.tail import Residuals, TailModel
 
-__all__ = ["Histogram", "Stats", "StatsSnapshot"]
+__all__ = ["Histogram", "Load", "Stats", "StatsSnapshot"]
 
 BUCKETS_MS: Final = (
     0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
@@ -74,6 +78,90 @@ class StatsSnapshot:
     residuals: Residuals | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Load:
+    """What a replica tells a router about itself at one moment (``mosel.load(model)``).
+
+    Cheap to take (no solving) and plain to send across processes (pickle, or
+    :meth:`to_json`). A router adds a request's own price to ``drain_ms`` to predict when it
+    would finish on this replica.
+
+    Attributes:
+        drain_ms: predicted time from ``at_s`` until the running batch and every queued job have
+            finished, each queued job at its current option, one after another, at the
+            scheduler's current prices (its latency quantile: the corrected median times
+            ``latency_margin`` plus ``overhead_ms`` per batch). Merging queued jobs into batches
+            and lowering their options under load only shorten it: an upper estimate.
+        queued_jobs: jobs waiting (not running).
+        queued_requests: requests waiting (not running).
+        latency_margin: the factor on corrected medians that prices batches at the scheduler's
+            latency quantile (as in :class:`StatsSnapshot`).
+        overhead_ms: the per-batch dispatch overhead added to every price (as in
+            :class:`StatsSnapshot`).
+        degraded_share: share of the recently served jobs (the last :data:`DEGRADED_WINDOW`)
+            served below the most accurate strategy their floor and modalities allowed (those
+            whose ``Result.reason`` is not None); 0 before any.
+        at_s: when the load was taken, ``time.time()`` (wall clock: it crosses processes).
+    """
+
+    drain_ms: float
+    queued_jobs: int
+    queued_requests: int
+    latency_margin: float
+    overhead_ms: float
+    degraded_share: float
+    at_s: float
+
+    def __post_init__(self) -> None:
+        for name in ("drain_ms", "overhead_ms", "at_s"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value >= 0.0)
+            ):
+                raise InputError(f"Load.{name} must be a finite number >= 0, got {value!r}")
+        for name in ("queued_jobs", "queued_requests"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InputError(f"Load.{name} must be an int >= 0, got {value!r}")
+        if not (isinstance(self.latency_margin, (int, float)) and 0.0 < self.latency_margin < math.inf):
+            raise InputError(f"Load.latency_margin must be a finite number > 0, got {self.latency_margin!r}")
+        if not (isinstance(self.degraded_share, (int, float)) and 0.0 <= self.degraded_share <= 1.0):
+            raise InputError(f"Load.degraded_share must be in [0, 1], got {self.degraded_share!r}")
+
+    def age_s(self, now_s: float) -> float:
+        """Seconds since the load was taken, at wall-clock time ``now_s`` (never negative)."""
+        return max(now_s - self.at_s, 0.0)
+
+    def to_json(self) -> dict[str, float | int]:
+        """A JSON-ready dict (field name -> value)."""
+        return {
+            "drain_ms": self.drain_ms,
+            "queued_jobs": self.queued_jobs,
+            "queued_requests": self.queued_requests,
+            "latency_margin": self.latency_margin,
+            "overhead_ms": self.overhead_ms,
+            "degraded_share": self.degraded_share,
+            "at_s": self.at_s,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Load:
+        """Inverse of :meth:`to_json`; :class:`mosel.InputError` naming the bad field."""
+        if not isinstance(data, Mapping):
+            raise InputError(f"a Load's JSON form is an object of its fields, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise InputError(f"Load JSON {dict(data)!r} lacks {missing}; send every field of Load.to_json()")
+        return cls(**{n: data[n] for n in names})
+
+
+DEGRADED_WINDOW: Final = 256
+"""Recent served jobs over which :attr:`Load.degraded_share` is measured."""
+
+
 class Stats:
     """Mutable statistics of one model's scheduler; thread-safe."""
 
@@ -115,6 +203,12 @@ class Stats:
         """Report this tail model's margin, overhead and residuals in snapshots."""
         with self._lock:
             self._tail = tail
+
+    def prices(self) -> tuple[float, float] | None:
+        """The tail model's (margin, overhead in ms) now; None before any scheduler reported one."""
+        with self._lock:
+            tail = self._tail
+            return None if tail is None else (tail.margin, tail.overhead_us / 1000.0)
 
     def forked(self) -> Stats:
         """A copy for a forked child process, made without taking the lock.

@@ -1,0 +1,128 @@
+"""A replica's load report (``Scheduler.load``, ``mosel.load``) on a virtual clock."""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+import time
+
+import pytest
+
+import mosel
+from mosel.clock import VirtualClock
+from mosel.scheduler import Job, Scheduler, SchedulerConfig
+
+from .helpers import Tiny, tiny_inputs, tiny_profile
+
+ALL = frozenset({"audio", "video", "text"})
+
+
+@pytest.fixture(scope="module")
+def profile() -> mosel.Profile:
+    return tiny_profile(Tiny())
+
+
+def job(at: float, n: int = 4, deadline_ms: float | None = 50.0, floor: float | None = 0.6) -> Job:
+    return Job(n=n, available=ALL, arrival=at, deadline_ms=deadline_ms, min_accuracy=floor)
+
+
+def test_an_idle_scheduler_reports_an_empty_load(profile: mosel.Profile) -> None:
+    scheduler = Scheduler(profile, SchedulerConfig(deterministic=True))
+    load = scheduler.load(0.0, at_s=12.5)
+    assert load == mosel.Load(
+        drain_ms=0.0,
+        queued_jobs=0,
+        queued_requests=0,
+        latency_margin=scheduler.tail.margin,
+        overhead_ms=0.0,
+        degraded_share=0.0,
+        at_s=12.5,
+    )
+    before = time.time()
+    assert before <= scheduler.load(0.0).at_s <= time.time()  # wall clock by default
+
+
+def test_drain_grows_with_queued_work_and_shrinks_as_batches_finish(profile: mosel.Profile) -> None:
+    clock = VirtualClock()
+    scheduler = Scheduler(profile, SchedulerConfig(deterministic=True, batching=False))
+    drains = [scheduler.load(clock.now()).drain_ms]
+    for _ in range(4):
+        scheduler.admit(job(clock.now(), deadline_ms=None, floor=None), clock.now())
+        drains.append(scheduler.load(clock.now()).drain_ms)
+    assert drains[0] == 0.0
+    assert all(b > a for a, b in itertools.pairwise(drains))
+    load = scheduler.load(clock.now())
+    assert (load.queued_jobs, load.queued_requests) == (4, 16)
+    # Queued work is priced as the scheduler prices it: its columns, one task after another.
+    assert load.drain_ms == pytest.approx(sum(int(t.lat[t.k]) for t in scheduler.queue) / 1000.0)
+
+    batch, _ = scheduler.dispatch(clock.now())
+    assert batch is not None
+    running = scheduler.load(clock.now())
+    assert running.queued_jobs == 3 and running.queued_requests == 12
+    assert running.drain_ms == pytest.approx(load.drain_ms)  # the batch moved from queue to device
+    halfway = clock.now() + batch.predicted_us / 2e6
+    clock.advance_to(halfway)
+    assert scheduler.load(clock.now()).drain_ms == pytest.approx(load.drain_ms - batch.predicted_us / 2000.0)
+
+    while batch is not None:
+        clock.advance_to(scheduler.busy_until)
+        scheduler.complete(batch, clock.now(), batch.predicted_us)
+        drains.append(scheduler.load(clock.now()).drain_ms)
+        batch, _ = scheduler.dispatch(clock.now())
+    assert all(b < a for a, b in itertools.pairwise(drains[4:]))
+    assert scheduler.load(clock.now()).drain_ms == 0.0
+
+
+def test_an_overrunning_batch_counts_as_ending_now(profile: mosel.Profile) -> None:
+    scheduler = Scheduler(profile, SchedulerConfig(deterministic=True))
+    scheduler.admit(job(0.0, deadline_ms=None, floor=None), 0.0)
+    batch, _ = scheduler.dispatch(0.0)
+    assert batch is not None
+    assert scheduler.load(scheduler.busy_until + 1.0).drain_ms == 0.0
+
+
+def test_degraded_share_counts_jobs_served_below_their_best(profile: mosel.Profile) -> None:
+    scheduler = Scheduler(profile, SchedulerConfig(deterministic=True))
+    now = 0.0
+    for deadline_ms in (100.0, 0.6, 100.0, 0.6):  # a tight deadline forces a cheaper strategy
+        submitted = job(now, n=2, deadline_ms=deadline_ms, floor=0.5)
+        scheduler.admit(submitted, now)
+        batch, _ = scheduler.dispatch(now)
+        assert batch is not None
+        now = scheduler.busy_until
+        scheduler.complete(batch, now, batch.predicted_us)
+        assert Scheduler.degraded(submitted) == (deadline_ms < 1.0)
+        now += 1.0
+    assert scheduler.load(now).degraded_share == pytest.approx(0.5)
+
+
+def test_load_validates_and_round_trips() -> None:
+    load = mosel.Load(
+        drain_ms=3.5, queued_jobs=2, queued_requests=9, latency_margin=1.2, overhead_ms=0.1,
+        degraded_share=0.25, at_s=1.0,
+    )  # fmt: skip
+    assert mosel.Load.from_json(load.to_json()) == load
+    assert pickle.loads(pickle.dumps(load)) == load
+    assert load.age_s(3.0) == 2.0 and load.age_s(0.0) == 0.0
+    with pytest.raises(mosel.InputError, match=r"Load.drain_ms .*-1"):
+        mosel.Load(-1.0, 0, 0, 1.0, 0.0, 0.0, 0.0)
+    with pytest.raises(mosel.InputError, match=r"Load.degraded_share"):
+        mosel.Load(0.0, 0, 0, 1.0, 0.0, 1.5, 0.0)
+    with pytest.raises(mosel.InputError, match=r"lacks \['at_s'\]"):
+        mosel.Load.from_json({k: v for k, v in load.to_json().items() if k != "at_s"})
+
+
+def test_mosel_load_of_a_model_before_and_while_serving() -> None:
+    model = Tiny().eval()
+    mosel.attach(model, tiny_profile(model))
+    idle = mosel.load(model)
+    assert (idle.drain_ms, idle.queued_jobs, idle.queued_requests) == (0.0, 0, 0)
+    assert idle.latency_margin >= 1.0
+    assert model.__dict__["_mosel_state"].server is None  # reading the load started nothing
+    with mosel.serving(model):
+        model.infer(tiny_inputs(3), deadline_ms=1000.0)
+        served = mosel.load(model)
+        assert served.queued_requests == 0 and served.degraded_share == 0.0
+    with pytest.raises(mosel.NotProfiledError):
+        mosel.load(Tiny())
