@@ -56,13 +56,13 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingPolicy, RequestRouterConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
-from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 from torch import Tensor, nn
 
 from mosel.errors import DeadlineError, MoselError, QueueFullError, ReplicaError
 from mosel.execution import Result
 from mosel.profiles import Profile
-from mosel.routing import SlackRouter
+from mosel.routing import RouteRequest, SlackRouter
 from mosel.runtime import attach, close, load, stats
 from mosel.scheduler import SchedulerConfig
 from mosel.stats import Load, StatsSnapshot
@@ -288,22 +288,21 @@ class SlackRequestRouter(FIFOMixin, RequestRouter):
         profile: str | Mapping[str, Any] | None = None,
         stale_after_s: float = 1.0,
         seed: int | None = None,
-        **kwargs: Any,
     ) -> None:
         """Set the router up (Serve calls it once, with ``request_router_kwargs``).
 
         Args:
             profile: the profile the replicas serve with: a path or its JSON form.
             stale_after_s: a replica's load older than this is ignored.
-            seed: seeds the fallback's random choices.
-            **kwargs: passed on to :class:`mosel.routing.SlackRouter`.
+            seed: seeds the random choices (ties, the fallback).
         """
         if profile is None:
             raise ValueError("SlackRequestRouter needs the replicas' profile (a path or its JSON form)")
-        prof = Profile.load(profile) if isinstance(profile, str) else Profile.from_json(dict(profile))
+        self.profile = Profile.load(profile) if isinstance(profile, str) else Profile.from_json(dict(profile))
         self.stale_after_s = float(stale_after_s)
         self.rng = random.Random(seed)
-        self.slack = SlackRouter(prof, stale_after_s=self.stale_after_s, **kwargs)
+        self.slack = SlackRouter(self.profile, stale_after_s=self.stale_after_s)
+        self.slots: dict[ReplicaID, int] = {}  # a stable index per replica, for SlackRouter's accounting
         self.decisions: dict[str, int] = {"slack": 0, "fallback": 0}
 
     async def choose_replicas(
@@ -314,16 +313,47 @@ class SlackRequestRouter(FIFOMixin, RequestRouter):
         """Rank the candidates: mosel's choice first, then the rest (or two random ones)."""
         if not candidate_replicas:
             return []
-        request = _request_of(pending_request)
         now_s = time.time()
-        loads = [_fresh_load(r.routing_stats, now_s, self.stale_after_s) for r in candidate_replicas]
-        if request is None or all(x is None for x in loads):
+        choice = self._choose(candidate_replicas, _request_of(pending_request), now_s)
+        if choice is None:
             self.decisions["fallback"] += 1
             return [self.rng.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         self.decisions["slack"] += 1
-        best = self.slack.choose(loads, request, now_s, self.rng)
-        chosen = candidate_replicas[best]
-        return [[chosen], [r for r in candidate_replicas if r is not chosen]]
+        return [[choice], [r for r in candidate_replicas if r is not choice]]
+
+    def _choose(
+        self, candidates: list[RunningReplica], request: Request | None, now_s: float
+    ) -> RunningReplica | None:
+        """SlackRouter's pick among the candidates, or None to fall back to power of two choices."""
+        if request is None:
+            return None
+        by_id = {r.replica_id: r for r in candidates}
+        for replica_id in by_id:
+            self.slots.setdefault(replica_id, len(self.slots))
+        loads: list[Load | None] = [None] * len(self.slots)
+        for replica_id, slot in self.slots.items():
+            replica = by_id.get(replica_id)
+            if replica is not None:
+                loads[slot] = _fresh_load(replica.routing_stats, now_s, self.stale_after_s)
+        if all(x is None for x in loads):
+            return None
+        try:
+            slot = self.slack.choose(loads, self._route_request(request, now_s), now_s, self.rng)
+        except MoselError:  # a bad SLO or inputs: the replica raises the typed error to the caller
+            return None
+        chosen = next((by_id[i] for i, s in self.slots.items() if s == slot and i in by_id), None)
+        return chosen
+
+    def _route_request(self, request: Request, now_s: float) -> RouteRequest:
+        modalities = self.profile.modalities
+        available = frozenset(m for m, x in request.inputs.items() if x is not None and m in modalities)
+        left = request.remaining_ms(now_s)
+        return RouteRequest(
+            n=request.rows,
+            deadline_ms=left,
+            min_accuracy=request.min_accuracy,
+            available=available or None,
+        )
 
 
 def _request_of(pending: PendingRequest | None) -> Request | None:
@@ -434,7 +464,7 @@ def deployment(
     max_ongoing_requests: int = 64,
     max_queued_requests: int = -1,
     ray_actor_options: Mapping[str, Any] | None = None,
-    router_kwargs: Mapping[str, Any] | None = None,
+    seed: int | None = None,
 ) -> serve.Application:
     """A Ray Serve application serving ``factory()``'s model with mosel, one scheduler per replica.
 
@@ -464,7 +494,7 @@ def deployment(
             beyond it the call fails with :class:`mosel.QueueFullError` (through :class:`Client`)
             or Serve's ``BackPressureError`` (HTTP 503).
         ray_actor_options: per-replica resources, e.g. ``{"num_gpus": 1}`` for one replica per GPU.
-        router_kwargs: extra keyword arguments for :class:`mosel.routing.SlackRouter`.
+        seed: seeds the slack router's random choices (ties, the fallback).
     """
     if isinstance(profile, Profile):
         source: Any = profile.to_json()
@@ -494,7 +524,7 @@ def deployment(
             raise ValueError("router='slack' with a profiling function needs router_profile= (a path or Profile)")
         options["request_router_config"] = RequestRouterConfig(
             request_router_class=SlackRequestRouter,
-            request_router_kwargs={"profile": priced_json, "stale_after_s": stale_after_s, **(router_kwargs or {})},
+            request_router_kwargs={"profile": priced_json, "stale_after_s": stale_after_s, "seed": seed},
             request_routing_stats_period_s=stats_period_s,
             request_routing_stats_timeout_s=max(10 * stats_period_s, 1.0),
         )
