@@ -40,6 +40,7 @@ from mosel.execution import Result
 from mosel.plan import CostModel, Frontier, Plan, PlannerConfig, Strategy
 from mosel.profiler import profile, top1
 from mosel.profiles import CostCheck, Fingerprint, LatencyTable, Profile
+from mosel.routing import PowerOfTwoRouter, RandomRouter, Router, RouteRequest, SlackRouter
 from mosel.runtime import attach, close, load, profile_of, serving, stats
 from mosel.scheduler import SchedulerConfig
 from mosel.simulate import Arrival, Simulation, simulate
@@ -68,17 +69,22 @@ __all__ = [
     "OutputError",
     "Plan",
     "PlannerConfig",
+    "PowerOfTwoRouter",
     "Profile",
     "ProfileError",
     "ProfileMismatchError",
     "QueueFullError",
+    "RandomRouter",
     "ReplicaError",
     "Residuals",
     "Result",
+    "RouteRequest",
+    "Router",
     "SLOError",
     "SchedulerConfig",
     "ShutdownError",
     "Simulation",
+    "SlackRouter",
     "SpecError",
     "StatsSnapshot",
     "Strategy",

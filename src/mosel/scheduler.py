@@ -49,6 +49,7 @@ __all__ = [
     "Scheduler",
     "SchedulerConfig",
     "Task",
+    "chunk_sizes",
     "floor_units",
     "merged_groups",
 ]
@@ -541,7 +542,7 @@ class Scheduler:
         plan, job.cost = self.priced(job.bucket)
         sizes: list[tuple[Configuration, int]] = []  # per task: its rows' modalities, its rows
         for available, rows in job.groups:
-            chunks = [rows] if rows <= plan.max_batch_size else _chunks(rows, plan.max_batch_size)
+            chunks = [rows] if rows <= plan.max_batch_size else chunk_sizes(rows, plan.max_batch_size)
             sizes += [(available, size) for size in chunks]
         no_slo = job.deadline_ms is None and job.min_accuracy is None
         every = policy.every_modality or no_slo
@@ -976,6 +977,7 @@ def merged_groups(tasks: Sequence[Task]) -> dict[Configuration, int]:
     return groups
 
 
-def _chunks(n: int, max_batch_size: int) -> list[int]:
+def chunk_sizes(n: int, max_batch_size: int) -> list[int]:
+    """The near-equal chunks a job of ``n`` rows is split into (each at most ``max_batch_size``)."""
     parts = -(-n // max_batch_size)
     return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]

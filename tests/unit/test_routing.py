@@ -1,0 +1,202 @@
+"""Routers: random, power of two choices, and the slack-aware router (pure functions of loads)."""
+
+from __future__ import annotations
+
+import collections
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mosel
+from mosel.jobs import floor_units
+from mosel.routing import Prediction
+
+from .helpers import Tiny, tiny_profile
+
+ALL = frozenset({"audio", "video", "text"})
+
+
+@pytest.fixture(scope="module")
+def profile() -> mosel.Profile:
+    return tiny_profile(Tiny())
+
+
+def load(
+    drain_ms: float = 0.0, queued: int = 0, at_s: float = 0.0, margin: float = 1.0, overhead_ms: float = 0.0
+) -> mosel.Load:
+    return mosel.Load(
+        drain_ms=drain_ms, queued_jobs=queued, queued_requests=queued, latency_margin=margin,
+        overhead_ms=overhead_ms, degraded_share=0.0, at_s=at_s,
+    )  # fmt: skip
+
+
+def test_random_router_spreads_uniformly_and_is_seeded() -> None:
+    router = mosel.RandomRouter()
+    request = mosel.RouteRequest(n=1)
+    picks = [router.choose([None] * 4, request, 0.0, random.Random(7)) for _ in range(3)]
+    assert len(set(picks)) == 1  # same seed, same pick
+    rng = random.Random(0)
+    counts = collections.Counter(router.choose([load()] * 4, request, 0.0, rng) for _ in range(4000))
+    assert set(counts) == {0, 1, 2, 3} and min(counts.values()) > 800
+    with pytest.raises(mosel.InputError, match=r"loads=\[\]"):
+        router.choose([], request, 0.0, rng)
+
+
+def test_power_of_two_picks_the_shorter_of_two_queues() -> None:
+    rng = random.Random(1)
+    request = mosel.RouteRequest(n=1)
+    loads = [load(queued=5), load(queued=2)]
+    assert {mosel.PowerOfTwoRouter(count_sent=False).choose(loads, request, 0.0, rng) for _ in range(50)} == {
+        1
+    }
+    # Among many, the longest queue is never chosen (it always loses its comparison).
+    loads = [load(queued=q) for q in (3, 9, 1, 4)]
+    router = mosel.PowerOfTwoRouter(count_sent=False)
+    assert 1 not in {router.choose(loads, request, 0.0, rng) for _ in range(200)}
+    assert mosel.PowerOfTwoRouter().choose([load()], request, 0.0, rng) == 0
+
+
+def test_power_of_two_counts_what_it_sent_since_the_last_report() -> None:
+    rng = random.Random(2)
+    router = mosel.PowerOfTwoRouter()
+    loads = [load(at_s=0.0), load(at_s=0.0)]
+    picks = [router.choose(loads, mosel.RouteRequest(n=2), 0.001 * k, rng) for k in range(1, 11)]
+    assert collections.Counter(picks) == {0: 5, 1: 5}  # alternates: never more than one apart
+    # A newer report already counts those requests: they no longer add to it.
+    fresh = [load(queued=0, at_s=1.0), load(queued=3, at_s=1.0)]
+    assert {router.choose(fresh, mosel.RouteRequest(n=1), 1.0, rng)} == {0}
+
+
+def test_slack_prefers_the_replica_where_the_request_gets_more_accuracy(profile: mosel.Profile) -> None:
+    router = mosel.SlackRouter(profile)
+    request = mosel.RouteRequest(n=2, deadline_ms=1.0, min_accuracy=0.6)
+    busy, idle = load(drain_ms=0.6), load(drain_ms=0.1)
+    predictions = router.predict([busy, idle], request, 0.0)
+    assert all(isinstance(p, Prediction) and p.meets for p in predictions)
+    assert predictions[1] is not None and predictions[0] is not None
+    assert predictions[1].accuracy > predictions[0].accuracy
+    assert router.choose([busy, idle], request, 0.0, random.Random(0)) == 1
+
+
+def test_slack_breaks_accuracy_ties_by_most_slack_and_else_picks_the_earliest_finish(
+    profile: mosel.Profile,
+) -> None:
+    rng = random.Random(0)
+    roomy = mosel.RouteRequest(n=1, deadline_ms=100.0)  # every replica serves it at its best
+    assert mosel.SlackRouter(profile).choose([load(3.0), load(1.0), load(2.0)], roomy, 0.0, rng) == 1
+    hopeless = mosel.RouteRequest(n=8, deadline_ms=0.05, min_accuracy=0.6)
+    router = mosel.SlackRouter(profile)
+    predictions = router.predict([load(3.0), load(1.0), load(2.0)], hopeless, 0.0)
+    assert not any(p is not None and p.meets for p in predictions)
+    assert router.choose([load(3.0), load(1.0), load(2.0)], hopeless, 0.0, rng) == 1
+    # The margin and the overhead are part of the price.
+    request = mosel.RouteRequest(n=4, deadline_ms=2.0, min_accuracy=0.6)
+    slow = load(0.0, margin=3.0, overhead_ms=0.5)
+    fast = load(0.0)
+    [on_slow, on_fast] = router.predict([slow, fast], request, 0.0)
+    assert on_slow is not None and on_fast is not None
+    assert on_slow.accuracy < on_fast.accuracy or on_slow.cost_ms > on_fast.cost_ms
+
+
+def test_slack_spreads_a_burst_between_two_reports(profile: mosel.Profile) -> None:
+    """Without counting what it sent, every request of a burst would go to the same replica."""
+    rng = random.Random(3)
+    router = mosel.SlackRouter(profile)
+    loads = [load(at_s=0.0) for _ in range(8)]
+    picks = [
+        router.choose(loads, mosel.RouteRequest(n=4, deadline_ms=5.0, min_accuracy=0.6), 1e-6, rng)
+        for _ in range(16)
+    ]
+    assert sorted(collections.Counter(picks).values()) == [2] * 8
+    # Unequal reports: the emptiest replica takes requests only until it is no longer the emptiest.
+    uneven = [load(drain_ms=0.05 * i, at_s=0.0) for i in range(8)]
+    router = mosel.SlackRouter(profile)
+    request = mosel.RouteRequest(n=4, deadline_ms=5.0, min_accuracy=0.6)
+    counts = collections.Counter(router.choose(uneven, request, 1e-6, rng) for _ in range(16))
+    assert len(counts) >= 6 and max(counts.values()) <= 4
+    # The local additions drain with time, and a newer report replaces them.
+    [before] = router.predict(loads[:1], mosel.RouteRequest(n=1), 1e-6)
+    [later] = router.predict(loads[:1], mosel.RouteRequest(n=1), 1e-6 + 0.0005)
+    [reported] = router.predict([load(at_s=0.001)], mosel.RouteRequest(n=1), 0.001)
+    assert before is not None and later is not None and reported is not None
+    assert before.drain_ms > later.drain_ms > 0.0 and reported.drain_ms == 0.0
+
+
+def test_slack_falls_back_to_power_of_two_without_fresh_loads(profile: mosel.Profile) -> None:
+    rng = random.Random(4)
+    router = mosel.SlackRouter(profile, stale_after_s=0.5)
+    request = mosel.RouteRequest(n=1, deadline_ms=1.0)
+    stale = [load(queued=9, at_s=0.0), load(queued=1, at_s=0.0)]
+    assert {router.choose(stale, request, 10.0, rng) for _ in range(5)} == {1}
+    assert router.predict(stale, request, 10.0) == [None, None]
+    # A fresh load is preferred to a stale one, however short the stale queue.
+    mixed = [load(drain_ms=0.5, queued=9, at_s=10.0), load(queued=0, at_s=0.0)]
+    assert router.choose(mixed, request, 10.0, rng) == 0
+    # An unreachable floor cannot be predicted anywhere: power of two too.
+    assert router.predict(mixed, mosel.RouteRequest(n=1, min_accuracy=0.99), 10.0) == [None, None]
+    with pytest.raises(mosel.InputError, match="stale_after_s"):
+        mosel.SlackRouter(profile, stale_after_s=0.0)
+
+
+def test_route_request_validation(profile: mosel.Profile) -> None:
+    with pytest.raises(mosel.InputError, match=r"RouteRequest.n .*0"):
+        mosel.RouteRequest(n=0)
+    with pytest.raises(mosel.SLOError, match=r"deadline_ms .*inf"):
+        mosel.RouteRequest(n=1, deadline_ms=float("inf"))
+    with pytest.raises(mosel.SLOError, match=r"min_accuracy .*1.5"):
+        mosel.RouteRequest(n=1, min_accuracy=1.5)
+    with pytest.raises(mosel.InputError, match=r"available=\['smell'\]"):
+        mosel.SlackRouter(profile).choose(
+            [load()], mosel.RouteRequest(n=1, available=frozenset({"smell"})), 0.0, random.Random(0)
+        )
+    # Jobs larger than max_batch_size are priced as their chunks.
+    big = mosel.SlackRouter(profile).predict([load()], mosel.RouteRequest(n=20), 0.0)[0]
+    small = mosel.SlackRouter(profile).predict([load()], mosel.RouteRequest(n=7), 0.0)[0]
+    assert big is not None and small is not None and big.cost_ms > 2 * small.cost_ms
+
+
+def _meets(profile: mosel.Profile, load: mosel.Load, request: mosel.RouteRequest) -> bool:
+    """Oracle: does any strategy meeting the floor fit the deadline on this replica?"""
+    frontier = profile.plan.frontier(ALL, request.n)
+    assert request.deadline_ms is not None
+    return any(
+        s.accuracy_units >= floor_units(request.min_accuracy, request.n)
+        and s.latency_us / 1000.0 * load.latency_margin + load.overhead_ms
+        <= request.deadline_ms - load.drain_ms
+        for s in frontier.strategies
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    drains=st.lists(st.floats(0.0, 5.0), min_size=1, max_size=6),
+    margins=st.lists(st.floats(1.0, 3.0), min_size=6, max_size=6),
+    overheads=st.lists(st.floats(0.0, 0.5), min_size=6, max_size=6),
+    n=st.integers(1, 8),
+    deadline_ms=st.floats(0.05, 6.0),
+    floor=st.sampled_from([None, 0.55, 0.6, 0.7, 0.8, 0.9]),
+    seed=st.integers(0, 1000),
+)
+def test_slack_never_picks_a_predicted_miss_when_a_predicted_hit_exists(
+    profile: mosel.Profile,
+    drains: list[float],
+    margins: list[float],
+    overheads: list[float],
+    n: int,
+    deadline_ms: float,
+    floor: float | None,
+    seed: int,
+) -> None:
+    loads = [load(d, margin=m, overhead_ms=o, at_s=1.0) for d, m, o in zip(drains, margins, overheads)]
+    request = mosel.RouteRequest(n=n, deadline_ms=deadline_ms, min_accuracy=floor)
+    choice = mosel.SlackRouter(profile).choose(loads, request, 1.0, random.Random(seed))
+    hits = [_meets(profile, item, request) for item in loads]
+    if any(hits):
+        assert hits[choice]
+    else:  # nobody meets it: the replica predicted to finish first at its cheapest admissible strategy
+        frontier = profile.plan.frontier(ALL, n)
+        cheapest = frontier.strategies[frontier.index_meeting(floor_units(floor, n))]
+        finish = [x.drain_ms + cheapest.latency_us / 1000.0 * x.latency_margin + x.overhead_ms for x in loads]
+        assert finish[choice] == pytest.approx(min(finish))
