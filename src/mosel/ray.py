@@ -63,7 +63,7 @@ from mosel.errors import DeadlineError, MoselError, QueueFullError, ReplicaError
 from mosel.execution import Result
 from mosel.profiles import Profile
 from mosel.routing import RouteRequest, SlackRouter
-from mosel.runtime import attach, close, load, stats
+from mosel.runtime import attach, close, load, model_ainfer, stats
 from mosel.scheduler import SchedulerConfig
 from mosel.stats import Load, StatsSnapshot
 from mosel.trees import Tree
@@ -205,7 +205,8 @@ class MoselReplica:
                     best_accuracy_within_deadline=None,
                 )
             deadline = max(left, 1e-3)  # best effort: the fastest admissible strategy, late
-        result: Result = await self.model.ainfer(
+        result = await model_ainfer(
+            self.model,
             request.inputs,
             deadline_ms=deadline,  # type: ignore[arg-type]  # an invalid value raises SLOError there
             min_accuracy=request.min_accuracy,
@@ -227,7 +228,7 @@ class MoselReplica:
         return {LOAD_KEY: load(self.model).to_json(), "replica": self.replica_id}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """mosel's own autoscaling signals, averaged per replica by Serve's controller."""
+        """The autoscaling signals of mosel, averaged per replica by Serve's controller."""
         now = load(self.model)
         return {
             "mosel_degraded_share": now.degraded_share,
@@ -265,7 +266,7 @@ def _fresh_load(routing_stats: Mapping[str, Any] | None, now_s: float, stale_aft
     return reported if reported.age_s(now_s) <= stale_after_s else None
 
 
-class SlackRequestRouter(FIFOMixin, RequestRouter):
+class SlackRequestRouter(FIFOMixin, RequestRouter):  # type: ignore[misc]
     """A Ray Serve request router that sends each job where mosel predicts it does best.
 
     Every replica reports its :class:`mosel.Load` (predicted time until its queue drains, its
@@ -283,7 +284,7 @@ class SlackRequestRouter(FIFOMixin, RequestRouter):
     :meth:`initialize_state` from ``RequestRouterConfig.request_router_kwargs``.
     """
 
-    def initialize_state(  # type: ignore[override]
+    def initialize_state(
         self,
         profile: str | Mapping[str, Any] | None = None,
         stale_after_s: float = 1.0,
@@ -503,7 +504,9 @@ def deployment(
     elif callable(profile):
         source = profile
     else:
-        raise TypeError(f"profile must be a path, a mosel.Profile or a function model -> Profile, got {profile!r}")
+        raise TypeError(
+            f"profile must be a path, a mosel.Profile or a function model -> Profile, got {profile!r}"
+        )
     options: dict[str, Any] = {
         "name": name,
         "max_ongoing_requests": max_ongoing_requests,
@@ -521,7 +524,9 @@ def deployment(
         elif isinstance(priced, (str, os.PathLike)):
             priced_json = Profile.load(priced).to_json()
         else:
-            raise ValueError("router='slack' with a profiling function needs router_profile= (a path or Profile)")
+            raise ValueError(
+                "router='slack' with a profiling function needs router_profile= (a path or a Profile)"
+            )
         options["request_router_config"] = RequestRouterConfig(
             request_router_class=SlackRequestRouter,
             request_router_kwargs={"profile": priced_json, "stale_after_s": stale_after_s, "seed": seed},
@@ -579,7 +584,9 @@ class Client:
                 self._settle(exc, response, request, attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _settle(self, exc: BaseException, response: DeploymentResponse, request: Request, attempt: int) -> None:
+    def _settle(
+        self, exc: BaseException, response: DeploymentResponse, request: Request, attempt: int
+    ) -> None:
         """Turn what a call raised into mosel's error, or return to retry it."""
         error = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
         if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, BaseException):

@@ -3,19 +3,36 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import hypothesis  # noqa: F401  (see below)
 import pytest
 
-ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
-from ray import serve  # noqa: E402
+# hypothesis is imported here, before Ray's threads exist: its pytest plugin imports it lazily at
+# the end of the run, and CPython 3.11's parser has failed then with "AST constructor recursion
+# depth mismatch" while Ray's threads were still winding down.
 
-from tests.ray.models import profiles  # noqa: E402
+with warnings.catch_warnings():  # Ray's own import-time deprecation warnings (pydantic)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
+    from ray import serve
+
+    import mosel.ray  # noqa: F401
+
+from tests.ray.models import profiles
 
 ROOT = Path(__file__).resolve().parents[2]
 # Each replica reports its autoscaling signals this often (Serve's default is 10 s).
 ENV = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5", "RAY_AUTH_MODE": "disabled"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:  # Ray's deprecation warnings are Ray's business
+            item.add_marker(pytest.mark.filterwarnings("ignore::DeprecationWarning"))
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +46,7 @@ def ray_serve() -> Iterator[None]:
         configure_logging=False,
         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), **ENV}},
     )
-    serve.start(http_options={"location": "NoServer"})
+    serve.start(proxy_location="Disabled")
     try:
         yield
     finally:
