@@ -1,0 +1,242 @@
+"""Real scale-out on Ray Serve: AV-Digits served by 1 and 2 mosel replicas, Serve's router against mosel's.
+
+    python benchmarks/scaleout_ray.py [--seconds 20] [--load 1.5] [--repeats 1]
+    python benchmarks/scaleout_ray.py --autoscale      # a load step under DegradationPolicy
+
+A local Ray instance (one CPU per replica, ``num_cpus`` = the machine's cores) serves the demo's
+from-scratch AV-Digits model with the committed profile (``benchmarks/profiles``); every
+configuration serves the same seeded trace (``strict`` conditions: Poisson arrivals at
+``--load`` times ONE replica's all-modality capacity, deadline = the job's all-modality latency +
+the scenario's slack, floor = best accuracy - 0.06). The driver stamps each request with its
+scheduled send time, so its own lag and Ray's transport count against the deadline, as they would
+behind an ingress. Reported, over every submitted request: goodput (requests answered within
+their deadline per second), violation ratio (late, failed or rejected), accuracy against the
+labels of the requests answered on time, and the mean expected accuracy of those served.
+
+Live figures depend on the machine and on everything else running on it; on a 2-core machine the
+driver, Ray's own processes and two replicas share two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import torch  # noqa: E402
+from conditions import CONDITIONS, arrivals_for  # noqa: E402
+from replay import RealJob, with_inputs  # noqa: E402
+from scenarios import AV_DIGITS_PROFILE, CACHE, av_digits_model, av_digits_slack_ms  # noqa: E402
+
+import mosel.ray  # noqa: E402
+
+WEIGHTS = str(CACHE / "av-digits-6ep.pt")
+ENV = {
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    "RAY_AUTH_MODE": "disabled",
+    "OMP_NUM_THREADS": "1",
+}
+
+
+def make_model() -> torch.nn.Module:
+    """The AV-Digits network with the benchmark's cached weights, at one thread (runs in a replica)."""
+    from av_digits import model as av_model
+
+    torch.set_num_threads(1)
+    model = av_model.AVDigitsNet()
+    model.load_state_dict(torch.load(WEIGHTS, weights_only=True))
+    return model.eval()
+
+
+@dataclass
+class Outcome:
+    """What became of one job."""
+
+    n: int
+    on_time: bool
+    served: bool
+    correct: int
+    expected_accuracy: float
+    error: str | None
+
+
+async def drive(client: object, jobs: list[RealJob], seconds: float) -> list[Outcome]:
+    """Send every job at its time (stamped with it), wait for all, in one event loop."""
+    assert isinstance(client, mosel.ray.Client)
+    start = time.time() + 0.5
+
+    async def one(job: RealJob) -> Outcome:
+        delay = start + job.time_s - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        request = mosel.ray.Request(
+            job.inputs, deadline_ms=job.deadline_ms, min_accuracy=job.min_accuracy, sent_at_s=start + job.time_s
+        )
+        try:
+            result = await client.ainfer(request)
+        except mosel.MoselError as error:
+            return Outcome(job.n, False, False, 0, math.nan, type(error).__name__)
+        correct = int((result.output.argmax(dim=1) == job.labels).sum())
+        return Outcome(job.n, bool(result.deadline_met), True, correct, result.expected_accuracy, None)
+
+    return await asyncio.wait_for(asyncio.gather(*(one(j) for j in jobs)), seconds + 120.0)
+
+
+def summary(outcomes: list[Outcome], seconds: float) -> dict[str, float]:
+    """Goodput, violations and accuracy over every submitted request."""
+    requests = sum(o.n for o in outcomes)
+    on_time = [o for o in outcomes if o.on_time]
+    served = [o for o in outcomes if o.served]
+    on_time_requests = sum(o.n for o in on_time)
+    served_requests = sum(o.n for o in served)
+    return {
+        "goodput_rps": on_time_requests / seconds,
+        "goodput_ratio": on_time_requests / requests,
+        "violation_ratio": 1 - on_time_requests / requests,
+        "accuracy_on_time": sum(o.correct for o in on_time) / on_time_requests if on_time_requests else math.nan,
+        "expected_accuracy": sum(o.expected_accuracy * o.n for o in served) / served_requests
+        if served_requests
+        else math.nan,
+        "failed_jobs": float(sum(1 for o in outcomes if o.error)),
+        "requests": float(requests),
+    }
+
+
+def start_ray() -> None:
+    import ray
+    from ray import serve
+
+    os.environ.update(ENV)
+    path = os.pathsep.join([str(ROOT), str(ROOT / "examples"), str(ROOT / "benchmarks")])
+    ray.init(
+        num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path, **ENV}},
+    )  # fmt: skip
+    serve.start(proxy_location="Disabled")
+
+
+def compare(args: argparse.Namespace) -> None:
+    from ray import serve
+
+    loaded = av_digits_model(profile=False)
+    if loaded is None:
+        sys.exit("AV-Digits needs espeak-ng (make system-deps)")
+    _, _, test = loaded
+    profile = mosel.Profile.load(AV_DIGITS_PROFILE)
+    arrivals = arrivals_for(
+        profile, CONDITIONS["strict"], args.load, args.seconds, args.seed,
+        slack_ms=av_digits_slack_ms(profile), drop=0.06,
+    )  # fmt: skip
+    jobs = with_inputs(arrivals, test, args.seed)
+    print(
+        f"AV-Digits on Ray Serve: {len(jobs)} jobs / {sum(j.n for j in jobs)} requests in {args.seconds:g} s, "
+        f"load {args.load:g}x one replica's all-modality capacity, slack {av_digits_slack_ms(profile):.1f} ms"
+    )
+    start_ray()
+    configs = [(1, "serve"), (2, "serve"), (2, "slack")]
+    rows: dict[tuple[int, str], list[dict[str, float]]] = {c: [] for c in configs}
+    for repeat in range(args.repeats):
+        for replicas, router in configs if repeat % 2 == 0 else configs[::-1]:
+            app = mosel.ray.deployment(
+                make_model, AV_DIGITS_PROFILE, name="av", num_replicas=replicas, router=router,
+                ray_actor_options={"num_cpus": 1}, seed=args.seed,
+            )  # fmt: skip
+            client = mosel.ray.Client(serve.run(app, name="av", route_prefix=None), timeout_s=60.0)
+            client.infer(jobs[0].inputs)  # warm every code path once before the clock starts
+            outcomes = asyncio.run(drive(client, jobs, args.seconds))
+            rows[(replicas, router)].append(summary(outcomes, args.seconds))
+            serve.delete("av")
+            row = rows[(replicas, router)][-1]
+            print(
+                f"  repeat {repeat}: {replicas} replica(s), {router:5s} router: goodput {row['goodput_rps']:.1f}/s "
+                f"({row['goodput_ratio']:.1%}), violations {row['violation_ratio']:.1%}, accuracy "
+                f"{row['accuracy_on_time']:.3f} (expected {row['expected_accuracy']:.3f})",
+                flush=True,
+            )
+    print("\n| replicas | router | goodput (req/s) | goodput ratio | violations | accuracy on time | expected |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for (replicas, router), runs in rows.items():
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        print(
+            f"| {replicas} | {'Serve (power of two)' if router == 'serve' else 'mosel (slack)'} | "
+            f"{med['goodput_rps']:.1f} | {med['goodput_ratio']:.1%} | {med['violation_ratio']:.1%} | "
+            f"{med['accuracy_on_time']:.3f} | {med['expected_accuracy']:.3f} |"
+        )
+    base = statistics.median(r["goodput_rps"] for r in rows[(1, "serve")])
+    for key in configs[1:]:
+        ratio = statistics.median(r["goodput_rps"] for r in rows[key]) / base
+        print(f"goodput {key[0]} replicas, {key[1]} router / 1 replica: {ratio:.2f}x")
+
+
+def autoscale(args: argparse.Namespace) -> None:
+    """A load step (0.4x, then 1.6x one replica's capacity) under DegradationPolicy: replicas over time."""
+    from ray import serve
+
+    loaded = av_digits_model(profile=False)
+    if loaded is None:
+        sys.exit("AV-Digits needs espeak-ng (make system-deps)")
+    _, _, test = loaded
+    profile = mosel.Profile.load(AV_DIGITS_PROFILE)
+    slack = av_digits_slack_ms(profile)
+    calm = arrivals_for(profile, CONDITIONS["strict"], 0.4, 10.0, args.seed, slack_ms=slack, drop=0.06)
+    busy = arrivals_for(profile, CONDITIONS["strict"], 1.6, 40.0, args.seed + 1, slack_ms=slack, drop=0.06)
+    arrivals = calm + [mosel.Arrival(a.time_s + 10.0, a.n, a.deadline_ms, a.min_accuracy) for a in busy]
+    jobs = with_inputs(arrivals, test, args.seed)
+    start_ray()
+    scaling = mosel.ray.autoscaling_config(
+        min_replicas=1, max_replicas=2, upper=0.25, lower=0.02, upscale_delay_s=2.0, downscale_delay_s=600.0,
+        look_back_period_s=3.0,
+    )  # fmt: skip
+    app = mosel.ray.deployment(
+        make_model, AV_DIGITS_PROFILE, name="av", autoscaling=scaling, ray_actor_options={"num_cpus": 1}
+    )
+    client = mosel.ray.Client(serve.run(app, name="av", route_prefix=None), timeout_s=60.0)
+    client.infer(jobs[0].inputs)
+    seen: list[tuple[float, int]] = []
+
+    async def watch(until: float) -> None:
+        t0 = time.time()
+        while time.time() < until:
+            status = serve.status().applications["av"].deployments["av"]
+            running = status.replica_states.get("RUNNING", 0)
+            seen.append((time.time() - t0, running))
+            await asyncio.sleep(1.0)
+
+    async def both() -> list[Outcome]:
+        watcher = asyncio.ensure_future(watch(time.time() + 50.0))
+        outcomes = await drive(client, jobs, 50.0)
+        await watcher
+        return outcomes
+
+    outcomes = asyncio.run(both())
+    print("load step at t=10 s (0.4x -> 1.6x one replica's capacity); running replicas over time:")
+    print("  " + ", ".join(f"{t:.0f}s:{n}" for t, n in seen))
+    calm_out, busy_out = outcomes[: len(calm)], outcomes[len(calm) :]
+    for name, part, secs in (("calm", calm_out, 10.0), ("busy", busy_out, 40.0)):
+        row = summary(part, secs)
+        print(f"  {name}: goodput {row['goodput_ratio']:.1%}, expected accuracy {row['expected_accuracy']:.3f}")
+    serve.delete("av")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--load", type=float, default=1.5)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--autoscale", action="store_true")
+    args = parser.parse_args()
+    autoscale(args) if args.autoscale else compare(args)
+
+
+if __name__ == "__main__":
+    main()
