@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import logging
 import math
 import random
@@ -20,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from mosel import trees
-from mosel.compiling import unwrap_compiled
+from mosel.compiling import compiled_parts, unwrap_compiled
 from mosel.errors import InputError, MoselWarning, SLOError
 from mosel.execution import check_inputs, execute
 from mosel.plan import Plan, PlannerConfig, build_plan, configuration_key
@@ -34,6 +33,7 @@ from mosel.profiles import (
     cost_model_of,
     fingerprint_of,
     model_device,
+    plan_buckets,
 )
 from mosel.runtime import attach
 from mosel.spec import ModelSpec, spec_of
@@ -366,6 +366,17 @@ def _profile(
             for b in sizes:
                 rows = trees.take(x, slice(0, b), spec.batch_dim(m))
                 calls.append((samples_by_b[b], functools.partial(branch, rows)))
+        # A branch compiled with mosel.compile_branches is also timed eager (its class's method), so
+        # the profile shows what compiling bought on this device.
+        compiled = set(compiled_parts(model))
+        eager_samples: dict[str, Timings] = {
+            m: {b: [] for b in sizes} for m in spec.modalities if spec.branches[m] in compiled
+        }
+        for m, samples_by_b in eager_samples.items():
+            eager = getattr(type(model), spec.branches[m]).__get__(model)
+            for b in sizes:
+                rows = trees.take(big[m], slice(0, b), spec.batch_dim(m))
+                calls.append((samples_by_b[b], functools.partial(eager, rows)))
         for c in spec.configurations:
             for b in sizes:
                 some = {m: trees.take(features[m], slice(0, b), spec.batch_dim(m)) for m in c}
@@ -415,19 +426,17 @@ def _profile(
             cost_checks=checks,
             plan=plan,
             sized=MappingProxyType(sized),
+            eager_latency=MappingProxyType({m: _table(t, max_batch_size) for m, t in eager_samples.items()}),
         )
-        sized_plans: dict[BucketKey, Plan] = {}
-        for key in itertools.product(*(sorted(s.tables) for s in sized.values())):
-            if key == partial.reference_bucket:
-                continue
-            sized_plans[key] = build_plan(partial.cost_at(key), planner)
+        partial = plan_buckets(partial, planner)
+        for key, bucket_plan in partial.sized_plans.items():
             inputs = dict(big) | {
                 m: _repeat_rows(by_size[m][edge], max_batch_size, spec.batch_dim(m))
                 for m, edge in zip(sized, key, strict=True)
             }
-            checks += _check_costs(model, spec, sized_plans[key], inputs, timer, SIZED_CHECKS, key)
+            checks += _check_costs(model, spec, bucket_plan, inputs, timer, SIZED_CHECKS, key)
         profiled_s = time.perf_counter() - started
-    result = dataclasses.replace(partial, cost_checks=checks, sized_plans=MappingProxyType(sized_plans))
+    result = dataclasses.replace(partial, cost_checks=checks)
     errors = [abs(c.relative_error) for c in checks]
     if errors and statistics.median(errors) > COST_CHECK_WARN:
         warnings.warn(

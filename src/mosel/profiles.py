@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -31,7 +32,9 @@ from mosel.errors import ProfileError
 from mosel.plan import (
     CostModel,
     Plan,
+    PlannerConfig,
     accuracy_units,
+    build_plan,
     configuration_key,
     json_dict,
     json_field,
@@ -45,7 +48,7 @@ from mosel.plan import (
 
 __all__ = [
     "BucketKey", "CostCheck", "Fingerprint", "LatencyTable", "Profile", "SizedLatency", "bucket_edge",
-    "fingerprint_of",
+    "fingerprint_of", "plan_buckets",
 ]  # fmt: skip
 
 FORMAT: Final = "mosel.profile"
@@ -309,6 +312,8 @@ class Profile:
             reference bucket. Fusion is timed at the reference (fusion over pooled features does
             not depend on the input size; the cost checks at other buckets test that).
         sized_plans: the plan for every other combination of measured buckets.
+        eager_latency: for each branch compiled with :func:`mosel.compile_branches` when
+            profiled, its eager latency, timed in the same rounds (what compiling bought here).
     """
 
     modalities: tuple[str, ...]
@@ -322,6 +327,7 @@ class Profile:
     plan: Plan
     sized: Mapping[str, SizedLatency] = field(default_factory=lambda: MappingProxyType({}))
     sized_plans: Mapping[BucketKey, Plan] = field(default_factory=lambda: MappingProxyType({}))
+    eager_latency: Mapping[str, LatencyTable] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
         for configuration, value in self.accuracy.items():
@@ -416,6 +422,11 @@ class Profile:
                     ],
                 }
                 if self.sized
+                else {}
+            ),
+            **(
+                {"eager_latency": {m: t.to_json() for m, t in self.eager_latency.items()}}
+                if self.eager_latency
                 else {}
             ),
         }
@@ -633,6 +644,14 @@ class Profile:
         if sized and missing:
             lacking = show([list(k) for k in missing])
             raise ValueError(f"sized_plans lacks a plan for measured buckets {lacking}")
+        eager_raw = json_dict(data.get("eager_latency", {}), "eager_latency")
+        if not set(eager_raw) <= set(modalities):
+            unknown = sorted(set(eager_raw) - set(modalities))
+            raise ValueError(f"eager_latency names unknown modalities {show(unknown)}")
+        eager = {
+            m: LatencyTable.from_json(t, what=f"eager_latency[{m!r}]", size=max_batch)
+            for m, t in eager_raw.items()
+        }
         return cls(
             modalities=modalities,
             max_batch_size=max_batch,
@@ -645,7 +664,18 @@ class Profile:
             plan=plan,
             sized=MappingProxyType(sized),
             sized_plans=MappingProxyType(sized_plans),
+            eager_latency=MappingProxyType(eager),
         )
+
+
+def plan_buckets(profile: Profile, planner: PlannerConfig | None = None) -> Profile:
+    """``profile`` with a plan for every combination of measured size buckets but the reference."""
+    plans = {
+        key: build_plan(profile.cost_at(key), planner)
+        for key in itertools.product(*(sorted(s.tables) for s in profile.sized.values()))
+        if key != profile.reference_bucket
+    }
+    return dataclasses.replace(profile, sized_plans=MappingProxyType(plans))
 
 
 def _reject_constant(name: str) -> float:

@@ -16,7 +16,15 @@ import torch
 from torch import Tensor, nn
 
 from mosel.plan import PlannerConfig, build_plan, configuration_key
-from mosel.profiles import Fingerprint, LatencyTable, Profile, cost_model_of, fingerprint_of
+from mosel.profiles import (
+    Fingerprint,
+    LatencyTable,
+    Profile,
+    SizedLatency,
+    cost_model_of,
+    fingerprint_of,
+    plan_buckets,
+)
 from mosel.spec import fusion, modality, multimodal, spec_of
 
 __all__ = ["Passthrough", "ToyAV", "synthetic_profile", "toy_av_batches", "toy_av_data", "train_toy_av"]
@@ -173,6 +181,7 @@ def synthetic_profile(
     fusion_us: Mapping[str, Sequence[float]] | None = None,
     sample_count: int = 1000,
     planner: PlannerConfig | None = None,
+    sized_us: Mapping[str, Mapping[int, Sequence[float]]] | None = None,
 ) -> Profile:
     """A profile from given tables instead of measurements (deterministic tests, simulations).
 
@@ -183,11 +192,17 @@ def synthetic_profile(
         fusion_us: like ``branch_us`` per configuration; default 0 for every size.
         sample_count: the validation size the accuracies claim.
         planner: planner settings.
+        sized_us: for modalities priced per input size: size bucket edge -> latency table like
+            ``branch_us``'s; the first bucket is the reference (its table replaces the
+            modality's ``branch_us`` entry). Buckets are the spec's (``size=``, ``buckets=``)
+            when declared, else the given edges.
     """
     spec = spec_of(model)
-    sizes = {len(t) for t in branch_us.values()}
-    if len(sizes) != 1 or set(branch_us) != set(spec.modalities):
-        raise ValueError("branch_us needs one table per modality, all of the same length")
+    sized_us = sized_us or {}
+    tables = dict(branch_us) | {m: next(iter(sized_us[m].values())) for m in sized_us}
+    sizes = {len(t) for t in tables.values()} | {len(t) for by in sized_us.values() for t in by.values()}
+    if len(sizes) != 1 or set(tables) != set(spec.modalities):
+        raise ValueError("branch_us (or sized_us) needs one table per modality, all of the same length")
     max_batch = sizes.pop()
     by_key = {configuration_key(c, spec.modalities): c for c in spec.configurations}
 
@@ -196,7 +211,7 @@ def synthetic_profile(
             tuple(float(v) for v in values), tuple(float(v) for v in values), tuple(range(1, max_batch + 1))
         )
 
-    branch = {m: table(branch_us[m]) for m in spec.modalities}
+    branch = {m: table(tables[m]) for m in spec.modalities}
     fusion_tables = {c: table((fusion_us or {}).get(k, [0.0] * max_batch)) for k, c in by_key.items()}
     acc = {by_key[k]: float(v) for k, v in accuracy.items()}
     if set(acc) != set(spec.configurations):
@@ -206,7 +221,15 @@ def synthetic_profile(
     else:
         fingerprint = Fingerprint("synthetic", torch.__version__, spec.model_class, "synthetic")
     plan = build_plan(cost_model_of(spec.modalities, branch, fusion_tables, acc), planner)
-    return Profile(
+    sized = {
+        m: SizedLatency(
+            spec.sizings[m].buckets if m in spec.sizings else tuple(sorted(by_edge)),
+            next(iter(by_edge)),
+            MappingProxyType({edge: table(values) for edge, values in by_edge.items()}),
+        )
+        for m, by_edge in sized_us.items()
+    }
+    profile = Profile(
         modalities=spec.modalities,
         max_batch_size=max_batch,
         branch_latency=MappingProxyType(branch),
@@ -216,4 +239,6 @@ def synthetic_profile(
         fingerprint=fingerprint,
         cost_checks=(),
         plan=plan,
+        sized=MappingProxyType(sized),
     )
+    return plan_buckets(profile, planner) if sized else profile

@@ -19,7 +19,7 @@ def attached(**options: object) -> Tiny:
     return model
 
 
-def test_the_fingermeasuredrecords_dtype_and_compiled_parts_and_reads_older_profiles() -> None:
+def test_the_fingerprint_records_dtype_and_compiled_parts_and_reads_older_profiles() -> None:
     model = Tiny()
     measured = tiny_profile(model).fingerprint
     assert measured.dtype == "torch.float32" and measured.compiled == ()
@@ -96,6 +96,13 @@ def test_compiled_branches_serve_and_are_recorded_in_the_fingerprint() -> None:
     assert isinstance(model, Tiny) and set(model.state_dict()) == {"scale"}
     compiled = tiny_profile(model)
     assert compiled.fingerprint.compiled == ("encode_audio", "encode_video", "encode_text", "fuse")
+    # Profiled for real, each compiled branch is timed eager too, in the same rounds; JSON keeps both.
+    data = [({m: x.repeat(2, *([1] * (x.dim() - 1))) for m, x in tiny_inputs(4).items()}, torch.zeros(8))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mosel.MoselWarning)  # a sub-microsecond toy: checks are noise
+        measured = mosel.profile(model, data, max_batch_size=2, warmup=1, repeats=2, metric=lambda o, t: t)
+    assert set(measured.eager_latency) == {"audio", "video", "text"}
+    assert mosel.Profile.from_json(measured.to_json()).eager_latency == measured.eager_latency
     with pytest.warns(mosel.MoselWarning, match="compiled"):
         mosel.attach(model, eager)  # measured eager: its latencies do not hold
     mosel.attach(model, compiled)

@@ -1,0 +1,161 @@
+"""Shape-aware costs: size buckets declared on a modality, priced per job (virtual clock)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import mosel
+from mosel.profiles import SizedLatency, bucket_edge
+from mosel.testing import synthetic_profile
+
+pytestmark = pytest.mark.unit
+
+
+@mosel.multimodal
+class TextImage(nn.Module):
+    @mosel.modality("text", size=lambda x: x.shape[-1], buckets=(16, 64, 256))
+    def encode_text(self, x: Tensor) -> Tensor:
+        return x.float().mean(-1, keepdim=True)
+
+    @mosel.modality("image")
+    def encode_image(self, x: Tensor) -> Tensor:
+        return x
+
+    @mosel.fusion
+    def fuse(self, features: Mapping[str, Tensor]) -> Tensor:
+        return sum(features.values())  # type: ignore[return-value]
+
+
+MAX = 8
+TEXT_16 = [100.0 * b for b in range(1, MAX + 1)]
+TEXT_64 = [400.0 * b for b in range(1, MAX + 1)]
+TEXT_256 = [1600.0 * b for b in range(1, MAX + 1)]
+IMAGE = [300.0 + 50.0 * b for b in range(1, MAX + 1)]
+ACCURACY = {"text": 0.80, "image": 0.70, "text+image": 0.90}
+
+
+def sized_profile() -> mosel.Profile:
+    return synthetic_profile(
+        TextImage,
+        branch_us={"image": IMAGE},
+        sized_us={"text": {16: TEXT_16, 64: TEXT_64, 256: TEXT_256}},
+        accuracy=ACCURACY,
+    )
+
+
+def test_spec_records_sizing_and_rejects_misuse() -> None:
+    sizing = mosel.spec_of(TextImage).sizings["text"]
+    assert sizing.buckets == (16, 64, 256)
+    assert sizing.read("text", torch.zeros(2, 40)) == 40
+    assert "image" not in mosel.spec_of(TextImage).sizings
+    with pytest.raises(mosel.SpecError, match="strictly ascending"):
+        mosel.modality("text", size=len, buckets=(32, 16))
+    with pytest.raises(mosel.SpecError, match="buckets= needs size="):
+        mosel.modality("text", buckets=(16, 32))
+    with pytest.raises(mosel.SpecError, match="function"):
+        mosel.modality("text", size=3)  # type: ignore[arg-type]
+    with pytest.raises(mosel.InputError, match="size function of modality 'text' failed"):
+        sizing.read("text", "not a tensor")
+    with pytest.raises(mosel.InputError, match="returned 0"):
+        sizing.read("text", torch.zeros(2, 0))
+
+
+@given(st.lists(st.integers(1, 1000), min_size=1, max_size=6, unique=True), st.integers(1, 5000))
+def test_bucket_edge_is_the_first_edge_at_or_above(edges: list[int], size: int) -> None:
+    buckets = tuple(sorted(edges))
+    edge = bucket_edge(buckets, size)
+    assert edge >= size
+    if size <= buckets[-1]:
+        assert edge in buckets
+        assert all(e < size for e in buckets if e < edge)
+    else:
+        assert edge & (edge - 1) == 0 and edge // 2 < size  # the next power of two
+
+
+def test_each_bucket_has_its_own_plan_and_costs() -> None:
+    profile = sized_profile()
+    assert profile.reference_bucket == (16,)
+    assert set(profile.sized_plans) == {(64,), (256,)}
+    everything = frozenset({"text", "image"})
+    for edge, text in ((16, TEXT_16), (64, TEXT_64), (256, TEXT_256)):
+        plan, cost = profile.priced_at((edge,))
+        assert cost.branch_us["text"][1:] == tuple(int(v) for v in text)
+        for n in (1, MAX):
+            for strategy in plan.frontier(everything, n).strategies:
+                assert strategy.latency_us == cost.latency_us(strategy.groups)
+    # Sizes between buckets are priced at the bucket above; beyond the last, scaled linearly.
+    assert profile.bucket({"text": 17}) == (64,)
+    assert profile.bucket({}) == (16,)
+    _, beyond = profile.priced_at(profile.bucket({"text": 1000}))
+    assert beyond.branch_us["text"][1] == pytest.approx(1600.0 * 1024 / 256, abs=1)
+
+
+def test_sized_profile_round_trips_and_rejects_a_tampered_plan(tmp_path: object) -> None:
+    profile = sized_profile()
+    data = json.loads(json.dumps(profile.to_json()))
+    again = mosel.Profile.from_json(data)
+    assert again.sized == profile.sized
+    assert again.sized_plans.keys() == profile.sized_plans.keys()
+    assert again.priced_at((64,))[1] == profile.priced_at((64,))[1]
+    data["sized"]["text"]["tables"]["64"]["median_us"][0] = 1.0
+    with pytest.raises(mosel.ProfileError, match="plan does not match"):
+        mosel.Profile.from_json(data)
+    data = json.loads(json.dumps(profile.to_json()))
+    del data["sized_plans"][0]
+    with pytest.raises(mosel.ProfileError, match="lacks a plan"):
+        mosel.Profile.from_json(data)
+    assert isinstance(profile.sized["text"], SizedLatency)
+
+
+def test_unsized_profile_json_has_no_sized_fields() -> None:
+    profile = synthetic_profile(TextImage, branch_us={"text": TEXT_16, "image": IMAGE}, accuracy=ACCURACY)
+    assert "sized" not in profile.to_json()
+    assert profile.reference_bucket == ()
+    assert profile.priced_at(())[0] is profile.plan
+
+
+def test_a_long_job_is_priced_at_its_bucket_and_gets_a_strategy_that_fits() -> None:
+    """One job of 4 requests at each length, alone, deadline 3 ms: the text branch costs 0.4 ms at
+    16 tokens, 1.6 ms at 64 and 6.4 ms at 256; priced at the reference every job would take text.
+    """
+    profile = sized_profile()
+    deadline_ms = 3.0
+    arrivals = [
+        mosel.Arrival(time_s=i * 0.1, n=4, deadline_ms=deadline_ms, sizes={"text": size})
+        for i, size in enumerate((16, 64, 256))
+    ]
+    sim = mosel.simulate(profile, arrivals)
+    assert all(r.on_time for r in sim.records)
+    text_rows = [sum(k for c, k in r.strategies[0].groups if "text" in c) for r in sim.records]
+    assert text_rows[0] == 4  # 16 tokens: text for everyone (with image: 0.9)
+    assert text_rows[2] <= 1  # 256 tokens: 1.6 ms per text row, 2 rows would not fit in 3 ms
+    # Without sizes the same job is priced at the reference (16 tokens) and takes text for all.
+    blind = mosel.simulate(profile, [mosel.Arrival(time_s=0.0, n=4, deadline_ms=deadline_ms)])
+    assert sum(k for c, k in blind.records[0].strategies[0].groups if "text" in c) == 4
+
+
+def test_jobs_of_different_buckets_never_share_a_batch() -> None:
+    profile = sized_profile()
+    arrivals = [mosel.Arrival(time_s=0.0, n=2, sizes={"text": 16 if i % 2 else 200}) for i in range(8)]
+    sim = mosel.simulate(profile, arrivals, mosel.SchedulerConfig(max_merge=8))
+    assert all(r.served for r in sim.records)
+    batches: dict[float, set[tuple[int, ...]]] = {}  # a batch's jobs start together
+    for record in sim.records:
+        assert record.arrival.sizes is not None
+        batches.setdefault(record.started_s, set()).add(profile.bucket(record.arrival.sizes))
+    assert all(len(buckets) == 1 for buckets in batches.values())
+    assert len(batches) < len(arrivals)  # jobs of one bucket did merge
+
+
+def test_simulate_rejects_sizes_for_an_unsized_modality() -> None:
+    with pytest.raises(mosel.InputError, match="sizes must map"):
+        mosel.simulate(sized_profile(), [mosel.Arrival(time_s=0.0, n=1, sizes={"image": 3})])
+    with pytest.raises(mosel.InputError, match="sizes must map"):
+        mosel.simulate(sized_profile(), [mosel.Arrival(time_s=0.0, n=1, sizes={"text": 0})])
