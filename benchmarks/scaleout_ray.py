@@ -215,7 +215,6 @@ def autoscale(args: argparse.Namespace) -> None:
     jobs = calm + [dataclasses.replace(j, time_s=j.time_s + 10.0) for j in busy]
     scaling = mosel.ray.autoscaling_config(
         min_replicas=1, max_replicas=2, upper=0.25, lower=0.02, upscale_delay_s=2.0, downscale_delay_s=600.0,
-        look_back_period_s=3.0,
     )  # fmt: skip
     client = deploy(0, "slack", args.seed, autoscaling=scaling)
     client.infer(jobs[0].inputs)

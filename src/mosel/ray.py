@@ -54,7 +54,7 @@ import ray
 import ray.exceptions
 from ray import serve
 from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingPolicy, RequestRouterConfig
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 from torch import Tensor, nn
@@ -89,6 +89,7 @@ _REPLICA_LOST: Final = (
     ray.exceptions.ActorUnavailableError,
     ray.exceptions.RayActorError,
     DeploymentUnavailableError,
+    ReplicaUnavailableError,
 )
 
 
@@ -424,14 +425,15 @@ def autoscaling_config(
     drain_upper_ms: float | None = None,
     upscale_delay_s: float = 5.0,
     downscale_delay_s: float = 60.0,
-    look_back_period_s: float = 10.0,
+    look_back_period_s: float = 12.0,
     **options: Any,
 ) -> AutoscalingConfig:
     """A Serve ``AutoscalingConfig`` that scales on :class:`DegradationPolicy`.
 
     Replicas report their signals every ``RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S``
     (an environment variable of the Ray cluster; Serve's default is 10 s, set it lower for
-    faster reactions). ``options`` go to ``AutoscalingConfig`` as they are.
+    faster reactions); Serve averages them over ``look_back_period_s`` (which it wants above its
+    deprecated ``metrics_interval_s``, 10 s). ``options`` go to ``AutoscalingConfig`` as they are.
     """
     return AutoscalingConfig(
         min_replicas=min_replicas,
@@ -604,7 +606,8 @@ class Client:
                 _log.warning("mosel.ray: replica lost under a job (%s); retrying", type(error).__name__)
                 return
             raise ReplicaError(f"the replica serving the job was lost: {error}") from error
-        if isinstance(exc, BaseException) and not isinstance(exc, Exception):
+        if not isinstance(exc, Exception):  # cancelled, interrupted: the job is withdrawn
+            response.cancel()
             raise exc
         raise error
 
