@@ -166,3 +166,34 @@ def test_a_replica_killed_under_load(profile_paths: dict[str, str]) -> None:
         check_rows(after, 3, 0.6)
     finally:
         serve.delete("fragile")
+
+
+def _running(app: str, deployment: str) -> int:
+    status = serve.status().applications[app].deployments[deployment]
+    return int(status.replica_states.get("RUNNING", 0))
+
+
+def test_autoscaling_on_mosels_signal_adds_a_replica_under_load(profile_paths: dict[str, str]) -> None:
+    scaling = mosel.ray.autoscaling_config(
+        min_replicas=1, max_replicas=2, upper=0.99, lower=0.0, drain_upper_ms=1.0,
+        upscale_delay_s=0.0, downscale_delay_s=600.0,
+    )  # fmt: skip
+    app = mosel.ray.deployment(
+        make_slow, profile_paths["slow"], name="elastic", autoscaling=scaling, ray_actor_options=ACTORS
+    )
+    client = mosel.ray.Client(serve.run(app, name="elastic", route_prefix=None), timeout_s=60.0)
+    try:
+        assert _running("elastic", "elastic") == 1
+
+        async def load_until_scaled(limit_s: float) -> bool:
+            until = time.monotonic() + limit_s
+            while time.monotonic() < until:  # a queue that takes longer than 1 ms to drain, all along
+                await asyncio.gather(*(client.ainfer(tiny_inputs(2)) for _ in range(6)))
+                if _running("elastic", "elastic") == 2:
+                    return True
+            return False
+
+        assert asyncio.run(load_until_scaled(120.0)), "no second replica within 120 s of load"
+        check_rows(client.infer(tiny_inputs(2), min_accuracy=0.6), 2, 0.6)
+    finally:
+        serve.delete("elastic")
