@@ -169,37 +169,41 @@ def compare(args: argparse.Namespace) -> None:
         f"slack + {transit:.1f} ms measured transit (a lone job's time outside the model)",
         flush=True,
     )
-    configs = [(1, "serve"), (2, "serve"), (2, "slack")]
-    rows: dict[tuple[int, str], list[dict[str, float]]] = {c: [] for c in configs}
+    configs = [(1, "serve", None), (2, "serve", None), (2, "serve", 0.1), (2, "slack", 0.1), (2, "slack", 0.5)]
+    rows: dict[tuple[int, str, float | None], list[dict[str, float]]] = {c: [] for c in configs}
     for repeat in range(args.repeats):
-        for replicas, router in configs if repeat % 2 == 0 else configs[::-1]:
-            client = deploy(replicas, router, args.seed)
+        for replicas, router, period in configs if repeat % 2 == 0 else configs[::-1]:
+            client = deploy(replicas, router, args.seed, stats_period_s=period)
             for job in jobs[:20]:  # warm every replica's code paths before the clock starts
                 client.infer(job.inputs)
             outcomes = asyncio.run(drive(client, jobs, args.seconds))
             serve.delete("av")
             row = summary(outcomes, args.seconds)
-            rows[(replicas, router)].append(row)
+            rows[(replicas, router, period)].append(row)
             print(
-                f"  repeat {repeat}: {replicas} replica(s), {router:5s} router: goodput {row['goodput_rps']:.1f} "
+                f"  repeat {repeat}: {replicas} replica(s), {router:5s} router, stats every {period or 10:g} s: goodput {row['goodput_rps']:.1f} "
                 f"req/s ({row['goodput_ratio']:.1%}), violations {row['violation_ratio']:.1%} "
                 f"({row['failed_jobs']:.0f} jobs failed), accuracy on time {row['accuracy_on_time']:.3f}, "
                 f"expected {row['expected_accuracy']:.3f}",
                 flush=True,
             )
-    print("\n| replicas | router | goodput (req/s) | goodput ratio | violations | accuracy on time | expected |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
-    for (replicas, router), runs in rows.items():
+    print(
+        "\n| replicas | router | load reports | goodput (req/s) | goodput ratio | violations | accuracy on time "
+        "| expected |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for (replicas, router, period), runs in rows.items():
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         print(
             f"| {replicas} | {'Serve (power of two)' if router == 'serve' else 'mosel (slack)'} | "
+            f"{'every ' + format(period, 'g') + ' s' if period else 'Serve default (10 s)'} | "
             f"{med['goodput_rps']:.1f} | {med['goodput_ratio']:.1%} | {med['violation_ratio']:.1%} | "
             f"{med['accuracy_on_time']:.3f} | {med['expected_accuracy']:.3f} |"
         )
-    base = statistics.median(r["goodput_rps"] for r in rows[(1, "serve")])
+    base = statistics.median(r["goodput_rps"] for r in rows[configs[0]])
     for key in configs[1:]:
         ratio = statistics.median(r["goodput_rps"] for r in rows[key]) / base
-        print(f"goodput {key[0]} replicas, {key[1]} router / 1 replica: {ratio:.2f}x")
+        print(f"goodput {key[0]} replicas, {key[1]} router, reports {key[2] or 10:g} s / 1 replica: {ratio:.2f}x")
 
 
 def autoscale(args: argparse.Namespace) -> None:

@@ -463,7 +463,7 @@ def deployment(
     router: Literal["slack", "serve"] = "slack",
     router_profile: str | os.PathLike[str] | Profile | None = None,
     stale_after_s: float = 1.0,
-    stats_period_s: float = 0.1,
+    stats_period_s: float | None = None,
     max_ongoing_requests: int = 64,
     max_queued_requests: int = -1,
     ray_actor_options: Mapping[str, Any] | None = None,
@@ -489,7 +489,8 @@ def deployment(
         router_profile: the profile the router prices requests with; default ``profile`` (a
             function ``profile`` needs one given here for the slack router).
         stale_after_s: the router ignores a replica's load older than this.
-        stats_period_s: how often Serve asks each replica for its load.
+        stats_period_s: how often Serve asks each replica for its load; default 0.1 s with
+            the slack router, Serve's own (10 s) with Serve's router, which does not read it.
         max_ongoing_requests: jobs one replica holds at once (running and in its mosel queue);
             beyond it Serve queues them in the caller's handle. mosel schedules only what it
             holds, so keep it above the queue a replica can serve within a deadline.
@@ -519,6 +520,15 @@ def deployment(
         options["autoscaling_config"] = autoscaling
     else:
         options["num_replicas"] = 1 if num_replicas is None else num_replicas
+    if router not in ("slack", "serve"):
+        raise ValueError(f"router must be 'slack' or 'serve', got {router!r}")
+    period = stats_period_s if stats_period_s is not None else 0.1 if router == "slack" else None
+    stats: dict[str, Any] = {}
+    if period is not None:
+        stats = {
+            "request_routing_stats_period_s": period,
+            "request_routing_stats_timeout_s": max(10 * period, 1.0),
+        }
     if router == "slack":
         priced = router_profile if router_profile is not None else profile
         if isinstance(priced, Profile):
@@ -532,11 +542,10 @@ def deployment(
         options["request_router_config"] = RequestRouterConfig(
             request_router_class=SlackRequestRouter,
             request_router_kwargs={"profile": priced_json, "stale_after_s": stale_after_s, "seed": seed},
-            request_routing_stats_period_s=stats_period_s,
-            request_routing_stats_timeout_s=max(10 * stats_period_s, 1.0),
+            **stats,
         )
-    elif router != "serve":
-        raise ValueError(f"router must be 'slack' or 'serve', got {router!r}")
+    elif stats:  # Serve's router, with the replicas polled as often as the slack router's (a control)
+        options["request_router_config"] = RequestRouterConfig(**stats)
     return serve.deployment(MoselReplica).options(**options).bind(factory, source, scheduler)
 
 
