@@ -462,7 +462,7 @@ def deployment(
     autoscaling: AutoscalingConfig | Mapping[str, Any] | None = None,
     router: Literal["slack", "serve"] = "slack",
     router_profile: str | os.PathLike[str] | Profile | None = None,
-    stale_after_s: float = 1.0,
+    stale_after_s: float = 2.0,
     stats_period_s: float | None = None,
     max_ongoing_requests: int = 64,
     max_queued_requests: int = -1,
@@ -489,7 +489,7 @@ def deployment(
         router_profile: the profile the router prices requests with; default ``profile`` (a
             function ``profile`` needs one given here for the slack router).
         stale_after_s: the router ignores a replica's load older than this.
-        stats_period_s: how often Serve asks each replica for its load; default 0.1 s with
+        stats_period_s: how often Serve asks each replica for its load; default 0.5 s with
             the slack router, Serve's own (10 s) with Serve's router, which does not read it.
         max_ongoing_requests: jobs one replica holds at once (running and in its mosel queue);
             beyond it Serve queues them in the caller's handle. mosel schedules only what it
@@ -522,7 +522,7 @@ def deployment(
         options["num_replicas"] = 1 if num_replicas is None else num_replicas
     if router not in ("slack", "serve"):
         raise ValueError(f"router must be 'slack' or 'serve', got {router!r}")
-    period = stats_period_s if stats_period_s is not None else 0.1 if router == "slack" else None
+    period = stats_period_s if stats_period_s is not None else 0.5 if router == "slack" else None
     stats: dict[str, Any] = {}
     if period is not None:
         stats = {
