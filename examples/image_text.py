@@ -8,18 +8,16 @@ model is an ordinary ``nn.Module`` with its own ``forward``; mosel only needs th
 The task is synthetic and seeded (ten classes; each image is a noisy class template; each
 caption holds a few class words among filler words, at a random length), so the example runs
 in about a minute on a CPU and needs no download. It trains with modality dropout, profiles,
-serves a few jobs under SLOs, and serves one request through the HTTP service example with the
-token ids kept as integers.
+serves a few jobs under SLOs, and serves one request over HTTP (``mosel.http``) with the token
+ids kept as integers.
 
 Run: python examples/image_text.py
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -175,18 +173,21 @@ def main() -> None:
     text_only = model.infer({"text": job["text"]}, deadline_ms=50.0)  # type: ignore[operator]
     print(f"   text only (no image sent): {sorted({profile.key(c) for c in text_only.modalities})}")
 
-    print("\n3. the same model behind the HTTP service example (token ids stay integers) ...")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from service.app import create_app
-    from starlette.testclient import TestClient
+    print("\n3. the same model behind mosel.http (token ids stay integers) ...")
+    from fastapi.testclient import TestClient
+
+    from mosel.http import create_app
 
     one = rows(test_inputs, slice(0, 1))
     text = one["text"]
     assert isinstance(text, dict)
-    body = {"image": one["image"].tolist(), "text": {k: v.tolist() for k, v in text.items()}}  # type: ignore[attr-defined]
+    inputs = {"image": one["image"].tolist(), "text": {k: v.tolist() for k, v in text.items()}}  # type: ignore[attr-defined]
     with TestClient(create_app(model)) as client:
-        response = client.post("/predict", json=body, headers={"X-Deadline-Ms": "100"})
-    print(f"   POST /predict -> {response.status_code} {response.json()}")
+        response = client.post("/predict", json={"inputs": inputs}, headers={"X-Deadline-Ms": "100"})
+    answer = response.json()
+    fields = ("prediction", "modalities", "expected_accuracy", "deadline_met", "error")
+    shown = {k: answer.get(k) for k in fields}
+    print(f"   POST /predict -> {response.status_code} {shown}")
     print(f"\nimage_text finished in {time.perf_counter() - started:.0f} s")
 
 

@@ -43,7 +43,7 @@ from mosel.profiles import CostCheck, Fingerprint, LatencyTable, Profile
 from mosel.routing import PowerOfTwoRouter, RandomRouter, Router, RouteRequest, SlackRouter
 from mosel.runtime import attach, close, load, profile_of, serving, stats
 from mosel.scheduler import SchedulerConfig
-from mosel.simulate import Arrival, Simulation, simulate
+from mosel.simulate import Arrival, ClusterSimulation, Simulation, simulate, simulate_replicas
 from mosel.spec import ModelSpec, fusion, modality, multimodal, spec_of
 from mosel.stats import Load, StatsSnapshot
 from mosel.tail import Residuals
@@ -52,6 +52,7 @@ from mosel.training import train_with_modality_dropout
 __all__ = [
     "AccuracyUnreachableError",
     "Arrival",
+    "ClusterSimulation",
     "CostCheck",
     "CostModel",
     "DeadlineError",
@@ -101,6 +102,7 @@ __all__ = [
     "profile_of",
     "serving",
     "simulate",
+    "simulate_replicas",
     "spec_of",
     "stats",
     "top1",

@@ -36,6 +36,7 @@ from mosel.profiles import (
     plan_buckets,
 )
 from mosel.runtime import attach
+from mosel.schema import SchemaRecorder
 from mosel.spec import ModelSpec, spec_of
 from mosel.trees import Tree
 
@@ -210,11 +211,12 @@ def _accuracy(
     metric: Metric,
     device: torch.device,
     show: bool,
+    schema: SchemaRecorder | None = None,
 ) -> tuple[dict[Configuration, float], int, dict[str, Tree], dict[str, dict[int, Tree]]]:
     """Accuracy of every configuration; each branch runs once per batch, its features reused.
 
     Also returns the first batch, and for each sized modality its input in every size bucket
-    the data holds (the first batch's bucket first).
+    the data holds (the first batch's bucket first). ``schema`` observes every batch.
     """
     fuse = getattr(model, spec.fusion)
     totals = dict.fromkeys(spec.configurations, 0.0)
@@ -228,6 +230,8 @@ def _accuracy(
         if missing:
             raise InputError(f"validation inputs must hold every modality; missing {missing}")
         batch, _, rows = check_inputs(inputs, spec, device)
+        if schema is not None:
+            schema.observe(batch)
         if sample is None:
             sample = batch
         for m, sizing in spec.sizings.items():
@@ -335,8 +339,11 @@ def _profile(
     device = model_device(model)
     timer = _Timer(device, warmup, repeats)
     started = time.perf_counter()
+    schema = SchemaRecorder(spec)
     with torch.inference_mode():
-        accuracy, samples, sample, by_size = _accuracy(model, spec, data, metric or top1, device, show)
+        accuracy, samples, sample, by_size = _accuracy(
+            model, spec, data, metric or top1, device, show, schema
+        )
         big = {m: _repeat_rows(x, max_batch_size, spec.batch_dim(m)) for m, x in sample.items()}
         features = {m: getattr(model, spec.branches[m])(big[m]) for m in spec.modalities}
         fuse = getattr(model, spec.fusion)
@@ -436,7 +443,7 @@ def _profile(
             }
             checks += _check_costs(model, spec, bucket_plan, inputs, timer, SIZED_CHECKS, key)
         profiled_s = time.perf_counter() - started
-    result = dataclasses.replace(partial, cost_checks=checks)
+    result = dataclasses.replace(partial, cost_checks=checks, input_schema=MappingProxyType(schema.schema()))
     errors = [abs(c.relative_error) for c in checks]
     if errors and statistics.median(errors) > COST_CHECK_WARN:
         warnings.warn(

@@ -45,6 +45,7 @@ from mosel.plan import (
     parse_configuration,
     show,
 )
+from mosel.schema import ModalitySchema
 
 __all__ = [
     "BucketKey", "CostCheck", "Fingerprint", "LatencyTable", "Profile", "SizedLatency", "bucket_edge",
@@ -314,6 +315,9 @@ class Profile:
         sized_plans: the plan for every other combination of measured buckets.
         eager_latency: for each branch compiled with :func:`mosel.compile_branches` when
             profiled, its eager latency, timed in the same rounds (what compiling bought here).
+        input_schema: modality -> dtype and shape of each tensor of its input, recorded from
+            the validation data (see :mod:`mosel.schema`); empty for a profile saved before
+            schemas were recorded, or for a modality whose batches disagreed.
     """
 
     modalities: tuple[str, ...]
@@ -328,6 +332,7 @@ class Profile:
     sized: Mapping[str, SizedLatency] = field(default_factory=lambda: MappingProxyType({}))
     sized_plans: Mapping[BucketKey, Plan] = field(default_factory=lambda: MappingProxyType({}))
     eager_latency: Mapping[str, LatencyTable] = field(default_factory=lambda: MappingProxyType({}))
+    input_schema: Mapping[str, ModalitySchema] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
         for configuration, value in self.accuracy.items():
@@ -429,6 +434,7 @@ class Profile:
                 if self.eager_latency
                 else {}
             ),
+            "input_schema": {m: s.to_json() for m, s in self.input_schema.items()},
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -652,6 +658,11 @@ class Profile:
             m: LatencyTable.from_json(t, what=f"eager_latency[{m!r}]", size=max_batch)
             for m, t in eager_raw.items()
         }
+        schema_raw = json_dict(data.get("input_schema", {}), "input_schema")  # absent before schemas
+        unknown = [m for m in schema_raw if m not in modalities]
+        if unknown:
+            raise ValueError(f"input_schema names modalities {show(unknown)} the profile does not have")
+        schema = {m: ModalitySchema.from_json(v, f"input_schema[{m!r}]") for m, v in schema_raw.items()}
         return cls(
             modalities=modalities,
             max_batch_size=max_batch,
@@ -665,6 +676,7 @@ class Profile:
             sized=MappingProxyType(sized),
             sized_plans=MappingProxyType(sized_plans),
             eager_latency=MappingProxyType(eager),
+            input_schema=MappingProxyType(schema),
         )
 
 

@@ -9,24 +9,27 @@ the threaded server runs; only the clock and the executor are simulated.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import numbers
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from mosel.clock import VirtualClock
 from mosel.errors import InputError, MoselError, SLOError
 from mosel.execution import check_confidence, check_slo
 from mosel.plan import Strategy
 from mosel.profiles import Profile
+from mosel.routing import PowerOfTwoRouter, RandomRouter, Router, RouteRequest, SlackRouter
 from mosel.scheduler import Batch, Job, Scheduler, SchedulerConfig
-from mosel.stats import Stats, StatsSnapshot
+from mosel.stats import Load, Stats, StatsSnapshot
 from mosel.tail import Residuals
 
-__all__ = ["Arrival", "JobRecord", "Simulation", "simulate"]
+__all__ = ["Arrival", "ClusterSimulation", "JobRecord", "Simulation", "simulate", "simulate_replicas"]
 
 Configuration = frozenset[str]
 
@@ -160,83 +163,331 @@ def simulate(
             its batch times shifted to the trace's clock, its slow spells when they happened).
             None: exact predictions (with ``noise`` if given).
     """
-    base = config or SchedulerConfig()
-    config = dataclasses.replace(base, deterministic=True)
+    trace = checked_trace(profile, arrivals)
     clock = VirtualClock()
-    stats = Stats()
-    scheduler = Scheduler(profile, config, stats)
-    cost = scheduler.cost
-    rng = random.Random(seed)
+    engine = Engine(profile, config, noise=noise, residuals=residuals, rng=random.Random(seed))
+    run_engines(clock, [engine], trace, lambda index, arrival, now: 0)
+    return engine.simulation(trace, clock.now())
+
+
+def checked_trace(profile: Profile, arrivals: Iterable[Arrival]) -> list[Arrival]:
+    """``arrivals`` validated (see :func:`simulate`) and sorted by time."""
     everything = frozenset(profile.modalities)
     trace = [_checked(a, i, everything, profile.sized) for i, a in enumerate(arrivals)]
     trace.sort(key=lambda a: a.time_s)
-    jobs: list[Job] = []
-    rejected: dict[int, str] = {}
-    running: Batch | None = None
-    done_at = math.inf
-    measured_us = 0.0
-    decisions: list[float] = []
+    return trace
+
+
+class Engine:
+    """One simulated replica: a :class:`Scheduler` and an executor charging simulated batch times.
+
+    Driven by :func:`run_engines` on a shared virtual clock; the jobs it was given (by trace
+    index, their ``payload``) and the errors that refused them are kept for its records.
+    """
+
+    def __init__(
+        self,
+        profile: Profile,
+        config: SchedulerConfig | None,
+        *,
+        noise: float,
+        residuals: Residuals | None,
+        rng: random.Random,
+    ) -> None:
+        base = config or SchedulerConfig()
+        self.stats = Stats()
+        self.scheduler = Scheduler(profile, dataclasses.replace(base, deterministic=True), self.stats)
+        self.cost = self.scheduler.cost
+        self.everything = frozenset(profile.modalities)
+        self.noise = noise
+        self.residuals = residuals
+        self.rng = rng
+        self.jobs: list[Job] = []
+        self.rejected: dict[int, str] = {}
+        self.running: Batch | None = None
+        self.done_at = math.inf
+        self.measured_us = 0.0
+        self.decisions: list[float] = []
+
+    @property
+    def waiting(self) -> bool:
+        """Idle with queued work: it should dispatch now."""
+        return self.running is None and bool(self.scheduler.queue)
+
+    def finish(self) -> None:
+        """The running batch ends (at :attr:`done_at`)."""
+        assert self.running is not None
+        started = time.perf_counter()
+        self.scheduler.complete(self.running, self.done_at, self.measured_us)
+        self.scheduler.settled(self.running, self.done_at)
+        self.decisions.append((time.perf_counter() - started) * 1e3)
+        self.running, self.done_at = None, math.inf
+
+    def dispatch(self, now: float) -> None:
+        """Take the next batch and charge it its simulated time."""
+        started = time.perf_counter()
+        self.running, _ = self.scheduler.dispatch(now)
+        self.decisions.append((time.perf_counter() - started) * 1e3)
+        if self.running is not None:
+            cost = self.running.tasks[0].job.cost or self.cost  # the batch's size bucket
+            exec_us = float(cost.latency_us(self.running.merged.groups))
+            overhead_us = 0.0
+            if self.residuals is not None:
+                ratio, overhead_us = self.residuals.sample(self.rng, now)
+                exec_us *= ratio
+            if self.noise:
+                exec_us *= math.exp(self.rng.gauss(-self.noise * self.noise / 2, self.noise))
+            self.done_at = now + (exec_us + overhead_us) / 1e6
+            self.measured_us = exec_us
+
+    def admit(self, index: int, arrival: Arrival, now: float) -> None:
+        """Submit trace entry ``index``; a refusal is recorded as the error's class name."""
+        job = Job(
+            n=arrival.n,
+            available=arrival.available or self.everything,
+            arrival=arrival.time_s,
+            deadline_ms=arrival.deadline_ms,
+            min_accuracy=arrival.min_accuracy,
+            best_effort=arrival.best_effort,
+            payload=index,
+            confidence=arrival.confidence,
+            per_request=arrival.per_request,
+            bucket=None if arrival.sizes is None else self.scheduler.profile.bucket(arrival.sizes),
+        )
+        self.jobs.append(job)
+        try:
+            self.scheduler.admit(job, now)
+        except MoselError as exc:
+            self.rejected[index] = type(exc).__name__
+
+    def records(self, trace: Sequence[Arrival]) -> list[JobRecord]:
+        """One record per job this engine was given, in the order it got them."""
+        records = []
+        for job in self.jobs:
+            error = self.rejected.get(job.payload) or (
+                type(job.error).__name__ if job.error is not None else None
+            )
+            served = error is None
+            records.append(
+                JobRecord(
+                    arrival=trace[job.payload],
+                    finish_s=job.finished if served else math.nan,
+                    started_s=job.started,
+                    error=error,
+                    strategies=job.strategies if job.tasks and served else (),
+                    expected_accuracy=job.expected_accuracy if job.tasks and served else math.nan,
+                )
+            )
+        return records
+
+    def simulation(self, trace: Sequence[Arrival], end_s: float) -> Simulation:
+        """This engine's run as a :class:`Simulation`."""
+        return Simulation(tuple(self.records(trace)), self.stats.snapshot(), end_s, tuple(self.decisions))
+
+
+Route = Callable[[int, Arrival, float], int]
+"""(trace index, arrival, now) -> the engine that gets it."""
+
+
+def run_engines(
+    clock: VirtualClock,
+    engines: Sequence[Engine],
+    trace: Sequence[Arrival],
+    route: Route,
+    report: Callable[[float], None] | None = None,
+    report_every_s: float = math.inf,
+) -> None:
+    """Run ``trace`` (sorted) through ``engines`` on one virtual clock until every job resolved.
+
+    Events in time order; at one moment: every job arriving then is admitted (to the engine
+    ``route`` names), then idle engines with queued work dispatch, then batches end, then
+    ``report(t)`` runs (at ``0, report_every_s, 2 * report_every_s, ...`` while arrivals remain).
+    With one engine and no reports this is exactly the single-scheduler loop of :func:`simulate`.
+    """
     i = 0
-    while i < len(trace) or running is not None or scheduler.queue:
+    next_report = 0.0 if report is not None and math.isfinite(report_every_s) else math.inf
+    while True:
         now = clock.now()
         next_arrival = trace[i].time_s if i < len(trace) else math.inf
-        if running is not None and done_at <= next_arrival:
-            clock.advance_to(done_at)
-            started = time.perf_counter()
-            scheduler.complete(running, done_at, measured_us)
-            scheduler.settled(running, done_at)
-            decisions.append((time.perf_counter() - started) * 1e3)
-            running, done_at = None, math.inf
+        if next_arrival > now:
+            waiting = next((e for e in engines if e.waiting), None)
+            if waiting is not None:
+                waiting.dispatch(now)
+                continue
+        finishing = min(engines, key=lambda e: e.done_at)
+        due_report = next_report if i < len(trace) else math.inf
+        if finishing.running is not None and finishing.done_at <= min(next_arrival, due_report):
+            clock.advance_to(finishing.done_at)
+            finishing.finish()
             continue
-        if running is None and scheduler.queue and next_arrival > now:
-            started = time.perf_counter()
-            running, _ = scheduler.dispatch(now)
-            decisions.append((time.perf_counter() - started) * 1e3)
-            if running is not None:
-                exec_us = float((running.tasks[0].job.cost or cost).latency_us(running.merged.groups))
-                overhead_us = 0.0
-                if residuals is not None:
-                    ratio, overhead_us = residuals.sample(rng, now)
-                    exec_us *= ratio
-                if noise:
-                    exec_us *= math.exp(rng.gauss(-noise * noise / 2, noise))
-                done_at = now + (exec_us + overhead_us) / 1e6
-                measured_us = exec_us
+        if due_report < next_arrival:
+            assert report is not None
+            clock.advance_to(max(now, due_report))
+            report(due_report)
+            next_report += report_every_s
             continue
         if i >= len(trace):
             break
         arrival = trace[i]
         clock.advance_to(max(now, arrival.time_s))
-        job = Job(
-            n=arrival.n,
-            available=arrival.available or everything,
-            arrival=arrival.time_s,
-            deadline_ms=arrival.deadline_ms,
-            min_accuracy=arrival.min_accuracy,
-            best_effort=arrival.best_effort,
-            payload=i,
-            confidence=arrival.confidence,
-            per_request=arrival.per_request,
-            bucket=None if arrival.sizes is None else profile.bucket(arrival.sizes),
-        )
-        jobs.append(job)
-        try:
-            scheduler.admit(job, clock.now())
-        except MoselError as exc:
-            rejected[i] = type(exc).__name__
+        engines[route(i, arrival, clock.now())].admit(i, arrival, clock.now())
         i += 1
-    records = []
-    for job in jobs:
-        error = rejected.get(job.payload) or (type(job.error).__name__ if job.error is not None else None)
-        served = error is None
-        records.append(
-            JobRecord(
-                arrival=trace[job.payload],
-                finish_s=job.finished if served else math.nan,
-                started_s=job.started,
-                error=error,
-                strategies=job.strategies if job.tasks and served else (),
-                expected_accuracy=job.expected_accuracy if job.tasks and served else math.nan,
-            )
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSimulation:
+    """A simulated scale-out run: every replica's own :class:`Simulation`, and all of them as one.
+
+    Attributes:
+        overall: every job, in arrival order, with the replicas' statistics summed
+            (:meth:`StatsSnapshot.merged`); ``decision_ms`` holds every replica's decisions.
+        replicas: each replica's run (its jobs in the order it got them, its statistics).
+        assignment: per record of ``overall``, the replica it was sent to.
+        router: the router's name.
+        reports: load reports each replica sent (the router saw them ``report_delay_ms`` later).
+    """
+
+    overall: Simulation
+    replicas: tuple[Simulation, ...]
+    assignment: tuple[int, ...]
+    router: str
+    reports: int
+
+
+ROUTERS: Final = ("random", "power-of-two", "slack")
+"""Router names :func:`simulate_replicas` accepts (or pass a router object)."""
+
+
+def simulate_replicas(
+    profile: Profile,
+    arrivals: Iterable[Arrival],
+    replicas: int,
+    router: str | Router = "slack",
+    *,
+    report_every_ms: float = 10.0,
+    report_delay_ms: float = 0.0,
+    config: SchedulerConfig | None = None,
+    residuals: Residuals | None = None,
+    noise: float = 0.0,
+    seed: int = 0,
+    stale_after_s: float = 1.0,
+) -> ClusterSimulation:
+    """Replay ``arrivals`` through ``replicas`` schedulers behind a router, on one virtual clock.
+
+    Each replica is its own :class:`~mosel.scheduler.Scheduler` and simulated executor (as in
+    :func:`simulate`). Every ``report_every_ms`` each replica takes its :class:`mosel.Load`;
+    the router sees it ``report_delay_ms`` later (staleness is modelled) and picks a replica
+    for each arriving job from the loads it last saw. With one replica, any router gives
+    exactly :func:`simulate`'s result.
+
+    Args:
+        profile: the model's profile (every replica serves the same model on the same device).
+        arrivals: the workload (see :func:`simulate`); its rate is the whole cluster's.
+        replicas: how many replicas (>= 1).
+        router: ``"random"``, ``"power-of-two"`` or ``"slack"`` (:class:`mosel.SlackRouter`
+            with ``stale_after_s``), or a router object (it keeps its state across calls).
+        report_every_ms: period of the load reports; 0 means the router reads every replica's
+            load at the moment it routes (perfect information; ``report_delay_ms`` must be 0).
+        report_delay_ms: transport delay from a report's taking to the router.
+        config: every replica's scheduler settings (CP-SAT inline, deterministic).
+        residuals: batch time residuals, as in :func:`simulate` (a sample with times gives
+            every replica the same slow spells: one shared machine type).
+        noise: lognormal noise of execution times, as in :func:`simulate`.
+        seed: replica ``k``'s draws are seeded by ``seed`` (``k = 0``, so that one replica
+            reproduces :func:`simulate`) or by ``(seed, k)``; the router's by ``seed`` too,
+            from its own generator.
+        stale_after_s: for the ``"slack"`` router: loads older than this are ignored.
+
+    Raises:
+        InputError: a bad replica count, period or delay, an unknown router name, or a
+            malformed arrival (as :func:`simulate`).
+    """
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise InputError(
+            f"simulate_replicas(replicas={replicas!r}): give the number of replicas, an int >= 1"
         )
-    return Simulation(tuple(records), stats.snapshot(), clock.now(), tuple(decisions))
+    for name, value in (("report_every_ms", report_every_ms), ("report_delay_ms", report_delay_ms)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0.0):
+            raise InputError(f"simulate_replicas({name}={value!r}): must be a finite number of ms >= 0")
+    if report_every_ms == 0.0 and report_delay_ms != 0.0:
+        raise InputError(
+            f"simulate_replicas(report_every_ms=0, report_delay_ms={report_delay_ms!r}): loads read at the "
+            "moment of routing have no transport delay; give a report period, or a delay of 0"
+        )
+    chosen: Router
+    if isinstance(router, str):
+        if router not in ROUTERS:
+            raise InputError(
+                f"simulate_replicas(router={router!r}): unknown router; use one of {list(ROUTERS)}"
+            )
+        chosen = (
+            RandomRouter()
+            if router == "random"
+            else PowerOfTwoRouter()
+            if router == "power-of-two"
+            else SlackRouter(profile, stale_after_s=stale_after_s)
+        )
+    else:
+        chosen = router
+    trace = checked_trace(profile, arrivals)
+    clock = VirtualClock()
+    engines = [
+        Engine(
+            profile,
+            config,
+            noise=noise,
+            residuals=residuals,
+            rng=random.Random(seed if k == 0 else f"{seed}:{k}"),
+        )
+        for k in range(replicas)
+    ]
+    router_rng = random.Random(seed)
+    delay_s = report_delay_ms / 1000.0
+    seen: list[Load | None] = [None] * replicas
+    in_transit: collections.deque[tuple[float, list[Load]]] = collections.deque()
+    assignment: list[int] = []
+    reports = 0
+
+    def report(now: float) -> None:
+        nonlocal reports
+        reports += 1
+        in_transit.append((now + delay_s, [e.scheduler.load(now, at_s=now) for e in engines]))
+
+    def route(index: int, arrival: Arrival, now: float) -> int:
+        if report_every_ms == 0.0:
+            seen[:] = [e.scheduler.load(now, at_s=now) for e in engines]
+        while in_transit and in_transit[0][0] <= now:
+            seen[:] = in_transit.popleft()[1]
+        request = RouteRequest(arrival.n, arrival.deadline_ms, arrival.min_accuracy, arrival.available)
+        choice = chosen.choose(seen, request, now, router_rng)
+        if not 0 <= choice < replicas:
+            raise InputError(
+                f"router {chosen.name!r} chose replica {choice!r} of {replicas}; "
+                f"its choose() must return an index in 0..{replicas - 1}"
+            )
+        assignment.append(choice)
+        return choice
+
+    periodic = report_every_ms > 0.0
+    run_engines(
+        clock,
+        engines,
+        trace,
+        route,
+        report if periodic else None,
+        report_every_ms / 1000.0 if periodic else math.inf,
+    )
+    end_s = clock.now()
+    runs = tuple(e.simulation(trace, end_s) for e in engines)
+    by_index = {
+        job.payload: record
+        for e, run in zip(engines, runs, strict=True)
+        for job, record in zip(e.jobs, run.records, strict=True)
+    }
+    overall = Simulation(
+        tuple(by_index[i] for i in range(len(trace))),
+        StatsSnapshot.merged([run.stats for run in runs]),
+        end_s,
+        tuple(d for run in runs for d in run.decision_ms),
+    )
+    return ClusterSimulation(overall, runs, tuple(assignment), chosen.name, reports)

@@ -6,7 +6,7 @@ import bisect
 import dataclasses
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
@@ -76,6 +76,45 @@ class StatsSnapshot:
     latency_margin: float = 1.0
     overhead_ms: float = 0.0
     residuals: Residuals | None = None
+
+    @classmethod
+    def merged(cls, snapshots: Sequence[StatsSnapshot]) -> StatsSnapshot:
+        """Several schedulers' statistics as one (e.g. a model's replicas).
+
+        Counters, requests per configuration and histogram buckets are summed (p50 and p99 are
+        recomputed from the summed buckets); the correction, margin and overhead are the
+        replicas' means; residuals are left out (None).
+        """
+        if not snapshots:
+            raise InputError("StatsSnapshot.merged needs at least one snapshot, got none")
+        counters: dict[str, int] = {}
+        configs: dict[str, int] = {}
+        for snap in snapshots:
+            for name, value in snap.counters.items():
+                counters[name] = counters.get(name, 0) + value
+            for name, value in snap.requests_per_configuration.items():
+                configs[name] = configs.get(name, 0) + value
+        stats = Stats()
+        stats._counters, stats._configs = counters, configs
+        for name, histogram in stats._histograms.items():
+            for snap in snapshots:
+                h = snap.histograms.get(name)
+                if h is not None:
+                    histogram.counts = [
+                        a + count for a, (_, count) in zip(histogram.counts, h["buckets"], strict=True)
+                    ]
+                    histogram.sum_ms += h["sum_ms"]
+                    histogram.total += h["count"]
+        parts = {p for snap in snapshots for p in snap.correction}
+        stats._correction = {
+            p: sum(s.correction.get(p, 1.0) for s in snapshots) / len(snapshots) for p in sorted(parts)
+        }
+        merged = stats.snapshot()
+        return dataclasses.replace(
+            merged,
+            latency_margin=sum(s.latency_margin for s in snapshots) / len(snapshots),
+            overhead_ms=sum(s.overhead_ms for s in snapshots) / len(snapshots),
+        )
 
 
 @dataclass(frozen=True, slots=True)

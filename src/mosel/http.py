@@ -1,0 +1,637 @@
+"""One HTTP front door for a mosel model: a FastAPI router, served alone or mounted (e.g. on Ray Serve).
+
+Needs the ``http`` extra (``pip install 'mosel[http]'``: FastAPI, pydantic, prometheus-client);
+``import mosel`` never imports this module.
+
+::
+
+    app = mosel.http.create_app(model)                  # a FastAPI app; its lifespan closes the model
+    router = mosel.http.create_router(model)            # or mount the routes in your own app
+    app = mosel.http.create_app(lambda: load_model())   # a model that exists only later (a replica)
+
+Routes: ``POST /predict``, ``GET /metrics`` (Prometheus text), ``GET /healthz`` (alive),
+``GET /readyz`` (a profile is attached and still fits the model). The request handling lives in
+:class:`Service`, which holds only its model (or a function returning it), so any number of
+apps, routers or Ray Serve replicas can each serve their own model. ``docs/http.md`` describes
+the headers, bodies and status codes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
+
+import optree
+import torch
+from torch import Tensor, nn
+
+try:
+    from fastapi import APIRouter, FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+    from starlette.concurrency import run_in_threadpool
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("mosel.http needs the http extra: pip install 'mosel[http]'") from exc
+
+import mosel
+from mosel import trees
+from mosel.errors import (
+    AccuracyUnreachableError,
+    DeadlineError,
+    InputError,
+    MoselError,
+    NotProfiledError,
+    ProfileMismatchError,
+    QueueFullError,
+    ShutdownError,
+    SLOError,
+)
+from mosel.execution import Result
+from mosel.runtime import _state, close, model_ainfer, prometheus_collector
+from mosel.schema import ModalitySchema, decode
+from mosel.spec import spec_of
+from mosel.trees import Tree
+
+__all__ = [
+    "CONFIDENCE",
+    "DEADLINE_AT",
+    "DEADLINE_MS",
+    "MIN_ACCURACY",
+    "REQUEST_START",
+    "Budget",
+    "ErrorBody",
+    "Health",
+    "ModelSource",
+    "PredictRequest",
+    "PredictResponse",
+    "Readiness",
+    "Service",
+    "charge",
+    "create_app",
+    "create_router",
+    "decode_inputs",
+    "encode_output",
+    "error_status",
+    "readiness",
+]
+
+DEADLINE_MS: Final = "X-Deadline-Ms"
+"""Header: the job's deadline in milliseconds, counted from ``X-Request-Start`` when given."""
+MIN_ACCURACY: Final = "X-Min-Accuracy"
+"""Header: the floor on the job's expected accuracy, in [0, 1]."""
+CONFIDENCE: Final = "X-Confidence"
+"""Header: plan the floor against each configuration's lower bound at this confidence (e.g. 0.95)."""
+REQUEST_START: Final = "X-Request-Start"
+"""Header: when the request entered the system upstream, wall-clock epoch (see :func:`charge`)."""
+DEADLINE_AT: Final = "X-Deadline-At"
+"""Header: the absolute wall-clock epoch at which the request's deadline passes."""
+
+OVERLOAD: Final = (DeadlineError, QueueFullError, ShutdownError)
+"""Errors answered 503 with a ``Retry-After``: the model is busy (or closed), retry later or elsewhere."""
+LARGE_BODY: Final = 256 * 1024
+"""Bodies larger than this (bytes) are parsed and decoded on a worker thread, off the event loop."""
+
+ModelSource: TypeAlias = "nn.Module | Callable[[], nn.Module]"
+"""A model, or a function that returns it when a request needs it (built later, e.g. on a replica)."""
+
+
+class PredictRequest(BaseModel):
+    """The body of ``POST /predict``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: dict[str, Any] = Field(
+        description=(
+            "modality name -> its requests: a (nested) list of numbers or booleans (one tensor, "
+            "requests along the modality's batch dimension), or an object of such lists for a "
+            "structured modality, e.g. {'text': {'input_ids': [[...]], 'attention_mask': [[...]]}}. "
+            "A modality left out is not computed."
+        ),
+    )
+    deadline_ms: float | None = Field(
+        None, description="deadline in ms from the request's arrival (or X-Request-Start); > 0"
+    )
+    min_accuracy: float | None = Field(None, description="floor on the expected accuracy, in [0, 1]")
+    confidence: float | None = Field(
+        None, description="plan the floor against lower confidence bounds of accuracy, in (0, 1)"
+    )
+    per_request: bool = Field(False, description="every request's configuration meets the floor")
+    best_effort: bool = Field(False, description="serve late instead of answering 503 to a doomed deadline")
+    present: dict[str, list[bool]] | None = Field(
+        None, description="modality -> one boolean per request: which requests really have it"
+    )
+
+
+class PredictResponse(BaseModel):
+    """The answer of ``POST /predict`` (200)."""
+
+    outputs: Any = Field(description="the fusion output, one row per request: nested lists (or objects)")
+    prediction: list[Any] | None = Field(
+        description="argmax over the last dimension of a floating output of rank >= 2, else null"
+    )
+    modalities: list[list[str]] = Field(description="per request, the modalities computed for it")
+    expected_accuracy: float
+    predicted_latency_ms: float
+    measured_latency_ms: float
+    queue_ms: float | None = Field(description="arrival at the model to dispatch")
+    completion_ms: float = Field(description="arrival at the model to result")
+    deadline_met: bool | None = Field(description="null without a deadline")
+    reason: str | None = Field(description="why the job was served below its best strategy, or null")
+    upstream_ms: float = Field(description="time spent before this service, charged to the deadline")
+    deadline_ms: float | None = Field(description="the deadline the model was given, after the charge")
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer."""
+
+    error: str = Field(description="the mosel error class, e.g. DeadlineError (another name for a 500)")
+    detail: str
+
+
+class Health(BaseModel):
+    """``GET /healthz``: the process answers."""
+
+    status: str = "alive"
+
+
+class Readiness(BaseModel):
+    """``GET /readyz``."""
+
+    ready: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """One request's SLO after charging the time spent upstream (see :func:`charge`).
+
+    Attributes:
+        deadline_ms: what is left of the deadline for the model (None: no deadline).
+        min_accuracy: the floor (None: none).
+        confidence: the confidence of the floor's bounds (None: plan on means).
+        upstream_ms: time since ``X-Request-Start`` (0 without it).
+    """
+
+    deadline_ms: float | None
+    min_accuracy: float | None
+    confidence: float | None
+    upstream_ms: float
+
+
+def _number(name: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise SLOError(f"{name} must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise SLOError(f"{name} must be finite, got {text!r}")
+    return value
+
+
+def _epoch_s(name: str, text: str) -> float:
+    """Wall-clock epoch seconds; milliseconds and microseconds are told apart by magnitude."""
+    value = _number(name, text.strip().removeprefix("t="))
+    if value <= 0:
+        raise SLOError(f"{name} must be a positive wall-clock epoch time, got {text!r}")
+    if value > 1e14:  # microseconds (1e14 s would be millions of years from now)
+        return value / 1e6
+    if value > 1e11:  # milliseconds (1e11 s is the year 5138)
+        return value / 1e3
+    return value
+
+
+def _stricter(a: float | None, b: float | None, pick: Callable[[float, float], float]) -> float | None:
+    return b if a is None else a if b is None else pick(a, b)
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    return headers.get(name.lower()) if value is None else value
+
+
+def charge(headers: Mapping[str, str], body: PredictRequest, now_s: float) -> Budget:
+    """The request's SLO from its headers and body, with the time spent upstream charged.
+
+    The SLO is read from ``X-Deadline-Ms``, ``X-Min-Accuracy``, ``X-Confidence`` and the body
+    fields of the same meaning; when both give one, the stricter applies. ``X-Request-Start``
+    (when the request entered the system: a load balancer, a router) and ``X-Deadline-At``
+    (when its deadline passes) are wall-clock epoch times in seconds, as ``time.time()`` and
+    nginx's ``t=${msec}`` write them (a ``t=`` prefix is accepted; values in milliseconds or
+    microseconds are recognised by their magnitude). The deadline left for the model is
+    ``deadline_ms - (now - X-Request-Start)``, and at most ``X-Deadline-At - now``. Clocks of
+    different hosts must agree (NTP); a start in the future counts as no time upstream.
+
+    Args:
+        headers: the request's headers (a case-insensitive mapping, or lower-case names).
+        body: the parsed body.
+        now_s: the arrival time, ``time.time()``.
+
+    Raises:
+        SLOError: a header is not a valid number, or the deadline is not positive.
+        DeadlineError: the budget was spent upstream (a doomed request).
+    """
+    values: dict[str, float | None] = {}
+    for name in (DEADLINE_MS, MIN_ACCURACY, CONFIDENCE):
+        text = _header(headers, name)
+        values[name] = None if text is None else _number(name, text)
+    given = _stricter(values[DEADLINE_MS], body.deadline_ms, min)
+    if given is not None and not (math.isfinite(given) and given > 0):
+        raise SLOError(f"the deadline must be a positive finite number of milliseconds, got {given!r}")
+    start = _header(headers, REQUEST_START)
+    upstream_ms = 0.0 if start is None else max(0.0, (now_s - _epoch_s(REQUEST_START, start)) * 1000.0)
+    left = None if given is None else given - upstream_ms
+    at = _header(headers, DEADLINE_AT)
+    if at is not None:
+        left = _stricter(left, (_epoch_s(DEADLINE_AT, at) - now_s) * 1000.0, min)
+    if left is not None and left <= 0:
+        raise DeadlineError(
+            f"the deadline passed before the request reached the model ({upstream_ms:.1f} ms upstream"
+            + (f" of a {given:g} ms deadline" if given is not None else "")
+            + (f", {DEADLINE_AT} {at}" if at is not None else "")
+            + ")",
+            deadline_ms=given if given is not None else 0.0,
+            predicted_ms=upstream_ms,
+            best_accuracy_within_deadline=None,
+        )
+    return Budget(
+        deadline_ms=left,
+        min_accuracy=_stricter(values[MIN_ACCURACY], body.min_accuracy, max),
+        confidence=_stricter(values[CONFIDENCE], body.confidence, max),
+        upstream_ms=upstream_ms,
+    )
+
+
+def decode_inputs(
+    model: nn.Module, inputs: Mapping[str, Any], schema: Mapping[str, ModalitySchema]
+) -> dict[str, Tree]:
+    """The JSON ``inputs`` of a request as tensors, each modality checked against ``schema``.
+
+    A modality without a schema (a profile saved before schemas were recorded) takes its
+    dtypes from the values (see :func:`mosel.schema.decode`).
+
+    Raises:
+        InputError: an unknown modality, or a value that does not fit (naming modality and leaf).
+    """
+    spec = spec_of(model)
+    unknown = [m for m in inputs if m not in spec.branches]
+    if unknown:
+        raise InputError(f"unknown modality {unknown[0]!r}; {spec.model_class} takes {list(spec.modalities)}")
+    return {m: decode(m, v, schema.get(m)) for m, v in inputs.items() if v is not None}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value if math.isfinite(value) else None
+
+
+def _tensor_json(t: Tensor) -> Any:
+    t = t.detach().cpu()
+    values = t.tolist()
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        return _plain(values)  # JSON has no NaN or infinity: null
+    return values
+
+
+def encode_output(output: Tree) -> Any:
+    """A fusion output as JSON: a tensor as nested lists (NaN and infinities as null), trees nested."""
+    if isinstance(output, Tensor):
+        return _tensor_json(output)
+    return optree.tree_map(_tensor_json, output, none_is_leaf=False, namespace=trees.NAMESPACE)
+
+
+def _response(result: Result, budget: Budget) -> dict[str, Any]:
+    output = result.output
+    prediction = None
+    if isinstance(output, Tensor) and output.dim() >= 2 and output.is_floating_point():
+        prediction = output.argmax(dim=-1).tolist()
+    return {
+        "outputs": encode_output(output),
+        "prediction": prediction,
+        "modalities": [sorted(c) for c in result.modalities],
+        "expected_accuracy": result.expected_accuracy,
+        "predicted_latency_ms": result.predicted_latency_ms,
+        "measured_latency_ms": result.measured_latency_ms,
+        "queue_ms": None if math.isnan(result.queue_ms) else result.queue_ms,
+        "completion_ms": result.completion_ms,
+        "deadline_met": result.deadline_met,
+        "reason": result.reason,
+        "upstream_ms": budget.upstream_ms,
+        "deadline_ms": budget.deadline_ms,
+    }
+
+
+def error_status(exc: BaseException) -> int:
+    """The HTTP status of an error raised while serving a request.
+
+    503 for overload and for a model that cannot serve now (a doomed deadline, a full queue, a
+    closed scheduler, no fitting profile), 422 for an unreachable accuracy floor, 400 for bad
+    inputs or SLO values, 500 for anything else (the model's own code failed).
+    """
+    if isinstance(exc, (*OVERLOAD, NotProfiledError, ProfileMismatchError)):
+        return 503
+    if isinstance(exc, AccuracyUnreachableError):
+        return 422
+    if isinstance(exc, (InputError, SLOError)):
+        return 400
+    return 500
+
+
+def _drain_ms(model: nn.Module) -> float | None:
+    """The model's predicted queue drain time, ``mosel.load(model).drain_ms`` (None if unknown)."""
+    try:
+        return float(mosel.load(model).drain_ms)
+    except MoselError:
+        return None
+
+
+def _retry_after_s(model: nn.Module) -> int:
+    """Seconds until the model's queue is predicted to have drained (at least 1)."""
+    drain = _drain_ms(model)
+    return 1 if drain is None or not math.isfinite(drain) else max(1, math.ceil(drain / 1000.0))
+
+
+def _error(status: int, exc: BaseException, name: str | None = None, **headers: str) -> JSONResponse:
+    body = {"error": name or type(exc).__name__, "detail": str(exc)}
+    return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+def _validation_detail(exc: ValidationError) -> str:
+    parts = []
+    for item in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in item.get("loc", ()))
+        parts.append(f"{where}: {item.get('msg')}" if where else str(item.get("msg")))
+    return "the body must be a JSON object {'inputs': {modality: lists}, ...}: " + "; ".join(parts)
+
+
+def readiness(model: nn.Module) -> str | None:
+    """Why ``model`` cannot serve now, or None when it can.
+
+    Ready means: a profile is attached, and the model is still on the device and in the dtype
+    its profile was measured in (a move after ``attach``, e.g. ``model.half()``, makes the
+    profile's latencies wrong; see ``mosel.attach(on_stale=...)``).
+    """
+    try:
+        state = _state(model)
+    except (NotProfiledError, mosel.SpecError) as exc:
+        return str(exc)
+    moved = state.moved()
+    if moved is not None:
+        then = "" if callable(state.on_stale) else f" (on_stale={state.on_stale!r})"
+        return f"the model moved from {moved} after its profile was attached{then}; re-profile or re-attach"
+    probe = state.probe
+    measured = state.profile.fingerprint
+    if probe is not None:
+        if measured.dtype and measured.dtype != str(probe.dtype):
+            return f"the profile was measured in {measured.dtype}, the model is in {probe.dtype} now"
+        kind = measured.device.split(":", 1)[0]
+        if kind in ("cpu", "cuda", "mps", "xpu") and kind != probe.device.type:
+            return f"the profile was measured on {measured.device}, the model is on {probe.device} now"
+    return None
+
+
+class Service:
+    """The request handling of the HTTP front door, for one model.
+
+    Every route of :func:`create_router` calls one method here; a Ray Serve deployment class
+    may hold a ``Service`` and call its methods from its own routes instead.
+
+    Args:
+        model: the model (profiled or attached), or a function returning it, called when a
+            request needs it (a model built after the app, e.g. in a replica's constructor).
+        input_schema: modality -> schema to decode inputs with, instead of the profile's
+            (a synthetic profile has none).
+        clock: wall-clock time in seconds (``time.time``), to charge upstream time with.
+    """
+
+    def __init__(
+        self,
+        model: ModelSource,
+        *,
+        input_schema: Mapping[str, ModalitySchema] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._source = model
+        self._schema = input_schema
+        self._clock = clock
+
+    def model(self) -> nn.Module:
+        """The served model (calling the function given for it, if any)."""
+        if isinstance(self._source, nn.Module):
+            return self._source
+        return self._source()
+
+    def schema(self, model: nn.Module) -> Mapping[str, ModalitySchema]:
+        """The input schema requests are decoded with (the given one, else the profile's)."""
+        if self._schema is not None:
+            return self._schema
+        try:
+            return _state(model).profile.input_schema
+        except NotProfiledError:
+            return {}
+
+    def prepare(
+        self, model: nn.Module, raw: bytes, headers: Mapping[str, str], now_s: float
+    ) -> tuple[dict[str, Tree], dict[str, Tensor] | None, PredictRequest, Budget]:
+        """Parse and decode one request: the inputs, presence masks, the body and the budget.
+
+        Raises:
+            InputError: the body is not valid JSON of the expected form, or inputs do not fit.
+            SLOError: an SLO value is not valid.
+            DeadlineError: the deadline was spent upstream.
+        """
+        try:
+            body = PredictRequest.model_validate_json(raw or b"null")
+        except ValidationError as exc:
+            raise InputError(_validation_detail(exc)) from None
+        budget = charge(headers, body, now_s)
+        inputs = decode_inputs(model, body.inputs, self.schema(model))
+        present = None
+        if body.present is not None:
+            present = {m: torch.tensor(v, dtype=torch.bool) for m, v in body.present.items()}
+        return inputs, present, body, budget
+
+    async def predict(self, request: Request) -> Response:
+        """``POST /predict``: serve the request's rows under its SLO (see ``docs/http.md``)."""
+        now_s = self._clock()
+        try:
+            model = self.model()
+        except Exception as exc:  # the model is not built (yet)
+            return _error(503, exc)
+        raw = await request.body()
+        try:
+            if len(raw) > LARGE_BODY:
+                prepared = await run_in_threadpool(self.prepare, model, raw, request.headers, now_s)
+            else:
+                prepared = self.prepare(model, raw, request.headers, now_s)
+        except DeadlineError as exc:
+            return _error(503, exc, **{"Retry-After": str(_retry_after_s(model))})
+        except (ValueError, TypeError) as exc:  # InputError, SLOError, and what decoding raised
+            return _error(400, exc, None if isinstance(exc, MoselError) else "InputError")
+        inputs, present, body, budget = prepared
+        try:
+            result = await model_ainfer(
+                model,
+                inputs,
+                deadline_ms=budget.deadline_ms,
+                min_accuracy=budget.min_accuracy,
+                best_effort=body.best_effort,
+                confidence=budget.confidence,
+                per_request=body.per_request,
+                present=present,
+            )
+        except Exception as exc:
+            status = error_status(exc)
+            headers = {"Retry-After": str(_retry_after_s(model))} if isinstance(exc, OVERLOAD) else {}
+            return _error(status, exc, **headers)
+        return JSONResponse(_response(result, budget))
+
+    def metrics(self) -> Response:
+        """``GET /metrics``: the model's statistics in the Prometheus text format."""
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest  # noqa: PLC0415
+
+        try:
+            model = self.model()
+            registry = CollectorRegistry()
+            registry.register(prometheus_collector(model))
+        except Exception as exc:
+            return _error(503, exc)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    def healthz(self) -> Response:
+        """``GET /healthz``: 200 while the process answers."""
+        return JSONResponse(Health().model_dump())
+
+    def readyz(self) -> Response:
+        """``GET /readyz``: 200 when the model can serve (:func:`readiness`), else 503 with why."""
+        try:
+            reason = readiness(self.model())
+        except Exception as exc:  # the model is not built (yet)
+            reason = f"{type(exc).__name__}: {exc}"
+        ready = Readiness(ready=reason is None, reason=reason)
+        return JSONResponse(ready.model_dump(), status_code=200 if reason is None else 503)
+
+    def close(self) -> None:
+        """Close the model's scheduler (queued jobs finish), if the model exists."""
+        try:
+            model = self.model()
+        except Exception:  # never built: nothing to close
+            return
+        close(model)
+
+
+_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
+    400: {"model": ErrorBody, "description": "bad inputs or SLO values (InputError, SLOError)"},
+    422: {"model": ErrorBody, "description": "the accuracy floor is unreachable (AccuracyUnreachableError)"},
+    500: {"model": ErrorBody, "description": "the model's code failed (the error's class name)"},
+    503: {
+        "model": ErrorBody,
+        "description": (
+            "overload or not ready: DeadlineError (with Retry-After), QueueFullError, ShutdownError, "
+            "NotProfiledError, ProfileMismatchError"
+        ),
+    },
+}
+
+
+def _header_doc(name: str, text: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": text,
+    }
+
+
+_PREDICT_OPENAPI: Final[dict[str, Any]] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+    },
+    "parameters": [
+        _header_doc(DEADLINE_MS, "deadline in milliseconds (from X-Request-Start when given)"),
+        _header_doc(MIN_ACCURACY, "floor on the expected accuracy, in [0, 1]"),
+        _header_doc(CONFIDENCE, "plan the floor on lower confidence bounds, e.g. 0.95"),
+        _header_doc(REQUEST_START, "wall-clock epoch seconds (or ms/us) when the request entered upstream"),
+        _header_doc(DEADLINE_AT, "wall-clock epoch seconds (or ms/us) at which the deadline passes"),
+    ],
+}
+
+
+def create_router(
+    model: ModelSource | Service,
+    *,
+    prefix: str = "",
+    input_schema: Mapping[str, ModalitySchema] | None = None,
+) -> APIRouter:
+    """An ``APIRouter`` with ``/predict``, ``/metrics``, ``/healthz`` and ``/readyz`` for ``model``.
+
+    Include it in any FastAPI app (``app.include_router(router, prefix="/av")``); closing the
+    model on shutdown is then the app's business (``mosel.close(model)``), see :func:`create_app`.
+
+    Args:
+        model: the model, a function returning it (called per request: a model built later),
+            or a :class:`Service`.
+        prefix: a path prefix for the routes.
+        input_schema: decode inputs with this schema instead of the profile's (see :class:`Service`).
+    """
+    service = model if isinstance(model, Service) else Service(model, input_schema=input_schema)
+    router = APIRouter(prefix=prefix)
+    router.add_api_route(
+        "/predict",
+        service.predict,
+        methods=["POST"],
+        response_model=PredictResponse,
+        responses=_ERRORS,
+        openapi_extra=_PREDICT_OPENAPI,
+        summary="Serve a job of requests under its deadline and accuracy floor",
+    )
+    router.add_api_route(
+        "/metrics",
+        service.metrics,
+        methods=["GET"],
+        response_class=PlainTextResponse,
+        summary="Prometheus text exposition of the model's statistics",
+    )
+    router.add_api_route("/healthz", service.healthz, methods=["GET"], response_model=Health, summary="Alive")
+    router.add_api_route(
+        "/readyz",
+        service.readyz,
+        methods=["GET"],
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "not ready, with the reason"}},
+        summary="Ready: a profile is attached and fits the model",
+    )
+    return router
+
+
+def create_app(
+    model: ModelSource,
+    *,
+    title: str = "mosel",
+    input_schema: Mapping[str, ModalitySchema] | None = None,
+) -> FastAPI:
+    """A FastAPI app serving ``model`` with :func:`create_router`; its lifespan closes the model.
+
+    Args:
+        model: the model (profiled or attached), or a function returning it (called per request;
+            for Ray Serve, ``serve.ingress(lambda: create_app(...))`` builds the app on the replica).
+        title: the OpenAPI title.
+        input_schema: decode inputs with this schema instead of the profile's.
+    """
+    service = Service(model, input_schema=input_schema)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        del app
+        yield
+        await run_in_threadpool(service.close)  # queued jobs finish; every future resolves
+
+    app = FastAPI(title=title, lifespan=lifespan)
+    app.include_router(create_router(service))
+    return app

@@ -1,0 +1,103 @@
+"""The simulated scale-out on tiny traces: every request accounted for, one replica = ``simulate``."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+import mosel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import scaleout
+from conditions import CONDITIONS, arrivals_for, rate_per_s
+from scenarios import av_digits
+
+
+@pytest.fixture(scope="module")
+def trace() -> list[mosel.Arrival]:
+    scenario = av_digits()
+    load = 2.0  # two replicas' worth of arrivals at 1x each
+    seconds = 120 / rate_per_s(scenario.profile, load)
+    return arrivals_for(
+        scenario.profile,
+        CONDITIONS["strict-bursty"],
+        load,
+        seconds,
+        0,
+        slack_ms=scenario.slack_ms,
+        drop=scenario.drop,
+    )
+
+
+def key(record: mosel.simulate.JobRecord) -> tuple[object, ...]:
+    finish = None if math.isnan(record.finish_s) else record.finish_s
+    return (record.arrival, finish, record.error, record.strategies)
+
+
+@pytest.mark.parametrize("router", ["random", "power-of-two", "slack"])
+def test_one_replica_with_any_router_is_simulate(trace: list[mosel.Arrival], router: str) -> None:
+    scenario = av_digits()
+    alone = mosel.simulate(scenario.profile, trace, residuals=scenario.residuals, seed=3)
+    cluster = mosel.simulate_replicas(
+        scenario.profile,
+        trace,
+        1,
+        router,
+        residuals=scenario.residuals,
+        seed=3,
+        report_every_ms=2.0,
+        report_delay_ms=0.5,
+    )
+    assert [key(r) for r in cluster.overall.records] == [key(r) for r in alone.records]
+    assert dict(cluster.overall.stats.counters) == dict(alone.stats.counters)
+    assert cluster.overall.end_s == alone.end_s
+    assert cluster.assignment == (0,) * len(trace)
+
+
+@pytest.mark.parametrize("router", ["random", "power-of-two", "slack"])
+def test_every_request_is_accounted_for_across_replicas(trace: list[mosel.Arrival], router: str) -> None:
+    scenario = av_digits()
+    run = mosel.simulate_replicas(scenario.profile, trace, 4, router, residuals=scenario.residuals, seed=1)
+    assert [r.arrival for r in run.overall.records] == sorted(trace, key=lambda a: a.time_s)
+    assert len(run.assignment) == len(trace) and set(run.assignment) <= {0, 1, 2, 3}
+    assert sum(len(r.records) for r in run.replicas) == len(trace)
+    for index, replica in enumerate(run.replicas):
+        assert len(replica.records) == run.assignment.count(index)
+    counters = run.overall.stats.counters
+    assert counters["submitted"] == len(trace)
+    assert sum(r.served or r.error is not None for r in run.overall.records) == len(trace)
+    assert run.reports > 0 and run.router == router
+    same = mosel.simulate_replicas(scenario.profile, trace, 4, router, residuals=scenario.residuals, seed=1)
+    assert [key(r) for r in same.overall.records] == [key(r) for r in run.overall.records]  # deterministic
+
+
+def test_bad_arguments_name_themselves(trace: list[mosel.Arrival]) -> None:
+    profile = av_digits().profile
+    with pytest.raises(mosel.InputError, match=r"replicas=0"):
+        mosel.simulate_replicas(profile, trace, 0)
+    with pytest.raises(mosel.InputError, match=r"router='fastest'"):
+        mosel.simulate_replicas(profile, trace, 2, "fastest")
+    with pytest.raises(mosel.InputError, match=r"report_delay_ms=1"):
+        mosel.simulate_replicas(profile, trace, 2, report_every_ms=0.0, report_delay_ms=1.0)
+
+
+def test_the_quick_benchmark_cell_and_table(capsys: pytest.CaptureFixture[str]) -> None:
+    routers = ("random", "power-of-two", "slack")
+    grid = {
+        (load, 0): scaleout.cell("av-digits", "strict-bursty", 2, load, 0, 30, routers, 10.0, 1.0)
+        for load in (0.5, 1.0)
+    }
+    for cell in grid.values():
+        for router in routers:
+            assert 0.0 <= cell[router]["violation_ratio"] <= 1.0
+            assert cell[router]["replica_goodput_min_rps"] <= cell[router]["replica_goodput_max_rps"]
+    summary = scaleout.summarise(grid, (0.5, 1.0), [0], routers)
+    args = argparse.Namespace(report_every_ms=10.0, report_delay_ms=1.0, jobs=30)
+    scaleout.report("av-digits", "strict-bursty", {2: summary}, args, [0], (0.5, 1.0), routers)
+    out = capsys.readouterr().out
+    assert "report" in out and "seeds [0]" in out and "| 2 | 0.5 |" in out
