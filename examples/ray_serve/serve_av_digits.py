@@ -30,13 +30,13 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import httpx  # noqa: E402
-import mosel.http  # noqa: E402
 import torch  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 from ray import serve  # noqa: E402
 from scenarios import AV_DIGITS_PROFILE, CACHE, av_digits_slack_ms  # noqa: E402
 
 import mosel  # noqa: E402
+import mosel.http  # noqa: E402
 
 WEIGHTS = str(CACHE / "av-digits-6ep.pt")
 PORT = 8765
