@@ -30,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -155,7 +156,8 @@ def deploy(replicas: int, router: str, seed: int, **options: object) -> mosel.ra
     return mosel.ray.Client(serve.run(app, name="av", route_prefix=None), timeout_s=60.0)
 
 
-def compare(args: argparse.Namespace) -> None:
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    """Every configuration on the same trace; prints the table, returns it JSON-ready."""
     from ray import serve
 
     start_ray()
@@ -204,6 +206,13 @@ def compare(args: argparse.Namespace) -> None:
     for key in configs[1:]:
         ratio = statistics.median(r["goodput_rps"] for r in rows[key]) / base
         print(f"goodput {key[0]} replicas, {key[1]} router, reports {key[2] or 10:g} s / 1 replica: {ratio:.2f}x")
+    return {
+        "rate_jobs_per_s": args.rate, "seconds": args.seconds, "transit_ms": transit,
+        "runs": [
+            {"replicas": n, "router": router, "report_every_s": period, "repeats": runs}
+            for (n, router, period), runs in rows.items()
+        ],
+    }  # fmt: skip
 
 
 def autoscale(args: argparse.Namespace) -> None:
@@ -246,19 +255,35 @@ def autoscale(args: argparse.Namespace) -> None:
     serve.delete("av")
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``argv=[]``: the defaults), with the test split and the profile loaded."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rate", type=float, default=40.0, help="jobs per second")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--autoscale", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     loaded = av_digits_model(profile=False)
     if loaded is None:
         sys.exit("AV-Digits needs espeak-ng (make system-deps)")
     args.test = loaded[2]
     args.profile = mosel.Profile.load(AV_DIGITS_PROFILE)
+    return args
+
+
+def real_mode(_: argparse.Namespace) -> dict[str, Any]:
+    """``benchmarks/scaleout.py --real``: this benchmark at its defaults, on a fresh local Ray."""
+    import ray
+
+    try:
+        return compare(parse([]))
+    finally:
+        ray.shutdown()
+
+
+def main() -> None:
+    args = parse()
     autoscale(args) if args.autoscale else compare(args)
 
 
