@@ -56,7 +56,7 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingPolicy, RequestRouterConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
-from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 from torch import Tensor, nn
 
 from mosel.errors import DeadlineError, MoselError, QueueFullError, ReplicaError
@@ -267,7 +267,7 @@ def _fresh_load(routing_stats: Mapping[str, Any] | None, now_s: float, stale_aft
     return reported if reported.age_s(now_s) <= stale_after_s else None
 
 
-class SlackRequestRouter(FIFOMixin, RequestRouter):  # type: ignore[misc]
+class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
     """A Ray Serve request router that sends each job where mosel predicts it does best.
 
     Every replica reports its :class:`mosel.Load` (predicted time until its queue drains, its
@@ -281,7 +281,9 @@ class SlackRequestRouter(FIFOMixin, RequestRouter):  # type: ignore[misc]
     power of two choices (two random replicas; Serve probes their queue lengths and takes the
     shorter).
 
-    Configure it with :func:`deployment` (``router="slack"``); its keyword arguments arrive in
+    The replica chosen for a request goes to that request (Serve's default matching by request
+    id; not FIFO, which would hand a replica chosen for one job's deadline to the oldest waiting
+    job). Configure it with :func:`deployment` (``router="slack"``); its keyword arguments arrive in
     :meth:`initialize_state` from ``RequestRouterConfig.request_router_kwargs``.
     """
 
