@@ -292,6 +292,7 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
         profile: str | Mapping[str, Any] | None = None,
         stale_after_s: float = 1.0,
         seed: int | None = None,
+        ties: Literal["serve", "slack"] = "serve",
     ) -> None:
         """Set the router up (Serve calls it once, with ``request_router_kwargs``).
 
@@ -299,7 +300,14 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
             profile: the profile the replicas serve with: a path or its JSON form.
             stale_after_s: a replica's load older than this is ignored.
             seed: seeds the random choices (ties, the fallback).
+            ties: ``"serve"``: every replica SlackRouter predicts to give the best accuracy on
+                time is a first choice, and Serve takes the one with the fewest requests in
+                flight (it counts them exactly); ``"slack"``: SlackRouter's single pick (ties
+                by its own estimate of the drain since each report), as in the simulation.
         """
+        if ties not in ("serve", "slack"):
+            raise ValueError(f"ties must be 'serve' or 'slack', got {ties!r}")
+        self.ties = ties
         if profile is None:
             raise ValueError("SlackRequestRouter needs the replicas' profile (a path or its JSON form)")
         self.profile = Profile.load(profile) if isinstance(profile, str) else Profile.from_json(dict(profile))
@@ -318,17 +326,17 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
         if not candidate_replicas:
             return []
         now_s = time.time()
-        choice = self._choose(candidate_replicas, _request_of(pending_request), now_s)
-        if choice is None:
+        first = self._choose(candidate_replicas, _request_of(pending_request), now_s)
+        if not first:
             self.decisions["fallback"] += 1
             return [self.rng.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         self.decisions["slack"] += 1
-        return [[choice], [r for r in candidate_replicas if r is not choice]]
+        return [first, [r for r in candidate_replicas if r not in first]]
 
     def _choose(
         self, candidates: list[RunningReplica], request: Request | None, now_s: float
-    ) -> RunningReplica | None:
-        """SlackRouter's pick among the candidates, or None to fall back to power of two choices."""
+    ) -> list[RunningReplica] | None:
+        """SlackRouter's first choices among the candidates; None: fall back to power of two."""
         if request is None:
             return None
         by_id = {r.replica_id: r for r in candidates}
@@ -341,12 +349,24 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
                 loads[slot] = _fresh_load(replica.routing_stats, now_s, self.stale_after_s)
         if all(x is None for x in loads):
             return None
+        replica_at = {slot: by_id[i] for i, slot in self.slots.items() if i in by_id}
         try:
-            slot = self.slack.choose(loads, self._route_request(request, now_s), now_s, self.rng)
+            routed = self._route_request(request, now_s)
+            if self.ties == "slack":
+                chosen = replica_at.get(self.slack.choose(loads, routed, now_s, self.rng))
+                return None if chosen is None else [chosen]
+            predictions = self.slack.predict(loads, routed, now_s)
         except MoselError:  # a bad SLO or inputs: the replica raises the typed error to the caller
             return None
-        chosen = next((by_id[i] for i, s in self.slots.items() if s == slot and i in by_id), None)
-        return chosen
+        known = [(slot, p) for slot, p in enumerate(predictions) if p is not None and slot in replica_at]
+        if not known:
+            return None
+        meeting = [(slot, p) for slot, p in known if p.meets]
+        if meeting:
+            top = max(p.accuracy for _, p in meeting)
+            return [replica_at[slot] for slot, p in meeting if p.accuracy >= top - 1e-9]
+        first = min(p.finish_ms for _, p in known)
+        return [replica_at[slot] for slot, p in known if p.finish_ms <= first]
 
     def _route_request(self, request: Request, now_s: float) -> RouteRequest:
         modalities = self.profile.modalities
@@ -470,6 +490,7 @@ def deployment(
     max_queued_requests: int = -1,
     ray_actor_options: Mapping[str, Any] | None = None,
     seed: int | None = None,
+    ties: Literal["serve", "slack"] = "serve",
 ) -> serve.Application:
     """A Ray Serve application serving ``factory()``'s model with mosel, one scheduler per replica.
 
@@ -501,6 +522,8 @@ def deployment(
             or Serve's ``BackPressureError`` (HTTP 503).
         ray_actor_options: per-replica resources, e.g. ``{"num_gpus": 1}`` for one replica per GPU.
         seed: seeds the slack router's random choices (ties, the fallback).
+        ties: how the slack router breaks ties between replicas predicted equally good (see
+            :meth:`SlackRequestRouter.initialize_state`).
     """
     if isinstance(profile, Profile):
         source: Any = profile.to_json()
@@ -543,7 +566,9 @@ def deployment(
             )
         options["request_router_config"] = RequestRouterConfig(
             request_router_class=SlackRequestRouter,
-            request_router_kwargs={"profile": priced_json, "stale_after_s": stale_after_s, "seed": seed},
+            request_router_kwargs={
+                "profile": priced_json, "stale_after_s": stale_after_s, "seed": seed, "ties": ties,
+            },
             **stats,
         )
     elif stats:  # Serve's router, with the replicas polled as often as the slack router's (a control)

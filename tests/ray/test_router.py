@@ -106,3 +106,13 @@ def test_degradation_policy_scales_on_mosels_signals() -> None:
     assert state["mosel"]["degraded_share"] == pytest.approx(0.4)
     with pytest.raises(ValueError):
         DegradationPolicy(upper=0.1, lower=0.2)
+
+
+def test_equally_good_replicas_are_all_first_choices(router: SlackRequestRouter) -> None:
+    a, b = FakeReplica("a", reported(0.0)), FakeReplica("b", reported(0.0))
+    request = Request(tiny_inputs(1), deadline_ms=50.0)
+    assert sorted(r.replica_id for r in rank(router, [a, b], request)[0]) == ["a", "b"]  # Serve picks
+    router.initialize_state(profile=profiles()["tiny"].to_json(), seed=0, ties="slack")
+    assert len(rank(router, [a, b], request)[0]) == 1  # SlackRouter's own single pick
+    with pytest.raises(ValueError):
+        router.initialize_state(profile=profiles()["tiny"].to_json(), ties="nobody")
