@@ -273,11 +273,12 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
     Every replica reports its :class:`mosel.Load` (predicted time until its queue drains, its
     latency margin and overhead, its recent degradation) through Serve's routing stats. For
     each request the router hands the fresh loads to :class:`mosel.routing.SlackRouter`, the
-    same code the simulated scale-out uses, which picks the replica where the job is predicted
-    to get the highest accuracy within its remaining deadline. The chosen replica is Serve's
-    first choice and the others follow, so a replica whose ``max_ongoing_requests`` is reached
-    passes the request on. When no replica has reported within ``stale_after_s`` (start-up, a
-    stalled controller) or the request is not a :class:`Request`, it falls back to Serve's
+    same code the simulated scale-out uses, which predicts where the job gets the highest
+    accuracy within its remaining deadline. The replicas predicted best are Serve's first
+    choices (Serve takes the one with the fewest requests in flight; ``ties="slack"``: only
+    SlackRouter's own pick) and the others follow, so a replica whose ``max_ongoing_requests``
+    is reached passes the request on. When no replica has reported within ``stale_after_s``
+    (start-up, a stalled controller) or the request is not a :class:`Request`, it falls back to Serve's
     power of two choices (two random replicas; Serve probes their queue lengths and takes the
     shorter).
 
