@@ -51,7 +51,7 @@ from mosel.errors import (
     SLOError,
 )
 from mosel.execution import Result
-from mosel.runtime import _state, close, model_ainfer, prometheus_collector
+from mosel.runtime import close, model_ainfer, profile_of, prometheus_collector, readiness
 from mosel.schema import ModalitySchema, decode
 from mosel.spec import spec_of
 from mosel.trees import Tree
@@ -368,32 +368,6 @@ def _validation_detail(exc: ValidationError) -> str:
     return "the body must be a JSON object {'inputs': {modality: lists}, ...}: " + "; ".join(parts)
 
 
-def readiness(model: nn.Module) -> str | None:
-    """Why ``model`` cannot serve now, or None when it can.
-
-    Ready means: a profile is attached, and the model is still on the device and in the dtype
-    its profile was measured in (a move after ``attach``, e.g. ``model.half()``, makes the
-    profile's latencies wrong; see ``mosel.attach(on_stale=...)``).
-    """
-    try:
-        state = _state(model)
-    except (NotProfiledError, mosel.SpecError) as exc:
-        return str(exc)
-    moved = state.moved()
-    if moved is not None:
-        then = "" if callable(state.on_stale) else f" (on_stale={state.on_stale!r})"
-        return f"the model moved from {moved} after its profile was attached{then}; re-profile or re-attach"
-    probe = state.probe
-    measured = state.profile.fingerprint
-    if probe is not None:
-        if measured.dtype and measured.dtype != str(probe.dtype):
-            return f"the profile was measured in {measured.dtype}, the model is in {probe.dtype} now"
-        kind = measured.device.split(":", 1)[0]
-        if kind in ("cpu", "cuda", "mps", "xpu") and kind != probe.device.type:
-            return f"the profile was measured on {measured.device}, the model is on {probe.device} now"
-    return None
-
-
 class Service:
     """The request handling of the HTTP front door, for one model.
 
@@ -430,7 +404,7 @@ class Service:
         if self._schema is not None:
             return self._schema
         try:
-            return _state(model).profile.input_schema
+            return profile_of(model).input_schema
         except NotProfiledError:
             return {}
 

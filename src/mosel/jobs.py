@@ -16,7 +16,7 @@ from typing import Any, Final
 from mosel.assign import Item
 from mosel.plan import ACCURACY_SCALE, CostModel, Frontier, Strategy
 
-__all__ = ["NO_DEADLINE_US", "Batch", "Failure", "Job", "Task", "deadline_us", "floor_units"]
+__all__ = ["NO_DEADLINE_US", "Batch", "Failure", "Job", "Task", "deadline_us", "floor_units", "time_us"]
 
 Configuration = frozenset[str]
 NO_DEADLINE_US: Final = 2**62
@@ -133,6 +133,15 @@ class Task:
     def item(self) -> Item:
         """The task as the assignment solvers see it."""
         return Item(self.lat, self.acc, deadline_us(self.job))
+
+
+def time_us(t: float) -> int:
+    """A time (start or now, seconds) in integer microseconds, rounded up.
+
+    Starts round up and deadlines down (:func:`deadline_us`), so a finish planned within the
+    deadline in microseconds is within it in seconds too.
+    """
+    return math.ceil(t * 1e6)
 
 
 def deadline_us(job: Job) -> int:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from mosel.assign import cpsat_assign, greedy_repair, step_down
-from mosel.jobs import NO_DEADLINE_US, Batch, Failure, Job, Task, deadline_us
+from mosel.jobs import NO_DEADLINE_US, Batch, Failure, Job, Task, deadline_us, time_us
 
 if TYPE_CHECKING:
     from mosel.scheduler import Scheduler
@@ -140,7 +140,7 @@ class Policy:
         limit, most = core.profile.max_batch_size, core.config.max_merge
         batching = core.config.batching
         batch = core.batch_latency()
-        t = int(core.start(now) * 1e6)
+        t = time_us(core.start(now))
         finish = [0] * end
         i = 0
         while i < end:
@@ -231,7 +231,7 @@ class Policy:
                 continue
             victim = self.victim(late)
             task = core.queue[victim]
-            error = core.deadline_error(task.job, now, finish[late] - int(now * 1e6))
+            error = core.deadline_error(task.job, now, finish[late] - time_us(now))
             failures.append(core.fail_job(task.job, error, "doomed" if victim == late else "shed"))
         core.stats.count("greedy_assignments")
         if len(core.queue) > self.horizon:
@@ -284,7 +284,7 @@ class Policy:
         core = self.core
         if head.k >= len(head.lat) - 1:
             return
-        summed = int(now * 1e6) + np.cumsum(core.latency_us)
+        summed = time_us(now) + np.cumsum(core.latency_us)
         lenient = core.lenient
         tight = int((core.deadlines_us - summed)[~lenient].min()) if not lenient.all() else NO_DEADLINE_US
         if head.lat[-1] - head.lat[head.k] <= tight:  # one after another, the top option fits already
@@ -305,7 +305,7 @@ class Policy:
         """Settle the queue's head: a head that would finish late is lowered to fit or failed."""
         core = self.core
         failures: list[Failure] = []
-        now_us = int(now * 1e6)
+        now_us = time_us(now)
         while core.queue:
             head = core.queue[0]
             if upgrade:
@@ -347,7 +347,7 @@ class Policy:
         tasks = [head]
         if not core.config.batching or not core.queue:
             return tasks
-        now_us = int(now * 1e6)
+        now_us = time_us(now)
         limit, most = core.profile.max_batch_size, core.config.max_merge
         batch = core.batch_latency(head.job.cost)
         batch.add(head.strategy)
@@ -620,7 +620,7 @@ class GreedyCpsat(Greedy):
         if not len(finite):
             return
         end = min(int(finite[-1]) + 1, config.solver_window)
-        start_us = int(core.start(now) * 1e6)
+        start_us = time_us(core.start(now))
         finish = start_us + np.cumsum(core.latency_us)
         budget = None
         if end < len(core.queue):  # jobs behind the window keep their slack
@@ -689,7 +689,7 @@ class GreedyCpsat(Greedy):
             return
         latency = core.latency_us.copy()
         latency[:end] = [t.lat[k] for t, k in zip(snapshot, ks)]
-        finish = int(core.start(now) * 1e6) + np.cumsum(latency)
+        finish = time_us(core.start(now)) + np.cumsum(latency)
         if (finish > core.deadlines_us).any():
             core.stats.count("solver_stale")
             return
@@ -846,7 +846,7 @@ class Mosel(Policy):
         if all(t.k >= len(t.lat) - 1 for t in tasks):
             return
         self.refill(now)
-        now_us = int(now * 1e6)
+        now_us = time_us(now)
         batch = core.batch_latency(tasks[0].job.cost)
         for task in tasks:
             batch.add(task.strategy)
@@ -951,7 +951,7 @@ class AgnosticPlus(Agnostic):
             candidates = [t for t in core.queue[: late + 1] if not t.job.best_effort]
             core.stats.count("violations_predicted")
             victim = min(candidates, key=lambda t: t.job.n / max(1, t.lat[0]))
-            error = core.deadline_error(victim.job, now, finish[late] - int(now * 1e6))
+            error = core.deadline_error(victim.job, now, finish[late] - time_us(now))
             failures.append(core.fail_job(victim.job, error, "shed"))
         return failures
 

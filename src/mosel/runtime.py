@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from mosel.compiling import unwrap_compiled
-from mosel.errors import MoselWarning, NotProfiledError, ProfileMismatchError
+from mosel.errors import MoselWarning, NotProfiledError, ProfileMismatchError, SpecError
 from mosel.execution import Result, RowPlanCache
 from mosel.profiles import Profile, fingerprint_of
 from mosel.scheduler import SchedulerConfig
@@ -32,7 +32,7 @@ from mosel.stats import Load, Stats, StatsSnapshot
 from mosel.stats import prometheus_collector as _collector
 from mosel.tail import TailModel, profile_sigma
 
-__all__ = ["attach", "close", "load", "profile_of", "serving", "stats"]
+__all__ = ["attach", "close", "load", "profile_of", "readiness", "serving", "stats"]
 
 STATE_ATTR: Final = "_mosel_state"
 OnStale = Literal["refuse", "warn"] | Callable[[nn.Module], Profile]
@@ -183,6 +183,32 @@ def _state(model: nn.Module) -> _ModelState:
 def profile_of(model: nn.Module) -> Profile:
     """The profile attached to ``model``; raises :class:`NotProfiledError` if there is none."""
     return _state(model).profile
+
+
+def readiness(model: nn.Module) -> str | None:
+    """Why ``model`` cannot serve now, or None when it can.
+
+    Ready means: a profile is attached, and the model is still on the device and in the dtype
+    its profile was measured in (a move after ``attach``, e.g. ``model.half()``, makes the
+    profile's latencies wrong; see ``mosel.attach(on_stale=...)``).
+    """
+    try:
+        state = _state(model)
+    except (NotProfiledError, SpecError) as exc:
+        return str(exc)
+    moved = state.moved()
+    if moved is not None:
+        then = "" if callable(state.on_stale) else f" (on_stale={state.on_stale!r})"
+        return f"the model moved from {moved} after its profile was attached{then}; re-profile or re-attach"
+    probe = state.probe
+    measured = state.profile.fingerprint
+    if probe is not None:
+        if measured.dtype and measured.dtype != str(probe.dtype):
+            return f"the profile was measured in {measured.dtype}, the model is in {probe.dtype} now"
+        kind = measured.device.split(":", 1)[0]
+        if kind in ("cpu", "cuda", "mps", "xpu") and kind != probe.device.type:
+            return f"the profile was measured on {measured.device}, the model is on {probe.device} now"
+    return None
 
 
 def attach(

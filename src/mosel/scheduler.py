@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from mosel.assign import Item, step_down
 from mosel.errors import AccuracyUnreachableError, DeadlineError, InputError, QueueFullError, ShutdownError
-from mosel.jobs import NO_DEADLINE_US, Batch, Failure, Job, Task, deadline_us, floor_units
+from mosel.jobs import NO_DEADLINE_US, Batch, Failure, Job, Task, deadline_us, floor_units, time_us
 from mosel.plan import (
     ACCURACY_SCALE,
     CostModel,
@@ -191,9 +191,8 @@ class Scheduler:
         self._published = dict(self.correction)
         self._latency_cache: dict[tuple[Configuration, int, BucketKey | None], tuple[int, ...]] = {}
         self._full_strategies: dict[tuple[Configuration, int, BucketKey | None], Strategy] = {}
-        self._priced: dict[BucketKey, tuple[Plan, CostModel]] = {
-            profile.reference_bucket: (profile.plan, self.cost)
-        }
+        self._reference = profile.reference_bucket
+        self._priced: dict[BucketKey, tuple[Plan, CostModel]] = {self._reference: (profile.plan, self.cost)}
         self._keys_text: dict[Configuration, str] = {}
         self._parts: dict[tuple[tuple[tuple[Configuration, int], ...], BucketKey | None], dict[str, int]] = {}
         self._bounds: dict[float | None, dict[Configuration, int]] = {}
@@ -323,7 +322,7 @@ class Scheduler:
 
     def finishes_us(self, now: float) -> IntArray:
         """Predicted finish of every queued task run one after another (absolute microseconds)."""
-        finish: IntArray = int(self.start(now) * 1e6) + np.cumsum(self.latency_us)
+        finish: IntArray = time_us(self.start(now)) + np.cumsum(self.latency_us)
         return finish
 
     def load(self, now: float, at_s: float | None = None) -> Load:
@@ -394,7 +393,7 @@ class Scheduler:
         priced = self._priced.get(bucket)
         if priced is None:
             if len(self._priced) > 256:  # sizes beyond the measured buckets: keep the cache bounded
-                self._priced = {self.profile.reference_bucket: (self.profile.plan, self.cost)}
+                self._priced = {self._reference: (self.profile.plan, self.cost)}
             priced = self._priced[bucket] = self.profile.priced_at(bucket)
         return priced
 
@@ -537,9 +536,10 @@ class Scheduler:
                 f"max_queued_requests={limit}; retry later or raise the limit"
             )
         policy = self.policy
-        if job.bucket is None:
-            job.bucket = self.profile.reference_bucket
-        plan, job.cost = self.priced(job.bucket)
+        if job.bucket is None or job.bucket == self._reference:  # a fixed-shape model: always
+            job.bucket, plan, job.cost = self._reference, self.profile.plan, self.cost
+        else:
+            plan, job.cost = self.priced(job.bucket)
         sizes: list[tuple[Configuration, int]] = []  # per task: its rows' modalities, its rows
         for available, rows in job.groups:
             chunks = [rows] if rows <= plan.max_batch_size else chunk_sizes(rows, plan.max_batch_size)
@@ -613,7 +613,7 @@ class Scheduler:
 
     def doomed(self, finish_us: int, deadline_us: int, now: float) -> bool:
         """Would a task priced to finish at ``finish_us`` miss ``deadline_us`` even at the median?"""
-        start_us = int(self.start(now) * 1e6)
+        start_us = time_us(self.start(now))
         return start_us + self.tail.typical(max(finish_us - start_us, 0)) > deadline_us
 
     def _unit_bounds(self, confidence: float | None) -> dict[Configuration, int]:
@@ -717,7 +717,7 @@ class Scheduler:
 
     def doom_certain(self, now: float) -> list[Failure]:
         """Fail every queued job that would miss its deadline even if it started alone now."""
-        start_us = int(self.start(now) * 1e6)
+        start_us = time_us(self.start(now))
         late = (self.deadlines_us < start_us + self.typical_us(self.cheapest_us)) & ~self.lenient
         doomed = {id(self.queue[i].job): self.queue[i] for i in np.flatnonzero(late).tolist()}
         failures = []
