@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_PIN)"
-	$(BIN)/pip install --quiet -e ".[test,lint,examples,prometheus,http]" "$(TORCH_PIN)"
+	$(BIN)/pip install --quiet -e ".[test,lint,examples,prometheus,http,ray]" "$(TORCH_PIN)"
 	touch $(STAMP)
 
 # Real human speech for the demo's held-out test (optional; the demo says when it is missing).

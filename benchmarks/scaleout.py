@@ -20,6 +20,7 @@ Run: python benchmarks/scaleout.py --quick                 (a couple of minutes 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -54,6 +55,17 @@ RealMode = Callable[[argparse.Namespace], dict[str, Any]]
 REAL_MODE: RealMode | None = None
 """Hook for a live section (e.g. Ray Serve replicas): set to a function of the parsed arguments
 returning a JSON-ready dict (it prints its own table). ``--real`` calls it; None: not available."""
+
+
+def _ray_real_mode(args: argparse.Namespace) -> dict[str, Any]:
+    """The live section: ``benchmarks/scaleout_ray.py`` at its defaults (needs the ray extra)."""
+    from scaleout_ray import real_mode
+
+    return real_mode(args)
+
+
+if importlib.util.find_spec("ray") is not None:
+    REAL_MODE = _ray_real_mode
 
 
 def cell(

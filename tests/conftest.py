@@ -13,7 +13,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         tier = Path(str(item.fspath)).parent.name
-        if tier in ("unit", "integration", "examples"):
+        if tier in ("unit", "integration", "examples", "ray"):
             item.add_marker(getattr(pytest.mark, tier))
 
 

@@ -16,7 +16,8 @@ exception that callers would already catch for that kind of problem::
     │   └── DeadlineError(TimeoutError)  no strategy that meets the floor fits in the deadline
     ├── QueueFullError(RuntimeError)     admission control: the queue is full
     ├── ExecutionError(RuntimeError)     the model's code stopped a job with a BaseException
-    └── ShutdownError(RuntimeError)      the scheduler was closed before the job ran
+    ├── ShutdownError(RuntimeError)      the scheduler was closed before the job ran
+    └── ReplicaError(RuntimeError)       a remote replica (mosel.ray) died or did not answer
 
 Warnings (a stale profile, a cost model that predicts poorly) are :class:`MoselWarning`.
 
@@ -24,6 +25,8 @@ Messages name the object, show the bad value and say how to fix it.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "AccuracyUnreachableError",
@@ -38,6 +41,7 @@ __all__ = [
     "ProfileError",
     "ProfileMismatchError",
     "QueueFullError",
+    "ReplicaError",
     "SLOError",
     "ShutdownError",
     "SpecError",
@@ -94,6 +98,11 @@ class AccuracyUnreachableError(InfeasibleError):
         self.min_accuracy = min_accuracy
         self.best_accuracy = best_accuracy
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only attributes survive pickling (to another process, e.g. a Ray caller).
+        kwargs = {"min_accuracy": self.min_accuracy, "best_accuracy": self.best_accuracy}
+        return (_rebuild, (type(self), str(self), kwargs), self.__dict__)
+
 
 class DeadlineError(InfeasibleError, TimeoutError):
     """No strategy meeting the accuracy floor is predicted to finish within the deadline.
@@ -117,6 +126,14 @@ class DeadlineError(InfeasibleError, TimeoutError):
         self.predicted_ms = predicted_ms
         self.best_accuracy_within_deadline = best_accuracy_within_deadline
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        kwargs = {
+            "deadline_ms": self.deadline_ms,
+            "predicted_ms": self.predicted_ms,
+            "best_accuracy_within_deadline": self.best_accuracy_within_deadline,
+        }
+        return (_rebuild, (type(self), str(self), kwargs), self.__dict__)
+
 
 class MoselWarning(UserWarning):
     """A condition worth knowing that does not stop mosel: a stale profile, a poor cost model."""
@@ -138,3 +155,16 @@ class ExecutionError(MoselError, RuntimeError):
 
 class ShutdownError(MoselError, RuntimeError):
     """The model's scheduler was closed before the job could run."""
+
+
+class ReplicaError(MoselError, RuntimeError):
+    """A remote replica serving the job died or did not answer in time (``mosel.ray``).
+
+    Raised by the client of a scaled-out deployment once its retries are spent: the job may or
+    may not have run; nothing of it comes back. The original error is ``__cause__``.
+    """
+
+
+def _rebuild(cls: type[BaseException], message: str, attributes: dict[str, Any]) -> BaseException:
+    """Unpickle an error whose constructor takes its attributes as keyword-only arguments."""
+    return cls(message, **attributes)
