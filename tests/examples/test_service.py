@@ -108,14 +108,14 @@ def test_errors_are_answers_not_stack_traces(
 
 
 def test_a_short_concurrent_load_with_overload_answers_503() -> None:
-    model = served(delay_s=0.004, delay_us=4000.0)
+    model = served(delay_s=0.05, delay_us=50_000.0)
     app = create_app(model)
 
     async def load() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://mosel") as client:
             requests = [
-                client.post("/predict", json=BODY, headers={"X-Deadline-Ms": "30", "X-Min-Accuracy": "0.75"})
+                client.post("/predict", json=BODY, headers={"X-Deadline-Ms": "120", "X-Min-Accuracy": "0.75"})
                 for _ in range(200)
             ]
             return list(await asyncio.gather(*requests))
@@ -124,7 +124,9 @@ def test_a_short_concurrent_load_with_overload_answers_503() -> None:
     codes = [r.status_code for r in responses]
     assert set(codes) <= {200, 503}
     assert codes.count(200) >= 3, codes
-    # 200 one-row requests: even merged 8 at a time (4 ms a batch) they cannot all finish in 30 ms.
+    # 200 one-row requests: merged 8 at a time (50 ms a batch), at most 16 finish within 120 ms of
+    # their arrival, and the app takes them in far faster than the 160 a second that would need
+    # (with 4 ms batches a quiet host could decode requests no faster than they were served).
     assert codes.count(503) >= 1, codes
     for r in responses:
         if r.status_code == 503:
