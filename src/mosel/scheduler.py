@@ -352,7 +352,10 @@ class Scheduler:
     @staticmethod
     def degraded(job: Job) -> bool:
         """Was ``job`` served below the most accurate option its floor and modalities allowed?"""
-        return any(t.fixed is None and t.k < len(t.lat) - 1 for t in job.tasks)
+        for t in job.tasks:  # a loop, not any(<generator>): this runs for every served job
+            if t.fixed is None and t.k < len(t.lat) - 1:
+                return True
+        return False
 
     def _record_served(self, job: Job) -> None:
         """Count a served job in the window behind :attr:`Load.degraded_share`."""
