@@ -20,18 +20,43 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 import mosel
+from mosel import trees
 from mosel.plan import CostModel, PlannerConfig, build_plan
 from mosel.testing import Passthrough, ToyAV, synthetic_profile, toy_av_batches, toy_av_data
 
 
-def by_hand(model: nn.Module, strategy: mosel.Strategy, inputs: Mapping[str, Tensor]) -> Tensor:
-    """The strategy written out directly, as a user would without mosel."""
+@mosel.multimodal
+class TreePassthrough(nn.Module):
+    """Passthrough with pytrees: a dict input, tuple-and-dict features, a dict output."""
+
+    @mosel.modality("audio")
+    def encode_audio(self, audio: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        return audio["ids"], {"mask": audio["mask"]}
+
+    @mosel.modality("video")
+    def encode_video(self, video: Tensor) -> Tensor:
+        return video
+
+    @mosel.fusion
+    def fuse(self, features: Mapping[str, Any]) -> dict[str, Tensor]:
+        parts = []
+        if "audio" in features:
+            ids, extra = features["audio"]
+            parts.append(ids * extra["mask"])
+        if "video" in features:
+            parts.append(features["video"].flatten(1)[:, :1])
+        return {"y": torch.stack([p.flatten(1)[:, :1] for p in parts]).sum(0)}
+
+
+def by_hand(model: nn.Module, strategy: mosel.Strategy, inputs: Mapping[str, Any]) -> Any:
+    """The strategy written out directly, as a user would without mosel (pytrees: mosel.trees)."""
     spec = mosel.spec_of(model)
     outs, start = [], 0
     rows: dict[str, list[tuple[int, int]]] = {m: [] for m in spec.modalities}
@@ -43,9 +68,9 @@ def by_hand(model: nn.Module, strategy: mosel.Strategy, inputs: Mapping[str, Ten
     for m, spans in rows.items():
         if spans:
             x = (
-                torch.cat([inputs[m][a:b] for a, b in spans])
+                trees.concat([trees.take(inputs[m], slice(a, b), 0) for a, b in spans], 0)
                 if len(spans) > 1
-                else inputs[m][spans[0][0] : spans[0][1]]
+                else trees.take(inputs[m], slice(spans[0][0], spans[0][1]), 0)
             )
             feats[m] = getattr(model, spec.branches[m])(x)
     offsets = dict.fromkeys(spec.modalities, 0)
@@ -53,10 +78,10 @@ def by_hand(model: nn.Module, strategy: mosel.Strategy, inputs: Mapping[str, Ten
     for config, count in strategy.groups:
         group = {}
         for m in config:
-            group[m] = feats[m][offsets[m] : offsets[m] + count]
+            group[m] = trees.take(feats[m], slice(offsets[m], offsets[m] + count), 0)
             offsets[m] += count
         outs.append(fuse(group))
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
+    return trees.concat(outs, 0) if len(outs) > 1 else outs[0]
 
 
 def interleaved(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -75,7 +100,7 @@ def interleaved(a: Callable[[], object], b: Callable[[], object], repeats: int) 
 
 
 def measure(
-    model: nn.Module, make_inputs: Callable[[int], dict[str, Tensor]], repeats: int
+    model: nn.Module, make_inputs: Callable[[int], dict[str, Any]], repeats: int
 ) -> list[dict[str, object]]:
     plan = mosel.profile_of(model).plan
     everything = frozenset(mosel.spec_of(model).modalities)
@@ -159,25 +184,30 @@ def main() -> None:
     torch.set_num_threads(2)
     warnings.simplefilter("ignore", mosel.MoselWarning)
 
+    branch_us = {
+        "audio": [100 + 10 * b for b in range(1, 33)],
+        "video": [300 + 60 * b for b in range(1, 33)],
+    }
+    accuracy = {"audio": 0.78, "video": 0.55, "audio+video": 0.92}
     null = Passthrough().eval()
-    mosel.attach(
-        null,
-        synthetic_profile(
-            null,
-            branch_us={
-                "audio": [100 + 10 * b for b in range(1, 33)],
-                "video": [300 + 60 * b for b in range(1, 33)],
-            },
-            accuracy={"audio": 0.78, "video": 0.55, "audio+video": 0.92},
-        ),
-    )
+    mosel.attach(null, synthetic_profile(null, branch_us=branch_us, accuracy=accuracy))
+    tree = TreePassthrough().eval()  # the same, with pytree inputs, features and outputs
+    mosel.attach(tree, synthetic_profile(tree, branch_us=branch_us, accuracy=accuracy))
     toy = ToyAV().eval()
     mosel.profile(toy, toy_av_batches(64, 32), max_batch_size=32)
 
     def toy_inputs(n: int) -> dict[str, Tensor]:
         return toy_av_data(n, seed=n)[0]
 
-    rows = measure(null, toy_inputs, args.repeats) + measure(toy, toy_inputs, max(30, args.repeats // 5))
+    def tree_inputs(n: int) -> dict[str, Any]:
+        x = toy_inputs(n)
+        return {"audio": {"ids": x["audio"], "mask": torch.ones_like(x["audio"])}, "video": x["video"]}
+
+    rows = (
+        measure(null, toy_inputs, args.repeats)
+        + measure(tree, tree_inputs, args.repeats)
+        + measure(toy, toy_inputs, max(30, args.repeats // 5))
+    )
     planner = planner_times()
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads 2\n")
     print("| model | batch | strategy | direct (us) | infer (us) | overhead (us) | overhead (%) |")
