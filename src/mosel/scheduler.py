@@ -352,7 +352,7 @@ class Scheduler:
     @staticmethod
     def degraded(job: Job) -> bool:
         """Was ``job`` served below the most accurate option its floor and modalities allowed?"""
-        for t in job.tasks:  # a loop, not any(<generator>): this runs for every served job
+        for t in job.tasks:  # noqa: SIM110 (a loop, not any(<generator>): runs for every served job)
             if t.fixed is None and t.k < len(t.lat) - 1:
                 return True
         return False
