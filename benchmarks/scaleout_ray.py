@@ -82,7 +82,10 @@ async def drive(client: object, jobs: list[RealJob], seconds: float) -> list[Out
         if delay > 0:
             await asyncio.sleep(delay)
         request = mosel.ray.Request(
-            job.inputs, deadline_ms=job.deadline_ms, min_accuracy=job.min_accuracy, sent_at_s=start + job.time_s
+            job.inputs,
+            deadline_ms=job.deadline_ms,
+            min_accuracy=job.min_accuracy,
+            sent_at_s=start + job.time_s,
         )
         try:
             result = await client.ainfer(request)
@@ -105,7 +108,9 @@ def summary(outcomes: list[Outcome], seconds: float) -> dict[str, float]:
         "goodput_rps": on_time_requests / seconds,
         "goodput_ratio": on_time_requests / requests,
         "violation_ratio": 1 - on_time_requests / requests,
-        "accuracy_on_time": sum(o.correct for o in on_time) / on_time_requests if on_time_requests else math.nan,
+        "accuracy_on_time": sum(o.correct for o in on_time) / on_time_requests
+        if on_time_requests
+        else math.nan,
         "expected_accuracy": sum(o.expected_accuracy * o.n for o in served) / served_requests
         if served_requests
         else math.nan,
@@ -136,7 +141,9 @@ def transit_ms(client: mosel.ray.Client, jobs: list[RealJob], calls: int = 30) -
     return statistics.median(spent)
 
 
-def workload(args: argparse.Namespace, rate: float, seconds: float, seed: int, extra_ms: float) -> list[RealJob]:
+def workload(
+    args: argparse.Namespace, rate: float, seconds: float, seed: int, extra_ms: float
+) -> list[RealJob]:
     """``strict`` arrivals at ``rate`` jobs/s; deadlines = all-modality latency + slack + ``extra_ms``."""
     profile = mosel.Profile.load(AV_DIGITS_PROFILE)
     arrivals = arrivals_for(
@@ -171,7 +178,13 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         f"slack + {transit:.1f} ms measured transit (a lone job's time outside the model)",
         flush=True,
     )
-    configs = [(1, "serve", None), (2, "serve", None), (2, "serve", 0.1), (2, "slack", 0.1), (2, "slack", 0.5)]
+    configs = [
+        (1, "serve", None),
+        (2, "serve", None),
+        (2, "serve", 0.1),
+        (2, "slack", 0.1),
+        (2, "slack", 0.5),
+    ]
     rows: dict[tuple[int, str, float | None], list[dict[str, float]]] = {c: [] for c in configs}
     for repeat in range(args.repeats):
         for replicas, router, period in configs if repeat % 2 == 0 else configs[::-1]:
@@ -205,7 +218,9 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     base = statistics.median(r["goodput_rps"] for r in rows[configs[0]])
     for key in configs[1:]:
         ratio = statistics.median(r["goodput_rps"] for r in rows[key]) / base
-        print(f"goodput {key[0]} replicas, {key[1]} router, reports {key[2] or 10:g} s / 1 replica: {ratio:.2f}x")
+        print(
+            f"goodput {key[0]} replicas, {key[1]} router, reports {key[2] or 10:g} s / 1 replica: {ratio:.2f}x"
+        )
     return {
         "rate_jobs_per_s": args.rate, "seconds": args.seconds, "transit_ms": transit,
         "runs": [
@@ -251,7 +266,9 @@ def autoscale(args: argparse.Namespace) -> None:
     print("  " + ", ".join(f"{t:.0f}s:{n}" for t, n in seen))
     for name, part, secs in (("calm", outcomes[: len(calm)], 10.0), ("busy", outcomes[len(calm) :], 40.0)):
         row = summary(part, secs)
-        print(f"  {name}: goodput {row['goodput_ratio']:.1%}, expected accuracy {row['expected_accuracy']:.3f}")
+        print(
+            f"  {name}: goodput {row['goodput_ratio']:.1%}, expected accuracy {row['expected_accuracy']:.3f}"
+        )
     serve.delete("av")
 
 

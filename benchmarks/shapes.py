@@ -78,13 +78,18 @@ def spread(values: list[float], fmt: str = ".3f") -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="fewer repeats, shorter traces")
     parser.add_argument("--runs", type=int, default=3, help="live runs per pricing")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of the live trace")
     parser.add_argument("--load", type=float, default=0.5, help="arrival rate over the all-modality capacity")
     parser.add_argument(
-        "--deadline-length", type=int, default=128, choices=LENGTHS,
+        "--deadline-length",
+        type=int,
+        default=128,
+        choices=LENGTHS,
         help="the deadline is 1.5x the all-modality time of a 4-request job at this text length",
     )
     parser.add_argument("--repeats", type=int, default=15, help="timed runs per pricing cell")
@@ -103,7 +108,10 @@ def main() -> None:
     model.eval()
     test_inputs, test_labels = image_text.make_split(1000, seed=2)
     validation = [
-        (pad(image_text.rows(test_inputs, slice(i * 250, (i + 1) * 250)), length), test_labels[i * 250 : (i + 1) * 250])
+        (
+            pad(image_text.rows(test_inputs, slice(i * 250, (i + 1) * 250)), length),
+            test_labels[i * 250 : (i + 1) * 250],
+        )
         for i, length in enumerate(LENGTHS)
     ]
     sized = mosel.profile(model, validation, max_batch_size=16, batch_sizes=[1, 2, 4, 8, 16], progress=False)
@@ -123,7 +131,9 @@ def main() -> None:
           f"median |error| {statistics.median(checks):.0%}")  # fmt: skip
 
     print(f"\n## 1. Pricing: measured / predicted execution, all modalities, median of {args.repeats} runs\n")
-    print("| text length | job size | measured ms | blind predicted ms | measured / blind | sized predicted ms | measured / sized |")
+    print(
+        "| text length | job size | measured ms | blind predicted ms | measured / blind | sized predicted ms | measured / sized |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     mosel.attach(model, sized)
     ratios: dict[str, list[float]] = {"blind": [], "sized": []}
@@ -132,7 +142,8 @@ def main() -> None:
         for n in (1, 4, 8):
             job = pad(image_text.rows(test_inputs, slice(0, n)), length)
             measured = statistics.median(
-                model.infer(job).measured_latency_ms for _ in range(args.repeats)  # type: ignore[operator]
+                model.infer(job).measured_latency_ms
+                for _ in range(args.repeats)  # type: ignore[operator]
             )
             served_ms[length, n] = measured
             groups = ((everything, n),)
@@ -170,13 +181,15 @@ def main() -> None:
         f"{args.runs} runs per cell, alternating; seed {args.seed}. A job refused at admission counts as a "
         f"violation.\n"
     )
-    print("| floor | pricing | violation ratio | served | expected accuracy | measured accuracy | JCT p50 ms | JCT p99 ms |")
+    print(
+        "| floor | pricing | violation ratio | served | expected accuracy | measured accuracy | JCT p50 ms | JCT p99 ms |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for floor in floors:
         jobs = [RealJob(t, n, deadline_ms, floor, x, y) for t, n, x, y in trace]  # type: ignore[arg-type]
         results: dict[str, list[dict[str, float]]] = {"blind": [], "sized": []}
         for run in range(args.runs):
-            for name in (("blind", "sized") if run % 2 == 0 else ("sized", "blind")):
+            for name in ("blind", "sized") if run % 2 == 0 else ("sized", "blind"):
                 profile = blind if name == "blind" else sized
                 results[name].append(replay(model, profile, jobs, mosel.SchedulerConfig()).metrics)
         for name, runs in results.items():

@@ -568,7 +568,10 @@ def deployment(
         options["request_router_config"] = RequestRouterConfig(
             request_router_class=SlackRequestRouter,
             request_router_kwargs={
-                "profile": priced_json, "stale_after_s": stale_after_s, "seed": seed, "ties": ties,
+                "profile": priced_json,
+                "stale_after_s": stale_after_s,
+                "seed": seed,
+                "ties": ties,
             },
             **stats,
         )
