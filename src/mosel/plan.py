@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -736,6 +737,29 @@ def solve_frontier(
             config.time_limit_s,
         )
     return Frontier(available, n, tuple(_to_strategy(cost, configs, x[i]) for i in idx), exact)
+
+
+def repriced_plan(plan: Plan, cost: CostModel) -> Plan:
+    """``plan``'s strategies, and every pure one, priced by ``cost``: a plan without solving.
+
+    For tables that differ from the ones ``plan`` was solved for (a size bucket beyond the
+    measured ones, its tables scaled): each frontier becomes the Pareto-optimal subset, under
+    ``cost``, of its strategies plus every single-configuration strategy. Not proven complete
+    (``exact`` is False): a mix that only the new tables make optimal is missing.
+    """
+    frontiers = {}
+    for (available, n), frontier in plan.frontiers.items():
+        candidates = {s.groups for s in frontier.strategies}
+        candidates |= {((c, n),) for c in cost.configurations(available)}
+        strategies = [
+            Strategy(g, cost.latency_us(g), cost.accuracy_units(g)) for g in sorted(candidates, key=str)
+        ]
+        keep = _staircase(
+            np.array([s.latency_us for s in strategies], dtype=np.int64),
+            np.array([s.accuracy_units for s in strategies], dtype=np.int64),
+        )
+        frontiers[available, n] = Frontier(available, n, tuple(strategies[i] for i in keep), exact=False)
+    return dataclasses.replace(plan, frontiers=MappingProxyType(frontiers), cost_model_digest=cost.digest())
 
 
 def build_plan(cost: CostModel, config: PlannerConfig | None = None) -> Plan:

@@ -43,6 +43,7 @@ from mosel.plan import (
     json_list,
     json_str,
     parse_configuration,
+    repriced_plan,
     show,
 )
 from mosel.schema import ModalitySchema
@@ -355,14 +356,19 @@ class Profile:
         """The plan and the cost model for jobs of ``bucket`` (see :meth:`SizedLatency.measured`).
 
         The reference bucket gives ``plan`` and :meth:`cost_model`; a bucket measured in
-        profiling, its own plan; a bucket beyond the measured ones, the plan of the bucket
-        that prices it, with its tables scaled.
+        profiling, its own plan; a bucket beyond the measured ones, the plan of the largest
+        measured bucket repriced at the scaled tables (:func:`mosel.plan.repriced_plan`: its
+        strategies and every pure one, their Pareto subset; no solving).
         """
         if bucket == self.reference_bucket:
             return self.plan, self.cost_model()
-        measured = tuple(s.measured(edge)[0] for s, edge in zip(self.sized.values(), bucket, strict=True))
-        plan = self.plan if measured == self.reference_bucket else self.sized_plans[measured]
-        return plan, self.cost_at(bucket)
+        measured = tuple(s.measured(edge) for s, edge in zip(self.sized.values(), bucket, strict=True))
+        key = tuple(edge for edge, _ in measured)
+        plan = self.plan if key == self.reference_bucket else self.sized_plans[key]
+        cost = self.cost_at(bucket)
+        if any(factor != 1.0 for _, factor in measured):  # scaled tables: that plan's choices are not theirs
+            plan = repriced_plan(plan, cost)
+        return plan, cost
 
     def cost_at(self, bucket: BucketKey) -> CostModel:
         """The cost model for jobs of ``bucket``: each sized branch's table at that bucket."""

@@ -256,6 +256,11 @@ def attach(
         if getattr(profile.fingerprint, name) != getattr(here, name)
         and not (name in ("dtype", "threads") and not getattr(profile.fingerprint, name))  # older: unknown
     ]
+    if set(profile.sized) != set(spec.sizings):
+        stale.append(
+            f"modalities priced per input size {sorted(profile.sized)} != declared with size= "
+            f"{sorted(spec.sizings)} (jobs would be priced at one size)"
+        )
     if stale:
         message = (
             f"profile of {spec.model_class} does not match this model: {'; '.join(stale)}. "

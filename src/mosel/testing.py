@@ -227,7 +227,7 @@ def synthetic_profile(
             next(iter(by_edge)),
             MappingProxyType({edge: table(values) for edge, values in by_edge.items()}),
         )
-        for m, by_edge in sized_us.items()
+        for m, by_edge in ((m, sized_us[m]) for m in spec.modalities if m in sized_us)  # declaration order
     }
     profile = Profile(
         modalities=spec.modalities,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -124,6 +125,21 @@ def test_a_sized_profile_saves_and_serves_after_loading(
     assert loaded.sized == profile.sized and loaded.sized_plans.keys() == profile.sized_plans.keys()
     other = AttentionText().eval()
     mosel.attach(other, loaded)
+
+    @mosel.multimodal
+    class Unsized(AttentionText):  # the same model, its text no longer declared with size=
+        @mosel.modality("text")
+        def encode_text(self, x: Mapping[str, Tensor]) -> Tensor:
+            return super().encode_text(x)
+
+        @mosel.modality("image")  # re-marked too, to keep the declaration order
+        def encode_image(self, x: Tensor) -> Tensor:
+            return super().encode_image(x)
+
+    unsized = Unsized().eval()
+    with pytest.warns(mosel.MoselWarning, match="priced per input size"):
+        mosel.attach(unsized, dataclasses.replace(loaded, fingerprint=dataclasses.replace(
+            loaded.fingerprint, model_class=mosel.spec_of(Unsized).model_class)))  # fmt: skip
     try:
         result = other.infer(batch(2, 128, seed=3), deadline_ms=10_000.0)
         assert result.output.shape == (2, 3)

@@ -159,3 +159,16 @@ def test_simulate_rejects_sizes_for_an_unsized_modality() -> None:
         mosel.simulate(sized_profile(), [mosel.Arrival(time_s=0.0, n=1, sizes={"image": 3})])
     with pytest.raises(mosel.InputError, match="sizes must map"):
         mosel.simulate(sized_profile(), [mosel.Arrival(time_s=0.0, n=1, sizes={"text": 0})])
+
+
+def test_beyond_the_measured_buckets_every_pure_strategy_stays_an_option() -> None:
+    """At 4096 tokens text costs 16x its 256-token table: image alone (0.35 ms) must be served,
+    though the 256-token plan had no reason to keep it next to cheaper text."""
+    profile = sized_profile()
+    plan, cost = profile.priced_at(profile.bucket({"text": 4096}))
+    assert not plan.frontier(frozenset({"text", "image"}), 1).exact  # repriced, not proven
+    for strategy in plan.frontier(frozenset({"text", "image"}), 1).strategies:
+        assert strategy.latency_us == cost.latency_us(strategy.groups)
+    sim = mosel.simulate(profile, [mosel.Arrival(0.0, 1, deadline_ms=1.0, sizes={"text": 4096})])
+    record = sim.records[0]
+    assert record.on_time and record.strategies[0].groups == ((frozenset({"image"}), 1),)
