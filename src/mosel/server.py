@@ -98,7 +98,6 @@ class Server:
         self.cond = threading.Condition(self.lock)  # the executor waits on it
         self.watch = threading.Condition(self.lock)  # the watchdog waits on it
         self.scheduler = Scheduler(profile, config, self.stats, solve_async=self._solve_async)
-        self.profile = profile
         # Modalities whose latency the profile prices per input size: (name, how to read it).
         self._sized = tuple((m, spec.sizings[m]) for m in profile.sized if m in spec.sizings)
         self.closed = False
@@ -149,7 +148,7 @@ class Server:
         job.batch_key = tuple((m, trees.signature(t, self.spec.batch_dim(m))) for m, t in tensors.items())
         job.groups, job.order = groups, order
         if self._sized:
-            job.bucket = self.profile.bucket(
+            job.bucket = self.scheduler.profile.bucket(
                 {m: how.read(m, tensors[m]) for m, how in self._sized if m in tensors}
             )
         return job

@@ -91,9 +91,8 @@ def test_each_job_is_priced_at_its_own_bucket(served: tuple[AttentionText, mosel
     for length, result in results.items():
         bucket = profile.bucket({"text": length})
         _, cost = profile.priced_at(bucket)
-        for strategy in result.strategies:
-            if bucket[0] in profile.sized["text"].tables:  # measured: the bucket's own plan
-                assert strategy.latency_us == cost.latency_us(strategy.groups)
+        for strategy in result.strategies:  # the bucket's own plan, or one repriced beyond them
+            assert strategy.latency_us == cost.latency_us(strategy.groups)
         x = jobs[length]
         with torch.inference_mode():
             for row, config in enumerate(result.modalities):
