@@ -205,7 +205,10 @@ def _epoch_s(name: str, text: str) -> float:
 
 
 def _stricter(a: float | None, b: float | None, pick: Callable[[float, float], float]) -> float | None:
-    return b if a is None else a if b is None else pick(a, b)
+    """The stricter of two objectives; a NaN wins (min/max would drop it), so validation refuses it."""
+    if a is None or b is None:
+        return b if a is None else a
+    return a if math.isnan(a) else b if math.isnan(b) else pick(a, b)
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -249,6 +250,14 @@ def test_the_stricter_slo_of_header_and_body_applies(model: TextAudio) -> None:
         assert response.status_code == 200
         assert response.json()["deadline_ms"] == 40_000
         assert response.json()["deadline_met"] is True
+        # A NaN objective is refused even when the other source gives a valid one (min/max drop NaN).
+        for field, header in (("min_accuracy", "X-Min-Accuracy"), ("deadline_ms", "X-Deadline-Ms")):
+            for value, other in ((float("nan"), "0.5"), (0.5, "nan")):
+                body = json.dumps({"inputs": as_json(batch(1, 3, 0)), field: value})
+                answer = client.post(
+                    "/predict", content=body, headers={header: other, "content-type": "application/json"}
+                )
+                assert answer.status_code == 400 and answer.json()["error"] == "SLOError", (field, value)
 
 
 def test_upstream_time_is_charged_to_the_deadline(model: TextAudio) -> None:
