@@ -84,6 +84,8 @@ LOAD_KEY: Final = "mosel.load"
 """The key of a replica's :class:`mosel.Load` (its JSON form) in its Serve routing stats."""
 ProfileSource = str | os.PathLike[str] | Profile | Callable[[nn.Module], Profile]
 """A saved profile's path, a profile, or a function that profiles the replica's model on start-up."""
+_MAX_EXPECTED: Final = 4096
+"""Requests ranked and not yet routed that the router remembers (the oldest are forgotten)."""
 _REPLICA_LOST: Final = (
     ray.exceptions.ActorDiedError,
     ray.exceptions.ActorUnavailableError,
@@ -284,8 +286,15 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
 
     The replica chosen for a request goes to that request (Serve's default matching by request
     id; not FIFO, which would hand a replica chosen for one job's deadline to the oldest waiting
-    job). Configure it with :func:`deployment` (``router="slack"``); its keyword arguments arrive in
-    :meth:`initialize_state` from ``RequestRouterConfig.request_router_kwargs``.
+    job). A job counts against the replica Serve actually sent it to, whichever rank it came
+    from: Serve calls :meth:`on_request_routed` once that replica accepted it, and the router
+    records it with SlackRouter (:meth:`mosel.routing.SlackRouter.record`) at the cost it
+    predicted there, so until the replica's next report its drain includes the router's own
+    sends and a burst spreads instead of herding on the replica that looked emptiest. Under Ray
+    Client Serve skips its rejection protocol and that hook: there only ``ties="slack"`` counts
+    (its single pick, when it ranks). Configure it with :func:`deployment` (``router="slack"``);
+    its keyword arguments arrive in :meth:`initialize_state` from
+    ``RequestRouterConfig.request_router_kwargs``.
     """
 
     def initialize_state(
@@ -305,6 +314,7 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
                 time is a first choice, and Serve takes the one with the fewest requests in
                 flight (it counts them exactly); ``"slack"``: SlackRouter's single pick (ties
                 by its own estimate of the drain since each report), as in the simulation.
+                Either way a routed job is added to that estimate for the replica it went to.
         """
         if ties not in ("serve", "slack"):
             raise ValueError(f"ties must be 'serve' or 'slack', got {ties!r}")
@@ -316,6 +326,8 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
         self.rng = random.Random(seed)
         self.slack = SlackRouter(self.profile, stale_after_s=self.stale_after_s)
         self.slots: dict[ReplicaID, int] = {}  # a stable index per replica, for SlackRouter's accounting
+        # Serve's id of each request ranked and not yet routed -> (predicted cost per replica, rows)
+        self.expected: dict[str, tuple[dict[ReplicaID, float], int]] = {}
         self.decisions: dict[str, int] = {"slack": 0, "fallback": 0}
 
     async def choose_replicas(
@@ -323,23 +335,71 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
-        """Rank the candidates: mosel's choice first, then the rest (or two random ones)."""
+        """Rank the candidates: mosel's choice first, then the rest (or two random ones).
+
+        Nothing is counted here: Serve may call this several times for one request (while every
+        replica is full, or after a rejection) and then take a replica of any rank. The
+        predicted costs are kept (by Serve's request id) until :meth:`on_request_routed` says
+        where the job went.
+        """
         if not candidate_replicas:
             return []
         now_s = time.time()
-        first = self._choose(candidate_replicas, _request_of(pending_request), now_s)
+        request = _request_of(pending_request)
+        first, costs = self._choose(candidate_replicas, request, now_s)
+        if request is not None:
+            if getattr(self, "_use_replica_queue_len_cache", True):
+                self._expect(pending_request, costs, request.rows)
+            elif self.ties == "slack" and first:
+                # Serve runs without its rejection protocol (Ray Client) and never calls
+                # on_request_routed: count SlackRouter's single pick now, where it will go.
+                chosen = first[0].replica_id
+                self.slack.record(self.slots[chosen], now_s, costs.get(chosen), request.rows)
         if not first:
             self.decisions["fallback"] += 1
             return [self.rng.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         self.decisions["slack"] += 1
         return [first, [r for r in candidate_replicas if r not in first]]
 
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        """Count the job against the replica Serve sent it to (Serve calls this once it accepted it).
+
+        The job is priced as SlackRouter predicted it on that replica when it ranked them (any
+        rank); a replica it had no prediction for (no fresh load, a power-of-two fallback) gets
+        the job's requests without a cost, as :meth:`SlackRouter.choose` does on its fallback.
+        A request that is not a :class:`Request` (another method's call) is not counted.
+        """
+        key = _request_key(pending_request)
+        expected = None if key is None else self.expected.pop(key, None)
+        if expected is None:
+            return
+        costs, rows = expected
+        try:
+            slot = self.slots.setdefault(replica_id, len(self.slots))
+            self.slack.record(slot, time.time(), costs.get(replica_id), rows)
+        except Exception:  # never fail a request Serve has already sent over the router's books
+            _log.exception("mosel.ray: could not count a job sent to %s", replica_id)
+
+    def _expect(self, pending: PendingRequest | None, costs: dict[ReplicaID, float], rows: int) -> None:
+        """Keep a request's predicted costs until Serve says where it went (the newest ranking wins)."""
+        key = _request_key(pending)
+        if key is None:
+            return
+        self.expected.pop(key, None)
+        self.expected[key] = (costs, rows)
+        while len(self.expected) > _MAX_EXPECTED:  # requests cancelled, or sent without the hook
+            self.expected.pop(next(iter(self.expected)))
+
     def _choose(
         self, candidates: list[RunningReplica], request: Request | None, now_s: float
-    ) -> list[RunningReplica] | None:
-        """SlackRouter's first choices among the candidates; None: fall back to power of two."""
+    ) -> tuple[list[RunningReplica] | None, dict[ReplicaID, float]]:
+        """SlackRouter's first choices among the candidates, and the request's cost on each.
+
+        The first choices are None to fall back to power of two; the costs are SlackRouter's
+        predicted costs of the request on each candidate it priced.
+        """
         if request is None:
-            return None
+            return None, {}
         by_id = {r.replica_id: r for r in candidates}
         for replica_id in by_id:
             self.slots.setdefault(replica_id, len(self.slots))
@@ -349,25 +409,26 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
             if replica is not None:
                 loads[slot] = _fresh_load(replica.routing_stats, now_s, self.stale_after_s)
         if all(x is None for x in loads):
-            return None
+            return None, {}
         replica_at = {slot: by_id[i] for i, slot in self.slots.items() if i in by_id}
         try:
             routed = self._route_request(request, now_s)
-            if self.ties == "slack":
-                chosen = replica_at.get(self.slack.choose(loads, routed, now_s, self.rng))
-                return None if chosen is None else [chosen]
             predictions = self.slack.predict(loads, routed, now_s)
         except MoselError:  # a bad SLO or inputs: the replica raises the typed error to the caller
-            return None
+            return None, {}
         known = [(slot, p) for slot, p in enumerate(predictions) if p is not None and slot in replica_at]
+        costs = {replica_at[slot].replica_id: p.cost_ms for slot, p in known}
+        if self.ties == "slack":
+            chosen = replica_at.get(self.slack.pick(loads, predictions, self.rng))
+            return (None if chosen is None else [chosen]), costs
         if not known:
-            return None
+            return None, costs
         meeting = [(slot, p) for slot, p in known if p.meets]
         if meeting:
             top = max(p.accuracy for _, p in meeting)
-            return [replica_at[slot] for slot, p in meeting if p.accuracy >= top - 1e-9]
+            return [replica_at[slot] for slot, p in meeting if p.accuracy >= top - 1e-9], costs
         first = min(p.finish_ms for _, p in known)
-        return [replica_at[slot] for slot, p in known if p.finish_ms <= first]
+        return [replica_at[slot] for slot, p in known if p.finish_ms <= first], costs
 
     def _route_request(self, request: Request, now_s: float) -> RouteRequest:
         modalities = self.profile.modalities
@@ -379,6 +440,12 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
             min_accuracy=request.min_accuracy,
             available=available or None,
         )
+
+
+def _request_key(pending: PendingRequest | None) -> str | None:
+    """The id Serve gives the request (the same across its routing attempts)."""
+    key = getattr(getattr(pending, "metadata", None), "internal_request_id", None)
+    return key if isinstance(key, str) and key else None
 
 
 def _request_of(pending: PendingRequest | None) -> Request | None:

@@ -15,6 +15,7 @@ behind a real deployment (wall clock; ``now_s`` and :attr:`Load.at_s` are then `
 
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
 import random
@@ -142,7 +143,11 @@ class _Sent:
         """Record that ``requests`` priced ``cost_ms`` were sent to replica ``i`` at ``now_s``."""
         while len(self.sent) <= i:
             self.sent.append([])
-        self.sent[i].append((now_s, cost_ms, requests))
+        entries = self.sent[i]
+        if entries and now_s < entries[-1][0]:  # recorded late (a hook): keep them in time order
+            bisect.insort(entries, (now_s, cost_ms, requests))
+        else:
+            entries.append((now_s, cost_ms, requests))
 
 
 def _check(loads: Sequence[Load | None]) -> None:
@@ -330,17 +335,18 @@ class SlackRouter:
             )
         return predictions
 
-    def choose(
-        self, loads: Sequence[Load | None], request: RouteRequest, now_s: float, rng: random.Random
+    def pick(
+        self, loads: Sequence[Load | None], predictions: Sequence[Prediction | None], rng: random.Random
     ) -> int:
-        """The replica with the best predicted accuracy on time (see the class and :meth:`Router.choose`)."""
+        """The replica :meth:`choose` takes given ``predictions`` (from :meth:`predict`), not recorded.
+
+        The highest predicted accuracy on time, ties to the earliest predicted finish, exact ties
+        at random; with no prediction at all, power of two choices on the queued requests.
+        """
         _check(loads)
-        predictions = self.predict(loads, request, now_s)
         known = [(i, p) for i, p in enumerate(predictions) if p is not None]
         if not known:
-            choice = _two_choices(loads, self._sent, rng)
-            self._sent.add(choice, now_s, 0.0, request.n)
-            return choice
+            return _two_choices(loads, self._sent, rng)
         meeting = [(i, p) for i, p in known if p.meets]
         if meeting:
             top = max(p.accuracy for _, p in meeting)
@@ -348,7 +354,36 @@ class SlackRouter:
         else:
             candidates = known
         first = min(p.finish_ms for _, p in candidates)
-        tied = [(i, p) for i, p in candidates if p.finish_ms == first]
-        choice, prediction = tied[rng.randrange(len(tied))] if len(tied) > 1 else tied[0]
-        self._sent.add(choice, now_s, prediction.cost_ms, request.n)
+        tied = [i for i, p in candidates if p.finish_ms == first]
+        return tied[rng.randrange(len(tied))] if len(tied) > 1 else tied[0]
+
+    def record(self, i: int, now_s: float, sent: Prediction | float | None, n: int) -> None:
+        """Count a job of ``n`` requests sent to replica ``i`` at ``now_s`` until its next report.
+
+        ``sent``: the job's :class:`Prediction` on that replica (its ``cost_ms`` is added to the
+        replica's drain), or the cost in ms, or None (not priced, e.g. a power-of-two fallback:
+        it counts only as queued requests). A report taken after ``now_s`` already counts the
+        job and the local entry is dropped. :meth:`choose` records its own pick; a caller that
+        lets someone else pick among the predictions (Ray Serve) records the send here.
+        """
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0:
+            raise InputError(f"SlackRouter.record needs a replica index >= 0, got {i!r}")
+        cost = sent.cost_ms if isinstance(sent, Prediction) else 0.0 if sent is None else float(sent)
+        if not (math.isfinite(cost) and cost >= 0.0):
+            raise InputError(f"SlackRouter.record needs a finite cost >= 0 ms, got {sent!r}")
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise InputError(f"SlackRouter.record needs n >= 1 requests, got {n!r}")
+        self._sent.add(int(i), now_s, cost, int(n))
+
+    def choose(
+        self, loads: Sequence[Load | None], request: RouteRequest, now_s: float, rng: random.Random
+    ) -> int:
+        """The replica with the best predicted accuracy on time (see the class and :meth:`Router.choose`).
+
+        :meth:`predict`, :meth:`pick`, then :meth:`record` of the pick.
+        """
+        _check(loads)
+        predictions = self.predict(loads, request, now_s)
+        choice = self.pick(loads, predictions, rng)
+        self.record(choice, now_s, predictions[choice], request.n)
         return choice

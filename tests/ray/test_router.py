@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -26,6 +27,7 @@ class FakeReplica:
 class FakePending:
     args: list[Any]
     kwargs: dict[str, Any] = field(default_factory=dict)
+    metadata: Any = field(default_factory=lambda: SimpleNamespace(internal_request_id=uuid.uuid4().hex))
 
 
 def reported(drain_ms: float, *, age_s: float = 0.0) -> dict[str, Any]:
@@ -44,7 +46,11 @@ def router() -> SlackRequestRouter:
 
 
 def rank(router: SlackRequestRouter, replicas: list[FakeReplica], request: Any) -> list[list[Any]]:
-    return asyncio.run(router.choose_replicas(replicas, FakePending([request])))  # type: ignore[arg-type]
+    return ranked(router, replicas, FakePending([request]))
+
+
+def ranked(router: SlackRequestRouter, replicas: list[FakeReplica], pending: FakePending) -> list[list[Any]]:
+    return asyncio.run(router.choose_replicas(replicas, pending))  # type: ignore[arg-type]
 
 
 def test_the_replica_with_slack_comes_first(router: SlackRequestRouter) -> None:
@@ -116,3 +122,134 @@ def test_equally_good_replicas_are_all_first_choices(router: SlackRequestRouter)
     assert len(rank(router, [a, b], request)[0]) == 1  # SlackRouter's own single pick
     with pytest.raises(ValueError):
         router.initialize_state(profile=profiles()["tiny"].to_json(), ties="nobody")
+
+
+# ------------------------------------------------- counting what Serve routed (on_request_routed)
+
+NOW = 1_000_000.0  # the frozen wall clock of these tests: the drains do not decay while they run
+
+
+def report_at(drain_ms: float, at_s: float) -> dict[str, Any]:
+    load = mosel.Load(
+        drain_ms=drain_ms, queued_jobs=0, queued_requests=0, latency_margin=1.0, overhead_ms=0.1,
+        degraded_share=0.0, at_s=at_s,
+    )  # fmt: skip
+    return {LOAD_KEY: load.to_json()}
+
+
+def drain_ms(router: SlackRequestRouter, replicas: list[FakeReplica]) -> dict[str, float]:
+    """SlackRouter's drain estimate of each replica now (its report plus what was routed there since)."""
+    loads: list[mosel.Load | None] = [None] * len(router.slots)
+    for replica in replicas:
+        loads[router.slots[replica.replica_id]] = mosel.Load.from_json(replica.routing_stats[LOAD_KEY])
+    predictions = router.slack.predict(loads, mosel.RouteRequest(n=1), NOW)
+    out = {}
+    for replica in replicas:
+        prediction = predictions[router.slots[replica.replica_id]]
+        assert prediction is not None
+        out[replica.replica_id] = prediction.drain_ms
+    return out
+
+
+@pytest.fixture
+def frozen(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(time, "time", lambda: NOW)
+
+
+@pytest.mark.usefixtures("frozen")
+def test_what_serve_routes_between_two_reports_is_counted(router: SlackRequestRouter) -> None:
+    """ties='serve': the job counts against the replica Serve took, at its predicted cost.
+
+    Serve takes "a" whenever it is a first choice (the worst case: a tie-break that herds).
+    After two jobs there, "a" cannot give the third its best accuracy within 2 ms: "b" alone.
+    """
+    a, b = FakeReplica("a", report_at(0.0, NOW - 0.001)), FakeReplica("b", report_at(0.0, NOW - 0.001))
+    request = Request(tiny_inputs(2), deadline_ms=2.0, sent_at_s=NOW)
+    for sent in range(2):
+        pending = FakePending([request])
+        first = ranked(router, [a, b], pending)[0]
+        assert {r.replica_id for r in first} == {"a", "b"}
+        router.on_request_routed(pending, "a", None)  # type: ignore[arg-type]
+        assert drain_ms(router, [a, b])["a"] == pytest.approx(0.93 * (sent + 1))
+        assert drain_ms(router, [a, b])["b"] == 0.0
+    assert rank(router, [a, b], request) == [[b], [a]]
+    # A newer report already counts them: the local additions are dropped.
+    a.routing_stats = report_at(0.5, NOW)
+    assert drain_ms(router, [a, b])["a"] == pytest.approx(0.5)
+
+
+@pytest.mark.usefixtures("frozen")
+def test_a_replica_of_the_second_rank_is_counted_at_its_own_price(router: SlackRequestRouter) -> None:
+    a, b = (
+        FakeReplica("a", report_at(0.0, NOW - 0.001)),
+        FakeReplica("b", report_at(2.5, NOW - 0.001)),
+    )  # 1.5 ms left now
+    request = Request(tiny_inputs(2), deadline_ms=2.0, sent_at_s=NOW)
+    pending = FakePending([request])
+    assert ranked(router, [a, b], pending) == [[a], [b]]
+    router.on_request_routed(pending, "b", None)  # type: ignore[arg-type]  # "a" was full: Serve went on
+    # On "b" (0.5 ms left) the job was priced at the strategy that fits there, cheaper than on "a".
+    after = drain_ms(router, [a, b])
+    assert 0.0 < after["b"] - 1.5 < 0.5 and after["a"] == 0.0
+    router.on_request_routed(pending, "b", None)  # type: ignore[arg-type]  # called twice: counted once
+    assert drain_ms(router, [a, b]) == after
+    # A replica that was not a candidate when ranking (it came up since): counted, unpriced.
+    pending = FakePending([request])
+    ranked(router, [a, b], pending)
+    router.on_request_routed(pending, "new", None)  # type: ignore[arg-type]
+    assert router.slack._sent.queued_requests(router.slots["new"], None) == 2
+
+
+@pytest.mark.usefixtures("frozen")
+def test_the_hook_ignores_what_it_cannot_price(router: SlackRequestRouter) -> None:
+    a, b = FakeReplica("a", report_at(0.0, NOW - 0.001)), FakeReplica("b", report_at(0.0, NOW - 0.001))
+    for pending in (
+        FakePending(["not a mosel request"]),  # another method's call: ranked at random, not counted
+        FakePending([Request(tiny_inputs(1), deadline_ms=2.0)], metadata=None),  # no request id
+    ):
+        ranked(router, [a, b], pending)
+        router.on_request_routed(pending, "a", None)  # type: ignore[arg-type]
+    never_ranked = FakePending([Request(tiny_inputs(1))])
+    router.on_request_routed(never_ranked, "a", None)  # type: ignore[arg-type]
+    assert router.expected == {}
+    assert drain_ms(router, [a, b]) == {"a": 0.0, "b": 0.0}
+    assert router.slack._sent.queued_requests(router.slots["a"], None) == 0
+
+
+@pytest.mark.usefixtures("frozen")
+def test_a_fallback_is_counted_as_requests_without_a_cost(router: SlackRequestRouter) -> None:
+    stale = [FakeReplica("a", report_at(0.0, NOW - 30.0)), FakeReplica("b", report_at(0.0, NOW - 30.0))]
+    pending = FakePending([Request(tiny_inputs(3), deadline_ms=2.0, sent_at_s=NOW)])
+    assert len(ranked(router, stale, pending)) == 1  # power of two
+    router.on_request_routed(pending, "b", None)  # type: ignore[arg-type]
+    assert router.slack._sent.queued_requests(router.slots["b"], None) == 3
+    assert router.slack._sent.sent[router.slots["b"]] == [(NOW, 0.0, 3)]
+
+
+@pytest.mark.usefixtures("frozen")
+def test_ties_slack_counts_once_per_routed_job_however_often_it_ranks(router: SlackRequestRouter) -> None:
+    router.initialize_state(profile=profiles()["tiny"].to_json(), seed=0, ties="slack")
+    a, b = FakeReplica("a", report_at(0.0, NOW - 0.001)), FakeReplica("b", report_at(0.0, NOW - 0.001))
+    pending = FakePending([Request(tiny_inputs(2), deadline_ms=2.0, sent_at_s=NOW)])
+    picks = [ranked(router, [a, b], pending)[0][0].replica_id for _ in range(3)]  # Serve backing off
+    assert drain_ms(router, [a, b]) == {"a": 0.0, "b": 0.0}  # nothing counted while ranking
+    pick = picks[-1]  # the newest ranking is the one Serve acts on
+    router.on_request_routed(pending, pick, None)  # type: ignore[arg-type]
+    assert drain_ms(router, [a, b])[pick] == pytest.approx(0.93)
+    other = "b" if pick == "a" else "a"
+    assert rank(router, [a, b], pending.args[0])[0][0].replica_id == other  # the most slack
+    # Under Ray Client, Serve never calls the hook: the single pick is counted when it ranks.
+    router._use_replica_queue_len_cache = False
+    ranked(router, [a, b], FakePending([Request(tiny_inputs(2), deadline_ms=2.0, sent_at_s=NOW)]))
+    assert drain_ms(router, [a, b]) == {"a": pytest.approx(0.93), "b": pytest.approx(0.93)}
+
+
+def test_the_requests_awaiting_the_hook_are_bounded(
+    router: SlackRequestRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mosel.ray, "_MAX_EXPECTED", 3)
+    replicas = [FakeReplica("a", reported(0.0))]
+    pendings = [FakePending([Request(tiny_inputs(1))]) for _ in range(5)]
+    for pending in pendings:
+        ranked(router, replicas, pending)
+    assert list(router.expected) == [p.metadata.internal_request_id for p in pendings[2:]]

@@ -66,6 +66,25 @@ def test_concurrent_jobs_resolve_with_their_rows_and_floors(tiny: mosel.ray.Clie
         assert result.deadline_met is not None
 
 
+def test_the_router_counts_what_serve_routed(tiny: mosel.ray.Client) -> None:
+    """Serve calls the slack router's on_request_routed for every job it sends (ties="serve")."""
+
+    async def run() -> list[mosel.Result]:
+        calls = [tiny.ainfer(tiny_inputs(2), deadline_ms=5000.0) for _ in range(12)]
+        return await asyncio.wait_for(asyncio.gather(*calls), 120.0)
+
+    assert len(asyncio.run(run())) == 12
+    # The handle's request router, in this process (Serve 2.60's internals; skip if they moved).
+    wrapper = getattr(getattr(tiny.handle, "_router", None), "_asyncio_router", None)
+    router = getattr(wrapper, "request_router", None)
+    if not isinstance(router, mosel.ray.SlackRequestRouter):
+        pytest.skip(f"the handle's request router is not reachable in this Ray version ({wrapper!r})")
+    assert sum(router.decisions.values()) >= 12
+    assert router.expected == {}  # every ranked job was routed, and the hook took it off the list
+    # No ranking follows the last job's hook: at least its send is still on SlackRouter's books.
+    assert sum(len(entries) for entries in router.slack._sent.sent) >= 1
+
+
 def test_threads_share_the_deployment(tiny: mosel.ray.Client) -> None:
     results: list[mosel.Result] = []
 

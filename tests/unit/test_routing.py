@@ -200,3 +200,46 @@ def test_slack_never_picks_a_predicted_miss_when_a_predicted_hit_exists(
         cheapest = frontier.strategies[frontier.index_meeting(floor_units(floor, n))]
         finish = [x.drain_ms + cheapest.latency_us / 1000.0 * x.latency_margin + x.overhead_ms for x in loads]
         assert finish[choice] == pytest.approx(min(finish))
+
+
+def test_slack_record_is_what_choose_counts(profile: mosel.Profile) -> None:
+    """choose = predict + pick + record; a caller that lets someone else pick records the send."""
+    loads = [load(at_s=0.0), load(at_s=0.0)]
+    request = mosel.RouteRequest(n=4, deadline_ms=5.0, min_accuracy=0.6)
+    chooser, recorder = mosel.SlackRouter(profile), mosel.SlackRouter(profile)
+    rng_a, rng_b = random.Random(5), random.Random(5)
+    for _ in range(6):
+        choice = chooser.choose(loads, request, 1e-6, rng_a)
+        predictions = recorder.predict(loads, request, 1e-6)
+        assert recorder.pick(loads, predictions, rng_b) == choice
+        recorder.record(choice, 1e-6, predictions[choice], request.n)
+    assert chooser.predict(loads, request, 1e-6) == recorder.predict(loads, request, 1e-6)
+    # Sent elsewhere than the pick, it counts there at the cost given (or a Prediction's cost).
+    router = mosel.SlackRouter(profile)
+    router.record(1, 1e-6, 2.0, 3)
+    [p0, p1] = router.predict(loads, mosel.RouteRequest(n=1), 1e-6)
+    assert p0 is not None and p1 is not None and (p0.drain_ms, p1.drain_ms) == (0.0, 2.0)
+    # Unpriced (a fallback): only the queued requests, which power of two reads.
+    router.record(0, 1e-6, None, 5)
+    assert router.predict(loads, mosel.RouteRequest(n=1), 1e-6)[0] == p0
+    # With nothing predicted, pick falls back to power of two: 3 queued requests < 5.
+    assert {router.pick(loads, [None, None], random.Random(i)) for i in range(5)} == {1}
+    for bad in ((-1, 1.0, 1), (0, float("nan"), 1), (0, -1.0, 1), (0, 1.0, 0), (True, 1.0, 1)):
+        with pytest.raises(mosel.InputError, match="record"):
+            router.record(bad[0], 0.0, bad[1], bad[2])
+
+
+def test_slack_record_late_keeps_the_sends_in_time_order(profile: mosel.Profile) -> None:
+    """A send recorded after a later one (a hook firing late) still drains in time order."""
+    loads = [load(at_s=0.0)]
+    in_order, late = mosel.SlackRouter(profile), mosel.SlackRouter(profile)
+    in_order.record(0, 0.001, 1.0, 1)
+    in_order.record(0, 0.002, 1.0, 1)
+    late.record(0, 0.002, 1.0, 1)
+    late.record(0, 0.001, 1.0, 1)
+    request = mosel.RouteRequest(n=1)
+    assert late.predict(loads, request, 0.0025) == in_order.predict(loads, request, 0.0025)
+    # A report taken between them drops only the earlier one.
+    newer = [load(at_s=0.0015)]
+    [p] = late.predict(newer, request, 0.002)
+    assert p is not None and p.drain_ms == pytest.approx(1.0)
