@@ -126,13 +126,16 @@ class _Sent:
         """Replica ``i``'s predicted drain now: its report's, less the time since, plus what was sent.
 
         The replica is a fluid queue: it drains at one millisecond per millisecond and each
-        request sent adds its priced cost when sent.
+        request sent adds its priced cost when sent. A replica whose running batch overran its
+        prediction at the report (:attr:`Load.overrun_ms`) is stalled: it drains nothing until
+        a later report says otherwise.
         """
+        rate = 0.0 if load.overrun_ms > 0.0 else 1000.0
         backlog, at = load.drain_ms, load.at_s
         for sent_at, cost_ms, _ in self.since(i, load):
-            backlog = max(backlog - (sent_at - at) * 1000.0, 0.0) + cost_ms
+            backlog = max(backlog - (sent_at - at) * rate, 0.0) + cost_ms
             at = sent_at
-        return max(backlog - (now_s - at) * 1000.0, 0.0)
+        return max(backlog - (now_s - at) * rate, 0.0)
 
     def queued_requests(self, i: int, load: Load | None) -> int:
         """Replica ``i``'s reported queued requests plus the requests sent there since."""

@@ -329,14 +329,19 @@ class Scheduler:
         """What this scheduler tells a router about itself at ``now`` (its own clock).
 
         O(1) numpy work over the queue's columns, no solving: the running batch's predicted
-        remainder plus every queued task at its current option's price, one after another.
+        remainder (as long again as its overrun, when it runs past its prediction) plus every
+        queued task at its current option's price, one after another.
 
         Args:
             now: the scheduler's clock (``time.perf_counter`` in a server, virtual in a
                 simulation).
             at_s: the load's timestamp; default ``time.time()`` (a simulation passes its clock).
         """
-        running_us = max(self.busy_until - now, 0.0) * 1e6 if self.in_flight is not None else 0.0
+        running_us = overrun_us = 0.0
+        batch = self.in_flight
+        if batch is not None:
+            overrun_us = max((now - batch.started) * 1e6 - batch.predicted_us, 0.0)
+            running_us = overrun_us if overrun_us > 0.0 else max(self.busy_until - now, 0.0) * 1e6
         queued_us = int(self.latency_us.sum())
         window = len(self._degraded)
         return Load(
@@ -347,6 +352,7 @@ class Scheduler:
             overhead_ms=self.tail.overhead_us / 1000.0,
             degraded_share=self._degraded_count / window if window else 0.0,
             at_s=time.time() if at_s is None else at_s,
+            overrun_ms=overrun_us / 1000.0,
         )
 
     @staticmethod

@@ -141,6 +141,11 @@ class Load:
             served below the most accurate strategy their floor and modalities allowed (those
             whose ``Result.reason`` is not None); 0 before any.
         at_s: when the load was taken, ``time.time()`` (wall clock: it crosses processes).
+        overrun_ms: how long the running batch has run past its predicted end (0: none runs, or
+            it is on time). A stalled replica (a slow batch, a busy device) drains nothing
+            while it lasts: ``drain_ms`` then counts the batch as needing as long again as its
+            overrun so far (a batch late by 20 ms is expected to need about 20 ms more), and a
+            router should not expect the queue to shrink until a later report.
     """
 
     drain_ms: float
@@ -150,9 +155,10 @@ class Load:
     overhead_ms: float
     degraded_share: float
     at_s: float
+    overrun_ms: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("drain_ms", "overhead_ms", "at_s"):
+        for name in ("drain_ms", "overhead_ms", "at_s", "overrun_ms"):
             value = getattr(self, name)
             if (
                 isinstance(value, bool)
@@ -183,6 +189,7 @@ class Load:
             "overhead_ms": self.overhead_ms,
             "degraded_share": self.degraded_share,
             "at_s": self.at_s,
+            "overrun_ms": self.overrun_ms,
         }
 
     @classmethod
@@ -190,11 +197,11 @@ class Load:
         """Inverse of :meth:`to_json`; :class:`mosel.InputError` naming the bad field."""
         if not isinstance(data, Mapping):
             raise InputError(f"a Load's JSON form is an object of its fields, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in data]
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING]
         if missing:
             raise InputError(f"Load JSON {dict(data)!r} lacks {missing}; send every field of Load.to_json()")
-        return cls(**{n: data[n] for n in names})
+        return cls(**{f.name: data[f.name] for f in fields if f.name in data})
 
 
 DEGRADED_WINDOW: Final = 256

@@ -74,12 +74,29 @@ def test_drain_grows_with_queued_work_and_shrinks_as_batches_finish(profile: mos
     assert scheduler.load(clock.now()).drain_ms == 0.0
 
 
-def test_an_overrunning_batch_counts_as_ending_now(profile: mosel.Profile) -> None:
-    scheduler = Scheduler(profile, SchedulerConfig(deterministic=True))
-    scheduler.admit(job(0.0, deadline_ms=None, floor=None), 0.0)
+def test_an_overrunning_batch_is_reported_and_expected_to_need_its_overrun_again(
+    profile: mosel.Profile,
+) -> None:
+    scheduler = Scheduler(profile, SchedulerConfig(deterministic=True, batching=False))
+    for _ in range(2):
+        scheduler.admit(job(0.0, deadline_ms=None, floor=None), 0.0)
     batch, _ = scheduler.dispatch(0.0)
     assert batch is not None
-    assert scheduler.load(scheduler.busy_until + 1.0).drain_ms == 0.0
+    queued_ms = int(scheduler.latency_us.sum()) / 1000.0
+    predicted_end = batch.predicted_us / 1e6
+    on_time = scheduler.load(predicted_end / 2)
+    assert on_time.overrun_ms == 0.0
+    assert on_time.drain_ms == pytest.approx(queued_ms + batch.predicted_us / 2000.0)
+    assert scheduler.load(predicted_end).overrun_ms == 0.0
+    for late_ms in (0.5, 20.0):
+        load = scheduler.load(predicted_end + late_ms / 1000.0)
+        assert load.overrun_ms == pytest.approx(late_ms)
+        assert load.drain_ms == pytest.approx(queued_ms + late_ms)  # as long again as the overrun
+    # The timer that fails doomed jobs during an overrun moves busy_until: the report is the same.
+    scheduler.expire(predicted_end + 0.02)
+    assert scheduler.load(predicted_end + 0.02).overrun_ms == pytest.approx(20.0)
+    scheduler.complete(batch, predicted_end + 0.02, batch.predicted_us + 20_000)
+    assert scheduler.load(predicted_end + 0.02).overrun_ms == 0.0  # nothing runs
 
 
 def test_degraded_share_counts_jobs_served_below_their_best(profile: mosel.Profile) -> None:
@@ -111,6 +128,12 @@ def test_load_validates_and_round_trips() -> None:
         mosel.Load(0.0, 0, 0, 1.0, 0.0, 1.5, 0.0)
     with pytest.raises(mosel.InputError, match=r"lacks \['at_s'\]"):
         mosel.Load.from_json({k: v for k, v in load.to_json().items() if k != "at_s"})
+    stalled = mosel.Load(3.5, 2, 9, 1.2, 0.1, 0.25, 1.0, overrun_ms=4.0)
+    assert mosel.Load.from_json(stalled.to_json()) == stalled
+    # A report from a replica that predates overrun_ms still reads (as not overrunning).
+    assert mosel.Load.from_json({k: v for k, v in stalled.to_json().items() if k != "overrun_ms"}) == load
+    with pytest.raises(mosel.InputError, match=r"Load.overrun_ms"):
+        mosel.Load(0.0, 0, 0, 1.0, 0.0, 0.0, 0.0, overrun_ms=-1.0)
 
 
 def test_mosel_load_of_a_model_before_and_while_serving() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import random
 
 import pytest
@@ -122,6 +123,24 @@ def test_slack_spreads_a_burst_between_two_reports(profile: mosel.Profile) -> No
     [reported] = router.predict([load(at_s=0.001)], mosel.RouteRequest(n=1), 0.001)
     assert before is not None and later is not None and reported is not None
     assert before.drain_ms > later.drain_ms > 0.0 and reported.drain_ms == 0.0
+
+
+def test_slack_sees_a_stalled_replica_drain_nothing_until_the_next_report(profile: mosel.Profile) -> None:
+    """A replica whose batch overran its prediction is not expected to empty while it lasts."""
+    router = mosel.SlackRouter(profile)
+    stalled = dataclasses.replace(load(drain_ms=8.0, at_s=0.0), overrun_ms=4.0)
+    healthy = load(drain_ms=8.0, at_s=0.0)
+    request = mosel.RouteRequest(n=1, deadline_ms=50.0)
+    [s, h] = router.predict([stalled, healthy], request, 0.006)
+    assert s is not None and h is not None
+    assert s.drain_ms == pytest.approx(8.0) and h.drain_ms == pytest.approx(2.0)
+    assert router.choose([stalled, healthy], request, 0.006, random.Random(0)) == 1
+    # What the router sends there adds up undrained; a later report (no overrun) replaces it all.
+    router.record(0, 0.006, 1.5, 1)
+    [s] = router.predict([stalled], request, 0.009)
+    assert s is not None and s.drain_ms == pytest.approx(9.5)
+    [s] = router.predict([load(drain_ms=1.0, at_s=0.01)], request, 0.0105)
+    assert s is not None and s.drain_ms == pytest.approx(0.5)
 
 
 def test_slack_falls_back_to_power_of_two_without_fresh_loads(profile: mosel.Profile) -> None:
