@@ -18,8 +18,10 @@ the headers, bodies and status codes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -51,12 +53,13 @@ from mosel.errors import (
     SLOError,
 )
 from mosel.execution import Result
-from mosel.runtime import close, model_ainfer, profile_of, prometheus_collector, readiness
+from mosel.runtime import close, model_submit, profile_of, prometheus_collector, readiness
 from mosel.schema import ModalitySchema, decode
 from mosel.spec import spec_of
 from mosel.trees import Tree
 
 __all__ = [
+    "CLOSED",
     "CONFIDENCE",
     "DEADLINE_AT",
     "DEADLINE_MS",
@@ -94,6 +97,8 @@ OVERLOAD: Final = (DeadlineError, QueueFullError, ShutdownError)
 """Errors answered 503 with a ``Retry-After``: the model is busy (or closed), retry later or elsewhere."""
 LARGE_BODY: Final = 256 * 1024
 """Bodies larger than this (bytes) are parsed and decoded on a worker thread, off the event loop."""
+CLOSED: Final = "the service is closed (Service.close(), or its app shut down); it takes no new requests"
+"""Why a closed :class:`Service` answers ``/predict`` 503 ``ShutdownError`` and ``/readyz`` not ready."""
 
 ModelSource: TypeAlias = "nn.Module | Callable[[], nn.Module]"
 """A model, or a function that returns it when a request needs it (built later, e.g. on a replica)."""
@@ -363,6 +368,11 @@ def _error(status: int, exc: BaseException, name: str | None = None, **headers: 
     return JSONResponse(body, status_code=status, headers=headers or None)
 
 
+def _closed() -> JSONResponse:
+    """The answer of a closed service's ``/predict``: 503 ``ShutdownError``, retry elsewhere."""
+    return _error(503, ShutdownError(CLOSED), **{"Retry-After": "1"})
+
+
 def _validation_detail(exc: ValidationError) -> str:
     parts = []
     for item in exc.errors(include_url=False):
@@ -375,7 +385,9 @@ class Service:
     """The request handling of the HTTP front door, for one model.
 
     Every route of :func:`create_router` calls one method here; a Ray Serve deployment class
-    may hold a ``Service`` and call its methods from its own routes instead.
+    may hold a ``Service`` and call its methods from its own routes instead. Once closed
+    (:meth:`close`), it serves no more: ``/predict`` answers 503 ``ShutdownError`` with a
+    ``Retry-After`` and ``/readyz`` not ready (the model's scheduler is not restarted).
 
     Args:
         model: the model (profiled or attached), or a function returning it, called when a
@@ -395,6 +407,13 @@ class Service:
         self._source = model
         self._schema = input_schema
         self._clock = clock
+        self._closed = False
+        self._lock = threading.Lock()  # no job is admitted once close() has begun
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
 
     def model(self) -> nn.Module:
         """The served model (calling the function given for it, if any)."""
@@ -435,6 +454,8 @@ class Service:
     async def predict(self, request: Request) -> Response:
         """``POST /predict``: serve the request's rows under its SLO (see ``docs/http.md``)."""
         now_s = self._clock()
+        if self._closed:
+            return _closed()
         try:
             model = self.model()
         except Exception as exc:  # the model is not built (yet)
@@ -451,16 +472,20 @@ class Service:
             return _error(400, exc, None if isinstance(exc, MoselError) else "InputError")
         inputs, present, body, budget = prepared
         try:
-            result = await model_ainfer(
-                model,
-                inputs,
-                deadline_ms=budget.deadline_ms,
-                min_accuracy=budget.min_accuracy,
-                best_effort=body.best_effort,
-                confidence=budget.confidence,
-                per_request=body.per_request,
-                present=present,
-            )
+            with self._lock:  # checked and admitted at once: close() cannot slip in between
+                if self._closed:
+                    return _closed()
+                future = model_submit(
+                    model,
+                    inputs,
+                    deadline_ms=budget.deadline_ms,
+                    min_accuracy=budget.min_accuracy,
+                    best_effort=body.best_effort,
+                    confidence=budget.confidence,
+                    per_request=body.per_request,
+                    present=present,
+                )
+            result = await asyncio.wrap_future(future)  # cancelling the request cancels the job
         except Exception as exc:
             status = error_status(exc)
             headers = {"Retry-After": str(_retry_after_s(model))} if isinstance(exc, OVERLOAD) else {}
@@ -486,14 +511,19 @@ class Service:
     def readyz(self) -> Response:
         """``GET /readyz``: 200 when the model can serve (:func:`readiness`), else 503 with why."""
         try:
-            reason = readiness(self.model())
+            reason = CLOSED if self._closed else readiness(self.model())
         except Exception as exc:  # the model is not built (yet)
             reason = f"{type(exc).__name__}: {exc}"
         ready = Readiness(ready=reason is None, reason=reason)
         return JSONResponse(ready.model_dump(), status_code=200 if reason is None else 503)
 
     def close(self) -> None:
-        """Close the model's scheduler (queued jobs finish), if the model exists."""
+        """Take no more requests; close the model's scheduler (queued jobs finish), if the model exists.
+
+        Requests admitted before finish; later ones answer 503 ``ShutdownError`` (see the class).
+        """
+        with self._lock:
+            self._closed = True
         try:
             model = self.model()
         except Exception:  # never built: nothing to close

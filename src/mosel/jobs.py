@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from mosel.assign import Item
-from mosel.plan import ACCURACY_SCALE, CostModel, Frontier, Strategy
+from mosel.plan import ACCURACY_SCALE, CostModel, Frontier, Plan, Strategy
 
 __all__ = ["NO_DEADLINE_US", "Batch", "Failure", "Job", "Task", "deadline_us", "floor_units", "time_us"]
 
@@ -29,8 +29,8 @@ class Job:
     __slots__ = (
         "arrival", "available", "batch_key", "best_effort", "bucket", "confidence", "cost", "deadline",
         "deadline_ms", "error", "finished", "groups", "id", "inputs", "measured_us", "min_accuracy", "n",
-        "order", "outputs", "payload", "pending", "per_request", "predicted_us", "reason", "started",
-        "tasks",
+        "order", "outputs", "payload", "pending", "per_request", "predicted_us", "priced", "reason",
+        "started", "tasks",
     )  # fmt: skip
 
     def __init__(
@@ -65,6 +65,9 @@ class Job:
         # the cost model of that bucket (set on admission).
         self.bucket = bucket
         self.cost: CostModel | None = None
+        # Its bucket's plan and cost model when priced before admission, outside any lock (see
+        # Scheduler.pricing); None: the scheduler prices it.
+        self.priced: tuple[Plan, CostModel] | None = None
         self.tasks: list[Task] = []
         self.pending = 0
         self.outputs: list[Any] = []

@@ -18,7 +18,7 @@ import numbers
 import os
 import secrets
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -49,8 +49,8 @@ from mosel.plan import (
 from mosel.schema import ModalitySchema
 
 __all__ = [
-    "BucketKey", "CostCheck", "Fingerprint", "LatencyTable", "Profile", "SizedLatency", "bucket_edge",
-    "fingerprint_of", "plan_buckets",
+    "PRICED_AHEAD", "BucketKey", "CostCheck", "Fingerprint", "LatencyTable", "Profile", "SizedLatency",
+    "bucket_edge", "fingerprint_of", "plan_buckets", "priced_ahead",
 ]  # fmt: skip
 
 FORMAT: Final = "mosel.profile"
@@ -59,6 +59,8 @@ VERSION: Final = 2
 Configuration = frozenset[str]
 BucketKey = tuple[int, ...]
 """A job's size bucket: one bucket edge per sized modality, in the order of ``Profile.sized``."""
+PRICED_AHEAD: Final = 256
+"""At most this many size buckets are priced ahead by :func:`priced_ahead` (the rest on first use)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -694,6 +696,27 @@ def plan_buckets(profile: Profile, planner: PlannerConfig | None = None) -> Prof
         if key != profile.reference_bucket
     }
     return dataclasses.replace(profile, sized_plans=MappingProxyType(plans))
+
+
+def priced_ahead(
+    profile: Profile, declared: Mapping[str, Sequence[int]], limit: int = PRICED_AHEAD
+) -> dict[BucketKey, tuple[Plan, CostModel]]:
+    """:meth:`Profile.priced_at` for every bucket of the ``declared`` sizes, computed ahead (offline).
+
+    ``declared``: sized modality -> the sizes its jobs may have (its ``buckets=`` edges). Every
+    combination of their buckets, each sized modality's reference included (a job without it, or
+    a modality not in ``declared``), is priced but the reference bucket; the smallest combinations
+    first, at most ``limit`` of them. A bucket beyond the measured ones costs a repriced plan
+    (milliseconds); paid here, at attach, no job of a declared bucket pays it while serving.
+    """
+    edges = [
+        sorted({s.reference} | {s.edge(size) for size in declared.get(m, ())})
+        for m, s in profile.sized.items()
+    ]
+    ranks = sorted(itertools.product(*(range(len(e)) for e in edges)), key=sum)  # smaller buckets first
+    keys = [tuple(e[i] for e, i in zip(edges, rank, strict=True)) for rank in ranks]
+    keys = [key for key in keys if key != profile.reference_bucket][:limit]
+    return {key: profile.priced_at(key) for key in keys}
 
 
 def _reject_constant(name: str) -> float:

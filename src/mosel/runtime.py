@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from mosel.compiling import unwrap_compiled
 from mosel.errors import MoselWarning, NotProfiledError, ProfileMismatchError, SpecError
 from mosel.execution import Result, RowPlanCache
-from mosel.profiles import Profile, fingerprint_of
+from mosel.profiles import Profile, fingerprint_of, priced_ahead
 from mosel.scheduler import SchedulerConfig
 from mosel.server import Server
 from mosel.spec import PROVIDED_ATTR, ModelSpec, spec_of
@@ -76,6 +76,8 @@ class _ModelState:
         self.stale_lock = threading.Lock()
         self.server: Server | None = None
         self.stats = Stats()  # outlives servers: counters survive close() and a restart
+        # The declared size buckets' plans, priced now (offline) for every server to come.
+        self.priced = priced_ahead(profile, {m: s.buckets for m, s in spec.sizings.items()})
         _states.add(self)
 
     def pin(self, model: nn.Module) -> None:
@@ -117,6 +119,7 @@ class _ModelState:
                     self.row_plans,
                     self.config,
                     stats=self.stats,
+                    priced=self.priced,
                 )
             return server
 

@@ -57,6 +57,8 @@ __all__ = [
 Configuration = frozenset[str]
 CORRECTION_CLAMP: Final = 4.0
 """A single measurement counts as at most this factor above or below the current correction."""
+PRICED_CACHE: Final = 256
+"""Size buckets a scheduler keeps priced besides those priced ahead (then it drops them all)."""
 _log = logging.getLogger("mosel")
 
 
@@ -167,6 +169,7 @@ class Scheduler:
         config: SchedulerConfig | None = None,
         stats: Stats | None = None,
         solve_async: Callable[[Callable[[], None]], None] | None = None,
+        priced: Mapping[BucketKey, tuple[Plan, CostModel]] | None = None,
     ) -> None:
         self.profile = profile
         self.config = config or SchedulerConfig()
@@ -192,7 +195,12 @@ class Scheduler:
         self._latency_cache: dict[tuple[Configuration, int, BucketKey | None], tuple[int, ...]] = {}
         self._full_strategies: dict[tuple[Configuration, int, BucketKey | None], Strategy] = {}
         self._reference = profile.reference_bucket
-        self._priced: dict[BucketKey, tuple[Plan, CostModel]] = {self._reference: (profile.plan, self.cost)}
+        # The plan and cost model per size bucket: the reference's and those priced ahead
+        # (``priced``, from :func:`mosel.profiles.priced_ahead` at attach) for the scheduler's
+        # life; others as jobs bring them (see :meth:`priced`).
+        self._ahead: dict[BucketKey, tuple[Plan, CostModel]] = {self._reference: (profile.plan, self.cost)}
+        self._ahead.update(priced or {})
+        self._priced = dict(self._ahead)
         self._keys_text: dict[Configuration, str] = {}
         self._parts: dict[tuple[tuple[tuple[Configuration, int], ...], BucketKey | None], dict[str, int]] = {}
         self._bounds: dict[float | None, dict[Configuration, int]] = {}
@@ -397,13 +405,31 @@ class Scheduler:
             self._full_strategies[key] = strategy
         return strategy
 
-    def priced(self, bucket: BucketKey) -> tuple[Plan, CostModel]:
-        """The plan and cost model of jobs of size ``bucket`` (cached; no solving)."""
+    def pricing(self, bucket: BucketKey) -> tuple[Plan, CostModel]:
+        """What :meth:`priced` will give for ``bucket``, for a job being built before admission.
+
+        Needs no lock (a read of the cache, else the pure :meth:`Profile.priced_at`, which may
+        reprice a plan: milliseconds), so a server calls it outside its lock and hands the
+        result to :meth:`admit` as ``job.priced``. It stores nothing.
+        """
+        priced = self._priced.get(bucket)
+        return priced if priced is not None else self.profile.priced_at(bucket)
+
+    def priced(
+        self, bucket: BucketKey, computed: tuple[Plan, CostModel] | None = None
+    ) -> tuple[Plan, CostModel]:
+        """The plan and cost model of jobs of size ``bucket`` (cached; no solving).
+
+        ``computed``: :meth:`pricing`'s value for ``bucket``, stored when the cache lacks it
+        (else computed here: a simulation, which holds no lock). The buckets priced ahead stay;
+        the others are dropped every :data:`PRICED_CACHE` new ones (the cache stays bounded).
+        """
         priced = self._priced.get(bucket)
         if priced is None:
-            if len(self._priced) > 256:  # sizes beyond the measured buckets: keep the cache bounded
-                self._priced = {self._reference: (self.profile.plan, self.cost)}
-            priced = self._priced[bucket] = self.profile.priced_at(bucket)
+            if len(self._priced) >= len(self._ahead) + PRICED_CACHE:  # sizes beyond the declared buckets
+                self._priced = dict(self._ahead)
+            priced = computed if computed is not None else self.profile.priced_at(bucket)
+            self._priced[bucket] = priced
         return priced
 
     # ------------------------------------------------------------------ the queue
@@ -548,7 +574,7 @@ class Scheduler:
         if job.bucket is None or job.bucket == self._reference:  # a fixed-shape model: always
             job.bucket, plan, job.cost = self._reference, self.profile.plan, self.cost
         else:
-            plan, job.cost = self.priced(job.bucket)
+            plan, job.cost = self.priced(job.bucket, job.priced)
         sizes: list[tuple[Configuration, int]] = []  # per task: its rows' modalities, its rows
         for available, rows in job.groups:
             chunks = [rows] if rows <= plan.max_batch_size else chunk_sizes(rows, plan.max_batch_size)

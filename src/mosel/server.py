@@ -48,8 +48,8 @@ from mosel.execution import (
     plan_rows,
     run_recovering,
 )
-from mosel.plan import ACCURACY_SCALE, Strategy
-from mosel.profiles import Profile
+from mosel.plan import ACCURACY_SCALE, CostModel, Plan, Strategy
+from mosel.profiles import BucketKey, Profile
 from mosel.scheduler import Batch, Failure, Job, Scheduler, SchedulerConfig
 from mosel.spec import ModelSpec
 from mosel.stats import Load, Stats
@@ -87,6 +87,7 @@ class Server:
         config: SchedulerConfig | None = None,
         clock: Clock | None = None,
         stats: Stats | None = None,
+        priced: Mapping[BucketKey, tuple[Plan, CostModel]] | None = None,
     ) -> None:
         self.model = model
         self.spec = spec
@@ -97,7 +98,7 @@ class Server:
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)  # the executor waits on it
         self.watch = threading.Condition(self.lock)  # the watchdog waits on it
-        self.scheduler = Scheduler(profile, config, self.stats, solve_async=self._solve_async)
+        self.scheduler = Scheduler(profile, config, self.stats, solve_async=self._solve_async, priced=priced)
         # Modalities whose latency the profile prices per input size: (name, how to read it).
         self._sized = tuple((m, spec.sizings[m]) for m in profile.sized if m in spec.sizings)
         self.closed = False
@@ -151,6 +152,8 @@ class Server:
             job.bucket = self.scheduler.profile.bucket(
                 {m: how.read(m, tensors[m]) for m, how in self._sized if m in tensors}
             )
+            # Here, before the lock: a bucket beyond the measured ones may cost a repriced plan.
+            job.priced = self.scheduler.pricing(job.bucket)
         return job
 
     def submit(

@@ -344,6 +344,87 @@ def test_a_model_closed_under_a_queued_request_answers_503(model: TextAudio) -> 
     assert "retry-after" in response.headers
 
 
+def assert_closed(client: TestClient, prefix: str = "") -> None:
+    """A closed service answers /predict 503 ShutdownError (naming why) and is not ready."""
+    response = client.post(f"{prefix}/predict", json={"inputs": {"audio": [[1.0, 2.0, 3.0]]}})
+    assert response.status_code == 503, response.text
+    assert response.json() == {"error": "ShutdownError", "detail": mosel.http.CLOSED}
+    assert "service is closed" in mosel.http.CLOSED
+    assert int(response.headers["retry-after"]) >= 1
+    ready = client.get(f"{prefix}/readyz")
+    assert ready.status_code == 503
+    assert ready.json() == {"ready": False, "reason": mosel.http.CLOSED}
+    assert client.get(f"{prefix}/healthz").status_code == 200  # the process still answers
+
+
+def test_after_the_apps_shutdown_predict_answers_503_and_restarts_nothing(model: TextAudio) -> None:
+    app = mosel.http.create_app(model)
+    with TestClient(app) as client:
+        assert post(client, {"inputs": {"audio": [[1.0, 2.0, 3.0]]}}).status_code == 200
+        assert _state(model).server is not None
+    assert _state(model).server is None  # the lifespan closed the model
+    client = TestClient(app)  # outside its lifespan: the app has shut down
+    assert_closed(client)
+    assert _state(model).server is None  # the scheduler was not restarted
+    assert mosel.stats(model).counters["submitted"] == 1
+
+
+def test_a_closed_service_answers_503_and_restarts_nothing(model: TextAudio) -> None:
+    service = mosel.http.Service(model)
+    app = FastAPI()
+    app.include_router(mosel.http.create_router(service), prefix="/av")
+    with TestClient(app) as client:
+        assert client.post("/av/predict", json={"inputs": {"audio": [[1.0, 2.0, 3.0]]}}).status_code == 200
+        assert not service.closed
+        service.close()
+        assert service.closed and _state(model).server is None
+        assert_closed(client, "/av")
+        assert _state(model).server is None
+
+    def not_built() -> nn.Module:
+        raise RuntimeError("not built yet")
+
+    unbuilt = mosel.http.Service(not_built)
+    unbuilt.close()  # a model never built: nothing to close, and closed all the same
+    assert unbuilt.closed
+    other = FastAPI()
+    other.include_router(mosel.http.create_router(unbuilt))
+    assert_closed(TestClient(other))
+
+
+def test_a_request_admitted_before_close_is_served(model: TextAudio) -> None:
+    """A request queued before close() is served (queued jobs finish); one after it answers 503."""
+    hold_executor(model)
+    service = mosel.http.Service(model)
+    app = FastAPI()
+    app.include_router(mosel.http.create_router(service))
+
+    async def main() -> tuple[httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://mosel") as client:
+            queued = asyncio.ensure_future(
+                client.post("/predict", json={"inputs": {"audio": [[1.0, 2.0, 3.0]]}})
+            )
+            server = _state(model).server
+            assert server is not None
+            while not server.scheduler.queue and not queued.done():  # the request reached the queue
+                await asyncio.sleep(0.001)
+            closing = threading.Thread(target=service.close)
+            closing.start()
+            while not service.closed:
+                await asyncio.sleep(0.001)
+            late = await client.post("/predict", json={"inputs": {"audio": [[1.0, 2.0, 3.0]]}})
+            assert model.gate is not None
+            model.gate.set()
+            closing.join(30)
+            return await queued, late
+
+    served, late = asyncio.run(main())
+    assert served.status_code == 200, served.text
+    assert late.status_code == 503 and late.json()["error"] == "ShutdownError"
+    assert _state(model).server is None
+
+
 def test_an_execution_failure_answers_500_with_its_type(model: TextAudio) -> None:
     with TestClient(mosel.http.create_app(model)) as client:
         response = post(client, {"inputs": {"audio": [[666.0, 0.0, 0.0]]}})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Mapping
 
 import pytest
@@ -12,7 +13,9 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import mosel
-from mosel.profiles import SizedLatency, bucket_edge
+from mosel import profiles, runtime, scheduler
+from mosel.plan import CostModel, Plan
+from mosel.profiles import SizedLatency, bucket_edge, priced_ahead
 from mosel.testing import synthetic_profile
 
 pytestmark = pytest.mark.unit
@@ -34,6 +37,7 @@ class TextImage(nn.Module):
 
 
 MAX = 8
+WAIT = 30.0  # a hang guard only: nothing here is timed
 TEXT_16 = [100.0 * b for b in range(1, MAX + 1)]
 TEXT_64 = [400.0 * b for b in range(1, MAX + 1)]
 TEXT_256 = [1600.0 * b for b in range(1, MAX + 1)]
@@ -41,13 +45,19 @@ IMAGE = [300.0 + 50.0 * b for b in range(1, MAX + 1)]
 ACCURACY = {"text": 0.80, "image": 0.70, "text+image": 0.90}
 
 
-def sized_profile() -> mosel.Profile:
+def sized_profile(model: nn.Module | type[nn.Module] = TextImage, largest: int = 256) -> mosel.Profile:
+    """Text measured at 16, 64 and 256 tokens (or only up to ``largest``)."""
+    tables = {16: TEXT_16, 64: TEXT_64, 256: TEXT_256}
     return synthetic_profile(
-        TextImage,
+        model,
         branch_us={"image": IMAGE},
-        sized_us={"text": {16: TEXT_16, 64: TEXT_64, 256: TEXT_256}},
+        sized_us={"text": {edge: table for edge, table in tables.items() if edge <= largest}},
         accuracy=ACCURACY,
     )
+
+
+def text_image(n: int, length: int) -> dict[str, Tensor]:
+    return {"text": torch.ones(n, length), "image": torch.zeros(n, 1)}
 
 
 def test_spec_records_sizing_and_rejects_misuse() -> None:
@@ -172,3 +182,100 @@ def test_beyond_the_measured_buckets_every_pure_strategy_stays_an_option() -> No
     sim = mosel.simulate(profile, [mosel.Arrival(0.0, 1, deadline_ms=1.0, sizes={"text": 4096})])
     record = sim.records[0]
     assert record.on_time and record.strategies[0].groups == ((frozenset({"image"}), 1),)
+
+
+def test_declared_buckets_beyond_the_measured_are_priced_at_attach(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Declared (16, 64, 256), measured up to 64: 256 is repriced once, at attach, never per job."""
+    model = TextImage().eval()
+    profile = sized_profile(model, largest=64)
+    assert set(profile.sized["text"].tables) == {16, 64}
+    mosel.attach(model, profile)
+    ahead = runtime._state(model).priced
+    assert set(ahead) == {(64,), (256,)}  # every declared bucket but the reference
+    plan, cost = ahead[(256,)]
+    assert not plan.frontier(frozenset({"text", "image"}), 1).exact  # repriced, beyond the measured
+    assert cost == profile.cost_at((256,))
+
+    def never(self: mosel.Profile, bucket: tuple[int, ...]) -> tuple[Plan, CostModel]:
+        raise AssertionError(f"bucket {bucket} priced while serving")
+
+    monkeypatch.setattr(mosel.Profile, "priced_at", never)
+    for length in (200, 40, 3):  # buckets 256, 64 and the reference
+        result = model.infer(text_image(2, length), deadline_ms=10_000.0, min_accuracy=0.0)
+        assert result.output.shape == (2, 1)
+    assert result.strategies[0] in profile.plan.frontier(frozenset({"text", "image"}), 2).strategies
+    mosel.close(model)
+    assert model.infer(text_image(1, 200)).output.shape == (1, 1)  # a restarted scheduler has them too
+    mosel.close(model)
+
+
+def test_priced_ahead_takes_the_smallest_buckets_first_and_skips_the_reference() -> None:
+    profile = sized_profile(largest=64)
+    assert priced_ahead(profile, {}) == {}  # nothing declared: the reference only, never repriced
+    assert list(priced_ahead(profile, {"text": (16, 64, 256)}, limit=1)) == [(64,)]
+    assert list(priced_ahead(profile, {"text": (20, 1000)})) == [(64,), (1024,)]  # each size's bucket
+    fixed = synthetic_profile(TextImage, branch_us={"text": TEXT_16, "image": IMAGE}, accuracy=ACCURACY)
+    assert priced_ahead(fixed, {"text": (16, 64)}) == {}
+
+
+def test_the_scheduler_keeps_the_buckets_priced_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    profile = sized_profile(largest=64)
+    ahead = priced_ahead(profile, {"text": (16, 64, 256)})
+    monkeypatch.setattr(scheduler, "PRICED_CACHE", 2)
+    core = scheduler.Scheduler(profile, priced=ahead)
+    assert core.pricing((256,)) is ahead[(256,)]
+    for edge in (512, 1024, 2048, 4096, 8192):
+        computed = core.pricing((edge,))
+        assert core.priced((edge,), computed) is computed  # what the caller priced is what is kept
+        assert core.priced((edge,)) is computed
+    assert core.priced((256,)) is ahead[(256,)]
+    assert core.priced((16,))[0] is profile.plan
+    assert len(core._priced) <= len(ahead) + 1 + 2
+
+
+def test_a_bucket_beyond_the_measured_is_repriced_outside_the_servers_lock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first job of a new bucket reprices a plan (milliseconds): while it does, the model's
+    other callers and its executor go on (the server's lock is not held)."""
+    model = TextImage().eval()
+    mosel.attach(model, sized_profile(model))
+    model.infer(text_image(1, 16))
+    srv = runtime._state(model).server
+    assert srv is not None
+    entered, release = threading.Event(), threading.Event()
+    held: list[bool] = []
+    real = profiles.repriced_plan
+
+    def slow(plan: Plan, cost: CostModel) -> Plan:
+        probe = threading.Thread(target=lambda: held.append(not _take(srv.lock)))
+        probe.start()
+        probe.join(WAIT)
+        entered.set()
+        release.wait(WAIT)
+        return real(plan, cost)
+
+    monkeypatch.setattr(profiles, "repriced_plan", slow)
+    long: list[mosel.Result] = []
+    repricing = threading.Thread(target=lambda: long.append(model.infer(text_image(2, 1000))))
+    repricing.start()
+    try:
+        assert entered.wait(WAIT)
+        assert held == [False]  # another thread could take the lock while the plan was repriced
+        others = [model.submit(text_image(1, 40)), model.submit(text_image(3, 16))]  # queued, run
+        assert [f.result(WAIT).output.shape for f in others] == [(1, 1), (3, 1)]
+        assert model.infer(text_image(1, 200)).output.shape == (1, 1)
+    finally:
+        release.set()
+        repricing.join(WAIT)
+    assert long[0].output.shape == (2, 1)
+    assert (1024,) in srv.scheduler._priced  # kept: the next job of that bucket prices nothing
+    mosel.close(model)
+
+
+def _take(lock: threading.RLock) -> bool:
+    """Whether this thread could take ``lock`` at once (released again)."""
+    if not lock.acquire(blocking=False):
+        return False
+    lock.release()
+    return True
