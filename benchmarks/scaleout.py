@@ -15,6 +15,8 @@ cluster's capacity over N times one replica's.
 
 Run: python benchmarks/scaleout.py --quick                 (a couple of minutes on 2 cores)
      python benchmarks/scaleout.py --json out.json         (the table of docs/scale-out.md)
+     python benchmarks/scaleout.py --slow-share 0.25 --slow-factor 2   (mixed devices: a quarter
+                                                           of the replicas twice as slow)
 """
 
 from __future__ import annotations
@@ -68,9 +70,17 @@ if importlib.util.find_spec("ray") is not None:
     REAL_MODE = _ray_real_mode
 
 
+def slowdowns_for(replicas: int, share: float, factor: float) -> list[float]:
+    """Per replica, its factor on execution times: the last ``round(share * replicas)`` run
+    ``factor`` times slower (a cluster of mixed devices), the others at the profile's speed."""
+    slow = round(share * replicas)
+    return [1.0] * (replicas - slow) + [factor] * slow
+
+
 def cell(
     name: str, cond_key: str, replicas: int, load: float, seed: int, jobs_per_replica: int,
     routers: tuple[str, ...], report_every_ms: float, report_delay_ms: float,
+    slow_share: float = 0.0, slow_factor: float = 1.0,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """Every router on one trace: (scenario, conditions, replicas, per-replica load, seed)."""
     scenario = scenario_named(name)
@@ -87,6 +97,7 @@ def cell(
         run = mosel.simulate_replicas(
             scenario.profile, arrivals, replicas, chosen, report_every_ms=report_every_ms,
             report_delay_ms=report_delay_ms, residuals=scenario.residuals, seed=seed,
+            slowdowns=slowdowns_for(replicas, slow_share, slow_factor),
         )  # fmt: skip
         m = metrics(run.overall, seconds, conditions)
         per_replica = [metrics(r, seconds, conditions)["goodput_rps"] for r in run.replicas]
@@ -135,6 +146,12 @@ def conditions_line(name: str, cond_key: str, args: argparse.Namespace, seeds: l
         f"load reports every {args.report_every_ms:g} ms, {args.report_delay_ms:g} ms late; "
         f"{args.jobs} jobs per replica per trace; seeds {seeds}; medians [min-max] over seeds; "
         "violations over all requests"
+        + (
+            f"; MIXED DEVICES: {args.slow_share:.0%} of the replicas (rounded) run {args.slow_factor:g}x slower "
+            "than the profile (loads stay in units of one profiled replica's capacity)"
+            if getattr(args, "slow_share", 0.0) and getattr(args, "slow_factor", 1.0) != 1.0
+            else "; identical replicas"
+        )
     )
 
 
@@ -216,6 +233,12 @@ def main() -> None:
         "--report-every-ms", type=float, default=10.0, help="load report period (0: exact, instant)"
     )
     parser.add_argument("--report-delay-ms", type=float, default=1.0, help="load report transport delay")
+    parser.add_argument(
+        "--slow-share", type=float, default=0.0, help="share of the replicas on slower devices (default 0)"
+    )
+    parser.add_argument(
+        "--slow-factor", type=float, default=2.0, help="how much slower those replicas run (default 2)"
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--real", action="store_true", help="also run the live section (REAL_MODE hook)")
     args = parser.parse_args()
@@ -237,7 +260,16 @@ def main() -> None:
     keys.sort(key=lambda k: -k[2])  # the largest clusters first: they take longest
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         futures = {
-            key: pool.submit(cell, *key, args.jobs, routers, args.report_every_ms, args.report_delay_ms)
+            key: pool.submit(
+                cell,
+                *key,
+                args.jobs,
+                routers,
+                args.report_every_ms,
+                args.report_delay_ms,
+                args.slow_share,
+                args.slow_factor,
+            )
             for key in keys
         }
         results = {key: f.result() for key, f in futures.items()}
@@ -246,6 +278,7 @@ def main() -> None:
             "replicas": list(replicas), "routers": list(routers), "loads": load_sets, "seeds": seeds,
             "jobs_per_replica": args.jobs, "report_every_ms": args.report_every_ms,
             "report_delay_ms": args.report_delay_ms, "targets": list(TARGETS), "quick": args.quick,
+            "slow_share": args.slow_share, "slow_factor": args.slow_factor,
         },
         "scenarios": {},
     }  # fmt: skip

@@ -10,7 +10,8 @@ behind a real deployment (wall clock; ``now_s`` and :attr:`Load.at_s` are then `
   idea of Ray Serve's default router), counting the requests it sent since each report.
 - :class:`SlackRouter`: the replica where the request is predicted to get the highest accuracy
   within its deadline, from the profile's strategy frontiers priced at each replica's reported
-  margin, overhead and drain, plus what the router itself sent there since the report.
+  latency correction, margin, overhead and drain, plus what the router itself sent there since
+  the report.
 """
 
 from __future__ import annotations
@@ -219,7 +220,8 @@ class Prediction:
         accuracy: the expected accuracy of the most accurate such strategy (of the cheapest
             admissible one when none fits).
         finish_ms: predicted completion from now: the replica's drain plus that strategy's price.
-        cost_ms: that strategy's price on the replica (latency x margin + overhead, per chunk).
+        cost_ms: that strategy's price on the replica (latency x correction x margin + overhead,
+            per chunk).
         drain_ms: the replica's drain as the router sees it now.
     """
 
@@ -237,11 +239,13 @@ class SlackRouter:
     budget there is its deadline less the replica's drain (its report's, less the time since,
     plus the priced cost of what this router sent there since the report). The predicted
     accuracy is that of the most accurate strategy of the profile's frontier for the request's
-    size, among those meeting its floor, whose price (latency x the replica's margin + its
-    overhead) fits the budget. The router picks the highest predicted accuracy, ties broken by
-    the earliest predicted finish (the most slack), exact ties at random; when no replica is
-    predicted to meet the deadline, the one predicted to finish first. With no fresh load, or a
-    floor no strategy reaches, it falls back to power of two choices.
+    size, among those meeting its floor, whose price (the profile's latency x the replica's
+    latency correction x its margin + its overhead) fits the budget. A replica whose running
+    batch overran at its report is taken to drain nothing until its next report. The router
+    picks the highest predicted accuracy, ties broken by the earliest predicted finish (the
+    most slack), exact ties at random; when no replica is predicted to meet the deadline, the
+    one predicted to finish first. With no fresh load, or a floor no strategy reaches, it falls
+    back to power of two choices.
 
     A job of more than the profile's ``max_batch_size`` rows is priced as the scheduler splits
     it (near-equal chunks run one after another), each chunk at the largest chunk's strategy.
@@ -313,19 +317,16 @@ class SlackRouter:
                 continue
             drain = self._sent.drain_ms(i, load, now_s)
             left = budget - drain
+            per_us = load.latency_correction * load.latency_margin / 1000.0
             best = None
             for strategy in reversed(options):  # most accurate first
-                cost = chunks * (strategy.latency_us / 1000.0 * load.latency_margin + load.overhead_ms)
+                cost = chunks * (strategy.latency_us * per_us + load.overhead_ms)
                 if cost <= left:
                     best = (True, strategy, cost)
                     break
             if best is None:
                 cheapest = options[0]
-                best = (
-                    False,
-                    cheapest,
-                    chunks * (cheapest.latency_us / 1000.0 * load.latency_margin + load.overhead_ms),
-                )
+                best = (False, cheapest, chunks * (cheapest.latency_us * per_us + load.overhead_ms))
             meets, strategy, cost = best
             predictions.append(
                 Prediction(

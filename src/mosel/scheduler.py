@@ -188,6 +188,10 @@ class Scheduler:
         self._queued_jobs: dict[int, int] = {}  # job id -> its queued tasks
         self.closed = False
         self.correction: dict[str, float] = dict.fromkeys((*profile.modalities, "fusion"), 1.0)
+        everything = frozenset(profile.modalities)
+        self._correction_weights = {m: float(self.cost.branch_us[m][1]) for m in profile.modalities} | {
+            "fusion": float(self.cost.fusion_us[everything][1])
+        }
         self.version = 0
         """Bumped whenever the correction or the tail model moves option latencies."""
         self.solve_async = solve_async
@@ -333,6 +337,19 @@ class Scheduler:
         finish: IntArray = time_us(self.start(now)) + np.cumsum(self.latency_us)
         return finish
 
+    @property
+    def latency_correction(self) -> float:
+        """The online correction as one factor.
+
+        Measured over profiled time of one request on every modality: each part's correction
+        weighted by its profiled time.
+        """
+        weights = self._correction_weights
+        total = sum(weights.values())
+        if total <= 0.0:
+            return 1.0
+        return sum(self.correction[p] * w for p, w in weights.items()) / total
+
     def load(self, now: float, at_s: float | None = None) -> Load:
         """What this scheduler tells a router about itself at ``now`` (its own clock).
 
@@ -361,6 +378,7 @@ class Scheduler:
             degraded_share=self._degraded_count / window if window else 0.0,
             at_s=time.time() if at_s is None else at_s,
             overrun_ms=overrun_us / 1000.0,
+            latency_correction=self.latency_correction,
         )
 
     @staticmethod

@@ -193,6 +193,7 @@ class Engine:
         noise: float,
         residuals: Residuals | None,
         rng: random.Random,
+        slowdown: float = 1.0,
     ) -> None:
         base = config or SchedulerConfig()
         self.stats = Stats()
@@ -202,6 +203,7 @@ class Engine:
         self.noise = noise
         self.residuals = residuals
         self.rng = rng
+        self.slowdown = slowdown
         self.jobs: list[Job] = []
         self.rejected: dict[int, str] = {}
         self.running: Batch | None = None
@@ -237,6 +239,7 @@ class Engine:
                 exec_us *= ratio
             if self.noise:
                 exec_us *= math.exp(self.rng.gauss(-self.noise * self.noise / 2, self.noise))
+            exec_us *= self.slowdown
             self.done_at = now + (exec_us + overhead_us) / 1e6
             self.measured_us = exec_us
 
@@ -371,6 +374,7 @@ def simulate_replicas(
     noise: float = 0.0,
     seed: int = 0,
     stale_after_s: float = 1.0,
+    slowdowns: Sequence[float] | None = None,
 ) -> ClusterSimulation:
     """Replay ``arrivals`` through ``replicas`` schedulers behind a router, on one virtual clock.
 
@@ -397,10 +401,13 @@ def simulate_replicas(
             reproduces :func:`simulate`) or by ``(seed, k)``; the router's by ``seed`` too,
             from its own generator.
         stale_after_s: for the ``"slack"`` router: loads older than this are ignored.
+        slowdowns: per replica, a factor on its execution times (default all 1): a cluster of
+            mixed devices, or replicas sharing theirs. Every replica still starts from the same
+            profile; its scheduler learns its own speed online (:attr:`mosel.Load.latency_correction`).
 
     Raises:
-        InputError: a bad replica count, period or delay, an unknown router name, or a
-            malformed arrival (as :func:`simulate`).
+        InputError: a bad replica count, period, delay or slowdowns, an unknown router name,
+            or a malformed arrival (as :func:`simulate`).
     """
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise InputError(
@@ -413,6 +420,15 @@ def simulate_replicas(
         raise InputError(
             f"simulate_replicas(report_every_ms=0, report_delay_ms={report_delay_ms!r}): loads read at the "
             "moment of routing have no transport delay; give a report period, or a delay of 0"
+        )
+    factors = [1.0] * replicas if slowdowns is None else list(slowdowns)
+    if len(factors) != replicas or not all(
+        isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0.0
+        for f in factors
+    ):
+        raise InputError(
+            f"simulate_replicas(slowdowns={slowdowns!r}): give one finite factor > 0 per replica "
+            f"({replicas}), or None for all 1"
         )
     chosen: Router
     if isinstance(router, str):
@@ -438,6 +454,7 @@ def simulate_replicas(
             noise=noise,
             residuals=residuals,
             rng=random.Random(seed if k == 0 else f"{seed}:{k}"),
+            slowdown=float(factors[k]),
         )
         for k in range(replicas)
     ]

@@ -146,6 +146,11 @@ class Load:
             while it lasts: ``drain_ms`` then counts the batch as needing as long again as its
             overrun so far (a batch late by 20 ms is expected to need about 20 ms more), and a
             router should not expect the queue to shrink until a later report.
+        latency_correction: the replica's online latency correction as one factor: its
+            measured over its profile's time for a request on every modality (each part's
+            correction, :attr:`StatsSnapshot.correction`, weighted by its profiled time). A
+            replica on a slower device, or sharing one, reports more than 1; a router multiplies
+            the profile's prices by it (``drain_ms`` is already at corrected prices).
     """
 
     drain_ms: float
@@ -156,6 +161,7 @@ class Load:
     degraded_share: float
     at_s: float
     overrun_ms: float = 0.0
+    latency_correction: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("drain_ms", "overhead_ms", "at_s", "overrun_ms"):
@@ -170,8 +176,10 @@ class Load:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InputError(f"Load.{name} must be an int >= 0, got {value!r}")
-        if not (isinstance(self.latency_margin, (int, float)) and 0.0 < self.latency_margin < math.inf):
-            raise InputError(f"Load.latency_margin must be a finite number > 0, got {self.latency_margin!r}")
+        for name in ("latency_margin", "latency_correction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 < value < math.inf):
+                raise InputError(f"Load.{name} must be a finite number > 0, got {value!r}")
         if not (isinstance(self.degraded_share, (int, float)) and 0.0 <= self.degraded_share <= 1.0):
             raise InputError(f"Load.degraded_share must be in [0, 1], got {self.degraded_share!r}")
 
@@ -190,6 +198,7 @@ class Load:
             "degraded_share": self.degraded_share,
             "at_s": self.at_s,
             "overrun_ms": self.overrun_ms,
+            "latency_correction": self.latency_correction,
         }
 
     @classmethod

@@ -76,6 +76,27 @@ def test_every_request_is_accounted_for_across_replicas(trace: list[mosel.Arriva
     assert [key(r) for r in same.overall.records] == [key(r) for r in run.overall.records]  # deterministic
 
 
+def test_slowdowns_slow_a_replica_and_it_reports_its_own_speed(trace: list[mosel.Arrival]) -> None:
+    scenario = av_digits()
+    plain = mosel.simulate_replicas(scenario.profile, trace, 2, "random", seed=2)
+    same = mosel.simulate_replicas(scenario.profile, trace, 2, "random", seed=2, slowdowns=[1.0, 1.0])
+    assert [key(r) for r in same.overall.records] == [key(r) for r in plain.overall.records]
+    seen: list[list[mosel.Load | None]] = []
+
+    class Recording(mosel.RandomRouter):
+        def choose(self, loads, request, now_s, rng):  # type: ignore[no-untyped-def]
+            seen.append(list(loads))
+            return super().choose(loads, request, now_s, rng)
+
+    slowed = mosel.simulate_replicas(scenario.profile, trace, 2, Recording(), seed=2, slowdowns=[1.0, 2.0])
+    # Exact batch times: replica 1 takes twice the profile's time and learns it; replica 0 does not.
+    [fast, slow] = seen[-1]
+    assert fast is not None and slow is not None
+    assert fast.latency_correction == pytest.approx(1.0)
+    assert slow.latency_correction > 1.6
+    assert slowed.replicas[1].stats.correction["fusion"] > 1.6
+
+
 def test_bad_arguments_name_themselves(trace: list[mosel.Arrival]) -> None:
     profile = av_digits().profile
     with pytest.raises(mosel.InputError, match=r"replicas=0"):
@@ -84,6 +105,9 @@ def test_bad_arguments_name_themselves(trace: list[mosel.Arrival]) -> None:
         mosel.simulate_replicas(profile, trace, 2, "fastest")
     with pytest.raises(mosel.InputError, match=r"report_delay_ms=1"):
         mosel.simulate_replicas(profile, trace, 2, report_every_ms=0.0, report_delay_ms=1.0)
+    for bad in ([1.0], [1.0, 0.0], [1.0, math.inf]):
+        with pytest.raises(mosel.InputError, match=r"slowdowns="):
+            mosel.simulate_replicas(profile, trace, 2, slowdowns=bad)
 
 
 def test_the_quick_benchmark_cell_and_table(capsys: pytest.CaptureFixture[str]) -> None:
@@ -100,4 +124,14 @@ def test_the_quick_benchmark_cell_and_table(capsys: pytest.CaptureFixture[str]) 
     args = argparse.Namespace(report_every_ms=10.0, report_delay_ms=1.0, jobs=30)
     scaleout.report("av-digits", "strict-bursty", {2: summary}, args, [0], (0.5, 1.0), routers)
     out = capsys.readouterr().out
-    assert "report" in out and "seeds [0]" in out and "| 2 | 0.5 |" in out
+    assert "report" in out and "seeds [0]" in out and "| 2 | 0.5 |" in out and "identical replicas" in out
+    assert scaleout.slowdowns_for(8, 0.25, 2.0) == [1.0] * 6 + [2.0] * 2
+    assert scaleout.slowdowns_for(1, 0.25, 2.0) == [1.0]
+    mixed = scaleout.cell("av-digits", "strict-bursty", 2, 0.5, 0, 30, routers, 10.0, 1.0, 0.5, 2.0)
+    assert all(0.0 <= mixed[r]["violation_ratio"] <= 1.0 for r in routers)
+    args = argparse.Namespace(
+        report_every_ms=10.0, report_delay_ms=1.0, jobs=30, slow_share=0.5, slow_factor=2.0
+    )
+    assert "MIXED DEVICES: 50% of the replicas (rounded) run 2x slower" in scaleout.conditions_line(
+        "av-digits", "strict-bursty", args, [0]
+    )

@@ -99,6 +99,26 @@ def test_an_overrunning_batch_is_reported_and_expected_to_need_its_overrun_again
     assert scheduler.load(predicted_end + 0.02).overrun_ms == 0.0  # nothing runs
 
 
+def test_latency_correction_is_the_online_correction_weighted_by_profiled_time(
+    profile: mosel.Profile,
+) -> None:
+    scheduler = Scheduler(profile, SchedulerConfig(deterministic=True))
+    assert scheduler.load(0.0).latency_correction == 1.0
+    now = 0.0
+    for _ in range(60):  # every batch takes twice its profiled time: the correction converges to 2
+        scheduler.admit(job(now, deadline_ms=None, floor=None), now)
+        batch, _ = scheduler.dispatch(now)
+        assert batch is not None
+        measured_us = 2.0 * scheduler.cost.latency_us(batch.merged.groups)
+        now += measured_us / 1e6
+        scheduler.complete(batch, now, measured_us)
+        scheduler.settled(batch, now)
+    load = scheduler.load(now)
+    assert load.latency_correction == pytest.approx(2.0, rel=0.05)
+    scheduler.correction["fusion"] = 1.0  # parts weigh by their profiled time
+    assert 1.0 < scheduler.latency_correction < load.latency_correction
+
+
 def test_degraded_share_counts_jobs_served_below_their_best(profile: mosel.Profile) -> None:
     scheduler = Scheduler(profile, SchedulerConfig(deterministic=True))
     now = 0.0
@@ -128,12 +148,15 @@ def test_load_validates_and_round_trips() -> None:
         mosel.Load(0.0, 0, 0, 1.0, 0.0, 1.5, 0.0)
     with pytest.raises(mosel.InputError, match=r"lacks \['at_s'\]"):
         mosel.Load.from_json({k: v for k, v in load.to_json().items() if k != "at_s"})
-    stalled = mosel.Load(3.5, 2, 9, 1.2, 0.1, 0.25, 1.0, overrun_ms=4.0)
+    stalled = mosel.Load(3.5, 2, 9, 1.2, 0.1, 0.25, 1.0, overrun_ms=4.0, latency_correction=1.5)
     assert mosel.Load.from_json(stalled.to_json()) == stalled
-    # A report from a replica that predates overrun_ms still reads (as not overrunning).
-    assert mosel.Load.from_json({k: v for k, v in stalled.to_json().items() if k != "overrun_ms"}) == load
+    # A report from a replica that predates overrun_ms and latency_correction still reads.
+    old = {k: v for k, v in stalled.to_json().items() if k not in ("overrun_ms", "latency_correction")}
+    assert mosel.Load.from_json(old) == load
     with pytest.raises(mosel.InputError, match=r"Load.overrun_ms"):
         mosel.Load(0.0, 0, 0, 1.0, 0.0, 0.0, 0.0, overrun_ms=-1.0)
+    with pytest.raises(mosel.InputError, match=r"Load.latency_correction"):
+        mosel.Load(0.0, 0, 0, 1.0, 0.0, 0.0, 0.0, latency_correction=0.0)
 
 
 def test_mosel_load_of_a_model_before_and_while_serving() -> None:

@@ -125,6 +125,17 @@ def test_slack_spreads_a_burst_between_two_reports(profile: mosel.Profile) -> No
     assert before.drain_ms > later.drain_ms > 0.0 and reported.drain_ms == 0.0
 
 
+def test_slack_prices_each_replica_at_its_reported_latency_correction(profile: mosel.Profile) -> None:
+    router = mosel.SlackRouter(profile)
+    request = mosel.RouteRequest(n=4, deadline_ms=100.0)
+    slow = dataclasses.replace(load(), latency_correction=2.0)
+    [on_slow, on_fast] = router.predict([slow, load()], request, 0.0)
+    assert on_slow is not None and on_fast is not None
+    assert on_slow.accuracy == on_fast.accuracy and on_slow.cost_ms == pytest.approx(2 * on_fast.cost_ms)
+    # Equal queues: the request goes to the faster replica (it finishes first).
+    assert router.choose([slow, load()], request, 0.0, random.Random(0)) == 1
+
+
 def test_slack_sees_a_stalled_replica_drain_nothing_until_the_next_report(profile: mosel.Profile) -> None:
     """A replica whose batch overran its prediction is not expected to empty while it lasts."""
     router = mosel.SlackRouter(profile)
