@@ -59,7 +59,7 @@ VERSION: Final = 2
 Configuration = frozenset[str]
 BucketKey = tuple[int, ...]
 """A job's size bucket: one bucket edge per sized modality, in the order of ``Profile.sized``."""
-PRICED_AHEAD: Final = 256
+PRICED_AHEAD: Final = 64
 """At most this many size buckets are priced ahead by :func:`priced_ahead` (the rest on first use)."""
 
 
