@@ -41,6 +41,7 @@ from scenarios import scenario_named
 
 import mosel
 from mosel.simulate import ROUTERS
+from mosel.tail import Residuals
 
 EXTRA_ROUTERS: dict[str, Callable[[], mosel.Router]] = {
     "power-of-two-uncounted": lambda: mosel.PowerOfTwoRouter(count_sent=False),
@@ -77,13 +78,25 @@ def slowdowns_for(replicas: int, share: float, factor: float) -> list[float]:
     return [1.0] * (replicas - slow) + [factor] * slow
 
 
+def capped(residuals: Residuals | None, cap: float | None) -> Residuals | None:
+    """``residuals`` with every batch-time ratio above ``cap`` lowered to it (None: as recorded).
+
+    An analysis knob: how much of the violations the recorded stalls (a batch taking many times
+    its prediction) cause, with every router served the same capped sample.
+    """
+    if residuals is None or cap is None:
+        return residuals
+    return Residuals(tuple(min(r, cap) for r in residuals.ratios), residuals.overhead_us, residuals.at_s)
+
+
 def cell(
     name: str, cond_key: str, replicas: int, load: float, seed: int, jobs_per_replica: int,
     routers: tuple[str, ...], report_every_ms: float, report_delay_ms: float,
-    slow_share: float = 0.0, slow_factor: float = 1.0,
+    slow_share: float = 0.0, slow_factor: float = 1.0, residual_cap: float | None = None,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """Every router on one trace: (scenario, conditions, replicas, per-replica load, seed)."""
     scenario = scenario_named(name)
+    residuals = capped(scenario.residuals, residual_cap)
     conditions = CONDITIONS[cond_key]
     rate_load = load * replicas
     seconds = jobs_per_replica * replicas / rate_per_s(scenario.profile, rate_load)
@@ -96,7 +109,7 @@ def cell(
         chosen = EXTRA_ROUTERS[router]() if router in EXTRA_ROUTERS else router
         run = mosel.simulate_replicas(
             scenario.profile, arrivals, replicas, chosen, report_every_ms=report_every_ms,
-            report_delay_ms=report_delay_ms, residuals=scenario.residuals, seed=seed,
+            report_delay_ms=report_delay_ms, residuals=residuals, seed=seed,
             slowdowns=slowdowns_for(replicas, slow_share, slow_factor),
         )  # fmt: skip
         m = metrics(run.overall, seconds, conditions)
@@ -151,6 +164,11 @@ def conditions_line(name: str, cond_key: str, args: argparse.Namespace, seeds: l
             "than the profile (loads stay in units of one profiled replica's capacity)"
             if getattr(args, "slow_share", 0.0) and getattr(args, "slow_factor", 1.0) != 1.0
             else "; identical replicas"
+        )
+        + (
+            f"; RESIDUALS CAPPED at {args.residual_cap:g}x (stalls removed: an analysis, not a measurement)"
+            if getattr(args, "residual_cap", None) is not None
+            else ""
         )
     )
 
@@ -239,6 +257,9 @@ def main() -> None:
     parser.add_argument(
         "--slow-factor", type=float, default=2.0, help="how much slower those replicas run (default 2)"
     )
+    parser.add_argument(
+        "--residual-cap", type=float, help="cap recorded batch-time ratios at this factor (an analysis)"
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--real", action="store_true", help="also run the live section (REAL_MODE hook)")
     args = parser.parse_args()
@@ -269,6 +290,7 @@ def main() -> None:
                 args.report_delay_ms,
                 args.slow_share,
                 args.slow_factor,
+                args.residual_cap,
             )
             for key in keys
         }
@@ -278,7 +300,7 @@ def main() -> None:
             "replicas": list(replicas), "routers": list(routers), "loads": load_sets, "seeds": seeds,
             "jobs_per_replica": args.jobs, "report_every_ms": args.report_every_ms,
             "report_delay_ms": args.report_delay_ms, "targets": list(TARGETS), "quick": args.quick,
-            "slow_share": args.slow_share, "slow_factor": args.slow_factor,
+            "slow_share": args.slow_share, "slow_factor": args.slow_factor, "residual_cap": args.residual_cap,
         },
         "scenarios": {},
     }  # fmt: skip

@@ -135,3 +135,8 @@ def test_the_quick_benchmark_cell_and_table(capsys: pytest.CaptureFixture[str]) 
     assert "MIXED DEVICES: 50% of the replicas (rounded) run 2x slower" in scaleout.conditions_line(
         "av-digits", "strict-bursty", args, [0]
     )
+    recorded = av_digits().residuals
+    assert recorded is not None and max(recorded.ratios) > 2.0
+    cap = scaleout.capped(recorded, 2.0)
+    assert cap is not None and max(cap.ratios) == 2.0 and len(cap.ratios) == len(recorded.ratios)
+    assert scaleout.capped(recorded, None) is recorded and scaleout.capped(None, 2.0) is None
