@@ -18,7 +18,7 @@ import numbers
 import os
 import secrets
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -713,10 +713,30 @@ def priced_ahead(
         sorted({s.reference} | {s.edge(size) for size in declared.get(m, ())})
         for m, s in profile.sized.items()
     ]
-    ranks = sorted(itertools.product(*(range(len(e)) for e in edges)), key=sum)  # smaller buckets first
-    keys = [tuple(e[i] for e, i in zip(edges, rank, strict=True)) for rank in ranks]
-    keys = [key for key in keys if key != profile.reference_bucket][:limit]
-    return {key: profile.priced_at(key) for key in keys}
+    # Smaller buckets first: by the sum of the edges' ranks, generated in that order so that only
+    # the first ``limit`` combinations are ever built (not every one of a product of many edges).
+    keys = (
+        tuple(e[i] for e, i in zip(edges, rank, strict=True))
+        for rank in _ranks_by_sum([len(e) for e in edges])
+    )
+    chosen = itertools.islice((key for key in keys if key != profile.reference_bucket), max(limit, 0))
+    return {key: profile.priced_at(key) for key in chosen}
+
+
+def _ranks_by_sum(lengths: Sequence[int]) -> Iterator[tuple[int, ...]]:
+    """Every index tuple of ``lengths`` (an index per length), by increasing sum, lexicographic within one."""
+    room = [sum(n - 1 for n in lengths[k:]) for k in range(len(lengths) + 1)]  # the most the rest can add
+
+    def summing(k: int, total: int) -> Iterator[tuple[int, ...]]:
+        if k == len(lengths):
+            yield ()
+            return
+        for i in range(max(total - room[k + 1], 0), min(lengths[k] - 1, total) + 1):
+            for rest in summing(k + 1, total - i):
+                yield (i, *rest)
+
+    for total in range(room[0] + 1):
+        yield from summing(0, total)
 
 
 def _reject_constant(name: str) -> float:

@@ -218,6 +218,25 @@ def test_priced_ahead_takes_the_smallest_buckets_first_and_skips_the_reference()
     assert priced_ahead(fixed, {"text": (16, 64)}) == {}
 
 
+def test_priced_ahead_builds_only_the_combinations_it_keeps() -> None:
+    # Many sized modalities with many declared edges: a product of a billion combinations. Only
+    # the smallest ``limit`` are generated (it used to build and sort all of them at attach).
+    class Sized:
+        def __init__(self, buckets: tuple[int, ...]) -> None:
+            self.buckets, self.reference = buckets, buckets[0]
+
+        def edge(self, size: int) -> int:
+            return bucket_edge(self.buckets, size)
+
+    edges = tuple(range(1, 1001))
+    fake = type("Fake", (), {})()
+    fake.sized = {m: Sized(edges) for m in ("a", "b", "c")}
+    fake.reference_bucket = (1, 1, 1)
+    fake.priced_at = lambda key: key
+    ahead = priced_ahead(fake, {m: edges for m in fake.sized}, limit=5)
+    assert list(ahead) == [(1, 1, 2), (1, 2, 1), (2, 1, 1), (1, 1, 3), (1, 2, 2)]
+
+
 def test_the_scheduler_keeps_the_buckets_priced_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
     profile = sized_profile(largest=64)
     ahead = priced_ahead(profile, {"text": (16, 64, 256)})
