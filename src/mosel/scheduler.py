@@ -192,6 +192,7 @@ class Scheduler:
         self._correction_weights = {m: float(self.cost.branch_us[m][1]) for m in profile.modalities} | {
             "fusion": float(self.cost.fusion_us[everything][1])
         }
+        self._measured_parts: set[str] = set()  # parts the correction has measured (latency_correction)
         self.version = 0
         """Bumped whenever the correction or the tail model moves option latencies."""
         self.solve_async = solve_async
@@ -342,9 +343,11 @@ class Scheduler:
         """The online correction as one factor.
 
         Measured over profiled time of one request on every modality: each part's correction
-        weighted by its profiled time.
+        weighted by its profiled time, over the parts measured so far (a part no batch ran, e.g.
+        a modality no job carried, knows nothing of this device and does not dilute the
+        others); 1 before any.
         """
-        weights = self._correction_weights
+        weights = {p: w for p, w in self._correction_weights.items() if p in self._measured_parts}
         total = sum(weights.values())
         if total <= 0.0:
             return 1.0
@@ -938,6 +941,7 @@ class Scheduler:
                 # One stall (a page fault, a preempted thread) must not swing predictions: each
                 # measurement is clamped to a factor of the current level, so the step is bounded
                 # but a lasting change of any size is followed.
+                self._measured_parts.add(part)
                 level = self.correction[part]
                 ratio = min(max(measured / value, level / CORRECTION_CLAMP), level * CORRECTION_CLAMP)
                 self.correction[part] = min(max((1 - alpha) * level + alpha * ratio, 1e-3), 1e6)

@@ -148,7 +148,8 @@ class Load:
             router should not expect the queue to shrink until a later report.
         latency_correction: the replica's online latency correction as one factor: its
             measured over its profile's time for a request on every modality (each part's
-            correction, :attr:`StatsSnapshot.correction`, weighted by its profiled time). A
+            correction, :attr:`StatsSnapshot.correction`, weighted by its profiled time, over
+            the parts its batches have measured; 1 before any). A
             replica on a slower device, or sharing one, reports more than 1; a router multiplies
             the profile's prices by it (``drain_ms`` is already at corrected prices).
     """

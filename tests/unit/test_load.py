@@ -119,6 +119,25 @@ def test_latency_correction_is_the_online_correction_weighted_by_profiled_time(
     assert 1.0 < scheduler.latency_correction < load.latency_correction
 
 
+def test_latency_correction_ignores_parts_no_batch_measured(profile: mosel.Profile) -> None:
+    # A replica twice as slow whose jobs never carry video: video's correction stays at its
+    # prior 1, and weighing it in (video is most of the profiled time) reported about 1.47.
+    scheduler = Scheduler(profile, SchedulerConfig(deterministic=True))
+    now = 0.0
+    for _ in range(60):
+        audio_text = Job(
+            n=4, available=frozenset({"audio", "text"}), arrival=now, deadline_ms=None, min_accuracy=None
+        )
+        scheduler.admit(audio_text, now)
+        batch, _ = scheduler.dispatch(now)
+        assert batch is not None
+        measured_us = 2.0 * scheduler.cost.latency_us(batch.merged.groups)
+        now += measured_us / 1e6
+        scheduler.complete(batch, now, measured_us)
+    assert scheduler.correction["video"] == 1.0
+    assert scheduler.load(now).latency_correction == pytest.approx(2.0, rel=0.05)
+
+
 def test_degraded_share_counts_jobs_served_below_their_best(profile: mosel.Profile) -> None:
     scheduler = Scheduler(profile, SchedulerConfig(deterministic=True))
     now = 0.0
