@@ -181,7 +181,9 @@ class Load:
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 < value < math.inf):
                 raise InputError(f"Load.{name} must be a finite number > 0, got {value!r}")
-        if not (isinstance(self.degraded_share, (int, float)) and 0.0 <= self.degraded_share <= 1.0):
+        if isinstance(self.degraded_share, bool) or not (
+            isinstance(self.degraded_share, (int, float)) and 0.0 <= self.degraded_share <= 1.0
+        ):
             raise InputError(f"Load.degraded_share must be in [0, 1], got {self.degraded_share!r}")
 
     def age_s(self, now_s: float) -> float:

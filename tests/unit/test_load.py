@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import pickle
 import time
 
@@ -176,6 +177,13 @@ def test_load_validates_and_round_trips() -> None:
         mosel.Load(0.0, 0, 0, 1.0, 0.0, 0.0, 0.0, overrun_ms=-1.0)
     with pytest.raises(mosel.InputError, match=r"Load.latency_correction"):
         mosel.Load(0.0, 0, 0, 1.0, 0.0, 0.0, 0.0, latency_correction=0.0)
+    for bad in (True, math.nan, math.inf, "0.5", None):  # JSON's true, a string, null: no share
+        with pytest.raises(mosel.InputError, match=r"Load.degraded_share"):
+            mosel.Load.from_json(load.to_json() | {"degraded_share": bad})
+    for name in ("overrun_ms", "latency_correction"):
+        for bad in (True, math.nan, math.inf, "1", None):
+            with pytest.raises(mosel.InputError, match=rf"Load.{name}"):
+                mosel.Load.from_json(load.to_json() | {name: bad})
 
 
 def test_mosel_load_of_a_model_before_and_while_serving() -> None:
