@@ -186,6 +186,13 @@ class Load:
         ):
             raise InputError(f"Load.degraded_share must be in [0, 1], got {self.degraded_share!r}")
 
+    def __setstate__(self, state: Sequence[Any]) -> None:
+        """Unpickle the fields' values, in order; those an older version's Load lacks take their defaults."""
+        for i, f in enumerate(dataclasses.fields(self)):
+            if i >= len(state) and f.default is dataclasses.MISSING:
+                raise InputError(f"a pickled Load has {len(state)} fields, too few: it lacks {f.name!r}")
+            object.__setattr__(self, f.name, state[i] if i < len(state) else f.default)
+
     def age_s(self, now_s: float) -> float:
         """Seconds since the load was taken, at wall-clock time ``now_s`` (never negative)."""
         return max(now_s - self.at_s, 0.0)

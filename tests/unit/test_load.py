@@ -186,6 +186,21 @@ def test_load_validates_and_round_trips() -> None:
                 mosel.Load.from_json(load.to_json() | {name: bad})
 
 
+class _PickledBefore:
+    """Pickles as 0268d3f's Load did: its seven fields' values, before overrun_ms and latency_correction."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return object.__new__, (mosel.Load,), [3.5, 2, 9, 1.2, 0.1, 0.25, 1.0]
+
+
+def test_a_load_pickled_by_an_older_version_unpickles_with_the_new_fields_defaulted() -> None:
+    load = pickle.loads(pickle.dumps(_PickledBefore()))
+    assert load == mosel.Load(3.5, 2, 9, 1.2, 0.1, 0.25, 1.0)
+    assert (load.overrun_ms, load.latency_correction) == (0.0, 1.0)
+    stalled = mosel.Load(3.5, 2, 9, 1.2, 0.1, 0.25, 1.0, overrun_ms=4.0, latency_correction=1.5)
+    assert pickle.loads(pickle.dumps(stalled)) == stalled
+
+
 def test_mosel_load_of_a_model_before_and_while_serving() -> None:
     model = Tiny().eval()
     mosel.attach(model, tiny_profile(model))
