@@ -372,6 +372,8 @@ class SlackRouter:
         """
         if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0:
             raise InputError(f"SlackRouter.record needs a replica index >= 0, got {i!r}")
+        if isinstance(sent, bool) or not (sent is None or isinstance(sent, (Prediction, numbers.Real))):
+            raise InputError(f"SlackRouter.record needs a Prediction, a cost in ms or None, got {sent!r}")
         cost = sent.cost_ms if isinstance(sent, Prediction) else 0.0 if sent is None else float(sent)
         if not (math.isfinite(cost) and cost >= 0.0):
             raise InputError(f"SlackRouter.record needs a finite cost >= 0 ms, got {sent!r}")

@@ -254,7 +254,15 @@ def test_slack_record_is_what_choose_counts(profile: mosel.Profile) -> None:
     assert router.predict(loads, mosel.RouteRequest(n=1), 1e-6)[0] == p0
     # With nothing predicted, pick falls back to power of two: 3 queued requests < 5.
     assert {router.pick(loads, [None, None], random.Random(i)) for i in range(5)} == {1}
-    for bad in ((-1, 1.0, 1), (0, float("nan"), 1), (0, -1.0, 1), (0, 1.0, 0), (True, 1.0, 1)):
+    for bad in (
+        (-1, 1.0, 1),
+        (0, float("nan"), 1),
+        (0, -1.0, 1),
+        (0, 1.0, 0),
+        (True, 1.0, 1),
+        (0, True, 1),
+        (0, "1", 1),
+    ):
         with pytest.raises(mosel.InputError, match="record"):
             router.record(bad[0], 0.0, bad[1], bad[2])
 
