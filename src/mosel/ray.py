@@ -328,6 +328,7 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
         self.slots: dict[ReplicaID, int] = {}  # a stable index per replica, for SlackRouter's accounting
         # Serve's id of each request ranked and not yet routed -> (predicted cost per replica, rows)
         self.expected: dict[str, tuple[dict[ReplicaID, float], int]] = {}
+        self.ranked: dict[str, None] = {}  # requests already counted at ranking (Ray Client), oldest first
         self.decisions: dict[str, int] = {"slack": 0, "fallback": 0}
 
     async def choose_replicas(
@@ -350,9 +351,10 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
         if request is not None:
             if getattr(self, "_use_replica_queue_len_cache", True):
                 self._expect(pending_request, costs, request.rows)
-            elif self.ties == "slack" and first:
+            elif self.ties == "slack" and first and self._first_ranking(pending_request):
                 # Serve runs without its rejection protocol (Ray Client) and never calls
-                # on_request_routed: count SlackRouter's single pick now, where it will go.
+                # on_request_routed: count SlackRouter's single pick now, where it will go
+                # (once: Serve may rank the same request again while every replica is full).
                 chosen = first[0].replica_id
                 self.slack.record(self.slots[chosen], now_s, costs.get(chosen), request.rows)
         if not first:
@@ -379,6 +381,18 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
             self.slack.record(slot, time.time(), costs.get(replica_id), rows)
         except Exception:  # never fail a request Serve has already sent over the router's books
             _log.exception("mosel.ray: could not count a job sent to %s", replica_id)
+
+    def _first_ranking(self, pending: PendingRequest | None) -> bool:
+        """Is this the first time the router ranks this request (by Serve's request id)?"""
+        key = _request_key(pending)
+        if key is None:
+            return True
+        if key in self.ranked:
+            return False
+        self.ranked[key] = None
+        while len(self.ranked) > _MAX_EXPECTED:
+            self.ranked.pop(next(iter(self.ranked)))
+        return True
 
     def _expect(self, pending: PendingRequest | None, costs: dict[ReplicaID, float], rows: int) -> None:
         """Keep a request's predicted costs until Serve says where it went (the newest ranking wins)."""

@@ -240,7 +240,9 @@ def test_ties_slack_counts_once_per_routed_job_however_often_it_ranks(router: Sl
     assert rank(router, [a, b], pending.args[0])[0][0].replica_id == other  # the most slack
     # Under Ray Client, Serve never calls the hook: the single pick is counted when it ranks.
     router._use_replica_queue_len_cache = False
-    ranked(router, [a, b], FakePending([Request(tiny_inputs(2), deadline_ms=2.0, sent_at_s=NOW)]))
+    again = FakePending([Request(tiny_inputs(2), deadline_ms=2.0, sent_at_s=NOW)])
+    for _ in range(3):  # ranked again while every replica is full: counted once
+        ranked(router, [a, b], again)
     assert drain_ms(router, [a, b]) == {"a": pytest.approx(0.93), "b": pytest.approx(0.93)}
 
 
