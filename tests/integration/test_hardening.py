@@ -648,19 +648,31 @@ def test_ctrl_c_inside_the_scheduler_is_held_until_its_state_is_whole(
     gate = blocked(model)
     srv = runtime._state(model).serve(model)
     real = srv.scheduler.admit
+    seen: list[object] = []
 
     def admit_then_signal(job: object, now: float) -> object:
         out = real(job, now)  # type: ignore[arg-type]
+        seen.append(signal.getsignal(signal.SIGINT))  # mosel's holding handler
         signal.raise_signal(signal.SIGINT)  # arrives while the queue is being changed
         srv.scheduler.queue  # noqa: B018  (more bytecode before the block ends)
         return out
 
+    # Ctrl-C as Python sets it up (whatever an earlier test's library left installed).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     monkeypatch.setattr(srv.scheduler, "admit", admit_then_signal)
-    with pytest.raises(KeyboardInterrupt):
+    raised = False
+    try:
         model.submit(rows(1, 3.0))
+    except KeyboardInterrupt:
+        raised = True
+    finally:
+        after = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, previous)
+    assert raised, f"no KeyboardInterrupt; handlers seen in admit: {seen}, before the test: {previous!r}"
+    assert len(seen) == 1 and seen[0] is not signal.default_int_handler  # held while admitting
+    assert after is signal.default_int_handler  # put back as it was
     monkeypatch.undo()
     assert len(srv.scheduler.queue) == len(srv.scheduler.latency_us) == 0  # withdrawn, and whole
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     after = model.submit(rows(1, 4.0))
     model.gate.set()
     torch.testing.assert_close(after.result(WAIT).output, rows(1, 4.0)["audio"])
