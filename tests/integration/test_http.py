@@ -316,6 +316,16 @@ def test_a_full_queue_answers_503(profile: mosel.Profile) -> None:
         mosel.close(model)
 
 
+async def queued_request(client: httpx.AsyncClient, model: TextAudio) -> asyncio.Future[httpx.Response]:
+    """POST /predict, returning once the job waits in the model's queue (its executor is held)."""
+    request = asyncio.ensure_future(client.post("/predict", json={"inputs": {"audio": [[1.0, 2.0, 3.0]]}}))
+    server = _state(model).server
+    assert server is not None
+    while not server.scheduler.queue and not request.done():
+        await asyncio.sleep(0.001)
+    return request
+
+
 def test_a_model_closed_under_a_queued_request_answers_503(model: TextAudio) -> None:
     hold_executor(model)
     app = mosel.http.create_app(model)
@@ -323,13 +333,7 @@ def test_a_model_closed_under_a_queued_request_answers_503(model: TextAudio) -> 
     async def main() -> httpx.Response:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://mosel") as client:
-            request = asyncio.ensure_future(
-                client.post("/predict", json={"inputs": {"audio": [[1.0, 2.0, 3.0]]}})
-            )
-            server = _state(model).server
-            assert server is not None
-            while not server.scheduler.queue and not request.done():  # the request reached the queue
-                await asyncio.sleep(0.001)
+            request = await queued_request(client, model)
             closing = threading.Thread(target=mosel.close, args=(model,), kwargs={"cancel": True})
             closing.start()
             response = await request
@@ -402,13 +406,7 @@ def test_a_request_admitted_before_close_is_served(model: TextAudio) -> None:
     async def main() -> tuple[httpx.Response, httpx.Response]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://mosel") as client:
-            queued = asyncio.ensure_future(
-                client.post("/predict", json={"inputs": {"audio": [[1.0, 2.0, 3.0]]}})
-            )
-            server = _state(model).server
-            assert server is not None
-            while not server.scheduler.queue and not queued.done():  # the request reached the queue
-                await asyncio.sleep(0.001)
+            queued = await queued_request(client, model)
             closing = threading.Thread(target=service.close)
             closing.start()
             while not service.closed:
