@@ -103,7 +103,7 @@ def decision_times(
         if batch is None:
             batch, _ = scheduler.dispatch(now)
         if len(solves) < 30 and scheduler.queue:
-            items = [scheduler._item(t) for t in scheduler.queue]
+            items = [t.item for t in scheduler.queue]
             hint, _ = greedy_assign(items, [t.k for t in scheduler.queue], int(now * 1e6))
             t0 = time.perf_counter()
             cpsat_assign(items, int(now * 1e6), hint, time_limit_s=0.05)
@@ -237,7 +237,7 @@ def submit_latency(
         victim.cancel()
     scheduler = server.scheduler
     with server.lock:
-        window = [scheduler._item(t) for t in scheduler.queue[: scheduler.config.solver_window]]
+        window = [t.item for t in scheduler.queue[: scheduler.config.solver_window]]
         hint = [t.k for t in scheduler.queue[: scheduler.config.solver_window]]
     solves = []
     for _ in range(5):

@@ -18,7 +18,7 @@ What maps onto what (section numbers of ``authors-policy.md``):
 * Violation prediction (``detect_delay``, §1.4): walk the EDF queue from the predicted start,
   adding each job's current predicted latency; stop at the *first* job predicted to finish after
   its deadline (position ``v``, signed margin ``diff < 0``). The start is the core's
-  (:meth:`mosel.scheduler.Scheduler.start`: now, or when the running batch is predicted to end),
+  (:meth:`mosel.policies.Core.start`: now, or when the running batch is predicted to end),
   not the authors' estimate, which is optimistic by up to one job's duration (it subtracts the
   running job's elapsed time from an outstanding-work counter that still holds it in full), nor
   their idle-worker "now + 6 ms".
@@ -92,7 +92,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -101,10 +101,7 @@ from scipy.optimize import minimize
 
 from mosel.jobs import Failure, Task, deadline_us
 from mosel.plan import ACCURACY_SCALE
-from mosel.policies import Policy
-
-if TYPE_CHECKING:
-    from mosel.scheduler import Scheduler
+from mosel.policies import Core, Policy
 
 __all__ = ["Paper", "PaperFixed", "PaperPolicy", "paper_policy"]
 
@@ -140,7 +137,7 @@ class PaperPolicy(Policy):
     time_limit_ms: ClassVar[float] = 100.0
     """Wall-clock limit of one solve in the threaded server (never applied in simulations)."""
 
-    def __init__(self, core: Scheduler) -> None:
+    def __init__(self, core: Core) -> None:
         super().__init__(core)
         self._splines: dict[tuple[tuple[int, ...], tuple[int, ...], int], _Splines] = {}
 
@@ -160,7 +157,7 @@ class PaperPolicy(Policy):
         late = np.flatnonzero(finish > deadlines)
         if not len(late):
             return []
-        core.stats.count("violations_predicted")
+        core.count("violations_predicted")
         v = int(late[0])
         diff = int(deadlines[v] - finish[v])
         prefix = core.queue[: v + 1]
@@ -168,7 +165,7 @@ class PaperPolicy(Policy):
         budget_us = self.budget_factor * float(deadlines[v] - int(core.start(now) * 1e6))
         ks = self.queue_solve(prefix, budget_us)
         if ks is None:
-            core.stats.count("paper_fallbacks")
+            core.count("paper_fallbacks")
             return self.random_fill(now, v, diff)
         for i, (task, k) in enumerate(zip(prefix, ks)):
             core.set_option(task, k, i)
@@ -187,10 +184,10 @@ class PaperPolicy(Policy):
         deadline = deadline_us(task.job) - self._shift_us()
         if now_us + task.lat[task.k] <= deadline:
             return
-        core.stats.count("violations_predicted")
+        core.count("violations_predicted")
         ks = self.queue_solve([task], self.budget_factor * float(deadline - now_us))
         if ks is None:
-            core.stats.count("paper_fallbacks")
+            core.count("paper_fallbacks")
             core.set_option(task, 0)
         else:
             core.set_option(task, ks[0])
@@ -206,7 +203,7 @@ class PaperPolicy(Policy):
             predicted = head.lat[head.k]
             if now_us + predicted > int(core.deadlines_us[0]) + tolerance_us and not head.job.best_effort:
                 error = core.deadline_error(head.job, now, predicted)
-                failures.append(core.fail_job(head.job, error, "late"))
+                failures.append(core.fail(head.job, error, "late"))
                 continue
             return self.take_batch(now), failures
         return [], failures
@@ -214,7 +211,7 @@ class PaperPolicy(Policy):
     def take_batch(self, now: float) -> list[Task]:
         """The head alone: the authors' worker runs one job at a time."""
         head = self.core.queue[0]
-        self.core.remove(head)
+        self.core.take(head)
         return [head]
 
     # ------------------------------------------------------------------ the authors' steps
@@ -226,12 +223,12 @@ class PaperPolicy(Policy):
         latency constraint, over continuous option indices starting at 0; truncate and map back.
         """
         core = self.core
-        core.stats.count("paper_solves")
+        core.count("paper_solves")
         started = time.perf_counter()
         try:
             x = self._solve(tasks, budget_us / 1000.0)
         finally:
-            core.stats.observe("solver", (time.perf_counter() - started) * 1000.0)
+            core.observe("solver", (time.perf_counter() - started) * 1000.0)
         if x is None:
             return None
         return [self._option(task, int(xj)) for task, xj in zip(tasks, x)]
@@ -254,7 +251,7 @@ class PaperPolicy(Policy):
             return []
         finish_us = int(core.deadlines_us[v]) - self._shift_us() - deficit
         error = core.deadline_error(late.job, now, finish_us - int(now * 1e6))
-        return [core.fail_job(late.job, error, "doomed")]
+        return [core.fail(late.job, error, "doomed")]
 
     # ------------------------------------------------------------------ internals
 
@@ -270,7 +267,7 @@ class PaperPolicy(Policy):
             low_id = task.first
             if low_id + d >= len(task.frontier.strategies) - low_id:
                 if correct != top:
-                    self.core.stats.count("paper_defect_hits")
+                    self.core.count("paper_defect_hits")
                 return top
         return correct
 

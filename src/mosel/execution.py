@@ -1,40 +1,47 @@
-"""Running one strategy over a batch: row selection, branch and fusion calls, input checks.
+"""Running batches on the model: row selection, branch and fusion calls, fault isolation, results.
 
 Each branch runs once over the rows that need it (a slice when they are contiguous, a gather
-otherwise), fusion runs once per configuration group, and outputs keep the input order.
+otherwise), fusion runs once per configuration group, and outputs keep the input order. A batch
+of several jobs runs as one execution, split back per job; if it fails, each job runs alone so
+that only the job whose rows fail fails. A job's :class:`Work` holds its tensors and outputs,
+and :func:`result_of` turns a finished job into the caller's :class:`Result`.
 """
 
 from __future__ import annotations
 
-import decimal
+import logging
 import math
-import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mosel import trees
-from mosel.errors import InputError, OutputError, SLOError
-from mosel.plan import Strategy
+from mosel.errors import ExecutionError, OutputError
+from mosel.jobs import Batch, Job
+from mosel.plan import ACCURACY_SCALE, Strategy
 from mosel.spec import ModelSpec
 from mosel.trees import Tree
 
 __all__ = [
     "Result",
-    "check_inputs",
-    "check_slo",
+    "RowPlanCache",
+    "Work",
     "checked",
     "concat",
     "execute",
     "is_out_of_memory",
+    "own_error",
+    "result_of",
+    "run_batch",
     "run_recovering",
 ]
 
+_log = logging.getLogger("mosel")
 Configuration = frozenset[str]
 RowPlanCache = dict[tuple[Strategy, torch.device], "RowPlan"]
 
@@ -266,177 +273,175 @@ def run_recovering(
     return concat(outputs, f"fusion {spec.fusion!r}")
 
 
-MAX_DEADLINE_MS: Final = 1e15
-"""Deadlines beyond this (about 31,700 years) are served as this: no clock gets there."""
+class Work:
+    """What a driver keeps of a job beside the scheduler: its future, its tensors, its outputs."""
+
+    __slots__ = ("future", "inputs", "order", "outputs")
+
+    def __init__(self, future: Future[Any] | None, inputs: Any, order: Tensor | None) -> None:
+        self.future = future
+        self.inputs = inputs  # modality -> tree, rows grouped by presence; None once released
+        self.order = order  # gathers outputs back into the caller's row order (None: in order)
+        self.outputs: list[tuple[int, Tree]] = []  # (task index, output), joined once all are in
 
 
-def _real(value: object) -> float | None:
-    """``value`` as a float if it is a real number, else None.
-
-    Python, numpy and ``Decimal`` numbers, and 0-d numpy arrays or tensors of a real dtype, are
-    real numbers here; bools are not.
-    """
-    if isinstance(value, Tensor) and value.dim() == 0:
-        if value.dtype == torch.bool or value.is_complex():
-            return None
-        value = value.item()
-    elif isinstance(value, np.ndarray) and value.ndim == 0:
-        if value.dtype.kind not in "iuf":
-            return None
-        value = value.item()
-    if isinstance(value, decimal.Decimal):
-        return float(value) if value.is_finite() or value.is_infinite() else math.nan
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        return None
-    try:
-        return float(value)
-    except OverflowError:  # an int beyond the float range
-        huge: Any = value
-        return math.inf if huge > 0 else -math.inf
-
-
-def check_confidence(confidence: object, min_accuracy: float | None) -> float | None:
-    """Validate ``confidence`` (None: the floor is on the profiled mean); returns it as a float.
-
-    Raises:
-        SLOError: not a real number in [0.5, 1), or given without a floor.
-    """
-    if confidence is None:
-        return None
-    value = _real(confidence)
-    if value is None or not 0.5 <= value < 1.0:
-        raise SLOError(f"confidence must be a number in [0.5, 1) (e.g. 0.95), got {confidence!r}")
-    if min_accuracy is None:
-        raise SLOError(f"confidence={confidence!r} applies to min_accuracy, which was not given")
-    return value
-
-
-def check_slo(deadline_ms: object, min_accuracy: object) -> tuple[float | None, float | None]:
-    """Validate both SLO values (None means "not given"); returns them as floats.
-
-    Raises:
-        SLOError: a value that is not a real number, a deadline that is not positive and finite
-            (a huge integer is served as :data:`MAX_DEADLINE_MS`), a floor outside [0, 1].
-    """
-    deadline: float | None = None
-    if deadline_ms is not None:
-        deadline = _real(deadline_ms)
-        if (
-            deadline is None
-            or math.isnan(deadline)
-            or deadline <= 0
-            or (deadline == math.inf and isinstance(deadline_ms, (float, np.floating)))
-        ):
-            raise SLOError(
-                f"deadline_ms must be a positive finite number of milliseconds, got {deadline_ms!r}"
-            )
-        deadline = min(deadline, MAX_DEADLINE_MS)
-    floor: float | None = None
-    if min_accuracy is not None:
-        floor = _real(min_accuracy)
-        if floor is None or not 0.0 <= floor <= 1.0:
-            raise SLOError(f"min_accuracy must be a number in [0, 1], got {min_accuracy!r}")
-    return deadline, floor
-
-
-def group_by_presence(
-    tensors: dict[str, Tree], available: Configuration, n: int, present: object, spec: ModelSpec
-) -> tuple[dict[str, Tree], tuple[tuple[Configuration, int], ...], Tensor | None]:
-    """Rows grouped by the modalities each has, from a per-row presence mask.
-
-    ``present`` maps modality names to a bool tensor of ``n`` (row ``i`` has the modality when
-    ``present[m][i]``); a modality left out of it is present in every row that has it in
-    ``tensors``. Returns the inputs with rows reordered so that each group is contiguous (a
-    stable order: rows keep their order within a group), the groups as (modalities, rows), and
-    the index that puts outputs back into the caller's row order (None: no reordering).
-
-    Raises:
-        InputError: a mask for a modality not in the inputs, not a bool tensor of ``n`` rows, or
-            a row left with no modality.
-    """
-    if present is None:
-        return tensors, ((available, n),), None
-    if not isinstance(present, Mapping):
-        raise InputError(
-            f"present must map modality names to bool tensors of {n} rows, got {type(present).__name__}"
-        )
-    masks: dict[str, Tensor] = {}
-    for m, mask in present.items():
-        if m not in available:
-            raise InputError(
-                f"present[{m!r}]: {m!r} is not among the inputs' modalities {sorted(available)}; a mask "
-                f"marks which rows of a given modality are real"
-            )
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (n,):
-            what = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
-            raise InputError(f"present[{m!r}] must be a bool tensor of shape ({n},), got {what}")
-        masks[m] = mask.detach().cpu()
-    columns = [m for m in spec.modalities if m in available]
-    bits = torch.zeros(n, dtype=torch.int64)
-    for i, m in enumerate(columns):
-        has = masks.get(m)
-        bits |= (torch.ones(n, dtype=torch.int64) if has is None else has.to(torch.int64)) << i
-    empty = torch.nonzero(bits == 0).flatten()
-    if len(empty):
-        raise InputError(f"present leaves row {int(empty[0])} with no modality; every request needs one")
-    keys, counts = torch.unique(bits, return_counts=True)
-    groups = tuple(
-        (frozenset(m for i, m in enumerate(columns) if int(key) >> i & 1), int(count))
-        for key, count in zip(keys.tolist(), counts.tolist(), strict=True)
+def own_error(error: BaseException) -> BaseException:
+    """``error`` as a job's failure: a ``BaseException`` that is not an ``Exception`` is wrapped."""
+    if isinstance(error, Exception):
+        return error
+    wrapped = ExecutionError(
+        f"the model's code raised {type(error).__name__} while serving this job; the job is failed "
+        f"and the model keeps serving"
     )
-    if len(groups) == 1:
-        return tensors, groups, None
-    order = torch.argsort(bits, stable=True)
-    reordered = {m: trees.take(t, order.to(trees.device(t)), spec.batch_dim(m)) for m, t in tensors.items()}
-    return reordered, groups, torch.argsort(order)
+    wrapped.__cause__ = error
+    return wrapped
 
 
-def check_inputs(
-    inputs: object, spec: ModelSpec, device: torch.device
-) -> tuple[dict[str, Tree], Configuration, int]:
-    """Validate a job's inputs; returns them on ``device``, the modalities present, the size.
+def rows_of(spec: ModelSpec, inputs: Mapping[str, Tree], offset: int, n: int) -> Mapping[str, Tree]:
+    """Rows ``offset .. offset + n`` of a job's inputs, along each modality's batch dimension."""
+    first = next(iter(inputs))
+    if offset == 0 and trees.check(inputs[first], spec.batch_dim(first)) == n:
+        return inputs
+    return {m: trees.take(t, slice(offset, offset + n), spec.batch_dim(m)) for m, t in inputs.items()}
 
-    A modality's input is a tensor or a (nested) dict/tuple/list of tensors whose first dimension
-    is the request dimension; None (or leaving the modality out) means "not available".
+
+def run_batch(
+    model: nn.Module,
+    spec: ModelSpec,
+    batch: Batch,
+    cache: RowPlanCache,
+    timings: dict[str, float] | None,
+    *,
+    propagate: bool,
+) -> tuple[dict[int, Tree], dict[int, BaseException]]:
+    """Run every task of a batch of :class:`Work` jobs; each task's output (by position) or error.
+
+    Several jobs run as one execution, split back per job; when it fails, each job runs alone so
+    that only the jobs whose rows fail fail. A job's last chunk joins its chunks' outputs in its
+    :class:`Work`. ``timings`` (CPU only) receives the time of each branch and of fusion.
+
+    Raises:
+        BaseException: with ``propagate`` (on the caller's own thread), a ``BaseException`` that
+            is not an ``Exception`` (Ctrl-C, ``SystemExit``) raised by the model's code; without,
+            it fails only its job (wrapped, :func:`own_error`).
     """
-    if not isinstance(inputs, Mapping):
-        raise InputError(
-            f"inputs must map modality names to tensors, e.g. {{{spec.modalities[0]!r}: tensor}}, "
-            f"got {type(inputs).__name__}"
-        )
-    unknown = [k for k in inputs if k not in spec.branches]
-    if unknown:
-        raise InputError(
-            f"unknown modality {unknown[0]!r} in inputs; {spec.model_class} declares {list(spec.modalities)}"
-        )
-    tensors: dict[str, Tree] = {}
-    sizes: dict[str, int] = {}
-    for m in spec.modalities:
-        value = inputs.get(m)
-        if value is None:
-            continue
-        dim = spec.batch_dim(m)
-        if isinstance(value, Tensor) and value.dim() > dim:
-            rows = int(value.shape[dim])
-        else:
+    outputs: dict[int, Tree] = {}
+    errors: dict[int, BaseException] = {}
+    try:
+        with torch.inference_mode():
+            if len(batch.tasks) == 1:
+                task = batch.tasks[0]
+                rows = rows_of(spec, task.job.payload.inputs, task.offset, task.n)
+                outputs[0] = run_recovering(model, spec, task.strategy, rows, cache, timings)
+            else:
+                outputs = _run_merged(model, spec, batch, cache, timings)
+            _synchronize(outputs)
+    except BaseException as exc:
+        if not isinstance(exc, Exception) and propagate:
+            raise  # on the caller's own thread: theirs to see, once the scheduler is told
+        if len(batch.tasks) == 1:
+            errors[0] = own_error(exc)
+        else:  # fail only the jobs the error belongs to: re-run each task alone
+            _log.info("merged batch failed (%r); re-running its %d jobs separately", exc, len(batch.tasks))
+            outputs, errors = _run_separately(model, spec, batch, cache)
+    _assemble(spec, batch, outputs, errors)
+    return outputs, errors
+
+
+def _assemble(
+    spec: ModelSpec, batch: Batch, outputs: dict[int, Tree], errors: dict[int, BaseException]
+) -> None:
+    """Hand each task's output to its job; a job's last chunk joins its chunks' outputs."""
+    for position, output in sorted(outputs.items()):
+        task = batch.tasks[position]
+        job = task.job
+        work: Work = job.payload
+        work.outputs.append((task.index, output))
+        if len(work.outputs) == len(job.tasks) > 1:
+            parts = [out for _, out in sorted(work.outputs, key=lambda pair: pair[0])]
             try:
-                rows = trees.check(value, dim)
-            except trees.TreeError as exc:
-                kind = "a scalar" if isinstance(value, Tensor) else f"a {type(value).__name__}"
-                raise InputError(
-                    f"inputs[{m!r}] is {kind} mosel cannot split into requests: {exc}; it must be a "
-                    f"torch.Tensor (or a dict/tuple/list of tensors) whose dimension {dim} is the "
-                    f"request dimension"
-                ) from None
-        sizes[m] = rows
-        tensors[m] = trees.to_device(value, device)
-    if not tensors:
-        raise InputError(f"inputs hold none of the modalities {list(spec.modalities)}")
-    if len(set(sizes.values())) > 1:
-        raise InputError(
-            f"inputs disagree on the number of requests (each modality's batch dimension): {sizes}"
-        )
-    n = next(iter(sizes.values()))
-    if n == 0:
-        raise InputError("inputs hold zero requests; the first dimension must be at least 1")
-    return tensors, frozenset(tensors), n
+                work.outputs = [(0, concat(parts, f"fusion {spec.fusion!r}"))]
+            except OutputError as exc:
+                errors[position] = exc
+
+
+def _run_merged(
+    model: nn.Module, spec: ModelSpec, batch: Batch, cache: RowPlanCache, timings: dict[str, float] | None
+) -> dict[int, Tree]:
+    """One execution for several jobs' rows, grouped by configuration, split back after."""
+    pieces: dict[str, list[Tree]] = {m: [] for m in spec.modalities}
+    layout: list[tuple[int, Configuration, int]] = []  # (task position, configuration, rows)
+    for config, _ in batch.merged.groups:
+        for position, (task, strategy) in enumerate(zip(batch.tasks, batch.strategies)):
+            start = 0
+            for c, count in strategy.groups:
+                if c == config:
+                    rows = rows_of(spec, task.job.payload.inputs, task.offset + start, count)
+                    for m, t in rows.items():
+                        pieces[m].append(t)
+                    layout.append((position, config, count))
+                start += count
+    inputs = {m: trees.concat(ts, spec.batch_dim(m)) for m, ts in pieces.items() if ts}
+    merged = run_recovering(model, spec, batch.merged, inputs, cache, timings)
+    parts: dict[tuple[int, Configuration], Tree] = {}
+    offset = 0
+    for position, config, count in layout:
+        parts[(position, config)] = trees.take(merged, slice(offset, offset + count))
+        offset += count
+    outputs = {}
+    for position, strategy in enumerate(batch.strategies):
+        chunks = [parts[(position, c)] for c, _ in strategy.groups]
+        # A slice of the merged output would keep every merged job's rows in its storage.
+        outputs[position] = trees.concat(chunks) if len(chunks) > 1 else trees.copy(chunks[0])
+    return outputs
+
+
+def _run_separately(
+    model: nn.Module, spec: ModelSpec, batch: Batch, cache: RowPlanCache
+) -> tuple[dict[int, Tree], dict[int, BaseException]]:
+    outputs: dict[int, Tree] = {}
+    errors: dict[int, BaseException] = {}
+    for position, task in enumerate(batch.tasks):
+        try:
+            with torch.inference_mode():
+                rows = rows_of(spec, task.job.payload.inputs, task.offset, task.n)
+                outputs[position] = run_recovering(model, spec, task.strategy, rows, cache)
+        except BaseException as exc:  # on the executor thread: the job's own failure
+            errors[position] = own_error(exc)
+    return outputs, errors
+
+
+def _synchronize(outputs: Mapping[int, Tree]) -> None:
+    for output in outputs.values():
+        for leaf in trees.leaves(output):
+            if isinstance(leaf, torch.Tensor) and leaf.is_cuda:
+                torch.cuda.synchronize(leaf.device)
+                return
+
+
+def result_of(job: Job[Work], completion_ms: float, reason: str | None) -> Result:
+    """The caller's result of a finished job (its tensors are released)."""
+    work = job.payload
+    output = work.outputs[0][1]
+    modalities: tuple[Configuration, ...] = tuple(
+        config for task in job.tasks for config, count in task.strategy.groups for _ in range(count)
+    )
+    if work.order is not None:  # rows were grouped by presence: back to the caller's order
+        back = work.order.tolist()
+        output = trees.take(output, work.order.to(trees.device(output)))
+        modalities = tuple(modalities[i] for i in back)
+    strategies = job.strategies
+    work.inputs = None  # release the request's tensors
+    deadline_ms = job.deadline_ms
+    return Result(
+        output=output,
+        modalities=modalities,
+        expected_accuracy=sum(s.accuracy_units for s in strategies) / (job.n * ACCURACY_SCALE),
+        predicted_latency_ms=job.predicted_us / 1000.0,
+        measured_latency_ms=job.measured_us / 1000.0,
+        completion_ms=completion_ms,
+        strategies=strategies,
+        queue_ms=(job.started - job.arrival) * 1000.0,
+        reason=reason,
+        deadline_met=None if deadline_ms is None else completion_ms <= deadline_ms,
+    )

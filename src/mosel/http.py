@@ -40,7 +40,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("mosel.http needs the http extra: pip install 'mosel[http]'") from exc
 
 import mosel
-from mosel import trees
+from mosel import methods, trees
 from mosel.errors import (
     AccuracyUnreachableError,
     DeadlineError,
@@ -53,7 +53,7 @@ from mosel.errors import (
     SLOError,
 )
 from mosel.execution import Result
-from mosel.runtime import close, model_submit, profile_of, prometheus_collector, readiness
+from mosel.runtime import close, profile_of, prometheus_collector, readiness
 from mosel.schema import ModalitySchema, decode
 from mosel.spec import spec_of
 from mosel.trees import Tree
@@ -475,7 +475,7 @@ class Service:
             with self._lock:  # checked and admitted at once: close() cannot slip in between
                 if self._closed:
                     return _closed()
-                future = model_submit(
+                future = methods.submit(
                     model,
                     inputs,
                     deadline_ms=budget.deadline_ms,

@@ -201,16 +201,28 @@ class CostModel:
         names = [m for m in self.modalities if m in available]
         return tuple(frozenset(c) for r in range(1, len(names) + 1) for c in itertools.combinations(names, r))
 
-    def latency_us(self, groups: Iterable[tuple[Configuration, int]]) -> int:
-        """Predicted latency of a strategy given as (configuration, count) pairs."""
+    def parts(self, groups: Iterable[tuple[Configuration, int]]) -> dict[str, int]:
+        """What a strategy (or a batch) runs, in microseconds per part.
+
+        Each branch runs once over every row whose configuration holds it, and fusion once per
+        configuration: one entry per branch that runs (in declaration order), then
+        ``"fusion"``, the fusion calls together. The one rule for what a strategy costs: its
+        latency is their sum, a corrected price weighs each part by its own correction.
+        """
         rows = dict.fromkeys(self.modalities, 0)
-        total = 0
+        fusion = 0
         for config, count in groups:
             if count:
-                total += self.fusion_us[config][count]
+                fusion += self.fusion_us[config][count]
                 for m in config:
                     rows[m] += count
-        return total + sum(self.branch_us[m][k] for m, k in rows.items())
+        parts = {m: self.branch_us[m][k] for m, k in rows.items() if k}
+        parts["fusion"] = fusion
+        return parts
+
+    def latency_us(self, groups: Iterable[tuple[Configuration, int]]) -> int:
+        """Predicted latency of a strategy given as (configuration, count) pairs."""
+        return sum(self.parts(groups).values())
 
     def accuracy_units(self, groups: Iterable[tuple[Configuration, int]]) -> int:
         """Sum of accuracy units over the strategy's requests."""

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from mosel import trees
 from mosel.compiling import compiled_parts, unwrap_compiled
 from mosel.errors import InputError, MoselWarning, SLOError
-from mosel.execution import check_inputs, execute
+from mosel.execution import execute
 from mosel.plan import Plan, PlannerConfig, build_plan, configuration_key
 from mosel.profiles import (
     BucketKey,
@@ -35,6 +35,7 @@ from mosel.profiles import (
     model_device,
     plan_buckets,
 )
+from mosel.requests import check_inputs
 from mosel.runtime import attach
 from mosel.schema import SchemaRecorder
 from mosel.spec import ModelSpec, spec_of

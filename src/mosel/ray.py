@@ -59,11 +59,12 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 from torch import Tensor, nn
 
+from mosel import methods
 from mosel.errors import DeadlineError, MoselError, QueueFullError, ReplicaError
 from mosel.execution import Result
 from mosel.profiles import Profile
 from mosel.routing import RouteRequest, SlackRouter
-from mosel.runtime import attach, close, load, model_ainfer, stats
+from mosel.runtime import attach, close, load, stats
 from mosel.scheduler import SchedulerConfig
 from mosel.stats import Load, StatsSnapshot
 from mosel.trees import Tree
@@ -208,7 +209,7 @@ class MoselReplica:
                     best_accuracy_within_deadline=None,
                 )
             deadline = max(left, 1e-3)  # best effort: the fastest admissible strategy, late
-        result = await model_ainfer(
+        result = await methods.ainfer(
             self.model,
             request.inputs,
             deadline_ms=deadline,  # type: ignore[arg-type]  # an invalid value raises SLOError there

@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from mosel.errors import InputError, SLOError
-from mosel.jobs import floor_units
+from mosel.jobs import chunk_sizes, floor_units
 from mosel.plan import ACCURACY_SCALE, Strategy
 from mosel.profiles import Profile
-from mosel.scheduler import chunk_sizes
 from mosel.stats import Load
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""A model's serving state: ``attach``, and the ``infer``/``submit``/``ainfer`` methods it gains.
+"""A model's serving state: ``attach``, its server, and what ``infer``/``submit``/``ainfer`` call.
 
 The state lives on the instance as ``_mosel_state`` (never a Module, Parameter or buffer, so
 ``state_dict`` and ``.to()`` are unaffected). Its :class:`~mosel.server.Server` starts lazily, once,
@@ -14,20 +14,22 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any, Final, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from mosel import methods
 from mosel.compiling import unwrap_compiled
 from mosel.errors import MoselWarning, NotProfiledError, ProfileMismatchError, SpecError
 from mosel.execution import Result, RowPlanCache
 from mosel.profiles import Profile, fingerprint_of, priced_ahead
 from mosel.scheduler import SchedulerConfig
 from mosel.server import Server
-from mosel.spec import PROVIDED_ATTR, ModelSpec, spec_of
+from mosel.slo import SLO
+from mosel.spec import ModelSpec, spec_of
 from mosel.stats import Load, Stats, StatsSnapshot
 from mosel.stats import prometheus_collector as _collector
 from mosel.tail import TailModel, profile_sigma
@@ -351,91 +353,17 @@ def prometheus_collector(model: nn.Module, name: str | None = None) -> Any:
     return _collector(_state(model).stats, name or type(model).__qualname__)
 
 
-def model_infer(
-    self: nn.Module,
-    inputs: Mapping[str, Tensor],
-    *,
-    deadline_ms: float | None = None,
-    min_accuracy: float | None = None,
-    best_effort: bool = False,
-    confidence: float | None = None,
-    per_request: bool = False,
-    present: Mapping[str, Tensor] | None = None,
-) -> Result:
-    """Serve one job (the rows of ``inputs``) under an optional deadline and accuracy floor.
+class _Runtime:
+    """The serving implementation behind ``model.infer``/``submit``/``ainfer`` (:mod:`mosel.methods`)."""
 
-    Args:
-        self: the model.
-        inputs: modality name -> tensor whose first dimension is the request dimension. A
-            modality left out (or None) is not computed for any request of this job.
-        deadline_ms: latency SLO from the moment of the call, queueing included. None: no
-            deadline.
-        min_accuracy: floor on the job's expected accuracy (from the profile). None: no floor.
-        best_effort: when the deadline cannot be met, serve late with the fastest strategy that
-            meets the floor instead of raising :class:`mosel.DeadlineError`.
-        confidence: plan the floor against each configuration's lower ``confidence`` bound of
-            accuracy (Wilson, from the profile's validation size), not its mean; e.g. 0.95.
-        per_request: every request's configuration meets the floor, not just the job's average.
-        present: modality -> bool tensor of the job's size: which rows really have it (a camera
-            off for some requests). Each row is planned within the modalities it has; a
-            missing one is never computed for it.
+    def infer(self, model: nn.Module, inputs: object, slo: SLO, present: object) -> Result:
+        return _state(model).serve(model).infer(inputs, slo, present)
 
-    Returns:
-        A :class:`mosel.Result`. With neither SLO, every available modality is computed.
+    def submit(self, model: nn.Module, inputs: object, slo: SLO, present: object) -> Future[Result]:
+        return _state(model).serve(model).submit(inputs, slo, present)
 
-    Thread-safe: concurrent callers share the model's queue (earliest deadline first).
-    """
-    server = _state(self).serve(self)
-    return server.infer(
-        inputs, deadline_ms=deadline_ms, min_accuracy=min_accuracy, best_effort=best_effort,
-        confidence=confidence, per_request=per_request, present=present,
-    )  # fmt: skip
+    async def ainfer(self, model: nn.Module, inputs: object, slo: SLO, present: object) -> Result:
+        return await _state(model).serve(model).ainfer(inputs, slo, present)
 
 
-def model_submit(
-    self: nn.Module,
-    inputs: Mapping[str, Tensor],
-    *,
-    deadline_ms: float | None = None,
-    min_accuracy: float | None = None,
-    best_effort: bool = False,
-    confidence: float | None = None,
-    per_request: bool = False,
-    present: Mapping[str, Tensor] | None = None,
-) -> Future[Result]:
-    """Like ``infer``, but return a ``concurrent.futures.Future`` at once.
-
-    Bad inputs or SLO values, an unreachable floor, a deadline the job cannot meet even alone,
-    and a full queue raise here; anything after admission resolves the future with the error.
-    Cancelling the future takes the job out of the queue.
-    """
-    server = _state(self).serve(self)
-    return server.submit(
-        inputs, deadline_ms=deadline_ms, min_accuracy=min_accuracy, best_effort=best_effort,
-        confidence=confidence, per_request=per_request, present=present,
-    )  # fmt: skip
-
-
-async def model_ainfer(
-    self: nn.Module,
-    inputs: Mapping[str, Tensor],
-    *,
-    deadline_ms: float | None = None,
-    min_accuracy: float | None = None,
-    best_effort: bool = False,
-    confidence: float | None = None,
-    per_request: bool = False,
-    present: Mapping[str, Tensor] | None = None,
-) -> Result:
-    """``await model.ainfer(...)``: ``infer`` for asyncio code; the event loop is never blocked."""
-    server = _state(self).serve(self)
-    return await server.ainfer(
-        inputs, deadline_ms=deadline_ms, min_accuracy=min_accuracy, best_effort=best_effort,
-        confidence=confidence, per_request=per_request, present=present,
-    )  # fmt: skip
-
-
-for _fn, _name in ((model_infer, "infer"), (model_submit, "submit"), (model_ainfer, "ainfer")):
-    setattr(_fn, PROVIDED_ATTR, True)
-    _fn.__name__ = _name
-    _fn.__qualname__ = _name
+methods.register(_Runtime())

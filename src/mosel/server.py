@@ -3,9 +3,11 @@
 ``submit`` validates on the caller's thread and hands the job to the :class:`~mosel.scheduler.Scheduler`
 under the server's lock; the executor thread dispatches batches, runs them outside the lock and
 reports completions. A lone ``infer`` on an idle model runs on the caller's thread (the device is
-free and nobody waits), which costs no thread hand-off. CP-SAT improvements run on a helper
-thread and never block the executor. While a batch runs, a watchdog fails queued jobs at the
-moment they can no longer make their deadline, even if the batch overruns its prediction.
+free and nobody waits), which costs no thread hand-off and two short lock sections. CP-SAT
+improvements run on a helper thread and never block the executor. While a batch runs, a
+watchdog fails queued jobs at the moment they can no longer make their deadline, even if the
+batch overruns its prediction. What runs on the device, and how a result is built, is
+:mod:`mosel.execution`; how a call becomes a job, :mod:`mosel.requests`.
 
 Failure semantics (``docs/failures.md``): every submitted job resolves, with a result or an
 exception; nothing the model's code or a caller does stops the executor; the threads hold the
@@ -32,28 +34,28 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from mosel import trees
 from mosel.clock import Clock, MonotonicClock
-from mosel.errors import ExecutionError, OutputError
 from mosel.execution import (
     Result,
     RowPlanCache,
-    check_confidence,
-    check_inputs,
-    check_slo,
+    Work,
     concat,
-    group_by_presence,
-    plan_rows,
+    own_error,
+    result_of,
+    rows_of,
+    run_batch,
     run_recovering,
 )
-from mosel.plan import ACCURACY_SCALE, CostModel, Plan, Strategy
+from mosel.jobs import Batch, Failure, Job
+from mosel.plan import CostModel, Plan
 from mosel.profiles import BucketKey, Profile
-from mosel.scheduler import Batch, Failure, Job, Scheduler, SchedulerConfig
+from mosel.requests import Requests
+from mosel.scheduler import Scheduler, SchedulerConfig
+from mosel.slo import SLO
 from mosel.spec import ModelSpec
 from mosel.stats import Load, Stats
-from mosel.trees import Tree
 
 __all__ = ["Server"]
 
@@ -64,8 +66,6 @@ _local = threading.local()
 executor thread counts as always executing its own server): a call back into such a server from
 this thread is served inline rather than queued behind itself."""
 
-Configuration = frozenset[str]
-
 
 def _running() -> set[int]:
     running: set[int] | None = getattr(_local, "running", None)
@@ -75,7 +75,7 @@ def _running() -> set[int]:
 
 
 class Server:
-    """Serves one model instance: validation, the scheduler, the executor thread."""
+    """Serves one model instance: the lock, the scheduler, the executor and watchdog threads."""
 
     def __init__(
         self,
@@ -99,12 +99,14 @@ class Server:
         self.cond = threading.Condition(self.lock)  # the executor waits on it
         self.watch = threading.Condition(self.lock)  # the watchdog waits on it
         self.scheduler = Scheduler(profile, config, self.stats, solve_async=self._solve_async, priced=priced)
-        # Modalities whose latency the profile prices per input size: (name, how to read it).
-        self._sized = tuple((m, spec.sizings[m]) for m in profile.sized if m in spec.sizings)
+        self.requests = Requests(spec, profile, device, self.scheduler.pricer.plan_outside_lock)
         self.closed = False
         self.pid = os.getpid()
         self._watch_at = float("inf")  # when the watchdog means to wake
         self._outbox: collections.deque[Failure] = collections.deque()  # failed, not yet resolved
+        # A lone batch the caller's thread handed over, and when: the next lock section tells the
+        # scheduler (a third lock section per call would only wait on itself).
+        self._handed: tuple[Batch, float] | None = None
         self._thread: threading.Thread | None = None
         self._watchdog: threading.Thread | None = None
         self._solver: concurrent.futures.ThreadPoolExecutor | None = None
@@ -114,64 +116,21 @@ class Server:
     def load(self) -> Load:
         """The scheduler's :class:`~mosel.stats.Load` now (under the lock; no solving)."""
         with self.lock:
+            self._catch_up()
             return self.scheduler.load(self.clock.now())
+
+    def _catch_up(self) -> None:
+        """Tell the scheduler about a lone batch handed over since (the caller holds ``self.lock``)."""
+        handed, self._handed = self._handed, None
+        if handed is not None:
+            self.scheduler.handed_over(*handed)
 
     # ------------------------------------------------------------------ caller side
 
-    def _job(
-        self,
-        inputs: Mapping[str, Tree],
-        deadline_ms: object,
-        min_accuracy: object,
-        best_effort: bool,
-        future: bool = True,
-        confidence: object = None,
-        per_request: bool = False,
-        present: object = None,
-    ) -> Job:
-        arrival = self.clock.now()
-        deadline, floor = check_slo(deadline_ms, min_accuracy)
-        bound = check_confidence(confidence, floor)
-        tensors, available, n = check_inputs(inputs, self.spec, self.device())
-        tensors, groups, order = group_by_presence(tensors, available, n, present, self.spec)
-        job = Job(
-            n=n,
-            available=available,
-            arrival=arrival,
-            deadline_ms=deadline,
-            min_accuracy=floor,
-            best_effort=bool(best_effort),
-            inputs=tensors,
-            payload=_Future() if future else None,
-            confidence=bound,
-            per_request=bool(per_request) and floor is not None,
-        )
-        job.batch_key = tuple((m, trees.signature(t, self.spec.batch_dim(m))) for m, t in tensors.items())
-        job.groups, job.order = groups, order
-        if self._sized:
-            job.bucket = self.scheduler.profile.bucket(
-                {m: how.read(m, tensors[m]) for m, how in self._sized if m in tensors}
-            )
-            # Here, before the lock: a bucket beyond the measured ones may cost a repriced plan.
-            job.priced = self.scheduler.pricing(job.bucket)
-        return job
-
-    def submit(
-        self,
-        inputs: Mapping[str, Tree],
-        *,
-        deadline_ms: float | None = None,
-        min_accuracy: float | None = None,
-        best_effort: bool = False,
-        confidence: float | None = None,
-        per_request: bool = False,
-        present: Mapping[str, Tensor] | None = None,
-    ) -> concurrent.futures.Future[Result]:
+    def submit(self, inputs: object, slo: SLO, present: object = None) -> concurrent.futures.Future[Result]:
         """Queue a job; the future resolves to a :class:`Result` or the job's error."""
-        job = self._job(
-            inputs, deadline_ms, min_accuracy, best_effort, True, confidence, per_request, present
-        )
-        future: concurrent.futures.Future[Result] = job.payload
+        future = _Future()
+        job = self.requests.job(inputs, slo, present, self.clock.now(), future)
         if id(self) in _running():  # called back from this model's own batch: never queue behind it
             try:
                 future.set_result(self._inline(job))
@@ -191,60 +150,53 @@ class Server:
         future.add_done_callback(functools.partial(self._on_cancel, job=job))
         return future
 
-    def _admit_locked(self, job: Job) -> None:
+    def _admit_locked(self, job: Job[Work]) -> None:
         """Queue ``job`` and wake the executor (the caller holds ``self.lock``)."""
+        self._catch_up()
         self._post(self.scheduler.admit(job, self.clock.now()))
         self._start_threads()
         self.cond.notify()
         self._poke_watchdog()
 
-    def infer(
-        self,
-        inputs: Mapping[str, Tree],
-        *,
-        deadline_ms: float | None = None,
-        min_accuracy: float | None = None,
-        best_effort: bool = False,
-        confidence: float | None = None,
-        per_request: bool = False,
-        present: Mapping[str, Tensor] | None = None,
-    ) -> Result:
+    def infer(self, inputs: object, slo: SLO, present: object = None) -> Result:
         """Serve a job and wait for it; on an idle model it runs on the calling thread."""
-        job = self._job(
-            inputs, deadline_ms, min_accuracy, best_effort, False, confidence, per_request, present
-        )
+        job = self.requests.job(inputs, slo, present, self.clock.now())
         if id(self) in _running():  # called back from this model's own batch: run it here
             return self._inline(job)
         batch: Batch | None = None
         try:
             try:
                 with _deferred_interrupts(), self.lock:
+                    self._catch_up()
                     batch = self.scheduler.start_alone(job, self.clock.now())
                     if batch is None:
-                        job.payload = _Future()
+                        job.payload.future = waiting = _Future()
                         self._admit_locked(job)
             finally:
-                self._drain()
+                if self._outbox:
+                    self._drain()
             if batch is None:
-                future: concurrent.futures.Future[Result] = job.payload
-                future.add_done_callback(functools.partial(self._on_cancel, job=job))
-                return future.result()
+                waiting.add_done_callback(functools.partial(self._on_cancel, job=job))
+                return waiting.result()
             done, interrupt = self._execute(batch)
         except BaseException as exc:  # e.g. Ctrl-C: the job must not stay in flight or queued
             if not isinstance(exc, Exception):
                 self._withdraw(job, batch, exc)
             raise
         finally:
-            self._drain()
+            if self._outbox:
+                self._drain()
         if interrupt is not None:
             raise interrupt
         if job.error is not None:
             raise job.error
         result = self._result(done[0])
-        self._settled(batch)
+        self._handed = (batch, self.clock.now())
         return result
 
-    def _withdraw(self, job: Job, batch: Batch | None = None, error: BaseException | None = None) -> None:
+    def _withdraw(
+        self, job: Job[Work], batch: Batch | None = None, error: BaseException | None = None
+    ) -> None:
         """Take an interrupted caller's job back.
 
         A batch this thread started (a lone job, ``batch``) and that is still in flight ends as
@@ -253,40 +205,21 @@ class Server:
         """
         with _deferred_interrupts(), self.lock:
             if batch is not None and self.scheduler.in_flight is batch:
-                errors = dict.fromkeys(range(len(batch.tasks)), _own(error or KeyboardInterrupt()))
+                errors = dict.fromkeys(range(len(batch.tasks)), own_error(error or KeyboardInterrupt()))
                 _, failures = self.scheduler.complete(batch, self.clock.now(), 0.0, None, errors)
                 self._post(failures)
             elif job.error is None and any(task.queued for task in job.tasks):
                 self.scheduler.cancel(job)
             self.cond.notify()
-        if job.payload is not None:
-            job.payload.cancel()
+        if job.payload.future is not None:
+            job.payload.future.cancel()
         self._drain()
 
-    async def ainfer(
-        self,
-        inputs: Mapping[str, Tree],
-        *,
-        deadline_ms: float | None = None,
-        min_accuracy: float | None = None,
-        best_effort: bool = False,
-        confidence: float | None = None,
-        per_request: bool = False,
-        present: Mapping[str, Tensor] | None = None,
-    ) -> Result:
+    async def ainfer(self, inputs: object, slo: SLO, present: object = None) -> Result:
         """``await``-able :meth:`submit`; cancelling the awaiting task cancels the queued job."""
-        future = self.submit(
-            inputs,
-            deadline_ms=deadline_ms,
-            min_accuracy=min_accuracy,
-            best_effort=best_effort,
-            confidence=confidence,
-            per_request=per_request,
-            present=present,
-        )
-        return await asyncio.wrap_future(future)
+        return await asyncio.wrap_future(self.submit(inputs, slo, present))
 
-    def _on_cancel(self, future: concurrent.futures.Future[Result], job: Job) -> None:
+    def _on_cancel(self, future: concurrent.futures.Future[Result], job: Job[Work]) -> None:
         if future.cancelled():
             with _deferred_interrupts(), self.lock:
                 self.scheduler.cancel(job)
@@ -308,13 +241,13 @@ class Server:
                 if not self._outbox:
                     return
                 job, error = self._outbox[0]
-            job.inputs = None
-            _settle(job.payload, error=_own(error))
+            job.payload.inputs = None
+            _resolve_future(job.payload.future, error=own_error(error))
             with self.lock:  # taken out only once resolved: an interrupt before leaves it for the next
                 if self._outbox and self._outbox[0][0] is job:
                     self._outbox.popleft()
 
-    def _inline(self, job: Job) -> Result:
+    def _inline(self, job: Job[Work]) -> Result:
         """Serve a job on this thread, outside the queue (a call from inside this model's batch).
 
         The same admission and strategy choice as a lone job on an idle device; the queue, its
@@ -325,9 +258,9 @@ class Server:
         started = time.perf_counter()
         outputs = []
         for task in job.tasks:
-            rows = self._rows(job.inputs, task.offset, task.n)
+            rows = rows_of(self.spec, job.payload.inputs, task.offset, task.n)
             outputs.append(run_recovering(self.model, self.spec, task.strategy, rows, self.row_plans))
-        job.outputs = [(0, concat(outputs, f"fusion {self.spec.fusion!r}"))]
+        job.payload.outputs = [(0, concat(outputs, f"fusion {self.spec.fusion!r}"))]
         job.measured_us = (time.perf_counter() - started) * 1e6
         job.predicted_us = sum(t.strategy.latency_us for t in job.tasks)
         job.finished = self.clock.now()
@@ -357,23 +290,24 @@ class Server:
 
     def _next_batch(self) -> Batch | None:
         """Dispatch under the lock; marks the batch's futures as running."""
+        self._catch_up()
         try:
             batch, failures = self.scheduler.dispatch(self.clock.now())
         except Exception as exc:  # a scheduler bug: fail what waits rather than die or spin
             _log.exception("mosel scheduler failed to dispatch; failing the queued jobs")
-            failed = [self.scheduler.fail(task.job, exc) for task in list(self.scheduler.queue)]
+            failed = [self.scheduler.abort(task.job, exc) for task in list(self.scheduler.queue)]
             self._post([f for f in failed if f is not None])
             return None
         self._post(failures)
         if batch is not None:
             for task in batch.tasks:
-                future = task.job.payload
+                future = task.job.payload.future
                 if future is not None and not future.done() and not future.running():
                     future.set_running_or_notify_cancel()
             self._poke_watchdog()
         return batch
 
-    def _execute(self, batch: Batch) -> tuple[list[Job], BaseException | None]:
+    def _execute(self, batch: Batch) -> tuple[list[Job[Work]], BaseException | None]:
         """Run a batch outside the lock, isolating faults, and report its completion.
 
         Returns the finished jobs (failed ones are posted for :meth:`_drain`), and a
@@ -382,7 +316,6 @@ class Server:
         has been told. On the executor thread such an exception fails only the job it belongs to.
         """
         timings: dict[str, float] | None = {} if self.device().type == "cpu" else None
-        outputs: dict[int, Tree] = {}
         errors: dict[int, BaseException] = {}
         interrupt: BaseException | None = None
         running = _running()
@@ -390,32 +323,10 @@ class Server:
         running.add(id(self))
         started = time.perf_counter()
         try:
-            try:
-                with torch.inference_mode():
-                    if len(batch.tasks) == 1:
-                        task = batch.tasks[0]
-                        rows = self._rows(task.job.inputs, task.offset, task.n)
-                        outputs[0] = run_recovering(
-                            self.model, self.spec, task.strategy, rows, self.row_plans, timings
-                        )
-                    else:
-                        outputs = self._run_merged(batch, timings)
-                    _synchronize(outputs)
-            except BaseException as exc:
-                if not isinstance(exc, Exception) and not nested:
-                    raise  # on the caller's own thread: theirs to see, once the scheduler is told
-                if len(batch.tasks) == 1:
-                    errors[0] = _own(exc)
-                else:  # fail only the jobs the error belongs to: re-run each task alone
-                    _log.info(
-                        "merged batch failed (%r); re-running its %d jobs separately", exc, len(batch.tasks)
-                    )
-                    outputs, errors = self._run_separately(batch)
-            self._assemble(batch, outputs, errors)
+            _, errors = run_batch(self.model, self.spec, batch, self.row_plans, timings, propagate=not nested)
         except BaseException as exc:  # the model's code raised SystemExit, KeyboardInterrupt, ...
             interrupt = exc
-            outputs = {}
-            errors = dict.fromkeys(range(len(batch.tasks)), _own(exc))
+            errors = dict.fromkeys(range(len(batch.tasks)), own_error(exc))
         finally:
             if not nested:
                 running.discard(id(self))
@@ -438,133 +349,49 @@ class Server:
             self.cond.notify()
         return done, interrupt
 
-    def _assemble(self, batch: Batch, outputs: dict[int, Tree], errors: dict[int, BaseException]) -> None:
-        """Hand each task's output to its job; a job's last chunk joins its chunks' outputs."""
-        for position, output in sorted(outputs.items()):
-            task = batch.tasks[position]
-            job = task.job
-            job.outputs.append((task.index, output))
-            if len(job.outputs) == len(job.tasks) > 1:
-                parts = [out for _, out in sorted(job.outputs, key=lambda pair: pair[0])]
-                try:
-                    job.outputs = [(0, concat(parts, f"fusion {self.spec.fusion!r}"))]
-                except OutputError as exc:
-                    errors[position] = exc
-
-    def _run_merged(self, batch: Batch, timings: dict[str, float] | None) -> dict[int, Tree]:
-        """One execution for several jobs' rows, grouped by configuration, split back after."""
-        pieces: dict[str, list[Tree]] = {m: [] for m in self.spec.modalities}
-        layout: list[tuple[int, Configuration, int]] = []  # (task position, configuration, rows)
-        for config, _ in batch.merged.groups:
-            for position, (task, strategy) in enumerate(zip(batch.tasks, batch.strategies)):
-                start = 0
-                for c, count in strategy.groups:
-                    if c == config:
-                        rows = self._rows(task.job.inputs, task.offset + start, count)
-                        for m, t in rows.items():
-                            pieces[m].append(t)
-                        layout.append((position, config, count))
-                    start += count
-        inputs = {m: trees.concat(ts, self.spec.batch_dim(m)) for m, ts in pieces.items() if ts}
-        merged = run_recovering(self.model, self.spec, batch.merged, inputs, self.row_plans, timings)
-        parts: dict[tuple[int, Configuration], Tree] = {}
-        offset = 0
-        for position, config, count in layout:
-            parts[(position, config)] = trees.take(merged, slice(offset, offset + count))
-            offset += count
-        outputs = {}
-        for position, strategy in enumerate(batch.strategies):
-            chunks = [parts[(position, c)] for c, _ in strategy.groups]
-            # A slice of the merged output would keep every merged job's rows in its storage.
-            outputs[position] = trees.concat(chunks) if len(chunks) > 1 else trees.copy(chunks[0])
-        return outputs
-
-    def _run_separately(self, batch: Batch) -> tuple[dict[int, Tree], dict[int, BaseException]]:
-        outputs: dict[int, Tree] = {}
-        errors: dict[int, BaseException] = {}
-        for position, task in enumerate(batch.tasks):
-            try:
-                with torch.inference_mode():
-                    rows = self._rows(task.job.inputs, task.offset, task.n)
-                    outputs[position] = run_recovering(
-                        self.model, self.spec, task.strategy, rows, self.row_plans
-                    )
-            except BaseException as exc:  # on the executor thread: the job's own failure
-                errors[position] = _own(exc)
-        return outputs, errors
-
-    def _resolve(self, job: Job) -> None:
-        future: concurrent.futures.Future[Result] | None = job.payload
+    def _resolve(self, job: Job[Work]) -> None:
+        future = job.payload.future
         if future is None or future.done():
-            job.inputs = None
+            job.payload.inputs = None
             return
         try:
             result = self._result(job)
         except Exception as exc:  # never lose a job to a bug in assembling its result
             _log.exception("mosel could not assemble a job's result")
-            _settle(future, error=exc)
+            _resolve_future(future, error=exc)
             return
-        _settle(future, result=result)
+        _resolve_future(future, result=result)
 
-    def _result(self, job: Job) -> Result:
-        output = job.outputs[0][1]
-        modalities: tuple[frozenset[str], ...] = ()
-        for task in job.tasks:
-            rows = plan_rows(
-                task.strategy, self.spec, self._rows(job.inputs, task.offset, task.n), self.row_plans
-            )
-            modalities += rows.modalities
-        if job.order is not None:  # rows were grouped by presence: back to the caller's order
-            back = job.order.tolist()
-            output = trees.take(output, job.order.to(trees.device(output)))
-            modalities = tuple(modalities[i] for i in back)
-        strategies: tuple[Strategy, ...] = job.strategies
-        job.inputs = None  # release the request's tensors
-        completion_ms = (self.clock.now() - job.arrival) * 1000.0
-        return Result(
-            output=output,
-            modalities=modalities,
-            expected_accuracy=sum(s.accuracy_units for s in strategies) / (job.n * ACCURACY_SCALE),
-            predicted_latency_ms=job.predicted_us / 1000.0,
-            measured_latency_ms=job.measured_us / 1000.0,
-            completion_ms=completion_ms,
-            strategies=strategies,
-            queue_ms=(job.started - job.arrival) * 1000.0,
-            reason=self._reason(job),
-            deadline_met=None if job.deadline_ms is None else completion_ms <= job.deadline_ms,
-        )
+    def _result(self, job: Job[Work]) -> Result:
+        reason = None
+        if self.scheduler.degraded(job):
+            reason = job.reason_text
+            if reason is None:
+                reason = self.scheduler.policy.rule
+        return result_of(job, (self.clock.now() - job.arrival) * 1000.0, reason)
 
-    def _reason(self, job: Job) -> str | None:
-        """Why the job was served below the most accurate strategy its floor allowed (None: it was not)."""
-        if not self.scheduler.degraded(job):
-            return None
-        if job.reason is not None:
-            return job.reason
-        policy = self.scheduler.policy
-        rule = (type(policy).__doc__ or "").strip().split("\n")[0]
-        return f"policy {policy.name!r}: {rule}"
-
-    def _settled(self, batch: Batch) -> None:
+    def _handed_over(self, batch: Batch) -> None:
         """Every result of ``batch`` was handed over: the scheduler learns the dispatch overhead."""
         with _deferred_interrupts(), self.lock:
-            self.scheduler.settled(batch, self.clock.now())
+            self._catch_up()
+            self.scheduler.handed_over(batch, self.clock.now())
 
     def _fail_batch(self, batch: Batch, error: BaseException) -> None:
         """Resolve every job of a batch with ``error`` (after an unexpected executor error)."""
-        error = _own(error)
+        error = own_error(error)
         with self.lock:
             failures: list[Failure] = []
             if self.scheduler.in_flight is batch:
                 errors = dict.fromkeys(range(len(batch.tasks)), error)
                 _, failures = self.scheduler.complete(batch, self.clock.now(), 0.0, None, errors)
             for task in batch.tasks:
-                failure = self.scheduler.fail(task.job, error)
+                failure = self.scheduler.abort(task.job, error)
                 if failure is not None:
                     failures.append(failure)
             self.cond.notify()
         self._fail(failures)
         for task in batch.tasks:
-            _settle(task.job.payload, error=error)
+            _resolve_future(task.job.payload.future, error=error)
 
     def _fail(self, failures: list[Failure]) -> None:
         """Resolve failed jobs' futures (through the outbox: an interrupt strands none of them)."""
@@ -574,16 +401,7 @@ class Server:
 
     # ------------------------------------------------------------------ CP-SAT helper thread
 
-    def _rows(self, inputs: Any, offset: int, n: int) -> dict[str, Tree]:
-        """Rows ``offset .. offset + n`` of a job's inputs, along each modality's batch dimension."""
-        first = next(iter(inputs))
-        if offset == 0 and trees.check(inputs[first], self.spec.batch_dim(first)) == n:
-            return inputs  # type: ignore[no-any-return]
-        return {
-            m: trees.take(t, slice(offset, offset + n), self.spec.batch_dim(m)) for m, t in inputs.items()
-        }
-
-    def _solve_async(self, solve: Callable[[], None]) -> None:
+    def _solve_async(self, solve: Callable[[], Any]) -> None:
         if self._solver is None:
             self._solver = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mosel-solver")
             weakref.finalize(self, _shutdown, self.pid, self._solver)
@@ -593,13 +411,14 @@ class Server:
             server = ref()
             if server is None:
                 return
+            result = None
             try:
-                solve()
+                result = solve()
             except Exception:  # a solver failure keeps the greedy assignment
                 _log.exception("CP-SAT re-assignment failed; keeping the greedy assignment")
                 server.stats.count("solver_errors")
             with server.lock:
-                server._post(server.scheduler.apply_pending_improvement(server.clock.now()))
+                server._post(server.scheduler.solved(server.clock.now(), result))
                 server.cond.notify()
             server._drain()
 
@@ -618,6 +437,7 @@ class Server:
         """
         with _deferred_interrupts(), self.lock:
             self.closed = True
+            self._catch_up()
             self._post(self.scheduler.close(cancel))
             self.cond.notify_all()
             self.watch.notify_all()
@@ -667,7 +487,7 @@ def _serve(server: Server, batch: Batch | None) -> None:
             server._drain()
             for job in done:
                 server._resolve(job)
-            server._settled(batch)
+            server._handed_over(batch)
     except BaseException as exc:  # nothing may stop the executor; every job of the batch resolves
         _log.exception("mosel executor: unexpected error; failing the batch and going on")
         if batch is not None:
@@ -707,7 +527,7 @@ def _watchdog_main(ref: weakref.ref[Server], watch: threading.Condition) -> None
         del server, scheduler, failures
 
 
-def _settle(
+def _resolve_future(
     future: concurrent.futures.Future[Result] | None,
     *,
     result: Result | None = None,
@@ -742,18 +562,6 @@ def _shutdown(pid: int, pool: concurrent.futures.ThreadPoolExecutor) -> None:
     """Stop a collected server's CP-SAT helper (in its own process only)."""
     if os.getpid() == pid:
         pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _own(error: BaseException) -> BaseException:
-    """``error`` as a job's failure: a ``BaseException`` that is not an ``Exception`` is wrapped."""
-    if isinstance(error, Exception):
-        return error
-    wrapped = ExecutionError(
-        f"the model's code raised {type(error).__name__} while serving this job; the job is failed "
-        f"and the model keeps serving"
-    )
-    wrapped.__cause__ = error
-    return wrapped
 
 
 class _Future(concurrent.futures.Future[Result]):
@@ -810,14 +618,6 @@ def _deferred_interrupts() -> Iterator[None]:
                 previous(*held[0])
             elif previous == signal.SIG_DFL:
                 signal.default_int_handler(*held[0])
-
-
-def _synchronize(outputs: Mapping[int, Tree]) -> None:
-    for output in outputs.values():
-        for leaf in trees.leaves(output):
-            if isinstance(leaf, torch.Tensor) and leaf.is_cuda:
-                torch.cuda.synchronize(leaf.device)
-                return
 
 
 @atexit.register

@@ -21,11 +21,11 @@ from typing import Final
 
 from mosel.clock import VirtualClock
 from mosel.errors import InputError, MoselError, SLOError
-from mosel.execution import check_confidence, check_slo
 from mosel.plan import Strategy
 from mosel.profiles import Profile
 from mosel.routing import PowerOfTwoRouter, RandomRouter, Router, RouteRequest, SlackRouter
 from mosel.scheduler import Batch, Job, Scheduler, SchedulerConfig
+from mosel.slo import SLO
 from mosel.stats import Load, Stats, StatsSnapshot
 from mosel.tail import Residuals
 
@@ -121,19 +121,25 @@ def _checked(arrival: object, index: int, modalities: Configuration, sized: Iter
                 f"got {bad}"
             )
     try:
-        deadline_ms, min_accuracy = check_slo(arrival.deadline_ms, arrival.min_accuracy)
-        confidence = check_confidence(arrival.confidence, min_accuracy)
+        slo = SLO.of(
+            arrival.deadline_ms,
+            arrival.min_accuracy,
+            arrival.best_effort,
+            arrival.confidence,
+            arrival.per_request,
+        )
     except SLOError as exc:
         raise SLOError(f"{where}: {exc}") from None
     return dataclasses.replace(
         arrival,
         time_s=float(arrival.time_s),
         n=int(arrival.n),
-        deadline_ms=deadline_ms,
-        min_accuracy=min_accuracy,
+        deadline_ms=slo.deadline_ms,
+        min_accuracy=slo.min_accuracy,
         available=arrival.available and frozenset(arrival.available),
-        confidence=confidence,
-        per_request=bool(arrival.per_request) and min_accuracy is not None,
+        best_effort=slo.best_effort,
+        confidence=slo.confidence,
+        per_request=slo.per_request,
     )
 
 
@@ -204,7 +210,7 @@ class Engine:
         self.residuals = residuals
         self.rng = rng
         self.slowdown = slowdown
-        self.jobs: list[Job] = []
+        self.jobs: list[Job[int]] = []
         self.rejected: dict[int, str] = {}
         self.running: Batch | None = None
         self.done_at = math.inf
@@ -221,7 +227,7 @@ class Engine:
         assert self.running is not None
         started = time.perf_counter()
         self.scheduler.complete(self.running, self.done_at, self.measured_us)
-        self.scheduler.settled(self.running, self.done_at)
+        self.scheduler.handed_over(self.running, self.done_at)
         self.decisions.append((time.perf_counter() - started) * 1e3)
         self.running, self.done_at = None, math.inf
 
@@ -249,14 +255,13 @@ class Engine:
             n=arrival.n,
             available=arrival.available or self.everything,
             arrival=arrival.time_s,
-            deadline_ms=arrival.deadline_ms,
-            min_accuracy=arrival.min_accuracy,
-            best_effort=arrival.best_effort,
+            slo=SLO(
+                arrival.deadline_ms, arrival.min_accuracy, arrival.best_effort, arrival.confidence,
+                arrival.per_request,
+            ),
             payload=index,
-            confidence=arrival.confidence,
-            per_request=arrival.per_request,
             bucket=None if arrival.sizes is None else self.scheduler.profile.bucket(arrival.sizes),
-        )
+        )  # fmt: skip
         self.jobs.append(job)
         try:
             self.scheduler.admit(job, now)

@@ -18,6 +18,7 @@ from typing import Any, Final, Literal, TypeVar
 from torch import nn
 
 from mosel.errors import InputError, SpecError
+from mosel.methods import PROVIDED, PROVIDED_ATTR
 
 __all__ = ["Mark", "ModelSpec", "Sizing", "fusion", "modality", "multimodal", "spec_of"]
 
@@ -26,8 +27,7 @@ M = TypeVar("M", bound=type[nn.Module])
 
 MARK_ATTR: Final = "__mosel_mark__"
 SPEC_ATTR: Final = "__mosel_spec__"
-PROVIDED_ATTR: Final = "__mosel_provided__"
-RESERVED_NAMES: Final = ("infer", "submit", "ainfer")
+RESERVED_NAMES: Final = tuple(PROVIDED)
 _FORBIDDEN_CHARS: Final = frozenset("+,/ \t\n")
 DEFAULT_BUCKETS: Final = tuple(2**i for i in range(17))
 """Size buckets of a modality declared with ``size=`` but no ``buckets=``: powers of two."""
@@ -311,19 +311,12 @@ def multimodal(cls: M, /) -> M:
     """Collect the ``modality`` and ``fusion`` marks of an ``nn.Module`` class.
 
     Runs once, at class definition. The class is returned unchanged but for ``__mosel_spec__`` and
-    the serving methods ``infer``, ``submit`` and ``ainfer``. A class that
+    the serving methods ``infer``, ``submit`` and ``ainfer`` (:mod:`mosel.methods`). A class that
     defines one of those names itself is rejected rather than silently overwritten.
     """
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
         raise SpecError(f"@mosel.multimodal decorates a torch.nn.Module subclass, got {cls!r}")
     spec = _collect(cls)
-    from mosel import runtime  # noqa: PLC0415  (runtime imports this module)
-
-    provided: dict[str, Callable[..., Any]] = {
-        "infer": runtime.model_infer,
-        "submit": runtime.model_submit,
-        "ainfer": runtime.model_ainfer,
-    }
     missing = object()
     for name in RESERVED_NAMES:
         existing = inspect.getattr_static(cls, name, missing)
@@ -332,7 +325,7 @@ def multimodal(cls: M, /) -> M:
                 f"{cls.__qualname__} already defines {name!r}, which @mosel.multimodal adds for serving; "
                 f"rename your {name!r} (mosel never overwrites user attributes)"
             )
-    for name, fn in provided.items():
+    for name, fn in PROVIDED.items():
         setattr(cls, name, fn)
     setattr(cls, SPEC_ATTR, spec)
     return cls

@@ -17,6 +17,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 import mosel
 from mosel import runtime, server
+from mosel.slo import SLO
 from mosel.testing import synthetic_profile
 
 WAIT = 30.0
@@ -66,6 +68,11 @@ class Echo(nn.Module):
                 return replaced
         return out
 
+
+
+def _queued_job(srv: server.Server, inputs: dict[str, torch.Tensor]) -> Any:
+    """A job as ``submit`` builds it (no SLO, a future), not yet admitted."""
+    return srv.requests.job(inputs, SLO(), None, srv.clock.now(), server._Future())
 
 def served(**config: object) -> Echo:
     model = Echo().eval()
@@ -186,12 +193,12 @@ class RacyFuture(concurrent.futures.Future):  # type: ignore[type-arg]
 def test_a_cancel_racing_with_mosel_resolving_the_job_is_harmless() -> None:
     model = served()
     srv = runtime._state(model).serve(model)
-    job = srv._job(rows(1, 0.0), None, None, False)
-    job.payload = RacyFuture()
+    job = _queued_job(srv, rows(1, 0.0))
+    job.payload.future = RacyFuture()
     srv._fail([(job, mosel.ShutdownError("x"))])  # used to raise InvalidStateError
-    assert job.payload.cancelled()
+    assert job.payload.future.cancelled()
     racy = RacyFuture()
-    server._settle(racy, result=None)
+    server._resolve_future(racy, result=None)
     assert racy.cancelled()
     torch.testing.assert_close(model.infer(rows(2, 1.0)).output, rows(2, 1.0)["audio"])
     mosel.close(model)
@@ -685,7 +692,7 @@ def test_a_failure_posted_by_an_interrupted_thread_is_resolved_by_the_next(
 ) -> None:
     model = served()
     srv = runtime._state(model).serve(model)
-    stranded = srv._job(rows(1, 0.0), None, None, False)
+    stranded = _queued_job(srv, rows(1, 0.0))
     with srv.lock:
         srv._post(
             [
@@ -697,9 +704,10 @@ def test_a_failure_posted_by_an_interrupted_thread_is_resolved_by_the_next(
                 )
             ]
         )
-    assert not stranded.payload.done()  # the thread that decided it was interrupted before resolving it
+    # the thread that decided it was interrupted before resolving it
+    assert not stranded.payload.future.done()
     model.infer(rows(1, 1.0))  # any later call through the server resolves it
-    assert isinstance(stranded.payload.exception(0), mosel.DeadlineError)
+    assert isinstance(stranded.payload.future.exception(0), mosel.DeadlineError)
     mosel.close(model)
 
 
@@ -817,7 +825,7 @@ def test_ctrl_c_of_one_waiting_caller_does_not_fail_the_jobs_it_shares_a_batch_w
     gate = blocked(model)
     other = model.submit(rows(2, 5.0))
     srv = runtime._state(model).serve(model)
-    mine = srv._job(rows(1, 9.0), None, None, False)
+    mine = _queued_job(srv, rows(1, 9.0))
     with srv.lock:
         srv._admit_locked(mine)
     model.gate.set()
@@ -831,8 +839,8 @@ def test_ctrl_c_of_one_waiting_caller_does_not_fail_the_jobs_it_shares_a_batch_w
 def test_an_interrupt_while_resolving_failures_strands_none(monkeypatch: pytest.MonkeyPatch) -> None:
     model = served()
     srv = runtime._state(model).serve(model)
-    jobs = [srv._job(rows(1, float(i)), None, None, False) for i in range(3)]
-    real = server._settle
+    jobs = [_queued_job(srv, rows(1, float(i))) for i in range(3)]
+    real = server._resolve_future
     calls = {"n": 0}
 
     def interrupted(future: object, **kwargs: object) -> None:
@@ -841,12 +849,12 @@ def test_an_interrupt_while_resolving_failures_strands_none(monkeypatch: pytest.
             raise KeyboardInterrupt
         real(future, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(server, "_settle", interrupted)
+    monkeypatch.setattr(server, "_resolve_future", interrupted)
     with pytest.raises(KeyboardInterrupt):
         srv._fail([(j, mosel.ShutdownError("x")) for j in jobs])
     monkeypatch.undo()
     srv._drain()  # the next thread through resolves what is left
-    assert all(isinstance(j.payload.exception(0), mosel.ShutdownError) for j in jobs)
+    assert all(isinstance(j.payload.future.exception(0), mosel.ShutdownError) for j in jobs)
     mosel.close(model)
 
 

@@ -134,7 +134,7 @@ def test_cancelled_future_leaves_the_queue() -> None:
     assert victims[-1].cancel()
     server = model.__dict__["_mosel_state"].server
     with server.cond:
-        assert all(t.job is not None and t.job.payload is not victims[-1] for t in server.scheduler.queue)
+        assert all(t.job.payload.future is not victims[-1] for t in server.scheduler.queue)
     for future in victims[:-1]:
         future.result(timeout=30)
     assert mosel.stats(model).counters["cancelled"] == 1

@@ -113,11 +113,11 @@ def test_latency_correction_is_the_online_correction_weighted_by_profiled_time(
         measured_us = 2.0 * scheduler.cost.latency_us(batch.merged.groups)
         now += measured_us / 1e6
         scheduler.complete(batch, now, measured_us)
-        scheduler.settled(batch, now)
+        scheduler.handed_over(batch, now)
     load = scheduler.load(now)
     assert load.latency_correction == pytest.approx(2.0, rel=0.05)
     scheduler.correction["fusion"] = 1.0  # parts weigh by their profiled time
-    assert 1.0 < scheduler.latency_correction < load.latency_correction
+    assert 1.0 < scheduler.pricer.latency_correction < load.latency_correction
 
 
 def test_latency_correction_ignores_parts_no_batch_measured(profile: mosel.Profile) -> None:

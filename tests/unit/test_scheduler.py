@@ -164,8 +164,8 @@ def test_the_solver_rests_between_solves(profile: mosel.Profile) -> None:
 
     admit(0.0)
     assert len(solves) == 1  # one solve at a time; later requests wait for it
-    solves.pop()()  # the helper thread runs it
-    scheduler.apply_pending_improvement(0.0)
+    result = solves.pop()()  # the helper thread runs it
+    scheduler.solved(0.0, result)
     rest_s = scheduler.policy.rest_until  # type: ignore[attr-defined]
     assert rest_s > 0.0
     admit(rest_s / 2)

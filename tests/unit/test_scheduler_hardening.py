@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import mosel
 from mosel import assign
 from mosel.assign import Item, exhaustive_assign, greedy_assign, violations
+from mosel.policies.blocks import predict
 from mosel.scheduler import Job, Scheduler, SchedulerConfig, floor_units
 from mosel.testing import synthetic_profile
 
@@ -42,7 +43,7 @@ def test_admission_work_does_not_grow_with_the_queue(profile: mosel.Profile, mon
         calls["step"] += 1
         return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("mosel.scheduler.step_down", counting)
+    monkeypatch.setattr("mosel.queue.step_down", counting)
     scheduler = Scheduler(profile, SchedulerConfig(policy="greedy"))
     scheduler.in_flight = object()  # type: ignore[assignment]  # the device is busy: jobs queue up
     scheduler.busy_until = 1.0
@@ -65,7 +66,7 @@ def test_cpsat_model_is_linear_and_windowed(profile: mosel.Profile, monkeypatch)
         seen.append(len(items))
         return None, False
 
-    monkeypatch.setattr("mosel.policies.cpsat_assign", fake)
+    monkeypatch.setattr("mosel.policies.greedy.cpsat_assign", fake)
     scheduler = Scheduler(
         profile, SchedulerConfig(policy="greedy_cpsat", deterministic=True, solver_window=16)
     )
@@ -310,7 +311,7 @@ def test_a_batch_never_overtakes_a_job_it_would_make_late(profile: mosel.Profile
     joiner = Job(n=1, available=audio, arrival=0.0, deadline_ms=10.0, min_accuracy=None)
     for j in (head, *tight, joiner):
         assert scheduler.admit(j, 0.0) == []
-    _, late = scheduler.policy.predict(0.0, 10, stop=True)
+    _, late = predict(scheduler.policy, 0, 10, stop=True)
     assert late == -1  # batched as dispatch runs them, every job is on time
     batch, _ = scheduler.dispatch(0.0)
     assert batch is not None

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import mosel
-from mosel import profiles, runtime, scheduler
+from mosel import pricing, profiles, runtime, scheduler
 from mosel.plan import CostModel, Plan
 from mosel.profiles import SizedLatency, bucket_edge, priced_ahead
 from mosel.testing import synthetic_profile
@@ -240,16 +240,16 @@ def test_priced_ahead_builds_only_the_combinations_it_keeps() -> None:
 def test_the_scheduler_keeps_the_buckets_priced_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
     profile = sized_profile(largest=64)
     ahead = priced_ahead(profile, {"text": (16, 64, 256)})
-    monkeypatch.setattr(scheduler, "PRICED_CACHE", 2)
+    monkeypatch.setattr(pricing, "PRICED_CACHE", 2)
     core = scheduler.Scheduler(profile, priced=ahead)
-    assert core.pricing((256,)) is ahead[(256,)]
+    assert core.pricer.plan_outside_lock((256,)) is ahead[(256,)]
     for edge in (512, 1024, 2048, 4096, 8192):
-        computed = core.pricing((edge,))
-        assert core.priced((edge,), computed) is computed  # what the caller priced is what is kept
-        assert core.priced((edge,)) is computed
-    assert core.priced((256,)) is ahead[(256,)]
-    assert core.priced((16,))[0] is profile.plan
-    assert len(core._priced) <= len(ahead) + 1 + 2
+        computed = core.pricer.plan_outside_lock((edge,))
+        assert core.pricer.plan((edge,), computed) is computed  # what the caller priced is what is kept
+        assert core.pricer.plan((edge,)) is computed
+    assert core.pricer.plan((256,)) is ahead[(256,)]
+    assert core.pricer.plan((16,))[0] is profile.plan
+    assert len(core.pricer._plans.data) <= len(ahead) + 1 + 2
 
 
 def test_a_bucket_beyond_the_measured_is_repriced_outside_the_servers_lock(
@@ -288,7 +288,7 @@ def test_a_bucket_beyond_the_measured_is_repriced_outside_the_servers_lock(
         release.set()
         repricing.join(WAIT)
     assert long[0].output.shape == (2, 1)
-    assert (1024,) in srv.scheduler._priced  # kept: the next job of that bucket prices nothing
+    assert (1024,) in srv.scheduler.pricer._plans.data  # kept: the next job of that bucket prices nothing
     mosel.close(model)
 
 

@@ -156,8 +156,8 @@ def test_prices_include_the_margin_and_the_overhead_and_throughput_uses_the_medi
     core.tail.margin, core.tail.overhead_us, core.tail.median_overhead_us = 1.5, 300.0, 100.0
     groups = ((frozenset({"audio"}), 2),)
     raw = profile.cost_model().latency_us(groups)
-    assert core.corrected_latency_us(groups) == math.ceil(1.5 * raw + 300.0)
-    assert core.tail.typical(core.corrected_latency_us(groups)) == pytest.approx(raw + 100.0, abs=1.0)
+    assert core.pricer.price(groups) == math.ceil(1.5 * raw + 300.0)
+    assert core.tail.typical(core.pricer.price(groups)) == pytest.approx(raw + 100.0, abs=1.0)
 
 
 def test_a_lone_job_late_at_the_tail_but_not_at_the_median_is_tried_not_refused() -> None:

@@ -1,0 +1,320 @@
+"""What a batch will cost: the profile's tables, corrected online, at the tail model's quantile.
+
+A :class:`Pricer` is the one place decisions ask for a latency. It holds the per-part online
+correction (an EWMA of measured over predicted time for each branch and for fusion), the tail
+model (a margin and the dispatch overhead, :class:`mosel.tail.TailModel`), the plan and cost model
+of each size bucket, and bounded caches of what it has priced. Every price is
+:meth:`mosel.plan.CostModel.parts` (one rule for what a strategy runs), corrected per part, at the
+tail: ``margin * corrected + overhead``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, Final, Generic, TypeVar
+
+import numpy as np
+
+from mosel.jobs import Batch, Job, Task, merged_groups
+from mosel.plan import CostModel, Frontier, Plan, Strategy
+from mosel.profiles import BucketKey, Profile
+from mosel.queue import IntArray
+from mosel.stats import Stats
+from mosel.tail import TailModel, profile_sigma
+
+__all__ = ["CORRECTION_CLAMP", "BatchLatency", "Cache", "Pricer"]
+
+Configuration = frozenset[str]
+CORRECTION_CLAMP: Final = 4.0
+"""A single measurement counts as at most this factor above or below the current correction."""
+PRICED_CACHE: Final = 256
+"""Size buckets kept priced besides those priced ahead (then they are dropped)."""
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class Cache(Generic[K, V]):
+    """A memo of at most ``size`` entries: full, it forgets everything but its ``keep`` entries.
+
+    Every cache of the online core is one of these, so none grows without bound whatever the
+    callers send (sizes, confidences, job sizes).
+    """
+
+    __slots__ = ("_keep", "data", "size")
+
+    def __init__(self, size: int, keep: Mapping[K, V] | None = None) -> None:
+        self.size = size
+        self._keep: dict[K, V] = dict(keep or {})
+        self.data: dict[K, V] = dict(self._keep)
+
+    def get(self, key: K, make: Callable[[], V]) -> V:
+        """The value of ``key``, made (and kept) if missing."""
+        value = self.data.get(key)
+        if value is None:
+            if len(self.data) >= len(self._keep) + self.size:
+                self.data = dict(self._keep)
+            value = self.data[key] = make()
+        return value
+
+    def clear(self) -> None:
+        """Forget everything but the entries kept for good."""
+        self.data = dict(self._keep)
+
+
+class Pricer:
+    """Corrected, tail-priced latencies of strategies and batches for one model's scheduler.
+
+    Args:
+        profile: the model's profile (its tables, plan, size buckets and timing spread).
+        quantile: the tail model's quantile (:attr:`SchedulerConfig.latency_quantile`).
+        alpha: the weight of a new measurement in the correction (EWMA).
+        stats: where the correction and the tail model are published.
+        priced: plans and cost models of size buckets priced ahead (at attach); kept for good.
+    """
+
+    def __init__(
+        self,
+        profile: Profile,
+        quantile: float,
+        alpha: float,
+        stats: Stats,
+        priced: Mapping[BucketKey, tuple[Plan, CostModel]] | None = None,
+    ) -> None:
+        self.profile = profile
+        self.alpha = alpha
+        self.stats = stats
+        self.cost: CostModel = profile.cost_model()
+        self.reference = profile.reference_bucket
+        self.correction: dict[str, float] = dict.fromkeys((*profile.modalities, "fusion"), 1.0)
+        everything = frozenset(profile.modalities)
+        self._weights = {m: float(self.cost.branch_us[m][1]) for m in profile.modalities} | {
+            "fusion": float(self.cost.fusion_us[everything][1])
+        }
+        self._measured_parts: set[str] = set()  # parts the correction has measured
+        self._published = dict(self.correction)
+        self.version = 0
+        """Bumped whenever the correction or the tail model moves option latencies."""
+        self.tail = TailModel(quantile, profile_sigma(profile))
+        """The margin and overhead that turn a corrected median into the price decisions use."""
+        ahead = {self.reference: (profile.plan, self.cost)} | dict(priced or {})
+        self._plans: Cache[BucketKey, tuple[Plan, CostModel]] = Cache(PRICED_CACHE, ahead)
+        self._latencies: Cache[tuple[Configuration, int, BucketKey | None], tuple[int, ...]] = Cache(4096)
+        self._every: Cache[tuple[Configuration, int, BucketKey | None], Strategy] = Cache(4096)
+        self._parts: Cache[tuple[tuple[tuple[Configuration, int], ...], BucketKey | None], dict[str, int]]
+        self._parts = Cache(4096)
+        self._measured: tuple[Batch, float, float, float] | None = None  # for handed_over(): the last
+        # completed batch, its measured time, and its corrected and raw predictions
+        stats.set_tail(self.tail)
+        stats.set_correction(self.correction)
+
+    # ------------------------------------------------------------------ plans per size bucket
+
+    def plan_outside_lock(self, bucket: BucketKey) -> tuple[Plan, CostModel]:
+        """What :meth:`plan` will give for ``bucket``, for a job being built before admission.
+
+        Needs no lock (a read of the cache, else the pure :meth:`Profile.priced_at`, which may
+        reprice a plan: milliseconds), so a driver calls it outside its lock and hands the
+        result to admission as ``job.priced``. It stores nothing.
+        """
+        priced = self._plans.data.get(bucket)
+        return priced if priced is not None else self.profile.priced_at(bucket)
+
+    def plan(
+        self, bucket: BucketKey, computed: tuple[Plan, CostModel] | None = None
+    ) -> tuple[Plan, CostModel]:
+        """The plan and cost model of jobs of size ``bucket`` (cached; no solving).
+
+        ``computed``: :meth:`plan_outside_lock`'s value for ``bucket``, stored when the cache
+        lacks it (else computed here: a simulation, which holds no lock). The buckets priced
+        ahead stay; the others are dropped every :data:`PRICED_CACHE` new ones.
+        """
+        return self._plans.get(
+            bucket, lambda: computed if computed is not None else self.profile.priced_at(bucket)
+        )
+
+    # ------------------------------------------------------------------ prices
+
+    def price(self, groups: Sequence[tuple[Configuration, int]], cost: CostModel | None = None) -> int:
+        """The price of a strategy: its corrected median latency at the tail model's quantile.
+
+        ``cost``: the cost model of the jobs' size bucket (default: the reference one).
+        """
+        parts = (cost or self.cost).parts(groups)
+        correction = self.correction
+        total = correction["fusion"] * parts["fusion"]
+        for part, value in parts.items():
+            if part != "fusion":
+                total += correction[part] * value
+        return self.tail.price(total)
+
+    def refresh(self, task: Task) -> None:
+        """Bring the task's option latencies up to date with the correction."""
+        if task.version == self.version:
+            return
+        job = task.job
+        if task.fixed is not None:
+            fixed = task.fixed
+            key = (fixed.groups[0][0], -task.n, job.bucket)
+            task.lat = self._latencies.get(key, lambda: (self.price(fixed.groups, job.cost),))
+            task.acc = (fixed.accuracy_units,)
+        else:
+            task.lat = self.latencies(task.frontier, job)[task.first :]
+            task.acc = tuple(s.accuracy_units for s in task.frontier.strategies[task.first :])
+        task.version = self.version
+
+    def latencies(self, frontier: Frontier, job: Job[Any]) -> tuple[int, ...]:
+        """Every strategy of ``frontier`` priced for ``job``'s size bucket, ascending.
+
+        Per-part corrections can reorder options; a running maximum keeps them ascending (a
+        cheaper option further up is priced as the one below it: never optimistic).
+        """
+        cost = job.cost
+
+        def make() -> tuple[int, ...]:
+            return tuple(itertools.accumulate((self.price(s.groups, cost) for s in frontier.strategies), max))
+
+        return self._latencies.get((frontier.available, frontier.n, job.bucket), make)
+
+    def every_modality(self, available: Configuration, n: int, job: Job[Any]) -> Strategy:
+        """Every available modality for every request (need not be on the frontier)."""
+
+        def make() -> Strategy:
+            groups = ((available, n),)
+            cost = job.cost or self.cost
+            return Strategy(groups, cost.latency_us(groups), cost.accuracy_units(groups))
+
+        return self._every.get((available, n, job.bucket), make)
+
+    def merged_latency_us(self, tasks: Sequence[Task]) -> int:
+        """Predicted latency of ``tasks`` run as one batch at their current options."""
+        if len(tasks) == 1:
+            self.refresh(tasks[0])
+            return tasks[0].lat[tasks[0].k]
+        return self.price(list(merged_groups(tasks).items()), tasks[0].job.cost)
+
+    def batch(self, cost: CostModel | None = None) -> BatchLatency:
+        """An empty batch whose corrected latency grows as tasks join (for predictions)."""
+        return BatchLatency(self, cost)
+
+    def typical_us(self, priced_us: IntArray) -> IntArray:
+        """Median times of spans priced ``priced_us`` (vectorised :meth:`TailModel.typical`).
+
+        Options are chosen at the tail price; a job is refused or failed as doomed only when it
+        would miss its deadline even at the median (trying costs no more than refusing it).
+        """
+        tail = self.tail
+        if tail.margin == 1.0 and tail.overhead_us == tail.median_overhead_us:
+            return priced_us
+        typical: IntArray = (
+            np.maximum(priced_us - tail.overhead_us, 0.0) / tail.margin + tail.median_overhead_us
+        ).astype(np.int64)
+        return typical
+
+    @property
+    def latency_correction(self) -> float:
+        """The online correction as one factor.
+
+        Measured over profiled time of one request on every modality: each part's correction
+        weighted by its profiled time, over the parts measured so far (a part no batch ran, e.g.
+        a modality no job carried, knows nothing of this device and does not dilute the
+        others); 1 before any.
+        """
+        weights = {p: w for p, w in self._weights.items() if p in self._measured_parts}
+        total = sum(weights.values())
+        if total <= 0.0:
+            return 1.0
+        return sum(self.correction[p] * w for p, w in weights.items()) / total
+
+    # ------------------------------------------------------------------ learning
+
+    def observe(self, batch: Batch, measured_us: float, parts_us: Mapping[str, float] | None) -> bool:
+        """A batch ran in ``measured_us`` (``parts_us``: per branch and fusion, when measured).
+
+        Moves the correction towards the measurement, each part by at most
+        :data:`CORRECTION_CLAMP`; returns True when prices moved (then :meth:`reprice`).
+        """
+        job = batch.tasks[0].job
+        cost = job.cost or self.cost
+        groups = batch.merged.groups
+        predicted = self._parts.get((groups, job.bucket), lambda: cost.parts(groups))
+        raw = sum(predicted.values())
+        if raw > 0:
+            corrected = sum(self.correction[p] * v for p, v in predicted.items())
+            self._measured = (batch, measured_us, corrected, raw)
+        if parts_us is None:
+            parts_us = {p: measured_us * v / raw for p, v in predicted.items()} if raw else {}
+        alpha = self.alpha
+        for part, value in predicted.items():
+            measured = parts_us.get(part)
+            if value > 0 and measured is not None and math.isfinite(measured):
+                # One stall (a page fault, a preempted thread) must not swing predictions: each
+                # measurement is clamped to a factor of the current level, so the step is bounded
+                # but a lasting change of any size is followed.
+                self._measured_parts.add(part)
+                level = self.correction[part]
+                ratio = min(max(measured / value, level / CORRECTION_CLAMP), level * CORRECTION_CLAMP)
+                self.correction[part] = min(max((1 - alpha) * level + alpha * ratio, 1e-3), 1e6)
+        if any(abs(self.correction[p] / self._published[p] - 1) > 0.02 for p in predicted):
+            self._published = dict(self.correction)
+            self.stats.set_correction(self.correction)
+            return True
+        return False
+
+    def handed_over(self, batch: Batch, now: float) -> bool:
+        """The batch's results were handed over at ``now``: its dispatch overhead is known.
+
+        The overhead is the batch's time from dispatch to hand-over less its measured execution
+        (taking the batch, assembling and delivering outputs, thread hand-offs); the tail model
+        adds it to every price. Returns True when prices moved (then :meth:`reprice`).
+        """
+        if self._measured is None or self._measured[0] is not batch:
+            return False
+        _, measured_us, corrected, raw = self._measured
+        self._measured = None
+        overhead_us = max((now - batch.started) * 1e6 - measured_us, 0.0)
+        return self.tail.observe(measured_us / corrected, measured_us / raw, overhead_us, batch.started)
+
+    def reprice(self) -> None:
+        """Option latencies moved (correction or tail): every cached price is forgotten."""
+        self.version += 1
+        self._latencies.clear()
+
+
+class BatchLatency:
+    """The corrected latency of a batch being formed, one task at a time, without building it.
+
+    Rows per configuration are kept as running sums, so the latency of "this batch plus one
+    more task" is one :meth:`Pricer.price` of the sums.
+    """
+
+    __slots__ = ("cost", "counts", "pricer")
+
+    def __init__(self, pricer: Pricer, cost: CostModel | None = None) -> None:
+        self.pricer = pricer
+        self.cost = cost or pricer.cost
+        self.counts: dict[Configuration, int] = {}
+
+    def clear(self, cost: CostModel | None = None) -> None:
+        """Empty the batch (for jobs of the size bucket of ``cost``, default the reference)."""
+        self.cost = cost or self.pricer.cost
+        self.counts.clear()
+
+    def add(self, strategy: Strategy) -> None:
+        """Put a task's rows, at ``strategy``, into the batch."""
+        counts = self.counts
+        for config, count in strategy.groups:
+            counts[config] = counts.get(config, 0) + count
+
+    def with_(self, strategy: Strategy) -> int:
+        """The batch's corrected latency if a task at ``strategy`` joined it (the batch is unchanged)."""
+        self.add(strategy)
+        latency = self.latency_us()
+        for config, count in strategy.groups:
+            self.counts[config] -= count
+        return latency
+
+    def latency_us(self) -> int:
+        """The batch's corrected latency."""
+        return self.pricer.price(tuple(self.counts.items()), self.cost)

@@ -1,0 +1,189 @@
+"""A caller's call as a job: inputs and presence masks checked, SLO validated, rows grouped, priced.
+
+:class:`Requests` is built once per served model (when its server starts) with what does not
+depend on the call: the modalities, their batch dimensions, the sized ones, the device. Each call
+then costs the checks of its own values: :meth:`Requests.job`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mosel import trees
+from mosel.errors import InputError
+from mosel.execution import Work
+from mosel.jobs import BucketKey, Job
+from mosel.plan import CostModel, Plan
+from mosel.profiles import Profile
+from mosel.slo import SLO
+from mosel.spec import ModelSpec
+from mosel.trees import Tree
+
+__all__ = ["Requests", "check_inputs", "group_by_presence"]
+
+Configuration = frozenset[str]
+
+
+class Requests:
+    """How one served model turns a call into a :class:`~mosel.jobs.Job`.
+
+    Args:
+        spec: the model's spec.
+        profile: its profile (which modalities are priced per input size).
+        device: the model's device now (read per call: ``.to()`` moves it).
+        plan_outside_lock: the plan and cost model of a size bucket, computed outside any lock
+            (:meth:`mosel.pricing.Pricer.plan_outside_lock`).
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        profile: Profile,
+        device: Callable[[], torch.device],
+        plan_outside_lock: Callable[[BucketKey], tuple[Plan, CostModel]],
+    ) -> None:
+        self.spec = spec
+        self.profile = profile
+        self.device = device
+        self.plan_outside_lock = plan_outside_lock
+        self.sized = tuple((m, spec.sizings[m]) for m in profile.sized if m in spec.sizings)
+        self.batch_dims = {m: spec.batch_dim(m) for m in spec.modalities}
+
+    def job(
+        self, inputs: object, slo: SLO, present: object, arrival: float, future: Future[Any] | None = None
+    ) -> Job[Work]:
+        """The job of one call, its tensors and ``future`` (the caller's, if any) in its :class:`Work`.
+
+        Raises:
+            InputError: bad inputs or presence masks (see :func:`check_inputs`,
+                :func:`group_by_presence`), or a size a sized modality cannot read.
+        """
+        spec = self.spec
+        tensors, available, n = check_inputs(inputs, spec, self.device())
+        tensors, groups, order = group_by_presence(tensors, available, n, present, spec)
+        bucket = priced = None
+        if self.sized:
+            sizes = {m: how.read(m, tensors[m]) for m, how in self.sized if m in tensors}
+            bucket = self.profile.bucket(sizes)
+            # Here, before the driver's lock: a bucket beyond the measured ones may reprice a plan.
+            priced = self.plan_outside_lock(bucket)
+        dims = self.batch_dims
+        return Job(
+            n=n,
+            available=available,
+            arrival=arrival,
+            slo=slo,
+            payload=Work(future, tensors, order),
+            groups=groups,
+            batch_key=tuple((m, trees.signature(t, dims[m])) for m, t in tensors.items()),
+            bucket=bucket,
+            priced=priced,
+        )
+
+
+def group_by_presence(
+    tensors: dict[str, Tree], available: Configuration, n: int, present: object, spec: ModelSpec
+) -> tuple[dict[str, Tree], tuple[tuple[Configuration, int], ...], Tensor | None]:
+    """Rows grouped by the modalities each has, from a per-row presence mask.
+
+    ``present`` maps modality names to a bool tensor of ``n`` (row ``i`` has the modality when
+    ``present[m][i]``); a modality left out of it is present in every row that has it in
+    ``tensors``. Returns the inputs with rows reordered so that each group is contiguous (a
+    stable order: rows keep their order within a group), the groups as (modalities, rows), and
+    the index that puts outputs back into the caller's row order (None: no reordering).
+
+    Raises:
+        InputError: a mask for a modality not in the inputs, not a bool tensor of ``n`` rows, or
+            a row left with no modality.
+    """
+    if present is None:
+        return tensors, ((available, n),), None
+    if not isinstance(present, Mapping):
+        raise InputError(
+            f"present must map modality names to bool tensors of {n} rows, got {type(present).__name__}"
+        )
+    masks: dict[str, Tensor] = {}
+    for m, mask in present.items():
+        if m not in available:
+            raise InputError(
+                f"present[{m!r}]: {m!r} is not among the inputs' modalities {sorted(available)}; a mask "
+                f"marks which rows of a given modality are real"
+            )
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (n,):
+            what = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise InputError(f"present[{m!r}] must be a bool tensor of shape ({n},), got {what}")
+        masks[m] = mask.detach().cpu()
+    columns = [m for m in spec.modalities if m in available]
+    bits = torch.zeros(n, dtype=torch.int64)
+    for i, m in enumerate(columns):
+        has = masks.get(m)
+        bits |= (torch.ones(n, dtype=torch.int64) if has is None else has.to(torch.int64)) << i
+    empty = torch.nonzero(bits == 0).flatten()
+    if len(empty):
+        raise InputError(f"present leaves row {int(empty[0])} with no modality; every request needs one")
+    keys, counts = torch.unique(bits, return_counts=True)
+    groups = tuple(
+        (frozenset(m for i, m in enumerate(columns) if int(key) >> i & 1), int(count))
+        for key, count in zip(keys.tolist(), counts.tolist(), strict=True)
+    )
+    if len(groups) == 1:
+        return tensors, groups, None
+    order = torch.argsort(bits, stable=True)
+    reordered = {m: trees.take(t, order.to(trees.device(t)), spec.batch_dim(m)) for m, t in tensors.items()}
+    return reordered, groups, torch.argsort(order)
+
+
+def check_inputs(
+    inputs: object, spec: ModelSpec, device: torch.device
+) -> tuple[dict[str, Tree], Configuration, int]:
+    """Validate a job's inputs; returns them on ``device``, the modalities present, the size.
+
+    A modality's input is a tensor or a (nested) dict/tuple/list of tensors whose first dimension
+    is the request dimension; None (or leaving the modality out) means "not available".
+    """
+    if not isinstance(inputs, Mapping):
+        raise InputError(
+            f"inputs must map modality names to tensors, e.g. {{{spec.modalities[0]!r}: tensor}}, "
+            f"got {type(inputs).__name__}"
+        )
+    unknown = [k for k in inputs if k not in spec.branches]
+    if unknown:
+        raise InputError(
+            f"unknown modality {unknown[0]!r} in inputs; {spec.model_class} declares {list(spec.modalities)}"
+        )
+    tensors: dict[str, Tree] = {}
+    sizes: dict[str, int] = {}
+    for m in spec.modalities:
+        value = inputs.get(m)
+        if value is None:
+            continue
+        dim = spec.batch_dim(m)
+        if isinstance(value, Tensor) and value.dim() > dim:
+            rows = int(value.shape[dim])
+        else:
+            try:
+                rows = trees.check(value, dim)
+            except trees.TreeError as exc:
+                kind = "a scalar" if isinstance(value, Tensor) else f"a {type(value).__name__}"
+                raise InputError(
+                    f"inputs[{m!r}] is {kind} mosel cannot split into requests: {exc}; it must be a "
+                    f"torch.Tensor (or a dict/tuple/list of tensors) whose dimension {dim} is the "
+                    f"request dimension"
+                ) from None
+        sizes[m] = rows
+        tensors[m] = trees.to_device(value, device)
+    if not tensors:
+        raise InputError(f"inputs hold none of the modalities {list(spec.modalities)}")
+    if len(set(sizes.values())) > 1:
+        raise InputError(
+            f"inputs disagree on the number of requests (each modality's batch dimension): {sizes}"
+        )
+    n = next(iter(sizes.values()))
+    if n == 0:
+        raise InputError("inputs hold zero requests; the first dimension must be at least 1")
+    return tensors, frozenset(tensors), n
