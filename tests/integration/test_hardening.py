@@ -69,10 +69,10 @@ class Echo(nn.Module):
         return out
 
 
-
 def _queued_job(srv: server.Server, inputs: dict[str, torch.Tensor]) -> Any:
     """A job as ``submit`` builds it (no SLO, a future), not yet admitted."""
     return srv.requests.job(inputs, SLO(), None, srv.clock.now(), server._Future())
+
 
 def served(**config: object) -> Echo:
     model = Echo().eval()
