@@ -217,7 +217,7 @@ def _accuracy(
 
     Also returns the first batch, and for each sized modality its input in every size bucket
     the data holds, the largest of the bucket's batches (the first batch's bucket first).
-    ``schema`` observes every batch.
+    ``schema`` observes every batch and watches the branches' embedding lookups.
     """
     fuse = getattr(model, spec.fusion)
     totals = dict.fromkeys(spec.configurations, 0.0)
@@ -226,6 +226,8 @@ def _accuracy(
     by_size: dict[str, dict[int, Tree]] = {m: {} for m in spec.sizings}
     largest: dict[tuple[str, int], int] = {}
     total = len(data) if isinstance(data, Sequence) else None
+    compiled = set(compiled_parts(model))
+    first = True
     for item in _progress(data, total, "mosel: accuracy", show):
         inputs, target = _split_batch(item)
         missing = [m for m in spec.modalities if inputs.get(m) is None]
@@ -242,7 +244,23 @@ def _accuracy(
             if size > largest.get((m, edge), 0):  # each bucket is timed at its largest size seen
                 largest[m, edge] = size
                 by_size[m][edge] = batch[m]
-        features = {m: getattr(model, spec.branches[m])(batch[m]) for m in spec.modalities}
+        features = {}
+        for m in spec.modalities:
+            name = spec.branches[m]
+            branch = getattr(model, name)
+            if schema is None:
+                features[m] = branch(batch[m])
+            elif name in compiled:
+                # The watch stays out of compiled code: the eager method, on the first batch only,
+                # shows which leaves index an embedding.
+                if first:
+                    with schema.watch(m, batch[m]):
+                        getattr(type(model), name).__get__(model)(batch[m])
+                features[m] = branch(batch[m])
+            else:
+                with schema.watch(m, batch[m]):
+                    features[m] = branch(batch[m])
+        first = False
         for config in spec.configurations:
             try:
                 scores = metric(fuse({m: features[m] for m in config}), target)
