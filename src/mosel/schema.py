@@ -275,7 +275,8 @@ class ModalitySchema:
                 d = json_int(d, f"{where}[] dimension", low=0, high=max(0, len(leaves[i].shape) - 1))
                 if d >= len(leaves[i].shape) or leaves[i].shape[d] is not None:
                     raise ValueError(
-                        f"{where} names dimension {d} of leaf {i}, whose size is not open (None)"
+                        f"{where} names dimension {d} of leaf {i}, whose size is fixed "
+                        f"({leaves[i].shape[d]}), not None"
                     )
                 if (i, d) in seen:
                     raise ValueError(f"{where} names dimension {d} of leaf {i} a second time")
