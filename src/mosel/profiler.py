@@ -244,23 +244,10 @@ def _accuracy(
             if size > largest.get((m, edge), 0):  # each bucket is timed at its largest size seen
                 largest[m, edge] = size
                 by_size[m][edge] = batch[m]
-        features = {}
-        for m in spec.modalities:
-            name = spec.branches[m]
-            branch = getattr(model, name)
-            if schema is None:
-                features[m] = branch(batch[m])
-            elif name in compiled:
-                # The watch stays out of compiled code: the eager method, on the first batch only,
-                # shows which leaves index an embedding.
-                if first:
-                    with schema.watch(m, batch[m]):
-                        getattr(type(model), name).__get__(model)(batch[m])
-                features[m] = branch(batch[m])
-            else:
-                with schema.watch(m, batch[m]):
-                    features[m] = branch(batch[m])
-        first = False
+        if schema is not None and first:
+            _watch_embeddings(model, spec, batch, schema, compiled)
+            first = False
+        features = {m: getattr(model, spec.branches[m])(batch[m]) for m in spec.modalities}
         for config in spec.configurations:
             try:
                 scores = metric(fuse({m: features[m] for m in config}), target)
@@ -276,6 +263,22 @@ def _accuracy(
     if sample is None or count == 0:
         raise InputError("validation data is empty; pass at least one (inputs, target) batch")
     return {c: totals[c] / count for c in spec.configurations}, count, sample, by_size
+
+
+def _watch_embeddings(
+    model: nn.Module, spec: ModelSpec, batch: Mapping[str, Tree], schema: SchemaRecorder, compiled: set[str]
+) -> None:
+    """Run each branch once more on ``batch``, eagerly, for ``schema`` to see its embedding lookups.
+
+    A call of its own, its output dropped: the watch (a torch function mode) turns off fast paths
+    such as ``nn.TransformerEncoder``'s nested tensors, which must not change the accuracy measured,
+    and it cannot run inside compiled code.
+    """
+    for m in spec.modalities:
+        name = spec.branches[m]
+        branch = getattr(type(model), name).__get__(model) if name in compiled else getattr(model, name)
+        with schema.watch(m, batch[m]):
+            branch(batch[m])
 
 
 def profile(

@@ -18,15 +18,17 @@ ranks, and :meth:`ModalitySchema.check` (which :func:`decode` runs) refuses a bo
 * **Integer value ranges, only where a wrong value cannot be valid.** A value range is enforced
   for two kinds of integer leaf, and no other:
 
-  - *Embedding indices.* While profiling, every call of ``torch.nn.functional.embedding`` /
-    ``embedding_bag`` (what ``nn.Embedding`` and ``nn.EmbeddingBag`` run, subclasses and direct
-    calls included) is watched (:meth:`SchemaRecorder.watch`). A leaf that was itself the
-    indices (the same tensor, or a view of all of it) in every watched call of its branch takes
-    exactly ``[0, rows)`` of the smallest such table: any other value raises ``IndexError`` in
-    the model (a device-side assert on a GPU). This is the model's own range, not the validation
-    set's: a valid token id the validation set never held is still accepted. Ids the code
-    transforms first (``ids.clamp(...)``, ``ids + offset``, a cast) reach the embedding as
-    another tensor and get no range.
+  - *Embedding indices.* While profiling, each branch runs once more, eagerly, on the first
+    validation batch, and every call of ``torch.nn.functional.embedding`` / ``embedding_bag``
+    (what ``nn.Embedding`` and ``nn.EmbeddingBag`` run, subclasses and direct calls included)
+    is watched (:meth:`SchemaRecorder.watch`, a torch function mode; a call of its own, since
+    the mode turns off fast paths such as nested tensors, which must not change the accuracy
+    measured). A leaf that was itself the indices (the same tensor, or a view of all of it)
+    takes exactly ``[0, rows)`` of the smallest such table: any other value raises
+    ``IndexError`` in the model (a device-side assert on a GPU). This is the model's own
+    range, not the validation set's: a valid token id the validation set never held is still
+    accepted. Ids the code transforms first (``ids.clamp(...)``, ``ids + offset``, a cast)
+    reach the embedding as another tensor and get no range.
   - *Masks.* An integer leaf (not fed to an embedding) whose values in the whole validation set
     were 0 and 1, both seen, and which has the shape of another leaf of the modality (the same
     rank; every size equal or in the same agreeing group; not only sizes of 1) takes 0 or 1.
@@ -522,8 +524,8 @@ class SchemaRecorder:
 
     A modality whose batches disagree on their structure, dtypes or ranks gets no schema (a
     service then takes dtypes from the JSON values, as for an older profile). :meth:`observe`
-    takes each batch's shapes and integer values; :meth:`watch` wraps a branch's call on that
-    batch to see which integer leaves index an embedding.
+    takes each batch's shapes and integer values; :meth:`watch` wraps a call of a branch on such
+    a batch to see which integer leaves index an embedding.
     """
 
     def __init__(self, spec: ModelSpec) -> None:
@@ -564,9 +566,10 @@ class SchemaRecorder:
     def watch(self, modality: str, value: Tree) -> Iterator[None]:
         """Within the block, watch the embedding lookups of ``modality``'s branch on ``value``.
 
-        ``value`` is the batch just given to :meth:`observe`; the block calls the branch on it
-        (eagerly: inside ``torch.compile``d code the watch would not run). A leaf takes an
-        embedding's range only if it was indexed whole in every watched call.
+        ``value`` is a batch given to :meth:`observe`; the block calls the branch on it (eagerly:
+        inside ``torch.compile``d code the watch would not run; and only for the watch, since the
+        torch function mode it installs turns fast paths off). A leaf takes an embedding's range
+        only if it was indexed whole in every watched call.
         """
         if self._schemas.get(modality) is None:
             yield
