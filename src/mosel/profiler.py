@@ -218,7 +218,7 @@ def _accuracy(
 
     Also returns the first batch, and for each sized modality its input in every size bucket
     the data holds, the largest of the bucket's batches (the first batch's bucket first).
-    ``schema`` observes every batch.
+    ``schema`` observes every batch and watches the branches' embedding lookups.
     """
     fuse = getattr(model, spec.fusion)
     totals = dict.fromkeys(spec.configurations, 0.0)
@@ -227,6 +227,8 @@ def _accuracy(
     by_size: dict[str, dict[int, Tree]] = {m: {} for m in spec.sizings}
     largest: dict[tuple[str, int], int] = {}
     total = len(data) if isinstance(data, Sequence) else None
+    compiled = set(compiled_parts(model))
+    first = True
     for item in _progress(data, total, "mosel: accuracy", show):
         inputs, target = _split_batch(item)
         missing = [m for m in spec.modalities if inputs.get(m) is None]
@@ -243,6 +245,9 @@ def _accuracy(
             if size > largest.get((m, edge), 0):  # each bucket is timed at its largest size seen
                 largest[m, edge] = size
                 by_size[m][edge] = batch[m]
+        if schema is not None and first:
+            _watch_embeddings(model, spec, batch, schema, compiled)
+            first = False
         features = {m: getattr(model, spec.branches[m])(batch[m]) for m in spec.modalities}
         for config in spec.configurations:
             try:
@@ -259,6 +264,22 @@ def _accuracy(
     if sample is None or count == 0:
         raise InputError("validation data is empty; pass at least one (inputs, target) batch")
     return {c: totals[c] / count for c in spec.configurations}, count, sample, by_size
+
+
+def _watch_embeddings(
+    model: nn.Module, spec: ModelSpec, batch: Mapping[str, Tree], schema: SchemaRecorder, compiled: set[str]
+) -> None:
+    """Run each branch once more on ``batch``, eagerly, for ``schema`` to see its embedding lookups.
+
+    A call of its own, its output dropped: the watch (a torch function mode) turns off fast paths
+    such as ``nn.TransformerEncoder``'s nested tensors, which must not change the accuracy measured,
+    and it cannot run inside compiled code.
+    """
+    for m in spec.modalities:
+        name = spec.branches[m]
+        branch = getattr(type(model), name).__get__(model) if name in compiled else getattr(model, name)
+        with schema.watch(m, batch[m]):
+            branch(batch[m])
 
 
 def profile(

@@ -318,9 +318,10 @@ class Profile:
         sized_plans: the plan for every other combination of measured buckets.
         eager_latency: for each branch compiled with :func:`mosel.compile_branches` when
             profiled, its eager latency, timed in the same rounds (what compiling bought here).
-        input_schema: modality -> dtype and shape of each tensor of its input, recorded from
-            the validation data (see :mod:`mosel.schema`); empty for a profile saved before
-            schemas were recorded, or for a modality whose batches disagreed.
+        input_schema: modality -> dtype and shape of each tensor of its input, the sizes that
+            agree and the integer value ranges, recorded from the validation data (see
+            :mod:`mosel.schema`); empty for a profile saved before schemas were recorded, or for a
+            modality whose batches disagreed.
     """
 
     modalities: tuple[str, ...]

@@ -7,32 +7,132 @@ the modality's batch dimension. The profile stores the schema (:attr:`mosel.Prof
 so that a service can turn JSON back into the tensors the model expects (:func:`decode`): token
 ids stay integers, floats take the recorded float dtype, and a wrong rank or size is refused
 before any work, naming the modality and the leaf.
+
+Since schema format 2 the profile also records what the model's code needs beyond dtypes and
+ranks, and :meth:`ModalitySchema.check` (which :func:`decode` runs) refuses a body that breaks it:
+
+* **Sizes that always agree.** Groups of (leaf, dimension) whose sizes varied between the
+  validation batches but were equal to each other in every batch (``input_ids`` and
+  ``attention_mask`` share their sequence length; a square ``(T, T)`` bias shares both). Sizes that
+  were the same in every batch are fixed by the shape already.
+* **Integer value ranges, only where a wrong value cannot be valid.** A value range is enforced
+  for two kinds of integer leaf, and no other:
+
+  - *Embedding indices.* While profiling, each branch runs once more, eagerly, on the first
+    validation batch, and every call of ``torch.nn.functional.embedding`` / ``embedding_bag``
+    (what ``nn.Embedding`` and ``nn.EmbeddingBag`` run, subclasses and direct calls included)
+    is watched (:meth:`SchemaRecorder.watch`, a torch function mode; a call of its own, since
+    the mode turns off fast paths such as nested tensors, which must not change the accuracy
+    measured). A leaf that was itself the indices (the same tensor, or a view of all of it)
+    takes exactly ``[0, rows)`` of the smallest such table: any other value raises
+    ``IndexError`` in the model (a device-side assert on a GPU). This is the model's own
+    range, not the validation set's: a valid token id the validation set never held is still
+    accepted. Ids the code transforms first (``ids.clamp(...)``, ``ids + offset``, a cast)
+    reach the embedding as another tensor and get no range.
+  - *Masks.* An integer leaf (not fed to an embedding) whose values in the whole validation set
+    were 0 and 1, both seen, and which has the shape of another leaf of the modality (the same
+    rank; every size equal or in the same agreeing group; not only sizes of 1) takes 0 or 1.
+    That is what an integer attention mask is; its code computes with it (``(1 - mask) *
+    min``) and a 2 silently turns "ignore this token" into garbage, not an error. A 0/1
+    count feature of the shape ``(B,)`` or ``(B, 1)`` is not a mask and stays unchecked.
+
+  Every other integer leaf records the observed minimum and maximum (:attr:`LeafSchema.observed`)
+  and enforces nothing: the validation set shows what occurred, not what the model takes, and
+  refusing a valid rare value would be worse than the error it might prevent. A ``bool`` leaf
+  takes booleans or 0/1 whatever the profile says.
+* **Finite numbers.** Float leaves refuse NaN and infinities by default, checked after the cast to
+  the leaf's dtype: a JSON ``1e39`` is finite in float64 but infinite in float32, ``1e400``
+  reads as infinity. ``finite=False`` lets them through, for models that take them on purpose.
+
+A schema saved before format 2 has none of these facts: it decodes as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 
 import optree
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from mosel.errors import InputError
-from mosel.plan import json_dict, json_field, json_int, json_list, json_str
+from mosel.plan import json_dict, json_field, json_int, json_list, json_str, show
 from mosel.spec import ModelSpec
 from mosel.trees import NAMESPACE, Tree
 
-__all__ = ["LeafSchema", "ModalitySchema", "SchemaRecorder", "decode", "leaf_name"]
+__all__ = [
+    "SCHEMA_VERSION", "LeafSchema", "ModalitySchema", "SchemaRecorder", "ValueRange", "decode", "leaf_name",
+]  # fmt: skip
+
+SCHEMA_VERSION: Final = 2
+"""The format :meth:`ModalitySchema.to_json` writes; 1 (no ``"version"``) had no agreeing sizes or ranges."""
 
 Path: TypeAlias = tuple[str | int, ...]
 """Keys from a modality's input to one leaf: ``()`` for a bare tensor, ``("input_ids",)``, ``(0,)``."""
+
+Dim: TypeAlias = tuple[int, int]
+"""A leaf's index in :attr:`ModalitySchema.leaves` and a dimension of its shape without the batch dim."""
+
+EMBEDDING: Final = "embedding"
+MASK: Final = "mask"
+_SOURCES: Final = (EMBEDDING, MASK)
 
 
 def leaf_name(modality: str, path: Path) -> str:
     """``text["input_ids"]``: a modality and a path, as messages (and JSON bodies) write them."""
     return modality + "".join(f"[{key!r}]" for key in path)
+
+
+@dataclass(frozen=True, slots=True)
+class ValueRange:
+    """The integers a leaf takes, ``low`` to ``high`` inclusive, and how the profile knows.
+
+    Attributes:
+        low: the smallest value taken.
+        high: the largest value taken.
+        source: ``"embedding"`` (the leaf indexes an embedding of ``high + 1`` rows) or
+            ``"mask"`` (a 0/1 mask; see the module docstring).
+    """
+
+    low: int
+    high: int
+    source: str
+
+    def describe(self) -> str:
+        """What the model takes, for messages."""
+        if self.source == EMBEDDING:
+            return (
+                f"integers in [{self.low}, {self.high}]: it indexes an embedding of {self.high + 1} rows "
+                f"(map tokens outside the vocabulary to the tokenizer's unknown id)"
+            )
+        return f"{self.low} or {self.high}: it is a mask (every profiled value was 0 or 1)"
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {"low": self.low, "high": self.high, "from": self.source}
+
+    @classmethod
+    def from_json(cls, data: Any, what: str, dtype: torch.dtype) -> ValueRange:
+        """Inverse of :meth:`to_json` for a leaf of ``dtype``; ValueError naming ``what``."""
+        data = json_dict(data, what)
+        info = torch.iinfo(dtype)
+        low = json_int(json_field(data, "low", what), f"{what}.low", low=info.min, high=info.max)
+        high = json_int(json_field(data, "high", what), f"{what}.high", low=low, high=info.max)
+        source = json_str(json_field(data, "from", what), f"{what}.from")
+        if source not in _SOURCES:
+            raise ValueError(f"{what}.from must be one of {list(_SOURCES)}, got {show(source)}")
+        if source == MASK and (low, high) != (0, 1):
+            raise ValueError(f"{what} is a mask, which takes [0, 1], not [{low}, {high}]")
+        if source == EMBEDDING and low != 0:
+            raise ValueError(f"{what} indexes an embedding, whose rows start at 0, not {low}")
+        return cls(low, high, source)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +144,18 @@ class LeafSchema:
         dtype: the torch dtype's name, e.g. ``"int64"``, ``"float32"``, ``"bool"``.
         shape: the sizes without the batch dimension, in order; ``None`` for a size that
             differed between validation batches (a sequence length, say).
+        observed: for an integer leaf, the smallest and largest value in the validation data
+            (``None`` for other dtypes, an empty leaf, or a schema of format 1). Informative
+            only: it is not enforced.
+        values: the values the model takes, enforced by :meth:`ModalitySchema.check`; ``None``
+            where the profile cannot know them (see the module docstring).
     """
 
     path: Path
     dtype: str
     shape: tuple[int | None, ...]
+    observed: tuple[int, int] | None = None
+    values: ValueRange | None = None
 
     def torch_dtype(self) -> torch.dtype:
         """The dtype as a ``torch.dtype``."""
@@ -56,22 +163,52 @@ class LeafSchema:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
-        return {"path": list(self.path), "dtype": self.dtype, "shape": list(self.shape)}
+        return {
+            "path": list(self.path),
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "observed": None if self.observed is None else list(self.observed),
+            "values": None if self.values is None else self.values.to_json(),
+        }
 
     @classmethod
-    def from_json(cls, data: Any, what: str) -> LeafSchema:
-        """Inverse of :meth:`to_json`; ValueError naming ``what`` on malformed data."""
+    def from_json(cls, data: Any, what: str, version: int | None = None) -> LeafSchema:
+        """Inverse of :meth:`to_json`; ValueError naming ``what`` on malformed data.
+
+        ``version`` is the format of the schema the leaf is part of: 1 has neither ``observed``
+        nor ``values``; 2 has both (``null`` where there is none). None: either, as found.
+        """
         data = json_dict(data, what)
         path: list[str | int] = []
         for key in json_list(json_field(data, "path", what), f"{what}.path"):
             path.append(key if isinstance(key, str) else json_int(key, f"{what}.path[]", low=0))
         dtype = json_str(json_field(data, "dtype", what), f"{what}.dtype")
-        _dtype(dtype, ValueError, f"{what}.dtype: ")
+        torch_dtype = _dtype(dtype, ValueError, f"{what}.dtype: ")
         shape = tuple(
             None if size is None else json_int(size, f"{what}.shape[]", low=0)
             for size in json_list(json_field(data, "shape", what), f"{what}.shape")
         )
-        return cls(tuple(path), dtype, shape)
+        if version is None:
+            version = 2 if "observed" in data or "values" in data else 1
+        if version < 2:
+            extra = [k for k in ("observed", "values") if k in data]
+            if extra:
+                raise ValueError(f'{what} has {extra}, which need "version": {SCHEMA_VERSION} in its schema')
+            return cls(tuple(path), dtype, shape)
+        observed_raw = json_field(data, "observed", what)
+        values_raw = json_field(data, "values", what)
+        if (observed_raw is not None or values_raw is not None) and not _integral(torch_dtype):
+            raise ValueError(f"{what} is a {dtype} leaf; only integer leaves have observed values or a range")
+        observed = None
+        if observed_raw is not None:
+            info = torch.iinfo(torch_dtype)
+            low, high = json_list(observed_raw, f"{what}.observed", length=2)
+            low = json_int(low, f"{what}.observed[0]", low=info.min, high=info.max)
+            observed = (low, json_int(high, f"{what}.observed[1]", low=low, high=info.max))
+        values = (
+            None if values_raw is None else ValueRange.from_json(values_raw, f"{what}.values", torch_dtype)
+        )
+        return cls(tuple(path), dtype, shape, observed, values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,32 +219,160 @@ class ModalitySchema:
         batch_dim: the dimension of every leaf that holds the requests (see
             ``@mosel.modality(..., batch_dim=)``).
         leaves: one entry per tensor of the input, in flattening order.
+        agree: groups of (leaf index, dimension of its shape without the batch dimension) whose
+            sizes varied between the validation batches but were equal within every batch:
+            ``((0, 0), (1, 0))`` when the first dimension of leaves 0 and 1 is one sequence
+            length. Only dimensions recorded as ``None`` appear; each at most once.
     """
 
     batch_dim: int
     leaves: tuple[LeafSchema, ...]
+    agree: tuple[tuple[Dim, ...], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {"batch_dim": self.batch_dim, "leaves": [leaf.to_json() for leaf in self.leaves]}
+        """A JSON-ready dict (schema format :data:`SCHEMA_VERSION`)."""
+        return {
+            "version": SCHEMA_VERSION,
+            "batch_dim": self.batch_dim,
+            "leaves": [leaf.to_json() for leaf in self.leaves],
+            "agree": [[list(dim) for dim in group] for group in self.agree],
+        }
 
     @classmethod
     def from_json(cls, data: Any, what: str = "input schema") -> ModalitySchema:
-        """Inverse of :meth:`to_json`; ValueError naming ``what`` on malformed data."""
+        """Inverse of :meth:`to_json`; ValueError naming ``what`` on malformed data.
+
+        A schema without ``"version"`` (format 1, saved before agreeing sizes and value ranges
+        were recorded) loads with neither.
+        """
         data = json_dict(data, what)
-        leaves = json_list(json_field(data, "leaves", what), f"{what}.leaves")
-        if not leaves:
+        version = json_int(data["version"], f"{what}.version", low=1) if "version" in data else 1
+        if version > SCHEMA_VERSION:
+            raise ValueError(
+                f"{what} has schema format {version}, this mosel reads up to {SCHEMA_VERSION}; "
+                f"re-profile the model with this version"
+            )
+        leaves_raw = json_list(json_field(data, "leaves", what), f"{what}.leaves")
+        if not leaves_raw:
             raise ValueError(f"{what}.leaves is empty")
-        return cls(
-            json_int(json_field(data, "batch_dim", what), f"{what}.batch_dim", low=0),
-            tuple(LeafSchema.from_json(leaf, f"{what}.leaves[{i}]") for i, leaf in enumerate(leaves)),
+        leaves = tuple(
+            LeafSchema.from_json(leaf, f"{what}.leaves[{i}]", version) for i, leaf in enumerate(leaves_raw)
         )
+        batch_dim = json_int(json_field(data, "batch_dim", what), f"{what}.batch_dim", low=0)
+        if version < 2:
+            if "agree" in data:
+                raise ValueError(f'{what}.agree needs "version": {SCHEMA_VERSION}')
+            return cls(batch_dim, leaves)
+        groups: list[tuple[Dim, ...]] = []
+        seen: set[Dim] = set()
+        for g, group in enumerate(json_list(json_field(data, "agree", what), f"{what}.agree")):
+            where = f"{what}.agree[{g}]"
+            members = json_list(group, where)
+            if len(members) < 2:
+                raise ValueError(f"{where} must name at least two dimensions, got {show(members)}")
+            dims: list[Dim] = []
+            for item in members:
+                i, d = json_list(item, f"{where}[]", length=2)
+                i = json_int(i, f"{where}[] leaf", low=0, high=len(leaves) - 1)
+                d = json_int(d, f"{where}[] dimension", low=0, high=max(0, len(leaves[i].shape) - 1))
+                if d >= len(leaves[i].shape) or leaves[i].shape[d] is not None:
+                    raise ValueError(
+                        f"{where} names dimension {d} of leaf {i}, whose size is fixed "
+                        f"({leaves[i].shape[d]}), not None"
+                    )
+                if (i, d) in seen:
+                    raise ValueError(f"{where} names dimension {d} of leaf {i} a second time")
+                seen.add((i, d))
+                dims.append((i, d))
+            groups.append(tuple(dims))
+        return cls(batch_dim, leaves, tuple(groups))
 
     def expected_shape(self, leaf: LeafSchema) -> str:
         """The leaf's shape with the batch dimension written ``B`` and unknown sizes ``*``."""
         sizes: list[str] = ["*" if s is None else str(s) for s in leaf.shape]
         sizes.insert(min(self.batch_dim, len(sizes)), "B")
         return f"({', '.join(sizes)})"
+
+    def check(self, modality: str, tree: Tree, *, finite: bool = True) -> None:
+        """Check a modality's input tensors against this schema; the tensor form of :func:`decode`.
+
+        Checks the structure (the same parts), each leaf's rank and recorded sizes, the sizes
+        that must agree, the value ranges of integer leaves and, with ``finite``, that float
+        leaves hold no NaN or infinity. Dtypes are not checked (``decode`` casts to them).
+
+        Raises:
+            InputError: naming the modality and the leaf, the bad value or sizes, and what the
+                model takes.
+        """
+        pairs = _flatten(tree)
+        want = [leaf.path for leaf in self.leaves]
+        if [path for path, _ in pairs] != want:
+            raise InputError(
+                f"{modality} has the parts {[leaf_name(modality, p) for p, _ in pairs]}, the model takes "
+                f"{[leaf_name(modality, p) for p in want]}"
+            )
+        tensors: list[Tensor] = []
+        for leaf, (path, tensor) in zip(self.leaves, pairs):
+            where = leaf_name(modality, path)
+            if not isinstance(tensor, Tensor):
+                raise InputError(f"{where} must be a tensor, got {type(tensor).__name__}")
+            self._check_shape(where, leaf, tensor)
+            tensors.append(tensor)
+        for group in self.agree:
+            self._check_agree(modality, group, tensors)
+        for leaf, tensor in zip(self.leaves, tensors):
+            where = leaf_name(modality, leaf.path)
+            if leaf.values is not None and _integral(tensor.dtype):
+                _check_range(where, tensor, leaf.values)
+            if finite and tensor.is_floating_point():
+                _check_finite(where, tensor, None)
+
+    def _check_shape(self, where: str, leaf: LeafSchema, tensor: Tensor) -> None:
+        if tensor.dim() != len(leaf.shape) + 1:
+            raise InputError(
+                f"{where} has shape {tuple(tensor.shape)}, the model takes {len(leaf.shape) + 1} dimensions "
+                f"(profiled as {self.expected_shape(leaf)}, B = requests)"
+            )
+        sizes = [s for i, s in enumerate(tensor.shape) if i != self.batch_dim]
+        if any(want is not None and want != got for want, got in zip(leaf.shape, sizes)):
+            raise InputError(
+                f"{where} has shape {tuple(tensor.shape)}, the model takes {self.expected_shape(leaf)} "
+                f"(B = requests)"
+            )
+
+    def _check_agree(self, modality: str, group: tuple[Dim, ...], tensors: Sequence[Tensor]) -> None:
+        def size(dim: Dim) -> int:
+            return int(tensors[dim[0]].shape[self._tensor_dim(dim[1])])
+
+        first = group[0]
+        other = next((dim for dim in group[1:] if size(dim) != size(first)), None)
+        if other is None:
+            return
+
+        def part(dim: Dim) -> str:
+            where = leaf_name(modality, self.leaves[dim[0]].path)
+            shape = tuple(tensors[dim[0]].shape)
+            return f"{where} has {size(dim)} at dimension {self._tensor_dim(dim[1])} (shape {shape})"
+
+        names = ", ".join(
+            f"dimension {self._tensor_dim(d)} of {leaf_name(modality, self.leaves[i].path)}" for i, d in group
+        )
+        raise InputError(
+            f"{part(first)} but {part(other)}; the model takes these sizes equal ({names}): they were "
+            f"equal in every profiled batch, e.g. one mask entry per token"
+        )
+
+    def _tensor_dim(self, d: int) -> int:
+        """The tensor dimension of dimension ``d`` of a leaf's shape without the batch dimension."""
+        return d if d < self.batch_dim else d + 1
+
+
+_INTEGERS: Final = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
+
+
+def _integral(dtype: torch.dtype) -> bool:
+    """An integer dtype whose values mosel records and checks (not bool, not the rarer unsigned ones)."""
+    return dtype in _INTEGERS
 
 
 def _dtype(name: str, error: type[Exception] = InputError, where: str = "") -> torch.dtype:
@@ -122,6 +387,40 @@ def _flatten(tree: Tree) -> list[tuple[Path, Any]]:
         return [((), tree)]
     paths, leaves, _ = optree.tree_flatten_with_path(tree, none_is_leaf=False, namespace=NAMESPACE)
     return list(zip(paths, leaves))
+
+
+def _first(bad: Tensor) -> tuple[int, ...]:
+    """The index of the first True of ``bad``."""
+    return tuple(int(i) for i in bad.nonzero()[0])
+
+
+def _check_range(where: str, tensor: Tensor, values: ValueRange) -> None:
+    bad = (tensor < values.low) | (tensor > values.high)
+    if bool(bad.any()):
+        index = _first(bad)
+        raise InputError(
+            f"{where} holds {int(tensor[index])} at {index}; the model takes {values.describe()}"
+        )
+
+
+def _check_finite(where: str, tensor: Tensor, original: Tensor | None) -> None:
+    """Refuse NaN and infinities; ``original`` is the value before the cast to ``tensor``'s dtype."""
+    bad = ~torch.isfinite(tensor)
+    if not bool(bad.any()):
+        return
+    index = _first(bad)
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    value = float(tensor[index] if original is None else original[index])
+    beyond = f", beyond {dtype}'s range" if math.isfinite(value) else ""
+    raise InputError(
+        f"{where} holds {value:g} at {index}{beyond}; the model takes finite {dtype} numbers (at most "
+        f"{torch.finfo(tensor.dtype).max:.4g} in magnitude; a JSON number beyond float64's range such as "
+        f"1e400 reads as infinity). NaN and infinities are refused unless the service opts out (finite=False)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# recording
 
 
 def _observe(tree: Tree, batch_dim: int) -> ModalitySchema | None:
@@ -154,16 +453,89 @@ def _merge(old: ModalitySchema, new: ModalitySchema) -> ModalitySchema | None:
     )
 
 
+def _refine(classes: list[list[Dim]] | None, seen: ModalitySchema) -> list[list[Dim]]:
+    """The (leaf, dim) classes of equal size in every batch so far, split by this batch's sizes."""
+    if classes is None:
+        classes = [[(i, d) for i, leaf in enumerate(seen.leaves) for d in range(len(leaf.shape))]]
+    out: list[list[Dim]] = []
+    for members in classes:
+        by_size: dict[int | None, list[Dim]] = {}
+        for i, d in members:
+            by_size.setdefault(seen.leaves[i].shape[d], []).append((i, d))
+        out += by_size.values()
+    return out
+
+
+_EMBEDDING_FUNCTIONS: Final[dict[Callable[..., Any], tuple[int, int]]] = {
+    F.embedding: (0, 1),  # positions of (indices, weight) in the call
+    F.embedding_bag: (0, 1),
+    torch.embedding: (1, 0),
+}
+
+
+class _EmbeddingWatch(TorchFunctionMode):
+    """Sees every embedding lookup; ``rows[i]``: the fewest rows of a table leaf ``i`` indexed whole."""
+
+    def __init__(self, leaves: Sequence[Tensor]) -> None:
+        super().__init__()
+        self.leaves = [(i, t) for i, t in enumerate(leaves) if _integral(t.dtype) and t.numel() > 0]
+        self.rows: dict[int, int] = {}
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        where = _EMBEDDING_FUNCTIONS.get(func)
+        if where is not None:
+            indices = _argument(args, kwargs, where[0], "indices" if func is torch.embedding else "input")
+            weight = _argument(args, kwargs, where[1], "weight")
+            if isinstance(indices, Tensor) and isinstance(weight, Tensor) and weight.dim() >= 1:
+                for i, leaf in self.leaves:
+                    if _whole(indices, leaf):
+                        self.rows[i] = min(self.rows.get(i, weight.shape[0]), int(weight.shape[0]))
+        return func(*args, **kwargs)
+
+
+def _argument(args: Sequence[Any], kwargs: Mapping[str, Any], position: int, name: str) -> Any:
+    return args[position] if len(args) > position else kwargs.get(name)
+
+
+def _whole(indices: Tensor, leaf: Tensor) -> bool:
+    """Whether ``indices`` is ``leaf`` or a view of all of its elements (a reshape, a flatten)."""
+    if indices is leaf:
+        return True
+    if indices.dtype != leaf.dtype or indices.device != leaf.device or indices.numel() != leaf.numel():
+        return False
+    try:
+        if indices.data_ptr() != leaf.data_ptr():
+            return False
+    except RuntimeError:  # a tensor without storage (fake, meta): not the leaf
+        return False
+    same = indices.shape == leaf.shape and indices.stride() == leaf.stride()
+    return same or (indices.is_contiguous() and leaf.is_contiguous())
+
+
 class SchemaRecorder:
     """Builds the input schema of a model from the batches it is shown (``mosel.profile`` does).
 
     A modality whose batches disagree on their structure, dtypes or ranks gets no schema (a
-    service then takes dtypes from the JSON values, as for an older profile).
+    service then takes dtypes from the JSON values, as for an older profile). :meth:`observe`
+    takes each batch's shapes and integer values; :meth:`watch` wraps a call of a branch on such
+    a batch to see which integer leaves index an embedding.
     """
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self._schemas: dict[str, ModalitySchema | None] = {}
+        self._classes: dict[str, list[list[Dim]]] = {}
+        self._observed: dict[str, list[tuple[int, int] | None]] = {}
+        self._watches: dict[str, int] = {}
+        # modality -> leaf -> (watched calls that indexed an embedding with it whole, fewest rows)
+        self._indexed: dict[str, dict[int, tuple[int, int]]] = {}
 
     def observe(self, inputs: Mapping[str, Tree]) -> None:
         """Take one batch of inputs (modality -> tree) into account."""
@@ -173,81 +545,204 @@ class SchemaRecorder:
                 continue
             seen = _observe(value, self.spec.batch_dim(m))
             if m not in self._schemas:
-                self._schemas[m] = seen
+                merged = seen
             else:
                 old = self._schemas[m]
-                self._schemas[m] = None if old is None or seen is None else _merge(old, seen)
+                merged = None if old is None or seen is None else _merge(old, seen)
+            self._schemas[m] = merged
+            if merged is None or seen is None:
+                continue
+            self._classes[m] = _refine(self._classes.get(m), seen)
+            observed = self._observed.setdefault(m, [None] * len(seen.leaves))
+            for i, (_, leaf) in enumerate(_flatten(value)):
+                if _integral(leaf.dtype) and leaf.numel() > 0:
+                    low, high = (int(v) for v in torch.aminmax(leaf))
+                    before = observed[i]
+                    if before is not None:
+                        low, high = min(before[0], low), max(before[1], high)
+                    observed[i] = (low, high)
+
+    @contextlib.contextmanager
+    def watch(self, modality: str, value: Tree) -> Iterator[None]:
+        """Within the block, watch the embedding lookups of ``modality``'s branch on ``value``.
+
+        ``value`` is a batch given to :meth:`observe`; the block calls the branch on it (eagerly:
+        inside ``torch.compile``d code the watch would not run; and only for the watch, since the
+        torch function mode it installs turns fast paths off). A leaf takes an embedding's range
+        only if it was indexed whole in every watched call.
+        """
+        if self._schemas.get(modality) is None:
+            yield
+            return
+        watch = _EmbeddingWatch([leaf for _, leaf in _flatten(value)])
+        with watch:
+            yield
+        self._watches[modality] = self._watches.get(modality, 0) + 1
+        indexed = self._indexed.setdefault(modality, {})
+        for i, rows in watch.rows.items():
+            count, fewest = indexed.get(i, (0, rows))
+            indexed[i] = (count + 1, min(fewest, rows))
 
     def schema(self) -> dict[str, ModalitySchema]:
         """Modality -> schema, for the modalities whose batches agreed."""
-        return {m: s for m, s in self._schemas.items() if s is not None}
+        out = {}
+        for m, schema in self._schemas.items():
+            if schema is not None:
+                out[m] = self._finish(m, schema)
+        return out
+
+    def _finish(self, m: str, schema: ModalitySchema) -> ModalitySchema:
+        leaves = schema.leaves
+        agree = tuple(
+            tuple(group)
+            for group in self._classes[m]
+            if len(group) > 1 and leaves[group[0][0]].shape[group[0][1]] is None
+        )
+        group_of = {dim: g for g, group in enumerate(agree) for dim in group}
+
+        def same_shape(i: int, j: int) -> bool:
+            a, b = leaves[i].shape, leaves[j].shape
+            return len(a) == len(b) and all(
+                (x is not None and x == y)
+                or ((i, d) in group_of and group_of[(i, d)] == group_of.get((j, d)))
+                for d, (x, y) in enumerate(zip(a, b))
+            )
+
+        watches = self._watches.get(m, 0)
+        indexed = self._indexed.get(m, {})
+        out = []
+        for i, leaf in enumerate(leaves):
+            observed = self._observed[m][i]
+            values = None
+            count, rows = indexed.get(i, (0, 0))
+            if watches and count == watches and rows >= 1:
+                info = torch.iinfo(leaf.torch_dtype())
+                values = ValueRange(0, min(rows - 1, info.max), EMBEDDING)
+            elif (
+                observed == (0, 1)
+                and any(s is None or s > 1 for s in leaf.shape)
+                and any(same_shape(i, j) for j in range(len(leaves)) if j != i)
+            ):
+                values = ValueRange(0, 1, MASK)
+            out.append(dataclasses.replace(leaf, observed=observed, values=values))
+        return ModalitySchema(schema.batch_dim, tuple(out), agree)
 
 
-def _tensor(value: Any, where: str, leaf: LeafSchema | None, batch_dim: int) -> Tensor:
-    """A JSON (nested) list as a tensor: the leaf's dtype and shape when known, else the values'."""
+# ----------------------------------------------------------------------------------------------
+# decoding JSON
+
+
+def _tensor(value: Any, where: str, leaf: LeafSchema | None, batch_dim: int, finite: bool) -> Tensor:
+    """A JSON (nested) list as a tensor: the leaf's dtype when known, else the values'.
+
+    Shapes are left to :meth:`ModalitySchema.check`.
+    """
     if not isinstance(value, list):
         raise InputError(
             f"{where} must be a (nested) list, one tensor with the requests along its batch dimension "
             f"{batch_dim}, got {type(value).__name__}"
         )
+    dtype = None if leaf is None else leaf.torch_dtype()
+    parse_as = torch.float64 if dtype is not None and dtype.is_floating_point else None
+    tensor = _parse(value, where, parse_as, dtype)
+    if dtype is None:  # no schema: the values decide (integers stay int64, e.g. token ids)
+        if not tensor.is_floating_point():
+            return tensor
+        dtype = torch.float32
+        tensor = _parse(value, where, torch.float64, dtype)  # overflow is judged against float32
+    if dtype.is_floating_point:
+        cast = tensor.to(dtype)
+        if finite:
+            _check_finite(where, cast, tensor)
+        return cast
+    if tensor.is_floating_point():
+        odd = (tensor != tensor.round()) | ~torch.isfinite(tensor)
+        if bool(odd.any()):
+            index = _first(odd)
+            raise InputError(
+                f"{where} holds {float(tensor[index])} at {index}; fractional numbers, NaN and infinities "
+                f"do not fit {_dtype_name(dtype)}, which the model takes (e.g. token ids)"
+            )
+        raise InputError(
+            f"{where} holds numbers written as floats (2.0, 1e3); the model takes {_dtype_name(dtype)} "
+            f"(e.g. token ids): send integers, not fractional numbers"
+        )
+    if dtype == torch.bool:
+        if tensor.dtype != torch.bool and bool(((tensor != 0) & (tensor != 1)).any()):
+            raise InputError(f"{where} must hold booleans (or 0/1), the model takes a bool mask")
+        return tensor.to(dtype)
     try:
-        tensor = torch.tensor(value)
-    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
-        raise InputError(f"{where} must be a rectangular list of numbers or booleans ({exc})") from None
-    if leaf is None:  # no schema: the values decide (integers stay int64, e.g. token ids)
-        return tensor.to(torch.float32) if tensor.is_floating_point() else tensor
-    dtype = leaf.torch_dtype()
-    if tensor.dim() != len(leaf.shape) + 1:
+        info = torch.iinfo(dtype)
+    except TypeError:  # complex, quantized: cast as given
+        return tensor.to(dtype)
+    bad = (tensor < info.min) | (tensor > info.max)
+    if bool(bad.any()):
+        index = _first(bad)
         raise InputError(
-            f"{where} has shape {tuple(tensor.shape)}, the model takes {len(leaf.shape) + 1} dimensions "
-            f"(profiled as {_shape(leaf, batch_dim)}, B = requests)"
+            f"{where} holds {int(tensor[index])} at {index}, beyond {_dtype_name(dtype)} "
+            f"([{info.min}, {info.max}]), which the model takes"
         )
-    sizes = [s for i, s in enumerate(tensor.shape) if i != batch_dim]
-    if any(want is not None and want != got for want, got in zip(leaf.shape, sizes)):
-        raise InputError(
-            f"{where} has shape {tuple(tensor.shape)}, the model takes {_shape(leaf, batch_dim)} "
-            f"(B = requests)"
-        )
-    if tensor.is_floating_point() and not dtype.is_floating_point:
-        raise InputError(f"{where} holds fractional numbers; the model takes {leaf.dtype} (e.g. token ids)")
-    if dtype == torch.bool and tensor.dtype != torch.bool and bool(((tensor != 0) & (tensor != 1)).any()):
-        raise InputError(f"{where} must hold booleans (or 0/1), the model takes a bool mask")
     return tensor.to(dtype)
 
 
-def _shape(leaf: LeafSchema, batch_dim: int) -> str:
-    return ModalitySchema(batch_dim, (leaf,)).expected_shape(leaf)
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
-def decode(modality: str, value: Any, schema: ModalitySchema | None = None) -> Tree:
+def _parse(value: list[Any], where: str, parse_as: torch.dtype | None, dtype: torch.dtype | None) -> Tensor:
+    try:
+        return torch.tensor(value, dtype=parse_as)
+    except (ValueError, OverflowError, RuntimeError) as exc:
+        if "overflow" in str(exc).lower() or isinstance(exc, OverflowError):
+            limit = "float64" if parse_as is not None else "int64"
+            takes = "" if dtype is None else f"; the model takes {_dtype_name(dtype)}"
+            raise InputError(f"{where} holds an integer beyond {limit}'s range{takes}") from None
+        raise InputError(f"{where} must be a rectangular list of numbers or booleans ({exc})") from None
+    except TypeError as exc:
+        raise InputError(f"{where} must be a rectangular list of numbers or booleans ({exc})") from None
+
+
+def decode(modality: str, value: Any, schema: ModalitySchema | None = None, *, finite: bool = True) -> Tree:
     """A modality's input from its JSON form, checked against its profiled ``schema``.
 
     A JSON (nested) list is one tensor, an object a dict of parts; with a schema whose
     parts are a tuple or list, a JSON list of the parts. With a schema each tensor takes the
-    recorded dtype (integers stay integers; fractional values for an integer leaf are refused)
-    and must have the recorded rank and sizes. Without one (a profile saved before schemas were
-    recorded) the values decide: booleans bool, integers int64, any float float32.
+    recorded dtype (integers stay integers; fractional values for an integer leaf, and integers
+    beyond its dtype, are refused) and must pass :meth:`ModalitySchema.check`: the recorded rank
+    and sizes, the sizes that agree, the value ranges. Without one (a profile saved before
+    schemas were recorded) the values decide: booleans bool, integers int64, any float float32.
+
+    Args:
+        modality: the modality's name, for messages.
+        value: the parsed JSON.
+        schema: the modality's schema, or None.
+        finite: refuse NaN and infinities in float leaves, judged after the cast to the leaf's
+            dtype (``1e39`` is infinite in float32). False lets them through.
 
     Raises:
         InputError: the value does not fit; the message names the modality and the leaf.
     """
     if schema is None:
-        return _loose(value, modality)
+        return _loose(value, modality, finite)
     by_path = {leaf.path: leaf for leaf in schema.leaves}
-    return _strict(value, (), modality, by_path, schema.batch_dim)
+    tree = _strict(value, (), modality, by_path, schema.batch_dim, finite)
+    schema.check(modality, tree, finite=False)  # finiteness was judged against the values as sent
+    return tree
 
 
-def _loose(value: Any, where: str) -> Tree:
+def _loose(value: Any, where: str, finite: bool) -> Tree:
     if isinstance(value, dict):
-        return {k: _loose(v, f"{where}[{k!r}]") for k, v in value.items()}
-    return _tensor(value, where, None, 0)
+        return {k: _loose(v, f"{where}[{k!r}]", finite) for k, v in value.items()}
+    return _tensor(value, where, None, 0, finite)
 
 
-def _strict(value: Any, path: Path, modality: str, leaves: Mapping[Path, LeafSchema], batch_dim: int) -> Tree:
+def _strict(
+    value: Any, path: Path, modality: str, leaves: Mapping[Path, LeafSchema], batch_dim: int, finite: bool
+) -> Tree:
     where = leaf_name(modality, path)
     leaf = leaves.get(path)
     if leaf is not None:
-        return _tensor(value, where, leaf, batch_dim)
+        return _tensor(value, where, leaf, batch_dim, finite)
     depth = len(path)
     keys = list(dict.fromkeys(p[depth] for p in leaves if len(p) > depth and p[:depth] == path))
     if all(isinstance(k, str) for k in keys):
@@ -261,10 +756,10 @@ def _strict(value: Any, path: Path, modality: str, leaves: Mapping[Path, LeafSch
                 + (f"; unknown: {unknown}" if unknown else "")
                 + (f"; missing: {missing}" if missing else "")
             )
-        return {k: _strict(value[k], (*path, k), modality, leaves, batch_dim) for k in keys}
+        return {k: _strict(value[k], (*path, k), modality, leaves, batch_dim, finite) for k in keys}
     if not isinstance(value, list) or len(value) != len(keys):
         raise InputError(f"{where} must be a list of {len(keys)} parts, got {_describe(value)}")
-    return tuple(_strict(v, (*path, i), modality, leaves, batch_dim) for i, v in enumerate(value))
+    return tuple(_strict(v, (*path, i), modality, leaves, batch_dim, finite) for i, v in enumerate(value))
 
 
 def _describe(value: Any) -> str:
