@@ -63,6 +63,8 @@ class CoreView:
         self.overrun = False
         """The running batch went past its predicted end (set by ``Scheduler.expire``)."""
         self.solve_async = solve_async
+        self.typical: Callable[[float], float] = self.pricer.tail.typical
+        """The median time of a span priced ``priced_us`` (throughput estimates)."""
 
     @property
     def queue(self) -> list[Task]:
@@ -150,10 +152,6 @@ class CoreView:
     def merged_latency_us(self, tasks: Sequence[Task]) -> int:
         """The price of ``tasks`` run as one batch at their current options."""
         return self.pricer.merged_latency_us(tasks)
-
-    def typical(self, priced_us: float) -> float:
-        """The median time of a span priced ``priced_us`` (throughput estimates)."""
-        return self.pricer.tail.typical(priced_us)
 
     def doomed(self, finish_us: int, deadline_us: int, now: float) -> bool:
         """Would a task priced to finish at ``finish_us`` miss ``deadline_us`` even at the median?"""

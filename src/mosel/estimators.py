@@ -56,8 +56,9 @@ class ArrivalEstimator:
         self.decay_to(now)
         if math.isnan(self.first):
             self.first = now
-        for i in range(2):
-            self.sums[i] += work_s
+        sums = self.sums
+        sums[0] += work_s
+        sums[1] += work_s
         if busy:
             self.busy_arrivals += 1.0
         if headroom_us is not None:
@@ -78,9 +79,10 @@ class ArrivalEstimator:
     def decay_to(self, now: float) -> None:
         """Age the sums to ``now``."""
         if now > self.at:
-            for i, window in enumerate(self.windows):
-                self.sums[i] *= math.exp((self.at - now) / window)
-            decay = math.exp((self.at - now) / self.windows[0])
+            sums, (long, short), age = self.sums, self.windows, self.at - now
+            decay = math.exp(age / long)
+            sums[0] *= decay
+            sums[1] *= math.exp(age / short)
             self.busy_arrivals *= decay
             self.busy_s *= decay
             self.at = now
@@ -90,10 +92,14 @@ class ArrivalEstimator:
         if math.isnan(self.first):
             return 0.0
         self.decay_to(now)
-        elapsed = max(now - self.first, self.windows[1])
+        long, short = self.windows
+        elapsed = max(now - self.first, short)
         # Normalised by the time the sum has had to build up (at least the short window, so that
         # one arrival is not read as a flood), so the first arrivals are not diluted either.
-        return max(s / (w * (1.0 - math.exp(-elapsed / w))) for s, w in zip(self.sums, self.windows))
+        return max(
+            self.sums[0] / (long * (1.0 - math.exp(-elapsed / long))),
+            self.sums[1] / (short * (1.0 - math.exp(-elapsed / short))),
+        )
 
     def work(self) -> float:
         """Recent arrivals' work per second over the long window, unnormalised (decayed sum / window)."""

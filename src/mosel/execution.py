@@ -9,6 +9,7 @@ and :func:`result_of` turns a finished job into the caller's :class:`Result`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -43,7 +44,7 @@ __all__ = [
 
 _log = logging.getLogger("mosel")
 Configuration = frozenset[str]
-RowPlanCache = dict[tuple[Strategy, torch.device], "RowPlan"]
+RowPlanCache = dict[tuple[tuple[tuple[Configuration, int], ...], torch.device], "RowPlan"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,23 +84,29 @@ class Result:
 
 @dataclass(frozen=True, slots=True)
 class RowPlan:
-    """Precomputed row selections of one strategy: what each branch reads, what each fusion reads."""
+    """Precomputed row selections of one strategy: what each branch reads, what each fusion reads.
 
-    branch_rows: tuple[tuple[str, slice | Tensor | None, int], ...]  # (modality, selection, rows)
+    Each branch entry is (modality, its rows' selection or None for all, rows, batch dimension,
+    the branch's attribute, how errors name it).
+    """
+
+    branch_rows: tuple[tuple[str, slice | Tensor | None, int, int, str, str], ...]
     group_rows: tuple[tuple[Configuration, int, tuple[tuple[str, slice], ...]], ...]
     modalities: tuple[Configuration, ...]
+    fusion: str  # the fusion's attribute
+    fusion_what: str  # how errors name it
 
 
-def _row_plan(strategy: Strategy, modalities: tuple[str, ...], device: torch.device) -> RowPlan:
+def _row_plan(strategy: Strategy, spec: ModelSpec, device: torch.device) -> RowPlan:
     n = strategy.n
     starts: list[int] = []
     offset = 0
     for _, count in strategy.groups:
         starts.append(offset)
         offset += count
-    branch_rows: list[tuple[str, slice | Tensor | None, int]] = []
+    branch_rows: list[tuple[str, slice | Tensor | None, int, int, str, str]] = []
     group_slices: list[list[tuple[str, slice]]] = [[] for _ in strategy.groups]
-    for m in modalities:
+    for m in spec.modalities:
         members = [i for i, (c, _) in enumerate(strategy.groups) if m in c]
         if not members:
             continue
@@ -117,12 +124,13 @@ def _row_plan(strategy: Strategy, modalities: tuple[str, ...], device: torch.dev
             selection = slice(rows[0], rows[0] + len(rows))
         else:
             selection = torch.tensor(rows, dtype=torch.long, device=device)
-        branch_rows.append((m, selection, len(rows)))
+        name = spec.branches[m]
+        branch_rows.append((m, selection, len(rows), spec.batch_dim(m), name, f"branch {name!r} ({m!r})"))
     groups = tuple(
         (config, count, tuple(slices)) for (config, count), slices in zip(strategy.groups, group_slices)
     )
     per_request = tuple(config for config, count in strategy.groups for _ in range(count))
-    return RowPlan(tuple(branch_rows), groups, per_request)
+    return RowPlan(tuple(branch_rows), groups, per_request, spec.fusion, f"fusion {spec.fusion!r}")
 
 
 def execute(
@@ -145,13 +153,15 @@ def plan_rows(
     spec: ModelSpec,
     inputs: Mapping[str, Tree],
     cache: RowPlanCache | None,
+    device: torch.device | None = None,
 ) -> RowPlan:
-    """The row selections of ``strategy`` on the inputs' device (cached per strategy and device)."""
-    device = trees.leaves(next(iter(inputs.values())))[0].device
-    key = (strategy, device)
+    """The row selections of ``strategy`` on the inputs' device (cached per groups and device)."""
+    if device is None:
+        device = trees.device(next(iter(inputs.values())))
+    key = (strategy.groups, device)
     plan = cache.get(key) if cache is not None else None
     if plan is None:
-        plan = _row_plan(strategy, spec.modalities, device)
+        plan = _row_plan(strategy, spec, device)
         if cache is not None:
             cache[key] = plan
     return plan
@@ -191,26 +201,25 @@ def run(
     """
     features: dict[str, Tree] = {}
     clock = time.perf_counter
-    for m, selection, rows in plan.branch_rows:
+    for m, selection, rows, dim, name, what in plan.branch_rows:
         x = inputs[m]
-        dim = spec.batch_dim(m)
         if selection is not None:
             x = trees.take(x, selection, dim)
-        name = spec.branches[m]
         if parts_us is None:
-            features[m] = checked(getattr(model, name)(x), rows, f"branch {name!r} ({m!r})", dim)
+            features[m] = checked(getattr(model, name)(x), rows, what, dim)
         else:
             t0 = clock()
-            features[m] = checked(getattr(model, name)(x), rows, f"branch {name!r} ({m!r})", dim)
+            features[m] = checked(getattr(model, name)(x), rows, what, dim)
             parts_us[m] = parts_us.get(m, 0.0) + (clock() - t0) * 1e6
-    fuse: Callable[[Mapping[str, Tree]], Tree] = getattr(model, spec.fusion)
-    what = f"fusion {spec.fusion!r}"
+    fuse: Callable[[Mapping[str, Tree]], Tree] = getattr(model, plan.fusion)
+    what = plan.fusion_what
     t0 = clock()
     if len(plan.group_rows) == 1:
         output = checked(fuse(features), plan.group_rows[0][1], what)
     else:
+        dims = spec.batch_dims
         outputs = [
-            checked(fuse({m: trees.take(features[m], s, spec.batch_dim(m)) for m, s in slices}), count, what)
+            checked(fuse({m: trees.take(features[m], s, dims.get(m, 0)) for m, s in slices}), count, what)
             for _, count, slices in plan.group_rows
         ]
         output = concat(outputs, what)
@@ -245,14 +254,15 @@ def run_recovering(
     inputs: Mapping[str, Tree],
     cache: RowPlanCache | None,
     parts_us: dict[str, float] | None = None,
+    device: torch.device | None = None,
 ) -> Tree:
     """:func:`run` a strategy; on a device out-of-memory error, split the batch and retry.
 
     A strategy of several groups retries group by group; a single group retries in halves,
-    down to one row before the error is raised.
+    down to one row before the error is raised. ``device``: the inputs' (default: read from them).
     """
     try:
-        return run(model, spec, plan_rows(strategy, spec, inputs, cache), inputs, parts_us)
+        return run(model, spec, plan_rows(strategy, spec, inputs, cache, device), inputs, parts_us)
     except Exception as exc:
         if not is_out_of_memory(exc) or strategy.n == 1:
             raise
@@ -276,12 +286,15 @@ def run_recovering(
 class Work:
     """What a driver keeps of a job beside the scheduler: its future, its tensors, its outputs."""
 
-    __slots__ = ("future", "inputs", "order", "outputs")
+    __slots__ = ("device", "future", "inputs", "order", "outputs")
 
-    def __init__(self, future: Future[Any] | None, inputs: Any, order: Tensor | None) -> None:
+    def __init__(
+        self, future: Future[Any] | None, inputs: Any, order: Tensor | None, device: torch.device
+    ) -> None:
         self.future = future
         self.inputs = inputs  # modality -> tree, rows grouped by presence; None once released
         self.order = order  # gathers outputs back into the caller's row order (None: in order)
+        self.device = device  # where the inputs are, and the model was when the job was made
         self.outputs: list[tuple[int, Tree]] = []  # (task index, output), joined once all are in
 
 
@@ -310,15 +323,17 @@ def run_batch(
     spec: ModelSpec,
     batch: Batch,
     cache: RowPlanCache,
-    timings: dict[str, float] | None,
+    device: torch.device,
     *,
     propagate: bool,
-) -> tuple[dict[int, Tree], dict[int, BaseException]]:
-    """Run every task of a batch of :class:`Work` jobs; each task's output (by position) or error.
+) -> tuple[dict[int, Tree], dict[int, BaseException], dict[str, float] | None]:
+    """Run every task of a batch of :class:`Work` jobs on ``device``.
 
-    Several jobs run as one execution, split back per job; when it fails, each job runs alone so
-    that only the jobs whose rows fail fail. A job's last chunk joins its chunks' outputs in its
-    :class:`Work`. ``timings`` (CPU only) receives the time of each branch and of fusion.
+    Returns each task's output (by position) or error, and on a CPU the time of each branch and
+    of fusion (None on an accelerator, where they would need a synchronisation each). Several
+    jobs run as one execution, split back per job; when it fails, each job runs alone so that
+    only the jobs whose rows fail fail. A job's last chunk joins its chunks' outputs in its
+    :class:`Work`.
 
     Raises:
         BaseException: with ``propagate`` (on the caller's own thread), a ``BaseException`` that
@@ -327,15 +342,18 @@ def run_batch(
     """
     outputs: dict[int, Tree] = {}
     errors: dict[int, BaseException] = {}
+    cuda = device.type == "cuda"
+    timings: dict[str, float] | None = {} if device.type == "cpu" else None
     try:
-        with torch.inference_mode():
+        with contextlib.nullcontext() if torch.is_inference_mode_enabled() else torch.inference_mode():
             if len(batch.tasks) == 1:
                 task = batch.tasks[0]
                 rows = rows_of(spec, task.job.payload.inputs, task.offset, task.n)
-                outputs[0] = run_recovering(model, spec, task.strategy, rows, cache, timings)
+                outputs[0] = run_recovering(model, spec, task.strategy, rows, cache, timings, device)
             else:
                 outputs = _run_merged(model, spec, batch, cache, timings)
-            _synchronize(outputs)
+            if cuda:
+                torch.cuda.synchronize(device)
     except BaseException as exc:
         if not isinstance(exc, Exception) and propagate:
             raise  # on the caller's own thread: theirs to see, once the scheduler is told
@@ -345,7 +363,7 @@ def run_batch(
             _log.info("merged batch failed (%r); re-running its %d jobs separately", exc, len(batch.tasks))
             outputs, errors = _run_separately(model, spec, batch, cache)
     _assemble(spec, batch, outputs, errors)
-    return outputs, errors
+    return outputs, errors, timings if not errors else None
 
 
 def _assemble(
@@ -411,32 +429,28 @@ def _run_separately(
     return outputs, errors
 
 
-def _synchronize(outputs: Mapping[int, Tree]) -> None:
-    for output in outputs.values():
-        for leaf in trees.leaves(output):
-            if isinstance(leaf, torch.Tensor) and leaf.is_cuda:
-                torch.cuda.synchronize(leaf.device)
-                return
-
-
 def result_of(job: Job[Work], completion_ms: float, reason: str | None) -> Result:
     """The caller's result of a finished job (its tensors are released)."""
     work = job.payload
     output = work.outputs[0][1]
-    modalities: tuple[Configuration, ...] = tuple(
-        config for task in job.tasks for config, count in task.strategy.groups for _ in range(count)
-    )
+    tasks = job.tasks
+    strategies = (tasks[0].strategy,) if len(tasks) == 1 else tuple(task.strategy for task in tasks)
+    modalities: tuple[Configuration, ...] = ()
+    units = 0
+    for strategy in strategies:
+        units += strategy.accuracy_units
+        for config, count in strategy.groups:
+            modalities += (config,) * count
     if work.order is not None:  # rows were grouped by presence: back to the caller's order
         back = work.order.tolist()
         output = trees.take(output, work.order.to(trees.device(output)))
         modalities = tuple(modalities[i] for i in back)
-    strategies = job.strategies
     work.inputs = None  # release the request's tensors
-    deadline_ms = job.deadline_ms
+    deadline_ms = job.slo.deadline_ms
     return Result(
         output=output,
         modalities=modalities,
-        expected_accuracy=sum(s.accuracy_units for s in strategies) / (job.n * ACCURACY_SCALE),
+        expected_accuracy=units / (job.n * ACCURACY_SCALE),
         predicted_latency_ms=job.predicted_us / 1000.0,
         measured_latency_ms=job.measured_us / 1000.0,
         completion_ms=completion_ms,

@@ -194,7 +194,8 @@ class Task:
     @property
     def strategy(self) -> Strategy:
         """The currently chosen strategy."""
-        return self.option(self.k)
+        fixed = self.fixed
+        return fixed if fixed is not None else self.frontier.strategies[self.first + self.k]
 
     def option(self, k: int) -> Strategy:
         """The strategy of option ``k`` (relative to the cheapest admissible one)."""

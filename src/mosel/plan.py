@@ -313,6 +313,11 @@ class Frontier:
         """Index of the fastest strategy reaching ``floor_units`` (``len(strategies)`` if none)."""
         return bisect.bisect_left(self._accuracy, floor_units)
 
+    @property
+    def accuracy_units(self) -> tuple[int, ...]:
+        """Each strategy's accuracy units, in order."""
+        return self._accuracy
+
     def points(self) -> list[tuple[int, int]]:
         """(latency_us, accuracy_units) of every strategy, for comparisons."""
         return list(zip(self._latency, self._accuracy))

@@ -154,14 +154,20 @@ class Pricer:
         if task.version == self.version:
             return
         job = task.job
-        if task.fixed is not None:
-            fixed = task.fixed
+        fixed = task.fixed
+        if fixed is not None:
             key = (fixed.groups[0][0], -task.n, job.bucket)
-            task.lat = self._latencies.get(key, lambda: (self.price(fixed.groups, job.cost),))
+            lat = self._latencies.data.get(key)
+            if lat is None:
+                priced = (self.price(fixed.groups, job.cost),)
+                lat = self._latencies.get(key, lambda: priced)
+            task.lat = lat
             task.acc = (fixed.accuracy_units,)
         else:
-            task.lat = self.latencies(task.frontier, job)[task.first :]
-            task.acc = tuple(s.accuracy_units for s in task.frontier.strategies[task.first :])
+            frontier = task.frontier
+            lat = self._latencies.data.get((frontier.available, frontier.n, job.bucket))
+            task.lat = (lat if lat is not None else self.latencies(frontier, job))[task.first :]
+            task.acc = frontier.accuracy_units[task.first :]
         task.version = self.version
 
     def latencies(self, frontier: Frontier, job: Job[Any]) -> tuple[int, ...]:
@@ -179,13 +185,14 @@ class Pricer:
 
     def every_modality(self, available: Configuration, n: int, job: Job[Any]) -> Strategy:
         """Every available modality for every request (need not be on the frontier)."""
-
-        def make() -> Strategy:
+        key = (available, n, job.bucket)
+        strategy = self._every.data.get(key)
+        if strategy is None:
             groups = ((available, n),)
             cost = job.cost or self.cost
-            return Strategy(groups, cost.latency_us(groups), cost.accuracy_units(groups))
-
-        return self._every.get((available, n, job.bucket), make)
+            made = Strategy(groups, cost.latency_us(groups), cost.accuracy_units(groups))
+            strategy = self._every.get(key, lambda: made)
+        return strategy
 
     def merged_latency_us(self, tasks: Sequence[Task]) -> int:
         """Predicted latency of ``tasks`` run as one batch at their current options."""
@@ -236,12 +243,18 @@ class Pricer:
         :data:`CORRECTION_CLAMP`; returns True when prices moved (then :meth:`reprice`).
         """
         job = batch.tasks[0].job
-        cost = job.cost or self.cost
         groups = batch.merged.groups
-        predicted = self._parts.get((groups, job.bucket), lambda: cost.parts(groups))
+        key = (groups, job.bucket)
+        predicted = self._parts.data.get(key)
+        if predicted is None:
+            cost = job.cost or self.cost
+            predicted = self._parts.get(key, lambda: cost.parts(groups))
         raw = sum(predicted.values())
+        correction = self.correction
         if raw > 0:
-            corrected = sum(self.correction[p] * v for p, v in predicted.items())
+            corrected = 0.0  # summed in the parts' order, the same rounding every time
+            for part, value in predicted.items():
+                corrected += correction[part] * value
             self._measured = (batch, measured_us, corrected, raw)
         if parts_us is None:
             parts_us = {p: measured_us * v / raw for p, v in predicted.items()} if raw else {}
@@ -253,13 +266,15 @@ class Pricer:
                 # measurement is clamped to a factor of the current level, so the step is bounded
                 # but a lasting change of any size is followed.
                 self._measured_parts.add(part)
-                level = self.correction[part]
+                level = correction[part]
                 ratio = min(max(measured / value, level / CORRECTION_CLAMP), level * CORRECTION_CLAMP)
-                self.correction[part] = min(max((1 - alpha) * level + alpha * ratio, 1e-3), 1e6)
-        if any(abs(self.correction[p] / self._published[p] - 1) > 0.02 for p in predicted):
-            self._published = dict(self.correction)
-            self.stats.set_correction(self.correction)
-            return True
+                correction[part] = min(max((1 - alpha) * level + alpha * ratio, 1e-3), 1e6)
+        published = self._published
+        for part in predicted:
+            if abs(correction[part] / published[part] - 1) > 0.02:
+                self._published = dict(correction)
+                self.stats.set_correction(correction)
+                return True
         return False
 
     def handed_over(self, batch: Batch, now: float) -> bool:

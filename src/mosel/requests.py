@@ -64,7 +64,8 @@ class Requests:
                 :func:`group_by_presence`), or a size a sized modality cannot read.
         """
         spec = self.spec
-        tensors, available, n = check_inputs(inputs, spec, self.device())
+        device = self.device()
+        tensors, available, n = check_inputs(inputs, spec, device)
         tensors, groups, order = group_by_presence(tensors, available, n, present, spec)
         bucket = priced = None
         if self.sized:
@@ -73,14 +74,17 @@ class Requests:
             # Here, before the driver's lock: a bucket beyond the measured ones may reprice a plan.
             priced = self.plan_outside_lock(bucket)
         dims = self.batch_dims
+        key = []
+        for m, t in tensors.items():
+            key.append((m, trees.signature(t, dims[m])))
         return Job(
             n=n,
             available=available,
             arrival=arrival,
             slo=slo,
-            payload=Work(future, tensors, order),
+            payload=Work(future, tensors, order, device),
             groups=groups,
-            batch_key=tuple((m, trees.signature(t, dims[m])) for m, t in tensors.items()),
+            batch_key=tuple(key),
             bucket=bucket,
             priced=priced,
         )
@@ -146,44 +150,48 @@ def check_inputs(
     A modality's input is a tensor or a (nested) dict/tuple/list of tensors whose first dimension
     is the request dimension; None (or leaving the modality out) means "not available".
     """
-    if not isinstance(inputs, Mapping):
+    if type(inputs) is not dict and not isinstance(inputs, Mapping):
         raise InputError(
             f"inputs must map modality names to tensors, e.g. {{{spec.modalities[0]!r}: tensor}}, "
             f"got {type(inputs).__name__}"
         )
-    unknown = [k for k in inputs if k not in spec.branches]
-    if unknown:
-        raise InputError(
-            f"unknown modality {unknown[0]!r} in inputs; {spec.model_class} declares {list(spec.modalities)}"
-        )
+    branches = spec.branches
+    for key in inputs:
+        if key not in branches:
+            raise InputError(
+                f"unknown modality {key!r} in inputs; {spec.model_class} declares {list(spec.modalities)}"
+            )
     tensors: dict[str, Tree] = {}
     sizes: dict[str, int] = {}
+    dims = spec.batch_dims
     for m in spec.modalities:
         value = inputs.get(m)
         if value is None:
             continue
-        dim = spec.batch_dim(m)
+        dim = dims.get(m, 0)
         if isinstance(value, Tensor) and value.dim() > dim:
-            rows = int(value.shape[dim])
-        else:
-            try:
-                rows = trees.check(value, dim)
-            except trees.TreeError as exc:
-                kind = "a scalar" if isinstance(value, Tensor) else f"a {type(value).__name__}"
-                raise InputError(
-                    f"inputs[{m!r}] is {kind} mosel cannot split into requests: {exc}; it must be a "
-                    f"torch.Tensor (or a dict/tuple/list of tensors) whose dimension {dim} is the "
-                    f"request dimension"
-                ) from None
-        sizes[m] = rows
+            sizes[m] = value.shape[dim]
+            tensors[m] = value if value.device == device else value.to(device, non_blocking=True)
+            continue
+        try:
+            sizes[m] = trees.check(value, dim)
+        except trees.TreeError as exc:
+            kind = "a scalar" if isinstance(value, Tensor) else f"a {type(value).__name__}"
+            raise InputError(
+                f"inputs[{m!r}] is {kind} mosel cannot split into requests: {exc}; it must be a "
+                f"torch.Tensor (or a dict/tuple/list of tensors) whose dimension {dim} is the "
+                f"request dimension"
+            ) from None
         tensors[m] = trees.to_device(value, device)
     if not tensors:
         raise InputError(f"inputs hold none of the modalities {list(spec.modalities)}")
-    if len(set(sizes.values())) > 1:
-        raise InputError(
-            f"inputs disagree on the number of requests (each modality's batch dimension): {sizes}"
-        )
-    n = next(iter(sizes.values()))
+    counts = iter(sizes.values())
+    n = next(counts)
+    for rows in counts:
+        if rows != n:
+            raise InputError(
+                f"inputs disagree on the number of requests (each modality's batch dimension): {sizes}"
+            )
     if n == 0:
         raise InputError("inputs hold zero requests; the first dimension must be at least 1")
     return tensors, frozenset(tensors), n

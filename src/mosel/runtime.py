@@ -8,6 +8,7 @@ however many threads use the model first; a process forked from a serving one st
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import threading
@@ -117,7 +118,7 @@ class _ModelState:
                     model,
                     self.spec,
                     self.profile,
-                    lambda: self.device(model),
+                    functools.partial(self.device, model),
                     self.row_plans,
                     self.config,
                     stats=self.stats,

@@ -246,7 +246,7 @@ class Scheduler(CoreView):
                 task.key = (job.arrival, *task.key[1:])
             self.pricer.refresh(task)
             task.k = policy.initial(task, now, share)
-        cheapest_us = sum(t.lat[0] for t in tasks)
+        cheapest_us = tasks[0].lat[0] if len(tasks) == 1 else sum(t.lat[0] for t in tasks)
         late = now * 1e6 + self.pricer.tail.typical(cheapest_us) > job.deadline * 1e6
         if late and not job.best_effort and policy.refuse_late:
             stats.count("rejected_deadline")
@@ -344,7 +344,8 @@ class Scheduler(CoreView):
             merged = Strategy(order, cost.latency_us(order), cost.accuracy_units(order))
             self.stats.count("batches_merged")
             self.stats.count("jobs_in_merged_batches", len(tasks))
-        batch = Batch(tuple(tasks), tuple(t.strategy for t in tasks), merged, merged_latency, now)
+        strategies = (merged,) if len(tasks) == 1 else tuple(t.strategy for t in tasks)
+        batch = Batch(tuple(tasks), strategies, merged, merged_latency, now)
         for task in tasks:
             job = task.job
             if math.isnan(job.started):

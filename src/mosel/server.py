@@ -20,7 +20,6 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
-import contextlib
 import functools
 import importlib
 import importlib.util
@@ -30,7 +29,7 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -161,7 +160,8 @@ class Server:
     def infer(self, inputs: object, slo: SLO, present: object = None) -> Result:
         """Serve a job and wait for it; on an idle model it runs on the calling thread."""
         job = self.requests.job(inputs, slo, present, self.clock.now())
-        if id(self) in _running():  # called back from this model's own batch: run it here
+        running = _running()
+        if id(self) in running:  # called back from this model's own batch: run it here
             return self._inline(job)
         batch: Batch | None = None
         try:
@@ -178,7 +178,7 @@ class Server:
             if batch is None:
                 waiting.add_done_callback(functools.partial(self._on_cancel, job=job))
                 return waiting.result()
-            done, interrupt = self._execute(batch)
+            done, interrupt = self._execute(batch, running)
         except BaseException as exc:  # e.g. Ctrl-C: the job must not stay in flight or queued
             if not isinstance(exc, Exception):
                 self._withdraw(job, batch, exc)
@@ -307,7 +307,9 @@ class Server:
             self._poke_watchdog()
         return batch
 
-    def _execute(self, batch: Batch) -> tuple[list[Job[Work]], BaseException | None]:
+    def _execute(
+        self, batch: Batch, running: set[int] | None = None
+    ) -> tuple[list[Job[Work]], BaseException | None]:
         """Run a batch outside the lock, isolating faults, and report its completion.
 
         Returns the finished jobs (failed ones are posted for :meth:`_drain`), and a
@@ -315,15 +317,18 @@ class Server:
         code raised one on the caller's own thread: the caller re-raises it after the scheduler
         has been told. On the executor thread such an exception fails only the job it belongs to.
         """
-        timings: dict[str, float] | None = {} if self.device().type == "cpu" else None
         errors: dict[int, BaseException] = {}
+        timings: dict[str, float] | None = None
         interrupt: BaseException | None = None
-        running = _running()
+        running = _running() if running is None else running
         nested = id(self) in running
         running.add(id(self))
         started = time.perf_counter()
         try:
-            _, errors = run_batch(self.model, self.spec, batch, self.row_plans, timings, propagate=not nested)
+            device = batch.tasks[0].job.payload.device
+            _, errors, timings = run_batch(
+                self.model, self.spec, batch, self.row_plans, device, propagate=not nested
+            )
         except BaseException as exc:  # the model's code raised SystemExit, KeyboardInterrupt, ...
             interrupt = exc
             errors = dict.fromkeys(range(len(batch.tasks)), own_error(exc))
@@ -342,9 +347,7 @@ class Server:
                 len(errors),
             )
         with _deferred_interrupts(), self.lock:
-            done, failures = self.scheduler.complete(
-                batch, self.clock.now(), measured_us, timings if not errors else None, errors
-            )
+            done, failures = self.scheduler.complete(batch, self.clock.now(), measured_us, timings, errors)
             self._post(failures)
             self.cond.notify()
         return done, interrupt
@@ -587,32 +590,50 @@ class _Future(concurrent.futures.Future[Result]):
 # swap, six swaps per served call (measured with benchmarks/overhead.py).
 _raw_signal: Any = importlib.import_module("_signal") if importlib.util.find_spec("_signal") else signal
 _SIGINT = int(signal.SIGINT)
+_main_ident = threading.main_thread().ident
+"""The thread Python runs signal handlers on (after a fork: the thread that forked)."""
 
 
-@contextlib.contextmanager
-def _deferred_interrupts() -> Iterator[None]:
+def _forked() -> None:
+    global _main_ident  # noqa: PLW0603 (one value per process)
+    _main_ident = threading.main_thread().ident
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+
+class _deferred_interrupts:
     """On the main thread, hold Ctrl-C (``SIGINT``) back until the block is done.
 
     Scheduler state changes under the lock are short and must not be cut in half: an interrupt
     arriving meanwhile is raised (or handed to the previous handler) right after the block.
-    Elsewhere (other threads, no signals) this does nothing.
+    Elsewhere (other threads, no signals) this does nothing. A class rather than a generator:
+    it brackets every lock section of every call.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    try:
-        previous = _raw_signal.getsignal(_SIGINT)
-        if previous is None:  # a handler installed from C: Python cannot put it back
-            raise TypeError
-        held: list[tuple[int, Any]] = []
-        _raw_signal.signal(_SIGINT, lambda signum, frame: held.append((signum, frame)))
-    except (ValueError, TypeError):  # not the main interpreter, or an unusual handler
-        yield
-        return
-    try:
-        yield
-    finally:
+
+    __slots__ = ("_held", "_previous")
+
+    def __enter__(self) -> None:
+        self._previous: Any = None
+        if threading.get_ident() != _main_ident:
+            return
+        try:
+            previous = _raw_signal.getsignal(_SIGINT)
+            if previous is None:  # a handler installed from C: Python cannot put it back
+                return
+            held: list[tuple[int, Any]] = []
+            _raw_signal.signal(_SIGINT, lambda signum, frame: held.append((signum, frame)))
+        except (ValueError, TypeError):  # not the main interpreter, or an unusual handler
+            return
+        self._held, self._previous = held, previous
+
+    def __exit__(self, *exc: object) -> None:
+        previous = self._previous
+        if previous is None:
+            return
         _raw_signal.signal(_SIGINT, previous)
+        held = self._held
         if held:
             if callable(previous):
                 previous(*held[0])

@@ -13,6 +13,7 @@ execution times from, and what a real run records for its replay.
 
 from __future__ import annotations
 
+import array
 import bisect
 import math
 import random
@@ -22,7 +23,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
-import numpy.typing as npt
 
 from mosel.plan import json_dict, json_field, json_float, json_list
 
@@ -38,7 +38,7 @@ RECORD: Final = 4096
 MIN_SAMPLES: Final = 32
 """Batches needed before measured residuals replace the profile's prior."""
 REFIT_EVERY: Final = 32
-"""The margin is recomputed every so many batches (quantiles over the window cost about 150 µs)."""
+"""The margin is recomputed every so many batches (quantiles sort the window)."""
 _Z95: Final = 1.6448536269514722
 
 
@@ -188,7 +188,9 @@ class TailModel:
         self.median_overhead_us = 0.0
         self._ratios = _Ring(WINDOW)
         self._overheads = _Ring(WINDOW)
-        self._record = np.zeros((3, RECORD))  # raw ratio, overhead, start time
+        # The last RECORD batches: raw ratio, overhead, start time (plain arrays: one batch's
+        # record costs three item stores, not a numpy column assignment).
+        self._record = tuple(array.array("d", bytes(8 * RECORD)) for _ in range(3))
         self._record_count = 0
 
     def observe(self, ratio: float, raw_ratio: float, overhead_us: float, at_s: float) -> bool:
@@ -198,12 +200,14 @@ class TailModel:
         overhead, and when it started. Returns True when the margin or the overhead moved
         enough to re-read prices (2%, and 2 µs for the overhead).
         """
-        self._record[:, self._record_count % RECORD] = (raw_ratio, overhead_us, at_s)
+        i = self._record_count % RECORD
+        raw, overheads, times = self._record
+        raw[i], overheads[i], times[i] = raw_ratio, overhead_us, at_s
         self._record_count += 1
         self._overheads.add(overhead_us)
         if not self._ratios.add(ratio):
             return False
-        margin = max(self._ratios.quantile(self.quantile), 1.0) if self.quantile > 0.5 else 1.0
+        margin = max(self._ratios.quantiles((self.quantile,))[0], 1.0) if self.quantile > 0.5 else 1.0
         overhead, median_overhead = self._overheads.quantiles((self.quantile, 0.5))
         moved = abs(margin / self.margin - 1.0) > 0.02 or abs(overhead - self.overhead_us) > max(
             2.0, 0.02 * self.overhead_us
@@ -228,9 +232,8 @@ class TailModel:
         count = self._record_count
         if not count:
             return None
-        record = (
-            self._record[:, :count] if count <= RECORD else np.roll(self._record, -(count % RECORD), axis=1)
-        )
+        full = np.array([np.frombuffer(column) for column in self._record])
+        record = full[:, :count] if count <= RECORD else np.roll(full, -(count % RECORD), axis=1)
         record = record[:, np.argsort(record[2], kind="stable")]
         ratios, overheads, times = (tuple(float(v) for v in row) for row in record)
         return Residuals(ratios, overheads, times)
@@ -242,7 +245,7 @@ class _Ring:
     __slots__ = ("count", "data")
 
     def __init__(self, size: int) -> None:
-        self.data = np.zeros(size)
+        self.data = array.array("d", bytes(8 * size))
         self.count = 0
 
     def add(self, value: float) -> bool:
@@ -250,17 +253,27 @@ class _Ring:
         self.count += 1
         return self.count >= MIN_SAMPLES and self.count % REFIT_EVERY == 0
 
-    def values(self) -> npt.NDArray[np.float64]:
-        if self.count <= len(self.data):
-            return self.data[: self.count]
-        return np.roll(self.data, -(self.count % len(self.data)))
+    def quantiles(self, qs: tuple[float, ...]) -> tuple[float, ...]:
+        """Quantiles of the values held, exactly as ``numpy.quantile`` (method "linear") gives them."""
+        ordered = sorted(self.data[: min(self.count, len(self.data))])
+        return tuple(_quantile(ordered, q) for q in qs)
 
-    def quantile(self, q: float) -> float:
-        return float(np.quantile(self.data[: min(self.count, len(self.data))], q))
 
-    def quantiles(self, qs: tuple[float, float]) -> tuple[float, float]:
-        low, high = np.quantile(self.data[: min(self.count, len(self.data))], qs)
-        return float(low), float(high)
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    """``numpy.quantile(values, q)`` of sorted values, bit for bit, without numpy's per-call cost.
+
+    Linear interpolation between the order statistics around ``(n - 1) * q``, in numpy's own
+    arithmetic (its ``_lerp``); ``tests/unit/test_tail.py`` compares the two.
+    """
+    n = len(ordered)
+    virtual = (n - 1) * q
+    if virtual >= n - 1:
+        return float(ordered[-1])
+    low = math.floor(virtual)
+    gamma = virtual - low
+    a, b = ordered[low], ordered[low + 1]
+    diff = b - a
+    return float(b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma)
 
 
 def merge(samples: Iterable[Residuals]) -> Residuals:

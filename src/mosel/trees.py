@@ -116,7 +116,8 @@ def signature(tree: Tree, dim: int = 0) -> object:
     That is the structure, and each leaf's dtype, device and shape apart from ``dim``.
     """
     if isinstance(tree, Tensor):
-        return (tree.dtype, tree.device, tree.shape[:dim] + tree.shape[dim + 1 :])
+        shape = tree.shape
+        return (tree.dtype, tree.device, shape[1:] if dim == 0 else shape[:dim] + shape[dim + 1 :])
     items, spec = optree.tree_flatten(tree, none_is_leaf=False, namespace=NAMESPACE)
     return (spec, tuple((t.dtype, t.device, t.shape[:dim] + t.shape[dim + 1 :]) for t in items))
 

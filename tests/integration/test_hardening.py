@@ -632,11 +632,11 @@ def test_an_interrupt_between_admission_and_execution_leaves_the_model_usable(
     real = server.Server._execute
     calls = {"n": 0}
 
-    def interrupted(self: server.Server, batch: object) -> object:
+    def interrupted(self: server.Server, batch: object, *rest: object) -> object:
         calls["n"] += 1
         if calls["n"] == 1:
             raise KeyboardInterrupt  # after start_alone, before the model runs
-        return real(self, batch)  # type: ignore[arg-type]
+        return real(self, batch, *rest)  # type: ignore[arg-type]
 
     monkeypatch.setattr(server.Server, "_execute", interrupted)
     with pytest.raises(KeyboardInterrupt):

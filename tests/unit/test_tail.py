@@ -7,9 +7,13 @@ import math
 import random
 import statistics
 
+import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import mosel
+from mosel import tail
 from mosel.plan import ACCURACY_SCALE
 from mosel.scheduler import Job, Scheduler, SchedulerConfig
 from mosel.tail import MIN_SAMPLES, TailModel, merge, profile_sigma
@@ -252,3 +256,11 @@ def test_a_simulated_batch_takes_its_drawn_ratio_and_overhead() -> None:
     everything = frozenset(profile.modalities)
     expected_s = (2.0 * profile.plan.frontier(everything, 1).best.latency_us + 50.0) / 1e6
     assert record.finish_s == pytest.approx(expected_s)
+
+
+@given(
+    st.lists(st.floats(min_value=1e-6, max_value=1e9, allow_nan=False), min_size=1, max_size=300),
+    st.sampled_from((0.0, 0.5, 0.6, 0.9, 0.95, 0.99, 1.0)),
+)
+def test_the_windows_quantiles_are_numpys_bit_for_bit(values: list[float], q: float) -> None:
+    assert tail._quantile(sorted(values), q) == float(np.quantile(np.array(values), q))

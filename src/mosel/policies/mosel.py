@@ -149,7 +149,10 @@ class Mosel(Policy):
     def upgrade(self, tasks: list[Task], now: float) -> None:
         """Raise the batch's options, most accuracy per microsecond first, within the limits."""
         core = self.core
-        if all(t.k >= len(t.lat) - 1 for t in tasks):
+        for task in tasks:
+            if task.k < len(task.lat) - 1:
+                break
+        else:
             return
         self.refill(now)
         batch = core.batch_latency(tasks[0].job.cost)
