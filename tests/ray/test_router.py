@@ -223,7 +223,7 @@ def test_a_fallback_is_counted_as_requests_without_a_cost(router: SlackRequestRo
     assert len(ranked(router, stale, pending)) == 1  # power of two
     router.on_request_routed(pending, "b", None)  # type: ignore[arg-type]
     assert router.slack._sent.queued_requests(router.slots["b"], None) == 3
-    assert router.slack._sent.sent[router.slots["b"]] == [(NOW, 0.0, 3)]
+    assert router.slack._sent.entries(router.slots["b"]) == [(NOW, 0.0, 3)]
 
 
 @pytest.mark.usefixtures("frozen")
