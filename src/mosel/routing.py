@@ -385,7 +385,7 @@ class SlackRouter:
             raise InputError(
                 f"SlackRouter stale_after_s must be a positive number of seconds, got {stale_after_s!r}"
             )
-        if isinstance(probe_jobs, bool) or not isinstance(probe_jobs, numbers.Integral) or probe_jobs < 0:
+        if isinstance(probe_jobs, bool) or not isinstance(probe_jobs, int) or probe_jobs < 0:
             raise InputError(
                 f"SlackRouter probe_jobs must be an int >= 0 (jobs per unknown replica), got {probe_jobs!r}"
             )
