@@ -22,12 +22,16 @@ Needs the ``ray`` extra (``pip install 'mosel[ray]'``); the rest of mosel never 
 - Errors: mosel's typed errors come back as the same types (:class:`Client` unwraps Ray's
   ``RayTaskError``); Serve's back-pressure (``max_queued_requests``) becomes
   :class:`mosel.QueueFullError`; a replica that dies under a job is retried on another while
-  the deadline allows, then :class:`mosel.ReplicaError`.
+  the deadline allows, then :class:`mosel.ReplicaError`. Every wait of :class:`Client` ends by
+  the deadline plus its ``grace_ms`` (:class:`mosel.DeadlineError`), or ``timeout_s`` without
+  one; a cancelled caller cancels its job, which leaves the replica's queue.
 - Routing: :class:`SlackRequestRouter`, a Ray Serve ``RequestRouter`` that reads the
   :class:`mosel.Load` each replica reports (``record_routing_stats``) and lets
   :class:`mosel.routing.SlackRouter` pick the replica where the request is predicted to get
-  the highest accuracy within its deadline; with stale or missing statistics it falls back to
-  Serve's power of two choices.
+  the highest accuracy within its deadline; a replica without a fresh report gets bounded
+  probe traffic; with no fresh statistics at all it falls back to Serve's power of two
+  choices. :func:`http_ingress` puts an HTTP front door before the deployment whose requests
+  the slack router places (Serve's proxy alone routes HTTP by Serve's own router).
 - Autoscaling: replicas report mosel's own signals (``record_autoscaling_stats``), which
   :class:`DegradationPolicy`, a Serve custom autoscaling policy, turns into a replica count.
 

@@ -11,7 +11,7 @@ behind a real deployment (wall clock; ``now_s`` and :attr:`Load.at_s` are then `
 - :class:`SlackRouter`: the replica where the request is predicted to get the highest accuracy
   within its deadline, from the profile's strategy frontiers priced at each replica's reported
   latency correction, margin, overhead and drain, plus what the router itself sent there since
-  the report.
+  the report; replicas without a fresh report get bounded probe traffic.
 """
 
 from __future__ import annotations
