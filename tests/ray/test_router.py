@@ -250,7 +250,9 @@ def test_ties_slack_counts_once_per_routed_job_however_often_it_ranks(router: Sl
 def test_the_requests_awaiting_the_hook_are_bounded(
     router: SlackRequestRouter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mosel.ray, "_MAX_EXPECTED", 3)
+    # The globals the method reads: once a deployment with this router exists in the process,
+    # Serve has cloudpickled the class by value and its methods read a copy of mosel.ray's.
+    monkeypatch.setitem(SlackRequestRouter._expect.__globals__, "_MAX_EXPECTED", 3)
     replicas = [FakeReplica("a", reported(0.0))]
     pendings = [FakePending([Request(tiny_inputs(1))]) for _ in range(5)]
     for pending in pendings:
