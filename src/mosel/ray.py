@@ -22,12 +22,16 @@ Needs the ``ray`` extra (``pip install 'mosel[ray]'``); the rest of mosel never 
 - Errors: mosel's typed errors come back as the same types (:class:`Client` unwraps Ray's
   ``RayTaskError``); Serve's back-pressure (``max_queued_requests``) becomes
   :class:`mosel.QueueFullError`; a replica that dies under a job is retried on another while
-  the deadline allows, then :class:`mosel.ReplicaError`.
+  the deadline allows, then :class:`mosel.ReplicaError`. Every wait of :class:`Client` ends by
+  the deadline plus its ``grace_ms`` (:class:`mosel.DeadlineError`), or ``timeout_s`` without
+  one; a cancelled caller cancels its job, which leaves the replica's queue.
 - Routing: :class:`SlackRequestRouter`, a Ray Serve ``RequestRouter`` that reads the
   :class:`mosel.Load` each replica reports (``record_routing_stats``) and lets
   :class:`mosel.routing.SlackRouter` pick the replica where the request is predicted to get
-  the highest accuracy within its deadline; with stale or missing statistics it falls back to
-  Serve's power of two choices.
+  the highest accuracy within its deadline; a replica without a fresh report gets bounded
+  probe traffic; with no fresh statistics at all it falls back to Serve's power of two
+  choices. :func:`http_ingress` puts an HTTP front door before the deployment whose requests
+  the slack router places (Serve's proxy alone routes HTTP by Serve's own router).
 - Autoscaling: replicas report mosel's own signals (``record_autoscaling_stats``), which
   :class:`DegradationPolicy`, a Serve custom autoscaling policy, turns into a replica count.
 
@@ -60,7 +64,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 from torch import Tensor, nn
 
 from mosel import methods
-from mosel.errors import DeadlineError, MoselError, QueueFullError, ReplicaError
+from mosel.errors import DeadlineError, InputError, MoselError, QueueFullError, ReplicaError
 from mosel.execution import Result
 from mosel.profiles import Profile
 from mosel.routing import RouteRequest, SlackRouter
@@ -73,11 +77,13 @@ __all__ = [
     "LOAD_KEY",
     "Client",
     "DegradationPolicy",
+    "HTTPIngress",
     "MoselReplica",
     "Request",
     "SlackRequestRouter",
     "autoscaling_config",
     "deployment",
+    "http_ingress",
 ]
 
 _log = logging.getLogger("mosel")
@@ -87,6 +93,8 @@ ProfileSource = str | os.PathLike[str] | Profile | Callable[[nn.Module], Profile
 """A saved profile's path, a profile, or a function that profiles the replica's model on start-up."""
 _MAX_EXPECTED: Final = 4096
 """Requests ranked and not yet routed that the router remembers (the oldest are forgotten)."""
+_FORGET_AFTER_S: Final = 60.0
+"""The router forgets a replica that has been no candidate for this long (at least 10 x stale_after_s)."""
 _REPLICA_LOST: Final = (
     ray.exceptions.ActorDiedError,
     ray.exceptions.ActorUnavailableError,
@@ -258,16 +266,15 @@ class MoselReplica:
 # ---------------------------------------------------------------------------------- the router
 
 
-def _fresh_load(routing_stats: Mapping[str, Any] | None, now_s: float, stale_after_s: float) -> Load | None:
-    """The replica's reported load, or None when it has not reported or the report is stale."""
+def _reported_load(routing_stats: Mapping[str, Any] | None) -> Load | None:
+    """The replica's last reported load, whatever its age (None: none, or unreadable)."""
     data = (routing_stats or {}).get(LOAD_KEY)
     if data is None:
         return None
     try:
-        reported = Load.from_json(data)
+        return Load.from_json(data)
     except MoselError:
         return None
-    return reported if reported.age_s(now_s) <= stale_after_s else None
 
 
 class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
@@ -275,15 +282,22 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
 
     Every replica reports its :class:`mosel.Load` (predicted time until its queue drains, its
     latency margin and overhead, its recent degradation) through Serve's routing stats. For
-    each request the router hands the fresh loads to :class:`mosel.routing.SlackRouter`, the
-    same code the simulated scale-out uses, which predicts where the job gets the highest
-    accuracy within its remaining deadline. The replicas predicted best are Serve's first
-    choices (Serve takes the one with the fewest requests in flight; ``ties="slack"``: only
-    SlackRouter's own pick) and the others follow, so a replica whose ``max_ongoing_requests``
-    is reached passes the request on. When no replica has reported within ``stale_after_s``
-    (start-up, a stalled controller) or the request is not a :class:`Request`, it falls back to Serve's
-    power of two choices (two random replicas; Serve probes their queue lengths and takes the
-    shorter).
+    each request the router hands the loads to :class:`mosel.routing.SlackRouter`, the same
+    code the simulated scale-out uses, which predicts where the job gets the highest accuracy
+    within its remaining deadline. The replicas predicted best are Serve's first choices (Serve
+    takes the one with the fewest requests in flight; ``ties="slack"``: only SlackRouter's own
+    pick) and the others follow, so a replica whose ``max_ongoing_requests`` is reached passes
+    the request on.
+
+    A replica whose load is missing or older than ``stale_after_s`` (one Serve just started,
+    one whose reports stopped) is unknown, not absent: while another replica has a fresh load,
+    SlackRouter prices it as a probe (optimistically) and it takes at most ``probe_jobs`` jobs
+    per ``stale_after_s`` while a known replica is predicted on time, and every job it is
+    predicted to finish first when every known replica is predicted late. A load stamped
+    ahead of this process's clock (the replica's host clock runs ahead) reads as taken when the
+    router first saw it. When no replica has a fresh load (start-up, a stalled controller) or
+    the request is not a :class:`Request`, it falls back to Serve's power of two choices (two
+    random replicas; Serve probes their queue lengths and takes the shorter).
 
     The replica chosen for a request goes to that request (Serve's default matching by request
     id; not FIFO, which would hand a replica chosen for one job's deadline to the oldest waiting
@@ -292,10 +306,13 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
     records it with SlackRouter (:meth:`mosel.routing.SlackRouter.record`) at the cost it
     predicted there, so until the replica's next report its drain includes the router's own
     sends and a burst spreads instead of herding on the replica that looked emptiest. Under Ray
-    Client Serve skips its rejection protocol and that hook: there only ``ties="slack"`` counts
-    (its single pick, when it ranks). Configure it with :func:`deployment` (``router="slack"``);
-    its keyword arguments arrive in :meth:`initialize_state` from
-    ``RequestRouterConfig.request_router_kwargs``.
+    Client Serve skips its rejection protocol and that hook: there the router counts a job
+    when it first ranks it, where it will go: SlackRouter's single pick (``ties="slack"``), or
+    an unknown replica it ranks alone first (a probe); other ``ties="serve"`` jobs are not
+    counted. The router's state is bounded: what SlackRouter keeps (see there), requests
+    awaiting the hook (4096 at most), and the replicas it has seen, forgotten a minute after
+    they leave. Configure it with :func:`deployment` (``router="slack"``); its keyword
+    arguments arrive in :meth:`initialize_state` from ``RequestRouterConfig.request_router_kwargs``.
     """
 
     def initialize_state(
@@ -304,18 +321,21 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
         stale_after_s: float = 1.0,
         seed: int | None = None,
         ties: Literal["serve", "slack"] = "serve",
+        probe_jobs: int = 4,
     ) -> None:
         """Set the router up (Serve calls it once, with ``request_router_kwargs``).
 
         Args:
             profile: the profile the replicas serve with: a path or its JSON form.
-            stale_after_s: a replica's load older than this is ignored.
+            stale_after_s: a replica whose load is older than this is unknown.
             seed: seeds the random choices (ties, the fallback).
             ties: ``"serve"``: every replica SlackRouter predicts to give the best accuracy on
                 time is a first choice, and Serve takes the one with the fewest requests in
                 flight (it counts them exactly); ``"slack"``: SlackRouter's single pick (ties
                 by its own estimate of the drain since each report), as in the simulation.
                 Either way a routed job is added to that estimate for the replica it went to.
+            probe_jobs: jobs an unknown replica may hold while a known one is predicted on
+                time (see :class:`mosel.routing.SlackRouter`).
         """
         if ties not in ("serve", "slack"):
             raise ValueError(f"ties must be 'serve' or 'slack', got {ties!r}")
@@ -325,8 +345,12 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
         self.profile = Profile.load(profile) if isinstance(profile, str) else Profile.from_json(dict(profile))
         self.stale_after_s = float(stale_after_s)
         self.rng = random.Random(seed)
-        self.slack = SlackRouter(self.profile, stale_after_s=self.stale_after_s)
+        self.slack = SlackRouter(self.profile, stale_after_s=self.stale_after_s, probe_jobs=probe_jobs)
         self.slots: dict[ReplicaID, int] = {}  # a stable index per replica, for SlackRouter's accounting
+        self.free: list[int] = []  # indices of forgotten replicas, to reuse
+        self.width = 0  # indices handed out so far
+        self.absent_since: dict[ReplicaID, float] = {}  # known replicas that were no candidate since
+        self.forget_after_s = max(_FORGET_AFTER_S, 10.0 * self.stale_after_s)
         # Serve's id of each request ranked and not yet routed -> (predicted cost per replica, rows)
         self.expected: dict[str, tuple[dict[ReplicaID, float], int]] = {}
         self.ranked: dict[str, None] = {}  # requests already counted at ranking (Ray Client), oldest first
@@ -348,16 +372,19 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
             return []
         now_s = time.time()
         request = _request_of(pending_request)
-        first, costs = self._choose(candidate_replicas, request, now_s)
+        first, costs, probes = self._choose(candidate_replicas, request, now_s)
         if request is not None:
             if getattr(self, "_use_replica_queue_len_cache", True):
                 self._expect(pending_request, costs, request.rows)
-            elif self.ties == "slack" and first and self._first_ranking(pending_request):
+            elif first and (self.ties == "slack" or any(r.replica_id in probes for r in first)):
                 # Serve runs without its rejection protocol (Ray Client) and never calls
-                # on_request_routed: count SlackRouter's single pick now, where it will go
-                # (once: Serve may rank the same request again while every replica is full).
-                chosen = first[0].replica_id
-                self.slack.record(self.slots[chosen], now_s, costs.get(chosen), request.rows)
+                # on_request_routed: count a single pick now, where it will go (once: Serve may
+                # rank the same request again while every replica is full).
+                if self.ties == "serve":
+                    first = [self.rng.choice([r for r in first if r.replica_id in probes])]
+                if self._first_ranking(pending_request):
+                    chosen = first[0].replica_id
+                    self.slack.record(self._slot(chosen), now_s, costs.get(chosen), request.rows)
         if not first:
             self.decisions["fallback"] += 1
             return [self.rng.sample(candidate_replicas, min(2, len(candidate_replicas)))]
@@ -378,10 +405,34 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
             return
         costs, rows = expected
         try:
-            slot = self.slots.setdefault(replica_id, len(self.slots))
-            self.slack.record(slot, time.time(), costs.get(replica_id), rows)
+            self.slack.record(self._slot(replica_id), time.time(), costs.get(replica_id), rows)
         except Exception:  # never fail a request Serve has already sent over the router's books
             _log.exception("mosel.ray: could not count a job sent to %s", replica_id)
+
+    def _slot(self, replica_id: ReplicaID) -> int:
+        """The replica's index in SlackRouter's books (a new one, or a forgotten one's, if new)."""
+        slot = self.slots.get(replica_id)
+        if slot is None:
+            if self.free:
+                slot = self.free.pop()
+            else:
+                slot, self.width = self.width, self.width + 1
+            self.slots[replica_id] = slot
+        return slot
+
+    def _forget_the_gone(self, present: Mapping[ReplicaID, Any], now_s: float) -> None:
+        """Forget the replicas that have been no candidate for ``forget_after_s`` (they left)."""
+        for replica_id in present:
+            self.absent_since.pop(replica_id, None)
+        if len(present) == len(self.slots):
+            return
+        for replica_id in [r for r in self.slots if r not in present]:
+            since = self.absent_since.setdefault(replica_id, now_s)
+            if now_s - since > self.forget_after_s:
+                slot = self.slots.pop(replica_id)
+                del self.absent_since[replica_id]
+                self.slack.forget(slot)
+                self.free.append(slot)
 
     def _first_ranking(self, pending: PendingRequest | None) -> bool:
         """Is this the first time the router ranks this request (by Serve's request id)?"""
@@ -407,43 +458,39 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
 
     def _choose(
         self, candidates: list[RunningReplica], request: Request | None, now_s: float
-    ) -> tuple[list[RunningReplica] | None, dict[ReplicaID, float]]:
-        """SlackRouter's first choices among the candidates, and the request's cost on each.
+    ) -> tuple[list[RunningReplica] | None, dict[ReplicaID, float], set[ReplicaID]]:
+        """SlackRouter's first choices among the candidates, the request's cost on each, the probes.
 
         The first choices are None to fall back to power of two; the costs are SlackRouter's
-        predicted costs of the request on each candidate it priced.
+        predicted costs of the request on each candidate it priced; the probes are the
+        candidates without a fresh load that it priced.
         """
         if request is None:
-            return None, {}
+            return None, {}, set()
         by_id = {r.replica_id: r for r in candidates}
-        for replica_id in by_id:
-            self.slots.setdefault(replica_id, len(self.slots))
-        loads: list[Load | None] = [None] * len(self.slots)
-        for replica_id, slot in self.slots.items():
-            replica = by_id.get(replica_id)
-            if replica is not None:
-                loads[slot] = _fresh_load(replica.routing_stats, now_s, self.stale_after_s)
-        if all(x is None for x in loads):
-            return None, {}
-        replica_at = {slot: by_id[i] for i, slot in self.slots.items() if i in by_id}
+        self._forget_the_gone(by_id, now_s)
+        replica_at = {self._slot(replica_id): replica for replica_id, replica in by_id.items()}
+        loads: list[Load | None] = [None] * self.width
+        for slot, replica in replica_at.items():
+            loads[slot] = _reported_load(replica.routing_stats)
         try:
             routed = self._route_request(request, now_s)
-            predictions = self.slack.predict(loads, routed, now_s)
+            predictions = self.slack.predict(loads, routed, now_s, replicas=replica_at)
         except MoselError:  # a bad SLO or inputs: the replica raises the typed error to the caller
-            return None, {}
-        known = [(slot, p) for slot, p in enumerate(predictions) if p is not None and slot in replica_at]
-        costs = {replica_at[slot].replica_id: p.cost_ms for slot, p in known}
+            return None, {}, set()
+        priced = [(slot, p) for slot, p in enumerate(predictions) if p is not None]
+        costs = {replica_at[slot].replica_id: p.cost_ms for slot, p in priced}
+        probes = {replica_at[slot].replica_id for slot, p in priced if not p.known}
+        if not any(p.known for _, p in priced):  # no fresh load: power of two
+            return None, costs, probes
         if self.ties == "slack":
-            chosen = replica_at.get(self.slack.pick(loads, predictions, self.rng))
-            return (None if chosen is None else [chosen]), costs
-        if not known:
-            return None, costs
-        meeting = [(slot, p) for slot, p in known if p.meets]
+            return [replica_at[self.slack.pick(loads, predictions, self.rng)]], costs, probes
+        meeting = [(slot, p) for slot, p in priced if p.meets]
         if meeting:
             top = max(p.accuracy for _, p in meeting)
-            return [replica_at[slot] for slot, p in meeting if p.accuracy >= top - 1e-9], costs
-        first = min(p.finish_ms for _, p in known)
-        return [replica_at[slot] for slot, p in known if p.finish_ms <= first], costs
+            return [replica_at[slot] for slot, p in meeting if p.accuracy >= top - 1e-9], costs, probes
+        first = min(p.finish_ms for _, p in priced)
+        return [replica_at[slot] for slot, p in priced if p.finish_ms <= first], costs, probes
 
     def _route_request(self, request: Request, now_s: float) -> RouteRequest:
         modalities = self.profile.modalities
@@ -574,6 +621,7 @@ def deployment(
     ray_actor_options: Mapping[str, Any] | None = None,
     seed: int | None = None,
     ties: Literal["serve", "slack"] = "serve",
+    probe_jobs: int = 4,
 ) -> serve.Application:
     """A Ray Serve application serving ``factory()``'s model with mosel, one scheduler per replica.
 
@@ -594,7 +642,8 @@ def deployment(
             two choices.
         router_profile: the profile the router prices requests with; default ``profile`` (a
             function ``profile`` needs one given here for the slack router).
-        stale_after_s: the router ignores a replica's load older than this.
+        stale_after_s: a replica whose load is older than this is unknown to the slack router
+            (it gets bounded probe traffic; see :class:`SlackRequestRouter`).
         stats_period_s: how often Serve asks each replica for its load; default 0.5 s with
             the slack router, Serve's own (10 s) with Serve's router, which does not read it.
         max_ongoing_requests: jobs one replica holds at once (running and in its mosel queue);
@@ -607,6 +656,8 @@ def deployment(
         seed: seeds the slack router's random choices (ties, the fallback).
         ties: how the slack router breaks ties between replicas predicted equally good (see
             :meth:`SlackRequestRouter.initialize_state`).
+        probe_jobs: jobs the slack router sends a replica without a fresh load while another
+            is predicted on time (see :class:`mosel.routing.SlackRouter`).
     """
     if isinstance(profile, Profile):
         source: Any = profile.to_json()
@@ -654,6 +705,7 @@ def deployment(
                 "stale_after_s": stale_after_s,
                 "seed": seed,
                 "ties": ties,
+                "probe_jobs": probe_jobs,
             },
             **stats,
         )
@@ -662,23 +714,247 @@ def deployment(
     return serve.deployment(MoselReplica).options(**options).bind(factory, source, scheduler)
 
 
+# ---------------------------------------------------------------------------------- HTTP
+
+
+class HTTPIngress:
+    """A Serve ingress deployment: mosel's ``POST /predict`` in front of a mosel deployment.
+
+    Build it with :func:`http_ingress`. Serve's HTTP proxy routes a request to an ingress
+    replica with Serve's own router (the request is opaque bytes to it); the ingress decodes
+    it and calls the mosel deployment through its handle with a :class:`Request`, so that
+    :class:`SlackRequestRouter` picks the mosel replica, and the time before (upstream, the
+    proxy, the ingress) is charged to the deadline. The routes and bodies are those of
+    :mod:`mosel.http` (``docs/http.md``): ``POST /predict`` and ``GET /healthz``; a
+    replica's ``/metrics`` and ``/readyz`` are not served here (each mosel replica reports
+    through Serve). A client that disconnects cancels the job, which leaves its replica's
+    queue; the wait for an answer is bounded as :class:`Client` bounds it.
+
+    Args:
+        model: the mosel deployment's handle (Serve passes it for the bound application).
+        profile: the profile's JSON form (inputs are decoded with its schema).
+        timeout_s: the :class:`Client` bound without a deadline.
+        grace_ms: the :class:`Client` grace past a deadline.
+    """
+
+    def __init__(
+        self,
+        model: DeploymentHandle,
+        profile: Mapping[str, Any],
+        timeout_s: float = 60.0,
+        grace_ms: float = 100.0,
+    ) -> None:
+        self.client = Client(model, timeout_s=timeout_s, grace_ms=grace_ms)
+        self.profile = Profile.from_json(dict(profile))
+
+    def __serve_build_asgi_app__(self) -> Any:
+        """The FastAPI app (Serve calls this on each ingress replica, after the constructor)."""
+        from fastapi import FastAPI  # noqa: PLC0415  (Ray Serve ships FastAPI; mosel.http needs it too)
+        from fastapi import Request as HTTPRequest  # noqa: PLC0415
+        from fastapi.responses import JSONResponse  # noqa: PLC0415
+
+        from mosel import http  # noqa: PLC0415
+
+        app = FastAPI(title="mosel on Ray Serve")
+
+        async def predict(request: HTTPRequest) -> Any:
+            return await self.predict(request)
+
+        predict.__annotations__["request"] = HTTPRequest  # FastAPI cannot resolve a local name's string
+        app.add_api_route("/predict", predict, methods=["POST"], response_model=http.PredictResponse)
+
+        @app.get("/healthz", response_model=http.Health)
+        async def healthz() -> Any:
+            return JSONResponse(http.Health().model_dump())
+
+        return app
+
+    async def predict(self, request: Any) -> Any:
+        """``POST /predict``: decode, charge the time upstream, send the job on, answer it."""
+        from fastapi.responses import JSONResponse  # noqa: PLC0415
+        from pydantic import ValidationError  # noqa: PLC0415
+
+        from mosel import http  # noqa: PLC0415
+
+        now_s = time.time()
+        raw = await request.body()
+        try:
+            if len(raw) > http.LARGE_BODY:
+                job, budget = await asyncio.to_thread(self._prepare, raw, request.headers, now_s)
+            else:
+                job, budget = self._prepare(raw, request.headers, now_s)
+        except ValidationError as exc:
+            return _error_answer(400, "InputError", f"the body is not a valid /predict body: {exc}")
+        except (ValueError, TypeError) as exc:  # InputError, SLOError, DeadlineError (spent upstream)
+            return _answer_error(exc)
+        try:
+            result = await self.client.ainfer(job)
+        except MoselError as exc:
+            return _answer_error(exc)
+        output = result.output
+        prediction = None
+        if isinstance(output, Tensor) and output.dim() >= 2 and output.is_floating_point():
+            prediction = output.argmax(dim=-1).tolist()
+        answer = http.PredictResponse(
+            outputs=http.encode_output(output),
+            prediction=prediction,
+            modalities=[sorted(c) for c in result.modalities],
+            expected_accuracy=result.expected_accuracy,
+            predicted_latency_ms=result.predicted_latency_ms,
+            measured_latency_ms=result.measured_latency_ms,
+            queue_ms=None if math.isnan(result.queue_ms) else result.queue_ms,
+            completion_ms=result.completion_ms,
+            deadline_met=result.deadline_met,
+            reason=result.reason,
+            upstream_ms=budget.upstream_ms,
+            deadline_ms=budget.deadline_ms,
+        )
+        return JSONResponse(answer.model_dump())
+
+    def _prepare(self, raw: bytes, headers: Mapping[str, str], now_s: float) -> tuple[Request, Any]:
+        """The job to send (stamped ``now_s``, with the deadline left after upstream) and its budget."""
+        import torch  # noqa: PLC0415
+
+        from mosel import http  # noqa: PLC0415
+        from mosel.schema import decode  # noqa: PLC0415
+
+        body = http.PredictRequest.model_validate_json(raw or b"null")
+        budget = http.charge(headers, body, now_s)
+        modalities = self.profile.modalities
+        unknown = [m for m in body.inputs if m not in modalities]
+        if unknown:
+            raise InputError(f"unknown modality {unknown[0]!r}; the model takes {list(modalities)}")
+        schema = self.profile.input_schema
+        inputs = {m: decode(m, v, schema.get(m)) for m, v in body.inputs.items() if v is not None}
+        present = None
+        if body.present is not None:
+            present = {m: torch.tensor(v, dtype=torch.bool) for m, v in body.present.items()}
+        job = Request(
+            inputs,
+            deadline_ms=budget.deadline_ms,
+            min_accuracy=budget.min_accuracy,
+            best_effort=body.best_effort,
+            confidence=budget.confidence,
+            per_request=body.per_request,
+            present=present,
+            sent_at_s=now_s,
+        )
+        return job, budget
+
+
+def _answer_error(exc: BaseException) -> Any:
+    """The HTTP answer of an error: mosel.http's status; a lost replica is 503 too (retry)."""
+    from mosel import http  # noqa: PLC0415
+
+    if not isinstance(exc, MoselError):
+        return _error_answer(400, "InputError", str(exc))
+    retry = isinstance(exc, (*http.OVERLOAD, ReplicaError))
+    status = 503 if retry else http.error_status(exc)
+    return _error_answer(status, type(exc).__name__, str(exc), retry=retry)
+
+
+def _error_answer(status: int, name: str, detail: str, *, retry: bool = False) -> Any:
+    from fastapi.responses import JSONResponse  # noqa: PLC0415
+
+    headers = {"Retry-After": "1"} if retry else None
+    return JSONResponse({"error": name, "detail": detail}, status_code=status, headers=headers)
+
+
+def http_ingress(
+    model: serve.Application | DeploymentHandle,
+    profile: str | os.PathLike[str] | Profile,
+    *,
+    name: str = "mosel-http",
+    num_replicas: int = 1,
+    max_ongoing_requests: int = 256,
+    ray_actor_options: Mapping[str, Any] | None = None,
+    timeout_s: float = 60.0,
+    grace_ms: float = 100.0,
+) -> serve.Application:
+    """An HTTP front door for a mosel deployment whose requests the slack router places.
+
+    Serve's HTTP proxy routes each HTTP request to a replica of the *ingress* deployment with
+    Serve's own router; routed to a mosel deployment directly (a ``mosel.http`` app mounted on
+    each replica, as in ``examples/ray_serve``), it is never seen by :class:`SlackRequestRouter`.
+    This ingress (:class:`HTTPIngress`, a few light replicas without a model) decodes each request
+    and calls ``model`` through its handle with a :class:`Request`, so the slack router places
+    it::
+
+        mosel_app = mosel.ray.deployment(make_model, "av.profile.json", num_replicas=4)
+        serve.run(mosel.ray.http_ingress(mosel_app, "av.profile.json"), route_prefix="/av")
+        # POST /av/predict, with mosel.http's body and headers (docs/http.md)
+
+    Args:
+        model: the mosel application, from :func:`deployment` (deployed with the ingress), or
+            the handle of one already running (``serve.get_deployment_handle(name, app)``).
+        profile: the profile the replicas serve with (a path or a Profile): inputs are decoded
+            with its schema.
+        name: the ingress deployment's name.
+        num_replicas: ingress replicas (each holds no model; one is enough for most loads).
+        max_ongoing_requests: requests one ingress replica holds at once.
+        ray_actor_options: per-ingress-replica resources (default: a tenth of a CPU).
+        timeout_s: the longest an answer is awaited without a deadline (see :class:`Client`).
+        grace_ms: how long past a deadline an answer is awaited (see :class:`Client`).
+    """
+    priced = profile if isinstance(profile, Profile) else Profile.load(profile)
+    ingress = serve.ingress()(HTTPIngress)
+    return (
+        serve.deployment(ingress)
+        .options(
+            name=name,
+            num_replicas=num_replicas,
+            max_ongoing_requests=max_ongoing_requests,
+            ray_actor_options=dict(ray_actor_options or {"num_cpus": 0.1}),
+        )
+        .bind(model, priced.to_json(), timeout_s, grace_ms)
+    )
+
+
 # ---------------------------------------------------------------------------------- the caller
 
 
 class Client:
     """Calls a mosel deployment through its ``DeploymentHandle`` with mosel's signature and errors.
 
+    Every wait on the caller's behalf (for the result, for a replica to take the job, behind a
+    replica's restart, before a retry) ends by the job's deadline plus ``grace_ms``; a job
+    without a deadline, or best effort, waits at most ``timeout_s`` in all. Then the call
+    cancels what it sent and raises :class:`mosel.DeadlineError` (the deadline passed; its
+    ``predicted_ms`` and message give the time really spent since the job was sent) or
+    :class:`mosel.ReplicaError` (``timeout_s`` passed). A job whose replica died under it is
+    sent again (Serve takes another live replica, or waits for one) while its deadline leaves
+    time and ``retries`` last; else :class:`mosel.ReplicaError`. Cancelling the caller (a
+    cancelled ``ainfer`` task, Ctrl-C in ``infer``) cancels the Serve request: a job still in the
+    replica's mosel queue is withdrawn and never computed (one already running finishes, its
+    result unclaimed).
+
     Args:
         handle: what ``serve.run(app)`` (or ``serve.get_deployment_handle``) returned.
         retries: how many times a job whose replica died is sent again (while its deadline
             leaves time); then :class:`mosel.ReplicaError`.
-        timeout_s: the longest a call waits for its result; then :class:`mosel.ReplicaError`.
+        timeout_s: the longest a call waits in all, its retries included, when its job has no
+            deadline or is best effort (and at most, with one); then :class:`mosel.ReplicaError`.
+        grace_ms: how long past its deadline a call still waits for the replica's answer (a
+            result that finished a little late, a typed error on its way back); then
+            :class:`mosel.DeadlineError`.
     """
 
-    def __init__(self, handle: DeploymentHandle, *, retries: int = 2, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, handle: DeploymentHandle, *, retries: int = 2, timeout_s: float = 60.0, grace_ms: float = 100.0
+    ) -> None:
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise InputError(f"Client retries must be an int >= 0, got {retries!r}")
+        for name, value in (("timeout_s", timeout_s), ("grace_ms", grace_ms)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(f"Client {name} must be a finite number, got {value!r}")
+        if timeout_s <= 0 or grace_ms < 0:
+            raise InputError(
+                f"Client needs timeout_s > 0 and grace_ms >= 0, got {timeout_s!r} and {grace_ms!r}"
+            )
         self.handle = handle
         self.retries = retries
-        self.timeout_s = timeout_s
+        self.timeout_s = float(timeout_s)
+        self.grace_ms = float(grace_ms)
 
     def request(self, inputs: Mapping[str, Tree], **slo: Any) -> Request:
         """A :class:`Request` stamped now (``slo``: the keyword arguments of ``model.infer``)."""
@@ -686,32 +962,79 @@ class Client:
 
     def infer(self, inputs: Mapping[str, Tree] | Request, **slo: Any) -> Result:
         """``model.infer`` on the deployment: blocks until the job's result or typed error."""
-        request = inputs if isinstance(inputs, Request) else self.request(inputs, **slo)
-        for attempt in range(self.retries + 1):
-            response = self.handle.remote(request)
+        call = _Call(self, inputs if isinstance(inputs, Request) else self.request(inputs, **slo))
+        while True:
+            wait_s = call.wait_s()
+            response = self.handle.remote(call.request)
             try:
-                result: Result = response.result(timeout_s=self.timeout_s)
+                result: Result = response.result(timeout_s=wait_s)
                 return result
             except BaseException as exc:
-                self._settle(exc, response, request, attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
+                call.settle(exc, response)
 
     async def ainfer(self, inputs: Mapping[str, Tree] | Request, **slo: Any) -> Result:
         """``await model.ainfer`` on the deployment (call it from inside an event loop)."""
-        request = inputs if isinstance(inputs, Request) else self.request(inputs, **slo)
-        for attempt in range(self.retries + 1):
-            response = self.handle.remote(request)
+        call = _Call(self, inputs if isinstance(inputs, Request) else self.request(inputs, **slo))
+        while True:
+            wait_s = call.wait_s()
+            response = self.handle.remote(call.request)
             try:
-                result: Result = await asyncio.wait_for(_awaited(response), self.timeout_s)
+                result: Result = await asyncio.wait_for(_awaited(response), wait_s)
                 return result
             except BaseException as exc:
-                self._settle(exc, response, request, attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
+                call.settle(exc, response)
 
-    def _settle(
-        self, exc: BaseException, response: DeploymentResponse, request: Request, attempt: int
-    ) -> None:
-        """Turn what a call raised into mosel's error, or return to retry it."""
+
+class _Call:
+    """One :class:`Client` call: its job, its attempts, and the bound on its waits."""
+
+    __slots__ = ("attempt", "client", "deadline_binds", "lost", "request", "started")
+
+    def __init__(self, client: Client, request: Request) -> None:
+        self.client = client
+        self.request = request
+        self.started = time.monotonic()
+        self.attempt = 0
+        self.lost: BaseException | None = None  # the replica loss that caused the last retry
+        self.deadline_binds = False
+
+    def wait_s(self) -> float:
+        """How long the next wait may last; raises the call's typed error when nothing is left."""
+        client, request = self.client, self.request
+        by_timeout = client.timeout_s - (time.monotonic() - self.started)
+        left_ms = None if request.best_effort else request.remaining_ms(time.time())
+        by_deadline = math.inf if left_ms is None else (left_ms + client.grace_ms) / 1000.0
+        self.deadline_binds = by_deadline <= by_timeout
+        wait = min(by_timeout, by_deadline)
+        if wait <= 0.0:
+            raise self.expired()
+        return wait
+
+    def expired(self) -> MoselError:
+        """The error of a call whose deadline (plus grace) or timeout passed before an answer."""
+        request, client = self.request, self.client
+        lost = ""
+        if self.lost is not None:
+            lost = (
+                f"; its replica was lost ({type(self.lost).__name__}), no replica answered the retry in time"
+            )
+        if self.deadline_binds and request.deadline_ms is not None:
+            spent_ms = max(time.time() - request.sent_at_s, 0.0) * 1000.0
+            return DeadlineError(
+                f"no answer within the job's {request.deadline_ms:g} ms deadline and the client's "
+                f"{client.grace_ms:g} ms grace: {spent_ms:.0f} ms spent since it was sent{lost}; the "
+                "request was cancelled",
+                deadline_ms=float(request.deadline_ms),
+                predicted_ms=spent_ms,
+                best_accuracy_within_deadline=None,
+            )
+        return ReplicaError(
+            f"no answer within the client's timeout_s={client.timeout_s:g} s{lost}; the request was "
+            "cancelled (raise timeout_s, or give the job a deadline)"
+        )
+
+    def settle(self, exc: BaseException, response: DeploymentResponse) -> None:
+        """Turn what a wait raised into mosel's error, or return to send the job again."""
         error = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
         if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, BaseException):
             error = error.cause
@@ -720,18 +1043,37 @@ class Client:
         if isinstance(error, BackPressureError):
             raise QueueFullError(f"the deployment is overloaded: {error}") from error
         if isinstance(error, (TimeoutError, concurrent.futures.TimeoutError, asyncio.TimeoutError)):
-            response.cancel()
-            raise ReplicaError(f"no result within {self.timeout_s:g} s") from error
+            _cancel(response)
+            raise self.expired() from None
         if isinstance(error, _REPLICA_LOST):
+            self.lost = error
+            request = self.request
             left = request.remaining_ms(time.time())
-            if attempt < self.retries and (left is None or left > 0.0 or request.best_effort):
-                _log.warning("mosel.ray: replica lost under a job (%s); retrying", type(error).__name__)
-                return
-            raise ReplicaError(f"the replica serving the job was lost: {error}") from error
+            if self.attempt >= self.client.retries:
+                raise ReplicaError(
+                    f"the replica serving the job was lost ({type(error).__name__}) and its "
+                    f"{self.client.retries} retries are spent: {error}"
+                ) from error
+            if left is not None and left <= 0.0 and not request.best_effort:
+                raise ReplicaError(
+                    f"the replica serving the job was lost ({type(error).__name__}) and no time is "
+                    f"left before its {request.deadline_ms:g} ms deadline to send it again: {error}"
+                ) from error
+            self.attempt += 1
+            _log.warning("mosel.ray: replica lost under a job (%s); retrying", type(error).__name__)
+            return
         if not isinstance(exc, Exception):  # cancelled, interrupted: the job is withdrawn
-            response.cancel()
+            _cancel(response)
             raise exc
         raise error
+
+
+def _cancel(response: DeploymentResponse) -> None:
+    """Cancel a Serve request (best effort: a request that already finished stays so)."""
+    try:
+        response.cancel()
+    except Exception:  # never hide the caller's own error behind a failed cancel
+        _log.debug("mosel.ray: could not cancel a request", exc_info=True)
 
 
 async def _awaited(response: DeploymentResponse) -> Any:

@@ -11,18 +11,19 @@ behind a real deployment (wall clock; ``now_s`` and :attr:`Load.at_s` are then `
 - :class:`SlackRouter`: the replica where the request is predicted to get the highest accuracy
   within its deadline, from the profile's strategy frontiers priced at each replica's reported
   latency correction, margin, overhead and drain, plus what the router itself sent there since
-  the report.
+  the report; replicas without a fresh report get bounded probe traffic.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import math
 import numbers
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from mosel.errors import InputError, SLOError
 from mosel.jobs import chunk_sizes, floor_units
@@ -100,27 +101,82 @@ class Router(Protocol):
         ...
 
 
+_MAX_SENT: Final = 1024
+"""Sends a router remembers per replica; beyond, the two oldest merge into one (a conservative sum)."""
+
+
+class _Track:
+    """One replica's books: its last report as the router read it, and the sends since."""
+
+    __slots__ = ("entries", "fold", "report", "requests", "stamp_s")
+
+    def __init__(self) -> None:
+        self.entries: collections.deque[tuple[float, float, int]] = collections.deque()
+        self.requests = 0  # the sum of the entries' requests
+        self.report: Load | None = None
+        self.stamp_s = -math.inf  # when the router takes ``report`` to have been taken
+        # (rate, backlog after the last entry, that entry's time): the fluid queue of ``report``
+        # and every entry, kept up to date as sends are added in time order.
+        self.fold: tuple[float, float, float] | None = None
+
+
 class _Sent:
     """Requests a router sent to each replica after that replica's last report.
 
     A report taken at ``at_s`` already counts what arrived before it; what the router sent
     since is added locally, so that a burst between two reports is not sent to one replica.
     Entries are (sent at, priced cost in ms, requests), oldest first.
+
+    The books stay small whatever happens to the reports: a report read before the router's
+    clock says it was taken (clock skew) counts as taken when first read; sends older than
+    ``horizon_s`` are forgotten (no fresh report can predate them); and beyond
+    :data:`_MAX_SENT` entries the two oldest merge. Each operation is O(1) amortised: the fluid
+    queue of the entries is folded as they come, and refolded only when a new report arrives.
     """
 
-    __slots__ = ("sent",)
+    __slots__ = ("horizon_s", "tracks")
 
-    def __init__(self) -> None:
-        self.sent: list[list[tuple[float, float, int]]] = []
+    def __init__(self, horizon_s: float | None = None) -> None:
+        self.horizon_s = horizon_s
+        self.tracks: list[_Track] = []
 
-    def since(self, i: int, load: Load | None) -> list[tuple[float, float, int]]:
-        """What was sent to replica ``i`` after ``load`` was taken (older entries are dropped)."""
-        while len(self.sent) <= i:
-            self.sent.append([])
-        entries = self.sent[i]
-        if load is not None and entries and entries[0][0] <= load.at_s:
-            entries[:] = [e for e in entries if e[0] > load.at_s]
-        return entries
+    def track(self, i: int) -> _Track:
+        """Replica ``i``'s books (created empty)."""
+        while len(self.tracks) <= i:
+            self.tracks.append(_Track())
+        return self.tracks[i]
+
+    def entries(self, i: int) -> list[tuple[float, float, int]]:
+        """What the books hold for replica ``i`` now, oldest first."""
+        return list(self.track(i).entries)
+
+    def forget(self, i: int) -> None:
+        """Clear replica ``i``'s books (the replica is gone; its index may serve another)."""
+        if i < len(self.tracks):
+            self.tracks[i] = _Track()
+
+    def observe(self, i: int, load: Load | None, now_s: float) -> _Track:
+        """Bring replica ``i``'s books to ``now_s`` with its latest ``load`` (None: none yet).
+
+        A new report stamped later than ``now_s`` (its host's clock runs ahead) is taken as
+        stamped now. The sends it already counts (sent at or before its stamp) and those older
+        than the horizon are dropped.
+        """
+        track = self.track(i)
+        if load is not None and load != track.report:
+            track.report = load
+            track.stamp_s = min(load.at_s, now_s)
+            track.fold = None
+        entries = track.entries
+        horizon = -math.inf if self.horizon_s is None else now_s - self.horizon_s
+        while entries and (entries[0][0] <= track.stamp_s or entries[0][0] < horizon):
+            track.requests -= entries.popleft()[2]
+            track.fold = None
+        return track
+
+    def age_s(self, i: int, now_s: float) -> float:
+        """Seconds since replica ``i``'s last report as the router reads it (inf: none)."""
+        return max(now_s - self.track(i).stamp_s, 0.0)
 
     def drain_ms(self, i: int, load: Load, now_s: float) -> float:
         """Replica ``i``'s predicted drain now: its report's, less the time since, plus what was sent.
@@ -128,29 +184,61 @@ class _Sent:
         The replica is a fluid queue: it drains at one millisecond per millisecond and each
         request sent adds its priced cost when sent. A replica whose running batch overran its
         prediction at the report (:attr:`Load.overrun_ms`) is stalled: it drains nothing until
-        a later report says otherwise.
+        a later report says otherwise. Call :meth:`observe` with ``load`` first.
         """
+        track = self.track(i)
         rate = 0.0 if load.overrun_ms > 0.0 else 1000.0
-        backlog, at = load.drain_ms, load.at_s
-        for sent_at, cost_ms, _ in self.since(i, load):
-            backlog = max(backlog - (sent_at - at) * rate, 0.0) + cost_ms
-            at = sent_at
-        return max(backlog - (now_s - at) * rate, 0.0)
+        if track.fold is None or track.fold[0] != rate:
+            backlog, at = load.drain_ms, track.stamp_s
+            for sent_at, cost_ms, _ in track.entries:
+                backlog = max(backlog - max(sent_at - at, 0.0) * rate, 0.0) + cost_ms
+                at = max(at, sent_at)
+            track.fold = (rate, backlog, at)
+        _, backlog, at = track.fold
+        return max(backlog - max(now_s - at, 0.0) * rate, 0.0)
+
+    def unknown_drain_ms(self, i: int, load: Load | None, now_s: float) -> float:
+        """An optimistic drain for replica ``i``, which has no fresh report.
+
+        The fluid queue of its last report (if any), always draining, and of the sends since
+        (those the horizon kept). Call :meth:`observe` with ``load`` first.
+        """
+        track = self.track(i)
+        backlog, at = (0.0, -math.inf) if load is None else (load.drain_ms, track.stamp_s)
+        for sent_at, cost_ms, _ in track.entries:
+            backlog = (max(backlog - (sent_at - at) * 1000.0, 0.0) if sent_at > at else backlog) + cost_ms
+            at = max(at, sent_at)
+        return max(backlog - (now_s - at) * 1000.0, 0.0) if now_s > at else backlog
+
+    def in_flight(self, i: int) -> int:
+        """Jobs on replica ``i``'s books (sent since its last report, within the horizon)."""
+        return len(self.track(i).entries)
 
     def queued_requests(self, i: int, load: Load | None) -> int:
         """Replica ``i``'s reported queued requests plus the requests sent there since."""
         reported = 0 if load is None else load.queued_requests
-        return reported + sum(requests for _, _, requests in self.since(i, load))
+        return reported + self.track(i).requests
 
     def add(self, i: int, now_s: float, cost_ms: float, requests: int) -> None:
         """Record that ``requests`` priced ``cost_ms`` were sent to replica ``i`` at ``now_s``."""
-        while len(self.sent) <= i:
-            self.sent.append([])
-        entries = self.sent[i]
+        track = self.track(i)
+        if now_s <= track.stamp_s:  # the replica's last report already counts it
+            return
+        entries = track.entries
+        track.requests += requests
         if entries and now_s < entries[-1][0]:  # recorded late (a hook): keep them in time order
-            bisect.insort(entries, (now_s, cost_ms, requests))
+            ordered = list(entries)
+            bisect.insort(ordered, (now_s, cost_ms, requests))
+            track.entries = entries = collections.deque(ordered)
+            track.fold = None
         else:
             entries.append((now_s, cost_ms, requests))
+            if track.fold is not None:
+                rate, backlog, at = track.fold
+                track.fold = (rate, max(backlog - max(now_s - at, 0.0) * rate, 0.0) + cost_ms, max(at, now_s))
+        if len(entries) > _MAX_SENT:  # never below the truth: drain between the two is not credited
+            first, second = entries.popleft(), entries.popleft()
+            entries.appendleft((second[0], first[1] + second[1], first[2] + second[2]))
 
 
 def _check(loads: Sequence[Load | None]) -> None:
@@ -190,13 +278,16 @@ class PowerOfTwoRouter:
     ) -> int:
         """The shorter queue of two replicas drawn at random (see :meth:`Router.choose`)."""
         _check(loads)
-        choice = _two_choices(loads, self._sent if self.count_sent else None, rng)
+        choice = _two_choices(loads, self._sent if self.count_sent else None, rng, now_s)
         if self.count_sent:
             self._sent.add(choice, now_s, 0.0, request.n)
         return choice
 
 
-def _two_choices(loads: Sequence[Load | None], sent: _Sent | None, rng: random.Random) -> int:
+def _two_choices(
+    loads: Sequence[Load | None], sent: _Sent | None, rng: random.Random, now_s: float | None = None
+) -> int:
+    """Power of two choices on the queued requests (``now_s``: bring the two's books up to date first)."""
     if len(loads) == 1:
         return 0
     a, b = rng.sample(range(len(loads)), 2)
@@ -204,6 +295,8 @@ def _two_choices(loads: Sequence[Load | None], sent: _Sent | None, rng: random.R
     def queued(i: int) -> int:
         load = loads[i]
         if sent is not None:
+            if now_s is not None:
+                sent.observe(i, load, now_s)
             return sent.queued_requests(i, load)
         return 0 if load is None else load.queued_requests
 
@@ -222,6 +315,9 @@ class Prediction:
         cost_ms: that strategy's price on the replica (latency x correction x margin + overhead,
             per chunk).
         drain_ms: the replica's drain as the router sees it now.
+        known: True when priced from the replica's fresh report; False for a replica the router
+            has no fresh report of (new, or silent), priced optimistically as a probe (see
+            :class:`SlackRouter`).
     """
 
     meets: bool
@@ -229,6 +325,7 @@ class Prediction:
     finish_ms: float
     cost_ms: float
     drain_ms: float
+    known: bool = True
 
 
 class SlackRouter:
@@ -243,8 +340,24 @@ class SlackRouter:
     batch overran at its report is taken to drain nothing until its next report. The router
     picks the highest predicted accuracy, ties broken by the earliest predicted finish (the
     most slack), exact ties at random; when no replica is predicted to meet the deadline, the
-    one predicted to finish first. With no fresh load, or a floor no strategy reaches, it falls
-    back to power of two choices.
+    one predicted to finish first. With no fresh load at all, or a floor no strategy reaches,
+    it falls back to power of two choices.
+
+    A replica without a fresh load (just started, or silent for ``stale_after_s``) is unknown,
+    not absent: while at least one replica is known it is priced as a probe, optimistically
+    (its last report, if any, drained since at full speed, plus what the router sent it since,
+    at the known replicas' mean correction, margin and overhead), and competes with the known
+    ones as above. While some known replica is predicted to meet the request's deadline, an
+    unknown one competes only while fewer than ``probe_jobs`` jobs the router sent it in the
+    last ``stale_after_s`` are uncounted by a report: a new replica takes a bounded share at
+    once, and one that stopped reporting at most ``probe_jobs`` such jobs per
+    ``stale_after_s``. When every known replica is predicted late, the unknown ones compete
+    without that bound (a probe cannot do worse than a predicted miss): they take the request
+    while their optimistic finish is the earliest. A report stamped later
+    than the router's clock reads as taken when the router first saw it (clock skew never makes
+    a replica look behind). The router's books are bounded: sends older than ``stale_after_s``
+    are forgotten and at most 1024 are kept per replica; a choice costs O(replicas), whatever
+    the number of requests routed.
 
     A job of more than the profile's ``max_batch_size`` rows is priced as the scheduler splits
     it (near-equal chunks run one after another), each chunk at the largest chunk's strategy.
@@ -253,19 +366,32 @@ class SlackRouter:
 
     Args:
         profile: the model's profile (the replicas serve this model).
-        stale_after_s: a load older than this is ignored.
+        stale_after_s: a load older than this is ignored; the replica is unknown.
+        probe_jobs: jobs an unknown replica may hold from this router (uncounted by a report,
+            sent within ``stale_after_s``) while a known replica is predicted on time; 0: then
+            none.
     """
 
     name = "slack"
 
-    def __init__(self, profile: Profile, *, stale_after_s: float = 1.0) -> None:
-        if not (isinstance(stale_after_s, (int, float)) and stale_after_s > 0.0):
+    def __init__(self, profile: Profile, *, stale_after_s: float = 1.0, probe_jobs: int = 4) -> None:
+        if not (
+            isinstance(stale_after_s, (int, float))
+            and not isinstance(stale_after_s, bool)
+            and math.isfinite(stale_after_s)
+            and stale_after_s > 0.0
+        ):
             raise InputError(
                 f"SlackRouter stale_after_s must be a positive number of seconds, got {stale_after_s!r}"
             )
+        if isinstance(probe_jobs, bool) or not isinstance(probe_jobs, int) or probe_jobs < 0:
+            raise InputError(
+                f"SlackRouter probe_jobs must be an int >= 0 (jobs per unknown replica), got {probe_jobs!r}"
+            )
         self.profile = profile
         self.stale_after_s = float(stale_after_s)
-        self._sent = _Sent()
+        self.probe_jobs = int(probe_jobs)
+        self._sent = _Sent(horizon_s=self.stale_after_s)
         self._options: dict[tuple[Configuration, int, float | None], tuple[int, tuple[Strategy, ...]]] = {}
 
     def options(self, request: RouteRequest) -> tuple[int, tuple[Strategy, ...]]:
@@ -297,45 +423,58 @@ class SlackRouter:
         return cached
 
     def fresh(self, load: Load | None, now_s: float) -> bool:
-        """Is ``load`` recent enough to route on?"""
+        """Is ``load`` recent enough to route on (by its own stamp; see the class on clock skew)?"""
         return load is not None and load.age_s(now_s) <= self.stale_after_s
 
     def predict(
-        self, loads: Sequence[Load | None], request: RouteRequest, now_s: float
+        self,
+        loads: Sequence[Load | None],
+        request: RouteRequest,
+        now_s: float,
+        *,
+        replicas: Collection[int] | None = None,
     ) -> list[Prediction | None]:
         """The prediction on every replica.
 
-        None where the load is stale or missing, or where no strategy meets the floor.
+        None where no strategy meets the floor, for a replica not in ``replicas``, and for an
+        unknown replica (no fresh load) that gets no probe: while no replica is known, or, while
+        a known one is predicted on time, once it holds ``probe_jobs`` of the router's jobs. An
+        unknown replica's prediction has ``known=False``.
+
+        Args:
+            loads: each replica's last reported load (None: none received yet).
+            request: the request to place.
+            now_s: the time now, on the clock of the loads' ``at_s``.
+            replicas: the indices that may take the request (default: all).
         """
         chunks, options = self.options(request)
         budget = math.inf if request.deadline_ms is None else request.deadline_ms
-        predictions: list[Prediction | None] = []
-        for i, load in enumerate(loads):
-            if not options or load is None or not self.fresh(load, now_s):
-                predictions.append(None)
+        predictions: list[Prediction | None] = [None] * len(loads)
+        indices = (
+            range(len(loads)) if replicas is None else sorted(i for i in replicas if 0 <= i < len(loads))
+        )
+        unknown: list[int] = []
+        prices: list[tuple[float, float]] = []
+        for i in indices:
+            load = loads[i]
+            self._sent.observe(i, load, now_s)
+            if load is None or self._sent.age_s(i, now_s) > self.stale_after_s:
+                unknown.append(i)
                 continue
-            drain = self._sent.drain_ms(i, load, now_s)
-            left = budget - drain
             per_us = load.latency_correction * load.latency_margin / 1000.0
-            best = None
-            for strategy in reversed(options):  # most accurate first
-                cost = chunks * (strategy.latency_us * per_us + load.overhead_ms)
-                if cost <= left:
-                    best = (True, strategy, cost)
-                    break
-            if best is None:
-                cheapest = options[0]
-                best = (False, cheapest, chunks * (cheapest.latency_us * per_us + load.overhead_ms))
-            meets, strategy, cost = best
-            predictions.append(
-                Prediction(
-                    meets=meets,
-                    accuracy=strategy.accuracy_units / (strategy.n * ACCURACY_SCALE),
-                    finish_ms=drain + cost,
-                    cost_ms=cost,
-                    drain_ms=drain,
-                )
-            )
+            prices.append((per_us, load.overhead_ms))
+            if options:
+                drain = self._sent.drain_ms(i, load, now_s)
+                predictions[i] = _priced(chunks, options, budget, drain, per_us, load.overhead_ms, known=True)
+        if not (options and prices and unknown):
+            return predictions
+        per_us = math.fsum(p for p, _ in prices) / len(prices)
+        overhead_ms = math.fsum(o for _, o in prices) / len(prices)
+        capped = any(p is not None and p.meets for p in predictions)  # else a probe cannot do worse
+        for i in unknown:
+            if not capped or self._sent.in_flight(i) < self.probe_jobs:
+                drain = self._sent.unknown_drain_ms(i, loads[i], now_s)
+                predictions[i] = _priced(chunks, options, budget, drain, per_us, overhead_ms, known=False)
         return predictions
 
     def pick(
@@ -366,8 +505,9 @@ class SlackRouter:
         ``sent``: the job's :class:`Prediction` on that replica (its ``cost_ms`` is added to the
         replica's drain), or the cost in ms, or None (not priced, e.g. a power-of-two fallback:
         it counts only as queued requests). A report taken after ``now_s`` already counts the
-        job and the local entry is dropped. :meth:`choose` records its own pick; a caller that
-        lets someone else pick among the predictions (Ray Serve) records the send here.
+        job and the local entry is dropped; so is an entry older than ``stale_after_s``.
+        :meth:`choose` records its own pick; a caller that lets someone else pick among the
+        predictions (Ray Serve) records the send here.
         """
         if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0:
             raise InputError(f"SlackRouter.record needs a replica index >= 0, got {i!r}")
@@ -379,6 +519,10 @@ class SlackRouter:
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise InputError(f"SlackRouter.record needs n >= 1 requests, got {n!r}")
         self._sent.add(int(i), now_s, cost, int(n))
+
+    def forget(self, i: int) -> None:
+        """Clear what the router remembers of replica ``i`` (it is gone; ``i`` may name a new one)."""
+        self._sent.forget(i)
 
     def choose(
         self, loads: Sequence[Load | None], request: RouteRequest, now_s: float, rng: random.Random
@@ -392,3 +536,35 @@ class SlackRouter:
         choice = self.pick(loads, predictions, rng)
         self.record(choice, now_s, predictions[choice], request.n)
         return choice
+
+
+def _priced(
+    chunks: int,
+    options: tuple[Strategy, ...],
+    budget_ms: float,
+    drain_ms: float,
+    per_us: float,
+    overhead_ms: float,
+    *,
+    known: bool,
+) -> Prediction:
+    """The most accurate of ``options`` whose price fits the budget left after ``drain_ms``."""
+    left = budget_ms - drain_ms
+    for strategy in reversed(options):  # most accurate first
+        cost = chunks * (strategy.latency_us * per_us + overhead_ms)
+        if cost <= left:
+            return _prediction(True, strategy, cost, drain_ms, known)
+    cheapest = options[0]
+    cost = chunks * (cheapest.latency_us * per_us + overhead_ms)
+    return _prediction(False, cheapest, cost, drain_ms, known)
+
+
+def _prediction(meets: bool, strategy: Strategy, cost_ms: float, drain_ms: float, known: bool) -> Prediction:
+    return Prediction(
+        meets=meets,
+        accuracy=strategy.accuracy_units / (strategy.n * ACCURACY_SCALE),
+        finish_ms=drain_ms + cost_ms,
+        cost_ms=cost_ms,
+        drain_ms=drain_ms,
+        known=known,
+    )

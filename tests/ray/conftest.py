@@ -47,7 +47,8 @@ def ray_serve() -> Iterator[None]:
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), **ENV}},
+        # The replicas import this checkout's mosel (src/) and tests.ray.models (the root).
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), **ENV}},
     )
     serve.start(proxy_location="Disabled")
     try:

@@ -115,13 +115,14 @@ def test_degradation_policy_scales_on_mosels_signals() -> None:
 
 
 def test_equally_good_replicas_are_all_first_choices(router: SlackRequestRouter) -> None:
+    profile = profiles()["tiny"].to_json()  # first: building it can take over stale_after_s on a busy machine
     a, b = FakeReplica("a", reported(0.0)), FakeReplica("b", reported(0.0))
     request = Request(tiny_inputs(1), deadline_ms=50.0)
     assert sorted(r.replica_id for r in rank(router, [a, b], request)[0]) == ["a", "b"]  # Serve picks
-    router.initialize_state(profile=profiles()["tiny"].to_json(), seed=0, ties="slack")
+    router.initialize_state(profile=profile, seed=0, ties="slack")
     assert len(rank(router, [a, b], request)[0]) == 1  # SlackRouter's own single pick
     with pytest.raises(ValueError):
-        router.initialize_state(profile=profiles()["tiny"].to_json(), ties="nobody")
+        router.initialize_state(profile=profile, ties="nobody")
 
 
 # ------------------------------------------------- counting what Serve routed (on_request_routed)
@@ -223,7 +224,7 @@ def test_a_fallback_is_counted_as_requests_without_a_cost(router: SlackRequestRo
     assert len(ranked(router, stale, pending)) == 1  # power of two
     router.on_request_routed(pending, "b", None)  # type: ignore[arg-type]
     assert router.slack._sent.queued_requests(router.slots["b"], None) == 3
-    assert router.slack._sent.sent[router.slots["b"]] == [(NOW, 0.0, 3)]
+    assert router.slack._sent.entries(router.slots["b"]) == [(NOW, 0.0, 3)]
 
 
 @pytest.mark.usefixtures("frozen")
@@ -249,9 +250,75 @@ def test_ties_slack_counts_once_per_routed_job_however_often_it_ranks(router: Sl
 def test_the_requests_awaiting_the_hook_are_bounded(
     router: SlackRequestRouter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mosel.ray, "_MAX_EXPECTED", 3)
+    # The globals the method reads: once a deployment with this router exists in the process,
+    # Serve has cloudpickled the class by value and its methods read a copy of mosel.ray's.
+    monkeypatch.setitem(SlackRequestRouter._expect.__globals__, "_MAX_EXPECTED", 3)
     replicas = [FakeReplica("a", reported(0.0))]
     pendings = [FakePending([Request(tiny_inputs(1))]) for _ in range(5)]
     for pending in pendings:
         ranked(router, replicas, pending)
     assert list(router.expected) == [p.metadata.internal_request_id for p in pendings[2:]]
+
+
+# ------------------------------------------------- unknown replicas, clock skew, bounded state
+
+
+@pytest.mark.usefixtures("frozen")
+def test_a_new_replica_is_ranked_first_when_its_peer_is_predicted_late(router: SlackRequestRouter) -> None:
+    late = FakeReplica("late", report_at(10_000.0, NOW - 0.1))
+    for unknown in (FakeReplica("new"), FakeReplica("silent", report_at(0.0, NOW - 30.0))):
+        request = Request(tiny_inputs(2), deadline_ms=50.0, sent_at_s=NOW)
+        for _ in range(20):
+            pending = FakePending([request])
+            assert ranked(router, [late, unknown], pending) == [[unknown], [late]]
+            router.on_request_routed(pending, unknown.replica_id, None)  # type: ignore[arg-type]
+    assert router.decisions == {"slack": 40, "fallback": 0}
+
+
+@pytest.mark.usefixtures("frozen")
+def test_a_new_replica_beside_an_on_time_peer_gets_probe_jobs_only(router: SlackRequestRouter) -> None:
+    profile = profiles()["tiny"].to_json()
+    router.initialize_state(profile=profile, seed=0, probe_jobs=2)
+    busy, new = FakeReplica("busy", report_at(1.0, NOW - 0.1)), FakeReplica("new")
+    request = Request(tiny_inputs(1), deadline_ms=500.0, sent_at_s=NOW)
+    firsts = []
+    for _ in range(10):  # Serve takes the new replica whenever it is a first choice
+        pending = FakePending([request])
+        first = sorted(r.replica_id for r in ranked(router, [busy, new], pending)[0])
+        firsts.append(first)
+        router.on_request_routed(pending, "new" if "new" in first else "busy", None)  # type: ignore[arg-type]
+    assert firsts == [["busy", "new"]] * 2 + [["busy"]] * 8
+    # Under Ray Client (no hook), a probe is ranked alone and counted when first ranked.
+    router.initialize_state(profile=profile, seed=0, probe_jobs=2)
+    router._use_replica_queue_len_cache = False
+    firsts = [[r.replica_id for r in rank(router, [busy, new], request)[0]] for _ in range(10)]
+    assert firsts == [["new"]] * 2 + [["busy"]] * 8
+
+
+@pytest.mark.usefixtures("frozen")
+def test_a_load_stamped_ahead_of_the_routers_clock_is_not_read_as_behind(router: SlackRequestRouter) -> None:
+    ahead = FakeReplica("ahead", report_at(0.0, NOW + 5.0))  # its host's clock runs 5 s ahead
+    behind = FakeReplica("on-time", report_at(1.9, NOW - 0.0005))  # 1.4 ms of work left
+    request = Request(
+        tiny_inputs(1), deadline_ms=2.0, sent_at_s=NOW
+    )  # the best strategy fits on "ahead" only
+    assert rank(router, [ahead, behind], request) == [[ahead], [behind]]
+    assert drain_ms(router, [ahead, behind]) == {"ahead": 0.0, "on-time": pytest.approx(1.4)}
+
+
+def test_replicas_that_left_are_forgotten(
+    router: SlackRequestRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [NOW]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    request = Request(tiny_inputs(1), deadline_ms=50.0, sent_at_s=NOW)
+    for generation in range(100):  # replicas replaced every 2 minutes, for 200 minutes
+        now[0] = NOW + 120.0 * generation
+        pair = [FakeReplica(f"{generation}-{k}", report_at(0.0, now[0])) for k in range(2)]
+        for _ in range(3):
+            pending = FakePending([Request(tiny_inputs(1), deadline_ms=50.0, sent_at_s=now[0])])
+            first = ranked(router, pair, pending)[0]
+            router.on_request_routed(pending, first[0].replica_id, None)  # type: ignore[arg-type]
+    assert len(router.slots) <= 4 and router.width <= 4
+    assert len(router.slack._sent.tracks) <= 4
+    assert rank(router, pair, request)[0]  # and it still routes

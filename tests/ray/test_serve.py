@@ -82,7 +82,7 @@ def test_the_router_counts_what_serve_routed(tiny: mosel.ray.Client) -> None:
     assert sum(router.decisions.values()) >= 12
     assert router.expected == {}  # every ranked job was routed, and the hook took it off the list
     # No ranking follows the last job's hook: at least its send is still on SlackRouter's books.
-    assert sum(len(entries) for entries in router.slack._sent.sent) >= 1
+    assert sum(router.slack._sent.in_flight(slot) for slot in router.slots.values()) >= 1
 
 
 def test_threads_share_the_deployment(tiny: mosel.ray.Client) -> None:
@@ -216,3 +216,33 @@ def test_autoscaling_on_mosels_signal_adds_a_replica_under_load(profile_paths: d
         check_rows(client.infer(tiny_inputs(2), min_accuracy=0.6), 2, 0.6)
     finally:
         serve.delete("elastic")
+
+
+def test_http_through_the_ingress_is_placed_by_the_slack_router(
+    tiny: mosel.ray.Client, profile_paths: dict[str, str]
+) -> None:
+    """HTTP decoded by HTTPIngress reaches the mosel deployment as a Request the slack router ranks."""
+    from fastapi.testclient import TestClient
+
+    front = mosel.ray.HTTPIngress(tiny.handle, mosel.Profile.load(profile_paths["tiny"]).to_json())
+    wrapper = getattr(getattr(tiny.handle, "_router", None), "_asyncio_router", None)
+    router = getattr(wrapper, "request_router", None)
+    before = dict(router.decisions) if isinstance(router, mosel.ray.SlackRequestRouter) else None
+    body = {"inputs": {m: x.tolist() for m, x in tiny_inputs(3).items()}}
+    with TestClient(front.__serve_build_asgi_app__()) as http:
+        answer = http.post("/predict", json=body, headers={"X-Deadline-Ms": "5000", "X-Min-Accuracy": "0.7"})
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["modalities"]) == 3 and answer.json()["expected_accuracy"] >= 0.7
+    if before is not None:
+        assert router.decisions["slack"] + router.decisions["fallback"] > sum(before.values())
+    # Deployed in Serve (its own app, in front of the running deployment): Serve builds it.
+    app = mosel.ray.http_ingress(
+        serve.get_deployment_handle("tiny", app_name="tiny"), profile_paths["tiny"], name="tiny-http",
+        ray_actor_options=ACTORS,
+    )  # fmt: skip
+    serve.run(app, name="tiny-http", route_prefix="/tiny")
+    try:
+        status = serve.status().applications["tiny-http"].deployments["tiny-http"]
+        assert status.replica_states.get("RUNNING", 0) == 1
+    finally:
+        serve.delete("tiny-http")

@@ -281,3 +281,94 @@ def test_slack_record_late_keeps_the_sends_in_time_order(profile: mosel.Profile)
     newer = [load(at_s=0.0015)]
     [p] = late.predict(newer, request, 0.002)
     assert p is not None and p.drain_ms == pytest.approx(1.0)
+
+
+# ------------------------------------------------------ unknown replicas, clock skew, bounded books
+
+
+def test_a_replica_without_a_report_takes_the_jobs_its_late_peer_would_miss(profile: mosel.Profile) -> None:
+    """New (no report) or silent (stale report): unknown, not absent; a predicted miss is no better."""
+    late = load(drain_ms=10_000.0, queued=500, at_s=100.0)
+    for unknown in (None, load(at_s=90.0)):  # just added; silent for 10 s
+        router = mosel.SlackRouter(profile)
+        rng = random.Random(0)
+        picks = [
+            router.choose([late, unknown], mosel.RouteRequest(n=2, deadline_ms=50.0), 100.0 + k * 1e-3, rng)
+            for k in range(50)
+        ]
+        assert picks.count(1) == 50, picks  # its own sends to it (about 1 ms each) stay far below 10 s
+        # The known replica is predicted late for everyone: the unknown is preferred in either order.
+        router = mosel.SlackRouter(profile)
+        assert router.choose([unknown, late], mosel.RouteRequest(n=1, deadline_ms=50.0), 100.0, rng) == 0
+
+
+def test_an_unknown_replica_gets_bounded_probe_traffic_beside_an_on_time_peer(profile: mosel.Profile) -> None:
+    known = load(drain_ms=5.0, queued=3, at_s=100.0)  # every request still meets its deadline here
+    request = mosel.RouteRequest(n=1, deadline_ms=500.0)
+    for unknown in (None, load(at_s=90.0)):
+        router = mosel.SlackRouter(profile, probe_jobs=3)
+        rng = random.Random(1)
+        picks = [router.choose([known, unknown], request, 100.0 + k * 1e-4, rng) for k in range(200)]
+        assert picks.count(1) == 3  # probes: at most probe_jobs while no report counts them
+        [on_known, on_unknown] = router.predict([known, unknown], request, 100.02)
+        assert on_known is not None and on_known.known and on_unknown is None
+        # Probes older than stale_after_s are forgotten: the silent replica gets a few more.
+        peer = load(at_s=101.5)
+        later = [router.choose([peer, unknown], request, 101.5 + k * 1e-4, rng) for k in range(50)]
+        assert later.count(1) == 3
+        # Once it reports, it is known and routed on as any other.
+        [_, reported] = router.predict([known, load(at_s=101.6)], request, 101.6)
+        assert reported is not None and reported.known
+    # probe_jobs=0: nothing while a known replica is on time.
+    router = mosel.SlackRouter(profile, probe_jobs=0)
+    assert {router.choose([known, None], request, 100.0, random.Random(i)) for i in range(20)} == {0}
+    for bad in (-1, 1.5, True):
+        with pytest.raises(mosel.InputError, match="probe_jobs"):
+            mosel.SlackRouter(profile, probe_jobs=bad)  # type: ignore[arg-type]
+
+
+def test_a_report_stamped_ahead_of_the_routers_clock_reads_as_taken_now(profile: mosel.Profile) -> None:
+    """A replica whose clock runs 5 s ahead is not 5 s behind; its reports still age on the router's clock."""
+    request = mosel.RouteRequest(n=1, deadline_ms=50.0)
+    for skew_s in (0.001, 5.0, 3600.0):
+        router = mosel.SlackRouter(profile, stale_after_s=1.0)
+        ahead, behind = load(drain_ms=0.0, at_s=100.0 + skew_s), load(drain_ms=3.0, at_s=100.0)
+        [a, b] = router.predict([ahead, behind], request, 100.0)
+        assert a is not None and b is not None
+        assert a.drain_ms == 0.0 and b.drain_ms == pytest.approx(3.0) and a.known
+        assert router.choose([ahead, behind], request, 100.0, random.Random(0)) == 0
+        # What the router sends after it read the report counts, and drains at the usual pace.
+        router.record(0, 100.0005, 2.0, 1)
+        [a, _] = router.predict([ahead, behind], request, 100.001)
+        assert a is not None and a.drain_ms == pytest.approx(1.5)
+        # The same report, unrenewed, goes stale stale_after_s after the router first read it.
+        [a, _] = router.predict([ahead, load(at_s=101.5)], request, 101.5)
+        assert a is not None and not a.known
+
+
+def test_the_books_stay_bounded_without_reports(profile: mosel.Profile) -> None:
+    """10,000 choices and never a report: the router's books do not grow with them."""
+    request = mosel.RouteRequest(n=1, deadline_ms=50.0)
+    rng = random.Random(0)
+    slack, two = mosel.SlackRouter(profile, stale_after_s=1.0), mosel.PowerOfTwoRouter()
+    silent: list[mosel.Load | None] = [None] * 4
+    for k in range(10_000):
+        now = 1e-3 * k  # 10 s of a steady stream
+        slack.choose(silent, request, now, rng)
+        two.choose(silent, request, now, rng)
+    # Sends older than stale_after_s are forgotten: about one second's worth remain.
+    assert sum(len(slack._sent.entries(i)) for i in range(4)) <= 1_001
+    assert sum(len(two._sent.entries(i)) for i in range(4)) <= 4 * 1024  # never forgets: merged
+    assert sum(two._sent.queued_requests(i, None) for i in range(4)) == 10_000  # and loses none
+    # Reports that never come again: the same load read 10,000 times at one instant.
+    stuck = [load(at_s=0.0) for _ in range(4)]
+    router = mosel.SlackRouter(profile, stale_after_s=1.0)
+    for _ in range(10_000):
+        router.choose(stuck, request, 0.5, rng)
+    sizes = [len(router._sent.entries(i)) for i in range(4)]
+    assert max(sizes) <= 1024
+    assert sum(router._sent.queued_requests(i, None) for i in range(4)) == 10_000
+    # Merging the oldest sends loses no cost: sent at one instant, the drains add up to them all.
+    predictions = router.predict(stuck, mosel.RouteRequest(n=1), 0.5)
+    costs = [sum(cost for _, cost, _ in router._sent.entries(i)) for i in range(4)]
+    assert all(p is not None and p.drain_ms == pytest.approx(c) and c > 0 for p, c in zip(predictions, costs))

@@ -1,0 +1,118 @@
+"""mosel.ray.HTTPIngress: HTTP in, a mosel.ray.Request to the mosel deployment's handle out.
+
+The handle is a fake (no Ray instance): what the ingress hands it is what the slack router
+sees. tests/ray/test_serve.py sends one through a real deployment and its slack router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+import mosel
+import mosel.ray
+from tests.unit.helpers import Tiny, tiny_profile
+
+BODY = {"inputs": {"audio": [[1.0], [2.0]], "video": [[[1.0] * 3] * 2] * 2, "text": [[0.5], [1.5]]}}
+
+
+@dataclass
+class Answer:
+    value: Any
+
+    def __await__(self) -> Any:
+        return self._get().__await__()
+
+    async def _get(self) -> Any:
+        await asyncio.sleep(0)
+        if isinstance(self.value, BaseException):
+            raise self.value
+        return self.value
+
+    def cancel(self) -> None:
+        pass
+
+
+@dataclass
+class FakeHandle:
+    answer: Any
+    requests: list[mosel.ray.Request] = field(default_factory=list)
+
+    def remote(self, request: mosel.ray.Request) -> Answer:
+        self.requests.append(request)
+        return Answer(self.answer)
+
+
+def result(rows: int = 2) -> mosel.Result:
+    return mosel.Result(
+        output=torch.tensor([[1.0, 2.0, 3.0]] * rows), modalities=(frozenset({"audio", "text"}),) * rows,
+        expected_accuracy=0.7, predicted_latency_ms=1.0, measured_latency_ms=1.5, completion_ms=4.0,
+        strategies=(), deadline_met=True, queue_ms=1.0,
+    )  # fmt: skip
+
+
+def ingress(answer: Any) -> tuple[TestClient, FakeHandle]:
+    handle = FakeHandle(answer)
+    front = mosel.ray.HTTPIngress(handle, tiny_profile(Tiny()).to_json())  # type: ignore[arg-type]
+    return TestClient(front.__serve_build_asgi_app__()), handle
+
+
+def test_the_ingress_sends_a_request_the_slack_router_can_place() -> None:
+    http, handle = ingress(result())
+    start = time.time() - 0.25  # the request entered the system 250 ms ago, upstream
+    answer = http.post(
+        "/predict", json=BODY,
+        headers={"X-Deadline-Ms": "1000", "X-Min-Accuracy": "0.7", "X-Request-Start": f"{start:.6f}"},
+    )  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    [sent] = handle.requests
+    assert isinstance(sent, mosel.ray.Request)  # what SlackRequestRouter prices (not opaque HTTP bytes)
+    assert sent.rows == 2 and sent.min_accuracy == 0.7
+    assert set(sent.inputs) == {"audio", "video", "text"} and sent.inputs["video"].shape == (2, 2, 3)
+    assert sent.deadline_ms is not None and 700.0 < sent.deadline_ms <= 750.0  # the 250 ms are charged
+    body = answer.json()
+    assert body["outputs"] == [[1.0, 2.0, 3.0]] * 2 and body["prediction"] == [2, 2]
+    assert body["modalities"] == [["audio", "text"]] * 2 and body["deadline_met"] is True
+    assert body["upstream_ms"] >= 250.0 and math.isclose(body["deadline_ms"], sent.deadline_ms)
+    assert http.get("/healthz").json() == {"status": "alive"}
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "error"),
+    [
+        (mosel.DeadlineError("late", deadline_ms=5.0, predicted_ms=9.0, best_accuracy_within_deadline=None),
+         503, "DeadlineError"),
+        (mosel.ReplicaError("lost"), 503, "ReplicaError"),
+        (mosel.AccuracyUnreachableError("too high", min_accuracy=0.99, best_accuracy=0.9), 422,
+         "AccuracyUnreachableError"),
+    ],
+)  # fmt: skip
+def test_the_ingress_answers_mosels_errors_with_their_status(answer: Any, status: int, error: str) -> None:
+    http, _ = ingress(answer)
+    reply = http.post("/predict", json=BODY, headers={"X-Deadline-Ms": "1000"})
+    assert reply.status_code == status and reply.json()["error"] == error
+    assert ("Retry-After" in reply.headers) == (status == 503)
+
+
+def test_the_ingress_refuses_what_it_cannot_send() -> None:
+    http, handle = ingress(result())
+    for body, headers, status in (
+        ({"inputs": {"smell": [[1.0]]}}, {}, 400),
+        ({"inputs": "nothing"}, {}, 400),
+        (BODY, {"X-Deadline-Ms": "soon"}, 400),
+        (
+            BODY,
+            {"X-Deadline-Ms": "100", "X-Request-Start": f"{time.time() - 1.0:.6f}"},
+            503,
+        ),  # spent upstream
+    ):
+        reply = http.post("/predict", json=body, headers=headers)
+        assert reply.status_code == status, (body, headers, reply.text)
+    assert handle.requests == []  # none of them was sent on
