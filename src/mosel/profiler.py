@@ -351,6 +351,108 @@ def profile(
         torch.set_num_threads(saved_threads)
 
 
+class _Timings:
+    """Every call the profiler times, and the samples each has taken so far.
+
+    Each branch at every batch size (and at every size bucket the data holds, for a sized
+    modality; eagerly too, for a compiled one) and each configuration's fusion. Rounds run
+    over every call in a shuffled order, not repeats back to back: serving interleaves
+    branches too, and back-to-back timing of one kernel flatters it (warm caches).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: ModelSpec,
+        big: Mapping[str, Tree],
+        by_size: Mapping[str, Mapping[int, Tree]],
+        sizes: list[int],
+        max_batch_size: int,
+    ) -> None:
+        self.spec, self.by_size, self.max_batch_size = spec, by_size, max_batch_size
+        self.reference = {m: next(iter(edges)) for m, edges in by_size.items()}
+        dim = spec.batch_dim
+
+        def per_size() -> dict[int, list[float]]:
+            return {b: [] for b in sizes}
+
+        self.branch: dict[str, dict[int, list[float]]] = {m: per_size() for m in spec.modalities}
+        self.fusion: dict[Configuration, dict[int, list[float]]] = {
+            c: per_size() for c in spec.configurations
+        }
+        self.sized_samples: dict[tuple[str, int], dict[int, list[float]]] = {
+            (m, edge): per_size()
+            for m, edges in by_size.items()
+            for edge in edges
+            if edge != self.reference[m]
+        }
+        compiled = set(compiled_parts(model))
+        self.eager_samples = {m: per_size() for m in spec.modalities if spec.branches[m] in compiled}
+        self.calls: list[tuple[list[float], Callable[[], object]]] = []
+        self.order = random.Random(0)  # the rounds' shuffles, seeded
+        for m in spec.modalities:
+            self._add(self.branch[m], getattr(model, spec.branches[m]), big[m], dim(m))
+        for (m, edge), samples in self.sized_samples.items():
+            x = _repeat_rows(by_size[m][edge], max_batch_size, dim(m))
+            self._add(samples, getattr(model, spec.branches[m]), x, dim(m))
+        # A branch compiled with mosel.compile_branches is also timed eager (its class's method), so
+        # the profile shows what compiling bought on this device.
+        for m, samples in self.eager_samples.items():
+            self._add(samples, getattr(type(model), spec.branches[m]).__get__(model), big[m], dim(m))
+        features = {m: getattr(model, spec.branches[m])(big[m]) for m in spec.modalities}
+        fuse = getattr(model, spec.fusion)
+        for c in spec.configurations:
+            for b in sizes:
+                some = {m: trees.take(features[m], slice(0, b), dim(m)) for m in c}
+                self.calls.append((self.fusion[c][b], functools.partial(fuse, some)))
+
+    def _add(
+        self, samples: dict[int, list[float]], function: Callable[[Tree], object], x: Tree, dim: int
+    ) -> None:
+        for b, taken in samples.items():
+            self.calls.append((taken, functools.partial(function, trees.take(x, slice(0, b), dim))))
+
+    def warm_up(self, rounds: int) -> None:
+        """Run every call ``rounds`` times, untimed."""
+        for _ in range(rounds):
+            for _, call in self.calls:
+                call()
+
+    def measure(self, timer: _Timer, repeats: int, show: bool) -> None:
+        """``repeats`` more rounds of every call in a shuffled order (seeded: reproducible)."""
+        for _ in _progress(range(repeats), repeats, "mosel: latency", show):
+            self.order.shuffle(self.calls)
+            for taken, call in self.calls:
+                taken.append(timer.once(call))
+
+    def tables(self) -> tuple[dict[str, LatencyTable], dict[Configuration, LatencyTable]]:
+        """The branch and fusion latency tables of the samples so far."""
+        most = self.max_batch_size
+        return (
+            {m: _table(self.branch[m], most) for m in self.spec.modalities},
+            {c: _table(self.fusion[c], most) for c in self.spec.configurations},
+        )
+
+    def sized(self, branch_latency: Mapping[str, LatencyTable]) -> dict[str, SizedLatency]:
+        """The per-size-bucket tables of the sized modalities."""
+        most = self.max_batch_size
+        return {
+            m: SizedLatency(
+                self.spec.sizings[m].buckets,
+                self.reference[m],
+                MappingProxyType(
+                    {self.reference[m]: branch_latency[m]}
+                    | {e: _table(t, most) for (n, e), t in self.sized_samples.items() if n == m}
+                ),
+            )
+            for m in self.by_size
+        }
+
+    def eager(self) -> dict[str, LatencyTable]:
+        """The eager tables of the compiled branches."""
+        return {m: _table(t, self.max_batch_size) for m, t in self.eager_samples.items()}
+
+
 def _profile(
     model: nn.Module,
     spec: ModelSpec,
@@ -373,62 +475,11 @@ def _profile(
             model, spec, data, metric or top1, device, show, schema
         )
         big = {m: _repeat_rows(x, max_batch_size, spec.batch_dim(m)) for m, x in sample.items()}
-        features = {m: getattr(model, spec.branches[m])(big[m]) for m in spec.modalities}
-        fuse = getattr(model, spec.fusion)
-        reference = {m: next(iter(edges)) for m, edges in by_size.items()}
-        # Each call appends its timings to its own list: branch (at every size bucket the data
-        # holds) or fusion, per batch size.
-        Timings = dict[int, list[float]]
-        branch_samples: dict[str, Timings] = {m: {b: [] for b in sizes} for m in spec.modalities}
-        fusion_samples: dict[Configuration, Timings] = {
-            c: {b: [] for b in sizes} for c in spec.configurations
-        }
-        sized_samples: dict[tuple[str, int], Timings] = {
-            (m, edge): {b: [] for b in sizes}
-            for m, edges in by_size.items()
-            for edge in edges
-            if edge != reference[m]
-        }
-        calls: list[tuple[list[float], Callable[[], object]]] = []
-        for m in spec.modalities:
-            branch = getattr(model, spec.branches[m])
-            for b in sizes:
-                rows = trees.take(big[m], slice(0, b), spec.batch_dim(m))
-                calls.append((branch_samples[m][b], functools.partial(branch, rows)))
-        for (m, edge), samples_by_b in sized_samples.items():
-            branch = getattr(model, spec.branches[m])
-            x = _repeat_rows(by_size[m][edge], max_batch_size, spec.batch_dim(m))
-            for b in sizes:
-                rows = trees.take(x, slice(0, b), spec.batch_dim(m))
-                calls.append((samples_by_b[b], functools.partial(branch, rows)))
-        # A branch compiled with mosel.compile_branches is also timed eager (its class's method), so
-        # the profile shows what compiling bought on this device.
-        compiled = set(compiled_parts(model))
-        eager_samples: dict[str, Timings] = {
-            m: {b: [] for b in sizes} for m in spec.modalities if spec.branches[m] in compiled
-        }
-        for m, samples_by_b in eager_samples.items():
-            eager = getattr(type(model), spec.branches[m]).__get__(model)
-            for b in sizes:
-                rows = trees.take(big[m], slice(0, b), spec.batch_dim(m))
-                calls.append((samples_by_b[b], functools.partial(eager, rows)))
-        for c in spec.configurations:
-            for b in sizes:
-                some = {m: trees.take(features[m], slice(0, b), spec.batch_dim(m)) for m in c}
-                calls.append((fusion_samples[c][b], functools.partial(fuse, some)))
-        # Rounds over every (callable, size) in a shuffled order, not repeats back to back: serving
-        # interleaves branches too, and back-to-back timing of one kernel flatters it (warm caches).
-        order = random.Random(0)
-        for _ in range(warmup):
-            for _, call in calls:
-                call()
+        timings = _Timings(model, spec, big, by_size, sizes, max_batch_size)
+        timings.warm_up(warmup)
         for attempt in range(3):
-            for _ in _progress(range(repeats), repeats, "mosel: latency", show):
-                order.shuffle(calls)
-                for timings, call in calls:
-                    timings.append(timer.once(call))
-            branch_latency = {m: _table(branch_samples[m], max_batch_size) for m in spec.modalities}
-            fusion_latency = {c: _table(fusion_samples[c], max_batch_size) for c in spec.configurations}
+            timings.measure(timer, repeats, show)
+            branch_latency, fusion_latency = timings.tables()
             cost = cost_model_of(spec.modalities, branch_latency, fusion_latency, accuracy)
             plan = build_plan(cost, planner)
             checks = _check_costs(model, spec, plan, big, timer, cost_checks)
@@ -439,17 +490,7 @@ def _profile(
                 "cost checks off by %.0f%% (median); timing every table again",
                 100 * statistics.median(errors),
             )
-        sized = {
-            m: SizedLatency(
-                spec.sizings[m].buckets,
-                reference[m],
-                MappingProxyType(
-                    {reference[m]: branch_latency[m]}
-                    | {e: _table(t, max_batch_size) for (n, e), t in sized_samples.items() if n == m}
-                ),
-            )
-            for m in by_size
-        }
+        sized = timings.sized(branch_latency)
         partial = Profile(
             modalities=spec.modalities,
             max_batch_size=max_batch_size,
@@ -461,7 +502,7 @@ def _profile(
             cost_checks=checks,
             plan=plan,
             sized=MappingProxyType(sized),
-            eager_latency=MappingProxyType({m: _table(t, max_batch_size) for m, t in eager_samples.items()}),
+            eager_latency=MappingProxyType(timings.eager()),
         )
         partial = plan_buckets(partial, planner)
         for key, bucket_plan in partial.sized_plans.items():

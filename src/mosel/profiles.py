@@ -18,7 +18,7 @@ import numbers
 import os
 import secrets
 import statistics
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -29,6 +29,7 @@ from torch import nn
 
 from mosel.compiling import compiled_parts
 from mosel.errors import ProfileError
+from mosel.jsonvalues import json_dict, json_field, json_float, json_int, json_list, json_str, show
 from mosel.plan import (
     CostModel,
     Plan,
@@ -36,15 +37,8 @@ from mosel.plan import (
     accuracy_units,
     build_plan,
     configuration_key,
-    json_dict,
-    json_field,
-    json_float,
-    json_int,
-    json_list,
-    json_str,
     parse_configuration,
     repriced_plan,
-    show,
 )
 from mosel.schema import ModalitySchema
 
@@ -295,6 +289,29 @@ class CostCheck:
     def relative_error(self) -> float:
         """(measured - predicted) / predicted."""
         return (self.measured_us - self.predicted_us) / self.predicted_us
+
+    @classmethod
+    def from_json(cls, item: Any, where: str, modalities: tuple[str, ...], max_batch: int) -> CostCheck:
+        """One cost check of a profile's JSON; ValueError naming ``where`` on malformed data."""
+        check = json_dict(item, where)
+        groups = []
+        for group in json_list(json_field(check, "groups", where), f"{where}.groups"):
+            c, k = json_list(group, f"{where}.groups[]", length=2)
+            groups.append(
+                (
+                    parse_configuration(json_str(c, f"{where}.groups[]"), modalities),
+                    json_int(k, f"{where}.groups[] count", low=1, high=max_batch),
+                )
+            )
+        return cls(
+            tuple(groups),
+            json_float(json_field(check, "predicted_us", where), f"{where}.predicted_us", low=0.0),
+            json_float(json_field(check, "measured_us", where), f"{where}.measured_us", low=0.0),
+            tuple(
+                json_int(e, f"{where}.buckets[]", low=1)
+                for e in json_list(check.get("buckets", []), f"{where}.buckets")
+            ),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -597,30 +614,10 @@ class Profile:
             )
             for c, t in table("fusion_latency", count).items()
         }
-        checks = []
-        for i, item in enumerate(json_list(field("cost_checks"), "cost_checks")):
-            where = f"cost_checks[{i}]"
-            check = json_dict(item, where)
-            groups = []
-            for group in json_list(json_field(check, "groups", where), f"{where}.groups"):
-                c, k = json_list(group, f"{where}.groups[]", length=2)
-                groups.append(
-                    (
-                        parse_configuration(json_str(c, f"{where}.groups[]"), modalities),
-                        json_int(k, f"{where}.groups[] count", low=1, high=max_batch),
-                    )
-                )
-            checks.append(
-                CostCheck(
-                    tuple(groups),
-                    json_float(json_field(check, "predicted_us", where), f"{where}.predicted_us", low=0.0),
-                    json_float(json_field(check, "measured_us", where), f"{where}.measured_us", low=0.0),
-                    tuple(
-                        json_int(e, f"{where}.buckets[]", low=1)
-                        for e in json_list(check.get("buckets", []), f"{where}.buckets")
-                    ),
-                )
-            )
+        checks = [
+            CostCheck.from_json(item, f"cost_checks[{i}]", modalities, max_batch)
+            for i, item in enumerate(json_list(field("cost_checks"), "cost_checks"))
+        ]
 
         def plan_of(value: Any, what: str) -> Plan:
             plan = Plan.from_json(value)
@@ -632,33 +629,7 @@ class Profile:
             return plan
 
         plan = plan_of(field("plan"), "the plan")
-        sized_raw = json_dict(data.get("sized", {}), "sized")
-        if not set(sized_raw) <= set(modalities):
-            unknown = sorted(set(sized_raw) - set(modalities))
-            raise ValueError(f"sized names unknown modalities {show(unknown)}")
-        sized = {
-            m: SizedLatency.from_json(sized_raw[m], what=f"sized[{m!r}]", size=max_batch)
-            for m in modalities
-            if m in sized_raw
-        }
-        sized_plans = {}
-        for i, item in enumerate(json_list(data.get("sized_plans", []), "sized_plans")):
-            where = f"sized_plans[{i}]"
-            entry = json_dict(item, where)
-            key = tuple(
-                json_int(e, f"{where}.buckets[]", low=1)
-                for e in json_list(json_field(entry, "buckets", where), f"{where}.buckets", length=len(sized))
-            )
-            if any(e not in s.tables for e, s in zip(key, sized.values())):
-                raise ValueError(f"{where}.buckets {show(list(key))} are not all measured buckets")
-            sized_plans[key] = plan_of(json_field(entry, "plan", where), where)
-        missing = [
-            k for k in itertools.product(*(sorted(s.tables) for s in sized.values()))
-            if k not in sized_plans and k != tuple(s.reference for s in sized.values())
-        ]  # fmt: skip
-        if sized and missing:
-            lacking = show([list(k) for k in missing])
-            raise ValueError(f"sized_plans lacks a plan for measured buckets {lacking}")
+        sized, sized_plans = _parse_sized(data, modalities, max_batch, plan_of)
         eager_raw = json_dict(data.get("eager_latency", {}), "eager_latency")
         if not set(eager_raw) <= set(modalities):
             unknown = sorted(set(eager_raw) - set(modalities))
@@ -687,6 +658,40 @@ class Profile:
             eager_latency=MappingProxyType(eager),
             input_schema=MappingProxyType(schema),
         )
+
+
+def _parse_sized(
+    data: Mapping[str, Any], modalities: tuple[str, ...], max_batch: int, plan_of: Callable[[Any, str], Plan]
+) -> tuple[dict[str, SizedLatency], dict[BucketKey, Plan]]:
+    """A profile's per-size-bucket tables and plans (absent before size buckets: none)."""
+    sized_raw = json_dict(data.get("sized", {}), "sized")
+    if not set(sized_raw) <= set(modalities):
+        unknown = sorted(set(sized_raw) - set(modalities))
+        raise ValueError(f"sized names unknown modalities {show(unknown)}")
+    sized = {
+        m: SizedLatency.from_json(sized_raw[m], what=f"sized[{m!r}]", size=max_batch)
+        for m in modalities
+        if m in sized_raw
+    }
+    sized_plans = {}
+    for i, item in enumerate(json_list(data.get("sized_plans", []), "sized_plans")):
+        where = f"sized_plans[{i}]"
+        entry = json_dict(item, where)
+        key = tuple(
+            json_int(e, f"{where}.buckets[]", low=1)
+            for e in json_list(json_field(entry, "buckets", where), f"{where}.buckets", length=len(sized))
+        )
+        if any(e not in s.tables for e, s in zip(key, sized.values())):
+            raise ValueError(f"{where}.buckets {show(list(key))} are not all measured buckets")
+        sized_plans[key] = plan_of(json_field(entry, "plan", where), where)
+    missing = [
+        k for k in itertools.product(*(sorted(s.tables) for s in sized.values()))
+        if k not in sized_plans and k != tuple(s.reference for s in sized.values())
+    ]  # fmt: skip
+    if sized and missing:
+        lacking = show([list(k) for k in missing])
+        raise ValueError(f"sized_plans lacks a plan for measured buckets {lacking}")
+    return sized, sized_plans
 
 
 def plan_buckets(profile: Profile, planner: PlannerConfig | None = None) -> Profile:

@@ -29,6 +29,7 @@ from mosel.errors import InputError, SLOError
 from mosel.jobs import chunk_sizes, floor_units
 from mosel.plan import ACCURACY_SCALE, Strategy
 from mosel.profiles import Profile
+from mosel.slo import SLO, real
 from mosel.stats import Load
 
 __all__ = [
@@ -63,23 +64,15 @@ class RouteRequest:
     def __post_init__(self) -> None:
         if isinstance(self.n, bool) or not isinstance(self.n, numbers.Integral) or self.n < 1:
             raise InputError(f"RouteRequest.n must be an int >= 1 (requests in the job), got {self.n!r}")
-        if self.deadline_ms is not None and (
-            isinstance(self.deadline_ms, bool)
-            or not isinstance(self.deadline_ms, numbers.Real)
-            or not math.isfinite(self.deadline_ms)
-        ):
-            raise SLOError(
-                f"RouteRequest.deadline_ms must be a finite number of milliseconds left (or None), "
-                f"got {self.deadline_ms!r}"
-            )
-        if self.min_accuracy is not None and (
-            isinstance(self.min_accuracy, bool)
-            or not isinstance(self.min_accuracy, numbers.Real)
-            or not 0.0 <= self.min_accuracy <= 1.0
-        ):
-            raise SLOError(
-                f"RouteRequest.min_accuracy must be in [0, 1] (or None), got {self.min_accuracy!r}"
-            )
+        # A budget left, not a deadline: it may be spent (<= 0) by the time of routing.
+        if self.deadline_ms is not None:
+            left = real(self.deadline_ms)
+            if left is None or not math.isfinite(left):
+                raise SLOError(
+                    f"RouteRequest.deadline_ms must be a finite number of milliseconds left (or None), "
+                    f"got {self.deadline_ms!r}"
+                )
+        SLO.of(min_accuracy=self.min_accuracy)  # the floor's one rule
 
 
 class Router(Protocol):

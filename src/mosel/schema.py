@@ -63,7 +63,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from mosel.errors import InputError
-from mosel.plan import json_dict, json_field, json_int, json_list, json_str, show
+from mosel.jsonvalues import json_dict, json_field, json_int, json_list, json_str, show
 from mosel.spec import ModelSpec
 from mosel.trees import NAMESPACE, Tree
 

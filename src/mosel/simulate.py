@@ -366,6 +366,52 @@ ROUTERS: Final = ("random", "power-of-two", "slack")
 """Router names :func:`simulate_replicas` accepts (or pass a router object)."""
 
 
+def _checked_cluster(
+    replicas: object, report_every_ms: object, report_delay_ms: object, slowdowns: Sequence[float] | None
+) -> list[float]:
+    """Validate :func:`simulate_replicas`' cluster arguments; each replica's slowdown factor."""
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise InputError(
+            f"simulate_replicas(replicas={replicas!r}): give the number of replicas, an int >= 1"
+        )
+    for name, value in (("report_every_ms", report_every_ms), ("report_delay_ms", report_delay_ms)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0.0):
+            raise InputError(f"simulate_replicas({name}={value!r}): must be a finite number of ms >= 0")
+    if report_every_ms == 0.0 and report_delay_ms != 0.0:
+        raise InputError(
+            f"simulate_replicas(report_every_ms=0, report_delay_ms={report_delay_ms!r}): loads read at the "
+            "moment of routing have no transport delay; give a report period, or a delay of 0"
+        )
+    assert isinstance(replicas, int)
+    factors = [1.0] * replicas if slowdowns is None else list(slowdowns)
+    if len(factors) != replicas or not all(
+        isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0.0
+        for f in factors
+    ):
+        raise InputError(
+            f"simulate_replicas(slowdowns={slowdowns!r}): give one finite factor > 0 per replica "
+            f"({replicas}), or None for all 1"
+        )
+    return [float(f) for f in factors]
+
+
+def _router(router: str | Router, profile: Profile, stale_after_s: float) -> Router:
+    """A router object from a name (or the object itself)."""
+    if isinstance(router, str):
+        if router not in ROUTERS:
+            raise InputError(
+                f"simulate_replicas(router={router!r}): unknown router; use one of {list(ROUTERS)}"
+            )
+        return (
+            RandomRouter()
+            if router == "random"
+            else PowerOfTwoRouter()
+            if router == "power-of-two"
+            else SlackRouter(profile, stale_after_s=stale_after_s)
+        )
+    return router
+
+
 def simulate_replicas(
     profile: Profile,
     arrivals: Iterable[Arrival],
@@ -414,42 +460,8 @@ def simulate_replicas(
         InputError: a bad replica count, period, delay or slowdowns, an unknown router name,
             or a malformed arrival (as :func:`simulate`).
     """
-    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
-        raise InputError(
-            f"simulate_replicas(replicas={replicas!r}): give the number of replicas, an int >= 1"
-        )
-    for name, value in (("report_every_ms", report_every_ms), ("report_delay_ms", report_delay_ms)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0.0):
-            raise InputError(f"simulate_replicas({name}={value!r}): must be a finite number of ms >= 0")
-    if report_every_ms == 0.0 and report_delay_ms != 0.0:
-        raise InputError(
-            f"simulate_replicas(report_every_ms=0, report_delay_ms={report_delay_ms!r}): loads read at the "
-            "moment of routing have no transport delay; give a report period, or a delay of 0"
-        )
-    factors = [1.0] * replicas if slowdowns is None else list(slowdowns)
-    if len(factors) != replicas or not all(
-        isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0.0
-        for f in factors
-    ):
-        raise InputError(
-            f"simulate_replicas(slowdowns={slowdowns!r}): give one finite factor > 0 per replica "
-            f"({replicas}), or None for all 1"
-        )
-    chosen: Router
-    if isinstance(router, str):
-        if router not in ROUTERS:
-            raise InputError(
-                f"simulate_replicas(router={router!r}): unknown router; use one of {list(ROUTERS)}"
-            )
-        chosen = (
-            RandomRouter()
-            if router == "random"
-            else PowerOfTwoRouter()
-            if router == "power-of-two"
-            else SlackRouter(profile, stale_after_s=stale_after_s)
-        )
-    else:
-        chosen = router
+    factors = _checked_cluster(replicas, report_every_ms, report_delay_ms, slowdowns)
+    chosen = _router(router, profile, stale_after_s)
     trace = checked_trace(profile, arrivals)
     clock = VirtualClock()
     engines = [
@@ -463,40 +475,14 @@ def simulate_replicas(
         )
         for k in range(replicas)
     ]
-    router_rng = random.Random(seed)
-    delay_s = report_delay_ms / 1000.0
-    seen: list[Load | None] = [None] * replicas
-    in_transit: collections.deque[tuple[float, list[Load]]] = collections.deque()
-    assignment: list[int] = []
-    reports = 0
-
-    def report(now: float) -> None:
-        nonlocal reports
-        reports += 1
-        in_transit.append((now + delay_s, [e.scheduler.load(now, at_s=now) for e in engines]))
-
-    def route(index: int, arrival: Arrival, now: float) -> int:
-        if report_every_ms == 0.0:
-            seen[:] = [e.scheduler.load(now, at_s=now) for e in engines]
-        while in_transit and in_transit[0][0] <= now:
-            seen[:] = in_transit.popleft()[1]
-        request = RouteRequest(arrival.n, arrival.deadline_ms, arrival.min_accuracy, arrival.available)
-        choice = chosen.choose(seen, request, now, router_rng)
-        if not 0 <= choice < replicas:
-            raise InputError(
-                f"router {chosen.name!r} chose replica {choice!r} of {replicas}; "
-                f"its choose() must return an index in 0..{replicas - 1}"
-            )
-        assignment.append(choice)
-        return choice
-
+    desk = _Dispatcher(chosen, engines, random.Random(seed), report_every_ms, report_delay_ms)
     periodic = report_every_ms > 0.0
     run_engines(
         clock,
         engines,
         trace,
-        route,
-        report if periodic else None,
+        desk.route,
+        desk.report if periodic else None,
         report_every_ms / 1000.0 if periodic else math.inf,
     )
     end_s = clock.now()
@@ -512,4 +498,46 @@ def simulate_replicas(
         end_s,
         tuple(d for run in runs for d in run.decision_ms),
     )
-    return ClusterSimulation(overall, runs, tuple(assignment), chosen.name, reports)
+    return ClusterSimulation(overall, runs, tuple(desk.assignment), chosen.name, desk.reports)
+
+
+class _Dispatcher:
+    """The router's side of a simulated cluster: the loads it has seen, and its choices."""
+
+    def __init__(
+        self,
+        router: Router,
+        engines: Sequence[Engine],
+        rng: random.Random,
+        report_every_ms: float,
+        report_delay_ms: float,
+    ) -> None:
+        self.router, self.engines, self.rng = router, engines, rng
+        self.live = report_every_ms == 0.0  # loads read at the moment of routing
+        self.delay_s = report_delay_ms / 1000.0
+        self.seen: list[Load | None] = [None] * len(engines)
+        self.in_transit: collections.deque[tuple[float, list[Load]]] = collections.deque()
+        self.assignment: list[int] = []
+        self.reports = 0
+
+    def report(self, now: float) -> None:
+        """Every replica takes its load now; the router sees it ``report_delay_ms`` later."""
+        self.reports += 1
+        self.in_transit.append((now + self.delay_s, [e.scheduler.load(now, at_s=now) for e in self.engines]))
+
+    def route(self, index: int, arrival: Arrival, now: float) -> int:
+        """The replica the router picks for trace entry ``index``."""
+        if self.live:
+            self.seen[:] = [e.scheduler.load(now, at_s=now) for e in self.engines]
+        while self.in_transit and self.in_transit[0][0] <= now:
+            self.seen[:] = self.in_transit.popleft()[1]
+        request = RouteRequest(arrival.n, arrival.deadline_ms, arrival.min_accuracy, arrival.available)
+        choice = self.router.choose(self.seen, request, now, self.rng)
+        replicas = len(self.engines)
+        if not 0 <= choice < replicas:
+            raise InputError(
+                f"router {self.router.name!r} chose replica {choice!r} of {replicas}; "
+                f"its choose() must return an index in 0..{replicas - 1}"
+            )
+        self.assignment.append(choice)
+        return choice

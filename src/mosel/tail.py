@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
-from mosel.plan import json_dict, json_field, json_float, json_list
+from mosel.jsonvalues import json_dict, json_field, json_float, json_list
 
 if TYPE_CHECKING:
     from mosel.profiles import Profile

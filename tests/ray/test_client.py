@@ -1,6 +1,6 @@
 """mosel.ray.Client's waits, bounded by the job's deadline: fake handles, no Ray instance.
 
-A fake handle scripts what each attempt does on a virtual clock (``mosel.ray.time`` is replaced
+A fake handle scripts what each attempt does on a virtual clock (``mosel.ray.client.time`` is replaced
 by it): when its replica dies, when an answer would come. Nothing here sleeps for real except
 the asyncio tests, whose fake replicas never answer (they only bound the wait).
 """
@@ -84,7 +84,7 @@ class FakeHandle:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     clock = Clock()
-    monkeypatch.setattr(mosel.ray, "time", clock)
+    monkeypatch.setattr(mosel.ray.client, "time", clock)
     return clock
 
 

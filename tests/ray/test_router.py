@@ -76,10 +76,11 @@ def test_only_candidates_are_chosen(router: SlackRequestRouter) -> None:
     assert rank(router, [b], request) == [[b], []]  # a is known but full: not a candidate now
 
 
-def test_a_bad_slo_is_left_to_the_replica(router: SlackRequestRouter) -> None:
-    replicas = [FakeReplica("a", reported(0.0)), FakeReplica("b", reported(0.0))]
-    ranks = rank(router, replicas, Request(tiny_inputs(1), min_accuracy=7.0))
-    assert len(ranks) == 1  # fallback; the replica raises SLOError to the caller
+def test_a_bad_slo_is_refused_where_the_request_is_made() -> None:
+    with pytest.raises(mosel.SLOError, match="min_accuracy"):
+        Request(tiny_inputs(1), min_accuracy=7.0)  # before it travels: the rules of model.infer
+    with pytest.raises(mosel.SLOError, match="deadline_ms"):
+        Request(tiny_inputs(1), deadline_ms=float("nan"))
 
 
 def test_the_transit_so_far_is_charged(router: SlackRequestRouter) -> None:
