@@ -21,8 +21,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import trace_seconds
 from conditions import CONDITIONS, arrivals_for, metrics
-from run import trace_seconds
 from scenarios import scenario_named
 
 import mosel

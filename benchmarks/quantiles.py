@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import trace_seconds
 from conditions import CONDITIONS, arrivals_for, metrics
-from run import trace_seconds
 from scenarios import scenario_named
 
 import mosel

@@ -19,6 +19,7 @@ import statistics
 from typing import Any
 
 import torch
+from common import config_for
 from conditions import CONDITIONS, Conditions, arrivals_for, metrics
 from replay import RealJob, Replayed, replay, with_inputs
 from scenarios import av_digits_model, av_digits_slack_ms
@@ -95,8 +96,6 @@ def calibrate(model: Any, profile: mosel.Profile, test: Any, repeats: int = 7) -
 
 def labelled_config(label: str, conditions: Conditions) -> mosel.SchedulerConfig:
     """``"policy"`` or ``"policy q=0.75"`` (a latency quantile) as a configuration."""
-    from run import config_for
-
     policy, _, quantile = label.partition(" q=")
     return config_for(policy, conditions, **({"latency_quantile": float(quantile)} if quantile else {}))
 

@@ -35,8 +35,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import capacity, spread
 from conditions import CONDITIONS, arrivals_for, metrics, rate_per_s
-from run import capacity, spread
 from scenarios import scenario_named
 
 import mosel

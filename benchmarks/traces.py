@@ -32,8 +32,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import config_for
 from conditions import CONDITIONS, arrivals_for, rate_per_s
-from run import config_for
 from scenarios import scenario_named
 
 import mosel
