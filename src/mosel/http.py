@@ -451,7 +451,7 @@ class Service:
             present = {m: torch.tensor(v, dtype=torch.bool) for m, v in body.present.items()}
         return inputs, present, body, budget
 
-    async def predict(self, request: Request) -> Response:
+    async def predict(self, request: Request) -> Response:  # noqa: PLR0911 (one answer per outcome)
         """``POST /predict``: serve the request's rows under its SLO (see ``docs/http.md``)."""
         now_s = self._clock()
         if self._closed:

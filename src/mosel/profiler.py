@@ -205,7 +205,7 @@ def _checked_sum(scores: object, rows: int, metric: Metric, configuration: str) 
     return float(values.sum())
 
 
-def _accuracy(
+def _accuracy(  # noqa: C901 (one pass over the validation data: batches, sizes, schema, metric)
     model: nn.Module,
     spec: ModelSpec,
     data: Iterable[object],

@@ -566,7 +566,7 @@ class Profile:
         return profile
 
     @classmethod
-    def _parse(cls, data: dict[str, Any]) -> Profile:
+    def _parse(cls, data: dict[str, Any]) -> Profile:  # noqa: C901 (one check per field of the file, in the order read)
         """The profile in ``data``, its plan not yet checked; ValueError naming the bad field."""
 
         def field(key: str) -> Any:

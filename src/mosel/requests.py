@@ -142,7 +142,7 @@ def group_by_presence(
     return reordered, groups, torch.argsort(order)
 
 
-def check_inputs(
+def check_inputs(  # noqa: C901 (one refusal per way inputs can be wrong; the fast path first)
     inputs: object, spec: ModelSpec, device: torch.device
 ) -> tuple[dict[str, Tree], Configuration, int]:
     """Validate a job's inputs; returns them on ``device``, the modalities present, the size.

@@ -632,7 +632,7 @@ class SchemaRecorder:
 # decoding JSON
 
 
-def _tensor(value: Any, where: str, leaf: LeafSchema | None, batch_dim: int, finite: bool) -> Tensor:
+def _tensor(value: Any, where: str, leaf: LeafSchema | None, batch_dim: int, finite: bool) -> Tensor:  # noqa: C901 (one refusal per way a JSON value can misfit its leaf)
     """A JSON (nested) list as a tensor: the leaf's dtype when known, else the values'.
 
     Shapes are left to :meth:`ModalitySchema.check`.

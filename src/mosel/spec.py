@@ -230,7 +230,7 @@ def _wrapped_mark(value: object) -> Mark | None:
     return None
 
 
-def _collect(cls: type) -> ModelSpec:
+def _collect(cls: type) -> ModelSpec:  # noqa: C901, PLR0912 (decoration-time checks, one per misuse, run once per class)
     branches: dict[str, str] = {}  # modality -> attribute name
     dims: dict[str, int] = {}
     sizings: dict[str, Sizing] = {}
