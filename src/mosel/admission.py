@@ -137,21 +137,47 @@ class Admission:
         key = (frontier.available, frontier.n, job.bucket, job.min_accuracy, job.confidence, job.per_request)
         return self._admissible.get(key, make)
 
-    @staticmethod
-    def deadline_error(job: Job[Any], now: float, predicted_us: int) -> DeadlineError:
-        """The error of a job that cannot make its deadline (``predicted_us`` from ``now``)."""
+    def deadline_error(self, job: Job[Any], now: float, predicted_us: int) -> DeadlineError:
+        """The error of a job that cannot make its deadline (``predicted_us`` from ``now``).
+
+        Its ``best_accuracy_within_deadline`` is the most accurate strategy admission would
+        take now at the same deadline (priced as decisions price it: corrected, at the tail,
+        with the dispatch overhead; admitted when its median fits), so a retry with that floor
+        is served; None when nothing fits.
+        """
         finish_ms = (now - job.arrival) * 1000.0 + predicted_us / 1000.0
-        fitting = None
-        if len(job.tasks) == 1 and not math.isinf(job.deadline):
-            best = job.tasks[0].frontier.best_within((job.deadline - now) * 1e6)
-            fitting = None if best is None else best.expected_accuracy
+        fitting = self.fitting_accuracy(job, now)
+        shown = "nothing fits" if fitting is None else f"the best accuracy that fits is {_floor4(fitting)}"
         return DeadlineError(
             f"deadline_ms={job.deadline_ms} cannot be met for {job.n} request(s) at min_accuracy="
             f"{job.min_accuracy}: the fastest admissible strategy is predicted to finish at "
-            f"{finish_ms:.2f} ms after arrival"
-            + (f"; the best accuracy that fits is {fitting:.4f}" if fitting is not None else "; nothing fits")
-            + "; relax the deadline or the floor, or pass best_effort=True",
+            f"{finish_ms:.2f} ms after arrival; {shown}; relax the deadline or the floor, or pass "
+            f"best_effort=True",
             deadline_ms=float(job.deadline_ms or 0.0),
             predicted_ms=finish_ms,
             best_accuracy_within_deadline=fitting,
         )
+
+    def fitting_accuracy(self, job: Job[Any], now: float) -> float | None:
+        """The best expected accuracy a lone job like ``job`` would be admitted at now (None: none).
+
+        The same rule as admission's refusal: a strategy fits when its median time, from now,
+        ends by the deadline. For a job of one task only (a chunked job has no single answer).
+        """
+        if len(job.tasks) != 1 or math.isinf(job.deadline):
+            return None
+        task = job.tasks[0]
+        limit = job.deadline * 1e6 - now * 1e6
+        typical = self.pricer.tail.typical
+        if task.fixed is not None:
+            return task.fixed.expected_accuracy if typical(task.lat[0]) <= limit else None
+        prices = self.pricer.latencies(task.frontier, job)  # ascending: a fitting prefix
+        fits = 0
+        while fits < len(prices) and typical(prices[fits]) <= limit:
+            fits += 1
+        return task.frontier.strategies[fits - 1].expected_accuracy if fits else None
+
+
+def _floor4(accuracy: float) -> str:
+    """An accuracy shown to 4 decimals, rounded down (a floor written from it is still met)."""
+    return f"{math.floor(accuracy * 1e4) / 1e4:.4f}"

@@ -333,3 +333,42 @@ def test_agnostic_plus_merges_across_skipped_jobs() -> None:
     from mosel.policies import AgnosticPlus
 
     assert AgnosticPlus.merge_skips
+
+
+# ---------------------------------------------------------------- issue 23.1: what fits, as priced
+
+
+@pytest.mark.parametrize("slowdown", [1.0, 1.7, 3.0])
+@pytest.mark.parametrize("overhead_us", [0.0, 400.0])
+def test_the_accuracy_a_refusal_says_fits_is_admitted_when_retried(
+    profile: mosel.Profile, slowdown: float, overhead_us: float
+) -> None:
+    """``best_accuracy_within_deadline`` comes from the prices admission refuses with (corrected,
+    at the tail, overhead included), never the raw profile: retrying at it is served."""
+    scheduler = Scheduler(profile, SchedulerConfig(policy="aggressive"))
+    pricer = scheduler.pricer
+    for part in pricer.correction:
+        pricer.correction[part] = slowdown
+    pricer.tail.overhead_us = pricer.tail.median_overhead_us = overhead_us
+    pricer.reprice()
+    everything = profile.plan.frontier(ALL, 2)
+    best = everything.best.expected_accuracy
+    refused = 0
+    for raw in {s.latency_us for s in everything.strategies}:
+        for deadline_ms in (raw / 1000.0 * 0.9, raw / 1000.0 * 1.05, raw / 1000.0 * 2.0):
+            try:
+                scheduler.admit(job(2, 0.0, deadline_ms=deadline_ms, min_accuracy=best), 0.0)
+            except mosel.AccuracyUnreachableError:
+                continue
+            except mosel.DeadlineError as refusal:
+                refused += 1
+                fitting = refusal.best_accuracy_within_deadline
+                if fitting is None:
+                    with pytest.raises(mosel.DeadlineError):  # nothing fits: even no floor is refused
+                        scheduler.admit(job(2, 0.0, deadline_ms=deadline_ms), 0.0)
+                    continue
+                retry = job(2, 0.0, deadline_ms=deadline_ms, min_accuracy=fitting)
+                scheduler.admit(retry, 0.0)  # served at the accuracy the refusal named
+                assert retry.expected_accuracy >= fitting
+                scheduler.cancel(retry)
+    assert refused > 0
