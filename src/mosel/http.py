@@ -13,17 +13,24 @@ Routes: ``POST /predict``, ``GET /metrics`` (Prometheus text), ``GET /healthz`` 
 ``GET /readyz`` (a profile is attached and still fits the model). The request handling lives in
 :class:`Service`, which holds only its model (or a function returning it), so any number of
 apps, routers or Ray Serve replicas can each serve their own model. ``docs/http.md`` describes
-the headers, bodies and status codes.
+the headers, bodies and status codes, and ``docs/failures.md`` what each fault at the front door
+does: a deadline counts from the request's arrival at the handler (receiving and decoding the
+body are charged), a body over ``max_body_bytes`` is refused (413) before it is read, large
+bodies are decoded on a bounded worker pool, a client that disconnects has its queued job
+withdrawn, and non-finite inputs are refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import itertools
+import json
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
@@ -36,6 +43,7 @@ try:
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
     from pydantic import BaseModel, ConfigDict, Field, ValidationError
     from starlette.concurrency import run_in_threadpool
+    from starlette.requests import ClientDisconnect
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("mosel.http needs the http extra: pip install 'mosel[http]'") from exc
 
@@ -53,9 +61,10 @@ from mosel.errors import (
     SLOError,
 )
 from mosel.execution import Result
-from mosel.runtime import close, model_submit, profile_of, prometheus_collector, readiness
-from mosel.schema import ModalitySchema, decode
+from mosel.runtime import close, profile_of, prometheus_collector, readiness, settle, submit_now
+from mosel.schema import LeafSchema, ModalitySchema, decode
 from mosel.spec import spec_of
+from mosel.stats import BUCKETS_MS, Histogram
 from mosel.trees import Tree
 
 __all__ = [
@@ -67,7 +76,9 @@ __all__ = [
     "REQUEST_START",
     "Budget",
     "ErrorBody",
+    "HTTP_EVENTS",
     "Health",
+    "MAX_BODY_BYTES",
     "ModelSource",
     "PredictRequest",
     "PredictResponse",
@@ -96,7 +107,27 @@ DEADLINE_AT: Final = "X-Deadline-At"
 OVERLOAD: Final = (DeadlineError, QueueFullError, ShutdownError)
 """Errors answered 503 with a ``Retry-After``: the model is busy (or closed), retry later or elsewhere."""
 LARGE_BODY: Final = 256 * 1024
-"""Bodies larger than this (bytes) are parsed and decoded on a worker thread, off the event loop."""
+"""Bodies larger than this (bytes) are parsed and decoded on the service's decode pool, off the event loop."""
+MAX_BODY_BYTES: Final = 16 * 1024 * 1024
+"""The default limit on a ``/predict`` body (16 MiB): a larger one is answered 413 unread."""
+HTTP_EVENTS: Final = (
+    "served_on_time",
+    "served_late",
+    "served_without_deadline",
+    "deadline_spent_receiving",
+    "client_gone_before_submit",
+    "client_gone_withdrawn",
+    "client_gone_running",
+)
+"""The events ``/metrics`` counts at the front door (``mosel_http_events_total{event=...}``).
+
+``served_on_time``/``served_late``: answers 200 whose ``deadline_met`` was true/false (measured
+at the handler: from the request's arrival until its response was handed to the server);
+``deadline_spent_receiving``: answered 503 ``DeadlineError`` because receiving and decoding
+the body used the whole deadline (nothing computed); ``client_gone_*``: the client disconnected
+before its job was submitted, while it was queued (withdrawn, never computed), or while it ran
+(it finished, its answer dropped).
+"""
 CLOSED: Final = "the service is closed (Service.close(), or its app shut down); it takes no new requests"
 """Why a closed :class:`Service` answers ``/predict`` 503 ``ShutdownError`` and ``/readyz`` not ready."""
 
@@ -143,11 +174,21 @@ class PredictResponse(BaseModel):
     predicted_latency_ms: float
     measured_latency_ms: float
     queue_ms: float | None = Field(description="arrival at the model to dispatch")
-    completion_ms: float = Field(description="arrival at the model to result")
-    deadline_met: bool | None = Field(description="null without a deadline")
+    received_ms: float = Field(
+        description="arrival at this service to the job's submission: receiving, parsing, decoding the body"
+    )
+    completion_ms: float = Field(description="arrival at this service to the response handed to the server")
+    deadline_met: bool | None = Field(
+        description="completion_ms <= deadline_ms: the answer left within the deadline; null without one"
+    )
     reason: str | None = Field(description="why the job was served below its best strategy, or null")
     upstream_ms: float = Field(description="time spent before this service, charged to the deadline")
-    deadline_ms: float | None = Field(description="the deadline the model was given, after the charge")
+    deadline_ms: float | None = Field(
+        description=(
+            "the deadline from the arrival at this service, after the upstream charge; the model was given "
+            "what was left after receiving and decoding"
+        )
+    )
 
 
 class ErrorBody(BaseModel):
@@ -273,13 +314,23 @@ def charge(headers: Mapping[str, str], body: PredictRequest, now_s: float) -> Bu
     )
 
 
+def _decode(modality: str, value: Any, schema: ModalitySchema | None, finite: bool) -> Tree:
+    """:func:`mosel.schema.decode`, refusing non-finite values unless ``finite`` is false."""
+    return decode(modality, value, schema, finite=finite)
+
+
 def decode_inputs(
-    model: nn.Module, inputs: Mapping[str, Any], schema: Mapping[str, ModalitySchema]
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    schema: Mapping[str, ModalitySchema],
+    *,
+    allow_non_finite: bool = False,
 ) -> dict[str, Tree]:
     """The JSON ``inputs`` of a request as tensors, each modality checked against ``schema``.
 
     A modality without a schema (a profile saved before schemas were recorded) takes its
-    dtypes from the values (see :func:`mosel.schema.decode`).
+    dtypes from the values (see :func:`mosel.schema.decode`). A NaN, an infinity, or a number
+    beyond its leaf's float dtype (``1e39`` for float32) is refused unless ``allow_non_finite``.
 
     Raises:
         InputError: an unknown modality, or a value that does not fit (naming modality and leaf).
@@ -288,7 +339,8 @@ def decode_inputs(
     unknown = [m for m in inputs if m not in spec.branches]
     if unknown:
         raise InputError(f"unknown modality {unknown[0]!r}; {spec.model_class} takes {list(spec.modalities)}")
-    return {m: decode(m, v, schema.get(m)) for m, v in inputs.items() if v is not None}
+    finite = not allow_non_finite
+    return {m: _decode(m, v, schema.get(m), finite) for m, v in inputs.items() if v is not None}
 
 
 def _plain(value: Any) -> Any:
@@ -312,25 +364,24 @@ def encode_output(output: Tree) -> Any:
     return optree.tree_map(_tensor_json, output, none_is_leaf=False, namespace=trees.NAMESPACE)
 
 
-def _response(result: Result, budget: Budget) -> dict[str, Any]:
-    output = result.output
-    prediction = None
-    if isinstance(output, Tensor) and output.dim() >= 2 and output.is_floating_point():
-        prediction = output.argmax(dim=-1).tolist()
-    return {
-        "outputs": encode_output(output),
-        "prediction": prediction,
-        "modalities": [sorted(c) for c in result.modalities],
-        "expected_accuracy": result.expected_accuracy,
-        "predicted_latency_ms": result.predicted_latency_ms,
-        "measured_latency_ms": result.measured_latency_ms,
-        "queue_ms": None if math.isnan(result.queue_ms) else result.queue_ms,
-        "completion_ms": result.completion_ms,
-        "deadline_met": result.deadline_met,
-        "reason": result.reason,
-        "upstream_ms": budget.upstream_ms,
-        "deadline_ms": budget.deadline_ms,
-    }
+def _null_where(values: Any, bad: Any) -> Any:
+    if isinstance(bad, list):
+        return [_null_where(v, b) for v, b in zip(values, bad)]
+    return None if bad else values
+
+
+def prediction_of(output: Tree) -> list[Any] | None:
+    """The ``prediction`` of a response: argmax over the last dimension, per row.
+
+    Only for a floating tensor of rank >= 2 (else None). A row (a vector along the last
+    dimension) holding a NaN or an infinity has no definite argmax: its prediction is None.
+    """
+    if not (isinstance(output, Tensor) and output.dim() >= 2 and output.is_floating_point()):
+        return None
+    output = output.detach().cpu()
+    prediction: list[Any] = output.argmax(dim=-1).tolist()
+    bad = ~torch.isfinite(output).all(dim=-1)
+    return _null_where(prediction, bad.tolist()) if bool(bad.any()) else prediction
 
 
 def error_status(exc: BaseException) -> int:
@@ -368,6 +419,115 @@ def _error(status: int, exc: BaseException, name: str | None = None, **headers: 
     return JSONResponse(body, status_code=status, headers=headers or None)
 
 
+def _failed(model: nn.Module, exc: BaseException, *, decoding: bool = False) -> JSONResponse:
+    """The answer to an error raised while preparing (``decoding``) or serving a request."""
+    status = error_status(exc)
+    if decoding and status == 500 and isinstance(exc, (ValueError, TypeError)):
+        return _error(400, exc, "InputError")  # what decoding raised on a value that does not fit
+    headers = {"Retry-After": str(_retry_after_s(model))} if isinstance(exc, OVERLOAD) else {}
+    return _error(status, exc, **headers)
+
+
+_LATE_MS: Final = 1e-6
+"""The deadline a ``best_effort`` job whose deadline passed before it was submitted gets (it is served late)."""
+
+
+class _TooLarge(Exception):
+    """A body over the service's limit (answered 413 without reading the rest)."""
+
+
+async def _disconnected(receive: Callable[[], Awaitable[Mapping[str, Any]]]) -> None:
+    """Returns when the ASGI server says the client disconnected (``http.disconnect``).
+
+    Called once the body has been read: nothing else is due on the channel until the response,
+    so a server that sends anything else is not listened to further (this then never returns).
+    """
+    message = await receive()
+    if message.get("type") != "http.disconnect":
+        await asyncio.Event().wait()
+
+
+def _follow_dtype(
+    schema: Mapping[str, ModalitySchema], profiled: str, now: torch.dtype
+) -> dict[str, ModalitySchema]:
+    """``schema`` with the leaves profiled in the model's dtype (``profiled``) in its dtype ``now``."""
+    name = str(now).removeprefix("torch.")
+    return {
+        m: ModalitySchema(
+            s.batch_dim,
+            tuple(
+                LeafSchema(leaf.path, name, leaf.shape) if f"torch.{leaf.dtype}" == profiled else leaf
+                for leaf in s.leaves
+            ),
+        )
+        for m, s in schema.items()
+    }
+
+
+class _Counters:
+    """The front door's own statistics (``mosel_http_*`` in ``/metrics``); thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.events: dict[str, int] = dict.fromkeys(HTTP_EVENTS, 0)
+        self.statuses: dict[int, int] = {}
+        self.completion = Histogram()
+
+    def event(self, name: str) -> None:
+        with self._lock:
+            self.events[name] += 1
+
+    def answered(self, status: int) -> None:
+        with self._lock:
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+
+    def served(self, met: bool | None, completion_ms: float) -> None:
+        name = "served_without_deadline" if met is None else "served_on_time" if met else "served_late"
+        with self._lock:
+            self.events[name] += 1
+            self.completion.observe(completion_ms)
+
+    def collector(self, model_name: str) -> Any:
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily  # noqa: PLC0415
+
+        counters = self
+
+        class Collector:
+            def collect(self) -> Any:
+                with counters._lock:
+                    events = dict(counters.events)
+                    statuses = dict(counters.statuses)
+                    counts, total_ms = list(counters.completion.counts), counters.completion.sum_ms
+                family = CounterMetricFamily(
+                    "mosel_http_events",
+                    "front-door events: answers on time or late as the client sees them, deadlines "
+                    "spent receiving, clients gone",
+                    labels=["model", "event"],
+                )
+                for name, value in events.items():
+                    family.add_metric([model_name, name], value)
+                yield family
+                family = CounterMetricFamily(
+                    "mosel_http_responses", "answers of /predict by HTTP status", labels=["model", "status"]
+                )
+                for status, value in sorted(statuses.items()):
+                    family.add_metric([model_name, str(status)], value)
+                yield family
+                histogram = HistogramMetricFamily(
+                    "mosel_http_completion_ms",
+                    "served answers: arrival at the handler to the response handed to the server, ms",
+                    labels=["model"],
+                )
+                cumulative, buckets = 0, []
+                for le, count in zip((*BUCKETS_MS, math.inf), counts):
+                    cumulative += count
+                    buckets.append(("+Inf" if le == math.inf else str(le), cumulative))
+                histogram.add_metric([model_name], buckets, total_ms)
+                yield histogram
+
+        return Collector()
+
+
 def _closed() -> JSONResponse:
     """The answer of a closed service's ``/predict``: 503 ``ShutdownError``, retry elsewhere."""
     return _error(503, ShutdownError(CLOSED), **{"Retry-After": "1"})
@@ -395,6 +555,16 @@ class Service:
         input_schema: modality -> schema to decode inputs with, instead of the profile's
             (a synthetic profile has none).
         clock: wall-clock time in seconds (``time.time``), to charge upstream time with.
+        max_body_bytes: the largest ``/predict`` body taken, in bytes; a larger one is answered
+            413 before it is read (from its ``Content-Length``) or as soon as it grows past the
+            limit (a chunked body).
+        allow_non_finite: take NaN, infinities and values beyond a float leaf's range in inputs
+            (refused with 400 ``InputError`` by default).
+        decode_workers: threads that parse and decode bodies over 256 KiB, off the event loop;
+            more large bodies wait their turn (their deadline counting), so they cannot take
+            the threads other routes need.
+        timer: a monotonic clock in seconds (``time.monotonic``), to measure the time since a
+            request's arrival with.
     """
 
     def __init__(
@@ -403,10 +573,24 @@ class Service:
         *,
         input_schema: Mapping[str, ModalitySchema] | None = None,
         clock: Callable[[], float] = time.time,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        allow_non_finite: bool = False,
+        decode_workers: int = 1,
+        timer: Callable[[], float] = time.monotonic,
     ) -> None:
+        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
+        if isinstance(decode_workers, bool) or not isinstance(decode_workers, int) or decode_workers < 1:
+            raise ValueError(f"decode_workers must be a positive int, got {decode_workers!r}")
         self._source = model
         self._schema = input_schema
         self._clock = clock
+        self._timer = timer
+        self.max_body_bytes = max_body_bytes
+        self.allow_non_finite = bool(allow_non_finite)
+        self._workers = decode_workers
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._counters = _Counters()
         self._closed = False
         self._lock = threading.Lock()  # no job is admitted once close() has begun
 
@@ -422,94 +606,253 @@ class Service:
         return self._source()
 
     def schema(self, model: nn.Module) -> Mapping[str, ModalitySchema]:
-        """The input schema requests are decoded with (the given one, else the profile's)."""
+        """The input schema requests are decoded with (the given one, else the profile's).
+
+        The profile's is read when called (after a re-profile, the new profile's). Where the
+        model's dtype is no longer the one it was profiled in (attached with
+        ``on_stale="warn"``, then ``model.double()``), the leaves that had the model's dtype
+        take its dtype now, so that inputs reach it in the dtype it computes in.
+        """
         if self._schema is not None:
             return self._schema
         try:
-            return profile_of(model).input_schema
+            profile = profile_of(model)
         except NotProfiledError:
             return {}
+        schema = profile.input_schema
+        probe = next(itertools.chain(model.parameters(), model.buffers()), None)
+        profiled = profile.fingerprint.dtype
+        if probe is not None and probe.is_floating_point() and profiled and profiled != str(probe.dtype):
+            return _follow_dtype(schema, profiled, probe.dtype)
+        return schema
 
     def prepare(
         self, model: nn.Module, raw: bytes, headers: Mapping[str, str], now_s: float
     ) -> tuple[dict[str, Tree], dict[str, Tensor] | None, PredictRequest, Budget]:
         """Parse and decode one request: the inputs, presence masks, the body and the budget.
 
+        A change of the model since ``attach`` is handled first (:func:`mosel.runtime.settle`:
+        refused, warned about, or re-profiled in the background), so that the inputs are
+        decoded with the schema of the profile that will serve them.
+
         Raises:
             InputError: the body is not valid JSON of the expected form, or inputs do not fit.
             SLOError: an SLO value is not valid.
             DeadlineError: the deadline was spent upstream.
+            NotProfiledError, ProfileMismatchError: the model cannot serve now.
         """
         try:
             body = PredictRequest.model_validate_json(raw or b"null")
         except ValidationError as exc:
             raise InputError(_validation_detail(exc)) from None
         budget = charge(headers, body, now_s)
-        inputs = decode_inputs(model, body.inputs, self.schema(model))
+        settle(model)
+        inputs = decode_inputs(model, body.inputs, self.schema(model), allow_non_finite=self.allow_non_finite)
         present = None
         if body.present is not None:
             present = {m: torch.tensor(v, dtype=torch.bool) for m, v in body.present.items()}
         return inputs, present, body, budget
 
     async def predict(self, request: Request) -> Response:
-        """``POST /predict``: serve the request's rows under its SLO (see ``docs/http.md``)."""
+        """``POST /predict``: serve the request's rows under its SLO (see ``docs/http.md``).
+
+        The deadline counts from the handler's entry (the request's arrival; earlier with
+        ``X-Request-Start``): receiving, parsing and decoding the body are charged to it, the
+        model gets what is left, and ``deadline_met`` says whether the response was handed to
+        the server within it.
+        """
+        arrived = self._timer()
         now_s = self._clock()
+        response = await self._predict(request, arrived, now_s)
+        self._counters.answered(response.status_code)
+        return response
+
+    async def _predict(self, request: Request, arrived: float, now_s: float) -> Response:
         if self._closed:
             return _closed()
         try:
             model = self.model()
         except Exception as exc:  # the model is not built (yet)
             return _error(503, exc)
-        raw = await request.body()
+        try:
+            raw = await self._body(request)
+        except _TooLarge as exc:  # the rest is never read: the connection closes after the answer
+            return _error(413, exc, "InputError", Connection="close")
+        except ClientDisconnect:
+            self._counters.event("client_gone_before_submit")
+            return Response(status_code=499)
+        except InputError as exc:
+            return _error(400, exc)
         try:
             if len(raw) > LARGE_BODY:
-                prepared = await run_in_threadpool(self.prepare, model, raw, request.headers, now_s)
+                loop = asyncio.get_running_loop()
+                prepared = await loop.run_in_executor(
+                    self._decode_pool(), self.prepare, model, raw, request.headers, now_s
+                )
             else:
                 prepared = self.prepare(model, raw, request.headers, now_s)
-        except DeadlineError as exc:
-            return _error(503, exc, **{"Retry-After": str(_retry_after_s(model))})
-        except (ValueError, TypeError) as exc:  # InputError, SLOError, and what decoding raised
-            return _error(400, exc, None if isinstance(exc, MoselError) else "InputError")
+        except Exception as exc:
+            return _failed(model, exc, decoding=True)
         inputs, present, body, budget = prepared
+        del raw, prepared
+        received_ms = (self._timer() - arrived) * 1000.0
+        left = None if budget.deadline_ms is None else budget.deadline_ms - received_ms
+        if left is not None and left <= 0 and body.best_effort:
+            left = _LATE_MS  # served late, as best_effort asks, at once with its cheapest strategy
+        elif left is not None and left <= 0:
+            self._counters.event("deadline_spent_receiving")
+            spent = DeadlineError(
+                f"the deadline passed while the request was received and decoded ({received_ms:.1f} ms since "
+                f"its arrival, {budget.upstream_ms:.1f} ms upstream, {budget.deadline_ms:.1f} ms left at "
+                f"arrival); nothing was computed. Send smaller bodies or a longer deadline",
+                deadline_ms=budget.deadline_ms or 0.0,
+                predicted_ms=received_ms,
+                best_accuracy_within_deadline=None,
+            )
+            return _error(503, spent, **{"Retry-After": str(_retry_after_s(model))})
+        if await request.is_disconnected():  # gone while its body was decoded: nothing to compute
+            self._counters.event("client_gone_before_submit")
+            return Response(status_code=499)
         try:
             with self._lock:  # checked and admitted at once: close() cannot slip in between
                 if self._closed:
                     return _closed()
-                future = model_submit(
+                future = submit_now(
                     model,
                     inputs,
-                    deadline_ms=budget.deadline_ms,
+                    deadline_ms=left,
                     min_accuracy=budget.min_accuracy,
                     best_effort=body.best_effort,
                     confidence=budget.confidence,
                     per_request=body.per_request,
                     present=present,
                 )
-            result = await asyncio.wrap_future(future)  # cancelling the request cancels the job
+            del inputs, present
+            result = await self._outcome(request, future)
         except Exception as exc:
-            status = error_status(exc)
-            headers = {"Retry-After": str(_retry_after_s(model))} if isinstance(exc, OVERLOAD) else {}
-            return _error(status, exc, **headers)
-        return JSONResponse(_response(result, budget))
+            return _failed(model, exc)
+        if result is None:  # the client is gone: nobody reads this answer
+            return Response(status_code=499)
+        return self._served(result, budget, arrived, received_ms)
+
+    async def _body(self, request: Request) -> bytes:
+        """The request's body, refused (:class:`_TooLarge`) once it is known to exceed the limit."""
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                raise InputError(f"Content-Length must be a number of bytes, got {declared!r}") from None
+            if length > limit:
+                raise _TooLarge(
+                    f"the body is {length} bytes (Content-Length), more than this service takes "
+                    f"({limit} bytes, max_body_bytes); send fewer requests per call"
+                )
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _TooLarge(
+                    f"the body grew past {limit} bytes (max_body_bytes) and was not read further; "
+                    f"send fewer requests per call"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _decode_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._closed:
+                raise ShutdownError(CLOSED)
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    self._workers, thread_name_prefix="mosel-http-decode"
+                )
+            return self._pool
+
+    async def _outcome(self, request: Request, future: concurrent.futures.Future[Result]) -> Result | None:
+        """The job's result, or None when the client disconnected first (its queued job withdrawn).
+
+        A job already running when the client goes runs to its end; its result is dropped.
+        Cancelling the handler (a server that cancels on disconnect, e.g. Ray Serve) cancels
+        the job the same way.
+        """
+        waiting = asyncio.wrap_future(future)
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            waiting.cancel()  # cancels the job (a queued one leaves the queue)
+            raise
+        finally:
+            gone.cancel()
+        if waiting.done():
+            return waiting.result()
+        withdrawn = future.cancel()
+        if not withdrawn:  # running: it finishes; its result or error goes unread
+            waiting.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._counters.event("client_gone_withdrawn" if withdrawn else "client_gone_running")
+        return None
+
+    def _served(self, result: Result, budget: Budget, arrived: float, received_ms: float) -> Response:
+        """The 200 answer; ``completion_ms`` and ``deadline_met`` are read last, when it is whole."""
+        outputs = json.dumps(encode_output(result.output), separators=(",", ":"), allow_nan=False)
+        fields: dict[str, Any] = {
+            "prediction": prediction_of(result.output),
+            "modalities": [sorted(c) for c in result.modalities],
+            "expected_accuracy": result.expected_accuracy,
+            "predicted_latency_ms": result.predicted_latency_ms,
+            "measured_latency_ms": result.measured_latency_ms,
+            "queue_ms": None if math.isnan(result.queue_ms) else result.queue_ms,
+            "received_ms": received_ms,
+            "reason": result.reason,
+            "upstream_ms": budget.upstream_ms,
+            "deadline_ms": budget.deadline_ms,
+        }
+        completion_ms = (self._timer() - arrived) * 1000.0
+        met = None if budget.deadline_ms is None else completion_ms <= budget.deadline_ms
+        fields["completion_ms"] = completion_ms
+        fields["deadline_met"] = met
+        content = '{"outputs":' + outputs + "," + json.dumps(fields, separators=(",", ":"))[1:]
+        self._counters.served(met, completion_ms)
+        return Response(content.encode(), media_type="application/json")
 
     def metrics(self) -> Response:
-        """``GET /metrics``: the model's statistics in the Prometheus text format."""
+        """``GET /metrics``: the model's statistics and the front door's, in the Prometheus text format.
+
+        The model's (``mosel_events_total``, ``mosel_completion_ms``, ...) count from the job's
+        arrival at the model; the front door's (``mosel_http_*``) from the request's arrival at
+        the handler to its response, as the client sees it.
+        """
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest  # noqa: PLC0415
 
         try:
             model = self.model()
             registry = CollectorRegistry()
             registry.register(prometheus_collector(model))
+            registry.register(self._counters.collector(type(model).__qualname__))
         except Exception as exc:
             return _error(503, exc)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    def http_events(self) -> dict[str, int]:
+        """The front door's event counts (:data:`HTTP_EVENTS`) and answers by status (``"status_503"``)."""
+        counters = self._counters
+        with counters._lock:
+            return dict(counters.events) | {f"status_{k}": v for k, v in sorted(counters.statuses.items())}
 
     def healthz(self) -> Response:
         """``GET /healthz``: 200 while the process answers."""
         return JSONResponse(Health().model_dump())
 
     def readyz(self) -> Response:
-        """``GET /readyz``: 200 when the model can serve (:func:`readiness`), else 503 with why."""
+        """``GET /readyz``: 200 when the model can serve (:func:`readiness`), else 503 with why.
+
+        Computed on each probe, never waited for: a model changed since ``attach`` is handled
+        now (a re-profile by ``on_stale`` starts in the background; ``"re-profiling: ..."``
+        until its profile is attached). Never blocks: the router runs it on the event loop.
+        """
         try:
             reason = CLOSED if self._closed else readiness(self.model())
         except Exception as exc:  # the model is not built (yet)
@@ -524,6 +867,9 @@ class Service:
         """
         with self._lock:
             self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
         try:
             model = self.model()
         except Exception:  # never built: nothing to close
@@ -533,6 +879,7 @@ class Service:
 
 _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     400: {"model": ErrorBody, "description": "bad inputs or SLO values (InputError, SLOError)"},
+    413: {"model": ErrorBody, "description": "the body is larger than the service takes (max_body_bytes)"},
     422: {"model": ErrorBody, "description": "the accuracy floor is unreachable (AccuracyUnreachableError)"},
     500: {"model": ErrorBody, "description": "the model's code failed (the error's class name)"},
     503: {
@@ -575,19 +922,43 @@ def create_router(
     *,
     prefix: str = "",
     input_schema: Mapping[str, ModalitySchema] | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    allow_non_finite: bool = False,
+    decode_workers: int = 1,
 ) -> APIRouter:
     """An ``APIRouter`` with ``/predict``, ``/metrics``, ``/healthz`` and ``/readyz`` for ``model``.
 
     Include it in any FastAPI app (``app.include_router(router, prefix="/av")``); closing the
     model on shutdown is then the app's business (``mosel.close(model)``), see :func:`create_app`.
+    ``/healthz`` and ``/readyz`` answer on the event loop, so no busy thread pool delays them.
 
     Args:
         model: the model, a function returning it (called per request: a model built later),
-            or a :class:`Service`.
+            or a :class:`Service` (then the options below are the service's own).
         prefix: a path prefix for the routes.
         input_schema: decode inputs with this schema instead of the profile's (see :class:`Service`).
+        max_body_bytes: the largest ``/predict`` body taken (413 above it; see :class:`Service`).
+        allow_non_finite: take NaN and infinities in inputs (refused by default).
+        decode_workers: threads decoding large bodies (see :class:`Service`).
     """
-    service = model if isinstance(model, Service) else Service(model, input_schema=input_schema)
+    service = (
+        model
+        if isinstance(model, Service)
+        else Service(
+            model,
+            input_schema=input_schema,
+            max_body_bytes=max_body_bytes,
+            allow_non_finite=allow_non_finite,
+            decode_workers=decode_workers,
+        )
+    )
+
+    async def healthz() -> Response:
+        return service.healthz()
+
+    async def readyz() -> Response:
+        return service.readyz()
+
     router = APIRouter(prefix=prefix)
     router.add_api_route(
         "/predict",
@@ -605,10 +976,10 @@ def create_router(
         response_class=PlainTextResponse,
         summary="Prometheus text exposition of the model's statistics",
     )
-    router.add_api_route("/healthz", service.healthz, methods=["GET"], response_model=Health, summary="Alive")
+    router.add_api_route("/healthz", healthz, methods=["GET"], response_model=Health, summary="Alive")
     router.add_api_route(
         "/readyz",
-        service.readyz,
+        readyz,
         methods=["GET"],
         response_model=Readiness,
         responses={503: {"model": Readiness, "description": "not ready, with the reason"}},
@@ -622,6 +993,9 @@ def create_app(
     *,
     title: str = "mosel",
     input_schema: Mapping[str, ModalitySchema] | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    allow_non_finite: bool = False,
+    decode_workers: int = 1,
 ) -> FastAPI:
     """A FastAPI app serving ``model`` with :func:`create_router`; its lifespan closes the model.
 
@@ -630,8 +1004,17 @@ def create_app(
             for Ray Serve, ``serve.ingress(lambda: create_app(...))`` builds the app on the replica).
         title: the OpenAPI title.
         input_schema: decode inputs with this schema instead of the profile's.
+        max_body_bytes: the largest ``/predict`` body taken (413 above it; see :class:`Service`).
+        allow_non_finite: take NaN and infinities in inputs (refused by default).
+        decode_workers: threads decoding large bodies (see :class:`Service`).
     """
-    service = Service(model, input_schema=input_schema)
+    service = Service(
+        model,
+        input_schema=input_schema,
+        max_body_bytes=max_body_bytes,
+        allow_non_finite=allow_non_finite,
+        decode_workers=decode_workers,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

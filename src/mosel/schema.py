@@ -219,7 +219,7 @@ def _shape(leaf: LeafSchema, batch_dim: int) -> str:
     return ModalitySchema(batch_dim, (leaf,)).expected_shape(leaf)
 
 
-def decode(modality: str, value: Any, schema: ModalitySchema | None = None) -> Tree:
+def decode(modality: str, value: Any, schema: ModalitySchema | None = None, *, finite: bool = True) -> Tree:
     """A modality's input from its JSON form, checked against its profiled ``schema``.
 
     A JSON (nested) list is one tensor, an object a dict of parts; with a schema whose
@@ -227,14 +227,25 @@ def decode(modality: str, value: Any, schema: ModalitySchema | None = None) -> T
     recorded dtype (integers stay integers; fractional values for an integer leaf are refused)
     and must have the recorded rank and sizes. Without one (a profile saved before schemas were
     recorded) the values decide: booleans bool, integers int64, any float float32.
+    With ``finite`` (the default), a floating leaf holding NaN or an infinity (also a value
+    beyond its dtype's range, e.g. ``1e39`` for float32) is refused.
 
     Raises:
         InputError: the value does not fit; the message names the modality and the leaf.
     """
     if schema is None:
-        return _loose(value, modality)
-    by_path = {leaf.path: leaf for leaf in schema.leaves}
-    return _strict(value, (), modality, by_path, schema.batch_dim)
+        tree = _loose(value, modality)
+    else:
+        by_path = {leaf.path: leaf for leaf in schema.leaves}
+        tree = _strict(value, (), modality, by_path, schema.batch_dim)
+    if finite:
+        for path, leaf in _flatten(tree):
+            if isinstance(leaf, Tensor) and leaf.is_floating_point() and not bool(torch.isfinite(leaf).all()):
+                raise InputError(
+                    f"{leaf_name(modality, path)} holds a non-finite value (NaN, an infinity, or a number "
+                    f"beyond {str(leaf.dtype).removeprefix('torch.')}'s range); send finite numbers"
+                )
+    return tree
 
 
 def _loose(value: Any, where: str) -> Tree:
