@@ -108,8 +108,14 @@ OVERLOAD: Final = (DeadlineError, QueueFullError, ShutdownError)
 """Errors answered 503 with a ``Retry-After``: the model is busy (or closed), retry later or elsewhere."""
 LARGE_BODY: Final = 256 * 1024
 """Bodies larger than this (bytes) are parsed and decoded on the service's decode pool, off the event loop."""
-MAX_BODY_BYTES: Final = 16 * 1024 * 1024
-"""The default limit on a ``/predict`` body (16 MiB): a larger one is answered 413 unread."""
+MAX_BODY_BYTES: Final = 8 * 1024 * 1024
+"""The default limit on a ``/predict`` body (8 MiB): a larger one is answered 413 unread.
+
+Parsing JSON and turning its lists into tensors hold Python's GIL (single C calls), on the order
+of 20-40 ms per MB on one core: the limit also bounds how long one body can delay the event loop.
+"""
+DECODE_STEP: Final = 1 << 16
+"""About how many numbers of a large input are turned into a tensor at a time (see :func:`decode_inputs`)."""
 HTTP_EVENTS: Final = (
     "served_on_time",
     "served_late",
@@ -315,8 +321,62 @@ def charge(headers: Mapping[str, str], body: PredictRequest, now_s: float) -> Bu
 
 
 def _decode(modality: str, value: Any, schema: ModalitySchema | None, finite: bool) -> Tree:
-    """:func:`mosel.schema.decode`, refusing non-finite values unless ``finite`` is false."""
-    return decode(modality, value, schema, finite=finite)
+    """:func:`mosel.schema.decode` (non-finite values refused with ``finite``), a few rows at a time.
+
+    Turning a JSON list into a tensor is one C call that holds Python's GIL throughout; a large
+    input is decoded in steps of about :data:`DECODE_STEP` numbers, so that the event loop (and
+    ``/healthz``) runs in between. A value that does not decode is decoded again whole, for the
+    error to describe the whole value.
+    """
+    chunks = _row_chunks(value, schema)
+    if chunks is None:
+        return decode(modality, value, schema, finite=finite)
+    try:
+        return trees.concat([decode(modality, chunk, schema, finite=finite) for chunk in chunks])
+    except (ValueError, TypeError, RuntimeError):  # InputError, TreeError: the whole value says why
+        return decode(modality, value, schema, finite=finite)
+
+
+def _numbers(row: Any) -> int:
+    """How many numbers one (rectangular) row of a JSON tensor holds, read along its first elements."""
+    count = 1
+    while isinstance(row, list):
+        count *= len(row)
+        row = row[0] if row else None
+    return count
+
+
+def _row_chunks(value: Any, schema: ModalitySchema | None) -> list[Any] | None:
+    """``value`` in slices of rows of about :data:`DECODE_STEP` numbers, or None to decode it whole.
+
+    Only where the rows are plain to find: a schema whose batch dimension is the first, and a
+    bare tensor (a list of rows) or an object of tensors (each a list of rows, as many each).
+    """
+    if schema is None or schema.batch_dim != 0:
+        return None
+    if isinstance(value, list) and [leaf.path for leaf in schema.leaves] == [()]:
+        rows, numbers = len(value), _numbers(value[0]) if value else 1
+        return None if rows * numbers <= DECODE_STEP else _slices(value, rows, numbers)
+    if (
+        isinstance(value, dict)
+        and all(len(leaf.path) == 1 and isinstance(leaf.path[0], str) for leaf in schema.leaves)
+        and value
+        and all(isinstance(v, list) for v in value.values())
+        and len({len(v) for v in value.values()}) == 1
+    ):
+        parts: dict[str, list[Any]] = value
+        rows = len(next(iter(parts.values())))
+        numbers = sum(_numbers(v[0]) for v in parts.values()) if rows else 1
+        if rows * numbers <= DECODE_STEP:
+            return None
+        step = max(1, DECODE_STEP // max(numbers, 1))
+        return [{k: v[i : i + step] for k, v in parts.items()} for i in range(0, rows, step)]
+    return None
+
+
+def _slices(rows: list[Any], count: int, numbers: int) -> list[Any]:
+    step = max(1, DECODE_STEP // max(numbers, 1))
+    return [rows[i : i + step] for i in range(0, count, step)]
 
 
 def decode_inputs(
@@ -429,7 +489,7 @@ def _failed(model: nn.Module, exc: BaseException, *, decoding: bool = False) -> 
 
 
 _LATE_MS: Final = 1e-6
-"""The deadline a ``best_effort`` job whose deadline passed before it was submitted gets (it is served late)."""
+"""The deadline of a ``best_effort`` job whose deadline passed before it was submitted (served late)."""
 
 
 class _TooLarge(Exception):
@@ -641,17 +701,39 @@ class Service:
             DeadlineError: the deadline was spent upstream.
             NotProfiledError, ProfileMismatchError: the model cannot serve now.
         """
+        return self._prepare(model, raw, headers, now_s, None)
+
+    def _prepare(
+        self, model: nn.Module, raw: bytes, headers: Mapping[str, str], now_s: float, arrived: float | None
+    ) -> tuple[dict[str, Tree], dict[str, Tensor] | None, PredictRequest, Budget]:
+        """:meth:`prepare`; with ``arrived``, a deadline already spent is refused before decoding."""
         try:
             body = PredictRequest.model_validate_json(raw or b"null")
         except ValidationError as exc:
             raise InputError(_validation_detail(exc)) from None
         budget = charge(headers, body, now_s)
+        if arrived is not None and budget.deadline_ms is not None and not body.best_effort:
+            spent_ms = (self._timer() - arrived) * 1000.0
+            if spent_ms >= budget.deadline_ms:  # e.g. a slow upload, or a wait for the decode pool
+                raise self._spent(budget, spent_ms)
         settle(model)
         inputs = decode_inputs(model, body.inputs, self.schema(model), allow_non_finite=self.allow_non_finite)
         present = None
         if body.present is not None:
             present = {m: torch.tensor(v, dtype=torch.bool) for m, v in body.present.items()}
         return inputs, present, body, budget
+
+    def _spent(self, budget: Budget, spent_ms: float) -> DeadlineError:
+        """The error of a request whose deadline passed before its job could be submitted."""
+        self._counters.event("deadline_spent_receiving")
+        return DeadlineError(
+            f"the deadline passed while the request was received and decoded ({spent_ms:.1f} ms since "
+            f"its arrival, {budget.upstream_ms:.1f} ms upstream, {budget.deadline_ms:.1f} ms left at "
+            f"arrival); nothing was computed. Send smaller bodies or a longer deadline",
+            deadline_ms=budget.deadline_ms or 0.0,
+            predicted_ms=spent_ms,
+            best_accuracy_within_deadline=None,
+        )
 
     async def predict(self, request: Request) -> Response:
         """``POST /predict``: serve the request's rows under its SLO (see ``docs/http.md``).
@@ -687,10 +769,10 @@ class Service:
             if len(raw) > LARGE_BODY:
                 loop = asyncio.get_running_loop()
                 prepared = await loop.run_in_executor(
-                    self._decode_pool(), self.prepare, model, raw, request.headers, now_s
+                    self._decode_pool(), self._prepare, model, raw, request.headers, now_s, arrived
                 )
             else:
-                prepared = self.prepare(model, raw, request.headers, now_s)
+                prepared = self._prepare(model, raw, request.headers, now_s, arrived)
         except Exception as exc:
             return _failed(model, exc, decoding=True)
         inputs, present, body, budget = prepared
@@ -700,15 +782,7 @@ class Service:
         if left is not None and left <= 0 and body.best_effort:
             left = _LATE_MS  # served late, as best_effort asks, at once with its cheapest strategy
         elif left is not None and left <= 0:
-            self._counters.event("deadline_spent_receiving")
-            spent = DeadlineError(
-                f"the deadline passed while the request was received and decoded ({received_ms:.1f} ms since "
-                f"its arrival, {budget.upstream_ms:.1f} ms upstream, {budget.deadline_ms:.1f} ms left at "
-                f"arrival); nothing was computed. Send smaller bodies or a longer deadline",
-                deadline_ms=budget.deadline_ms or 0.0,
-                predicted_ms=received_ms,
-                best_accuracy_within_deadline=None,
-            )
+            spent = self._spent(budget, received_ms)
             return _error(503, spent, **{"Retry-After": str(_retry_after_s(model))})
         if await request.is_disconnected():  # gone while its body was decoded: nothing to compute
             self._counters.event("client_gone_before_submit")
