@@ -71,6 +71,7 @@ __all__ = [
     "CLOSED",
     "CONFIDENCE",
     "DEADLINE_AT",
+    "DECODE_STEP",
     "DEADLINE_MS",
     "MIN_ACCURACY",
     "REQUEST_START",
@@ -90,6 +91,7 @@ __all__ = [
     "decode_inputs",
     "encode_output",
     "error_status",
+    "prediction_of",
     "readiness",
 ]
 
