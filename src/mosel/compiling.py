@@ -4,8 +4,10 @@
 ``infer`` would run the eager branches. :func:`compile_branches` compiles the marked methods
 themselves, in place (the model stays the same ``nn.Module``, its ``state_dict`` unchanged), so
 profiling and serving both run compiled code. Profile after compiling: the profile records
-which branches were compiled, and mosel refuses to serve a model whose compilation state
-changed after its profile was attached.
+which branches were compiled, and a change of the compiled parts after ``attach`` is handled
+like a move to another device (``attach(on_stale=...)``): refused by default (serving raises
+:class:`mosel.ProfileMismatchError` and :func:`mosel.runtime.readiness` reports it), or
+warned about, or re-profiled.
 """
 
 from __future__ import annotations

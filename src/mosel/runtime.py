@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from mosel import methods
-from mosel.compiling import unwrap_compiled
+from mosel.compiling import COMPILED_ATTR, unwrap_compiled
 from mosel.errors import MoselWarning, NotProfiledError, ProfileMismatchError, SpecError
 from mosel.execution import Result, RowPlanCache
 from mosel.profiles import Profile, fingerprint_of, priced_ahead
@@ -35,11 +35,12 @@ from mosel.stats import Load, Stats, StatsSnapshot
 from mosel.stats import prometheus_collector as _collector
 from mosel.tail import TailModel, profile_sigma
 
-__all__ = ["attach", "close", "load", "profile_of", "readiness", "serving", "stats"]
+__all__ = ["attach", "close", "load", "profile_of", "readiness", "serving", "settle", "stats", "submit_now"]
 
 STATE_ATTR: Final = "_mosel_state"
 OnStale = Literal["refuse", "warn"] | Callable[[nn.Module], Profile]
-"""What serving does when the model moved to another device or dtype after ``attach``."""
+"""What serving does when the model moved to another device or dtype, or its compiled parts
+changed, after ``attach``."""
 M = TypeVar("M", bound=nn.Module)
 _lock = threading.Lock()  # guards starting and closing servers (rare: first use, close, attach)
 _states: weakref.WeakSet[_ModelState] = weakref.WeakSet()
@@ -76,7 +77,12 @@ class _ModelState:
         self.row_plans: RowPlanCache = {}
         self.probe: Tensor | None = None
         self.attached_as: tuple[torch.device, torch.dtype] | None = None  # the probe's, at attach
-        self.stale_lock = threading.Lock()
+        # The parts that can be compiled, and those compiled at attach (mosel.compile_branches).
+        self.parts = (*spec.branches.values(), spec.fusion)
+        self.compiled: tuple[str, ...] = ()
+        self.stale_lock = threading.Lock()  # held while the stale model is handled (re-profiled)
+        self.reprofiler: threading.Thread | None = None  # a re-profile started without waiting
+        self.reprofile_error: str | None = None  # why the last one failed (None: none failed)
         self.server: Server | None = None
         self.stats = Stats()  # outlives servers: counters survive close() and a restart
         # The declared size buckets' plans, priced now (offline) for every server to come.
@@ -84,11 +90,17 @@ class _ModelState:
         _states.add(self)
 
     def pin(self, model: nn.Module) -> None:
-        """Remember the model's device and dtype now: serving checks they did not change."""
+        """Remember the model's device, dtype and compiled parts now: serving checks they did not change."""
         probe = next(itertools.chain(model.parameters(), model.buffers()), None)
         if probe is not None:
             self.probe = probe
             self.attached_as = (probe.device, probe.dtype)
+        self.compiled = self.compiled_now(model)
+
+    def compiled_now(self, model: nn.Module) -> tuple[str, ...]:
+        """The parts of ``model`` compiled now (as :func:`mosel.compiled_parts`, without the spec lookup)."""
+        found = model.__dict__
+        return tuple(n for n in self.parts if getattr(found.get(n), COMPILED_ATTR, False))
 
     def moved(self) -> str | None:
         """How the model moved since :meth:`pin` (device or dtype), or None."""
@@ -97,17 +109,35 @@ class _ModelState:
             return None
         return f"{pinned[0]}/{pinned[1]} to {probe.device}/{probe.dtype}"
 
+    def changed(self, model: nn.Module) -> str | None:
+        """What changed since :meth:`pin` that makes the profile's latencies wrong, or None.
+
+        A move to another device or dtype (``model.half()``), or other compiled parts
+        (``mosel.compile_branches(model)`` after ``attach``).
+        """
+        moved = self.moved()
+        if moved is not None:
+            return f"moved from {moved}"
+        compiled = self.compiled_now(model)
+        if compiled != self.compiled:
+            return f"had its compiled parts changed from {list(self.compiled)} to {list(compiled)}"
+        return None
+
     def device(self, model: nn.Module) -> torch.device:
         """The model's device, read from one of its tensors (``.to()`` updates it in place)."""
         if self.probe is None:
             self.probe = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0))
         return self.probe.device
 
-    def serve(self, model: nn.Module) -> Server:
-        """The model's server, started on first use (exactly one, whichever threads race to it)."""
+    def serve(self, model: nn.Module, *, wait: bool = True) -> Server:
+        """The model's server, started on first use (exactly one, whichever threads race to it).
+
+        A model changed since attach is handled first (:func:`_stale`); with ``wait`` false, a
+        re-profile is started in the background instead of waited for (see :func:`submit_now`).
+        """
         server = self.server
-        if self.attached_as is not None and self.moved() is not None:
-            return _stale(model, self)
+        if self.changed(model) is not None:
+            return _stale(model, self, wait=wait)
         if server is not None and not server.closed and server.pid == os.getpid():
             return server
         with _lock:
@@ -147,31 +177,85 @@ def _restore_state(
     return _ModelState(Profile.from_json(profile_json), spec_of(model_class), model_class, config, on_stale)
 
 
-def _stale(model: nn.Module, state: _ModelState) -> Server:
-    """The model moved to another device or dtype after attach: refuse, warn, or re-profile."""
+def _stale(model: nn.Module, state: _ModelState, *, wait: bool = True) -> Server:
+    """The model changed (device, dtype, compiled parts) after attach: refuse, warn, or re-profile.
+
+    With ``wait`` false, a re-profile (``on_stale`` a function) runs on a background thread and
+    this raises :class:`ProfileMismatchError` ("re-profiling") until it has attached its profile.
+    """
+    if state.on_stale == "refuse":
+        how = state.changed(model)
+        if how is not None:
+            raise ProfileMismatchError(_refusal(model, how))
+        return state.serve(model)
+    if state.on_stale == "warn":
+        with state.stale_lock:
+            how = state.changed(model)
+            if how is not None:
+                warnings.warn(
+                    f"{type(model).__qualname__} {how} after its profile was attached; serving on "
+                    f"with the old profile's latencies (decisions may miss deadlines)",
+                    MoselWarning,
+                    stacklevel=4,
+                )
+                state.pin(model)
+        return state.serve(model)
+    if not wait:
+        _start_reprofile(model, state)
+        if _state(model) is state:
+            raise ProfileMismatchError(_reprofiling(model, state))
+        return _state(model).serve(model, wait=False)
+    _reprofile(model, state)
+    return _state(model).serve(model)
+
+
+def _refusal(model: nn.Module, how: str) -> str:
+    return (
+        f"{type(model).__qualname__} {how} after its profile was attached: the profile's latencies "
+        f"no longer hold. Re-profile it there (mosel.profile(model, data)), attach a profile "
+        f"measured there, or attach(model, profile, on_stale='warn') to serve on anyway"
+    )
+
+
+def _reprofiling(model: nn.Module, state: _ModelState) -> str:
+    how = state.changed(model) or "changed"
+    failed = state.reprofile_error
+    return (
+        f"re-profiling: {type(model).__qualname__} {how} after its profile was attached, and its "
+        f"on_stale function is re-profiling it in the background; it serves once that profile is "
+        f"attached" + (f" (the last attempt failed: {failed}; retrying)" if failed else "")
+    )
+
+
+def _reprofile(model: nn.Module, state: _ModelState) -> None:
+    """Run ``state.on_stale`` and attach its profile, once however many threads see the change."""
+    assert callable(state.on_stale)
     with state.stale_lock:
-        how = state.moved()
-        if how is None:  # another thread re-profiled meanwhile
-            return _state(model).serve(model)
-        name = type(model).__qualname__
-        if state.on_stale == "refuse":
-            raise ProfileMismatchError(
-                f"{name} moved from {how} after its profile was attached: the profile's latencies "
-                f"no longer hold. Re-profile it there (mosel.profile(model, data)), attach a profile "
-                f"measured there, or attach(model, profile, on_stale='warn') to serve on anyway"
-            )
-        if state.on_stale == "warn":
-            warnings.warn(
-                f"{name} moved from {how} after its profile was attached; serving on with the old "
-                f"profile's latencies (decisions may miss deadlines)",
-                MoselWarning,
-                stacklevel=4,
-            )
-            state.pin(model)
-            return state.serve(model)
+        if _state(model) is not state or state.changed(model) is None:
+            return  # another thread re-profiled meanwhile (or the model moved back)
         profile = state.on_stale(model)  # re-profile, by the user's function
         attach(model, profile, scheduler=state.config, on_stale=state.on_stale)
-    return _state(model).serve(model)
+
+
+def _start_reprofile(model: nn.Module, state: _ModelState) -> None:
+    """Start :func:`_reprofile` on a background thread, unless one runs already."""
+    with _lock:
+        if state.reprofiler is not None and state.reprofiler.is_alive():
+            return
+        thread = threading.Thread(
+            target=_reprofile_main, args=(model, state), name="mosel-reprofile", daemon=True
+        )
+        state.reprofiler = thread
+        thread.start()
+
+
+def _reprofile_main(model: nn.Module, state: _ModelState) -> None:
+    try:
+        _reprofile(model, state)
+    except BaseException as exc:  # reported by readiness and the refusals; the next look retries
+        state.reprofile_error = f"{type(exc).__name__}: {exc}"
+    else:
+        state.reprofile_error = None
 
 
 def _state(model: nn.Module) -> _ModelState:
@@ -194,27 +278,62 @@ def profile_of(model: nn.Module) -> Profile:
 def readiness(model: nn.Module) -> str | None:
     """Why ``model`` cannot serve now, or None when it can.
 
-    Ready means: a profile is attached, and the model is still on the device and in the dtype
-    its profile was measured in (a move after ``attach``, e.g. ``model.half()``, makes the
-    profile's latencies wrong; see ``mosel.attach(on_stale=...)``).
+    Ready means: a profile is attached, and the model is still on the device, in the dtype and
+    with the compiled parts it had at ``attach`` (a change, e.g. ``model.half()`` or
+    ``mosel.compile_branches(model)``, makes the profile's latencies wrong; see
+    ``mosel.attach(on_stale=...)``), and its profile was measured in that dtype and on that kind
+    of device.
+
+    It runs the handling serving runs for such a change, without waiting: ``on_stale="refuse"``
+    and ``"warn"`` are not ready (the profile does not fit; ``"warn"`` serves on regardless);
+    with an ``on_stale`` function, the re-profile starts now on a background thread (not on the
+    next request) and readiness says ``"re-profiling: ..."`` until its profile is attached.
     """
     try:
         state = _state(model)
     except (NotProfiledError, SpecError) as exc:
         return str(exc)
-    moved = state.moved()
-    if moved is not None:
-        then = "" if callable(state.on_stale) else f" (on_stale={state.on_stale!r})"
-        return f"the model moved from {moved} after its profile was attached{then}; re-profile or re-attach"
+    how = state.changed(model)
+    if how is not None:
+        if callable(state.on_stale):
+            _start_reprofile(model, state)
+            if _state(model) is not state:  # it finished already
+                return readiness(model)
+            return _reprofiling(model, state)
+        return (
+            f"the model {how} after its profile was attached (on_stale={state.on_stale!r}); "
+            f"re-profile or re-attach"
+        )
+    return _measured_elsewhere(state)
+
+
+def _measured_elsewhere(state: _ModelState) -> str | None:
+    """How the profile's dtype or device kind differs from the model's now (None: they match)."""
     probe = state.probe
     measured = state.profile.fingerprint
-    if probe is not None:
-        if measured.dtype and measured.dtype != str(probe.dtype):
-            return f"the profile was measured in {measured.dtype}, the model is in {probe.dtype} now"
-        kind = measured.device.split(":", 1)[0]
-        if kind in ("cpu", "cuda", "mps", "xpu") and kind != probe.device.type:
-            return f"the profile was measured on {measured.device}, the model is on {probe.device} now"
+    if probe is None:
+        return None
+    if measured.dtype and measured.dtype != str(probe.dtype):
+        return f"the profile was measured in {measured.dtype}, the model is in {probe.dtype} now"
+    kind = measured.device.split(":", 1)[0]
+    if kind in ("cpu", "cuda", "mps", "xpu") and kind != probe.device.type:
+        return f"the profile was measured on {measured.device}, the model is on {probe.device} now"
     return None
+
+
+def settle(model: nn.Module) -> None:
+    """Handle a change of the model since ``attach`` as serving does, without waiting.
+
+    What a front door runs before it decodes a request with the profile's input schema: with
+    ``on_stale="warn"`` it warns once; with ``"refuse"`` it raises; with a function it starts
+    the re-profile in the background and raises until its profile is attached. Never blocks
+    for a re-profile.
+
+    Raises:
+        NotProfiledError: no profile is attached.
+        ProfileMismatchError: the change is refused, or the model is being re-profiled.
+    """
+    _state(model).serve(model, wait=False)
 
 
 def attach(
@@ -233,11 +352,13 @@ def attach(
     online stage. A model that was already serving is closed first (its queued jobs finish).
 
     ``on_stale`` says what serving does when the model moves to another device or dtype after
-    this call (``model.to("cuda")``, ``model.half()``), which makes the profile's latencies
-    wrong: ``"refuse"`` (the default) raises :class:`ProfileMismatchError` on every call until
-    a fitting profile is attached; ``"warn"`` warns once and serves on; a function
+    this call (``model.to("cuda")``, ``model.half()``), or its compiled parts change
+    (``mosel.compile_branches(model)``), which makes the profile's latencies wrong:
+    ``"refuse"`` (the default) raises :class:`ProfileMismatchError` on every call until a
+    fitting profile is attached; ``"warn"`` warns once and serves on; a function
     ``model -> Profile`` (e.g. ``lambda m: mosel.profile(m, validation_data)``) re-profiles
-    once, on the first call that sees the move, and attaches the result.
+    once, on the first call or :func:`readiness` check that sees the change, and attaches the
+    result (a readiness check, or :func:`submit_now`, starts it in the background).
     """
     model = unwrap_compiled(model)
     if not (on_stale in ("refuse", "warn") or callable(on_stale)):
@@ -365,6 +486,15 @@ class _Runtime:
 
     async def ainfer(self, model: nn.Module, inputs: object, slo: SLO, present: object) -> Result:
         return await _state(model).serve(model).ainfer(inputs, slo, present)
+
+
+def submit_now(model: nn.Module, inputs: object, slo: SLO, present: object = None) -> Future[Result]:
+    """``model.submit``, for a thread that must not wait (an event loop): see :func:`settle`.
+
+    A model changed since ``attach`` whose ``on_stale`` is a function is re-profiled in the
+    background; meanwhile this raises :class:`ProfileMismatchError` instead of running it here.
+    """
+    return _state(model).serve(model, wait=False).submit(inputs, slo, present)
 
 
 methods.register(_Runtime())

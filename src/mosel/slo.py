@@ -154,16 +154,29 @@ class SLO:
         """
         if self.deadline_ms is None or not upstream_ms > 0.0:
             return self
-        left = self.deadline_ms - upstream_ms
-        if left <= 0.0:
+        why = f"{upstream_ms:.1f} ms upstream of a {self.deadline_ms:g} ms deadline"
+        return self.within(self.deadline_ms - upstream_ms, where=where, why=why)
+
+    def within(self, left_ms: float, *, where: str, why: str) -> SLO:
+        """This SLO with at most ``left_ms`` left of its deadline (``why``: how it was spent).
+
+        The one rule for a deadline spent before the job reached ``where`` (upstream time, an
+        absolute deadline that passed): a best-effort job is served at once (its deadline
+        becomes :data:`SPENT_MS`), any other is refused.
+
+        Raises:
+            DeadlineError: nothing is left, and the job is not best-effort.
+        """
+        if self.deadline_ms is not None and self.deadline_ms <= left_ms:
+            return self
+        if left_ms <= 0.0:
             if not self.best_effort:
                 raise DeadlineError(
-                    f"the deadline passed before the request reached {where} ({upstream_ms:.1f} ms "
-                    f"upstream of a {self.deadline_ms:g} ms deadline); send it with a longer deadline, "
-                    f"sooner, or with best_effort to be served late",
-                    deadline_ms=self.deadline_ms,
-                    predicted_ms=upstream_ms,
+                    f"the deadline passed before the request reached {where} ({why}); send it with a "
+                    f"longer deadline, sooner, or with best_effort to be served late",
+                    deadline_ms=self.deadline_ms or 0.0,
+                    predicted_ms=(self.deadline_ms or 0.0) - left_ms,
                     best_accuracy_within_deadline=None,
                 )
-            left = SPENT_MS
-        return SLO(left, self.min_accuracy, self.best_effort, self.confidence, self.per_request)
+            left_ms = SPENT_MS
+        return SLO(left_ms, self.min_accuracy, self.best_effort, self.confidence, self.per_request)

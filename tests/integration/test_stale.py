@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import warnings
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 
 import mosel
 from mosel.profiles import Fingerprint
+from mosel.runtime import _state, readiness, settle
 
 from ..unit.helpers import Tiny, tiny_inputs, tiny_profile
 
@@ -115,3 +118,100 @@ def test_compiled_branches_serve_and_are_recorded_in_the_fingerprint() -> None:
         "text": reference.encode_text(tiny_inputs(3)["text"]),
     }))  # fmt: skip
     mosel.close(model)
+
+
+def test_readiness_starts_the_reprofile_in_the_background_and_turns_ready() -> None:
+    """A readiness check runs the stale handling: no call to the model is needed (issue 21, item 5)."""
+    go = threading.Event()
+    calls: list[torch.dtype] = []
+
+    def reprofile(model: torch.nn.Module) -> mosel.Profile:
+        calls.append(next(model.parameters()).dtype)
+        go.wait(10)
+        return tiny_profile(model)
+
+    model = attached(on_stale=reprofile)
+    state = _state(model)
+    assert readiness(model) is None
+    model.double()
+    reason = readiness(model)
+    assert reason is not None and reason.startswith("re-profiling") and "moved from" in reason
+    assert readiness(model) == reason  # one re-profile, however often it is asked
+    with pytest.raises(mosel.ProfileMismatchError, match="re-profiling"):
+        settle(model)  # what a front door runs: never waits
+    go.set()
+    assert state.reprofiler is not None
+    state.reprofiler.join(30)
+    assert readiness(model) is None
+    assert calls == [torch.float64]
+    inputs = {k: v.double() for k, v in tiny_inputs(2).items()}
+    assert model.infer(inputs).output.dtype == torch.float64  # type: ignore[operator]
+    assert calls == [torch.float64]
+    mosel.close(model)
+
+
+def test_a_call_during_a_background_reprofile_waits_for_it_and_does_not_reprofile_again() -> None:
+    go = threading.Event()
+    calls: list[torch.dtype] = []
+
+    def reprofile(model: torch.nn.Module) -> mosel.Profile:
+        calls.append(next(model.parameters()).dtype)
+        go.wait(10)
+        return tiny_profile(model)
+
+    model = attached(on_stale=reprofile)
+    model.double()
+    assert readiness(model) is not None  # started
+    inputs = {k: v.double() for k, v in tiny_inputs(2).items()}
+    results: list[object] = []
+    caller = threading.Thread(target=lambda: results.append(model.infer(inputs)))  # type: ignore[operator]
+    caller.start()
+    time.sleep(0.05)  # lets the caller reach the re-profile's lock (it passes either way)
+    go.set()
+    caller.join(30)
+    assert len(results) == 1 and calls == [torch.float64]
+    mosel.close(model)
+
+
+def test_a_failed_background_reprofile_is_reported_and_retried() -> None:
+    attempts: list[int] = []
+
+    def reprofile(model: torch.nn.Module) -> mosel.Profile:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("validation data unavailable")
+        return tiny_profile(model)
+
+    model = attached(on_stale=reprofile)
+    state = _state(model)
+    model.double()
+    readiness(model)
+    assert state.reprofiler is not None
+    state.reprofiler.join(30)
+    reason = readiness(model)  # reports the failure and starts a second attempt
+    assert reason is not None and "validation data unavailable" in reason
+    state.reprofiler.join(30)
+    assert readiness(model) is None and len(attempts) == 2
+    mosel.close(model)
+
+
+def test_compiling_after_attach_is_a_change_the_profile_does_not_fit() -> None:
+    """mosel.compiling promises it: a compilation change after attach is refused (or handled by on_stale)."""
+    model = attached()
+    assert model.infer(tiny_inputs(1)).output.shape == (1, 3)  # type: ignore[operator]
+    mosel.compile_branches(model, backend="eager")
+    with pytest.raises(mosel.ProfileMismatchError, match=r"compiled parts changed from \[\] to \['encode_"):
+        model.infer(tiny_inputs(1))  # type: ignore[operator]
+    reason = readiness(model)
+    assert reason is not None and "compiled parts changed" in reason
+    warned = attached(on_stale="warn")
+    mosel.compile_branches(warned, backend="eager")
+    assert readiness(warned) is not None
+    with pytest.warns(mosel.MoselWarning, match="compiled parts changed"):
+        settle(warned)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        settle(warned)  # warned once; the new compiled parts are pinned
+    assert readiness(warned) is None
+    mosel.close(model)
+    mosel.close(warned)

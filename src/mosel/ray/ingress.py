@@ -12,7 +12,6 @@ from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from torch import Tensor
 
 from mosel.errors import InputError, MoselError, ReplicaError
 from mosel.profiles import Profile
@@ -96,17 +95,16 @@ class HTTPIngress:
             return _error_answer(400, "InputError", f"the body is not a valid /predict body: {exc}")
         except (ValueError, TypeError) as exc:  # InputError, SLOError, DeadlineError (spent upstream)
             return _answer_error(exc)
+        received_ms = (time.time() - now_s) * 1000.0
         try:
             result = await self.client.ainfer(job)
         except MoselError as exc:
             return _answer_error(exc)
         output = result.output
-        prediction = None
-        if isinstance(output, Tensor) and output.dim() >= 2 and output.is_floating_point():
-            prediction = output.argmax(dim=-1).tolist()
         answer = http.PredictResponse(
             outputs=http.encode_output(output),
-            prediction=prediction,
+            prediction=http.prediction_of(output),
+            received_ms=received_ms,
             modalities=[sorted(c) for c in result.modalities],
             expected_accuracy=result.expected_accuracy,
             predicted_latency_ms=result.predicted_latency_ms,

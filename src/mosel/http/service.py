@@ -1,0 +1,550 @@
+"""The request handling of the HTTP front door for one model: :class:`Service`."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import json
+import math
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final
+
+import torch
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
+from torch import Tensor, nn
+
+import mosel
+from mosel.errors import (
+    DeadlineError,
+    InputError,
+    MoselError,
+    NotProfiledError,
+    ShutdownError,
+)
+from mosel.execution import Result
+from mosel.http.wire import (
+    CLOSED,
+    HTTP_EVENTS,
+    LARGE_BODY,
+    MAX_BODY_BYTES,
+    OVERLOAD,
+    Budget,
+    Health,
+    ModelSource,
+    PredictRequest,
+    Prepared,
+    Readiness,
+    charge,
+    decode_inputs,
+    encode_output,
+    error_status,
+    prediction_of,
+)
+from mosel.runtime import close, profile_of, prometheus_collector, readiness, settle, submit_now
+from mosel.schema import LeafSchema, ModalitySchema
+from mosel.slo import SLO
+from mosel.stats import BUCKETS_MS, Histogram
+from mosel.trees import Tree
+
+__all__ = ["Service"]
+
+
+def _drain_ms(model: nn.Module) -> float | None:
+    """The model's predicted queue drain time, ``mosel.load(model).drain_ms`` (None if unknown)."""
+    try:
+        return float(mosel.load(model).drain_ms)
+    except MoselError:
+        return None
+
+
+def _retry_after_s(model: nn.Module) -> int:
+    """Seconds until the model's queue is predicted to have drained (at least 1)."""
+    drain = _drain_ms(model)
+    return 1 if drain is None or not math.isfinite(drain) else max(1, math.ceil(drain / 1000.0))
+
+
+def _error(status: int, exc: BaseException, name: str | None = None, **headers: str) -> JSONResponse:
+    body = {"error": name or type(exc).__name__, "detail": str(exc)}
+    return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+def _failed(model: nn.Module, exc: BaseException, *, decoding: bool = False) -> JSONResponse:
+    """The answer to an error raised while preparing (``decoding``) or serving a request."""
+    status = error_status(exc)
+    if decoding and status == 500 and isinstance(exc, (ValueError, TypeError)):
+        return _error(400, exc, "InputError")  # what decoding raised on a value that does not fit
+    headers = {"Retry-After": str(_retry_after_s(model))} if isinstance(exc, OVERLOAD) else {}
+    return _error(status, exc, **headers)
+
+
+_LATE_MS: Final = 1e-6
+"""The deadline of a ``best_effort`` job whose deadline passed before it was submitted (served late)."""
+
+
+class _TooLarge(Exception):
+    """A body over the service's limit (answered 413 without reading the rest)."""
+
+
+async def _disconnected(receive: Callable[[], Awaitable[Mapping[str, Any]]]) -> None:
+    """Returns when the ASGI server says the client disconnected (``http.disconnect``).
+
+    Called once the body has been read: nothing else is due on the channel until the response,
+    so a server that sends anything else is not listened to further (this then never returns).
+    """
+    message = await receive()
+    if message.get("type") != "http.disconnect":
+        await asyncio.Event().wait()
+
+
+def _follow_dtype(
+    schema: Mapping[str, ModalitySchema], profiled: str, now: torch.dtype
+) -> dict[str, ModalitySchema]:
+    """``schema`` with the leaves profiled in the model's dtype (``profiled``) in its dtype ``now``."""
+    name = str(now).removeprefix("torch.")
+    return {
+        m: ModalitySchema(
+            s.batch_dim,
+            tuple(
+                LeafSchema(leaf.path, name, leaf.shape) if f"torch.{leaf.dtype}" == profiled else leaf
+                for leaf in s.leaves
+            ),
+        )
+        for m, s in schema.items()
+    }
+
+
+class _Counters:
+    """The front door's own statistics (``mosel_http_*`` in ``/metrics``); thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.events: dict[str, int] = dict.fromkeys(HTTP_EVENTS, 0)
+        self.statuses: dict[int, int] = {}
+        self.completion = Histogram()
+
+    def event(self, name: str) -> None:
+        with self._lock:
+            self.events[name] += 1
+
+    def answered(self, status: int) -> None:
+        with self._lock:
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+
+    def served(self, met: bool | None, completion_ms: float) -> None:
+        name = "served_without_deadline" if met is None else "served_on_time" if met else "served_late"
+        with self._lock:
+            self.events[name] += 1
+            self.completion.observe(completion_ms)
+
+    def collector(self, model_name: str) -> Any:
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily  # noqa: PLC0415
+
+        counters = self
+
+        class Collector:
+            def collect(self) -> Any:
+                with counters._lock:
+                    events = dict(counters.events)
+                    statuses = dict(counters.statuses)
+                    counts, total_ms = list(counters.completion.counts), counters.completion.sum_ms
+                family = CounterMetricFamily(
+                    "mosel_http_events",
+                    "front-door events: answers on time or late as the client sees them, deadlines "
+                    "spent receiving, clients gone",
+                    labels=["model", "event"],
+                )
+                for name, value in events.items():
+                    family.add_metric([model_name, name], value)
+                yield family
+                family = CounterMetricFamily(
+                    "mosel_http_responses", "answers of /predict by HTTP status", labels=["model", "status"]
+                )
+                for status, value in sorted(statuses.items()):
+                    family.add_metric([model_name, str(status)], value)
+                yield family
+                histogram = HistogramMetricFamily(
+                    "mosel_http_completion_ms",
+                    "served answers: arrival at the handler to the response handed to the server, ms",
+                    labels=["model"],
+                )
+                cumulative, buckets = 0, []
+                for le, count in zip((*BUCKETS_MS, math.inf), counts):
+                    cumulative += count
+                    buckets.append(("+Inf" if le == math.inf else str(le), cumulative))
+                histogram.add_metric([model_name], buckets, total_ms)
+                yield histogram
+
+        return Collector()
+
+
+def _closed() -> JSONResponse:
+    """The answer of a closed service's ``/predict``: 503 ``ShutdownError``, retry elsewhere."""
+    return _error(503, ShutdownError(CLOSED), **{"Retry-After": "1"})
+
+
+def _validation_detail(exc: ValidationError) -> str:
+    parts = []
+    for item in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in item.get("loc", ()))
+        parts.append(f"{where}: {item.get('msg')}" if where else str(item.get("msg")))
+    return "the body must be a JSON object {'inputs': {modality: lists}, ...}: " + "; ".join(parts)
+
+
+class Service:
+    """The request handling of the HTTP front door, for one model.
+
+    Every route of :func:`create_router` calls one method here; a Ray Serve deployment class
+    may hold a ``Service`` and call its methods from its own routes instead. Once closed
+    (:meth:`close`), it serves no more: ``/predict`` answers 503 ``ShutdownError`` with a
+    ``Retry-After`` and ``/readyz`` not ready (the model's scheduler is not restarted).
+
+    Args:
+        model: the model (profiled or attached), or a function returning it, called when a
+            request needs it (a model built after the app, e.g. in a replica's constructor).
+        input_schema: modality -> schema to decode inputs with, instead of the profile's
+            (a synthetic profile has none).
+        clock: wall-clock time in seconds (``time.time``), to charge upstream time with.
+        max_body_bytes: the largest ``/predict`` body taken, in bytes; a larger one is answered
+            413 before it is read (from its ``Content-Length``) or as soon as it grows past the
+            limit (a chunked body).
+        allow_non_finite: take NaN, infinities and values beyond a float leaf's range in inputs
+            (refused with 400 ``InputError`` by default).
+        decode_workers: threads that parse and decode bodies over 256 KiB, off the event loop;
+            more large bodies wait their turn (their deadline counting), so they cannot take
+            the threads other routes need.
+        timer: a monotonic clock in seconds (``time.monotonic``), to measure the time since a
+            request's arrival with.
+    """
+
+    def __init__(
+        self,
+        model: ModelSource,
+        *,
+        input_schema: Mapping[str, ModalitySchema] | None = None,
+        clock: Callable[[], float] = time.time,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        allow_non_finite: bool = False,
+        decode_workers: int = 1,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
+        if isinstance(decode_workers, bool) or not isinstance(decode_workers, int) or decode_workers < 1:
+            raise ValueError(f"decode_workers must be a positive int, got {decode_workers!r}")
+        self._source = model
+        self._schema = input_schema
+        self._clock = clock
+        self._timer = timer
+        self.max_body_bytes = max_body_bytes
+        self.allow_non_finite = bool(allow_non_finite)
+        self._workers = decode_workers
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._counters = _Counters()
+        self._closed = False
+        self._lock = threading.Lock()  # no job is admitted once close() has begun
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def model(self) -> nn.Module:
+        """The served model (calling the function given for it, if any)."""
+        if isinstance(self._source, nn.Module):
+            return self._source
+        return self._source()
+
+    def schema(self, model: nn.Module) -> Mapping[str, ModalitySchema]:
+        """The input schema requests are decoded with (the given one, else the profile's).
+
+        The profile's is read when called (after a re-profile, the new profile's). Where the
+        model's dtype is no longer the one it was profiled in (attached with
+        ``on_stale="warn"``, then ``model.double()``), the leaves that had the model's dtype
+        take its dtype now, so that inputs reach it in the dtype it computes in.
+        """
+        if self._schema is not None:
+            return self._schema
+        try:
+            profile = profile_of(model)
+        except NotProfiledError:
+            return {}
+        schema = profile.input_schema
+        probe = next(itertools.chain(model.parameters(), model.buffers()), None)
+        profiled = profile.fingerprint.dtype
+        if probe is not None and probe.is_floating_point() and profiled and profiled != str(probe.dtype):
+            return _follow_dtype(schema, profiled, probe.dtype)
+        return schema
+
+    def prepare(
+        self, model: nn.Module, raw: bytes, headers: Mapping[str, str], now_s: float
+    ) -> tuple[dict[str, Tree], dict[str, Tensor] | None, PredictRequest, Budget]:
+        """Parse and decode one request: the inputs, presence masks, the body and the budget.
+
+        A change of the model since ``attach`` is handled first (:func:`mosel.runtime.settle`:
+        refused, warned about, or re-profiled in the background), so that the inputs are
+        decoded with the schema of the profile that will serve them.
+
+        Raises:
+            InputError: the body is not valid JSON of the expected form, or inputs do not fit.
+            SLOError: an SLO value is not valid.
+            DeadlineError: the deadline was spent upstream.
+            NotProfiledError, ProfileMismatchError: the model cannot serve now.
+        """
+        return self._prepare(model, raw, headers, now_s, None)
+
+    def _prepare(
+        self, model: nn.Module, raw: bytes, headers: Mapping[str, str], now_s: float, arrived: float | None
+    ) -> Prepared:
+        """:meth:`prepare`; with ``arrived``, a deadline already spent is refused before decoding."""
+        try:
+            body = PredictRequest.model_validate_json(raw or b"null")
+        except ValidationError as exc:
+            raise InputError(_validation_detail(exc)) from None
+        budget = charge(headers, body, now_s)
+        if arrived is not None and budget.deadline_ms is not None and not body.best_effort:
+            spent_ms = (self._timer() - arrived) * 1000.0
+            if spent_ms >= budget.deadline_ms:  # e.g. a slow upload, or a wait for the decode pool
+                raise self._spent(budget, spent_ms)
+        settle(model)
+        inputs = decode_inputs(model, body.inputs, self.schema(model), allow_non_finite=self.allow_non_finite)
+        present = None
+        if body.present is not None:
+            present = {m: torch.tensor(v, dtype=torch.bool) for m, v in body.present.items()}
+        return inputs, present, body, budget
+
+    def _spent(self, budget: Budget, spent_ms: float) -> DeadlineError:
+        """The error of a request whose deadline passed before its job could be submitted."""
+        self._counters.event("deadline_spent_receiving")
+        return DeadlineError(
+            f"the deadline passed while the request was received and decoded ({spent_ms:.1f} ms since "
+            f"its arrival, {budget.upstream_ms:.1f} ms upstream, {budget.deadline_ms:.1f} ms left at "
+            f"arrival); nothing was computed. Send smaller bodies or a longer deadline",
+            deadline_ms=budget.deadline_ms or 0.0,
+            predicted_ms=spent_ms,
+            best_accuracy_within_deadline=None,
+        )
+
+    async def predict(self, request: Request) -> Response:
+        """``POST /predict``: serve the request's rows under its SLO (see ``docs/http.md``).
+
+        The deadline counts from the handler's entry (the request's arrival; earlier with
+        ``X-Request-Start``): receiving, parsing and decoding the body are charged to it, the
+        model gets what is left, and ``deadline_met`` says whether the response was handed to
+        the server within it.
+        """
+        arrived = self._timer()
+        now_s = self._clock()
+        response = await self._predict(request, arrived, now_s)
+        self._counters.answered(response.status_code)
+        return response
+
+    async def _predict(  # noqa: PLR0911 (one answer per outcome: 503, 503, 499, 503, 499, 500, 200)
+        self, request: Request, arrived: float, now_s: float
+    ) -> Response:
+        if self._closed:
+            return _closed()
+        try:
+            model = self.model()
+        except Exception as exc:  # the model is not built (yet)
+            return _error(503, exc)
+        prepared = await self._received(request, model, arrived, now_s)
+        if isinstance(prepared, Response):
+            return prepared
+        inputs, present, body, budget = prepared
+        del prepared
+        received_ms = (self._timer() - arrived) * 1000.0
+        left = None if budget.deadline_ms is None else budget.deadline_ms - received_ms
+        if left is not None and left <= 0 and body.best_effort:
+            left = _LATE_MS  # served late, as best_effort asks, at once with its cheapest strategy
+        elif left is not None and left <= 0:
+            spent = self._spent(budget, received_ms)
+            return _error(503, spent, **{"Retry-After": str(_retry_after_s(model))})
+        if await request.is_disconnected():  # gone while its body was decoded: nothing to compute
+            self._counters.event("client_gone_before_submit")
+            return Response(status_code=499)
+        try:
+            with self._lock:  # checked and admitted at once: close() cannot slip in between
+                if self._closed:
+                    return _closed()
+                slo = SLO.of(left, budget.min_accuracy, body.best_effort, budget.confidence, body.per_request)
+                future = submit_now(model, inputs, slo, present)
+            del inputs, present
+            result = await self._outcome(request, future)
+        except Exception as exc:
+            return _failed(model, exc)
+        if result is None:  # the client is gone: nobody reads this answer
+            return Response(status_code=499)
+        return self._served(result, budget, arrived, received_ms)
+
+    async def _received(
+        self, request: Request, model: nn.Module, arrived: float, now_s: float
+    ) -> Prepared | Response:
+        """The request's body read (bounded) and decoded, or the answer that refuses it.
+
+        Large bodies decode on the decode pool; refusals are 413, 499, 400 and 503.
+        """
+        try:
+            raw = await self._body(request)
+        except _TooLarge as exc:  # the rest is never read: the connection closes after the answer
+            return _error(413, exc, "InputError", Connection="close")
+        except ClientDisconnect:
+            self._counters.event("client_gone_before_submit")
+            return Response(status_code=499)
+        except InputError as exc:
+            return _error(400, exc)
+        try:
+            if len(raw) > LARGE_BODY:
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(
+                    self._decode_pool(), self._prepare, model, raw, request.headers, now_s, arrived
+                )
+            return self._prepare(model, raw, request.headers, now_s, arrived)
+        except Exception as exc:
+            return _failed(model, exc, decoding=True)
+
+    async def _body(self, request: Request) -> bytes:
+        """The request's body, refused (:class:`_TooLarge`) once it is known to exceed the limit."""
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                raise InputError(f"Content-Length must be a number of bytes, got {declared!r}") from None
+            if length > limit:
+                raise _TooLarge(
+                    f"the body is {length} bytes (Content-Length), more than this service takes "
+                    f"({limit} bytes, max_body_bytes); send fewer requests per call"
+                )
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _TooLarge(
+                    f"the body grew past {limit} bytes (max_body_bytes) and was not read further; "
+                    f"send fewer requests per call"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _decode_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._closed:
+                raise ShutdownError(CLOSED)
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    self._workers, thread_name_prefix="mosel-http-decode"
+                )
+            return self._pool
+
+    async def _outcome(self, request: Request, future: concurrent.futures.Future[Result]) -> Result | None:
+        """The job's result, or None when the client disconnected first (its queued job withdrawn).
+
+        A job already running when the client goes runs to its end; its result is dropped.
+        Cancelling the handler (a server that cancels on disconnect, e.g. Ray Serve) cancels
+        the job the same way.
+        """
+        waiting = asyncio.wrap_future(future)
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            waiting.cancel()  # cancels the job (a queued one leaves the queue)
+            raise
+        finally:
+            gone.cancel()
+        if waiting.done():
+            return waiting.result()
+        withdrawn = future.cancel()
+        if not withdrawn:  # running: it finishes; its result or error goes unread
+            waiting.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._counters.event("client_gone_withdrawn" if withdrawn else "client_gone_running")
+        return None
+
+    def _served(self, result: Result, budget: Budget, arrived: float, received_ms: float) -> Response:
+        """The 200 answer; ``completion_ms`` and ``deadline_met`` are read last, when it is whole."""
+        outputs = json.dumps(encode_output(result.output), separators=(",", ":"), allow_nan=False)
+        fields: dict[str, Any] = {
+            "prediction": prediction_of(result.output),
+            "modalities": [sorted(c) for c in result.modalities],
+            "expected_accuracy": result.expected_accuracy,
+            "predicted_latency_ms": result.predicted_latency_ms,
+            "measured_latency_ms": result.measured_latency_ms,
+            "queue_ms": None if math.isnan(result.queue_ms) else result.queue_ms,
+            "received_ms": received_ms,
+            "reason": result.reason,
+            "upstream_ms": budget.upstream_ms,
+            "deadline_ms": budget.deadline_ms,
+        }
+        completion_ms = (self._timer() - arrived) * 1000.0
+        met = None if budget.deadline_ms is None else completion_ms <= budget.deadline_ms
+        fields["completion_ms"] = completion_ms
+        fields["deadline_met"] = met
+        content = '{"outputs":' + outputs + "," + json.dumps(fields, separators=(",", ":"))[1:]
+        self._counters.served(met, completion_ms)
+        return Response(content.encode(), media_type="application/json")
+
+    def metrics(self) -> Response:
+        """``GET /metrics``: the model's statistics and the front door's, in the Prometheus text format.
+
+        The model's (``mosel_events_total``, ``mosel_completion_ms``, ...) count from the job's
+        arrival at the model; the front door's (``mosel_http_*``) from the request's arrival at
+        the handler to its response, as the client sees it.
+        """
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest  # noqa: PLC0415
+
+        try:
+            model = self.model()
+            registry = CollectorRegistry()
+            registry.register(prometheus_collector(model))
+            registry.register(self._counters.collector(type(model).__qualname__))
+        except Exception as exc:
+            return _error(503, exc)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    def http_events(self) -> dict[str, int]:
+        """The front door's event counts (:data:`HTTP_EVENTS`) and answers by status (``"status_503"``)."""
+        counters = self._counters
+        with counters._lock:
+            return dict(counters.events) | {f"status_{k}": v for k, v in sorted(counters.statuses.items())}
+
+    def healthz(self) -> Response:
+        """``GET /healthz``: 200 while the process answers."""
+        return JSONResponse(Health().model_dump())
+
+    def readyz(self) -> Response:
+        """``GET /readyz``: 200 when the model can serve (:func:`readiness`), else 503 with why.
+
+        Computed on each probe, never waited for: a model changed since ``attach`` is handled
+        now (a re-profile by ``on_stale`` starts in the background; ``"re-profiling: ..."``
+        until its profile is attached). Never blocks: the router runs it on the event loop.
+        """
+        try:
+            reason = CLOSED if self._closed else readiness(self.model())
+        except Exception as exc:  # the model is not built (yet)
+            reason = f"{type(exc).__name__}: {exc}"
+        ready = Readiness(ready=reason is None, reason=reason)
+        return JSONResponse(ready.model_dump(), status_code=200 if reason is None else 503)
+
+    def close(self) -> None:
+        """Take no more requests; close the model's scheduler (queued jobs finish), if the model exists.
+
+        Requests admitted before finish; later ones answer 503 ``ShutdownError`` (see the class).
+        """
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
+        try:
+            model = self.model()
+        except Exception:  # never built: nothing to close
+            return
+        close(model)

@@ -1,0 +1,422 @@
+"""What crosses the wire at ``/predict``: headers, bodies, the budget a request brings, tensors as JSON."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
+
+import optree
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from mosel import trees
+from mosel.errors import (
+    AccuracyUnreachableError,
+    DeadlineError,
+    InputError,
+    NotProfiledError,
+    ProfileMismatchError,
+    QueueFullError,
+    ShutdownError,
+    SLOError,
+)
+from mosel.schema import ModalitySchema, decode
+from mosel.slo import SLO
+from mosel.spec import spec_of
+from mosel.trees import Tree
+
+__all__ = [
+    "CLOSED",
+    "HTTP_EVENTS",
+    "CONFIDENCE",
+    "DEADLINE_AT",
+    "DEADLINE_MS",
+    "DECODE_STEP",
+    "LARGE_BODY",
+    "MAX_BODY_BYTES",
+    "MIN_ACCURACY",
+    "OVERLOAD",
+    "REQUEST_START",
+    "Budget",
+    "ErrorBody",
+    "Health",
+    "ModelSource",
+    "PredictRequest",
+    "PredictResponse",
+    "Readiness",
+    "charge",
+    "decode_inputs",
+    "encode_output",
+    "error_status",
+    "prediction_of",
+]
+
+DEADLINE_MS: Final = "X-Deadline-Ms"
+"""Header: the job's deadline in milliseconds, counted from ``X-Request-Start`` when given."""
+MIN_ACCURACY: Final = "X-Min-Accuracy"
+"""Header: the floor on the job's expected accuracy, in [0, 1]."""
+CONFIDENCE: Final = "X-Confidence"
+"""Header: plan the floor against each configuration's lower bound at this confidence (e.g. 0.95)."""
+REQUEST_START: Final = "X-Request-Start"
+"""Header: when the request entered the system upstream, wall-clock epoch (see :func:`charge`)."""
+DEADLINE_AT: Final = "X-Deadline-At"
+"""Header: the absolute wall-clock epoch at which the request's deadline passes."""
+
+OVERLOAD: Final = (DeadlineError, QueueFullError, ShutdownError)
+"""Errors answered 503 with a ``Retry-After``: the model is busy (or closed), retry later or elsewhere."""
+LARGE_BODY: Final = 256 * 1024
+"""Bodies larger than this (bytes) are parsed and decoded on the service's decode pool, off the event loop."""
+MAX_BODY_BYTES: Final = 8 * 1024 * 1024
+"""The default limit on a ``/predict`` body (8 MiB): a larger one is answered 413 unread.
+
+Parsing JSON and turning its lists into tensors hold Python's GIL (single C calls), on the order
+of 20-40 ms per MB on one core: the limit also bounds how long one body can delay the event loop.
+"""
+DECODE_STEP: Final = 1 << 16
+"""About how many numbers of a large input are turned into a tensor at a time (see :func:`decode_inputs`)."""
+HTTP_EVENTS: Final = (
+    "served_on_time",
+    "served_late",
+    "served_without_deadline",
+    "deadline_spent_receiving",
+    "client_gone_before_submit",
+    "client_gone_withdrawn",
+    "client_gone_running",
+)
+"""The events ``/metrics`` counts at the front door (``mosel_http_events_total{event=...}``).
+
+``served_on_time``/``served_late``: answers 200 whose ``deadline_met`` was true/false (measured
+at the handler: from the request's arrival until its response was handed to the server);
+``deadline_spent_receiving``: answered 503 ``DeadlineError`` because receiving and decoding
+the body used the whole deadline (nothing computed); ``client_gone_*``: the client disconnected
+before its job was submitted, while it was queued (withdrawn, never computed), or while it ran
+(it finished, its answer dropped).
+"""
+CLOSED: Final = "the service is closed (Service.close(), or its app shut down); it takes no new requests"
+"""Why a closed :class:`Service` answers ``/predict`` 503 ``ShutdownError`` and ``/readyz`` not ready."""
+
+Prepared: TypeAlias = "tuple[dict[str, Tree], dict[str, Tensor] | None, PredictRequest, Budget]"
+"""A decoded request: its inputs, presence masks, body and budget."""
+ModelSource: TypeAlias = "nn.Module | Callable[[], nn.Module]"
+"""A model, or a function that returns it when a request needs it (built later, e.g. on a replica)."""
+
+
+class PredictRequest(BaseModel):
+    """The body of ``POST /predict``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: dict[str, Any] = Field(
+        description=(
+            "modality name -> its requests: a (nested) list of numbers or booleans (one tensor, "
+            "requests along the modality's batch dimension), or an object of such lists for a "
+            "structured modality, e.g. {'text': {'input_ids': [[...]], 'attention_mask': [[...]]}}. "
+            "A modality left out is not computed."
+        ),
+    )
+    deadline_ms: float | None = Field(
+        None, description="deadline in ms from the request's arrival (or X-Request-Start); > 0"
+    )
+    min_accuracy: float | None = Field(None, description="floor on the expected accuracy, in [0, 1]")
+    confidence: float | None = Field(
+        None, description="plan the floor against lower confidence bounds of accuracy, in (0, 1)"
+    )
+    per_request: bool = Field(False, description="every request's configuration meets the floor")
+    best_effort: bool = Field(False, description="serve late instead of answering 503 to a doomed deadline")
+    present: dict[str, list[bool]] | None = Field(
+        None, description="modality -> one boolean per request: which requests really have it"
+    )
+
+
+class PredictResponse(BaseModel):
+    """The answer of ``POST /predict`` (200)."""
+
+    outputs: Any = Field(description="the fusion output, one row per request: nested lists (or objects)")
+    prediction: list[Any] | None = Field(
+        description="argmax over the last dimension of a floating output of rank >= 2, else null"
+    )
+    modalities: list[list[str]] = Field(description="per request, the modalities computed for it")
+    expected_accuracy: float
+    predicted_latency_ms: float
+    measured_latency_ms: float
+    queue_ms: float | None = Field(description="arrival at the model to dispatch")
+    received_ms: float = Field(
+        description="arrival at this service to the job's submission: receiving, parsing, decoding the body"
+    )
+    completion_ms: float = Field(description="arrival at this service to the response handed to the server")
+    deadline_met: bool | None = Field(
+        description="completion_ms <= deadline_ms: the answer left within the deadline; null without one"
+    )
+    reason: str | None = Field(description="why the job was served below its best strategy, or null")
+    upstream_ms: float = Field(description="time spent before this service, charged to the deadline")
+    deadline_ms: float | None = Field(
+        description=(
+            "the deadline from the arrival at this service, after the upstream charge; the model was given "
+            "what was left after receiving and decoding"
+        )
+    )
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer."""
+
+    error: str = Field(description="the mosel error class, e.g. DeadlineError (another name for a 500)")
+    detail: str
+
+
+class Health(BaseModel):
+    """``GET /healthz``: the process answers."""
+
+    status: str = "alive"
+
+
+class Readiness(BaseModel):
+    """``GET /readyz``."""
+
+    ready: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """One request's SLO after charging the time spent upstream (see :func:`charge`).
+
+    Attributes:
+        deadline_ms: what is left of the deadline for the model (None: no deadline).
+        min_accuracy: the floor (None: none).
+        confidence: the confidence of the floor's bounds (None: plan on means).
+        upstream_ms: time since ``X-Request-Start`` (0 without it).
+    """
+
+    deadline_ms: float | None
+    min_accuracy: float | None
+    confidence: float | None
+    upstream_ms: float
+
+
+def _number(name: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise SLOError(f"{name} must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise SLOError(f"{name} must be finite, got {text!r}")
+    return value
+
+
+def _epoch_s(name: str, text: str) -> float:
+    """Wall-clock epoch seconds; milliseconds and microseconds are told apart by magnitude."""
+    value = _number(name, text.strip().removeprefix("t="))
+    if value <= 0:
+        raise SLOError(f"{name} must be a positive wall-clock epoch time, got {text!r}")
+    if value > 1e14:  # microseconds (1e14 s would be millions of years from now)
+        return value / 1e6
+    if value > 1e11:  # milliseconds (1e11 s is the year 5138)
+        return value / 1e3
+    return value
+
+
+def _stricter(a: float | None, b: float | None, pick: Callable[[float, float], float]) -> float | None:
+    """The stricter of two objectives; a NaN wins (min/max would drop it), so validation refuses it."""
+    if a is None or b is None:
+        return b if a is None else a
+    return a if math.isnan(a) else b if math.isnan(b) else pick(a, b)
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    return headers.get(name.lower()) if value is None else value
+
+
+def charge(headers: Mapping[str, str], body: PredictRequest, now_s: float) -> Budget:
+    """The request's SLO from its headers and body, with the time spent upstream charged.
+
+    The SLO is read from ``X-Deadline-Ms``, ``X-Min-Accuracy``, ``X-Confidence`` and the body
+    fields of the same meaning; when both give one, the stricter applies. ``X-Request-Start``
+    (when the request entered the system: a load balancer, a router) and ``X-Deadline-At``
+    (when its deadline passes) are wall-clock epoch times in seconds, as ``time.time()`` and
+    nginx's ``t=${msec}`` write them (a ``t=`` prefix is accepted; values in milliseconds or
+    microseconds are recognised by their magnitude). The deadline left for the model is
+    ``deadline_ms - (now - X-Request-Start)``, and at most ``X-Deadline-At - now``. Clocks of
+    different hosts must agree (NTP); a start in the future counts as no time upstream.
+
+    Args:
+        headers: the request's headers (a case-insensitive mapping, or lower-case names).
+        body: the parsed body.
+        now_s: the arrival time, ``time.time()``.
+
+    The SLO is validated by :meth:`mosel.slo.SLO.of` (the rules of ``model.infer``) and the time
+    upstream charged by :meth:`mosel.slo.SLO.charged`: a best-effort request whose deadline was
+    spent upstream is served at once rather than refused.
+
+    Raises:
+        SLOError: a header is not a valid number, or an SLO value is not valid.
+        DeadlineError: the budget was spent upstream (a doomed request).
+    """
+    values: dict[str, float | None] = {}
+    for name in (DEADLINE_MS, MIN_ACCURACY, CONFIDENCE):
+        text = _header(headers, name)
+        values[name] = None if text is None else _number(name, text)
+    slo = SLO.of(
+        _stricter(values[DEADLINE_MS], body.deadline_ms, min),
+        _stricter(values[MIN_ACCURACY], body.min_accuracy, max),
+        body.best_effort,
+        _stricter(values[CONFIDENCE], body.confidence, max),
+        body.per_request,
+    )
+    start = _header(headers, REQUEST_START)
+    upstream_ms = 0.0 if start is None else max(0.0, (now_s - _epoch_s(REQUEST_START, start)) * 1000.0)
+    slo = slo.charged(upstream_ms, where="this service")
+    at = _header(headers, DEADLINE_AT)
+    if at is not None:
+        until_ms = (_epoch_s(DEADLINE_AT, at) - now_s) * 1000.0
+        slo = slo.within(until_ms, where="this service", why=f"{DEADLINE_AT} {at}, {-until_ms:.1f} ms ago")
+    return Budget(
+        deadline_ms=slo.deadline_ms,
+        min_accuracy=slo.min_accuracy,
+        confidence=slo.confidence,
+        upstream_ms=upstream_ms,
+    )
+
+
+def _decode(modality: str, value: Any, schema: ModalitySchema | None, finite: bool) -> Tree:
+    """:func:`mosel.schema.decode` (non-finite values refused with ``finite``), a few rows at a time.
+
+    Turning a JSON list into a tensor is one C call that holds Python's GIL throughout; a large
+    input is decoded in steps of about :data:`DECODE_STEP` numbers, so that the event loop (and
+    ``/healthz``) runs in between. A value that does not decode is decoded again whole, for the
+    error to describe the whole value.
+    """
+    chunks = _row_chunks(value, schema)
+    if chunks is None:
+        return decode(modality, value, schema, finite=finite)
+    try:
+        return trees.concat([decode(modality, chunk, schema, finite=finite) for chunk in chunks])
+    except (ValueError, TypeError, RuntimeError):  # InputError, TreeError: the whole value says why
+        return decode(modality, value, schema, finite=finite)
+
+
+def _numbers(row: Any) -> int:
+    """How many numbers one (rectangular) row of a JSON tensor holds, read along its first elements."""
+    count = 1
+    while isinstance(row, list):
+        count *= len(row)
+        row = row[0] if row else None
+    return count
+
+
+def _row_chunks(value: Any, schema: ModalitySchema | None) -> list[Any] | None:
+    """``value`` in slices of rows of about :data:`DECODE_STEP` numbers, or None to decode it whole.
+
+    Only where the rows are plain to find: a schema whose batch dimension is the first, and a
+    bare tensor (a list of rows) or an object of tensors (each a list of rows, as many each).
+    """
+    if schema is None or schema.batch_dim != 0:
+        return None
+    if isinstance(value, list) and [leaf.path for leaf in schema.leaves] == [()]:
+        rows, numbers = len(value), _numbers(value[0]) if value else 1
+        return None if rows * numbers <= DECODE_STEP else _slices(value, rows, numbers)
+    if (
+        isinstance(value, dict)
+        and all(len(leaf.path) == 1 and isinstance(leaf.path[0], str) for leaf in schema.leaves)
+        and value
+        and all(isinstance(v, list) for v in value.values())
+        and len({len(v) for v in value.values()}) == 1
+    ):
+        parts: dict[str, list[Any]] = value
+        rows = len(next(iter(parts.values())))
+        numbers = sum(_numbers(v[0]) for v in parts.values()) if rows else 1
+        if rows * numbers <= DECODE_STEP:
+            return None
+        step = max(1, DECODE_STEP // max(numbers, 1))
+        return [{k: v[i : i + step] for k, v in parts.items()} for i in range(0, rows, step)]
+    return None
+
+
+def _slices(rows: list[Any], count: int, numbers: int) -> list[Any]:
+    step = max(1, DECODE_STEP // max(numbers, 1))
+    return [rows[i : i + step] for i in range(0, count, step)]
+
+
+def decode_inputs(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    schema: Mapping[str, ModalitySchema],
+    *,
+    allow_non_finite: bool = False,
+) -> dict[str, Tree]:
+    """The JSON ``inputs`` of a request as tensors, each modality checked against ``schema``.
+
+    A modality without a schema (a profile saved before schemas were recorded) takes its
+    dtypes from the values (see :func:`mosel.schema.decode`). A NaN, an infinity, or a number
+    beyond its leaf's float dtype (``1e39`` for float32) is refused unless ``allow_non_finite``.
+
+    Raises:
+        InputError: an unknown modality, or a value that does not fit (naming modality and leaf).
+    """
+    spec = spec_of(model)
+    unknown = [m for m in inputs if m not in spec.branches]
+    if unknown:
+        raise InputError(f"unknown modality {unknown[0]!r}; {spec.model_class} takes {list(spec.modalities)}")
+    finite = not allow_non_finite
+    return {m: _decode(m, v, schema.get(m), finite) for m, v in inputs.items() if v is not None}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value if math.isfinite(value) else None
+
+
+def _tensor_json(t: Tensor) -> Any:
+    t = t.detach().cpu()
+    values = t.tolist()
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        return _plain(values)  # JSON has no NaN or infinity: null
+    return values
+
+
+def encode_output(output: Tree) -> Any:
+    """A fusion output as JSON: a tensor as nested lists (NaN and infinities as null), trees nested."""
+    if isinstance(output, Tensor):
+        return _tensor_json(output)
+    return optree.tree_map(_tensor_json, output, none_is_leaf=False, namespace=trees.NAMESPACE)
+
+
+def _null_where(values: Any, bad: Any) -> Any:
+    if isinstance(bad, list):
+        return [_null_where(v, b) for v, b in zip(values, bad)]
+    return None if bad else values
+
+
+def prediction_of(output: Tree) -> list[Any] | None:
+    """The ``prediction`` of a response: argmax over the last dimension, per row.
+
+    Only for a floating tensor of rank >= 2 (else None). A row (a vector along the last
+    dimension) holding a NaN or an infinity has no definite argmax: its prediction is None.
+    """
+    if not (isinstance(output, Tensor) and output.dim() >= 2 and output.is_floating_point()):
+        return None
+    output = output.detach().cpu()
+    prediction: list[Any] = output.argmax(dim=-1).tolist()
+    bad = ~torch.isfinite(output).all(dim=-1)
+    return _null_where(prediction, bad.tolist()) if bool(bad.any()) else prediction
+
+
+def error_status(exc: BaseException) -> int:
+    """The HTTP status of an error raised while serving a request.
+
+    503 for overload and for a model that cannot serve now (a doomed deadline, a full queue, a
+    closed scheduler, no fitting profile), 422 for an unreachable accuracy floor, 400 for bad
+    inputs or SLO values, 500 for anything else (the model's own code failed).
+    """
+    if isinstance(exc, (*OVERLOAD, NotProfiledError, ProfileMismatchError)):
+        return 503
+    if isinstance(exc, AccuracyUnreachableError):
+        return 422
+    if isinstance(exc, (InputError, SLOError)):
+        return 400
+    return 500
