@@ -6,10 +6,12 @@ its admissible options (latency ascending, accuracy ascending); maximise the tot
 
     max sum_j acc_j[k_j]   s.t.   start_us + sum_{j <= i} lat_j[k_j] <= deadline_i   for all i
 
-Three solvers: :func:`greedy_assign` (always ready, microseconds), :func:`cpsat_assign` (exact
-given time, warm-started from the current assignment) and :func:`exhaustive_assign` (the test
-oracle). All work in integer microseconds and integer accuracy units. OR-Tools is imported only
-inside :func:`cpsat_assign`.
+What serving uses: :func:`greedy_repair` (vectorised, lowers the options that save the most time
+per accuracy unit lost; the policies' repair behind their horizon) and :func:`cpsat_assign`
+(exact given time, warm-started; the ``greedy_cpsat`` policy). :func:`greedy_assign` (the same
+greedy over a whole assignment) and :func:`exhaustive_assign` (the oracle) are what tests and
+benchmarks measure them against. All work in integer microseconds and integer accuracy units.
+OR-Tools is imported only inside :func:`cpsat_assign`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ __all__ = [
     "greedy_repair",
     "step_down",
     "total_accuracy",
-    "upgrade_head",
     "violations",
 ]
 
@@ -181,21 +182,6 @@ def greedy_assign(items: Sequence[Item], ks: Sequence[int], start_us: int) -> tu
     loss = np.array([s[2] for s in steps], dtype=np.int64)
     _, doomed = greedy_repair(latency, deadline, cheapest, save, loss, start_us, take)
     return ks, doomed
-
-
-def upgrade_head(items: Sequence[Item], ks: Sequence[int], start_us: int) -> int:
-    """The most accurate option for job 0 that keeps every queued job on time (late binding)."""
-    slack = min(
-        (item.deadline_us - finish for item, finish in zip(items, _finishes(items, ks, start_us))),
-        default=0,
-    )
-    head = items[0]
-    current = head.latency_us[ks[0]]
-    best = ks[0]
-    for k in range(ks[0] + 1, len(head.latency_us)):
-        if head.latency_us[k] - current <= slack:
-            best = k
-    return best
 
 
 def _finishes(items: Sequence[Item], ks: Sequence[int], start_us: int) -> list[int]:
