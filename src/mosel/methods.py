@@ -14,9 +14,10 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from mosel.errors import SLOError
-from mosel.slo import SLO
+from mosel.slo import SLO, SLOKeywords
 
 if TYPE_CHECKING:
     from mosel.execution import Result
@@ -42,6 +43,7 @@ class Serving(Protocol):
 
 
 _serving: list[Serving] = []
+_KEYWORDS: Final = frozenset(SLOKeywords.__annotations__)
 
 
 def register(serving: Serving) -> None:
@@ -55,36 +57,23 @@ def _implementation() -> Serving:
     return _serving[0]
 
 
-def slo_of(
-    slo: SLO | None,
-    deadline_ms: object = None,
-    min_accuracy: object = None,
-    best_effort: object = False,
-    confidence: object = None,
-    per_request: object = False,
-) -> SLO:
+def slo_of(slo: SLO | None, keywords: SLOKeywords) -> SLO:
     """The call's SLO: ``slo`` as given, or the keywords validated (:meth:`SLO.of`).
 
     Raises:
         SLOError: a bad value, or both ``slo`` and a keyword.
     """
     if slo is None:
-        return SLO.of(deadline_ms, min_accuracy, best_effort, confidence, per_request)
+        if not keywords.keys() <= _KEYWORDS:
+            unknown = sorted(keywords.keys() - _KEYWORDS)
+            raise TypeError(f"unexpected keyword argument(s) {unknown}; the SLO's are {sorted(_KEYWORDS)}")
+        return SLO.of(**keywords)
     if not isinstance(slo, SLO):
         raise SLOError(f"slo must be a mosel.slo.SLO (or leave it out and use keywords), got {slo!r}")
-    given = [
-        name
-        for name, value, default in (
-            ("deadline_ms", deadline_ms, None),
-            ("min_accuracy", min_accuracy, None),
-            ("best_effort", best_effort, False),
-            ("confidence", confidence, None),
-            ("per_request", per_request, False),
+    if keywords:
+        raise SLOError(
+            f"give the SLO either as slo= or as keywords, not both (also given: {sorted(keywords)})"
         )
-        if value is not default
-    ]
-    if given:
-        raise SLOError(f"give the SLO either as slo= or as keywords, not both (also given: {given})")
     return slo
 
 
@@ -92,13 +81,9 @@ def infer(
     self: nn.Module,
     inputs: Mapping[str, Tree],
     *,
-    deadline_ms: float | None = None,
-    min_accuracy: float | None = None,
-    best_effort: bool = False,
-    confidence: float | None = None,
-    per_request: bool = False,
     present: Mapping[str, Tensor] | None = None,
     slo: SLO | None = None,
+    **keywords: Unpack[SLOKeywords],
 ) -> Result:
     """Serve one job (the rows of ``inputs``) under an optional deadline and accuracy floor.
 
@@ -106,39 +91,33 @@ def infer(
         self: the model.
         inputs: modality name -> tensor (or dict/tuple/list of tensors) whose batch dimension
             holds the requests. A modality left out (or None) is not computed for any request.
-        deadline_ms: latency SLO from the moment of the call, queueing included. None: no
-            deadline.
-        min_accuracy: floor on the job's expected accuracy (from the profile). None: no floor.
-        best_effort: when the deadline cannot be met, serve late with the fastest strategy that
-            meets the floor instead of raising :class:`mosel.DeadlineError`.
-        confidence: plan the floor against each configuration's lower ``confidence`` bound of
-            accuracy (Wilson, from the profile's validation size), not its mean; e.g. 0.95.
-        per_request: every request's configuration meets the floor, not just the job's average.
         present: modality -> bool tensor of the job's size: which rows really have it (a camera
             off for some requests). Each row is planned within the modalities it has; a
             missing one is never computed for it.
-        slo: the four SLO values as one :class:`mosel.slo.SLO`, instead of the keywords.
+        slo: the SLO as one :class:`mosel.slo.SLO`, instead of the keywords.
+        **keywords: the SLO's values (:class:`mosel.slo.SLOKeywords`): ``deadline_ms`` (from
+            the moment of the call, queueing included), ``min_accuracy`` (a floor on the job's
+            expected accuracy), ``best_effort`` (serve late instead of raising
+            :class:`mosel.DeadlineError`), ``confidence`` (the floor holds for each
+            configuration's lower bound at this confidence, e.g. 0.95) and ``per_request``
+            (every request's configuration meets the floor).
 
     Returns:
-        A :class:`mosel.Result`. With neither SLO, every available modality is computed.
+        A :class:`mosel.Result`. With neither a deadline nor a floor, every available modality
+        is computed.
 
     Thread-safe: concurrent callers share the model's queue (earliest deadline first).
     """
-    job_slo = slo_of(slo, deadline_ms, min_accuracy, best_effort, confidence, per_request)
-    return _implementation().infer(self, inputs, job_slo, present)
+    return _implementation().infer(self, inputs, slo_of(slo, keywords), present)
 
 
 def submit(
     self: nn.Module,
     inputs: Mapping[str, Tree],
     *,
-    deadline_ms: float | None = None,
-    min_accuracy: float | None = None,
-    best_effort: bool = False,
-    confidence: float | None = None,
-    per_request: bool = False,
     present: Mapping[str, Tensor] | None = None,
     slo: SLO | None = None,
+    **keywords: Unpack[SLOKeywords],
 ) -> Future[Result]:
     """Like ``infer``, but return a ``concurrent.futures.Future`` at once.
 
@@ -146,28 +125,22 @@ def submit(
     and a full queue raise here; anything after admission resolves the future with the error.
     Cancelling the future takes the job out of the queue.
     """
-    job_slo = slo_of(slo, deadline_ms, min_accuracy, best_effort, confidence, per_request)
-    return _implementation().submit(self, inputs, job_slo, present)
+    return _implementation().submit(self, inputs, slo_of(slo, keywords), present)
 
 
 async def ainfer(
     self: nn.Module,
     inputs: Mapping[str, Tree],
     *,
-    deadline_ms: float | None = None,
-    min_accuracy: float | None = None,
-    best_effort: bool = False,
-    confidence: float | None = None,
-    per_request: bool = False,
     present: Mapping[str, Tensor] | None = None,
     slo: SLO | None = None,
+    **keywords: Unpack[SLOKeywords],
 ) -> Result:
     """``await model.ainfer(...)``: ``infer`` for asyncio code; the event loop is never blocked.
 
     Cancelling the awaiting task takes a queued job out of the queue.
     """
-    job_slo = slo_of(slo, deadline_ms, min_accuracy, best_effort, confidence, per_request)
-    return await _implementation().ainfer(self, inputs, job_slo, present)
+    return await _implementation().ainfer(self, inputs, slo_of(slo, keywords), present)
 
 
 PROVIDED: Final[dict[str, Any]] = {"infer": infer, "submit": submit, "ainfer": ainfer}

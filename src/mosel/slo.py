@@ -12,13 +12,13 @@ import decimal
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypedDict
 
 import numpy as np
 
 from mosel.errors import DeadlineError, SLOError
 
-__all__ = ["MAX_DEADLINE_MS", "SLO", "SPENT_MS", "real"]
+__all__ = ["MAX_DEADLINE_MS", "SLO", "SPENT_MS", "SLOKeywords", "real"]
 
 MAX_DEADLINE_MS: Final = 1e15
 """Deadlines beyond this (about 31,700 years) are served as this: no clock gets there."""
@@ -89,6 +89,16 @@ def _confidence(value: object, floor: float | None) -> float | None:
     if floor is None:
         raise SLOError(f"confidence={value!r} applies to min_accuracy, which was not given")
     return confidence
+
+
+class SLOKeywords(TypedDict, total=False):
+    """The SLO's values as keywords (``model.infer(x, deadline_ms=40.0, min_accuracy=0.7)``)."""
+
+    deadline_ms: float | None
+    min_accuracy: float | None
+    best_effort: bool
+    confidence: float | None
+    per_request: bool
 
 
 @dataclass(frozen=True, slots=True)
