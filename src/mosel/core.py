@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -20,16 +20,20 @@ from mosel.admission import Admission
 from mosel.errors import DeadlineError
 from mosel.jobs import Batch, Failure, Job, Task, time_us
 from mosel.plan import CostModel, Plan
-from mosel.pricing import BatchLatency, Pricer
+from mosel.pricing import Arrivals, BatchLatency, Pricer
 from mosel.profiles import BucketKey, Profile
 from mosel.queue import EdfQueue, IntArray
 from mosel.stats import Stats
 from mosel.tail import TailModel
 
 if TYPE_CHECKING:
+    from mosel.policies import Policy
     from mosel.scheduler import SchedulerConfig
 
-__all__ = ["CoreView"]
+__all__ = ["DEADLINE_REASONS", "CoreView"]
+
+DEADLINE_REASONS: Final = frozenset({"doomed", "shed", "late"})
+"""The reasons a job fails for its deadline: a miss, for the policy's books."""
 
 
 class CoreView:
@@ -63,6 +67,7 @@ class CoreView:
         self.overrun = False
         """The running batch went past its predicted end (set by ``Scheduler.expire``)."""
         self.solve_async = solve_async
+        self.policy: Policy  # set by the scheduler, which knows the policy's class
         self.typical: Callable[[float], float] = self.pricer.tail.typical
         """The median time of a span priced ``priced_us`` (throughput estimates)."""
 
@@ -153,6 +158,22 @@ class CoreView:
         """The price of ``tasks`` run as one batch at their current options."""
         return self.pricer.merged_latency_us(tasks)
 
+    def corrected_us(
+        self, groups: Sequence[tuple[frozenset[str], int]], cost: CostModel | None = None
+    ) -> float:
+        """A strategy's corrected median execution, before the tail."""
+        return self.pricer.corrected_us(groups, cost)
+
+    def expected_misses(
+        self,
+        corrected_us: npt.NDArray[np.float64],
+        thresholds_us: npt.NDArray[np.float64],
+        weights: npt.NDArray[np.float64],
+        arrivals: Arrivals | None = None,
+    ) -> npt.NDArray[np.float64]:
+        """Expected missed requests for each candidate batch (:meth:`Pricer.expected_misses`)."""
+        return self.pricer.expected_misses(corrected_us, thresholds_us, weights, arrivals)
+
     def doomed(self, finish_us: int, deadline_us: int, now: float) -> bool:
         """Would a task priced to finish at ``finish_us`` miss ``deadline_us`` even at the median?"""
         start_us = time_us(self.start(now))
@@ -184,6 +205,8 @@ class CoreView:
         if job.error is None:
             job.error = error
             self.stats.count(f"failed_{reason}")
+            if reason in DEADLINE_REASONS:
+                self.policy.observe_outcome(job, missed=True)
         return (job, error)
 
     def deadline_error(self, job: Job[Any], now: float, predicted_us: int) -> DeadlineError:

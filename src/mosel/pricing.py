@@ -13,9 +13,11 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from mosel.jobs import Batch, Job, Task, merged_groups
 from mosel.plan import CostModel, Frontier, Plan, Strategy
@@ -24,7 +26,7 @@ from mosel.queue import IntArray
 from mosel.stats import Stats
 from mosel.tail import TailModel, profile_sigma
 
-__all__ = ["CORRECTION_CLAMP", "BatchLatency", "Cache", "Pricer"]
+__all__ = ["CORRECTION_CLAMP", "Arrivals", "BatchLatency", "Cache", "Pricer"]
 
 Configuration = frozenset[str]
 CORRECTION_CLAMP: Final = 4.0
@@ -33,6 +35,22 @@ PRICED_CACHE: Final = 256
 """Size buckets kept priced besides those priced ahead (then they are dropped)."""
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+
+@dataclass(frozen=True, slots=True)
+class Arrivals:
+    """The jobs expected to arrive while a batch runs, as the risk price sees them.
+
+    Attributes:
+        per_us: jobs arriving per microsecond of running.
+        requests: requests per arriving job.
+        headroom_us: how long an arriving job can wait for the device (its deadline less its
+            cheapest strategy's price; a low quantile of recent arrivals').
+    """
+
+    per_us: float
+    requests: float
+    headroom_us: float
 
 
 class Cache(Generic[K, V]):
@@ -141,13 +159,7 @@ class Pricer:
 
         ``cost``: the cost model of the jobs' size bucket (default: the reference one).
         """
-        parts = (cost or self.cost).parts(groups)
-        correction = self.correction
-        total = correction["fusion"] * parts["fusion"]
-        for part, value in parts.items():
-            if part != "fusion":
-                total += correction[part] * value
-        return self.tail.price(total)
+        return self.tail.price(self.corrected_us(groups, cost))
 
     def refresh(self, task: Task) -> None:
         """Bring the task's option latencies up to date with the correction."""
@@ -193,6 +205,53 @@ class Pricer:
             made = Strategy(groups, cost.latency_us(groups), cost.accuracy_units(groups))
             strategy = self._every.get(key, lambda: made)
         return strategy
+
+    def corrected_us(
+        self, groups: Sequence[tuple[Configuration, int]], cost: CostModel | None = None
+    ) -> float:
+        """A strategy's corrected median execution (what :meth:`price` puts the tail on)."""
+        parts = (cost or self.cost).parts(groups)
+        correction = self.correction
+        total = correction["fusion"] * parts["fusion"]
+        for part, value in parts.items():
+            if part != "fusion":
+                total += correction[part] * value
+        return total
+
+    def expected_misses(
+        self,
+        corrected_us: npt.NDArray[np.float64],
+        thresholds_us: npt.NDArray[np.float64],
+        weights: npt.NDArray[np.float64],
+        arrivals: Arrivals | None = None,
+    ) -> npt.NDArray[np.float64]:
+        """Expected requests that miss their deadline if the batch about to run is each candidate.
+
+        The risk price of an upgrade is this at the upgraded batch less this at the batch as it
+        is. A batch of corrected median ``c`` lasts ``c * ratio + overhead`` for the recent
+        batches' residuals (:meth:`mosel.tail.TailModel.sample`: the measured distribution, its
+        tail included, not one quantile). A job ``j`` misses when the batch outlasts its
+        ``thresholds_us[j]`` (the time it can wait: its own deadline for the batch's jobs, its
+        slack behind the batch for a queued one); jobs arriving while the batch runs, at
+        ``arrivals``' rate, miss when it outlasts their headroom.
+
+        Args:
+            corrected_us: the candidates' corrected medians, shape (C,).
+            thresholds_us: per job, the longest the batch may take before the job misses.
+            weights: per job, its requests.
+            arrivals: the arrival process the batch delays (None: no arrivals expected).
+
+        Returns:
+            Expected missed requests per candidate, shape (C,).
+        """
+        ratios, overheads = self.tail.sample()
+        durations = corrected_us[:, None] * ratios[None, :] + overheads[None, :]  # (C, S)
+        misses = (durations[:, :, None] > thresholds_us[None, None, :]).mean(axis=1) @ weights
+        if arrivals is not None and arrivals.per_us > 0.0:
+            excess = np.maximum(durations - arrivals.headroom_us, 0.0).mean(axis=1)
+            misses = misses + arrivals.per_us * arrivals.requests * excess
+        result: npt.NDArray[np.float64] = np.asarray(misses, dtype=np.float64)
+        return result
 
     def merged_latency_us(self, tasks: Sequence[Task]) -> int:
         """Predicted latency of ``tasks`` run as one batch at their current options."""
