@@ -20,7 +20,7 @@ from mosel.admission import Admission
 from mosel.errors import DeadlineError
 from mosel.jobs import Batch, Failure, Job, Task, time_us
 from mosel.plan import CostModel, Plan
-from mosel.pricing import Arrivals, BatchLatency, Pricer
+from mosel.pricing import BatchLatency, Delayed, Pricer
 from mosel.profiles import BucketKey, Profile
 from mosel.queue import EdfQueue, IntArray
 from mosel.stats import Stats
@@ -169,10 +169,10 @@ class CoreView:
         corrected_us: npt.NDArray[np.float64],
         thresholds_us: npt.NDArray[np.float64],
         weights: npt.NDArray[np.float64],
-        arrivals: Arrivals | None = None,
+        delayed: Delayed | None = None,
     ) -> npt.NDArray[np.float64]:
         """Expected missed requests for each candidate batch (:meth:`Pricer.expected_misses`)."""
-        return self.pricer.expected_misses(corrected_us, thresholds_us, weights, arrivals)
+        return self.pricer.expected_misses(corrected_us, thresholds_us, weights, delayed)
 
     def doomed(self, finish_us: int, deadline_us: int, now: float) -> bool:
         """Would a task priced to finish at ``finish_us`` miss ``deadline_us`` even at the median?"""

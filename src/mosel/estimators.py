@@ -14,12 +14,17 @@ import collections
 import math
 from typing import Final
 
-__all__ = ["BANKED", "DEFAULT_ADDED", "ArrivalEstimator", "MissBudget"]
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["BANKED", "DEFAULT_ADDED", "MIN_SLACKS", "ArrivalEstimator", "MissBudget", "SlackSample"]
 
 DEFAULT_ADDED: Final = 0.0005
 """Without a miss budget: the expected misses per request upgrades may add (0.05 points)."""
 BANKED: Final = 500
 """The credit of a miss budget holds at most this many requests' worth of it."""
+MIN_SLACKS: Final = 32
+"""Finished jobs a :class:`SlackSample` needs before their slack replaces arrivals' headroom."""
 
 
 class ArrivalEstimator:
@@ -37,6 +42,7 @@ class ArrivalEstimator:
         "first",
         "headroom_low_us",
         "headroom_mean_us",
+        "jobs",
         "mean_requests",
         "sums",
         "windows",
@@ -52,6 +58,7 @@ class ArrivalEstimator:
         self.busy_arrivals = 0.0  # arrivals that found a batch running, decaying over the long window
         self.busy_s = 0.0  # time spent running batches, same decay
         self.mean_requests = 1.0  # an EWMA of arriving jobs' requests
+        self.jobs = [0.0, 0.0]  # jobs arrived, decaying per window
 
     def observe_arrival(
         self, now: float, work_s: float, headroom_us: float | None, busy: bool, requests: int = 1
@@ -70,9 +77,11 @@ class ArrivalEstimator:
         self.mean_requests += 0.05 * (requests - self.mean_requests)
         if math.isnan(self.first):
             self.first = now
-        sums = self.sums
+        sums, jobs = self.sums, self.jobs
         sums[0] += work_s
         sums[1] += work_s
+        jobs[0] += 1.0
+        jobs[1] += 1.0
         if busy:
             self.busy_arrivals += 1.0
         if headroom_us is not None:
@@ -95,8 +104,11 @@ class ArrivalEstimator:
         if now > self.at:
             sums, (long, short), age = self.sums, self.windows, self.at - now
             decay = math.exp(age / long)
+            decay_short = math.exp(age / short)
             sums[0] *= decay
-            sums[1] *= math.exp(age / short)
+            sums[1] *= decay_short
+            self.jobs[0] *= decay
+            self.jobs[1] *= decay_short
             self.busy_arrivals *= decay
             self.busy_s *= decay
             self.at = now
@@ -113,6 +125,18 @@ class ArrivalEstimator:
         return max(
             self.sums[0] / (long * (1.0 - math.exp(-elapsed / long))),
             self.sums[1] / (short * (1.0 - math.exp(-elapsed / short))),
+        )
+
+    def jobs_rate(self, now: float) -> float:
+        """Recent arrivals in jobs per second (the larger of the two views, normalised as :meth:`rho`)."""
+        if math.isnan(self.first):
+            return 0.0
+        self.decay_to(now)
+        long, short = self.windows
+        elapsed = max(now - self.first, short)
+        return max(
+            self.jobs[0] / (long * (1.0 - math.exp(-elapsed / long))),
+            self.jobs[1] / (short * (1.0 - math.exp(-elapsed / short))),
         )
 
     def work(self) -> float:
@@ -183,3 +207,46 @@ class MissBudget:
     def spend(self, risk: float) -> None:
         """An upgrade adding ``risk`` expected missed requests was bought."""
         self.credit -= risk
+
+
+class SlackSample:
+    """How close recent jobs came to their deadlines: the slack left when each finished.
+
+    What a delay of the jobs still to come costs: a job that finished ``s`` µs before its
+    deadline misses it when delayed by more than ``s``. Until :data:`MIN_SLACKS` jobs finished,
+    arriving jobs' headroom stands in for it (their slack were they served at once).
+    """
+
+    __slots__ = ("_dirty", "_headroom", "_slack", "_sorted")
+
+    def __init__(self, size: int = 512) -> None:
+        self._slack: collections.deque[tuple[float, int]] = collections.deque(maxlen=size)
+        self._headroom: collections.deque[tuple[float, int]] = collections.deque(maxlen=size)
+        self._sorted: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None
+        self._dirty = True
+
+    def finished(self, slack_us: float, requests: int) -> None:
+        """A job of ``requests`` finished ``slack_us`` before its deadline (negative: late)."""
+        self._slack.append((slack_us, requests))
+        self._dirty = True
+
+    def arrived(self, headroom_us: float, requests: int) -> None:
+        """A job arrived with ``headroom_us`` beyond its cheapest strategy."""
+        self._headroom.append((headroom_us, requests))
+        if len(self._slack) < MIN_SLACKS:
+            self._dirty = True
+
+    def share_missing(self, delays_us: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """Per delay, the share of requests that were on time but would miss if delayed by it."""
+        if self._dirty:
+            source = self._slack if len(self._slack) >= MIN_SLACKS else self._headroom
+            pairs = sorted(p for p in source if p[0] >= 0.0)
+            total = sum(n for _, n in source) or 1
+            values = np.asarray([s for s, _ in pairs], dtype=np.float64)
+            shares = np.cumsum(np.asarray([n for _, n in pairs], dtype=np.float64)) / total
+            self._sorted = (values, np.concatenate([[0.0], shares]))
+            self._dirty = False
+        assert self._sorted is not None
+        values, shares = self._sorted
+        share: npt.NDArray[np.float64] = shares[np.searchsorted(values, delays_us, side="left")]
+        return share

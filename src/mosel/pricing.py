@@ -26,7 +26,7 @@ from mosel.queue import IntArray
 from mosel.stats import Stats
 from mosel.tail import TailModel, profile_sigma
 
-__all__ = ["CORRECTION_CLAMP", "Arrivals", "BatchLatency", "Cache", "Pricer"]
+__all__ = ["CORRECTION_CLAMP", "BatchLatency", "Cache", "Delayed", "Pricer"]
 
 Configuration = frozenset[str]
 CORRECTION_CLAMP: Final = 4.0
@@ -38,19 +38,20 @@ V = TypeVar("V")
 
 
 @dataclass(frozen=True, slots=True)
-class Arrivals:
-    """The jobs expected to arrive while a batch runs, as the risk price sees them.
+class Delayed:
+    """The jobs still to come that a longer batch delays, as the risk price sees them.
 
     Attributes:
-        per_us: jobs arriving per microsecond of running.
-        requests: requests per arriving job.
-        headroom_us: how long an arriving job can wait for the device (its deadline less its
-            cheapest strategy's price; a low quantile of recent arrivals').
+        jobs: how many are expected before the device next idles (arrivals during the batch,
+            the queued work and what arrives meanwhile: the rest of the busy period).
+        requests: requests per job.
+        share_missing: per delay (µs), the share of requests that would miss their deadline if
+            delayed that much (from how close recent jobs came to theirs).
     """
 
-    per_us: float
+    jobs: float
     requests: float
-    headroom_us: float
+    share_missing: Callable[[npt.NDArray[np.float64]], npt.NDArray[np.float64]]
 
 
 class Cache(Generic[K, V]):
@@ -223,23 +224,25 @@ class Pricer:
         corrected_us: npt.NDArray[np.float64],
         thresholds_us: npt.NDArray[np.float64],
         weights: npt.NDArray[np.float64],
-        arrivals: Arrivals | None = None,
+        delayed: Delayed | None = None,
     ) -> npt.NDArray[np.float64]:
         """Expected requests that miss their deadline if the batch about to run is each candidate.
 
         The risk price of an upgrade is this at the upgraded batch less this at the batch as it
-        is. A batch of corrected median ``c`` lasts ``c * ratio + overhead`` for the recent
-        batches' residuals (:meth:`mosel.tail.TailModel.sample`: the measured distribution, its
-        tail included, not one quantile). A job ``j`` misses when the batch outlasts its
-        ``thresholds_us[j]`` (the time it can wait: its own deadline for the batch's jobs, its
-        slack behind the batch for a queued one); jobs arriving while the batch runs, at
-        ``arrivals``' rate, miss when it outlasts their headroom.
+        is (the last candidate). A batch of corrected median ``c`` lasts ``c * ratio + overhead``
+        for the recent batches' residuals (:meth:`mosel.tail.TailModel.sample`: the measured
+        distribution, its tail included, not one quantile). A job ``j`` misses when the batch
+        outlasts its ``thresholds_us[j]`` (the time it can wait: its own deadline for the
+        batch's jobs, its slack behind the batch for a queued one). The jobs still to come
+        (``delayed``) are delayed by what the candidate adds to the batch as it is, and miss
+        as often as recent jobs had less slack than that.
 
         Args:
-            corrected_us: the candidates' corrected medians, shape (C,).
+            corrected_us: the candidates' corrected medians, shape (C,); the last is the batch
+                as it is.
             thresholds_us: per job, the longest the batch may take before the job misses.
             weights: per job, its requests.
-            arrivals: the arrival process the batch delays (None: no arrivals expected).
+            delayed: the jobs still to come that the batch delays (None: none expected).
 
         Returns:
             Expected missed requests per candidate, shape (C,).
@@ -247,9 +250,10 @@ class Pricer:
         ratios, overheads = self.tail.sample()
         durations = corrected_us[:, None] * ratios[None, :] + overheads[None, :]  # (C, S)
         misses = (durations[:, :, None] > thresholds_us[None, None, :]).mean(axis=1) @ weights
-        if arrivals is not None and arrivals.per_us > 0.0:
-            excess = np.maximum(durations - arrivals.headroom_us, 0.0).mean(axis=1)
-            misses = misses + arrivals.per_us * arrivals.requests * excess
+        if delayed is not None and delayed.jobs > 0.0:
+            extra = durations - durations[-1]
+            share = delayed.share_missing(extra.ravel()).reshape(extra.shape).mean(axis=1)
+            misses = misses + delayed.jobs * delayed.requests * share
         result: npt.NDArray[np.float64] = np.asarray(misses, dtype=np.float64)
         return result
 

@@ -264,9 +264,7 @@ class Scheduler(CoreView):
         cheapest_us = tasks[0].lat[0] if len(tasks) == 1 else sum(t.lat[0] for t in tasks)
         late = now * 1e6 + self.pricer.tail.typical(cheapest_us) > job.deadline * 1e6
         if late and not job.best_effort and policy.refuse_late:
-            stats.count("rejected_deadline")
-            if not inline:
-                policy.observe_outcome(job, missed=True)
+            stats.count("rejected_deadline")  # impossible even alone: the caller's, not a miss
             raise self.deadline_error(job, now, cheapest_us)
         if not inline:  # only queued jobs inform the policy: refused ones never load the device
             policy.observe_arrival(job, now, cheapest_us)

@@ -29,7 +29,7 @@ from mosel.policies.blocks import bind_head, take_batch
 
 if TYPE_CHECKING:
     from mosel.errors import DeadlineError
-    from mosel.pricing import Arrivals, BatchLatency
+    from mosel.pricing import BatchLatency, Delayed
     from mosel.queue import IntArray
     from mosel.scheduler import SchedulerConfig
 
@@ -112,7 +112,7 @@ class Core(Protocol):
         corrected_us: npt.NDArray[np.float64],
         thresholds_us: npt.NDArray[np.float64],
         weights: npt.NDArray[np.float64],
-        arrivals: Arrivals | None = None,
+        delayed: Delayed | None = None,
     ) -> npt.NDArray[np.float64]:
         """Expected missed requests for each candidate batch (``Pricer.expected_misses``)."""
 

@@ -9,11 +9,11 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from mosel.estimators import ArrivalEstimator, MissBudget
+from mosel.estimators import ArrivalEstimator, MissBudget, SlackSample
 from mosel.jobs import Batch, Failure, Job, Reason, Task, deadline_us, time_us
 from mosel.policies.base import Core, Policy
 from mosel.policies.blocks import bind_head, least_valuable, predict, repair, take_batch
-from mosel.pricing import Arrivals
+from mosel.pricing import Delayed
 
 __all__ = ["Mosel"]
 
@@ -62,6 +62,7 @@ class Mosel(Policy):
         self.budget_s = 0.0  # device seconds that upgrades may still spend
         self.budget_at = -math.inf  # the first refill fills it to its cap
         self.misses = MissBudget(core.config.miss_budget)
+        self.slack = SlackSample()
 
     def initial(self, task: Task, now: float, share: float) -> int:
         """The cheapest admissible option: accuracy is added at dispatch, if there is time."""
@@ -74,14 +75,19 @@ class Mosel(Policy):
         self.arrivals.observe_arrival(
             now, self.core.typical(cheapest_us) / 1e6, headroom, self.core.busy, job.n
         )
+        if headroom is not None:
+            self.slack.arrived(headroom, job.n)
 
     def observe_launch(self, batch: Batch, now: float) -> None:
         """Count the batch's predicted time as time spent running."""
         self.arrivals.observe_launch(now, self.core.typical(batch.predicted_us) / 1e6)
 
     def observe_outcome(self, job: Job[Any], missed: bool) -> None:
-        """Book a finished or refused job against the miss budget."""
+        """Book a finished or refused job against the miss budget, and how close it came."""
         self.misses.outcome(job.n, missed)
+        if not math.isinf(job.deadline):
+            finished = job.finished if not missed else job.deadline + 1.0
+            self.slack.finished((job.deadline - finished) * 1e6, job.n)
 
     def refill(self, now: float) -> None:
         """Add the spare device time since the last refill to the budget."""
@@ -130,7 +136,7 @@ class Mosel(Policy):
         own = min(deadline_us(t.job) for t in tasks) - now_us - base
         if own < allowed:
             allowed, binding = own, Reason.DEADLINE
-        risk = _Risk(self, tasks, now_us)
+        risk = _Risk(self, tasks, now, base)
         if core.queue:  # each queued job keeps its slack, less what arrivals until its deadline need
             end = min(len(core.queue), self.horizon)
             finish, _ = predict(self, time_us((now_us + base) / 1e6), end)
@@ -245,23 +251,24 @@ class Mosel(Policy):
 
 
 class _Risk:
-    """What an upgrade of one batch puts at risk: its jobs, the queued ones, the arrivals."""
+    """What an upgrade of one batch puts at risk: its jobs, the queued ones, the jobs to come."""
 
-    __slots__ = ("arrivals", "core", "thresholds", "weights")
+    __slots__ = ("core", "delayed", "thresholds", "weights")
 
-    def __init__(self, policy: Mosel, tasks: list[Task], now_us: int) -> None:
-        self.core = policy.core
+    def __init__(self, policy: Mosel, tasks: list[Task], now: float, base: int) -> None:
+        self.core = core = policy.core
+        now_us = time_us(now)
         own = [t for t in tasks if not t.job.best_effort]
         self.thresholds = np.asarray([deadline_us(t.job) - now_us for t in own], dtype=np.float64)
         self.weights = np.asarray([t.n for t in own], dtype=np.float64)
         estimator = policy.arrivals
-        rate = estimator.busy_rate()
-        low = estimator.headroom_low_us
-        self.arrivals = (
-            Arrivals(rate / 1e6, estimator.mean_requests, low)
-            if rate is not None and math.isfinite(low)
-            else None
-        )
+        # Jobs arriving before the device next idles: at the rate jobs arrive while it is busy
+        # (a caller that waits for each result never arrives behind its own job), over the
+        # batch, the queued work and the busy period they start (stretched by 1 / (1 - load)).
+        load = min(estimator.rho(now), 0.95)
+        busy_us = (base + float(core.latency_us.sum())) / (1.0 - load)
+        jobs = (estimator.busy_rate() or 0.0) / 1e6 * busy_us
+        self.delayed = Delayed(jobs, estimator.mean_requests, policy.slack.share_missing)
 
     def queued(self, thresholds_us: npt.NDArray[np.int64], requests: list[int]) -> None:
         """The queued jobs behind the batch: each misses when the batch outlasts its threshold."""
@@ -270,7 +277,7 @@ class _Risk:
 
     def added(self, corrected_us: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """Expected misses each candidate adds over the last one (the batch as it was)."""
-        misses = self.core.expected_misses(corrected_us, self.thresholds, self.weights, self.arrivals)
+        misses = self.core.expected_misses(corrected_us, self.thresholds, self.weights, self.delayed)
         added: npt.NDArray[np.float64] = misses - misses[-1]
         return added
 
