@@ -41,7 +41,7 @@ from mosel.plan import CostModel, Frontier, Plan, PlannerConfig, Strategy
 from mosel.profiler import profile, top1
 from mosel.profiles import CostCheck, Fingerprint, LatencyTable, Profile
 from mosel.routing import PowerOfTwoRouter, RandomRouter, Router, RouteRequest, SlackRouter
-from mosel.runtime import attach, close, load, profile_of, serving, stats
+from mosel.runtime import attach, close, load, profile_of, run_configuration, serving, stats
 from mosel.scheduler import SchedulerConfig
 from mosel.simulate import Arrival, ClusterSimulation, Simulation, simulate, simulate_replicas
 from mosel.spec import ModelSpec, fusion, modality, multimodal, spec_of
@@ -100,6 +100,7 @@ __all__ = [
     "multimodal",
     "profile",
     "profile_of",
+    "run_configuration",
     "serving",
     "simulate",
     "simulate_replicas",

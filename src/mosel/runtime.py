@@ -15,7 +15,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any, Final, Literal, TypeVar
 
@@ -24,9 +24,11 @@ from torch import Tensor, nn
 
 from mosel import methods
 from mosel.compiling import COMPILED_ATTR, unwrap_compiled
-from mosel.errors import MoselWarning, NotProfiledError, ProfileMismatchError, SpecError
-from mosel.execution import Result, RowPlanCache
+from mosel.errors import InputError, MoselWarning, NotProfiledError, ProfileMismatchError, SpecError
+from mosel.execution import Result, RowPlanCache, execute
+from mosel.plan import Strategy
 from mosel.profiles import Profile, fingerprint_of, priced_ahead
+from mosel.requests import check_inputs
 from mosel.scheduler import SchedulerConfig
 from mosel.server import Server
 from mosel.slo import SLO
@@ -34,8 +36,20 @@ from mosel.spec import ModelSpec, spec_of
 from mosel.stats import Load, Stats, StatsSnapshot
 from mosel.stats import prometheus_collector as _collector
 from mosel.tail import TailModel, profile_sigma
+from mosel.trees import Tree
 
-__all__ = ["attach", "close", "load", "profile_of", "readiness", "serving", "settle", "stats", "submit_now"]
+__all__ = [
+    "attach",
+    "close",
+    "load",
+    "profile_of",
+    "readiness",
+    "run_configuration",
+    "serving",
+    "settle",
+    "stats",
+    "submit_now",
+]
 
 STATE_ATTR: Final = "_mosel_state"
 OnStale = Literal["refuse", "warn"] | Callable[[nn.Module], Profile]
@@ -426,6 +440,32 @@ def serving(model: M, *, cancel: bool = False) -> Iterator[M]:
         yield model
     finally:
         close(model, cancel=cancel)
+
+
+def run_configuration(model: nn.Module, inputs: Mapping[str, Tree], configuration: Iterable[str]) -> Tree:
+    """Compute ``configuration`` (a set of modality names) for every row of ``inputs``, by hand.
+
+    What a served row must equal: the branches of those modalities over the rows, then the
+    fusion over their features, outside any scheduler (no profile needed). For checking that a
+    served result is row-exact: run each row's ``Result.modalities`` with this and compare.
+
+    Raises:
+        InputError: the inputs do not fit the model, or lack a modality of the configuration.
+    """
+    spec = spec_of(model)
+    wanted = frozenset(configuration)
+    unknown = sorted(wanted - set(spec.modalities))
+    if not wanted or unknown:
+        raise InputError(
+            f"configuration {sorted(wanted)} must be a non-empty set of {list(spec.modalities)}"
+            + (f"; unknown: {unknown}" if unknown else "")
+        )
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    tensors, available, n = check_inputs({m: inputs[m] for m in inputs if m in wanted}, spec, device)
+    if available != wanted:
+        raise InputError(f"configuration {sorted(wanted)} needs inputs for {sorted(wanted - available)}")
+    with torch.inference_mode():
+        return execute(model, spec, Strategy(((wanted, n),), 0, 0), tensors)
 
 
 def stats(model: nn.Module) -> StatsSnapshot:
