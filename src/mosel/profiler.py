@@ -37,7 +37,7 @@ from mosel.profiles import (
 )
 from mosel.requests import check_inputs
 from mosel.runtime import attach
-from mosel.schema import SchemaRecorder
+from mosel.schema_recorder import SchemaRecorder
 from mosel.spec import ModelSpec, spec_of
 from mosel.trees import Tree
 

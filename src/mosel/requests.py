@@ -36,6 +36,8 @@ class Requests:
         spec: the model's spec.
         profile: its profile (which modalities are priced per input size).
         device: the model's device now (read per call: ``.to()`` moves it).
+        float_dtype: the float dtype the model moved to since it was profiled, if it did (its
+            float inputs take it rather than the profile's).
         plan_outside_lock: the plan and cost model of a size bucket, computed outside any lock
             (:meth:`mosel.pricing.Pricer.plan_outside_lock`).
     """
@@ -46,12 +48,15 @@ class Requests:
         profile: Profile,
         device: Callable[[], torch.device],
         plan_outside_lock: Callable[[BucketKey], tuple[Plan, CostModel]],
+        float_dtype: Callable[[], torch.dtype | None] = lambda: None,
     ) -> None:
         self.spec = spec
         self.profile = profile
         self.device = device
         self.plan_outside_lock = plan_outside_lock
         self.sized = tuple((m, spec.sizings[m]) for m in profile.sized if m in spec.sizings)
+        self.schemas = dict(profile.input_schema)
+        self.float_dtype = float_dtype
         self.batch_dims = {m: spec.batch_dim(m) for m in spec.modalities}
 
     def job(
@@ -66,6 +71,13 @@ class Requests:
         spec = self.spec
         device = self.device()
         tensors, available, n = check_inputs(inputs, spec, device)
+        schemas = self.schemas
+        if schemas:
+            moved = self.float_dtype()  # a model moved to another float dtype (on_stale="warn")
+            for m, tree in tensors.items():
+                schema = schemas.get(m)
+                if schema is not None:
+                    tensors[m] = schema.conform(m, tree, float_dtype=moved)
         tensors, groups, order = group_by_presence(tensors, available, n, present, spec)
         bucket = priced = None
         if self.sized:

@@ -137,6 +137,14 @@ class _ModelState:
             return f"had its compiled parts changed from {list(self.compiled)} to {list(compiled)}"
         return None
 
+    def float_dtype(self, model: nn.Module) -> torch.dtype | None:
+        """The float dtype inputs must take if the model moved from its profile's (else None)."""
+        self.device(model)
+        assert self.probe is not None
+        dtype = self.probe.dtype
+        measured = self.profile.fingerprint.dtype
+        return dtype if dtype.is_floating_point and measured and str(dtype) != measured else None
+
     def device(self, model: nn.Module) -> torch.device:
         """The model's device, read from one of its tensors (``.to()`` updates it in place)."""
         if self.probe is None:
@@ -167,6 +175,7 @@ class _ModelState:
                     self.config,
                     stats=self.stats,
                     priced=self.priced,
+                    float_dtype=functools.partial(self.float_dtype, model),
                 )
             return server
 

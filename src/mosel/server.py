@@ -87,6 +87,7 @@ class Server:
         clock: Clock | None = None,
         stats: Stats | None = None,
         priced: Mapping[BucketKey, tuple[Plan, CostModel]] | None = None,
+        float_dtype: Callable[[], torch.dtype | None] | None = None,
     ) -> None:
         self.model = model
         self.spec = spec
@@ -98,7 +99,9 @@ class Server:
         self.cond = threading.Condition(self.lock)  # the executor waits on it
         self.watch = threading.Condition(self.lock)  # the watchdog waits on it
         self.scheduler = Scheduler(profile, config, self.stats, solve_async=self._solve_async, priced=priced)
-        self.requests = Requests(spec, profile, device, self.scheduler.pricer.plan_outside_lock)
+        self.requests = Requests(
+            spec, profile, device, self.scheduler.pricer.plan_outside_lock, float_dtype or (lambda: None)
+        )
         self.closed = False
         self.pid = os.getpid()
         self._watch_at = float("inf")  # when the watchdog means to wake

@@ -7,6 +7,7 @@ import dataclasses
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 import torch
@@ -106,12 +107,18 @@ def test_each_job_is_priced_at_its_own_bucket(served: tuple[AttentionText, mosel
 
 
 def test_a_failing_size_function_is_a_clear_input_error(served: tuple[AttentionText, mosel.Profile]) -> None:
-    model, _ = served
+    model, profile = served
     x = batch(2, 8, seed=1)
     x["text"] = {"input_ids": torch.zeros(2, dtype=torch.int64), "attention_mask": torch.ones(2)}  # 1-d
-    with pytest.raises(mosel.InputError, match="size function of modality 'text'"):
+    with pytest.raises(mosel.InputError, match="the model takes"):  # the schema refuses it first
         model.infer(x)
-    assert model.infer(batch(2, 8, seed=2)).output.shape == (2, 3)  # nothing lost, still serving
+    mosel.attach(model, dataclasses.replace(profile, input_schema=MappingProxyType({})))  # no schema
+    try:
+        with pytest.raises(mosel.InputError, match="size function of modality 'text'"):
+            model.infer(x)
+        assert model.infer(batch(2, 8, seed=2)).output.shape == (2, 3)  # nothing lost, still serving
+    finally:
+        mosel.attach(model, profile)
 
 
 def test_a_sized_profile_saves_and_serves_after_loading(

@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "mosel.spec": 1,
     "mosel.compiling": 1,
     "mosel.schema": 1,
+    "mosel.schema_recorder": 1,
     "mosel.profiles": 1,
     "mosel.tail": 1,
     # 2: the online core (no threads, futures or tensors)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mosel
-from mosel.schema import LeafSchema, ModalitySchema, SchemaRecorder, ValueRange, decode
+from mosel.schema import LeafSchema, ModalitySchema, ValueRange, decode
+from mosel.schema_recorder import SchemaRecorder
 from mosel.spec import spec_of
 
 from .helpers import Tiny, tiny_inputs, tiny_profile
