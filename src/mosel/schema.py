@@ -154,7 +154,10 @@ class LeafSchema:
 
     def torch_dtype(self) -> torch.dtype:
         """The dtype as a ``torch.dtype``."""
-        return _dtype(self.dtype)
+        dtype = _DTYPES.get(self.dtype)
+        if dtype is None:
+            dtype = _DTYPES[self.dtype] = _dtype(self.dtype)
+        return dtype
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -340,6 +343,13 @@ class ModalitySchema:
         """
         if isinstance(tree, Tensor) and len(self.leaves) == 1 and not self.leaves[0].path:
             leaf = self.leaves[0]
+            if (
+                float_dtype is None
+                and self.batch_dim == 0
+                and tree.dtype is leaf.torch_dtype()
+                and tree.shape[1:] == leaf.shape  # a fixed shape: one comparison
+            ):
+                return tree
             tree = self._fit(modality, leaf, tree, float_dtype)
             self._check_shape(modality, leaf, tree)
             return tree
@@ -427,6 +437,8 @@ class ModalitySchema:
         return d if d < self.batch_dim else d + 1
 
 
+_DTYPES: dict[str, torch.dtype] = {}
+"""dtype names already looked up (a schema is read on every in-process call)."""
 _INTEGERS: Final = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
 
 
