@@ -64,7 +64,8 @@ def served() -> tuple[AttentionText, mosel.Profile]:
         data.append((x, torch.arange(12) % 3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", mosel.MoselWarning)  # a toy on a shared CPU: checks are noise
-        profile = mosel.profile(model, data, max_batch_size=4, repeats=2, cost_checks=2)
+        threads = torch.get_num_threads()  # kept (it is attached again at this count)
+        profile = mosel.profile(model, data, max_batch_size=4, repeats=2, cost_checks=2, threads=threads)
     return model, profile
 
 
