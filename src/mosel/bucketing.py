@@ -12,6 +12,8 @@ shape: a new width costs more than a repeated one) and check costs at a width it
 from __future__ import annotations
 
 import functools
+import math
+import random
 import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,10 +30,12 @@ from mosel.trees import Tree
 
 __all__ = ["WIDTHS", "SizedRows", "new_width_factors", "padding_changes", "repeat_rows"]
 
-WIDTHS: Final = 5
+WIDTHS: Final = 6
 """Distinct widths kept per bucket of an unpadded modality: the widest is timed in the rounds,
-the others each run once at new shapes (the last held out for the cost checks when there are
-three or more)."""
+the others each run once at new shapes, but up to :data:`HELD_OUT` (the narrowest) kept for the
+cost checks when there are two others or more."""
+HELD_OUT: Final = 2
+"""Widths of a bucket held out for the cost checks at most (each check runs once at each)."""
 PAIRED_SIZES: Final = 3
 """Batch sizes at which a new width is timed against the same width repeated."""
 PADDING_TOLERANCE: Final = 1e-3
@@ -124,22 +128,25 @@ class SizedRows:
             return repeat_rows(trees.concat(bucket.rows, dim), self.most, dim)
         return repeat_rows(bucket.widths[self._widths(modality, edge)[0]], self.most, dim)
 
+    def _split(self, modality: str, edge: int) -> tuple[list[int], list[int]]:
+        """The bucket's widths other than the timed one: those run once each, those held out."""
+        if self.padded(modality):
+            return [], []
+        others = self._widths(modality, edge)[1:]
+        cut = len(others) if len(others) < 2 else max(1, len(others) - HELD_OUT)
+        return others[:cut], others[cut:]
+
     def fresh(self, modality: str, edge: int) -> list[Tree]:
         """Inputs at the bucket's widths that neither the rounds nor the checks run at."""
-        if self.padded(modality):
-            return []
-        others = self._widths(modality, edge)[1:]
         dim = self.spec.batch_dim(modality)
-        kept = others[:-1] if len(others) >= 2 else others
-        return [repeat_rows(self.buckets[modality][edge].widths[w], self.most, dim) for w in kept]
+        widths = self.buckets[modality][edge].widths
+        return [repeat_rows(widths[w], self.most, dim) for w in self._split(modality, edge)[0]]
 
-    def held_out(self, modality: str, edge: int) -> Tree | None:
-        """An input at a width of the bucket kept for the cost checks (None: there is none)."""
-        others = [] if self.padded(modality) else self._widths(modality, edge)[1:]
-        if len(others) < 2:
-            return None
+    def held_out(self, modality: str, edge: int) -> list[Tree]:
+        """Inputs at widths of the bucket kept for the cost checks (none run them before)."""
         dim = self.spec.batch_dim(modality)
-        return repeat_rows(self.buckets[modality][edge].widths[others[-1]], self.most, dim)
+        widths = self.buckets[modality][edge].widths
+        return [repeat_rows(widths[w], self.most, dim) for w in self._split(modality, edge)[1]]
 
     def widths(self, modality: str) -> dict[int, tuple[int, ...]]:
         """Bucket edge -> the widths its timings run at (the tables' first)."""
@@ -249,24 +256,29 @@ def new_width_factors(
 ) -> dict[str, tuple[float, int]]:
     """Per unpadded sized modality: a new width's time over the same width's repeated, and the pairs.
 
-    Each of the buckets' :meth:`SizedRows.fresh` inputs runs at a few batch sizes: once at a
-    shape the branch never ran (timed), then twice more (the faster timed). The factor is the
-    median of the pairs' ratios, at least 1; without pairs it is 1.
+    Each of the buckets' :meth:`SizedRows.fresh` inputs runs at a few batch sizes, each once at
+    a shape the branch never ran (timed), then in two shuffled rounds over them all, as the
+    profiler's rounds do (the faster of the two kept: timing a shape right after itself would
+    flatter it). The factor is the median of the pairs' ratios, at least 1; without pairs, 1.
     """
     picks = sorted({sizes[0], sizes[len(sizes) // 2], sizes[-1]})[:PAIRED_SIZES]
-    factors = {}
+    calls: list[tuple[str, Callable[[], object]]] = []
     for m in rows.buckets:
         if rows.padded(m):
             continue
         branch, dim = getattr(model, spec.branches[m]), spec.batch_dim(m)
-        ratios = []
         for edge in rows.buckets[m]:
             for x in rows.fresh(m, edge):
-                for b in picks:
-                    call = functools.partial(branch, trees.take(x, slice(0, b), dim))
-                    first = once(call)
-                    again = min(once(call), once(call))
-                    if again > 0:
-                        ratios.append(first / again)
-        factors[m] = (max(1.0, statistics.median(ratios)) if ratios else 1.0, len(ratios))
-    return factors
+                calls += [(m, functools.partial(branch, trees.take(x, slice(0, b), dim))) for b in picks]
+    first = [once(call) for _, call in calls]
+    again = [math.inf] * len(calls)
+    order, shuffle = list(range(len(calls))), random.Random(0).shuffle
+    for _ in range(2):
+        shuffle(order)
+        for i in order:
+            again[i] = min(again[i], once(calls[i][1]))
+    ratios: dict[str, list[float]] = {m: [] for m in rows.buckets if not rows.padded(m)}
+    for (m, _), new, seen in zip(calls, first, again, strict=True):
+        if seen > 0:
+            ratios[m].append(new / seen)
+    return {m: (max(1.0, statistics.median(r)) if r else 1.0, len(r)) for m, r in ratios.items()}

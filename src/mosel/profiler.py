@@ -450,13 +450,14 @@ def _bucket_checks(
     )
     checks: list[CostCheck] = []
     for key in (profile.reference_bucket, *profile.sized_plans):
-        inputs, fresh = dict(big), False
+        inputs = dict(big)
+        held: dict[str, list[Tree]] = {}
         for m, edge in zip(profile.sized, key, strict=True):
-            held = rows.held_out(m, edge)
-            if held is not None:
-                inputs[m], fresh = held, True
-            elif edge != rows.reference[m]:
+            held[m] = rows.held_out(m, edge)
+            if edge != rows.reference[m]:
                 inputs[m] = rows.timing_input(m, edge)
+        count = max(len(h) for h in held.values()) if held else 0
+        fresh = [inputs | {m: h[i % len(h)] for m, h in held.items() if h} for i in range(count)]
         if key == profile.reference_bucket and not fresh:
             continue  # checked with the tables
         plan = profile.priced_at(key)[0]
@@ -514,12 +515,13 @@ def _check_costs(
     count: int,
     bucket: BucketKey = (),
     predict: CostModel | None = None,
-    fresh: bool = False,
+    fresh: Sequence[Mapping[str, Tree]] = (),
 ) -> tuple[CostCheck, ...]:
     """Time a few strategies end to end (mixed ones first) against their predicted latency.
 
-    ``predict``: the cost model predicting them (default: the plan's own latencies); ``fresh``:
-    each runs once (its inputs at widths not run before), else after the timer's warm-up.
+    ``predict``: the cost model predicting them (default: the plan's own latencies). With
+    ``fresh`` inputs (at widths no branch ran at before), each strategy runs once at each of
+    them instead of at ``big`` after the timer's warm-up.
     """
     if count <= 0:
         return ()
@@ -540,11 +542,19 @@ def _check_costs(
         if strategy in seen:
             continue
         seen.add(strategy)
-        inputs = {m: trees.take(x, slice(0, strategy.n), spec.batch_dim(m)) for m, x in big.items()}
-        call = functools.partial(execute, model, spec, strategy, inputs)
-        samples = [timer.once(call)] if fresh else timer(call)
+        calls = [
+            functools.partial(
+                execute,
+                model,
+                spec,
+                strategy,
+                {m: trees.take(x, slice(0, strategy.n), spec.batch_dim(m)) for m, x in inputs.items()},
+            )
+            for inputs in (fresh or [big])
+        ]
+        samples = [timer.once(call) for call in calls] if fresh else timer(calls[0])
         predicted = strategy.latency_us if predict is None else predict.latency_us(strategy.groups)
-        checks.append(CostCheck(strategy.groups, float(predicted), _central(samples), bucket, fresh))
+        checks.append(CostCheck(strategy.groups, float(predicted), _central(samples), bucket, bool(fresh)))
         if len(checks) >= count:
             break
     return tuple(checks)
