@@ -32,10 +32,10 @@ __all__ = ["WIDTHS", "SizedRows", "new_width_factors", "padding_changes", "repea
 
 WIDTHS: Final = 6
 """Distinct widths kept per bucket of an unpadded modality: the widest is timed in the rounds,
-the others each run once at new shapes, but up to :data:`HELD_OUT` (the narrowest) kept for the
-cost checks when there are two others or more."""
+the others each run once at new shapes, but up to :data:`HELD_OUT` (the widest of them) kept for
+the cost checks when there are two others or more."""
 HELD_OUT: Final = 2
-"""Widths of a bucket held out for the cost checks at most (each check runs once at each)."""
+"""Widths of a bucket held out for the cost checks at most (a check runs once, at one of them)."""
 PAIRED_SIZES: Final = 3
 """Batch sizes at which a new width is timed against the same width repeated."""
 PADDING_TOLERANCE: Final = 1e-3
@@ -132,9 +132,9 @@ class SizedRows:
         """The bucket's widths other than the timed one: those run once each, those held out."""
         if self.padded(modality):
             return [], []
-        others = self._widths(modality, edge)[1:]
-        cut = len(others) if len(others) < 2 else max(1, len(others) - HELD_OUT)
-        return others[:cut], others[cut:]
+        others = self._widths(modality, edge)[1:]  # widest first: the checks nearest the timed width
+        held = 0 if len(others) < 2 else min(HELD_OUT, len(others) - 1)
+        return others[held:], others[:held]
 
     def fresh(self, modality: str, edge: int) -> list[Tree]:
         """Inputs at the bucket's widths that neither the rounds nor the checks run at."""

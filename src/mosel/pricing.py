@@ -113,6 +113,7 @@ class Pricer:
         """(modality, bucket) -> the correction of its branch at a bucket beyond the measured ones."""
         self._largest = tuple((m, s.largest) for m, s in profile.sized.items())
         self._beyond_costs: dict[int, Beyond] = {}  # id(cost model) -> it and its keys (identity-checked)
+        self._published_beyond: dict[tuple[str, int], float] = {}
         for bucket, (_, cost) in ahead.items():
             self._note_beyond(bucket, cost)
         self._latencies: Cache[tuple[Configuration, int, BucketKey | None], tuple[int, ...]] = Cache(4096)
@@ -331,6 +332,7 @@ class Pricer:
             moved = any(abs(correction[part] / published[part] - 1) > 0.02 for part in parts)
         if moved:
             self._published = dict(self.correction)
+            self._published_beyond = dict(self.beyond)
             beyond = {f"{m}@{edge}": factor for (m, edge), factor in self.beyond.items()}
             self.stats.set_correction(self.correction | beyond if beyond else self.correction)
         return moved
@@ -374,7 +376,7 @@ class Pricer:
             ratio = measured / (correction[part] * value)
             ratio = min(max(ratio, level / CORRECTION_CLAMP), level * CORRECTION_CLAMP)
             own[key] = min(max((1 - alpha) * level + alpha * ratio, 1e-3), 1e6)
-            moved = moved or abs(own[key] / level - 1) > 0.02
+            moved = moved or abs(own[key] / self._published_beyond.get(key, 1.0) - 1) > 0.02
             if len(own) > BEYOND_BUCKETS:
                 del own[next(iter(own))]
         return self._publish([p for p in predicted if p not in beyond], moved)

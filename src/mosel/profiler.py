@@ -53,7 +53,7 @@ _log = logging.getLogger("mosel")
 COST_CHECK_WARN = 0.25
 """Warn when the cost model's median relative error over the checks exceeds this."""
 SIZED_CHECKS = 2
-"""End-to-end cost checks at each size bucket other than the reference."""
+"""End-to-end cost checks at each size bucket other than the reference (none with ``cost_checks=0``)."""
 THREADS_GAIN = 0.8
 """A profile timed at another thread count than the caller's is kept when its checks err this much less."""
 
@@ -329,7 +329,8 @@ def _profile(
             ),
             settings.planner,
         )
-        checks = best.checks + _bucket_checks(model, spec, partial, best, rows, big, timer)
+        count = min(SIZED_CHECKS, settings.cost_checks)
+        checks = best.checks + _bucket_checks(model, spec, partial, best, rows, big, timer, count)
         profiled_s = time.perf_counter() - started
     result = dataclasses.replace(partial, cost_checks=checks, input_schema=MappingProxyType(schema.schema()))
     for note in notes:
@@ -435,8 +436,9 @@ def _bucket_checks(
     rows: SizedRows,
     big: Mapping[str, Tree],
     timer: _Timer,
+    count: int,
 ) -> tuple[CostCheck, ...]:
-    """:data:`SIZED_CHECKS` checks at every other combination of measured size buckets.
+    """``count`` checks at every other combination of measured size buckets.
 
     At a bucket with a width held out (an unpadded modality), the checks run once each at it,
     never run before, against the tables with the new-width factors (``fresh``); otherwise at
@@ -462,7 +464,7 @@ def _bucket_checks(
             continue  # checked with the tables
         plan = profile.priced_at(key)[0]
         predict = profile.cost_at(key) if fresh else raw.cost_at(key)
-        checks += _check_costs(model, spec, plan, inputs, timer, SIZED_CHECKS, key, predict, fresh)
+        checks += _check_costs(model, spec, plan, inputs, timer, count, key, predict, fresh)
     return tuple(checks)
 
 
@@ -520,9 +522,11 @@ def _check_costs(
     """Time a few strategies end to end (mixed ones first) against their predicted latency.
 
     ``predict``: the cost model predicting them (default: the plan's own latencies). With
-    ``fresh`` inputs (at widths no branch ran at before), each strategy runs once at each of
-    them instead of at ``big`` after the timer's warm-up.
+    ``fresh`` inputs (at widths no branch ran at before), the i-th strategy runs once, at the
+    i-th of them (strategies share shapes: at one width, only the first would meet new ones),
+    instead of at ``big`` after the timer's warm-up; at most one check per fresh input.
     """
+    count = min(count, len(fresh)) if fresh else count
     if count <= 0:
         return ()
     everything = frozenset(spec.modalities)
@@ -536,23 +540,16 @@ def _check_costs(
         pure = [s for s in strategies if len(s.groups) == 1]
         picks = [mixed[len(mixed) // 2], mixed[0], mixed[-1]] if mixed else []
         candidates += picks + pure[-1:]
-    checks = []
+    checks: list[CostCheck] = []
     seen = set()
     for strategy in candidates:
         if strategy in seen:
             continue
         seen.add(strategy)
-        calls = [
-            functools.partial(
-                execute,
-                model,
-                spec,
-                strategy,
-                {m: trees.take(x, slice(0, strategy.n), spec.batch_dim(m)) for m, x in inputs.items()},
-            )
-            for inputs in (fresh or [big])
-        ]
-        samples = [timer.once(call) for call in calls] if fresh else timer(calls[0])
+        inputs = fresh[len(checks)] if fresh else big
+        rows = {m: trees.take(x, slice(0, strategy.n), spec.batch_dim(m)) for m, x in inputs.items()}
+        call = functools.partial(execute, model, spec, strategy, rows)
+        samples = [timer.once(call)] if fresh else timer(call)
         predicted = strategy.latency_us if predict is None else predict.latency_us(strategy.groups)
         checks.append(CostCheck(strategy.groups, float(predicted), _central(samples), bucket, bool(fresh)))
         if len(checks) >= count:
