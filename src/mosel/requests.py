@@ -24,7 +24,7 @@ from mosel.jobs import BucketKey, Job
 from mosel.plan import CostModel, Plan
 from mosel.profiles import Profile
 from mosel.slo import SLO
-from mosel.spec import ModelSpec
+from mosel.spec import ModelSpec, Padding
 from mosel.trees import Tree
 
 __all__ = ["WARNED_BUCKETS", "Requests", "check_inputs", "group_by_presence"]
@@ -89,7 +89,7 @@ class Requests:
                 if size is None:
                     continue
                 if padding is not None and edge > size:
-                    tensors[m] = padding.fit(tensors[m], size, edge)
+                    tensors[m] = _padded(m, padding, tensors[m], size, edge)
                 if edge > largest and (m, edge) not in self.warned:
                     self._warn_beyond(m, size, edge, largest)
         dims = self.batch_dims
@@ -121,6 +121,16 @@ class Requests:
             MoselWarning,
             stacklevel=6,  # here < job < Server.infer/submit < the runtime < model.infer/submit < the caller
         )
+
+
+def _padded(modality: str, padding: Padding, x: Tree, size: int, edge: int) -> Tree:
+    try:
+        return padding.fit(x, size, edge)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise InputError(
+            f"inputs[{modality!r}] could not be padded from {size} to its size bucket's edge {edge} "
+            f"({type(exc).__name__}: {exc}); check it against the modality's pad=mosel.Padding(...)"
+        ) from exc
 
 
 def group_by_presence(

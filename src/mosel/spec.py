@@ -127,7 +127,7 @@ class Padding:
         if self.mask is None:
             return None
         try:
-            mask = x[self.mask]
+            mask = None if isinstance(x, Tensor) else x[self.mask]
         except (KeyError, IndexError, TypeError):
             mask = None
         axis = -1 if not isinstance(mask, Tensor) else self.dim + mask.dim() if self.dim < 0 else self.dim
