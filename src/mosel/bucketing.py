@@ -92,20 +92,21 @@ class SizedRows:
             if padding is None:
                 bucket = self.buckets[m].setdefault(bucket_edge(sizing.buckets, width), _Bucket())
                 kept = bucket.widths.get(width)
+                rows = min(len(sizes), self.most)
                 if (kept is None and len(bucket.widths) < WIDTHS) or (
-                    kept is not None and trees.check(kept, dim) < len(sizes)
-                ):
-                    bucket.widths[width] = x
+                    kept is not None and trees.check(kept, dim) < rows
+                ):  # at most max_batch_size rows, in storage of their own (not the whole batch's)
+                    bucket.widths[width] = trees.copy(trees.take(x, slice(0, rows), dim))
                 continue
             by_edge: dict[int, list[int]] = {}
             for i, size in enumerate(sizes):
                 by_edge.setdefault(bucket_edge(sizing.buckets, size), []).append(i)
-            for edge, index in by_edge.items():
+            for edge, members in by_edge.items():
                 bucket = self.buckets[m].setdefault(edge, _Bucket())
-                take = index[: self.most - bucket.count]
+                take = members[: self.most - bucket.count]
                 if take:
-                    rows = torch.tensor(take, device=trees.device(x))
-                    bucket.rows.append(padding.fit(trees.take(x, rows, dim), width, edge))
+                    index = torch.tensor(take, device=trees.device(x))
+                    bucket.rows.append(padding.fit(trees.take(x, index, dim), width, edge))
                     bucket.count += len(take)
 
     def reached(self, modality: str) -> list[int]:

@@ -458,8 +458,8 @@ def _bucket_checks(
             held[m] = rows.held_out(m, edge)
             if edge != rows.reference[m]:
                 inputs[m] = rows.timing_input(m, edge)
-        count = max(len(h) for h in held.values()) if held else 0
-        fresh = [inputs | {m: h[i % len(h)] for m, h in held.items() if h} for i in range(count)]
+        widths = max(len(h) for h in held.values()) if held else 0
+        fresh = [inputs | {m: h[i % len(h)] for m, h in held.items() if h} for i in range(widths)]
         if key == profile.reference_bucket and not fresh:
             continue  # checked with the tables
         plan = profile.priced_at(key)[0]
