@@ -26,9 +26,10 @@ from mosel import trees
 from mosel.errors import SpecError
 from mosel.profiles import bucket_edge
 from mosel.spec import DEFAULT_BUCKETS, ModelSpec
+from mosel.timing import NewWidths
 from mosel.trees import Tree
 
-__all__ = ["WIDTHS", "SizedRows", "new_width_factors", "padding_changes", "repeat_rows"]
+__all__ = ["WIDTHS", "SizedRows", "new_widths", "padding_changes", "repeat_rows"]
 
 WIDTHS: Final = 6
 """Distinct widths kept per bucket of an unpadded modality: the widest is timed in the rounds,
@@ -36,8 +37,6 @@ the others each run once at new shapes, but up to :data:`HELD_OUT` (the widest o
 the cost checks when there are two others or more."""
 HELD_OUT: Final = 2
 """Widths of a bucket held out for the cost checks at most (a check runs once, at one of them)."""
-PAIRED_SIZES: Final = 3
-"""Batch sizes at which a new width is timed against the same width repeated."""
 PADDING_TOLERANCE: Final = 1e-3
 """Largest change padding may make to an output, relative to the output's largest magnitude."""
 
@@ -248,38 +247,59 @@ def _difference(base: list[Tensor], out: list[Tensor]) -> str | None:
     return None
 
 
-def new_width_factors(
+def new_widths(
     model: nn.Module,
     spec: ModelSpec,
     rows: SizedRows,
     sizes: list[int],
     once: Callable[[Callable[[], object]], float],
-) -> dict[str, tuple[float, int]]:
-    """Per unpadded sized modality: a new width's time over the same width's repeated, and the pairs.
+) -> dict[str, NewWidths]:
+    """Per unpadded sized modality: what a job at a width never run costs over a repeated width.
 
-    Each of the buckets' :meth:`SizedRows.fresh` inputs runs at a few batch sizes, each once at
-    a shape the branch never ran (timed), then in two shuffled rounds over them all, as the
-    profiler's rounds do (the faster of the two kept: timing a shape right after itself would
-    flatter it). The factor is the median of the pairs' ratios, at least 1; without pairs, 1.
+    Each of its buckets' :meth:`SizedRows.fresh` inputs runs once at a width the branch never
+    ran, as a serving job does (the batch sizes taken in turn from the smallest, middle and
+    largest timed: a width's first call builds kernels that its calls at other batch sizes
+    partly reuse), then twice more in shuffled rounds over them all, as the profiler's rounds
+    do (the faster kept: a shape timed right after itself is flattered). The ratios' median at
+    each of those batch sizes, interpolated linearly between them, is :attr:`NewWidths.ratio`.
+    Modalities without such inputs (one width per bucket) are left out.
     """
-    picks = sorted({sizes[0], sizes[len(sizes) // 2], sizes[-1]})[:PAIRED_SIZES]
-    calls: list[tuple[str, Callable[[], object]]] = []
+    picks = sorted({sizes[0], sizes[len(sizes) // 2], sizes[-1]})
+    calls: list[tuple[str, int, Callable[[], object]]] = []
     for m in rows.buckets:
         if rows.padded(m):
             continue
         branch, dim = getattr(model, spec.branches[m]), spec.batch_dim(m)
-        for edge in rows.buckets[m]:
-            for x in rows.fresh(m, edge):
-                calls += [(m, functools.partial(branch, trees.take(x, slice(0, b), dim))) for b in picks]
-    first = [once(call) for _, call in calls]
+        fresh = [x for edge in rows.buckets[m] for x in rows.fresh(m, edge)]
+        for i, x in enumerate(fresh):
+            b = picks[i % len(picks)]
+            calls.append((m, b, functools.partial(branch, trees.take(x, slice(0, b), dim))))
+    first = [once(call) for _, _, call in calls]
     again = [math.inf] * len(calls)
     order, shuffle = list(range(len(calls))), random.Random(0).shuffle
     for _ in range(2):
         shuffle(order)
         for i in order:
-            again[i] = min(again[i], once(calls[i][1]))
-    ratios: dict[str, list[float]] = {m: [] for m in rows.buckets if not rows.padded(m)}
-    for (m, _), new, seen in zip(calls, first, again, strict=True):
+            again[i] = min(again[i], once(calls[i][2]))
+    ratios: dict[str, dict[int, list[float]]] = {}
+    for (m, b, _), new, seen in zip(calls, first, again, strict=True):
         if seen > 0:
-            ratios[m].append(new / seen)
-    return {m: (max(1.0, statistics.median(r)) if r else 1.0, len(r)) for m, r in ratios.items()}
+            ratios.setdefault(m, {}).setdefault(b, []).append(max(1.0, new / seen))
+    return {
+        m: NewWidths(
+            _interpolated({b: statistics.median(r) for b, r in by_size.items()}, rows.most),
+            sum(map(len, by_size.values())),
+        )
+        for m, by_size in ratios.items()
+    }
+
+
+def _interpolated(points: Mapping[int, float], most: int) -> tuple[float, ...]:
+    """Values at ``1..most`` from ``points`` (batch size -> value): linear between, flat beyond."""
+    sizes = sorted(points)
+    out = []
+    for b in range(1, most + 1):
+        lo = max((s for s in sizes if s <= b), default=sizes[0])
+        hi = min((s for s in sizes if s >= b), default=sizes[-1])
+        out.append(points[lo] if hi == lo else points[lo] + (points[hi] - points[lo]) * (b - lo) / (hi - lo))
+    return tuple(out)

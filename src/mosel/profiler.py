@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from mosel import trees
-from mosel.bucketing import SizedRows, new_width_factors, padding_changes, repeat_rows
+from mosel.bucketing import SizedRows, new_widths, padding_changes, repeat_rows
 from mosel.compiling import compiled_parts, unwrap_compiled
 from mosel.errors import InputError, MoselWarning, SLOError
 from mosel.execution import execute
@@ -36,8 +36,8 @@ from mosel.requests import check_inputs
 from mosel.runtime import attach
 from mosel.schema import SchemaRecorder
 from mosel.spec import ModelSpec, spec_of
+from mosel.timing import NewWidths, Timings, default_sizes, progress
 from mosel.timing import Timer as _Timer
-from mosel.timing import Timings, default_sizes, progress
 from mosel.timing import central as _central
 from mosel.trees import Tree
 
@@ -261,7 +261,7 @@ class _Settings:
 class _Attempt:
     """The tables of one thread count's timings, the plan built from them, and its checks.
 
-    ``branch`` includes the new-width factors of unpadded sized modalities; ``raw`` is the cost
+    ``branch`` prices new widths for the unpadded sized modalities; ``raw`` is the cost
     model without them (what the rounds' own, repeated widths cost: the checks at those).
     """
 
@@ -310,9 +310,8 @@ def _profile(
             return made
 
         best, tried, factors = _measure(model, spec, rows, timings, timer, accuracy, settings)
-        scale = {m: f for m, (f, _) in factors.items()}
         padded = {m: rows.padded(m) for m in spec.sizings}
-        sized = best.timings.sized(best.branch, scale, padded, {m: rows.widths(m) for m in spec.sizings})
+        sized = best.timings.sized(factors, padded, {m: rows.widths(m) for m in spec.sizings})
         partial = plan_buckets(
             Profile(
                 modalities=spec.modalities,
@@ -356,23 +355,23 @@ def _measure(
     timer: _Timer,
     accuracy: Mapping[Configuration, float],
     settings: _Settings,
-) -> tuple[_Attempt, list[tuple[int, float]], dict[str, tuple[float, int]]]:
+) -> tuple[_Attempt, list[tuple[int, float]], dict[str, NewWidths]]:
     """Time every table, plan and check, in up to three runs of ``repeats`` rounds.
 
     When the checks fail (median error above :data:`COST_CHECK_WARN`), the next run times fresh
     tables at one thread if allowed and not tried yet (a busy host), else adds rounds to the
     thread count that predicted best. Returns the attempt kept (the best; torch is left at its
     thread count), the median error of each run in order (its thread count too), and the
-    new-width factors (and their pairs) of the unpadded sized modalities.
+    cost of new widths of the unpadded sized modalities.
     """
     current = timings()
-    factors: dict[str, tuple[float, int]] | None = None
+    factors: dict[str, NewWidths] | None = None
     kept: dict[int, _Attempt] = {}
     tried: list[tuple[int, float]] = []
     for run in range(3):
         current.measure(timer, settings.repeats, settings.show)
         if factors is None:  # once: a width is new only the first time
-            factors = new_width_factors(model, spec, rows, settings.sizes, timer.once)
+            factors = new_widths(model, spec, rows, settings.sizes, timer.once)
         threads = torch.get_num_threads()
         attempt = kept[threads] = _evaluate(model, spec, current, threads, factors, accuracy, timer, settings)
         tried.append((threads, attempt.error))
@@ -411,16 +410,14 @@ def _evaluate(
     spec: ModelSpec,
     timings: Timings,
     threads: int,
-    factors: Mapping[str, tuple[float, int]],
+    factors: Mapping[str, NewWidths],
     accuracy: Mapping[Configuration, float],
     timer: _Timer,
     settings: _Settings,
 ) -> _Attempt:
     """The tables of the samples so far, their plan, and the checks at the timed widths."""
     raw_branch, fusion = timings.tables()
-    branch = {
-        m: t.scaled(factors[m][0]) if factors.get(m, (1.0, 0))[0] != 1.0 else t for m, t in raw_branch.items()
-    }
+    branch = {m: factors[m].priced(t) if m in factors else t for m, t in raw_branch.items()}
     cost = cost_model_of(spec.modalities, branch, fusion, accuracy)
     raw = cost if branch == raw_branch else cost_model_of(spec.modalities, raw_branch, fusion, accuracy)
     plan = build_plan(cost, settings.planner)
@@ -441,14 +438,14 @@ def _bucket_checks(
     """``count`` checks at every other combination of measured size buckets.
 
     At a bucket with a width held out (an unpadded modality), the checks run once each at it,
-    never run before, against the tables with the new-width factors (``fresh``); otherwise at
+    never run before, against the tables at new widths (``fresh``); otherwise at
     the bucket's timed widths against the tables without them.
     """
     raw_branch, _ = best.timings.tables()
     raw = dataclasses.replace(
         profile,
         branch_latency=MappingProxyType(raw_branch),
-        sized=MappingProxyType(best.timings.sized(raw_branch, {}, {}, {})),
+        sized=MappingProxyType(best.timings.sized({}, {}, {})),
     )
     checks: list[CostCheck] = []
     for key in (profile.reference_bucket, *profile.sized_plans):
@@ -472,7 +469,7 @@ def _warn_costs(
     spec: ModelSpec,
     profile: Profile,
     tried: list[tuple[int, float]],
-    factors: Mapping[str, tuple[float, int]],
+    factors: Mapping[str, NewWidths],
 ) -> None:
     """One warning: the thread count changed, the checks fail, or new widths are mispriced."""
     errors = [abs(c.relative_error) for c in profile.cost_checks]
@@ -497,7 +494,7 @@ def _warn_costs(
             f"missed. Profile on an idle machine{hint}, or raise repeats"
         )
     if fresh and statistics.median(fresh) > COST_CHECK_WARN:
-        measured = {m: f"{f:.2f}x over {n} pairs" for m, (f, n) in factors.items()}
+        measured = {m: w.span() for m, w in factors.items()}
         parts.append(
             f"at input widths the branches never ran at, {len(fresh)} checks are off by "
             f"{statistics.median(fresh):.0%} (median; a new width costs {measured} of a repeated one): "

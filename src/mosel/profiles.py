@@ -46,7 +46,7 @@ __all__ = [
 FORMAT: Final = "mosel.profile"
 VERSION: Final = 3
 READS: Final = (2, 3)
-"""Format versions this mosel reads: 3 added padded buckets, new-width factors, widths and fresh checks."""
+"""Format versions this mosel reads: 3 added padded buckets, repeated-width tables, widths, fresh checks."""
 
 Configuration = frozenset[str]
 BucketKey = tuple[int, ...]
@@ -134,10 +134,11 @@ class SizedLatency:
             rows reached (the reference included).
         padded: the tables were timed at each bucket's edge, the rows padded to it
             (:class:`mosel.Padding`): serving pads every job to its edge too.
-        new_width_factor: for a modality served at its jobs' own widths (not padded): what a
-            width the branch has not run before costs over a repeated one (on a CPU, kernels are
-            built per shape), measured on the validation widths; the tables include it. 1.0 when
-            padded, or when the validation data held one width per bucket.
+        repeated: for a modality served at its jobs' own widths (not padded), bucket edge ->
+            the branch's table at a width it ran before, where ``tables`` holds what a width it
+            never ran costs (on a CPU, kernels are built per shape; a serving job is a new width,
+            almost always), measured on the validation widths. Empty when padded, or when the
+            validation data held one width per bucket.
         widths: bucket edge -> the input widths its timings ran at (the tables' own first).
     """
 
@@ -145,7 +146,7 @@ class SizedLatency:
     reference: int
     tables: Mapping[int, LatencyTable]
     padded: bool = False
-    new_width_factor: float = 1.0
+    repeated: Mapping[int, LatencyTable] = field(default_factory=lambda: MappingProxyType({}))
     widths: Mapping[int, tuple[int, ...]] = field(default_factory=lambda: MappingProxyType({}))
 
     def edge(self, size: int) -> int:
@@ -180,13 +181,13 @@ class SizedLatency:
             "reference": self.reference,
             "tables": {str(e): t.to_json() for e, t in sorted(self.tables.items())},
             "padded": self.padded,
-            "new_width_factor": self.new_width_factor,
+            "repeated": {str(e): t.to_json() for e, t in sorted(self.repeated.items())},
             "widths": {str(e): list(w) for e, w in sorted(self.widths.items())},
         }
 
     @classmethod
     def from_json(cls, data: Any, *, what: str, size: int) -> SizedLatency:
-        """Inverse of :meth:`to_json` (format 2: no padding, factor, widths); ValueError naming ``what``."""
+        """Inverse of :meth:`to_json` (format 2: no padding, repeated, widths); ValueError naming it."""
         data = json_dict(data, what)
         buckets = tuple(
             json_int(e, f"{what}.buckets[]", low=1)
@@ -203,14 +204,26 @@ class SizedLatency:
         if reference not in tables:
             raise ValueError(f"{what}.reference {reference} has no table")
         padded = _bool(data.get("padded", False), f"{what}.padded")
-        factor = json_float(data.get("new_width_factor", 1.0), f"{what}.new_width_factor", low=1.0)
+        repeated = {
+            _edge(key, f"{what}.repeated"): LatencyTable.from_json(
+                t, what=f"{what}.repeated[{key!r}]", size=size
+            )
+            for key, t in json_dict(data.get("repeated", {}), f"{what}.repeated").items()
+        }
         widths = {
             _edge(text, f"{what}.widths"): tuple(
                 json_int(w, f"{what}.widths[]", low=1) for w in json_list(ws, f"{what}.widths[{text!r}]")
             )
             for text, ws in json_dict(data.get("widths", {}), f"{what}.widths").items()
         }
-        return cls(buckets, reference, MappingProxyType(tables), padded, factor, MappingProxyType(widths))
+        return cls(
+            buckets,
+            reference,
+            MappingProxyType(tables),
+            padded,
+            MappingProxyType(repeated),
+            MappingProxyType(widths),
+        )
 
 
 def _edge(text: str, what: str) -> int:
@@ -227,7 +240,7 @@ class CostCheck:
     ``buckets`` is the size bucket it ran at (empty: the reference, ``Profile.branch_latency``);
     ``fresh``: it ran once, at input widths its branches had not run at before (what a job of a
     width never seen costs, for a sized modality that is not padded), against the tables that
-    include :attr:`SizedLatency.new_width_factor`; otherwise it ran at the widths the tables
+    price new widths (:attr:`SizedLatency.tables`); otherwise it ran at the widths the tables
     were timed at, against the tables without that factor.
     """
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final, TypeVar
 
@@ -19,7 +21,17 @@ from mosel.profiles import LatencyTable, SizedLatency
 from mosel.spec import ModelSpec
 from mosel.trees import Tree
 
-__all__ = ["CENTRAL_QUANTILE", "Timer", "Timings", "central", "default_sizes", "p95", "progress", "table"]
+__all__ = [
+    "CENTRAL_QUANTILE",
+    "NewWidths",
+    "Timer",
+    "Timings",
+    "central",
+    "default_sizes",
+    "p95",
+    "progress",
+    "table",
+]
 
 Configuration = frozenset[str]
 T = TypeVar("T")
@@ -129,6 +141,37 @@ def default_sizes(max_batch_size: int) -> list[int]:
     return sorted(sizes)
 
 
+@dataclass(frozen=True)
+class NewWidths:
+    """What a job at a width never run costs over a repeated width, for an unpadded sized modality.
+
+    ``ratio``: per batch size ``1..max_batch_size``, the ratio (at least 1) of a first call at a
+    new width to a call at a width run before; the same for every bucket of the modality.
+    ``widths``: how many new widths were timed (each once). On a CPU the first call at a shape
+    builds its kernels: a fixed cost more than a fixed factor, so the ratio falls with the batch
+    size (measured on a 1-D convolution stack: about 8x at one row, 2x at four).
+    """
+
+    ratio: tuple[float, ...]
+    widths: int
+
+    def priced(self, repeated: LatencyTable) -> LatencyTable:
+        """A bucket's table at new widths from ``repeated``, its table at a repeated width.
+
+        Made non-decreasing in batch size, as every table is.
+        """
+
+        def times(values: tuple[float, ...]) -> tuple[float, ...]:
+            return tuple(itertools.accumulate((v * r for v, r in zip(values, self.ratio, strict=True)), max))
+
+        return LatencyTable(times(repeated.median_us), times(repeated.p95_us), repeated.measured_sizes)
+
+    def span(self) -> str:
+        """The ratio's range, for messages."""
+        most, one = self.ratio[-1], self.ratio[0]
+        return f"{one:.2f}x at one row to {most:.2f}x at {len(self.ratio)}, over {self.widths} widths"
+
+
 class Timings:
     """Every call the profiler times, and the samples each has taken so far.
 
@@ -217,36 +260,34 @@ class Timings:
             {c: table(self.fusion[c], most) for c in self.spec.configurations},
         )
 
+    def repeated(self, modality: str, edge: int) -> LatencyTable:
+        """A sized modality's table at bucket ``edge``, at the width the rounds repeat."""
+        if edge == self.reference[modality]:
+            return table(self.branch[modality], self.max_batch_size)
+        return table(self.sized_samples[modality, edge], self.max_batch_size)
+
     def sized(
         self,
-        branch_latency: Mapping[str, LatencyTable],
-        factors: Mapping[str, float],
+        new_widths: Mapping[str, NewWidths],
         padded: Mapping[str, bool],
         widths: Mapping[str, Mapping[int, tuple[int, ...]]],
     ) -> dict[str, SizedLatency]:
-        """The per-size-bucket tables of the sized modalities, each scaled by its new-width factor.
-
-        ``branch_latency`` holds the reference buckets' tables, already scaled.
-        """
-        most = self.max_batch_size
-        return {
-            m: SizedLatency(
+        """The per-size-bucket tables of the sized modalities, at new widths where measured."""
+        out = {}
+        for m, reference in self.reference.items():
+            edges = [reference, *(e for n, e in self.sized_samples if n == m)]
+            repeated = {e: self.repeated(m, e) for e in edges}
+            new = new_widths.get(m)
+            tables = {e: new.priced(t) if new is not None else t for e, t in repeated.items()}
+            out[m] = SizedLatency(
                 self.spec.sizings[m].buckets,
                 reference,
-                MappingProxyType(
-                    {reference: branch_latency[m]}
-                    | {
-                        e: table(t, most).scaled(factors.get(m, 1.0))
-                        for (n, e), t in self.sized_samples.items()
-                        if n == m
-                    }
-                ),
+                MappingProxyType(tables),
                 padded.get(m, False),
-                factors.get(m, 1.0),
+                MappingProxyType({e: t for e, t in repeated.items() if tables[e] != t}),
                 MappingProxyType(dict(widths.get(m, {}))),
             )
-            for m, reference in self.reference.items()
-        }
+        return out
 
     def eager(self) -> dict[str, LatencyTable]:
         """The eager tables of the compiled branches."""

@@ -23,6 +23,7 @@ from mosel import profiler, runtime, scheduler
 from mosel.jobs import Job
 from mosel.profiles import CostCheck
 from mosel.testing import synthetic_profile
+from mosel.timing import NewWidths
 
 from .helpers import Tiny, tiny_inputs
 
@@ -411,7 +412,7 @@ def test_buckets_are_priced_at_what_a_never_seen_width_costs(monkeypatch: pytest
     profile = profile_waves(monkeypatch, Waves().eval())
     audio = profile.sized["audio"]
     assert not audio.padded
-    assert audio.new_width_factor == 2.0
+    assert {e: t.median_us for e, t in audio.repeated.items()} == {32: (40.0, 80.0), 16: (10.0, 20.0)}
     assert dict(audio.widths) == {32: (32, 30, 28, 26, 24, 20), 16: (16, 12, 9)}
     assert audio.tables[32].median_us == (80.0, 160.0)  # 40 us a row, twice: a new width
     assert audio.tables[16].median_us == (20.0, 40.0)
@@ -422,16 +423,16 @@ def test_buckets_are_priced_at_what_a_never_seen_width_costs(monkeypatch: pytest
 
 
 def test_checks_at_fresh_widths_expose_tables_timed_at_repeated_ones(monkeypatch: pytest.MonkeyPatch) -> None:
-    def none(*args: object) -> dict[str, tuple[float, int]]:
-        return {"audio": (1.0, 0)}
+    def none(*args: object) -> dict[str, NewWidths]:
+        return {}
 
-    monkeypatch.setattr(profiler, "new_width_factors", none)
+    monkeypatch.setattr(profiler, "new_widths", none)
     with pytest.warns(
         mosel.MoselWarning,
         match=r"at input widths the branches never ran at, 3 checks are off by 9\d%.*declare pad=",
     ):
         profile = profile_waves(monkeypatch, Waves().eval())
-    assert profile.sized["audio"].new_width_factor == 1.0
+    assert profile.sized["audio"].repeated == {}
 
 
 # ------------------------------------------------------------------------------ serving padded jobs
@@ -575,7 +576,7 @@ def test_format_3_round_trips_and_format_2_still_loads() -> None:
     text = dataclasses.replace(
         padded_profile().sized["text"],
         padded=False,
-        new_width_factor=1.6,
+        repeated=MappingProxyType({8: padded_profile().sized["text"].tables[8].scaled(0.5)}),
         widths=MappingProxyType({8: (8, 7)}),
     )
     profile = dataclasses.replace(padded_profile(), sized=MappingProxyType({"text": text}))
@@ -587,15 +588,15 @@ def test_format_3_round_trips_and_format_2_still_loads() -> None:
     assert again.sized == profile.sized and again.cost_checks == (check,)
     old = json.loads(json.dumps(data))
     old["version"] = 2
-    for key in ("padded", "new_width_factor", "widths"):
+    for key in ("padded", "repeated", "widths"):
         del old["sized"]["text"][key]
     del old["cost_checks"][0]["fresh"]
     loaded = mosel.Profile.from_json(old)
-    assert not loaded.sized["text"].padded and loaded.sized["text"].new_width_factor == 1.0
+    assert not loaded.sized["text"].padded and loaded.sized["text"].repeated == {}
     assert loaded.sized["text"].widths == {} and not loaded.cost_checks[0].fresh
-    for bad, match in (("padded", "true or false"), ("new_width_factor", "new_width_factor")):
+    for bad, match in (("padded", "true or false"), ("repeated", "repeated")):
         broken = json.loads(json.dumps(data))
-        broken["sized"]["text"][bad] = "yes" if bad == "padded" else 0.5
+        broken["sized"]["text"][bad] = "yes" if bad == "padded" else {"8": 0.5}
         with pytest.raises(mosel.ProfileError, match=match):
             mosel.Profile.from_json(broken)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import threading
-from contextlib import nullcontext
 from collections.abc import Mapping
+from contextlib import nullcontext
 
 import pytest
 import torch
