@@ -202,6 +202,8 @@ def padding_changes(model: nn.Module, spec: ModelSpec, batch: Mapping[str, Tree]
     Raises:
         SpecError: the size function does not read the padded axis (it must return its extent).
     """
+    if not any(sizing.padding is not None for sizing in spec.sizings.values()):
+        return []
     fuse = getattr(model, spec.fusion)
     features = {m: getattr(model, spec.branches[m])(batch[m]) for m in spec.modalities}
     base = trees.leaves(fuse(features))

@@ -128,7 +128,9 @@ def test_imports_point_down_the_layers(module: str) -> None:
     upward = {
         imported: LAYERS[imported]
         for imported in _imports(modules[module], modules)
-        if imported in LAYERS and imported != module and LAYERS[imported] > LAYERS[module]
+        if imported in LAYERS
+        and imported != module
+        and LAYERS[imported] > LAYERS[module]
         and not (module == "mosel" or imported.startswith(module + "."))  # a package and its parts
     }
     assert upward == {}, f"{module} (layer {LAYERS[module]}) imports from above: {upward}"
