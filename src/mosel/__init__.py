@@ -44,7 +44,7 @@ from mosel.routing import PowerOfTwoRouter, RandomRouter, Router, RouteRequest, 
 from mosel.runtime import attach, close, load, profile_of, run_configuration, serving, stats
 from mosel.scheduler import SchedulerConfig
 from mosel.simulate import Arrival, ClusterSimulation, Simulation, simulate, simulate_replicas
-from mosel.spec import ModelSpec, fusion, modality, multimodal, spec_of
+from mosel.spec import ModelSpec, Padding, fusion, modality, multimodal, spec_of
 from mosel.stats import Load, StatsSnapshot
 from mosel.tail import Residuals
 from mosel.training import train_with_modality_dropout
@@ -68,6 +68,7 @@ __all__ = [
     "MoselWarning",
     "NotProfiledError",
     "OutputError",
+    "Padding",
     "Plan",
     "PlannerConfig",
     "PowerOfTwoRouter",

@@ -411,6 +411,16 @@ def attach(
             f"modalities priced per input size {sorted(profile.sized)} != declared with size= "
             f"{sorted(spec.sizings)} (jobs would be priced at one size)"
         )
+    padding = [
+        m
+        for m, s in profile.sized.items()
+        if m in spec.sizings and s.padded != (spec.sizings[m].padding is not None)
+    ]
+    if padding:
+        stale.append(
+            f"modalities {padding} are padded to their size buckets' edges in the profile or in the "
+            f"declaration (pad=), not in both (jobs would run at other widths than the profile timed)"
+        )
     if stale:
         message = (
             f"profile of {spec.model_class} does not match this model: {'; '.join(stale)}. "

@@ -65,7 +65,8 @@ def served() -> tuple[AttentionText, mosel.Profile]:
         data.append((x, torch.arange(12) % 3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", mosel.MoselWarning)  # a toy on a shared CPU: checks are noise
-        profile = mosel.profile(model, data, max_batch_size=4, repeats=2, cost_checks=2)
+        threads = torch.get_num_threads()  # kept (it is attached again at this count)
+        profile = mosel.profile(model, data, max_batch_size=4, repeats=2, cost_checks=2, threads=threads)
     return model, profile
 
 
@@ -83,7 +84,10 @@ def test_each_job_is_priced_at_its_own_bucket(served: tuple[AttentionText, mosel
     model, profile = served
     lengths = [8, 20, 32, 100, 128, 300, 5]
     jobs = {length: batch(3, length, seed=100 + length) for length in lengths}
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    with (
+        pytest.warns(mosel.MoselWarning, match="size 300 \\(bucket 512\\), beyond the largest bucket"),
+        concurrent.futures.ThreadPoolExecutor(4) as pool,
+    ):
         futures = {
             length: pool.submit(model.infer, x, deadline_ms=10_000.0, min_accuracy=0.0)
             for length, x in jobs.items()

@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "mosel.schema": 1,
     "mosel.schema_recorder": 1,
     "mosel.profiles": 1,
+    "mosel.fingerprints": 1,
     "mosel.tail": 1,
     # 2: the online core (no threads, futures or tensors)
     "mosel.stats": 2,
@@ -50,6 +51,8 @@ LAYERS: dict[str, int] = {
     # 3: torch execution, requests, routers
     "mosel.execution": 3,
     "mosel.requests": 3,
+    "mosel.bucketing": 3,
+    "mosel.timing": 3,
     "mosel.routing": 3,
     "mosel.training": 3,
     "mosel.testing": 3,
