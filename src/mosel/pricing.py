@@ -355,6 +355,20 @@ class Pricer:
         self.version += 1
         self._latencies.clear()
 
+    def set_profile(
+        self, profile: Profile, priced: Mapping[BucketKey, tuple[Plan, CostModel]] | None = None
+    ) -> None:
+        """Price with ``profile`` from now on: its accuracies and plans (the latencies are the same).
+
+        The correction and the tail model are kept; the plans and strategies cached are not.
+        """
+        self.profile = profile
+        self.cost = profile.cost_model()
+        ahead = {self.reference: (profile.plan, self.cost)} | dict(priced or {})
+        self._plans = Cache(PRICED_CACHE, ahead)
+        self._every.clear()
+        self.reprice()
+
 
 class BatchLatency:
     """The corrected latency of a batch being formed, one task at a time, without building it.
