@@ -340,9 +340,7 @@ class Monitor:
                 self._digest.append((result.modalities, result.output))
                 self._digest_rows += len(result.modalities)
             if sample is not None:
-                if len(self._samples) == self._samples.maxlen:
-                    self._counters["shadow_skipped"] += 1
-                self._samples.append(sample)
+                self._offer(sample)
             if deadline_ms is not None:
                 mean = self._deadline_ms
                 self._deadline_ms = deadline_ms if math.isnan(mean) else 0.95 * mean + 0.05 * deadline_ms
@@ -407,21 +405,23 @@ class Monitor:
             done = served.labelled or set()
             fresh = [i for i, r in enumerate(rows) if r not in done]
             self._counters["duplicate"] += len(rows) - len(fresh)
-            if not fresh:
-                return 0
-            rows = [rows[i] for i in fresh]
-            targets = [targets[i] for i in fresh]
-            served.labelled = done | set(rows)
-            if len(served.labelled) == len(served.configs):
-                self._records.pop(rid, None)
-                if served.alias is not None:
-                    self._aliases.pop(served.alias, None)
-        scores = self._scores(served.output, rows, targets)
+        if not fresh:
+            return 0
+        rows = [rows[i] for i in fresh]
+        scores = self._scores(served.output, rows, [targets[i] for i in fresh])  # may refuse: nothing marked
         bucket = None if served.bucket is None else "x".join(map(str, served.bucket))
         fired: list[tuple[AlarmKind, Tracker]] = []
         with self._lock:
-            self._counters["labelled"] += len(rows)
-            for row, score in zip(rows, scores, strict=True):
+            done = served.labelled or set()
+            scored = [(r, x) for r, x in zip(rows, scores, strict=True) if r not in done]  # not raced
+            served.labelled = done | {r for r, _ in scored}
+            if len(served.labelled) == len(served.configs) and self._records.get(rid) is served:
+                del self._records[rid]
+                if served.alias is not None:
+                    self._aliases.pop(served.alias, None)
+            self._counters["labelled"] += len(scored)
+            self._counters["duplicate"] += len(rows) - len(scored)
+            for row, score in scored:
                 tracker = self._trackers[served.configs[row]]
                 kind = tracker.observe(score, bucket)
                 if kind is not None:
@@ -433,7 +433,7 @@ class Monitor:
             )
         if fired:
             self.maybe_reprice()
-        return len(rows)
+        return len(scored)
 
     def _scores(self, output: Any, rows: list[int], targets: list[Any]) -> list[float]:
         """The metric's score of each labelled row (outside the lock)."""
@@ -520,6 +520,16 @@ class Monitor:
             )
 
     # ------------------------------------------------------------------ shadow evaluation
+
+    def offer(self, sample: Sample) -> None:
+        """Keep ``sample`` for a shadow run (a simulation's; :meth:`record` keeps the server's)."""
+        with self._lock:
+            self._offer(sample)
+
+    def _offer(self, sample: Sample) -> None:
+        if len(self._samples) == self._samples.maxlen:
+            self._counters["shadow_skipped"] += 1
+        self._samples.append(sample)
 
     def shadow_wait_s(self, now: float) -> float | None:
         """Seconds until a shadow run may start (0: now); None: nothing is kept to run."""
