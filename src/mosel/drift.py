@@ -334,11 +334,14 @@ class OutputShift:
     def add(self, confidences: npt.NDArray[np.float64], classes: npt.NDArray[np.int64]) -> None:
         """Served rows' confidences (in [0, 1]) and predicted classes."""
         self.classes = max(self.classes, int(classes.max(initial=-1)) + 1)
-        if self.rows < self.reference_rows:
+        room = max(self.reference_rows - self.rows, 0)
+        if room:
             self.reference = self._grown(self.reference, self.classes)
-            self._add(self.reference, confidences, classes, 1.0)
-            self.rows += len(classes)
-            return
+            self._add(self.reference, confidences[:room], classes[:room], 1.0)
+            self.rows += len(classes[:room])
+            confidences, classes = confidences[room:], classes[room:]
+            if not len(classes):
+                return
         self.recent = self._grown(self.recent, self.classes)
         decay = self.lam ** len(classes)
         self.confidence_sum = self.confidence_sum * decay + float(np.sum(confidences))
