@@ -373,6 +373,12 @@ class Monitor:
             self._aliases[key] = result_id
             return True
 
+    def holds(self, key: str) -> bool:
+        """Whether a served job waits for labels under ``key`` (its id or an alias)."""
+        with self._lock:
+            self._expire(self._clock())
+            return self._aliases.get(key, key) in self._records
+
     @property
     def pending(self) -> int:
         """Served jobs waiting for labels."""

@@ -37,8 +37,8 @@ from mosel.stats import prometheus_collector as _collector
 from mosel.tail import TailModel, profile_sigma
 
 __all__ = [
-    "attach", "close", "feedback", "label_as", "load", "monitor", "profile_of", "readiness", "serving",
-    "settle", "stats", "submit_now",
+    "attach", "close", "feedback", "label_as", "load", "monitor", "monitor_of", "profile_of", "readiness",
+    "serving", "settle", "stats", "submit_now",
 ]  # fmt: skip
 
 STATE_ATTR: Final = "_mosel_state"
@@ -507,6 +507,15 @@ def label_as(model: nn.Module, result_id: str, key: str) -> bool:
         InputError: monitoring is off, or ``key`` is not a non-empty string.
     """
     return _monitor(model).alias(result_id, key)
+
+
+def monitor_of(model: nn.Module) -> Monitor | None:
+    """The model's accuracy monitor (None when monitoring is off): its figures, ``reset``, aliases.
+
+    Raises:
+        NotProfiledError: no profile is attached.
+    """
+    return _state(model).monitor
 
 
 def _monitor(model: nn.Module) -> Monitor:

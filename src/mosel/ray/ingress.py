@@ -104,6 +104,7 @@ class HTTPIngress:
         answer = http.PredictResponse(
             outputs=http.encode_output(output),
             prediction=http.prediction_of(output),
+            id=result.id,
             received_ms=received_ms,
             modalities=[sorted(c) for c in result.modalities],
             expected_accuracy=result.expected_accuracy,
