@@ -47,7 +47,8 @@ def test_the_slack_router_takes_labels_to_the_replica_that_served_the_job() -> N
 
 
 def test_a_replica_scores_the_labels_of_its_own_jobs() -> None:
-    replica = MoselReplica(make_tiny, profiles()["tiny"].to_json(), monitoring=mosel.Monitoring(shadow_rate=0.0))
+    monitoring = mosel.Monitoring(shadow_rate=0.0)
+    replica = MoselReplica(make_tiny, profiles()["tiny"].to_json(), monitoring=monitoring)
     try:
         assert replica.record_routing_stats()[IDS_KEY] == process_token()
         result = asyncio.run(replica(Request(tiny_inputs(2), deadline_ms=500.0, request_id="order-9")))
