@@ -79,11 +79,21 @@ class CoreView:
         """Serve on with ``profile``: the same latencies, other accuracies and plans (live floors).
 
         Admission and prices read it from now on (the online correction and the tail model are
-        kept); queued jobs keep the options they were admitted with.
+        kept). Queued jobs take the new plan's options that meet their floors, at the cheapest
+        (policies upgrade them at dispatch); one whose floor is now beyond reach, its best.
         """
         self.profile = profile
         self.pricer.set_profile(profile, priced)
         self.admission = Admission(profile, self.pricer)
+        for task in self.edf.tasks:  # queued jobs take the new plan's options (a floor still holds)
+            job = task.job
+            if task.fixed is not None:
+                continue
+            plan, job.cost = self.pricer.plan(job.bucket or self.pricer.reference)
+            frontier = plan.frontier(task.frontier.available, task.n)
+            task.frontier, task.k = frontier, 0
+            task.first = min(self.admission.first(frontier, job), len(frontier.strategies) - 1)
+        self.edf.repriced(self.pricer.refresh)
 
     def lend(self, now: float, busy_us: float) -> None:
         """Lend the idle device for about ``busy_us`` (a shadow evaluation): jobs arriving meanwhile queue.

@@ -148,6 +148,8 @@ class Pricer:
         lacks it (else computed here: a simulation, which holds no lock). The buckets priced
         ahead stay; the others are dropped every :data:`PRICED_CACHE` new ones.
         """
+        if computed is not None and computed[1].accuracy != self.cost.accuracy:
+            computed = None  # priced before set_profile swapped the accuracies: stale
         return self._plans.get(
             bucket, lambda: computed if computed is not None else self.profile.priced_at(bucket)
         )

@@ -228,3 +228,31 @@ def test_samples_wait_for_the_shadow_budget_and_expire(profile: mosel.Profile) -
 def test_bad_settings_are_refused(settings: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Monitoring(**settings)
+
+
+def test_queued_jobs_take_the_repriced_plan(profile: mosel.Profile) -> None:
+    """Jobs queued when the plan is re-priced are served by the new plan's options (none drifted)."""
+    scheduler = Scheduler(profile, SchedulerConfig(policy="aggressive", deterministic=True))
+
+    def job(n: int) -> Job[None]:
+        return Job(n=n, available=ALL, arrival=0.0, deadline_ms=1000.0, min_accuracy=0.7)
+
+    jobs = [job(n) for n in (1, 3, 2, 1)]
+    scheduler.admit(jobs[0], 0.0)
+    batch, _ = scheduler.dispatch(0.0)  # one runs; the others queue behind it
+    for queued in jobs[1:]:
+        scheduler.admit(queued, 0.0)
+    scheduler.set_profile(live_profile(profile, {AT: 0.5, AV: 0.6}))
+    jobs += [job(n) for n in (3, 2, 1)]  # new jobs of the same sizes share the prices' caches
+    for new in jobs[4:]:
+        scheduler.admit(new, 0.0)
+    now = 0.001
+    while batch is not None:
+        scheduler.complete(batch, now, 1.0)
+        batch, _ = scheduler.dispatch(now)
+        now += 0.001
+    for served in jobs[1:]:
+        assert served.finished > 0 and served.error is None
+        groups = [g for t in served.tasks for g in t.strategy.groups]
+        assert all(config not in (AT, AV) for config, _ in groups)
+        assert served.expected_accuracy >= 0.7
