@@ -29,8 +29,6 @@ Run: python benchmarks/drift.py [--quick] [--real] [--json out.json]
 from __future__ import annotations
 
 import argparse
-import bisect
-import dataclasses
 import heapq
 import json
 import logging
@@ -88,7 +86,10 @@ def world(profile: mosel.Profile, drift: str | None, drift_s: float) -> World:
         return World(before, before, math.inf)
     moved = table[DRIFTS[drift]]
     after = {
-        c: (min(max(profile.accuracy[c] + moved[k]["accuracy"] - base[k]["accuracy"], 0.0), 1.0), moved[k]["agreement"])
+        c: (
+            min(max(profile.accuracy[c] + moved[k]["accuracy"] - base[k]["accuracy"], 0.0), 1.0),
+            moved[k]["agreement"],
+        )
         for c, k in keys.items()
     }
     return World(before, after, drift_s)
@@ -101,7 +102,9 @@ def world(profile: mosel.Profile, drift: str | None, drift_s: float) -> World:
 class Outcome:
     """What one simulated run shows."""
 
-    alarms: list[tuple[float, str, int]] = field(default_factory=list)  # (time, configuration, labels since drift)
+    alarms: list[tuple[float, str, int]] = field(
+        default_factory=list
+    )  # (time, configuration, labels since drift)
     served: list[tuple[float, float, int]] = field(default_factory=list)  # (finish, true accuracy, correct)
     labels: int = 0
     labels_after_drift: int = 0
@@ -192,7 +195,9 @@ class DriftEngine(Engine):
                 for _ in range(count):
                     correct = 1 if self.draws.random() < accuracy else 0
                     self.outcome.served.append((now, accuracy, correct))
-                    heapq.heappush(self.pending, (now + self.delay_s, len(self.outcome.served), config, correct, now))
+                    heapq.heappush(
+                        self.pending, (now + self.delay_s, len(self.outcome.served), config, correct, now)
+                    )
                 if config != best:
                     cheap.append((config, best))
         if cheap and self.shadow_rate > 0 and self.draws.random() < self.shadow_rate:
@@ -227,7 +232,9 @@ def simulate_drift(
 ) -> Outcome:
     """One seeded run: the trace, the drift, the labels, the monitor (and live floors)."""
     best = max(profile.accuracy.values())
-    arrivals = arrivals_for(profile, CONDITIONS["strict"], load, seconds, seed, slack_ms=slack_ms, drop=best - floor)
+    arrivals = arrivals_for(
+        profile, CONDITIONS["strict"], load, seconds, seed, slack_ms=slack_ms, drop=best - floor
+    )
     trace = checked_trace(profile, arrivals)
     clock = VirtualClock()
     the_world = world(profile, drift, drift_s)
@@ -268,14 +275,18 @@ def simulate_drift(
     outcome = engine.outcome
     outcome.alarms = outcome_alarms
     outcome.violations = 1 - on_time / requests if requests else 0.0
-    outcome.refused = sum(r.arrival.n for r in sim.records if r.error == "AccuracyUnreachableError") / max(requests, 1)
+    outcome.refused = sum(r.arrival.n for r in sim.records if r.error == "AccuracyUnreachableError") / max(
+        requests, 1
+    )
     return outcome
 
 
 # ---------------------------------------------------------------------------------- the reports
 
 
-def windows(served: Sequence[tuple[float, float, int]], after_s: float, size: int = 500) -> list[tuple[float, float]]:
+def windows(
+    served: Sequence[tuple[float, float, int]], after_s: float, size: int = 500
+) -> list[tuple[float, float]]:
     """(measured, true) accuracy of consecutive ``size``-request windows of requests served after ``after_s``."""
     rows = sorted(r for r in served if r[0] >= after_s)
     out = []
@@ -285,7 +296,9 @@ def windows(served: Sequence[tuple[float, float, int]], after_s: float, size: in
     return out
 
 
-def detection(profile: mosel.Profile, residuals: Any, args: argparse.Namespace, slack_ms: float) -> dict[str, Any]:
+def detection(
+    profile: mosel.Profile, residuals: Any, args: argparse.Namespace, slack_ms: float
+) -> dict[str, Any]:
     """Labels from the drift's start to the first alarm, per drift and seed; false alarms before it."""
     out: dict[str, Any] = {}
     for drift in DRIFTS:
@@ -313,7 +326,9 @@ def detection(profile: mosel.Profile, residuals: Any, args: argparse.Namespace, 
     return out
 
 
-def no_drift(profile: mosel.Profile, residuals: Any, args: argparse.Namespace, slack_ms: float) -> dict[str, Any]:
+def no_drift(
+    profile: mosel.Profile, residuals: Any, args: argparse.Namespace, slack_ms: float
+) -> dict[str, Any]:
     """False alarms without drift: a simulated run of >= 10^5 labels, and long synthetic streams."""
     o = simulate_drift(
         profile, residuals, load=0.5, seconds=args.clean_seconds, seed=99, drift=None, drift_s=math.inf,
@@ -338,7 +353,9 @@ def no_drift(profile: mosel.Profile, residuals: Any, args: argparse.Namespace, s
             "stream_alarms": sum(streams.values()), "stated_rate": settings.false_alarm_rate}  # fmt: skip
 
 
-def floors(profile: mosel.Profile, residuals: Any, args: argparse.Namespace, slack_ms: float) -> dict[str, Any]:
+def floors(
+    profile: mosel.Profile, residuals: Any, args: argparse.Namespace, slack_ms: float
+) -> dict[str, Any]:
     """Windows at or above the floor after the alarm, live floors on and off."""
     out: dict[str, Any] = {}
     for drift in DRIFTS:
@@ -372,7 +389,9 @@ def floors(profile: mosel.Profile, residuals: Any, args: argparse.Namespace, sla
     return out
 
 
-def shadow(profile: mosel.Profile, residuals: Any, args: argparse.Namespace, slack_ms: float) -> dict[str, Any]:
+def shadow(
+    profile: mosel.Profile, residuals: Any, args: argparse.Namespace, slack_ms: float
+) -> dict[str, Any]:
     """Deadline violations with shadow runs and without, and the agreement curve."""
     out: dict[str, Any] = {}
     for load in (0.25, 0.5, 1.0):
@@ -387,7 +406,10 @@ def shadow(profile: mosel.Profile, residuals: Any, args: argparse.Namespace, sla
             ]  # fmt: skip
             pair["on" if rate else "off"] = statistics.mean(v)
         out[f"{load}x"] = pair
-        print(f"  {load}x load: violations {_pct(pair['off'])} without shadow runs, {_pct(pair['on'])} with", flush=True)
+        print(
+            f"  {load}x load: violations {_pct(pair['off'])} without shadow runs, {_pct(pair['on'])} with",
+            flush=True,
+        )
     o = simulate_drift(
         profile, residuals, load=0.5, seconds=args.seconds, seed=0, drift="audio -40", drift_s=args.drift_s,
         floor=args.floor, slack_ms=slack_ms, live_floors=False, shadow_rate=args.shadow_rate, curve_every_s=args.seconds / 12,
@@ -417,14 +439,13 @@ def _opt(x: float | None) -> str:
 
 def real_run(args: argparse.Namespace) -> dict[str, Any]:
     """The AV-Digits model served live; the audio's noise raised part-way; labels fed back late."""
-    import threading  # noqa: PLC0415
+    import threading
 
-    import torch  # noqa: PLC0415
-
-    from scenarios import av_digits_model  # noqa: PLC0415
+    import torch
+    from scenarios import av_digits_model
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-    from av_digits import data  # noqa: PLC0415
+    from av_digits import data
 
     built = av_digits_model()
     if built is None:
@@ -443,7 +464,6 @@ def real_run(args: argparse.Namespace) -> dict[str, Any]:
     served: list[tuple[float, int, str]] = []
     labels: list[tuple[float, str, list[int]]] = []
     curve = []
-    lock = threading.Lock()
     end = args.real_seconds
     drift_at = args.real_seconds / 3
     futures = []
@@ -466,7 +486,9 @@ def real_run(args: argparse.Namespace) -> dict[str, Any]:
             at, f, truth_ = futures.pop(0)
             if f.exception() is None:
                 r = f.result()
-                for cfg, ok in zip(r.modalities, (r.output.argmax(-1) == torch.tensor(truth_)).tolist(), strict=True):
+                for cfg, ok in zip(
+                    r.modalities, (r.output.argmax(-1) == torch.tensor(truth_)).tolist(), strict=True
+                ):
                     served.append((done, int(ok), "+".join(sorted(cfg))))
                 labels.append((done + args.real_delay_s, r.id, truth_))
         while labels and labels[0][0] <= done:
@@ -511,12 +533,11 @@ def real_run(args: argparse.Namespace) -> dict[str, Any]:
 
 def measure() -> None:
     """Re-measure the drift table on the real model (accuracy and agreement per configuration)."""
-    import torch  # noqa: PLC0415
-
-    from scenarios import av_digits_model  # noqa: PLC0415
+    import torch
+    from scenarios import av_digits_model
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-    from av_digits import data  # noqa: PLC0415
+    from av_digits import data
 
     built = av_digits_model(profile=False)
     if built is None:
