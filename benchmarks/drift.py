@@ -58,6 +58,8 @@ from mosel.simulate import Engine, checked_trace, run_engines
 DRIFT_TABLE = Path(__file__).resolve().parent / "profiles" / "av-digits.drift.json"
 DRIFTS = {"audio -15": "-13.0", "audio -40": "-20.0"}
 """Scenario -> the audio SNR (dB) of the drifted stream (the baseline is -4 dB)."""
+FLOORS = {"audio -15": 0.75, "audio -40": 0.70}
+"""Scenario -> the jobs' floor: one that a configuration still reaches after the drift."""
 Configuration = frozenset[str]
 
 
@@ -306,7 +308,7 @@ def detection(
         for seed in range(args.seeds):
             o = simulate_drift(
                 profile, residuals, load=0.5, seconds=args.seconds, seed=seed, drift=drift, drift_s=args.drift_s,
-                floor=args.floor, slack_ms=slack_ms, live_floors=False, shadow_rate=0.0,
+                floor=args.floor or FLOORS[drift], slack_ms=slack_ms, live_floors=False, shadow_rate=0.0,
             )  # fmt: skip
             early += sum(1 for t, _, _ in o.alarms if t < args.drift_s)
             after = [(t, c, n) for t, c, n in o.alarms if t >= args.drift_s]
@@ -332,7 +334,7 @@ def no_drift(
     """False alarms without drift: a simulated run of >= 10^5 labels, and long synthetic streams."""
     o = simulate_drift(
         profile, residuals, load=0.5, seconds=args.clean_seconds, seed=99, drift=None, drift_s=math.inf,
-        floor=args.floor, slack_ms=slack_ms, live_floors=True, shadow_rate=0.0,
+        floor=args.floor or FLOORS["audio -15"], slack_ms=slack_ms, live_floors=True, shadow_rate=0.0,
     )  # fmt: skip
     print(f"  served without drift: {o.labels} labels, {len(o.alarms)} alarms", flush=True)
     settings = DriftSettings()
@@ -362,20 +364,21 @@ def floors(
         for load in args.loads:
             for live in (True, False):
                 shares, shortfalls, refused, violations = [], [], [], []
-                for seed in range(args.seeds):
+                floor = args.floor or FLOORS[drift]
+                for seed in range(args.few_seeds):
                     o = simulate_drift(
                         profile, residuals, load=load, seconds=args.seconds, seed=seed, drift=drift,
-                        drift_s=args.drift_s, floor=args.floor, slack_ms=slack_ms, live_floors=live, shadow_rate=0.0,
+                        drift_s=args.drift_s, floor=floor, slack_ms=slack_ms, live_floors=live, shadow_rate=0.0,
                     )  # fmt: skip
                     after = [t for t, _, _ in o.alarms if t >= args.drift_s]
                     start = after[0] if after else args.drift_s
                     ws = windows(o.served, start)
                     if ws:
-                        shares.append(sum(1 for m, _ in ws if m >= args.floor) / len(ws))
-                        shortfalls.append(statistics.mean(args.floor - m for m, _ in ws))
+                        shares.append(sum(1 for m, _ in ws if m >= floor) / len(ws))
+                        shortfalls.append(statistics.mean(floor - m for m, _ in ws))
                     refused.append(o.refused)
                     violations.append(o.violations)
-                key = f"{drift} @ {load}x, live floors {'on' if live else 'off'}"
+                key = f"{drift} (floor {floor}) @ {load}x, live floors {'on' if live else 'off'}"
                 out[key] = {
                     "windows_at_or_above_floor": statistics.mean(shares) if shares else None,
                     "mean_shortfall": statistics.mean(shortfalls) if shortfalls else None,
@@ -400,9 +403,9 @@ def shadow(
             v = [
                 simulate_drift(
                     profile, residuals, load=load, seconds=args.seconds, seed=seed, drift="audio -15",
-                    drift_s=args.drift_s, floor=args.floor, slack_ms=slack_ms, live_floors=False, shadow_rate=rate,
+                    drift_s=args.drift_s, floor=args.floor or FLOORS["audio -15"], slack_ms=slack_ms, live_floors=False, shadow_rate=rate,
                 ).violations
-                for seed in range(args.seeds)
+                for seed in range(args.few_seeds)
             ]  # fmt: skip
             pair["on" if rate else "off"] = statistics.mean(v)
         out[f"{load}x"] = pair
@@ -412,7 +415,7 @@ def shadow(
         )
     o = simulate_drift(
         profile, residuals, load=0.5, seconds=args.seconds, seed=0, drift="audio -40", drift_s=args.drift_s,
-        floor=args.floor, slack_ms=slack_ms, live_floors=False, shadow_rate=args.shadow_rate, curve_every_s=args.seconds / 12,
+        floor=args.floor or FLOORS["audio -40"], slack_ms=slack_ms, live_floors=False, shadow_rate=args.shadow_rate, curve_every_s=args.seconds / 12,
     )  # fmt: skip
     keys = ("image+audio", "audio+video", "image+video")
     print("  t (s) | " + " | ".join(f"{k}: live acc / agreement" for k in keys))
@@ -508,6 +511,7 @@ def real_run(args: argparse.Namespace) -> dict[str, Any]:
     model, profile, clean = built
     assert profile is not None
     noisy = data.load("test", audio_snr_db=float(DRIFTS["audio -40"]))
+    floor = args.floor or FLOORS["audio -40"]
     alarms: list[tuple[float, mosel.Alarm]] = []
     started = time.monotonic()
     mosel.attach(model, profile, monitoring=mosel.Monitoring(
@@ -534,7 +538,7 @@ def real_run(args: argparse.Namespace) -> dict[str, Any]:
         inputs = split.inputs(rows)
         truth = split.labels[rows].tolist()
         full = profile.plan.frontier(frozenset(profile.modalities), len(truth)).best.predicted_latency_ms
-        future = model.submit(inputs, deadline_ms=full + slack_ms, min_accuracy=args.floor)
+        future = model.submit(inputs, deadline_ms=full + slack_ms, min_accuracy=floor)
         futures.append((t, future, truth))
         done = time.monotonic() - started
         while futures and futures[0][1].done():
@@ -574,7 +578,7 @@ def real_run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"  real: served {len(served)} requests; accuracy before the drift {_opt(result['accuracy_before'])}; "
           f"first alarm {result['alarm']} (drift at {drift_at:.0f} s); counters {dict(acc.counters)}", flush=True)  # fmt: skip
     print(f"  real: measured accuracy of 200-request windows after the alarm: {[round(m, 3) for m in result['windows_after_alarm']]}"
-          f" (floor {args.floor})", flush=True)  # fmt: skip
+          f" (floor {floor})", flush=True)  # fmt: skip
     keys = ("audio+image", "audio+video", "image+video", "audio+image+video")
     for at, row in curve:
         print(f"  {at:5.1f} s | " + " | ".join(
@@ -622,7 +626,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", nargs="?", default="run", choices=("run", "measure"))
     parser.add_argument("--quick", action="store_true", help="3 seeds, 60 s traces (a few minutes)")
-    parser.add_argument("--floor", type=float, default=0.75)
+    parser.add_argument("--floor", type=float, default=None, help="the jobs' floor (default: per drift)")
     parser.add_argument("--drifts", nargs="*", default=list(DRIFTS), choices=list(DRIFTS))
     parser.add_argument("--shadow-rate", type=float, default=0.05)
     parser.add_argument("--real", action="store_true", help="also serve the real model live (about a minute)")
@@ -639,7 +643,8 @@ def main() -> None:
         measure()
         return
     args.seeds = 3 if args.quick else 20
-    args.seconds = 60.0 if args.quick else 120.0
+    args.few_seeds = 2 if args.quick else 10  # floors and shadow runs (two loads and two modes each)
+    args.seconds = 45.0 if args.quick else 120.0
     args.drift_s = args.seconds / 3
     args.clean_seconds = 330.0
     args.streams = 1 if args.quick else 7
@@ -647,9 +652,9 @@ def main() -> None:
     args.loads = (0.5, 1.0)
     scenario = av_digits()
     profile, residuals, slack_ms = scenario.profile, scenario.residuals, scenario.slack_ms
-    print(f"AV-Digits (committed profile), floor {args.floor}, slack {slack_ms:.1f} ms, drift at {args.drift_s:.0f} s "
+    print(f"AV-Digits (committed profile), floors {args.floor or FLOORS}, slack {slack_ms:.1f} ms, drift at {args.drift_s:.0f} s "
           f"of {args.seconds:.0f} s, labels 1 s after service, {args.seeds} seeds", flush=True)  # fmt: skip
-    report: dict[str, Any] = {"floor": args.floor, "seeds": args.seeds, "seconds": args.seconds}
+    report: dict[str, Any] = {"floors": args.floor or FLOORS, "seeds": args.seeds, "seconds": args.seconds}
     parts: dict[str, Callable[..., dict[str, Any]]] = {
         "detection": detection, "no-drift": no_drift, "floors": floors, "shadow": shadow, "overhead": overhead,
     }  # fmt: skip
