@@ -3,10 +3,11 @@
 A two-modality model (``mosel.testing.ToyAV``: cheap audio, costly video) is trained, profiled and
 served with ``mosel.http`` over a real socket (uvicorn), its accuracy monitored with live floors.
 A client sends jobs with an accuracy floor and its own id for each (``X-Request-Id``); the ground
-truth arrives later (here: two seconds later, from the client's own records) and goes back with
+truth arrives later (here: a second later, from the client's own records) and goes back with
 ``POST /feedback``. Part-way, the audio's noise is raised (a microphone goes bad): the drift
 alarm fires, the audio configuration is re-priced at its live lower bound, and the jobs with a
-floor are served with video alone instead (the audio+video fusion drifted too). ``GET /metrics`` shows what an operator would see.
+floor are served with video alone instead (the audio+video fusion drifted too). ``GET /metrics``
+shows what an operator would see.
 
 Run: python examples/monitoring_http.py            (under a minute on two cores; needs uvicorn)
 """
@@ -53,7 +54,7 @@ def main() -> None:
 
     def alarm(event: mosel.Alarm) -> None:
         print(
-            f"  ALARM ({event.kind}) {event.configuration}: live {event.live:.3f} vs profiled {event.profiled:.3f}"
+            f"  ALARM ({event.kind}) {event.configuration}: live {event.live:.3f}, profiled {event.profiled:.3f}"
         )
 
     monitoring = mosel.Monitoring(live_floors=True, shadow_rate=0.1, on_alarm=alarm)
