@@ -53,9 +53,8 @@ def main() -> None:
     print("profiled accuracy:", {profile.key(c): round(a, 3) for c, a in profile.accuracy.items()})
 
     def alarm(event: mosel.Alarm) -> None:
-        print(
-            f"  ALARM ({event.kind}) {event.configuration}: live {event.live:.3f}, profiled {event.profiled:.3f}"
-        )
+        live, profiled = event.live, event.profiled
+        print(f"  ALARM ({event.kind}) {event.configuration}: live {live:.3f}, profiled {profiled:.3f}")
 
     monitoring = mosel.Monitoring(live_floors=True, shadow_rate=0.1, on_alarm=alarm)
     mosel.attach(model, profile, monitoring=monitoring)
