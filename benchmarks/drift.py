@@ -53,6 +53,7 @@ from mosel.drift import DriftSettings, Tracker
 from mosel.monitoring import Monitor, Sample, live_profile
 from mosel.plan import configuration_key
 from mosel.profiles import priced_ahead
+from mosel.sidework import longest_step_us
 from mosel.simulate import Engine, checked_trace, run_engines
 
 DRIFT_TABLE = Path(__file__).resolve().parent / "profiles" / "av-digits.drift.json"
@@ -117,11 +118,13 @@ class Outcome:
 
 
 class _ShadowRun:
-    """The marker of a shadow run occupying a simulated engine (in place of a batch)."""
+    """The marker of a shadow run occupying a simulated engine (in place of a batch): its steps' ends."""
 
-    def __init__(self, sample: Sample, device_s: float) -> None:
+    def __init__(self, sample: Sample, started: float, ends: list[float]) -> None:
         self.sample = sample
-        self.device_s = device_s
+        self.started = started
+        self.ends = ends  # when each step (a branch, fusion) ends
+        self.aborted = False
 
 
 class DriftEngine(Engine):
@@ -157,26 +160,40 @@ class DriftEngine(Engine):
         sample = self.monitor.take_sample()
         if sample is None:
             return
-        groups = ((sample.best, 1),)
-        price = self.scheduler.pricer.price(groups)
-        if price > self.monitor.shadow_limit_us():
+        step_us = longest_step_us(self.scheduler.pricer, sample.best)
+        if step_us > self.monitor.shadow_limit_us():
             self.monitor.skip(sample)
             return
-        exec_us, overhead_us = float(self.cost.latency_us(groups)), 0.0
+        ratio, overhead_us = 1.0, 0.0
         if self.residuals is not None:
             ratio, overhead_us = self.residuals.sample(self.rng, now)
-            exec_us *= ratio
-        self.scheduler.lend(now, price)
-        self.shadow = _ShadowRun(sample, exec_us / 1e6)
+        ends, t = [], now
+        for part_us in self.cost.parts(((sample.best, 1),)).values():
+            t += part_us * ratio / 1e6
+            ends.append(t)
+        ends[-1] += overhead_us / 1e6
+        self.scheduler.lend(now, step_us)
+        self.shadow = _ShadowRun(sample, now, ends)
         self.running = self.shadow  # type: ignore[assignment]
-        self.done_at = now + (exec_us + overhead_us) / 1e6
+        self.done_at = ends[-1]
+
+    def admit(self, index: int, arrival: Any, now: float) -> None:
+        super().admit(index, arrival, now)
+        run = self.shadow
+        if run is not None and self.scheduler.queue and not run.aborted:  # abandoned after its step
+            run.aborted = True
+            self.done_at = min(self.done_at, next(end for end in run.ends if end >= now))
 
     def finish(self) -> None:
         if self.shadow is not None:
             run, self.shadow = self.shadow, None
-            _, agreement = self.world.at(run.sample.served, run.sample.at)
-            agree = 1.0 if self.draws.random() < agreement else 0.0
-            self.monitor.shadow_agreement(run.sample.served, agree, run.device_s)
+            device_s = self.done_at - run.started
+            if run.aborted:
+                self.monitor.skip(run.sample, aborted=True, device_s=device_s)
+            else:
+                _, agreement = self.world.at(run.sample.served, run.sample.at)
+                agree = 1.0 if self.draws.random() < agreement else 0.0
+                self.monitor.shadow_agreement(run.sample.served, agree, device_s)
             self.scheduler.lend_back(self.done_at)
             self.running, self.done_at = None, math.inf
             return

@@ -431,7 +431,8 @@ class AccuracySnapshot:
             never served here, or forgotten), ``expired`` (jobs forgotten unlabelled),
             ``duplicate`` (a request labelled again: ignored), ``alarms``, ``recoveries``,
             ``output_shifts``, ``shadow_runs``, ``shadow_skipped`` (samples dropped unrun),
-            ``repriced`` (times live floors re-priced the plan).
+            ``shadow_aborted`` (runs abandoned for a job that arrived), ``repriced`` (times
+            live floors re-priced the plan).
         pending: served jobs waiting for labels.
         settings: the detectors' and posterior's settings.
         live_floors: whether decisions price drifted configurations at their lower bound.

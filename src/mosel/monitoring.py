@@ -62,7 +62,7 @@ Metric = Callable[[Any, Any], Any]
 """``metric(outputs, targets) -> per-request scores`` in [0, 1] (the profiler's metric form)."""
 COUNTERS: Final = (
     "labelled", "unknown", "expired", "duplicate", "alarms", "recoveries", "output_shifts",
-    "shadow_runs", "shadow_skipped", "repriced",
+    "shadow_runs", "shadow_skipped", "shadow_aborted", "repriced",
 )  # fmt: skip
 _DIGEST_ROWS: Final = 4096
 """Served rows waiting for the label-free digest at most (beyond, the oldest are left out)."""
@@ -565,11 +565,12 @@ class Monitor:
         with self._lock:
             return self._samples.popleft() if self._samples else None
 
-    def skip(self, sample: Sample) -> None:
-        """A sample that was not run (predicted too long)."""
+    def skip(self, sample: Sample, *, aborted: bool = False, device_s: float = 0.0) -> None:
+        """A sample not run (predicted too long, or it failed), or ``aborted`` for a job that arrived."""
         del sample
         with self._lock:
-            self._counters["shadow_skipped"] += 1
+            self._counters["shadow_aborted" if aborted else "shadow_skipped"] += 1
+            self._credit_s -= device_s
 
     def shadowed(self, sample: Sample, best_output: Tree, device_s: float) -> None:
         """A shadow run's outcome: the best configuration's output for the sample, and its device time."""

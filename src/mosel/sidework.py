@@ -2,9 +2,10 @@
 
 * :func:`idle_work`: asked by the executor thread while nothing is queued or running. It digests
   served outputs (the label-free shift) and runs shadow evaluations: one kept request at the most
-  accurate configuration, only when the monitor's device-time share allows and the run is
-  predicted short. The device is lent for it (:meth:`mosel.core.CoreView.lend`): a job arriving
-  meanwhile queues behind it, priced as behind a batch, and never runs beside it.
+  accurate configuration, only when the monitor's device-time share allows and each step (a
+  branch, fusion) is predicted short. The device is lent for it (:meth:`mosel.core.CoreView.lend`):
+  a job arriving meanwhile queues (it never runs beside it) and the run is abandoned at the end
+  of its step, so the job waits one step at most.
 * :func:`start_repricing`: live floors changed; a background thread builds the live profile
   (:func:`mosel.monitoring.live_profile`) and swaps it into the scheduler under the lock. Nothing
   of it runs on a caller's thread.
@@ -22,15 +23,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mosel.execution import run_recovering
 from mosel.monitoring import Monitor, Sample, live_profile
-from mosel.plan import PlannerConfig, Strategy
+from mosel.plan import PlannerConfig
+from mosel.pricing import Pricer
 from mosel.profiles import priced_ahead
 
 if TYPE_CHECKING:
     from mosel.server import Server
 
-__all__ = ["idle_work", "start_repricing"]
+__all__ = ["idle_work", "longest_step_us", "start_repricing"]
 
 _log = logging.getLogger("mosel")
 
@@ -53,31 +54,54 @@ def idle_work(server: Server) -> tuple[Callable[[], None] | None, float | None]:
         sample = monitor.take_sample()
         if sample is None:
             return None, None
-        scheduler = server.scheduler
-        price_us = scheduler.pricer.price(((sample.best, 1),))
-        if price_us <= monitor.shadow_limit_us():
-            scheduler.lend(server.clock.now(), price_us)
+        step_us = longest_step_us(server.scheduler.pricer, sample.best)
+        if step_us <= monitor.shadow_limit_us():
+            server.scheduler.lend(server.clock.now(), step_us)
             return functools.partial(_shadow, server, monitor, sample), None
         monitor.skip(sample)
 
 
+def longest_step_us(pricer: Pricer, best: frozenset[str]) -> float:
+    """The price of the longest step of a one-request shadow run at ``best``: a branch, or fusion.
+
+    A job arriving during a run waits for the step running at most (then the run is abandoned).
+    """
+    parts = pricer.cost.parts(((best, 1),))
+    tail, correction = pricer.tail, pricer.correction
+    return max(tail.price(correction[part] * value) for part, value in parts.items())
+
+
 def _shadow(server: Server, monitor: Monitor, sample: Sample) -> None:
-    """Run ``sample`` at its most accurate configuration (outside the lock), then give the device back."""
+    """Run ``sample`` at its most accurate configuration, a step at a time (outside the lock).
+
+    Between steps (each branch, then fusion) it gives the device back as soon as a job is
+    queued: the job waits one step at most, the run is abandoned.
+    """
     started = time.perf_counter()
+    model, spec, scheduler = server.model, server.spec, server.scheduler
     try:
         with torch.inference_mode():
-            strategy = Strategy(((sample.best, 1),), 0, 0)
-            output = run_recovering(server.model, server.spec, strategy, sample.inputs, server.row_plans)
+            features = {}
+            for m in spec.modalities:
+                if m in sample.best:
+                    if scheduler.queue:  # read without the lock: a hint, checked again at each step
+                        monitor.skip(sample, aborted=True, device_s=time.perf_counter() - started)
+                        return
+                    features[m] = getattr(model, spec.branches[m])(sample.inputs[m])
+            if scheduler.queue:
+                monitor.skip(sample, aborted=True, device_s=time.perf_counter() - started)
+                return
+            output = getattr(model, spec.fusion)(features)
             device = server.device()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         monitor.shadowed(sample, output, time.perf_counter() - started)
     except Exception:  # a shadow run never fails anything else: it is left out
         _log.debug("mosel: a shadow run failed; left out", exc_info=True)
-        monitor.skip(sample)
+        monitor.skip(sample, device_s=time.perf_counter() - started)
     finally:
         with server.lock:
-            server.scheduler.lend_back(server.clock.now())
+            scheduler.lend_back(server.clock.now())
             server.cond.notify()
 
 
