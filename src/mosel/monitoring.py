@@ -65,7 +65,9 @@ COUNTERS: Final = (
     "shadow_runs", "shadow_skipped", "shadow_aborted", "repriced",
 )  # fmt: skip
 _DIGEST_ROWS: Final = 4096
-"""Served rows waiting for the label-free digest at most (beyond, the oldest are left out)."""
+"""Served rows waiting for the label-free digest at most (beyond, new ones are left out)."""
+_DIGEST_STEP: Final = 256
+"""Rows one :meth:`Monitor.digest` call takes (a step of idle work)."""
 _SAMPLES: Final = 16
 """Shadow samples waiting at most (beyond, the oldest are dropped)."""
 _SHADOW_BURST_S: Final = 0.05
@@ -472,24 +474,32 @@ class Monitor:
     # ------------------------------------------------------------------ label-free signals
 
     def digest(self) -> None:
-        """Add the served outputs waiting since the last digest to the output-shift histograms.
+        """Add served outputs waiting (about :data:`_DIGEST_STEP` rows) to the output-shift histograms.
 
-        A server calls it in idle time (and :meth:`snapshot` does); an output that is not a float
-        tensor of shape (rows, classes) is left out.
+        A server calls it in idle time (and :meth:`snapshot` does, until none waits); an output
+        that is not a float tensor of shape (rows, classes) is left out.
         """
-        with self._lock:
-            pending, self._digest = self._digest, collections.deque()
-            self._digest_rows = 0
+        pending = []
+        with self._lock:  # a step of it at a time: a job arriving meanwhile waits for one step only
+            rows = 0
+            while self._digest and rows < _DIGEST_STEP:
+                item = self._digest.popleft()
+                pending.append(item)
+                rows += len(item[0])
+            self._digest_rows -= rows
         groups: dict[Configuration, tuple[list[float], list[int]]] = {}
         for configs, output in pending:
             if not (isinstance(output, Tensor) and output.dim() == 2 and output.is_floating_point()):
                 continue
             with torch.inference_mode():
                 probs = torch.softmax(output.detach().to(torch.float32), dim=-1)
-                confidence, classes = probs.max(dim=-1)
-            for config, conf, cls in zip(
-                configs, confidence.cpu().tolist(), classes.cpu().tolist(), strict=True
-            ):
+                confidence, classes = (t.cpu().tolist() for t in probs.max(dim=-1))
+            if len(set(configs)) == 1:
+                group = groups.setdefault(configs[0], ([], []))
+                group[0].extend(confidence)
+                group[1].extend(classes)
+                continue
+            for config, conf, cls in zip(configs, confidence, classes, strict=True):
                 group = groups.setdefault(config, ([], []))
                 group[0].append(conf)
                 group[1].append(cls)
@@ -509,6 +519,10 @@ class Monitor:
                     self._shifted.discard(config)
         for tracker, worst in fired:
             self._alarm("output_shift", tracker.key, tracker.profiled, tracker.live, tracker.labels, 0, worst)
+
+    def after_fork(self) -> None:
+        """In a forked child (no other thread exists): the lock is made anew."""
+        self._lock = threading.Lock()
 
     @property
     def digest_waiting(self) -> bool:
@@ -681,7 +695,10 @@ class Monitor:
 
     def snapshot(self) -> AccuracySnapshot:
         """Every configuration's figures now (digests the outputs waiting first)."""
-        self.digest()
+        for _ in range(_DIGEST_ROWS // _DIGEST_STEP + 1):
+            if not self._digest:
+                break
+            self.digest()
         with self._lock:
             self._expire(self._clock())
             applied = self._applied

@@ -56,6 +56,8 @@ def _after_fork_in_child() -> None:
     _lock = threading.Lock()
     for state in list(_states):
         state.stats = state.stats.forked()
+        if state.monitor is not None:
+            state.monitor.after_fork()
 
 
 if hasattr(os, "register_at_fork"):
