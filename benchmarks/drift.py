@@ -139,6 +139,7 @@ class DriftEngine(Engine):
         self.monitor = monitor
         self.shadow_rate = shadow_rate
         self.draws = random.Random(seed + 101)
+        self.shadow_rng = random.Random(seed + 202)  # batches keep their own draws: runs stay comparable
         self.best = {a: max((c for c in profile.accuracy if c <= a), key=lambda c: profile.accuracy[c])
                      for a in profile.accuracy}  # fmt: skip
         self.pending: list[tuple[float, int, Configuration, float, float]] = []  # label heap
@@ -167,7 +168,7 @@ class DriftEngine(Engine):
             return
         ratio, overhead_us = 1.0, 0.0
         if self.residuals is not None:
-            ratio, overhead_us = self.residuals.sample(self.rng, now)
+            ratio, overhead_us = self.residuals.sample(self.shadow_rng, now)
         ends, t = [], now
         for part_us in self.cost.parts(((sample.best, 1),)).values():
             t += part_us * ratio / 1e6
@@ -193,7 +194,7 @@ class DriftEngine(Engine):
                 self.monitor.skip(run.sample, aborted=True, device_s=device_s)
             else:
                 _, agreement = self.world.at(run.sample.served, run.sample.at)
-                agree = 1.0 if self.draws.random() < agreement else 0.0
+                agree = 1.0 if self.shadow_rng.random() < agreement else 0.0
                 self.monitor.shadow_agreement(run.sample.served, agree, device_s)
             self.scheduler.lend_back(self.done_at)
             self.running, self.done_at = None, math.inf
@@ -220,8 +221,8 @@ class DriftEngine(Engine):
                     )
                 if config != best:
                     cheap.append((config, best))
-        if cheap and self.shadow_rate > 0 and self.draws.random() < self.shadow_rate:
-            served, best = cheap[self.draws.randrange(len(cheap))]
+        if cheap and self.shadow_rate > 0 and self.shadow_rng.random() < self.shadow_rate:
+            served, best = cheap[self.shadow_rng.randrange(len(cheap))]
             self.monitor.offer(Sample(now, {}, served, best, None))
 
     def deliver(self, now: float) -> None:
