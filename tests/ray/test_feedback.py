@@ -86,3 +86,28 @@ def test_client_feedback_reaches_the_replica_that_served_each_job(monitored: mos
     with pytest.raises(mosel.InputError, match="one entry per request"):
         result = monitored.infer(tiny_inputs(2), deadline_ms=5000.0)
         monitored.feedback(result.id, [2])
+
+
+def test_the_http_ingress_takes_feedback_to_the_client() -> None:
+    from mosel.ray import HTTPIngress
+
+    sent: list[tuple[str, Any]] = []
+
+    class Client:
+        def feedback(self, result_id: str, labels: Any) -> int:
+            sent.append((result_id, labels))
+            return 0 if result_id == "gone" else len(labels)
+
+    class Body:
+        def __init__(self, raw: bytes) -> None:
+            self.raw = raw
+
+        async def body(self) -> bytes:
+            return self.raw
+
+    ingress = HTTPIngress.__new__(HTTPIngress)  # Serve builds it with a handle
+    ingress.client = Client()  # type: ignore[assignment]
+    answer = asyncio.run(ingress.feedback(Body(b'{"id": "ab12-3", "labels": [1, 2]}')))
+    assert answer.status_code == 200 and sent == [("ab12-3", [1, 2])]
+    assert asyncio.run(ingress.feedback(Body(b'{"id": "gone", "labels": [1]}'))).status_code == 404
+    assert asyncio.run(ingress.feedback(Body(b'{"labels": [1]}'))).status_code == 400
