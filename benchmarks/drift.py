@@ -536,22 +536,25 @@ def real_run(args: argparse.Namespace) -> dict[str, Any]:
         )  # fmt: skip
     noisy = data.load("test", audio_snr_db=float(DRIFTS["audio -40"]))
     floor = args.floor or FLOORS["audio -40"]
-    alarms: list[tuple[float, mosel.Alarm]] = []
+    alarms: list[
+        tuple[float, mosel.Alarm, int]
+    ] = []  # (time, alarm, labels of requests sent after the drift)
+    after = [0]
     started = time.monotonic()
     mosel.attach(model, profile, monitoring=mosel.Monitoring(
-        live_floors=True, shadow_rate=0.2, on_alarm=lambda a: alarms.append((time.monotonic() - started, a))))  # fmt: skip
+        live_floors=True, shadow_rate=0.2,
+        on_alarm=lambda a: alarms.append((time.monotonic() - started, a, after[0]))))  # fmt: skip
     slack_ms = 3 * statistics.mean(profile.plan.frontier(frozenset(profile.modalities), n).best.predicted_latency_ms
                                    for n in range(1, 9))  # fmt: skip
     rng = random.Random(0)
     rate = args.real_rate
     served: list[tuple[float, int, str]] = []
-    labels: list[tuple[float, str, list[int]]] = []
+    labels: list[tuple[float, str, list[int], float]] = []
     curve = []
     end = args.real_seconds
     drift_at = args.real_seconds / 3
     futures = []
     t = 0.0
-    labelled_after = 0
     while t < end:
         t += rng.expovariate(rate)
         now = time.monotonic() - started
@@ -573,12 +576,12 @@ def real_run(args: argparse.Namespace) -> dict[str, Any]:
                     r.modalities, (r.output.argmax(-1) == torch.tensor(truth_)).tolist(), strict=True
                 ):
                     served.append((done, int(ok), "+".join(sorted(cfg))))
-                labels.append((done + args.real_delay_s, r.id, truth_))
+                labels.append((done + args.real_delay_s, r.id, truth_, at))
         while labels and labels[0][0] <= done:
-            _, rid, truth_ = labels.pop(0)
+            _, rid, truth_, sent = labels.pop(0)
+            if sent >= drift_at:
+                after[0] += len(truth_)
             mosel.feedback(model, rid, truth_)
-            if done >= drift_at:
-                labelled_after += len(truth_)
         if not curve or done - curve[-1][0] >= end / 12:
             snap = mosel.stats(model).accuracy
             assert snap is not None
@@ -587,13 +590,16 @@ def real_run(args: argparse.Namespace) -> dict[str, Any]:
     snap = mosel.stats(model)
     acc = snap.accuracy
     assert acc is not None
-    first = next(((at, a) for at, a in alarms if a.kind == "drift" and at >= drift_at), None)
+    first = next(((at, a, n) for at, a, n in alarms if a.kind == "drift" and at >= drift_at), None)
     window_acc = windows([(at, 0.0, ok) for at, ok, _ in served], first[0] if first else drift_at, size=200)
     before = [ok for at, ok, _ in served if at < drift_at]
     result = {
         "served": len(served),
         "accuracy_before": statistics.mean(before) if before else None,
-        "alarm": None if first is None else {"at_s": first[0], "configuration": first[1].configuration},
+        "alarm": None
+        if first is None
+        else {"at_s": first[0], "configuration": first[1].configuration, "labels_after_drift": first[2]},
+        "alarms": [(round(at, 1), a.kind, a.configuration) for at, a, _ in alarms],
         "windows_after_alarm": [m for m, _ in window_acc],
         "counters": dict(acc.counters),
         "violations": 1 - snap.counters.get("served_on_time", 0) / max(snap.counters.get("submitted", 1), 1),
@@ -601,8 +607,10 @@ def real_run(args: argparse.Namespace) -> dict[str, Any]:
     }
     print(f"  real: served {len(served)} requests; accuracy before the drift {_opt(result['accuracy_before'])}; "
           f"first alarm {result['alarm']} (drift at {drift_at:.0f} s); counters {dict(acc.counters)}", flush=True)  # fmt: skip
-    print(f"  real: measured accuracy of 200-request windows after the alarm: {[round(m, 3) for m in result['windows_after_alarm']]}"
-          f" (floor {floor})", flush=True)  # fmt: skip
+    print(f"  real: alarms {result['alarms']}; deadline violations {_pct(result['violations'])}", flush=True)
+    ws = result["windows_after_alarm"]
+    print(f"  real: measured accuracy of 200-request windows after the alarm: {[round(m, 3) for m in ws]} "
+          f"(floor {floor}; {sum(m >= floor for m in ws)} of {len(ws)} at or above)", flush=True)  # fmt: skip
     keys = ("audio+image", "audio+video", "image+video", "audio+image+video")
     for at, row in curve:
         print(f"  {at:5.1f} s | " + " | ".join(
