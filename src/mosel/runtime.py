@@ -26,6 +26,7 @@ from mosel import methods
 from mosel.compiling import COMPILED_ATTR, unwrap_compiled
 from mosel.errors import InputError, MoselWarning, NotProfiledError, ProfileMismatchError, SpecError
 from mosel.execution import Result, RowPlanCache, execute
+from mosel.monitoring import Monitor, Monitoring
 from mosel.plan import Strategy
 from mosel.profiles import Profile, fingerprint_of, priced_ahead
 from mosel.requests import check_inputs
@@ -39,17 +40,9 @@ from mosel.tail import TailModel, profile_sigma
 from mosel.trees import Tree
 
 __all__ = [
-    "attach",
-    "close",
-    "load",
-    "profile_of",
-    "readiness",
-    "run_configuration",
-    "serving",
-    "settle",
-    "stats",
-    "submit_now",
-]
+    "attach", "close", "feedback", "label_as", "load", "monitor", "monitor_of", "profile_of", "readiness",
+    "run_configuration", "serving", "settle", "stats", "submit_now",
+]  # fmt: skip
 
 STATE_ATTR: Final = "_mosel_state"
 OnStale = Literal["refuse", "warn"] | Callable[[nn.Module], Profile]
@@ -66,6 +59,8 @@ def _after_fork_in_child() -> None:
     _lock = threading.Lock()
     for state in list(_states):
         state.stats = state.stats.forked()
+        if state.monitor is not None:
+            state.monitor.after_fork()
 
 
 if hasattr(os, "register_at_fork"):
@@ -82,6 +77,7 @@ class _ModelState:
         model_class: type[nn.Module],
         config: SchedulerConfig | None = None,
         on_stale: OnStale = "refuse",
+        monitoring: Monitoring | None = None,
     ) -> None:
         self.profile = profile
         self.spec = spec
@@ -99,9 +95,24 @@ class _ModelState:
         self.reprofile_error: str | None = None  # why the last one failed (None: none failed)
         self.server: Server | None = None
         self.stats = Stats()  # outlives servers: counters survive close() and a restart
+        self.monitoring: Monitoring | None = None
+        self.monitor: Monitor | None = None  # outlives servers too (labels arrive after a restart)
+        self.watch(monitoring)
         # The declared size buckets' plans, priced now (offline) for every server to come.
         self.priced = priced_ahead(profile, {m: s.buckets for m, s in spec.sizings.items()})
         _states.add(self)
+
+    def watch(self, monitoring: Monitoring | None) -> Monitor | None:
+        """Monitor the model's accuracy with ``monitoring`` from now on (None: stop), its server too."""
+        monitor = None
+        if monitoring is not None:
+            monitor = Monitor(self.profile, monitoring, self.spec, self.model_class.__qualname__)
+        self.monitoring, self.monitor = monitoring, monitor
+        self.stats.set_accuracy(None if monitor is None else monitor.snapshot)
+        server = self.server
+        if server is not None and not server.closed and server.pid == os.getpid():
+            server.set_monitor(monitor)
+        return monitor
 
     def pin(self, model: nn.Module) -> None:
         """Remember the model's device, dtype and compiled parts now: serving checks they did not change."""
@@ -176,6 +187,7 @@ class _ModelState:
                     stats=self.stats,
                     priced=self.priced,
                     float_dtype=functools.partial(self.float_dtype, model),
+                    monitor=self.monitor,
                 )
             return server
 
@@ -257,7 +269,7 @@ def _reprofile(model: nn.Module, state: _ModelState) -> None:
         if _state(model) is not state or state.changed(model) is None:
             return  # another thread re-profiled meanwhile (or the model moved back)
         profile = state.on_stale(model)  # re-profile, by the user's function
-        attach(model, profile, scheduler=state.config, on_stale=state.on_stale)
+        attach(model, profile, scheduler=state.config, on_stale=state.on_stale, monitoring=state.monitoring)
 
 
 def _start_reprofile(model: nn.Module, state: _ModelState) -> None:
@@ -366,6 +378,7 @@ def attach(
     strict: bool = False,
     scheduler: SchedulerConfig | None = None,
     on_stale: OnStale = "refuse",
+    monitoring: Monitoring | None = None,
 ) -> None:
     """Attach a profile (and its plan) to a model so that it can serve.
 
@@ -382,6 +395,10 @@ def attach(
     ``model -> Profile`` (e.g. ``lambda m: mosel.profile(m, validation_data)``) re-profiles
     once, on the first call or :func:`readiness` check that sees the change, and attaches the
     result (a readiness check, or :func:`submit_now`, starts it in the background).
+
+    ``monitoring`` (a :class:`mosel.Monitoring`) watches the accuracy the profile promises in
+    production: labels reported with :func:`feedback`, live accuracy per configuration, drift
+    alarms, shadow runs and, with ``live_floors``, re-priced floors (``docs/monitoring.md``).
     """
     model = unwrap_compiled(model)
     if not (on_stale in ("refuse", "warn") or callable(on_stale)):
@@ -430,7 +447,7 @@ def attach(
             raise ProfileMismatchError(message)
         warnings.warn(message, MoselWarning, stacklevel=2)
     old = model.__dict__.get(STATE_ATTR)
-    state = _ModelState(profile, spec, type(model), scheduler, on_stale)
+    state = _ModelState(profile, spec, type(model), scheduler, on_stale, monitoring)
     state.pin(model)
     model.__dict__[STATE_ATTR] = state
     if isinstance(old, _ModelState):
@@ -494,6 +511,72 @@ def stats(model: nn.Module) -> StatsSnapshot:
     when serving resumes; ``attach`` starts them afresh. Reading them starts nothing.
     """
     return _state(model).stats.snapshot()
+
+
+def monitor(model: nn.Module, monitoring: Monitoring | None = None) -> None:
+    """Watch ``model``'s accuracy with ``monitoring`` from now on; ``None`` stops watching.
+
+    ``mosel.monitor(model, mosel.Monitoring())`` turns it on with the default settings: the
+    same as ``attach(..., monitoring=...)`` for a model already attached. Jobs served before
+    are not held (their labels count as unknown); a new monitor's figures start afresh.
+
+    Raises:
+        NotProfiledError: no profile is attached.
+    """
+    _state(model).watch(monitoring)
+
+
+def feedback(model: nn.Module, result_id: str, labels: object) -> int:
+    """Report the ground truth of a served job, when it arrives (minutes or days later).
+
+    Args:
+        model: the model that served it.
+        result_id: the job's :attr:`mosel.Result.id`, or a key given to :func:`label_as`.
+        labels: one label per request, in the job's row order (a sequence or a tensor; None for
+            a request without one), or ``{row: label}`` for some; what the metric of
+            ``Monitoring`` takes as targets (class indices for the default top-1).
+
+    Returns:
+        The requests scored now: 0 for an id not held (never served by this process, or
+        forgotten after ``Monitoring.horizon_s`` / ``max_records``) or requests already labelled.
+
+    Raises:
+        NotProfiledError: no profile is attached.
+        InputError: monitoring is off, or the labels are malformed (their number, a row out
+            of range, labels the metric cannot score).
+    """
+    return _monitor(model).feedback(result_id, labels)
+
+
+def label_as(model: nn.Module, result_id: str, key: str) -> bool:
+    """Let the labels of ``result_id`` also come as ``key`` (the caller's own id for the job).
+
+    Returns False when ``result_id`` is not held (see :func:`feedback`).
+
+    Raises:
+        InputError: monitoring is off, or ``key`` is not a non-empty string.
+    """
+    return _monitor(model).alias(result_id, key)
+
+
+def monitor_of(model: nn.Module) -> Monitor | None:
+    """The model's accuracy monitor (None when monitoring is off): its figures, ``reset``, aliases.
+
+    Raises:
+        NotProfiledError: no profile is attached.
+    """
+    return _state(model).monitor
+
+
+def _monitor(model: nn.Module) -> Monitor:
+    monitor = _state(model).monitor
+    if monitor is None:
+        raise InputError(
+            f"{type(model).__qualname__} is not monitored, so labels have nowhere to go; attach it with "
+            f"mosel.attach(model, profile, monitoring=mosel.Monitoring()) or call mosel.monitor(model, "
+            f"mosel.Monitoring())"
+        )
+    return monitor
 
 
 def load(model: nn.Module) -> Load:

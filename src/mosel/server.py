@@ -48,10 +48,12 @@ from mosel.execution import (
     run_recovering,
 )
 from mosel.jobs import Batch, Failure, Job
+from mosel.monitoring import Monitor
 from mosel.plan import CostModel, Plan
 from mosel.profiles import BucketKey, Profile
 from mosel.requests import Requests
 from mosel.scheduler import Scheduler, SchedulerConfig
+from mosel.sidework import idle_work, start_repricing
 from mosel.slo import SLO
 from mosel.spec import ModelSpec
 from mosel.stats import Load, Stats
@@ -88,6 +90,7 @@ class Server:
         stats: Stats | None = None,
         priced: Mapping[BucketKey, tuple[Plan, CostModel]] | None = None,
         float_dtype: Callable[[], torch.dtype | None] | None = None,
+        monitor: Monitor | None = None,
     ) -> None:
         self.model = model
         self.spec = spec
@@ -112,8 +115,26 @@ class Server:
         self._thread: threading.Thread | None = None
         self._watchdog: threading.Thread | None = None
         self._solver: concurrent.futures.ThreadPoolExecutor | None = None
+        # The accuracy monitor (mosel.monitoring), its live floors' re-pricing thread (sidework).
+        self.monitor: Monitor | None = None
+        self.base_profile = profile
+        self._priced = priced
+        self.repricer: threading.Thread | None = None
+        self.reprice_again = False
         weakref.finalize(self, _wake, self.pid, self.lock, self.cond, self.watch)
         _servers.add(self)
+        self.set_monitor(monitor)
+
+    def set_monitor(self, monitor: Monitor | None) -> None:
+        """Record served jobs with ``monitor`` from now on (None: none); it re-prices this server's floors."""
+        self.monitor = monitor
+        if monitor is None and self.scheduler.profile is not self.base_profile:
+            with self.lock:  # no monitor, no live floors: back to the profile's
+                self.scheduler.set_profile(self.base_profile, self._priced)
+        if monitor is not None:
+            monitor.applied(self.scheduler.profile.accuracy, count=False)
+            monitor.on_change = functools.partial(start_repricing, weakref.ref(self))
+            monitor.maybe_reprice()
 
     def load(self) -> Load:
         """The scheduler's :class:`~mosel.stats.Load` now (under the lock; no solving)."""
@@ -374,7 +395,17 @@ class Server:
             reason = job.reason_text
             if reason is None:
                 reason = self.scheduler.policy.rule
-        return result_of(job, (self.clock.now() - job.arrival) * 1000.0, reason)
+        monitor = self.monitor
+        if monitor is None:
+            return result_of(job, (self.clock.now() - job.arrival) * 1000.0, reason)
+        sample = monitor.keep(job)  # before result_of releases the inputs
+        result = result_of(job, (self.clock.now() - job.arrival) * 1000.0, reason)
+        monitor.record(result, job.bucket, job.slo.deadline_ms, sample)
+        if sample is not None:  # the executor runs it when idle: wake it (it may not exist yet)
+            with self.lock:
+                self._start_threads()
+                self.cond.notify()
+        return result
 
     def _handed_over(self, batch: Batch) -> None:
         """Every result of ``batch`` was handed over: the scheduler learns the dispatch overhead."""
@@ -462,9 +493,14 @@ class Server:
 
 
 def _executor_main(ref: weakref.ref[Server], cond: threading.Condition) -> None:
-    """The executor thread: dispatch, execute, resolve; holds its server only while it works."""
+    """The executor thread: dispatch, execute, resolve; holds its server only while it works.
+
+    While nothing is queued or running it does the accuracy monitor's idle work
+    (:func:`mosel.sidework.idle_work`: output digests, shadow runs).
+    """
     server: Server | None
     while True:
+        idle: Callable[[], None] | None = None
         with cond:
             while True:
                 server = ref()
@@ -476,12 +512,28 @@ def _executor_main(ref: weakref.ref[Server], cond: threading.Condition) -> None:
                 if server.closed and not scheduler.queue and scheduler.in_flight is None:
                     server.watch.notify_all()  # the watchdog ends with the executor
                     return
+                wait_s = None
+                if scheduler.in_flight is None and server.monitor is not None:
+                    idle, wait_s = idle_work(server)
+                    if idle is not None:
+                        break
                 del server, scheduler
-                cond.wait()
+                cond.wait(wait_s)
             _running().add(id(server))
-            batch = server._next_batch()
-        _serve(server, batch)
-        del server, scheduler, batch  # hold nothing of the server while waiting
+            batch = server._next_batch() if idle is None else None
+        if idle is not None:
+            _idle(idle)
+        else:
+            _serve(server, batch)
+        del server, scheduler, batch, idle  # hold nothing of the server while waiting
+
+
+def _idle(work: Callable[[], None]) -> None:
+    """Run the monitor's idle work; nothing it raises escapes the executor."""
+    try:
+        work()
+    except BaseException:
+        _log.exception("mosel executor: the accuracy monitor's idle work failed; going on")
 
 
 def _serve(server: Server, batch: Batch | None) -> None:

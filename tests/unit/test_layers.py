@@ -40,6 +40,7 @@ LAYERS: dict[str, int] = {
     "mosel.pricing": 2,
     "mosel.admission": 2,
     "mosel.estimators": 2,
+    "mosel.drift": 2,
     "mosel.policies.blocks": 2,
     "mosel.policies.base": 2,
     "mosel.policies.baselines": 2,
@@ -56,9 +57,11 @@ LAYERS: dict[str, int] = {
     "mosel.routing": 3,
     "mosel.training": 3,
     "mosel.testing": 3,
+    "mosel.monitoring": 3,
     # 4: the drivers
     "mosel.server": 4,
     "mosel.simulate": 4,
+    "mosel.sidework": 4,
     # 5: the public runtime
     "mosel.runtime": 5,
     "mosel.profiler": 5,

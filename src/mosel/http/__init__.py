@@ -9,7 +9,8 @@ Needs the ``http`` extra (``pip install 'mosel[http]'``: FastAPI, pydantic, prom
     router = mosel.http.create_router(model)            # or mount the routes in your own app
     app = mosel.http.create_app(lambda: load_model())   # a model that exists only later (a replica)
 
-Routes: ``POST /predict``, ``GET /metrics`` (Prometheus text), ``GET /healthz`` (alive),
+Routes: ``POST /predict``, ``POST /feedback`` (a served job's labels, for accuracy monitoring),
+``GET /metrics`` (Prometheus text), ``GET /healthz`` (alive),
 ``GET /readyz`` (a profile is attached and still fits the model). The request handling lives in
 :class:`Service`, which holds only its model (or a function returning it), so any number of
 apps, routers or Ray Serve replicas can each serve their own model. ``docs/http.md`` describes
@@ -40,9 +41,12 @@ from mosel.http.wire import (
     MAX_BODY_BYTES,
     MIN_ACCURACY,
     OVERLOAD,
+    REQUEST_ID,
     REQUEST_START,
     Budget,
     ErrorBody,
+    FeedbackRequest,
+    FeedbackResponse,
     Health,
     ModelSource,
     PredictRequest,
@@ -67,9 +71,12 @@ __all__ = [
     "MAX_BODY_BYTES",
     "MIN_ACCURACY",
     "OVERLOAD",
+    "REQUEST_ID",
     "REQUEST_START",
     "Budget",
     "ErrorBody",
+    "FeedbackRequest",
+    "FeedbackResponse",
     "Health",
     "ModelSource",
     "PredictRequest",

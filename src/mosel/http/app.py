@@ -17,8 +17,11 @@ from mosel.http.wire import (
     DEADLINE_MS,
     MAX_BODY_BYTES,
     MIN_ACCURACY,
+    REQUEST_ID,
     REQUEST_START,
     ErrorBody,
+    FeedbackRequest,
+    FeedbackResponse,
     Health,
     ModelSource,
     PredictRequest,
@@ -65,6 +68,7 @@ _PREDICT_OPENAPI: Final[dict[str, Any]] = {
         _header_doc(CONFIDENCE, "plan the floor on lower confidence bounds, e.g. 0.95"),
         _header_doc(REQUEST_START, "wall-clock epoch seconds (or ms/us) when the request entered upstream"),
         _header_doc(DEADLINE_AT, "wall-clock epoch seconds (or ms/us) at which the deadline passes"),
+        _header_doc(REQUEST_ID, "the caller's id for the job: its labels may come to /feedback under it"),
     ],
 }
 
@@ -78,7 +82,7 @@ def create_router(
     allow_non_finite: bool = False,
     decode_workers: int = 1,
 ) -> APIRouter:
-    """An ``APIRouter`` with ``/predict``, ``/metrics``, ``/healthz`` and ``/readyz`` for ``model``.
+    """An ``APIRouter`` with ``/predict``, ``/feedback``, ``/metrics``, ``/healthz`` and ``/readyz``.
 
     Include it in any FastAPI app (``app.include_router(router, prefix="/av")``); closing the
     model on shutdown is then the app's business (``mosel.close(model)``), see :func:`create_app`.
@@ -120,6 +124,24 @@ def create_router(
         responses=_ERRORS,
         openapi_extra=_PREDICT_OPENAPI,
         summary="Serve a job of requests under its deadline and accuracy floor",
+    )
+    router.add_api_route(
+        "/feedback",
+        service.feedback,
+        methods=["POST"],
+        response_model=FeedbackResponse,
+        responses={
+            400: {"model": ErrorBody, "description": "malformed labels (InputError)"},
+            404: {"model": ErrorBody, "description": "no served job waits for labels under this id"},
+            409: {"model": ErrorBody, "description": "the model is not monitored"},
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": FeedbackRequest.model_json_schema()}},
+            }
+        },
+        summary="Report the ground truth of a served job (accuracy monitoring)",
     )
     router.add_api_route(
         "/metrics",

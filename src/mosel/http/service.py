@@ -16,6 +16,7 @@ import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from torch import Tensor, nn
 
@@ -34,7 +35,10 @@ from mosel.http.wire import (
     LARGE_BODY,
     MAX_BODY_BYTES,
     OVERLOAD,
+    REQUEST_ID,
     Budget,
+    FeedbackRequest,
+    FeedbackResponse,
     Health,
     ModelSource,
     PredictRequest,
@@ -46,7 +50,16 @@ from mosel.http.wire import (
     error_status,
     prediction_of,
 )
-from mosel.runtime import close, profile_of, prometheus_collector, readiness, settle, submit_now
+from mosel.monitoring import Monitor
+from mosel.runtime import (
+    close,
+    monitor_of,
+    profile_of,
+    prometheus_collector,
+    readiness,
+    settle,
+    submit_now,
+)
 from mosel.schema import LeafSchema, ModalitySchema
 from mosel.slo import SLO
 from mosel.stats import BUCKETS_MS, Histogram
@@ -188,12 +201,22 @@ def _closed() -> JSONResponse:
     return _error(503, ShutdownError(CLOSED), **{"Retry-After": "1"})
 
 
-def _validation_detail(exc: ValidationError) -> str:
+def _validation_detail(exc: ValidationError, form: str = "{'inputs': {modality: lists}, ...}") -> str:
     parts = []
     for item in exc.errors(include_url=False):
         where = ".".join(str(p) for p in item.get("loc", ()))
         parts.append(f"{where}: {item.get('msg')}" if where else str(item.get("msg")))
-    return "the body must be a JSON object {'inputs': {modality: lists}, ...}: " + "; ".join(parts)
+    return f"the body must be a JSON object {form}: " + "; ".join(parts)
+
+
+def _label_as(result: Result, key: str, service: Service) -> None:
+    """Let labels for ``result`` come as ``key`` too, when the model is monitored (else nothing)."""
+    try:
+        monitor = monitor_of(service.model())
+    except Exception:  # the model went away meanwhile: nothing to label
+        return
+    if monitor is not None:
+        monitor.alias(result.id, key[:256])
 
 
 class Service:
@@ -380,7 +403,7 @@ class Service:
             return _failed(model, exc)
         if result is None:  # the client is gone: nobody reads this answer
             return Response(status_code=499)
-        return self._served(result, budget, arrived, received_ms)
+        return self._served(result, budget, arrived, received_ms, request.headers.get(REQUEST_ID))
 
     async def _received(
         self, request: Request, model: nn.Module, arrived: float, now_s: float
@@ -468,11 +491,19 @@ class Service:
         self._counters.event("client_gone_withdrawn" if withdrawn else "client_gone_running")
         return None
 
-    def _served(self, result: Result, budget: Budget, arrived: float, received_ms: float) -> Response:
-        """The 200 answer; ``completion_ms`` and ``deadline_met`` are read last, when it is whole."""
+    def _served(
+        self, result: Result, budget: Budget, arrived: float, received_ms: float, own_id: str | None = None
+    ) -> Response:
+        """The 200 answer; ``completion_ms`` and ``deadline_met`` are read last, when it is whole.
+
+        ``own_id``: the request's ``X-Request-Id``, under which its labels may come too.
+        """
+        if own_id:
+            _label_as(result, own_id, self)
         outputs = json.dumps(encode_output(result.output), separators=(",", ":"), allow_nan=False)
         fields: dict[str, Any] = {
             "prediction": prediction_of(result.output),
+            "id": result.id,
             "modalities": [sorted(c) for c in result.modalities],
             "expected_accuracy": result.expected_accuracy,
             "predicted_latency_ms": result.predicted_latency_ms,
@@ -490,6 +521,48 @@ class Service:
         content = '{"outputs":' + outputs + "," + json.dumps(fields, separators=(",", ":"))[1:]
         self._counters.served(met, completion_ms)
         return Response(content.encode(), media_type="application/json")
+
+    async def feedback(self, request: Request) -> Response:
+        """``POST /feedback``: the labels of a served job, scored by the model's accuracy monitor.
+
+        200 ``{"labelled": n}``; 404 for an id the monitor does not hold (never served here, or
+        forgotten after its horizon), 409 when the model is not monitored, 400 for malformed
+        labels. Scoring runs on the thread pool, off the event loop.
+        """
+        found = await self._feedback_of(request)
+        if isinstance(found, Response):
+            return found
+        monitor, body = found
+        try:
+            labelled = await run_in_threadpool(monitor.feedback, body.id, body.labels)
+        except InputError as exc:
+            return _error(400, exc)
+        return JSONResponse(FeedbackResponse(labelled=labelled).model_dump())
+
+    async def _feedback_of(self, request: Request) -> tuple[Monitor, FeedbackRequest] | Response:
+        """The monitor and the body of a ``/feedback`` request, or the answer that refuses it."""
+        try:
+            model = self.model()
+        except Exception as exc:  # the model is not built (yet)
+            return _error(503, exc)
+        try:
+            body = FeedbackRequest.model_validate_json(await self._body(request) or b"null")
+        except ValidationError as exc:
+            return _error(400, InputError(_validation_detail(exc, "{'id': ..., 'labels': [...]}")))
+        except (_TooLarge, InputError, ClientDisconnect) as exc:
+            return _error(413 if isinstance(exc, _TooLarge) else 400, exc, "InputError")
+        monitor = monitor_of(model)
+        if monitor is None:
+            detail = (
+                f"{type(model).__qualname__} is not monitored; attach it with monitoring=mosel.Monitoring()"
+            )
+            return JSONResponse({"error": "NotMonitored", "detail": detail}, status_code=409)
+        if not monitor.holds(body.id):
+            detail = (
+                f"no served job {body.id!r} waits for labels here (never served here, or past its horizon)"
+            )
+            return JSONResponse({"error": "UnknownId", "detail": detail}, status_code=404)
+        return monitor, body
 
     def metrics(self) -> Response:
         """``GET /metrics``: the model's statistics and the front door's, in the Prometheus text format.

@@ -39,9 +39,12 @@ __all__ = [
     "MAX_BODY_BYTES",
     "MIN_ACCURACY",
     "OVERLOAD",
+    "REQUEST_ID",
     "REQUEST_START",
     "Budget",
     "ErrorBody",
+    "FeedbackRequest",
+    "FeedbackResponse",
     "Health",
     "ModelSource",
     "PredictRequest",
@@ -64,6 +67,8 @@ REQUEST_START: Final = "X-Request-Start"
 """Header: when the request entered the system upstream, wall-clock epoch (see :func:`charge`)."""
 DEADLINE_AT: Final = "X-Deadline-At"
 """Header: the absolute wall-clock epoch at which the request's deadline passes."""
+REQUEST_ID: Final = "X-Request-Id"
+"""Header: the caller's own id for the job; its labels may come to ``/feedback`` under it (monitoring)."""
 
 OVERLOAD: Final = (DeadlineError, QueueFullError, ShutdownError)
 """Errors answered 503 with a ``Retry-After``: the model is busy (or closed), retry later or elsewhere."""
@@ -138,6 +143,7 @@ class PredictResponse(BaseModel):
     prediction: list[Any] | None = Field(
         description="argmax over the last dimension of a floating output of rank >= 2, else null"
     )
+    id: str = Field(description="the job's id, to report its labels to /feedback with (monitoring)")
     modalities: list[list[str]] = Field(description="per request, the modalities computed for it")
     expected_accuracy: float
     predicted_latency_ms: float
@@ -158,6 +164,28 @@ class PredictResponse(BaseModel):
             "what was left after receiving and decoding"
         )
     )
+
+
+class FeedbackRequest(BaseModel):
+    """The body of ``POST /feedback``: the ground truth of a served job, when it arrives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(
+        description="the job's id: the `id` of its /predict answer, or the X-Request-Id it was sent with"
+    )
+    labels: list[Any] | dict[str, Any] = Field(
+        description=(
+            "one label per request in the job's row order (null for a request without one), or "
+            "{row: label} for some; what the monitor's metric takes (a class index for top-1)"
+        )
+    )
+
+
+class FeedbackResponse(BaseModel):
+    """The answer of ``POST /feedback`` (200)."""
+
+    labelled: int = Field(description="requests scored now (requests labelled before are not counted again)")
 
 
 class ErrorBody(BaseModel):

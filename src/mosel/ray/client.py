@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from mosel.errors import DeadlineError, InputError, MoselError, QueueFullError, ReplicaError
 from mosel.execution import Result
-from mosel.ray.request import Request
+from mosel.ray.request import Feedback, Request
 from mosel.trees import Tree
 
 __all__ = ["Client"]
@@ -106,6 +106,39 @@ class Client:
                 return result
             except BaseException as exc:
                 call.settle(exc, response)
+
+    def feedback(self, result_id: str, labels: Any, *, tries: int = 8) -> int:
+        """Report a served job's labels to the replica that served it (see :func:`mosel.feedback`).
+
+        The slack router sends them to the replica whose process made ``result_id``; with
+        Serve's own router (or a caller's own ``request_id``) a replica that does not hold the
+        job says so and the labels are sent again, at most ``tries`` times in all.
+
+        Returns:
+            The requests scored (0: no replica holds the job: forgotten, or never served here).
+
+        Raises:
+            InputError: the deployment is not monitored, or the labels are malformed.
+            ReplicaError: no answer within ``timeout_s``.
+        """
+        handle = self.handle.options(method_name="feedback")
+        for _ in range(max(tries, 1)):
+            response = handle.remote(Feedback(result_id, labels))
+            try:
+                scored = response.result(timeout_s=self.timeout_s)
+            except BaseException as exc:
+                error = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+                if isinstance(error, MoselError):
+                    raise error from None
+                if isinstance(error, (TimeoutError, concurrent.futures.TimeoutError)):
+                    _cancel(response)
+                    raise ReplicaError(
+                        f"no replica answered feedback within timeout_s={self.timeout_s:g} s"
+                    ) from None
+                raise
+            if scored is not None:
+                return int(scored)
+        return 0
 
 
 class _Call:

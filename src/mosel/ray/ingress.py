@@ -33,7 +33,8 @@ class HTTPIngress:
     it and calls the mosel deployment through its handle with a :class:`Request`, so that
     :class:`SlackRequestRouter` picks the mosel replica, and the time before (upstream, the
     proxy, the ingress) is charged to the deadline. The routes and bodies are those of
-    :mod:`mosel.http` (``docs/http.md``): ``POST /predict`` and ``GET /healthz``; a
+    :mod:`mosel.http` (``docs/http.md``): ``POST /predict``, ``POST /feedback`` (a served
+    job's labels, to the replica that served it) and ``GET /healthz``; a
     replica's ``/metrics`` and ``/readyz`` are not served here (each mosel replica reports
     through Serve). A client that disconnects cancels the job, which leaves its replica's
     queue; the wait for an answer is bounded as :class:`Client` bounds it.
@@ -71,6 +72,12 @@ class HTTPIngress:
         predict.__annotations__["request"] = HTTPRequest  # FastAPI cannot resolve a local name's string
         app.add_api_route("/predict", predict, methods=["POST"], response_model=http.PredictResponse)
 
+        async def feedback(request: HTTPRequest) -> Any:
+            return await self.feedback(request)
+
+        feedback.__annotations__["request"] = HTTPRequest
+        app.add_api_route("/feedback", feedback, methods=["POST"], response_model=http.FeedbackResponse)
+
         @app.get("/healthz", response_model=http.Health)
         async def healthz() -> Any:
             return JSONResponse(http.Health().model_dump())
@@ -104,6 +111,7 @@ class HTTPIngress:
         answer = http.PredictResponse(
             outputs=http.encode_output(output),
             prediction=http.prediction_of(output),
+            id=result.id,
             received_ms=received_ms,
             modalities=[sorted(c) for c in result.modalities],
             expected_accuracy=result.expected_accuracy,
@@ -117,6 +125,26 @@ class HTTPIngress:
             deadline_ms=budget.deadline_ms,
         )
         return JSONResponse(answer.model_dump())
+
+    async def feedback(self, request: Any) -> Any:
+        """``POST /feedback``: a job's labels, to the replica that served it (:meth:`Client.feedback`)."""
+        from fastapi.responses import JSONResponse  # noqa: PLC0415
+        from pydantic import ValidationError  # noqa: PLC0415
+
+        from mosel import http  # noqa: PLC0415
+
+        try:
+            body = http.FeedbackRequest.model_validate_json(await request.body() or b"null")
+        except ValidationError as exc:
+            return _error_answer(400, "InputError", f"the body is not a valid /feedback body: {exc}")
+        try:
+            labelled = await asyncio.to_thread(self.client.feedback, body.id, body.labels)
+        except MoselError as exc:
+            return _answer_error(exc)
+        if labelled == 0:
+            detail = f"no replica holds a served job {body.id!r} waiting for labels (or it was labelled)"
+            return _error_answer(404, "UnknownId", detail)
+        return JSONResponse(http.FeedbackResponse(labelled=labelled).model_dump())
 
     def _prepare(self, raw: bytes, headers: Mapping[str, str], now_s: float) -> tuple[Request, Any]:
         """The job to send (stamped ``now_s``, with the deadline left after upstream) and its budget."""
@@ -145,6 +173,7 @@ class HTTPIngress:
             per_request=body.per_request,
             present=present,
             sent_at_s=now_s,
+            request_id=headers.get(http.REQUEST_ID) or None,
         )
         return job, budget
 
