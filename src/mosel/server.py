@@ -128,7 +128,7 @@ class Server:
 
     def submit(self, inputs: object, slo: SLO, present: object = None) -> concurrent.futures.Future[Result]:
         """Queue a job; the future resolves to a :class:`Result` or the job's error."""
-        future = _Future()
+        future = _Future(self)
         job = self.requests.job(inputs, slo, present, self.clock.now(), future)
         if id(self) in _running():  # called back from this model's own batch: never queue behind it
             try:
@@ -170,7 +170,7 @@ class Server:
                     self._catch_up()
                     batch = self.scheduler.start_alone(job, self.clock.now())
                     if batch is None:
-                        job.payload.future = waiting = _Future()
+                        job.payload.future = waiting = _Future(self)
                         self._admit_locked(job)
             finally:
                 if self._outbox:
@@ -568,11 +568,29 @@ def _shutdown(pid: int, pool: concurrent.futures.ThreadPoolExecutor) -> None:
 
 
 class _Future(concurrent.futures.Future[Result]):
-    """A future whose done-callbacks cannot stop the thread that resolves it.
+    """A future whose done-callbacks cannot stop the thread that resolves it, and whose cancel is atomic.
 
     ``concurrent.futures`` lets a callback's ``BaseException`` (``SystemExit``) escape from
     ``set_result`` into mosel's executor; here every callback is guarded and its error logged.
+
+    :meth:`cancel` holds the server's lock while it flips the future to cancelled and the
+    scheduler withdraws the job (the done-callback ``Server._on_cancel``, run inside ``cancel``):
+    the executor marks a dispatched job's future running under the same lock, so a cancel either
+    withdraws a job before it is dispatched (True) or finds it running (False), never a job
+    that is cancelled and computed all the same.
     """
+
+    def __init__(self, server: Server | None = None) -> None:
+        super().__init__()
+        self._server = None if server is None else weakref.ref(server)
+
+    def cancel(self) -> bool:
+        """Cancel the job: True if it was withdrawn before it ran (see the class)."""
+        server = None if self._server is None else self._server()
+        if server is None:
+            return super().cancel()
+        with _deferred_interrupts(), server.lock:
+            return super().cancel()
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[Result]], object]) -> None:
         """Like ``Future.add_done_callback``; what ``fn`` raises is logged, never propagated."""
