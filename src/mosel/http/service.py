@@ -26,6 +26,7 @@ from mosel.errors import (
     MoselError,
     NotProfiledError,
     ShutdownError,
+    SLOError,
 )
 from mosel.execution import Result
 from mosel.http.wire import (
@@ -34,6 +35,7 @@ from mosel.http.wire import (
     LARGE_BODY,
     MAX_BODY_BYTES,
     OVERLOAD,
+    SLO_FIELDS,
     Budget,
     Health,
     ModelSource,
@@ -188,12 +190,20 @@ def _closed() -> JSONResponse:
     return _error(503, ShutdownError(CLOSED), **{"Retry-After": "1"})
 
 
-def _validation_detail(exc: ValidationError) -> str:
+def _invalid_body(exc: ValidationError) -> InputError | SLOError:
+    """The error of a body that is not a ``/predict`` body: an ``SLOError`` if only SLO fields are bad."""
     parts = []
-    for item in exc.errors(include_url=False):
+    errors = exc.errors(include_url=False)
+    for item in errors:
         where = ".".join(str(p) for p in item.get("loc", ()))
         parts.append(f"{where}: {item.get('msg')}" if where else str(item.get("msg")))
-    return "the body must be a JSON object {'inputs': {modality: lists}, ...}: " + "; ".join(parts)
+    if errors and all((item.get("loc") or ("",))[0] in SLO_FIELDS for item in errors):
+        return SLOError(
+            "the SLO fields take JSON numbers (deadline_ms, min_accuracy, confidence; not strings) and "
+            "booleans (per_request, best_effort; true or false): " + "; ".join(parts)
+        )
+    shape = "the body must be a JSON object {'inputs': {modality: lists}, ...}: "
+    return InputError(shape + "; ".join(parts))
 
 
 class Service:
@@ -305,7 +315,7 @@ class Service:
         try:
             body = PredictRequest.model_validate_json(raw or b"null")
         except ValidationError as exc:
-            raise InputError(_validation_detail(exc)) from None
+            raise _invalid_body(exc) from None
         budget = charge(headers, body, now_s)
         if arrived is not None and budget.deadline_ms is not None and not body.best_effort:
             spent_ms = (self._timer() - arrived) * 1000.0

@@ -102,10 +102,16 @@ Prepared: TypeAlias = "tuple[dict[str, Tree], dict[str, Tensor] | None, PredictR
 """A decoded request: its inputs, presence masks, body and budget."""
 ModelSource: TypeAlias = "nn.Module | Callable[[], nn.Module]"
 """A model, or a function that returns it when a request needs it (built later, e.g. on a replica)."""
+SLO_FIELDS: Final = frozenset({"deadline_ms", "min_accuracy", "confidence", "per_request", "best_effort"})
+"""The body fields of :class:`PredictRequest` that make the SLO (a bad one is an ``SLOError``)."""
 
 
 class PredictRequest(BaseModel):
-    """The body of ``POST /predict``."""
+    """The body of ``POST /predict``.
+
+    The SLO fields are strict, as ``model.infer``'s keywords are: a number for the objectives
+    (``"50"`` or ``true`` is refused), a JSON boolean for ``per_request`` and ``best_effort``.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -118,14 +124,18 @@ class PredictRequest(BaseModel):
         ),
     )
     deadline_ms: float | None = Field(
-        None, description="deadline in ms from the request's arrival (or X-Request-Start); > 0"
+        None, strict=True, description="deadline in ms from the request's arrival (or X-Request-Start); > 0"
     )
-    min_accuracy: float | None = Field(None, description="floor on the expected accuracy, in [0, 1]")
+    min_accuracy: float | None = Field(
+        None, strict=True, description="floor on the expected accuracy, in [0, 1]"
+    )
     confidence: float | None = Field(
-        None, description="plan the floor against lower confidence bounds of accuracy, in (0, 1)"
+        None, strict=True, description="plan the floor against lower confidence bounds of accuracy, in (0, 1)"
     )
-    per_request: bool = Field(False, description="every request's configuration meets the floor")
-    best_effort: bool = Field(False, description="serve late instead of answering 503 to a doomed deadline")
+    per_request: bool = Field(False, strict=True, description="every request's configuration meets the floor")
+    best_effort: bool = Field(
+        False, strict=True, description="serve late instead of answering 503 to a doomed deadline"
+    )
     present: dict[str, list[bool]] | None = Field(
         None, description="modality -> one boolean per request: which requests really have it"
     )
@@ -207,16 +217,29 @@ def _number(name: str, text: str) -> float:
     return value
 
 
+_EPOCH_UNITS: Final = (1.0, 1e3, 1e6, 1e9)
+"""Seconds, milliseconds, microseconds, nanoseconds: an epoch header's units, told apart by magnitude."""
+_EPOCH_S: Final = (1e9, 1e10)
+"""The wall-clock epochs (seconds) a header may name: from September 2001 to the year 2286."""
+
+
 def _epoch_s(name: str, text: str) -> float:
-    """Wall-clock epoch seconds; milliseconds and microseconds are told apart by magnitude."""
+    """Wall-clock epoch seconds from seconds, milliseconds, microseconds or nanoseconds.
+
+    The unit is told by the magnitude: each unit's plausible epochs (2001 to 2286) lie in its
+    own decade, ``[1e9, 1e10)`` times the unit. A value in none of them is refused rather than
+    misread (a unit off by a thousand would charge years, or nothing).
+    """
     value = _number(name, text.strip().removeprefix("t="))
-    if value <= 0:
-        raise SLOError(f"{name} must be a positive wall-clock epoch time, got {text!r}")
-    if value > 1e14:  # microseconds (1e14 s would be millions of years from now)
-        return value / 1e6
-    if value > 1e11:  # milliseconds (1e11 s is the year 5138)
-        return value / 1e3
-    return value
+    low, high = _EPOCH_S
+    for scale in _EPOCH_UNITS:
+        if low * scale <= value < high * scale:
+            return value / scale
+    raise SLOError(
+        f"{name} must be a wall-clock epoch time (since 1970) in seconds, milliseconds, microseconds or "
+        f"nanoseconds, between the years 2001 and 2286 (e.g. {name}: t=1764432000.123); got {text!r}, "
+        f"which is none of these"
+    )
 
 
 def _stricter(a: float | None, b: float | None, pick: Callable[[float, float], float]) -> float | None:
@@ -238,8 +261,9 @@ def charge(headers: Mapping[str, str], body: PredictRequest, now_s: float) -> Bu
     fields of the same meaning; when both give one, the stricter applies. ``X-Request-Start``
     (when the request entered the system: a load balancer, a router) and ``X-Deadline-At``
     (when its deadline passes) are wall-clock epoch times in seconds, as ``time.time()`` and
-    nginx's ``t=${msec}`` write them (a ``t=`` prefix is accepted; values in milliseconds or
-    microseconds are recognised by their magnitude). The deadline left for the model is
+    nginx's ``t=${msec}`` write them (a ``t=`` prefix is accepted; values in milliseconds,
+    microseconds or nanoseconds are recognised by their magnitude, and a value that is none of
+    these, between the years 2001 and 2286, is refused). The deadline left for the model is
     ``deadline_ms - (now - X-Request-Start)``, and at most ``X-Deadline-At - now``. Clocks of
     different hosts must agree (NTP); a start in the future counts as no time upstream.
 
