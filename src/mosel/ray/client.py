@@ -54,9 +54,8 @@ class Client:
     closed under it, e.g. a replica shutting down) or Ray's ``TaskCancelledError`` (Serve's
     ``RequestCancelledError``: cancelled on the serving side); no Ray error reaches the caller.
     Cancelling the caller (a cancelled ``ainfer`` task, Ctrl-C in ``infer``) cancels the Serve
-    request: a job still in the
-    replica's mosel queue is withdrawn and never computed (one already running finishes, its
-    result unclaimed).
+    request: a job still in the replica's mosel queue is withdrawn and never computed (one
+    already running finishes, its result unclaimed).
 
     Args:
         handle: what ``serve.run(app)`` (or ``serve.get_deployment_handle``) returned.
