@@ -6,10 +6,15 @@ the Ray ingress as a front door over another backend, readiness after partial mo
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import time
+import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
@@ -18,6 +23,7 @@ import mosel
 import mosel.http
 
 from .test_http import TextAudio, post, profile_text_audio
+from .test_http_frontdoor import reprofiler, wait_until
 
 AUDIO = {"inputs": {"audio": [[1.0, 2.0, 3.0]]}}
 JSON = {"content-type": "application/json"}
@@ -108,3 +114,83 @@ def test_the_bodys_slo_fields_are_strict(model: TextAudio, field: str, value: st
         ok = '{"inputs": {"audio": [[1.0, 2.0, 3.0]]}, "deadline_ms": 60000, "best_effort": false}'
         assert client.post("/predict", content=ok, headers=JSON).status_code == 200
     assert mosel.stats(model).counters["submitted"] == 1
+
+
+# ---------------------------------------------------------------- readiness: computed, whole-model
+
+
+def test_under_warn_readiness_runs_the_handling_serving_runs_without_a_request(model: TextAudio) -> None:
+    """Moved, served (warned, re-pinned), moved back: ready at once; compiled: the same answer throughout."""
+    mosel.attach(model, mosel.profile_of(model), on_stale="warn")
+    with TestClient(mosel.http.create_app(model)) as client:
+        model.double()
+        with pytest.warns(mosel.MoselWarning, match="moved from"):
+            assert post(client, AUDIO).status_code == 200
+        away = client.get("/readyz")
+        assert away.status_code == 503 and "measured in torch.float32" in away.json()["reason"]
+        model.float()
+        with pytest.warns(mosel.MoselWarning, match="moved from"):
+            back = client.get("/readyz")  # no request needed
+        assert back.status_code == 200, back.json()
+        assert post(client, AUDIO).status_code == 200
+        mosel.compile_branches(model, backend="eager")
+        with pytest.warns(mosel.MoselWarning, match="compiled parts changed"):
+            before = client.get("/readyz")
+        assert before.status_code == 503 and "compiled parts" in before.json()["reason"]
+        assert post(client, AUDIO).status_code == 200  # serves on, as warn says
+        after = client.get("/readyz")
+        assert after.status_code == 503 and after.json() == before.json()
+
+
+@pytest.mark.parametrize(
+    "move",
+    [
+        lambda m: m.audio.double(),
+        lambda m: m.audio.half(),
+        lambda m: setattr(m.audio.bias, "data", m.audio.bias.data.double()),
+    ],
+    ids=["audio.double()", "audio.half()", "one bias"],
+)
+def test_a_partial_move_is_a_move(model: TextAudio, move: Any) -> None:
+    """Only a part of the model moved (its first parameter did not): not ready, and refused with 503."""
+    with TestClient(mosel.http.create_app(model)) as client:
+        assert client.get("/readyz").status_code == 200
+        move(model)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "parameters or buffers moved" in ready.json()["reason"]
+        refused = post(client, AUDIO)
+        assert refused.status_code == 503 and refused.json()["error"] == "ProfileMismatchError", refused.text
+        model.float()
+        assert client.get("/readyz").status_code == 200
+        assert post(client, AUDIO).status_code == 200
+
+
+def test_serving_alone_sees_a_partial_move(model: TextAudio, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mosel.runtime, "LAYOUT_CHECK_S", 0.0)  # serving looks at every tensor each call
+    assert model.infer({"audio": torch.ones(1, 3)}).output.shape == (1, 3)  # type: ignore[operator]
+    model.audio.double()
+    with pytest.raises(mosel.ProfileMismatchError, match="parameters or buffers moved"):
+        model.infer({"audio": torch.ones(1, 3)})  # type: ignore[operator]
+    with TestClient(mosel.http.create_app(model)) as client:
+        assert post(client, AUDIO).json()["error"] == "ProfileMismatchError"
+
+
+@pytest.mark.parametrize("on_stale", ["warn", "reprofile"])
+def test_an_explicit_input_schema_follows_the_models_dtype(profile: mosel.Profile, on_stale: str) -> None:
+    started, go, calls = threading.Event(), threading.Event(), []
+    go.set()
+    m = TextAudio().eval()
+    mosel.attach(m, profile, on_stale="warn" if on_stale == "warn" else reprofiler(started, go, calls))
+    schema = {k: dataclasses.replace(v) for k, v in profile.input_schema.items()}
+    try:
+        with TestClient(mosel.http.create_app(m, input_schema=schema)) as client:
+            assert post(client, AUDIO).status_code == 200
+            m.double()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", mosel.MoselWarning)
+                if on_stale == "reprofile":
+                    wait_until(lambda: client.get("/readyz").status_code == 200, "the re-profile")
+                served = post(client, AUDIO)
+            assert served.status_code == 200, served.text  # float64 inputs for a float64 model
+    finally:
+        mosel.close(m, cancel=True)

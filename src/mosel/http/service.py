@@ -104,6 +104,12 @@ async def _disconnected(receive: Callable[[], Awaitable[Mapping[str, Any]]]) -> 
         await asyncio.Event().wait()
 
 
+def _float_dtype(model: nn.Module) -> str:
+    """The dtype of the model's first tensor (``"torch.float32"``), or "" if it is not a float."""
+    probe = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return str(probe.dtype) if probe is not None and probe.is_floating_point() else ""
+
+
 def _follow_dtype(
     schema: Mapping[str, ModalitySchema], profiled: str, now: torch.dtype
 ) -> dict[str, ModalitySchema]:
@@ -249,6 +255,9 @@ class Service:
             raise ValueError(f"decode_workers must be a positive int, got {decode_workers!r}")
         self._source = model
         self._schema = input_schema
+        # The model's float dtype when an explicit schema was given: its leaves of that dtype follow
+        # the model's (read now for a model, at the first request for a function returning one).
+        self._schema_dtype = _float_dtype(model) if isinstance(model, nn.Module) else None
         self._clock = clock
         self._timer = timer
         self.max_body_bytes = max_body_bytes
@@ -274,21 +283,24 @@ class Service:
         """The input schema requests are decoded with (the given one, else the profile's).
 
         The profile's is read when called (after a re-profile, the new profile's). Where the
-        model's dtype is no longer the one it was profiled in (attached with
-        ``on_stale="warn"``, then ``model.double()``), the leaves that had the model's dtype
-        take its dtype now, so that inputs reach it in the dtype it computes in.
+        model's dtype is no longer the one the schema was made for (attached with
+        ``on_stale="warn"``, then ``model.double()``; or re-profiled in float64 while an explicit
+        ``input_schema`` says float32), the leaves that had the model's dtype then take its dtype
+        now, so that inputs reach it in the dtype it computes in.
         """
         if self._schema is not None:
-            return self._schema
-        try:
-            profile = profile_of(model)
-        except NotProfiledError:
-            return {}
-        schema = profile.input_schema
-        probe = next(itertools.chain(model.parameters(), model.buffers()), None)
-        profiled = profile.fingerprint.dtype
-        if probe is not None and probe.is_floating_point() and profiled and profiled != str(probe.dtype):
-            return _follow_dtype(schema, profiled, probe.dtype)
+            if self._schema_dtype is None:
+                self._schema_dtype = _float_dtype(model)
+            schema, made_for = self._schema, self._schema_dtype
+        else:
+            try:
+                profile = profile_of(model)
+            except NotProfiledError:
+                return {}
+            schema, made_for = profile.input_schema, profile.fingerprint.dtype
+        now = _float_dtype(model)
+        if made_for and now and made_for != now:
+            return _follow_dtype(schema, made_for, getattr(torch, now.removeprefix("torch.")))
         return schema
 
     def prepare(
