@@ -12,7 +12,8 @@ Needs the ``http`` extra (``pip install 'mosel[http]'``: FastAPI, pydantic, prom
 Routes: ``POST /predict``, ``GET /metrics`` (Prometheus text), ``GET /healthz`` (alive),
 ``GET /readyz`` (a profile is attached and still fits the model). The request handling lives in
 :class:`Service`, which holds only its model (or a function returning it), so any number of
-apps, routers or Ray Serve replicas can each serve their own model. ``docs/http.md`` describes
+apps, routers or Ray Serve replicas can each serve their own model; or a :class:`Backend`
+(``mosel.ray.HTTPIngress`` is a ``Service`` over a Ray deployment's handle). ``docs/http.md`` describes
 the headers, bodies and status codes, and ``docs/failures.md`` what each fault at the front door
 does: a deadline counts from the request's arrival at the handler (receiving and decoding the
 body are charged), a body over ``max_body_bytes`` is refused (413) before it is read, large
@@ -28,6 +29,7 @@ if not all(importlib.util.find_spec(name) for name in ("fastapi", "pydantic", "s
     raise ImportError("mosel.http needs the http extra: pip install 'mosel[http]'")
 
 from mosel.http.app import create_app, create_router
+from mosel.http.backend import Backend, LocalModel, Serving, Submitted
 from mosel.http.service import Service
 from mosel.http.wire import (
     CLOSED,
@@ -68,14 +70,18 @@ __all__ = [
     "MIN_ACCURACY",
     "OVERLOAD",
     "REQUEST_START",
+    "Backend",
     "Budget",
     "ErrorBody",
     "Health",
+    "LocalModel",
     "ModelSource",
     "PredictRequest",
     "PredictResponse",
     "Readiness",
     "Service",
+    "Serving",
+    "Submitted",
     "charge",
     "create_app",
     "create_router",

@@ -1,10 +1,9 @@
-"""The request handling of the HTTP front door for one model: :class:`Service`."""
+"""The request handling of the HTTP front door: :class:`Service`, over a model or another backend."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
 import json
 import math
 import threading
@@ -12,23 +11,15 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
-import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 from torch import Tensor, nn
 
-import mosel
-from mosel.errors import (
-    DeadlineError,
-    InputError,
-    MoselError,
-    NotProfiledError,
-    ShutdownError,
-    SLOError,
-)
+from mosel.errors import DeadlineError, InputError, ShutdownError, SLOError
 from mosel.execution import Result
+from mosel.http.backend import Backend, LocalModel, LocalServing, Serving, Submitted, bool_masks
 from mosel.http.wire import (
     CLOSED,
     HTTP_EVENTS,
@@ -48,8 +39,7 @@ from mosel.http.wire import (
     error_status,
     prediction_of,
 )
-from mosel.runtime import close, profile_of, prometheus_collector, readiness, settle, submit_now
-from mosel.schema import LeafSchema, ModalitySchema
+from mosel.schema import ModalitySchema
 from mosel.slo import SLO
 from mosel.stats import BUCKETS_MS, Histogram
 from mosel.trees import Tree
@@ -57,31 +47,17 @@ from mosel.trees import Tree
 __all__ = ["Service"]
 
 
-def _drain_ms(model: nn.Module) -> float | None:
-    """The model's predicted queue drain time, ``mosel.load(model).drain_ms`` (None if unknown)."""
-    try:
-        return float(mosel.load(model).drain_ms)
-    except MoselError:
-        return None
-
-
-def _retry_after_s(model: nn.Module) -> int:
-    """Seconds until the model's queue is predicted to have drained (at least 1)."""
-    drain = _drain_ms(model)
-    return 1 if drain is None or not math.isfinite(drain) else max(1, math.ceil(drain / 1000.0))
-
-
 def _error(status: int, exc: BaseException, name: str | None = None, **headers: str) -> JSONResponse:
     body = {"error": name or type(exc).__name__, "detail": str(exc)}
     return JSONResponse(body, status_code=status, headers=headers or None)
 
 
-def _failed(model: nn.Module, exc: BaseException, *, decoding: bool = False) -> JSONResponse:
+def _failed(serving: Serving, exc: BaseException, *, decoding: bool = False) -> JSONResponse:
     """The answer to an error raised while preparing (``decoding``) or serving a request."""
     status = error_status(exc)
     if decoding and status == 500 and isinstance(exc, (ValueError, TypeError)):
         return _error(400, exc, "InputError")  # what decoding raised on a value that does not fit
-    headers = {"Retry-After": str(_retry_after_s(model))} if isinstance(exc, OVERLOAD) else {}
+    headers = {"Retry-After": str(serving.retry_after_s())} if isinstance(exc, OVERLOAD) else {}
     return _error(status, exc, **headers)
 
 
@@ -102,29 +78,6 @@ async def _disconnected(receive: Callable[[], Awaitable[Mapping[str, Any]]]) -> 
     message = await receive()
     if message.get("type") != "http.disconnect":
         await asyncio.Event().wait()
-
-
-def _float_dtype(model: nn.Module) -> str:
-    """The dtype of the model's first tensor (``"torch.float32"``), or "" if it is not a float."""
-    probe = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return str(probe.dtype) if probe is not None and probe.is_floating_point() else ""
-
-
-def _follow_dtype(
-    schema: Mapping[str, ModalitySchema], profiled: str, now: torch.dtype
-) -> dict[str, ModalitySchema]:
-    """``schema`` with the leaves profiled in the model's dtype (``profiled``) in its dtype ``now``."""
-    name = str(now).removeprefix("torch.")
-    return {
-        m: ModalitySchema(
-            s.batch_dim,
-            tuple(
-                LeafSchema(leaf.path, name, leaf.shape) if f"torch.{leaf.dtype}" == profiled else leaf
-                for leaf in s.leaves
-            ),
-        )
-        for m, s in schema.items()
-    }
 
 
 class _Counters:
@@ -213,18 +166,24 @@ def _invalid_body(exc: ValidationError) -> InputError | SLOError:
 
 
 class Service:
-    """The request handling of the HTTP front door, for one model.
+    """The request handling of the HTTP front door, for one model (or another :class:`Backend`).
 
     Every route of :func:`create_router` calls one method here; a Ray Serve deployment class
     may hold a ``Service`` and call its methods from its own routes instead. Once closed
     (:meth:`close`), it serves no more: ``/predict`` answers 503 ``ShutdownError`` with a
     ``Retry-After`` and ``/readyz`` not ready (the model's scheduler is not restarted).
 
+    The rules (body limit, decoding off the event loop, deadlines from arrival, disconnects,
+    ``deadline_met`` and the metrics) are the same whatever serves the jobs: a model in this
+    process (:class:`~mosel.http.backend.LocalModel`), or a Ray Serve deployment
+    (``mosel.ray.HTTPIngress`` is a ``Service`` over its handle).
+
     Args:
         model: the model (profiled or attached), or a function returning it, called when a
-            request needs it (a model built after the app, e.g. in a replica's constructor).
+            request needs it (a model built after the app, e.g. in a replica's constructor); or
+            a :class:`~mosel.http.backend.Backend`.
         input_schema: modality -> schema to decode inputs with, instead of the profile's
-            (a synthetic profile has none).
+            (a synthetic profile has none); for a model, not a backend.
         clock: wall-clock time in seconds (``time.time``), to charge upstream time with.
         max_body_bytes: the largest ``/predict`` body taken, in bytes; a larger one is answered
             413 before it is read (from its ``Content-Length``) or as soon as it grows past the
@@ -240,7 +199,7 @@ class Service:
 
     def __init__(
         self,
-        model: ModelSource,
+        model: ModelSource | Backend,
         *,
         input_schema: Mapping[str, ModalitySchema] | None = None,
         clock: Callable[[], float] = time.time,
@@ -253,11 +212,12 @@ class Service:
             raise ValueError(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
         if isinstance(decode_workers, bool) or not isinstance(decode_workers, int) or decode_workers < 1:
             raise ValueError(f"decode_workers must be a positive int, got {decode_workers!r}")
-        self._source = model
-        self._schema = input_schema
-        # The model's float dtype when an explicit schema was given: its leaves of that dtype follow
-        # the model's (read now for a model, at the first request for a function returning one).
-        self._schema_dtype = _float_dtype(model) if isinstance(model, nn.Module) else None
+        if isinstance(model, Backend):
+            if input_schema is not None:
+                raise ValueError("input_schema is for a model; a Backend gives its own schema")
+            self.backend: Backend = model
+        else:
+            self.backend = LocalModel(model, input_schema)
         self._clock = clock
         self._timer = timer
         self.max_body_bytes = max_body_bytes
@@ -273,35 +233,20 @@ class Service:
         """Whether :meth:`close` was called."""
         return self._closed
 
+    def _local(self) -> LocalModel:
+        if not isinstance(self.backend, LocalModel):
+            raise TypeError(
+                f"this service serves {type(self.backend).__qualname__}, not a model in this process"
+            )
+        return self.backend
+
     def model(self) -> nn.Module:
-        """The served model (calling the function given for it, if any)."""
-        if isinstance(self._source, nn.Module):
-            return self._source
-        return self._source()
+        """The served model (calling the function given for it, if any); a model's service only."""
+        return self._local().model()
 
     def schema(self, model: nn.Module) -> Mapping[str, ModalitySchema]:
-        """The input schema requests are decoded with (the given one, else the profile's).
-
-        The profile's is read when called (after a re-profile, the new profile's). Where the
-        model's dtype is no longer the one the schema was made for (attached with
-        ``on_stale="warn"``, then ``model.double()``; or re-profiled in float64 while an explicit
-        ``input_schema`` says float32), the leaves that had the model's dtype then take its dtype
-        now, so that inputs reach it in the dtype it computes in.
-        """
-        if self._schema is not None:
-            if self._schema_dtype is None:
-                self._schema_dtype = _float_dtype(model)
-            schema, made_for = self._schema, self._schema_dtype
-        else:
-            try:
-                profile = profile_of(model)
-            except NotProfiledError:
-                return {}
-            schema, made_for = profile.input_schema, profile.fingerprint.dtype
-        now = _float_dtype(model)
-        if made_for and now and made_for != now:
-            return _follow_dtype(schema, made_for, getattr(torch, now.removeprefix("torch.")))
-        return schema
+        """The input schema requests are decoded with (see :meth:`LocalModel.schema_of`)."""
+        return self._local().schema_of(model)
 
     def prepare(
         self, model: nn.Module, raw: bytes, headers: Mapping[str, str], now_s: float
@@ -318,10 +263,10 @@ class Service:
             DeadlineError: the deadline was spent upstream.
             NotProfiledError, ProfileMismatchError: the model cannot serve now.
         """
-        return self._prepare(model, raw, headers, now_s, None)
+        return self._prepare(LocalServing(self._local(), model), raw, headers, now_s, None)
 
     def _prepare(
-        self, model: nn.Module, raw: bytes, headers: Mapping[str, str], now_s: float, arrived: float | None
+        self, serving: Serving, raw: bytes, headers: Mapping[str, str], now_s: float, arrived: float | None
     ) -> Prepared:
         """:meth:`prepare`; with ``arrived``, a deadline already spent is refused before decoding."""
         try:
@@ -333,12 +278,9 @@ class Service:
             spent_ms = (self._timer() - arrived) * 1000.0
             if spent_ms >= budget.deadline_ms:  # e.g. a slow upload, or a wait for the decode pool
                 raise self._spent(budget, spent_ms)
-        settle(model)
-        inputs = decode_inputs(model, body.inputs, self.schema(model), allow_non_finite=self.allow_non_finite)
-        present = None
-        if body.present is not None:
-            present = {m: torch.tensor(v, dtype=torch.bool) for m, v in body.present.items()}
-        return inputs, present, body, budget
+        schema = serving.schema()  # after a change of the model is handled: never waits
+        inputs = decode_inputs(serving.target, body.inputs, schema, allow_non_finite=self.allow_non_finite)
+        return inputs, bool_masks(body.present), body, budget
 
     def _spent(self, budget: Budget, spent_ms: float) -> DeadlineError:
         """The error of a request whose deadline passed before its job could be submitted."""
@@ -372,10 +314,10 @@ class Service:
         if self._closed:
             return _closed()
         try:
-            model = self.model()
+            serving = self.backend.serving()
         except Exception as exc:  # the model is not built (yet)
             return _error(503, exc)
-        prepared = await self._received(request, model, arrived, now_s)
+        prepared = await self._received(request, serving, arrived, now_s)
         if isinstance(prepared, Response):
             return prepared
         inputs, present, body, budget = prepared
@@ -386,7 +328,7 @@ class Service:
             left = _LATE_MS  # served late, as best_effort asks, at once with its cheapest strategy
         elif left is not None and left <= 0:
             spent = self._spent(budget, received_ms)
-            return _error(503, spent, **{"Retry-After": str(_retry_after_s(model))})
+            return _error(503, spent, **{"Retry-After": str(serving.retry_after_s())})
         if await request.is_disconnected():  # gone while its body was decoded: nothing to compute
             self._counters.event("client_gone_before_submit")
             return Response(status_code=499)
@@ -395,17 +337,17 @@ class Service:
                 if self._closed:
                     return _closed()
                 slo = SLO.of(left, budget.min_accuracy, body.best_effort, budget.confidence, body.per_request)
-                future = submit_now(model, inputs, slo, present)
+                job = serving.submit(inputs, slo, present)
             del inputs, present
-            result = await self._outcome(request, future)
+            result = await self._outcome(request, job)
         except Exception as exc:
-            return _failed(model, exc)
+            return _failed(serving, exc)
         if result is None:  # the client is gone: nobody reads this answer
             return Response(status_code=499)
         return self._served(result, budget, arrived, received_ms)
 
     async def _received(
-        self, request: Request, model: nn.Module, arrived: float, now_s: float
+        self, request: Request, serving: Serving, arrived: float, now_s: float
     ) -> Prepared | Response:
         """The request's body read (bounded) and decoded, or the answer that refuses it.
 
@@ -424,11 +366,11 @@ class Service:
             if len(raw) > LARGE_BODY:
                 loop = asyncio.get_running_loop()
                 return await loop.run_in_executor(
-                    self._decode_pool(), self._prepare, model, raw, request.headers, now_s, arrived
+                    self._decode_pool(), self._prepare, serving, raw, request.headers, now_s, arrived
                 )
-            return self._prepare(model, raw, request.headers, now_s, arrived)
+            return self._prepare(serving, raw, request.headers, now_s, arrived)
         except Exception as exc:
-            return _failed(model, exc, decoding=True)
+            return _failed(serving, exc, decoding=True)
 
     async def _body(self, request: Request) -> bytes:
         """The request's body, refused (:class:`_TooLarge`) once it is known to exceed the limit."""
@@ -466,27 +408,29 @@ class Service:
                 )
             return self._pool
 
-    async def _outcome(self, request: Request, future: concurrent.futures.Future[Result]) -> Result | None:
+    async def _outcome(self, request: Request, job: Submitted) -> Result | None:
         """The job's result, or None when the client disconnected first (its queued job withdrawn).
 
         A job already running when the client goes runs to its end; its result is dropped.
         Cancelling the handler (a server that cancels on disconnect, e.g. Ray Serve) cancels
         the job the same way.
         """
-        waiting = asyncio.wrap_future(future)
+        waiting = job.waiting
         gone = asyncio.ensure_future(_disconnected(request.receive))
         try:
             await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
-            waiting.cancel()  # cancels the job (a queued one leaves the queue)
+            job.cancel()  # cancels the job (a queued one leaves the queue)
+            waiting.cancel()
             raise
         finally:
             gone.cancel()
         if waiting.done():
             return waiting.result()
-        withdrawn = future.cancel()
-        if not withdrawn:  # running: it finishes; its result or error goes unread
-            waiting.add_done_callback(lambda done: done.cancelled() or done.exception())
+        withdrawn = job.cancel()
+        waiting.add_done_callback(lambda done: done.cancelled() or done.exception())  # unread
+        if withdrawn:
+            waiting.cancel()
         self._counters.event("client_gone_withdrawn" if withdrawn else "client_gone_running")
         return None
 
@@ -523,10 +467,10 @@ class Service:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest  # noqa: PLC0415
 
         try:
-            model = self.model()
             registry = CollectorRegistry()
-            registry.register(prometheus_collector(model))
-            registry.register(self._counters.collector(type(model).__qualname__))
+            for collector in self.backend.collectors():
+                registry.register(collector)
+            registry.register(self._counters.collector(self.backend.name()))
         except Exception as exc:
             return _error(503, exc)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -548,10 +492,7 @@ class Service:
         now (a re-profile by ``on_stale`` starts in the background; ``"re-profiling: ..."``
         until its profile is attached). Never blocks: the router runs it on the event loop.
         """
-        try:
-            reason = CLOSED if self._closed else readiness(self.model())
-        except Exception as exc:  # the model is not built (yet)
-            reason = f"{type(exc).__name__}: {exc}"
+        reason = CLOSED if self._closed else self.backend.readiness()
         ready = Readiness(ready=reason is None, reason=reason)
         return JSONResponse(ready.model_dump(), status_code=200 if reason is None else 503)
 
@@ -565,8 +506,4 @@ class Service:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False)
-        try:
-            model = self.model()
-        except Exception:  # never built: nothing to close
-            return
-        close(model)
+        self.backend.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
@@ -20,6 +20,7 @@ from mosel.errors import (
     NotProfiledError,
     ProfileMismatchError,
     QueueFullError,
+    ReplicaError,
     ShutdownError,
     SLOError,
 )
@@ -65,8 +66,9 @@ REQUEST_START: Final = "X-Request-Start"
 DEADLINE_AT: Final = "X-Deadline-At"
 """Header: the absolute wall-clock epoch at which the request's deadline passes."""
 
-OVERLOAD: Final = (DeadlineError, QueueFullError, ShutdownError)
-"""Errors answered 503 with a ``Retry-After``: the model is busy (or closed), retry later or elsewhere."""
+OVERLOAD: Final = (DeadlineError, QueueFullError, ShutdownError, ReplicaError)
+"""Errors answered 503 with a ``Retry-After``: the model is busy (or closed, or its replica was
+lost), retry later or elsewhere."""
 LARGE_BODY: Final = 256 * 1024
 """Bodies larger than this (bytes) are parsed and decoded on the service's decode pool, off the event loop."""
 MAX_BODY_BYTES: Final = 8 * 1024 * 1024
@@ -366,7 +368,7 @@ def _slices(rows: list[Any], count: int, numbers: int) -> list[Any]:
 
 
 def decode_inputs(
-    model: nn.Module,
+    model: nn.Module | Sequence[str],
     inputs: Mapping[str, Any],
     schema: Mapping[str, ModalitySchema],
     *,
@@ -374,6 +376,7 @@ def decode_inputs(
 ) -> dict[str, Tree]:
     """The JSON ``inputs`` of a request as tensors, each modality checked against ``schema``.
 
+    ``model``: the model, or the modalities it takes (a model elsewhere, e.g. a Ray deployment).
     A modality without a schema (a profile saved before schemas were recorded) takes its
     dtypes from the values (see :func:`mosel.schema.decode`). A NaN, an infinity, or a number
     beyond its leaf's float dtype (``1e39`` for float32) is refused unless ``allow_non_finite``.
@@ -381,10 +384,14 @@ def decode_inputs(
     Raises:
         InputError: an unknown modality, or a value that does not fit (naming modality and leaf).
     """
-    spec = spec_of(model)
-    unknown = [m for m in inputs if m not in spec.branches]
+    if isinstance(model, nn.Module):
+        spec = spec_of(model)
+        names, owner = tuple(spec.modalities), spec.model_class
+    else:
+        names, owner = tuple(model), "the model"
+    unknown = [m for m in inputs if m not in names]
     if unknown:
-        raise InputError(f"unknown modality {unknown[0]!r}; {spec.model_class} takes {list(spec.modalities)}")
+        raise InputError(f"unknown modality {unknown[0]!r}; {owner} takes {list(names)}")
     finite = not allow_non_finite
     return {m: _decode(m, v, schema.get(m), finite) for m, v in inputs.items() if v is not None}
 
