@@ -646,21 +646,21 @@ def _tensor(value: Any, where: str, leaf: LeafSchema | None, batch_dim: int, fin
 
     Shapes are left to :meth:`ModalitySchema.check`.
     """
-    if not isinstance(value, list):
+    if not isinstance(value, list | Tensor):  # a Tensor: the list parsed already, as _parse does, in steps
         raise InputError(
             f"{where} must be a (nested) list, one tensor with the requests along its batch dimension "
             f"{batch_dim}, got {type(value).__name__}"
         )
     dtype = None if leaf is None else leaf.torch_dtype()
     parse_as = torch.float64 if dtype is not None and dtype.is_floating_point else None
-    tensor = _parse(value, where, parse_as, dtype)
+    tensor = value if isinstance(value, Tensor) else parse_list(value, where, parse_as, dtype)
     if dtype is not None and tensor.numel() == 0:  # no values, e.g. [[]]: no dtype to judge; shapes decide
         return torch.empty(tensor.shape, dtype=dtype)
     if dtype is None:  # no schema: the values decide (integers stay int64, e.g. token ids)
         if not tensor.is_floating_point():
             return tensor
         dtype = torch.float32
-        tensor = _parse(value, where, torch.float64, dtype)  # overflow is judged against float32
+        tensor = parse_list(value, where, torch.float64, dtype)  # overflow is judged against float32
     if dtype.is_floating_point:
         cast = tensor.to(dtype)
         if finite:
@@ -717,7 +717,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _parse(value: list[Any], where: str, parse_as: torch.dtype | None, dtype: torch.dtype | None) -> Tensor:
+def parse_list(value: Any, where: str, parse_as: torch.dtype | None, dtype: torch.dtype | None) -> Tensor:
+    """``torch.tensor(value, dtype=parse_as)``, its failures as an :class:`InputError` naming ``where``."""
     try:
         return torch.tensor(value, dtype=parse_as)
     except (ValueError, OverflowError, RuntimeError) as exc:

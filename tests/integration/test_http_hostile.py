@@ -194,3 +194,59 @@ def test_an_explicit_input_schema_follows_the_models_dtype(profile: mosel.Profil
             assert served.status_code == 200, served.text  # float64 inputs for a float64 model
     finally:
         mosel.close(m, cancel=True)
+
+
+# ---------------------------------------------------------------- decoding in steps
+
+
+def record_pieces(monkeypatch: pytest.MonkeyPatch, step: int) -> list[int]:
+    """Count the numbers each GIL-holding step (a ``torch.tensor`` of a list) turns into a tensor."""
+    sizes: list[int] = []
+    tensor = torch.tensor
+
+    def counting(data: Any, *args: Any, **kwargs: Any) -> Any:
+        made = tensor(data, *args, **kwargs)
+        if isinstance(data, list):
+            sizes.append(made.numel())
+        return made
+
+    monkeypatch.setattr(mosel.http.wire, "DECODE_STEP", step)
+    monkeypatch.setattr(torch, "tensor", counting)
+    return sizes
+
+
+@pytest.mark.parametrize(("rows", "tokens"), [(2, 1000), (1, 5000), (3, 130), (40, 7)])
+def test_a_leaf_decodes_in_steps_of_at_most_decode_step_numbers_even_within_a_row(
+    model: TextAudio, profile: mosel.Profile, monkeypatch: pytest.MonkeyPatch, rows: int, tokens: int
+) -> None:
+    ids = [[(i * 7 + j) % 10 for j in range(tokens)] for i in range(rows)]
+    mask = [[bool((i + j) % 3) for j in range(tokens)] for i in range(rows)]
+    inputs = {"text": {"input_ids": ids, "attention_mask": mask}, "audio": [[0.5, 1.5, 2.5]] * rows}
+    whole = mosel.http.decode_inputs(model, inputs, profile.input_schema)
+    sizes = record_pieces(monkeypatch, 64)
+    stepped = mosel.http.decode_inputs(model, inputs, profile.input_schema)
+    assert sizes and max(sizes) <= 64 and sum(sizes) == 2 * rows * tokens + 3 * rows  # each number once
+    for part in ("input_ids", "attention_mask"):
+        assert torch.equal(stepped["text"][part], whole["text"][part])  # type: ignore[index]
+        assert stepped["text"][part].dtype == whole["text"][part].dtype  # type: ignore[index]
+    assert isinstance(inputs["text"]["input_ids"], list)  # the body itself is left as it was
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (lambda rows: rows[-1].__setitem__(2, float("nan")), r"audio holds nan at \(2999, 2\)"),
+        (lambda rows: rows.__setitem__(1500, [1.0, 2.0]), "rectangular"),
+        (lambda rows: rows.__setitem__(2999, 5.0), "rectangular"),
+        (lambda rows: rows[10].__setitem__(0, "x"), "rectangular"),
+    ],
+)
+def test_a_bad_value_is_refused_without_decoding_the_whole_input_in_one_step(
+    model: TextAudio, profile: mosel.Profile, monkeypatch: pytest.MonkeyPatch, bad: Any, message: str
+) -> None:
+    rows: list[Any] = [[0.5, 1.5, 2.5] for _ in range(3000)]
+    bad(rows)
+    sizes = record_pieces(monkeypatch, 300)
+    with pytest.raises(mosel.InputError, match=message):
+        mosel.http.decode_inputs(model, {"audio": rows}, profile.input_schema)
+    assert max(sizes, default=0) <= 300  # no step took the whole input
