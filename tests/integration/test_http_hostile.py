@@ -7,6 +7,7 @@ the Ray ingress as a front door over another backend, readiness after partial mo
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 import warnings
@@ -17,13 +18,14 @@ import pytest
 import torch
 
 pytest.importorskip("fastapi")
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 import mosel
 import mosel.http
 
 from .test_http import TextAudio, post, profile_text_audio
-from .test_http_frontdoor import reprofiler, wait_until
+from .test_http_frontdoor import raw_request, read_response, reprofiler, uvicorn_server, wait_until
 
 AUDIO = {"inputs": {"audio": [[1.0, 2.0, 3.0]]}}
 JSON = {"content-type": "application/json"}
@@ -250,3 +252,57 @@ def test_a_bad_value_is_refused_without_decoding_the_whole_input_in_one_step(
     with pytest.raises(mosel.InputError, match=message):
         mosel.http.decode_inputs(model, {"audio": rows}, profile.input_schema)
     assert max(sizes, default=0) <= 300  # no step took the whole input
+
+
+# ---------------------------------------------------------------- clients gone while their bodies decode
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_clients_gone_while_their_large_bodies_wait_or_decode_have_nothing_submitted(
+    model: TextAudio, monkeypatch: pytest.MonkeyPatch, http: str
+) -> None:
+    """Three large bodies, one decode worker: one decoding, two waiting; every client closes at once.
+
+    Each is answered (499) as soon as its client is gone, without waiting for the decode; the
+    two waiting are never decoded, and nothing is submitted.
+    """
+    entered: list[int] = []
+    release = threading.Event()
+    decode = mosel.http.decode_inputs
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        entered.append(1)
+        assert release.wait(30)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(mosel.http.service, "decode_inputs", slow)
+    service = mosel.http.Service(model)  # one decode worker
+    app = FastAPI()
+    app.include_router(mosel.http.create_router(service))
+    body = json.dumps(AUDIO).encode() + b" " * (mosel.http.LARGE_BODY + 1000)
+    with uvicorn_server(app, http) as port:
+        connections = [raw_request(port, body) for _ in range(3)]
+        wait_until(lambda: len(entered) == 1, "the first body to be decoding")
+        for connection in connections:
+            connection.close()
+        wait_until(
+            lambda: service.http_events()["client_gone_before_submit"] == 3, "all three to be seen gone"
+        )
+        release.set()
+        again = raw_request(port, json.dumps(AUDIO).encode())
+        assert read_response(again)[0] == 200
+        again.close()
+    events = service.http_events()
+    assert events["status_499"] == 3 and events["status_200"] == 1, events
+    assert len(entered) == 2  # the first large body and the last request: the two waiting never decoded
+    assert mosel.stats(model).counters["submitted"] == 1  # only the last request's job
+
+
+def test_a_decode_stops_at_its_next_step_once_its_client_is_gone(
+    model: TextAudio, profile: mosel.Profile
+) -> None:
+    gone = threading.Event()
+    gone.set()
+    rows = [[0.5, 1.5, 2.5]] * 100_000
+    with pytest.raises(mosel.http.wire.Abandoned):
+        mosel.http.decode_inputs(model, {"audio": rows}, profile.input_schema, abandoned=gone.is_set)

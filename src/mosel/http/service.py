@@ -69,6 +69,12 @@ class _TooLarge(Exception):
     """A body over the service's limit (answered 413 without reading the rest)."""
 
 
+def _unread(done: asyncio.Future[Any]) -> None:
+    """Retrieve what nobody will read (a result, an error) so that asyncio does not log it."""
+    if not done.cancelled():
+        done.exception()
+
+
 async def _disconnected(receive: Callable[[], Awaitable[Mapping[str, Any]]]) -> None:
     """Returns when the ASGI server says the client disconnected (``http.disconnect``).
 
@@ -266,9 +272,18 @@ class Service:
         return self._prepare(LocalServing(self._local(), model), raw, headers, now_s, None)
 
     def _prepare(
-        self, serving: Serving, raw: bytes, headers: Mapping[str, str], now_s: float, arrived: float | None
+        self,
+        serving: Serving,
+        raw: bytes,
+        headers: Mapping[str, str],
+        now_s: float,
+        arrived: float | None,
+        abandoned: Callable[[], bool] | None = None,
     ) -> Prepared:
-        """:meth:`prepare`; with ``arrived``, a deadline already spent is refused before decoding."""
+        """:meth:`prepare`; with ``arrived``, a deadline already spent is refused before decoding.
+
+        ``abandoned``: asked between the decode's steps (the client went away: stop).
+        """
         try:
             body = PredictRequest.model_validate_json(raw or b"null")
         except ValidationError as exc:
@@ -279,7 +294,10 @@ class Service:
             if spent_ms >= budget.deadline_ms:  # e.g. a slow upload, or a wait for the decode pool
                 raise self._spent(budget, spent_ms)
         schema = serving.schema()  # after a change of the model is handled: never waits
-        inputs = decode_inputs(serving.target, body.inputs, schema, allow_non_finite=self.allow_non_finite)
+        options: dict[str, Any] = {"allow_non_finite": self.allow_non_finite}
+        if abandoned is not None:
+            options["abandoned"] = abandoned
+        inputs = decode_inputs(serving.target, body.inputs, schema, **options)
         return inputs, bool_masks(body.present), body, budget
 
     def _spent(self, budget: Budget, spent_ms: float) -> DeadlineError:
@@ -308,16 +326,42 @@ class Service:
         self._counters.answered(response.status_code)
         return response
 
-    async def _predict(  # noqa: PLR0911 (one answer per outcome: 503, 503, 499, 503, 499, 500, 200)
-        self, request: Request, arrived: float, now_s: float
-    ) -> Response:
+    async def _predict(self, request: Request, arrived: float, now_s: float) -> Response:
         if self._closed:
             return _closed()
         try:
             serving = self.backend.serving()
         except Exception as exc:  # the model is not built (yet)
             return _error(503, exc)
-        prepared = await self._received(request, serving, arrived, now_s)
+        try:
+            raw = await self._body(request)
+        except _TooLarge as exc:  # the rest is never read: the connection closes after the answer
+            return _error(413, exc, "InputError", Connection="close")
+        except ClientDisconnect:
+            return self._gone_before_submit()
+        except InputError as exc:
+            return _error(400, exc)
+        # Nothing else is due on the channel until the response: from here on, the next message
+        # says the client went away (some servers' one-shot checks miss it; see _disconnected).
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            return await self._serve(request, serving, raw, gone, arrived, now_s)
+        finally:
+            gone.cancel()
+
+    async def _serve(  # noqa: PLR0911 (one answer per outcome: 499, 503, 499, 503, 499, 500, 200)
+        self,
+        request: Request,
+        serving: Serving,
+        raw: bytes,
+        gone: asyncio.Future[None],
+        arrived: float,
+        now_s: float,
+    ) -> Response:
+        """Decode the body, submit its job and await it, while the client is still there."""
+        if gone.done():  # gone before its body was decoded: nothing is decoded
+            return self._gone_before_submit()
+        prepared = await self._decoded(serving, raw, request.headers, gone, arrived, now_s)
         if isinstance(prepared, Response):
             return prepared
         inputs, present, body, budget = prepared
@@ -329,9 +373,8 @@ class Service:
         elif left is not None and left <= 0:
             spent = self._spent(budget, received_ms)
             return _error(503, spent, **{"Retry-After": str(serving.retry_after_s())})
-        if await request.is_disconnected():  # gone while its body was decoded: nothing to compute
-            self._counters.event("client_gone_before_submit")
-            return Response(status_code=499)
+        if gone.done():  # gone while its body was decoded: nothing is submitted
+            return self._gone_before_submit()
         try:
             with self._lock:  # checked and admitted at once: close() cannot slip in between
                 if self._closed:
@@ -339,36 +382,47 @@ class Service:
                 slo = SLO.of(left, budget.min_accuracy, body.best_effort, budget.confidence, body.per_request)
                 job = serving.submit(inputs, slo, present)
             del inputs, present
-            result = await self._outcome(request, job)
+            result = await self._outcome(job, gone)
         except Exception as exc:
             return _failed(serving, exc)
         if result is None:  # the client is gone: nobody reads this answer
             return Response(status_code=499)
         return self._served(result, budget, arrived, received_ms)
 
-    async def _received(
-        self, request: Request, serving: Serving, arrived: float, now_s: float
-    ) -> Prepared | Response:
-        """The request's body read (bounded) and decoded, or the answer that refuses it.
+    def _gone_before_submit(self) -> Response:
+        self._counters.event("client_gone_before_submit")
+        return Response(status_code=499)
 
-        Large bodies decode on the decode pool; refusals are 413, 499, 400 and 503.
+    async def _decoded(
+        self,
+        serving: Serving,
+        raw: bytes,
+        headers: Mapping[str, str],
+        gone: asyncio.Future[None],
+        arrived: float,
+        now_s: float,
+    ) -> Prepared | Response:
+        """The body parsed and decoded, or the answer that refuses it (400, 503, 499).
+
+        Large bodies decode on the decode pool. A client that goes away meanwhile is answered
+        499 at once: a decode still waiting for the pool never runs, one running stops at its
+        next step (:func:`~mosel.http.decode_inputs`' ``abandoned``).
         """
         try:
-            raw = await self._body(request)
-        except _TooLarge as exc:  # the rest is never read: the connection closes after the answer
-            return _error(413, exc, "InputError", Connection="close")
-        except ClientDisconnect:
-            self._counters.event("client_gone_before_submit")
-            return Response(status_code=499)
-        except InputError as exc:
-            return _error(400, exc)
-        try:
-            if len(raw) > LARGE_BODY:
-                loop = asyncio.get_running_loop()
-                return await loop.run_in_executor(
-                    self._decode_pool(), self._prepare, serving, raw, request.headers, now_s, arrived
-                )
-            return self._prepare(serving, raw, request.headers, now_s, arrived)
+            if len(raw) <= LARGE_BODY:
+                return self._prepare(serving, raw, headers, now_s, arrived)
+            abandoned = threading.Event()
+            loop = asyncio.get_running_loop()
+            work = loop.run_in_executor(
+                self._decode_pool(), self._prepare, serving, raw, headers, now_s, arrived, abandoned.is_set
+            )
+            await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                abandoned.set()
+                work.cancel()
+                work.add_done_callback(_unread)
+                return self._gone_before_submit()
+            return work.result()
         except Exception as exc:
             return _failed(serving, exc, decoding=True)
 
@@ -408,7 +462,7 @@ class Service:
                 )
             return self._pool
 
-    async def _outcome(self, request: Request, job: Submitted) -> Result | None:
+    async def _outcome(self, job: Submitted, gone: asyncio.Future[None]) -> Result | None:
         """The job's result, or None when the client disconnected first (its queued job withdrawn).
 
         A job already running when the client goes runs to its end; its result is dropped.
@@ -416,19 +470,16 @@ class Service:
         the job the same way.
         """
         waiting = job.waiting
-        gone = asyncio.ensure_future(_disconnected(request.receive))
         try:
             await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
             job.cancel()  # cancels the job (a queued one leaves the queue)
             waiting.cancel()
             raise
-        finally:
-            gone.cancel()
         if waiting.done():
             return waiting.result()
         withdrawn = job.cancel()
-        waiting.add_done_callback(lambda done: done.cancelled() or done.exception())  # unread
+        waiting.add_done_callback(_unread)
         if withdrawn:
             waiting.cancel()
         self._counters.event("client_gone_withdrawn" if withdrawn else "client_gone_running")
