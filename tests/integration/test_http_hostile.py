@@ -6,6 +6,7 @@ the Ray ingress as a front door over another backend, readiness after partial mo
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import threading
@@ -25,7 +26,7 @@ import mosel
 import mosel.http
 
 from .test_http import TextAudio, post, profile_text_audio
-from .test_http_frontdoor import raw_request, read_response, reprofiler, uvicorn_server, wait_until
+from .test_http_frontdoor import FakeTimer, raw_request, read_response, reprofiler, uvicorn_server, wait_until
 
 AUDIO = {"inputs": {"audio": [[1.0, 2.0, 3.0]]}}
 JSON = {"content-type": "application/json"}
@@ -306,3 +307,69 @@ def test_a_decode_stops_at_its_next_step_once_its_client_is_gone(
     rows = [[0.5, 1.5, 2.5]] * 100_000
     with pytest.raises(mosel.http.wire.Abandoned):
         mosel.http.decode_inputs(model, {"audio": rows}, profile.input_schema, abandoned=gone.is_set)
+
+
+# ---------------------------------------------------------------- arrival: as early as the app sees it
+
+
+@pytest.mark.parametrize("kib", [17, 64, 200, 256])
+def test_no_body_over_inline_body_is_decoded_on_the_event_loop(
+    model: TextAudio, monkeypatch: pytest.MonkeyPatch, kib: int
+) -> None:
+    """A 256 KiB body takes ~10 ms to decode: on the loop it held up every other request's arrival."""
+    on_loop: list[bool] = []
+    decode = mosel.http.decode_inputs
+
+    def where(*args: Any, **kwargs: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(mosel.http.service, "decode_inputs", where)
+    rows = [[0.125, 1.25, 2.5]] * min(kib * 1024 // 20, 2000)
+    body = json.dumps({"inputs": {"audio": rows}}).encode()
+    body += b" " * max(0, kib * 1024 - len(body))
+    small = json.dumps(AUDIO).encode()
+    assert len(small) <= mosel.http.INLINE_BODY < len(body) <= mosel.http.LARGE_BODY + 1024 * 1024
+    with TestClient(mosel.http.create_app(model)) as client:
+        assert client.post("/predict", content=body, headers=JSON).status_code == 200
+        assert client.post("/predict", content=small, headers=JSON).status_code == 200
+    assert on_loop == [False, True]  # only the small body, under a millisecond, on the loop
+
+
+class Busy:
+    """ASGI middleware between the arrival stamp and the handler that takes ``ms`` on the service's timer."""
+
+    def __init__(self, app: Any, timer: Any, ms: float) -> None:
+        self.app, self.timer, self.ms = app, timer, ms
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.timer.now_s += self.ms / 1000.0  # e.g. an event loop busy with other requests
+        await self.app(scope, receive, send)
+
+
+def test_the_deadline_counts_from_the_arrival_stamp_not_the_handlers_entry(model: TextAudio) -> None:
+    timer = FakeTimer()
+    service = mosel.http.Service(model, timer=timer)
+    app = FastAPI()
+    app.include_router(mosel.http.create_router(service))
+    app.add_middleware(Busy, timer=timer, ms=500.0)
+    app.add_middleware(mosel.http.StampArrival, timer=service.timer, clock=service.clock)  # outermost
+    with TestClient(app) as client:
+        refused = post(client, AUDIO, **{"X-Deadline-Ms": "400"})
+        assert refused.status_code == 503 and refused.json()["error"] == "DeadlineError", refused.text
+        served = post(client, AUDIO, **{"X-Deadline-Ms": "600"}).json()
+        assert served["received_ms"] >= 500.0 and served["completion_ms"] >= 500.0
+        late = post(client, AUDIO | {"best_effort": True}, **{"X-Deadline-Ms": "400"}).json()
+        assert late["deadline_met"] is False
+    assert mosel.stats(model).counters["submitted"] == 2
+    # A stamp taken with another timer is not used: the handler's entry is.
+    other = mosel.http.Service(model, timer=FakeTimer())
+    app = FastAPI()
+    app.include_router(mosel.http.create_router(other))
+    app.add_middleware(mosel.http.StampArrival)  # time.monotonic: not the service's
+    with TestClient(app) as client:
+        assert post(client, AUDIO, **{"X-Deadline-Ms": "400"}).json()["received_ms"] == 0.0

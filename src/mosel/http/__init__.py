@@ -15,7 +15,7 @@ Routes: ``POST /predict``, ``GET /metrics`` (Prometheus text), ``GET /healthz`` 
 apps, routers or Ray Serve replicas can each serve their own model; or a :class:`Backend`
 (``mosel.ray.HTTPIngress`` is a ``Service`` over a Ray deployment's handle). ``docs/http.md`` describes
 the headers, bodies and status codes, and ``docs/failures.md`` what each fault at the front door
-does: a deadline counts from the request's arrival at the handler (receiving and decoding the
+does: a deadline counts from the request's arrival (receiving and decoding the
 body are charged), a body over ``max_body_bytes`` is refused (413) before it is read, large
 bodies are decoded on a bounded worker pool, a client that disconnects has its queued job
 withdrawn, and non-finite inputs are refused.
@@ -28,16 +28,18 @@ import importlib.util
 if not all(importlib.util.find_spec(name) for name in ("fastapi", "pydantic", "starlette")):
     raise ImportError("mosel.http needs the http extra: pip install 'mosel[http]'")
 
-from mosel.http.app import create_app, create_router
+from mosel.http.app import StampArrival, create_app, create_router
 from mosel.http.backend import Backend, LocalModel, Serving, Submitted
 from mosel.http.service import Service
 from mosel.http.wire import (
+    ARRIVED,
     CLOSED,
     CONFIDENCE,
     DEADLINE_AT,
     DEADLINE_MS,
     DECODE_STEP,
     HTTP_EVENTS,
+    INLINE_BODY,
     LARGE_BODY,
     MAX_BODY_BYTES,
     MIN_ACCURACY,
@@ -59,12 +61,14 @@ from mosel.http.wire import (
 from mosel.runtime import readiness
 
 __all__ = [
+    "ARRIVED",
     "CLOSED",
     "CONFIDENCE",
     "DEADLINE_AT",
     "DEADLINE_MS",
     "DECODE_STEP",
     "HTTP_EVENTS",
+    "INLINE_BODY",
     "LARGE_BODY",
     "MAX_BODY_BYTES",
     "MIN_ACCURACY",
@@ -81,6 +85,7 @@ __all__ = [
     "Readiness",
     "Service",
     "Serving",
+    "StampArrival",
     "Submitted",
     "charge",
     "create_app",

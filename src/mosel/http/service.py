@@ -21,8 +21,10 @@ from mosel.errors import DeadlineError, InputError, ShutdownError, SLOError
 from mosel.execution import Result
 from mosel.http.backend import Backend, LocalModel, LocalServing, Serving, Submitted, bool_masks
 from mosel.http.wire import (
+    ARRIVED,
     CLOSED,
     HTTP_EVENTS,
+    INLINE_BODY,
     LARGE_BODY,
     MAX_BODY_BYTES,
     OVERLOAD,
@@ -137,7 +139,7 @@ class _Counters:
                 yield family
                 histogram = HistogramMetricFamily(
                     "mosel_http_completion_ms",
-                    "served answers: arrival at the handler to the response handed to the server, ms",
+                    "served answers: arrival to the response handed to the server, ms",
                     labels=["model"],
                 )
                 cumulative, buckets = 0, []
@@ -229,10 +231,20 @@ class Service:
         self.max_body_bytes = max_body_bytes
         self.allow_non_finite = bool(allow_non_finite)
         self._workers = decode_workers
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pools: list[concurrent.futures.ThreadPoolExecutor | None] = [None, None]  # medium, large
         self._counters = _Counters()
         self._closed = False
         self._lock = threading.Lock()  # no job is admitted once close() has begun
+
+    @property
+    def timer(self) -> Callable[[], float]:
+        """The monotonic clock a request's time since its arrival is measured with."""
+        return self._timer
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The wall clock upstream time is charged with."""
+        return self._clock
 
     @property
     def closed(self) -> bool:
@@ -320,11 +332,25 @@ class Service:
         model gets what is left, and ``deadline_met`` says whether the response was handed to
         the server within it.
         """
-        arrived = self._timer()
-        now_s = self._clock()
+        arrived, now_s = self._arrival(request.scope)
         response = await self._predict(request, arrived, now_s)
         self._counters.answered(response.status_code)
         return response
+
+    def _arrival(self, scope: Mapping[str, Any]) -> tuple[float, float]:
+        """When the request arrived, on the service's timer and clock.
+
+        As :class:`~mosel.http.StampArrival` stamped it when the app was first called for it
+        (with this service's timer and clock), else now (the handler's entry).
+        """
+        timer, clock = self._timer, self._clock
+        stamp = scope.get(ARRIVED)
+        now = timer()
+        if isinstance(stamp, tuple) and len(stamp) == 4 and stamp[0] is timer and stamp[1] is clock:
+            arrived, at_s = stamp[2], stamp[3]
+            if isinstance(arrived, float) and isinstance(at_s, float) and arrived <= now:
+                return arrived, at_s
+        return now, clock()
 
     async def _predict(self, request: Request, arrived: float, now_s: float) -> Response:
         if self._closed:
@@ -409,12 +435,13 @@ class Service:
         next step (:func:`~mosel.http.decode_inputs`' ``abandoned``).
         """
         try:
-            if len(raw) <= LARGE_BODY:
+            if len(raw) <= INLINE_BODY:
                 return self._prepare(serving, raw, headers, now_s, arrived)
             abandoned = threading.Event()
             loop = asyncio.get_running_loop()
+            pool = self._decode_pool(large=len(raw) > LARGE_BODY)
             work = loop.run_in_executor(
-                self._decode_pool(), self._prepare, serving, raw, headers, now_s, arrived, abandoned.is_set
+                pool, self._prepare, serving, raw, headers, now_s, arrived, abandoned.is_set
             )
             await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
             if not work.done():
@@ -452,15 +479,21 @@ class Service:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _decode_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+    def _decode_pool(self, *, large: bool = True) -> concurrent.futures.ThreadPoolExecutor:
+        """The pool of ``decode_workers`` threads for large bodies; one thread for medium ones."""
+        lane = 1 if large else 0
         with self._lock:
             if self._closed:
                 raise ShutdownError(CLOSED)
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    self._workers, thread_name_prefix="mosel-http-decode"
+            pool = self._pools[lane]
+            if pool is None:
+                workers, name = (
+                    (self._workers, "mosel-http-decode") if large else (1, "mosel-http-decode-medium")
                 )
-            return self._pool
+                pool = self._pools[lane] = concurrent.futures.ThreadPoolExecutor(
+                    workers, thread_name_prefix=name
+                )
+            return pool
 
     async def _outcome(self, job: Submitted, gone: asyncio.Future[None]) -> Result | None:
         """The job's result, or None when the client disconnected first (its queued job withdrawn).
@@ -554,7 +587,8 @@ class Service:
         """
         with self._lock:
             self._closed = True
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False)
+            pools, self._pools = self._pools, [None, None]
+        for pool in pools:
+            if pool is not None:
+                pool.shutdown(wait=False)
         self.backend.close()

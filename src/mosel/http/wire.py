@@ -30,12 +30,14 @@ from mosel.spec import spec_of
 from mosel.trees import Tree
 
 __all__ = [
+    "ARRIVED",
     "CLOSED",
     "HTTP_EVENTS",
     "CONFIDENCE",
     "DEADLINE_AT",
     "DEADLINE_MS",
     "DECODE_STEP",
+    "INLINE_BODY",
     "LARGE_BODY",
     "MAX_BODY_BYTES",
     "MIN_ACCURACY",
@@ -71,6 +73,13 @@ OVERLOAD: Final = (DeadlineError, QueueFullError, ShutdownError, ReplicaError)
 lost), retry later or elsewhere."""
 LARGE_BODY: Final = 256 * 1024
 """Bodies larger than this (bytes) are parsed and decoded on the service's decode pool, off the event loop."""
+INLINE_BODY: Final = 16 * 1024
+"""Bodies up to this size (bytes) are parsed and decoded on the event loop (under a millisecond);
+larger ones up to :data:`LARGE_BODY` on a thread of their own, off the loop and never behind a
+large body (a 256 KiB body takes about 10 ms to decode: on the loop, it delayed every other
+request's arrival)."""
+ARRIVED: Final = "mosel.arrived"
+"""The ASGI scope key :class:`~mosel.http.StampArrival` stamps a request's arrival under."""
 MAX_BODY_BYTES: Final = 8 * 1024 * 1024
 """The default limit on a ``/predict`` body (8 MiB): a larger one is answered 413 unread.
 

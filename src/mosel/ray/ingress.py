@@ -77,6 +77,7 @@ class HTTPIngress:
         self.service = http.Service(DeploymentBackend(self.client, self.profile), **self.options)
         app = FastAPI(title="mosel on Ray Serve")
         app.include_router(http.create_router(self.service))
+        app.add_middleware(http.StampArrival, timer=self.service.timer, clock=self.service.clock)
         return app
 
     async def predict(self, request: Any) -> Any:
