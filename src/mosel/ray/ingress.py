@@ -74,7 +74,8 @@ class HTTPIngress:
         from mosel import http  # noqa: PLC0415
         from mosel.ray.backend import DeploymentBackend  # noqa: PLC0415
 
-        self.service = http.Service(DeploymentBackend(self.client, self.profile), **self.options)
+        options = getattr(self, "options", {})  # an instance made without the constructor: the defaults
+        self.service = http.Service(DeploymentBackend(self.client, self.profile), **options)
         app = FastAPI(title="mosel on Ray Serve")
         app.include_router(http.create_router(self.service))
         app.add_middleware(http.StampArrival, timer=self.service.timer, clock=self.service.clock)
@@ -82,7 +83,7 @@ class HTTPIngress:
 
     async def predict(self, request: Any) -> Any:
         """``POST /predict`` (:meth:`mosel.http.Service.predict` over the deployment)."""
-        if self.service is None:
+        if getattr(self, "service", None) is None:
             self.__serve_build_asgi_app__()
         return await self.service.predict(request)
 
