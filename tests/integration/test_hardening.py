@@ -285,6 +285,29 @@ def test_a_job_whose_cancel_succeeds_is_never_computed(when: str) -> None:
     mosel.close(model)
 
 
+def test_the_callbacks_a_cancel_triggers_run_outside_the_models_lock() -> None:
+    """A done-callback that waits for another thread using the model cannot deadlock a cancel."""
+    model = served()
+    gate = blocked(model)
+    srv = runtime._state(model).serve(model)
+    victim = model.submit(rows(1, 3.0))
+    served_meanwhile: list[mosel.Result] = []
+
+    def wait_for_another_caller(future: concurrent.futures.Future[mosel.Result]) -> None:
+        assert not srv.lock._is_owned()  # type: ignore[attr-defined]
+        other = threading.Thread(target=lambda: served_meanwhile.append(srv.load()))  # takes the lock
+        other.start()
+        other.join(WAIT)
+
+    victim.add_done_callback(wait_for_another_caller)
+    assert victim.cancel()
+    assert len(served_meanwhile) == 1
+    model.gate.set()
+    gate.result(WAIT)
+    assert mosel.stats(model).counters["cancelled"] == 1
+    mosel.close(model)
+
+
 # ---------------------------------------------------------------- 3: Ctrl-C in a lone infer
 
 
