@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import math
 import os
 import threading
 import time
@@ -24,11 +25,18 @@ from torch import Tensor, nn
 
 from mosel import methods
 from mosel.compiling import COMPILED_ATTR, unwrap_compiled
-from mosel.errors import InputError, MoselWarning, NotProfiledError, ProfileMismatchError, SpecError
+from mosel.errors import (
+    InputError,
+    MoselWarning,
+    NotMonitoredError,
+    NotProfiledError,
+    ProfileMismatchError,
+    SpecError,
+)
 from mosel.execution import Result, RowPlanCache, execute
 from mosel.monitoring import Monitor, Monitoring
 from mosel.plan import Strategy
-from mosel.profiles import Profile, fingerprint_of, priced_ahead
+from mosel.profiles import Fingerprint, Profile, fingerprint_of, priced_ahead
 from mosel.requests import check_inputs
 from mosel.scheduler import SchedulerConfig
 from mosel.server import Server
@@ -49,6 +57,11 @@ OnStale = Literal["refuse", "warn"] | Callable[[nn.Module], Profile]
 """What serving does when the model moved to another device or dtype, or its compiled parts
 changed, after ``attach``."""
 M = TypeVar("M", bound=nn.Module)
+Layout = frozenset[tuple[torch.device, torch.dtype]]
+"""The (device, dtype) pairs of a model's parameters and buffers."""
+LAYOUT_CHECK_S: Final = 0.1
+"""Serving compares every parameter's and buffer's device and dtype with those pinned at most
+this often (a whole-model move is seen at once, through the first tensor); readiness always does."""
 _lock = threading.Lock()  # guards starting and closing servers (rare: first use, close, attach)
 _states: weakref.WeakSet[_ModelState] = weakref.WeakSet()
 
@@ -87,6 +100,13 @@ class _ModelState:
         self.row_plans: RowPlanCache = {}
         self.probe: Tensor | None = None
         self.attached_as: tuple[torch.device, torch.dtype] | None = None  # the probe's, at attach
+        # Every parameter and buffer, and their (device, dtype) pairs when pinned: a partial move
+        # (model.audio.half()) leaves the probe where it was.
+        self.tensors: tuple[Tensor, ...] = ()
+        self.layout: Layout = frozenset()
+        self.checked_at = -math.inf  # when the layout was last found unchanged (time.monotonic)
+        self.layout_moved: str | None = None  # how it differs, as last found
+        self.measured_layout: Layout | None = None  # the layout the profile fits (None: unknown)
         # The parts that can be compiled, and those compiled at attach (mosel.compile_branches).
         self.parts = (*spec.branches.values(), spec.fusion)
         self.compiled: tuple[str, ...] = ()
@@ -115,11 +135,15 @@ class _ModelState:
         return monitor
 
     def pin(self, model: nn.Module) -> None:
-        """Remember the model's device, dtype and compiled parts now: serving checks they did not change."""
-        probe = next(itertools.chain(model.parameters(), model.buffers()), None)
-        if probe is not None:
-            self.probe = probe
+        """Remember the model's devices, dtypes and compiled parts now: serving checks they did not change."""
+        tensors = tuple(itertools.chain(model.parameters(), model.buffers()))
+        if tensors:
+            probe = self.probe = tensors[0]
             self.attached_as = (probe.device, probe.dtype)
+        self.tensors = tensors
+        self.layout = _layout(tensors)
+        self.layout_moved = None
+        self.checked_at = time.monotonic()
         self.compiled = self.compiled_now(model)
 
     def compiled_now(self, model: nn.Module) -> tuple[str, ...]:
@@ -127,20 +151,34 @@ class _ModelState:
         found = model.__dict__
         return tuple(n for n in self.parts if getattr(found.get(n), COMPILED_ATTR, False))
 
-    def moved(self) -> str | None:
-        """How the model moved since :meth:`pin` (device or dtype), or None."""
-        probe, pinned = self.probe, self.attached_as
-        if probe is None or pinned is None or (probe.device, probe.dtype) == pinned:
-            return None
-        return f"{pinned[0]}/{pinned[1]} to {probe.device}/{probe.dtype}"
+    def moved(self, *, full: bool = False) -> str | None:
+        """How the model moved since :meth:`pin` (device or dtype, of all or a part of it), or None.
 
-    def changed(self, model: nn.Module) -> str | None:
+        The first tensor is looked at every time; every tensor with ``full``, while a part is
+        known to have moved, and otherwise every :data:`LAYOUT_CHECK_S` seconds.
+        """
+        probe, pinned = self.probe, self.attached_as
+        if probe is not None and pinned is not None and (probe.device, probe.dtype) != pinned:
+            return f"{pinned[0]}/{pinned[1]} to {probe.device}/{probe.dtype}"
+        now = time.monotonic()
+        if full or self.layout_moved is not None or now - self.checked_at >= LAYOUT_CHECK_S:
+            layout = _layout(self.tensors)
+            if layout == self.layout:
+                self.layout_moved, self.checked_at = None, now
+            else:
+                self.layout_moved = (
+                    f"{_show(self.layout)} to {_show(layout)} (some of its parameters or buffers moved)"
+                )
+        return self.layout_moved
+
+    def changed(self, model: nn.Module, *, full: bool = False) -> str | None:
         """What changed since :meth:`pin` that makes the profile's latencies wrong, or None.
 
-        A move to another device or dtype (``model.half()``), or other compiled parts
-        (``mosel.compile_branches(model)`` after ``attach``).
+        A move to another device or dtype (``model.half()``, or of a part: ``model.audio.half()``),
+        or other compiled parts (``mosel.compile_branches(model)`` after ``attach``). ``full``:
+        look at every parameter and buffer now (see :meth:`moved`).
         """
-        moved = self.moved()
+        moved = self.moved(full=full)
         if moved is not None:
             return f"moved from {moved}"
         compiled = self.compiled_now(model)
@@ -224,24 +262,37 @@ def _stale(model: nn.Module, state: _ModelState, *, wait: bool = True) -> Server
             raise ProfileMismatchError(_refusal(model, how))
         return state.serve(model)
     if state.on_stale == "warn":
-        with state.stale_lock:
-            how = state.changed(model)
-            if how is not None:
-                warnings.warn(
-                    f"{type(model).__qualname__} {how} after its profile was attached; serving on "
-                    f"with the old profile's latencies (decisions may miss deadlines)",
-                    MoselWarning,
-                    stacklevel=4,
-                )
-                state.pin(model)
+        _repin(model, state)
         return state.serve(model)
     if not wait:
         _start_reprofile(model, state)
         if _state(model) is state:
             raise ProfileMismatchError(_reprofiling(model, state))
         return _state(model).serve(model, wait=False)
-    _reprofile(model, state)
+    _reprofile(model, state)  # dropped if the model moved meanwhile: serve() looks again
     return _state(model).serve(model)
+
+
+def _repin(model: nn.Module, state: _ModelState) -> None:
+    """``on_stale="warn"``: warn once about the change, and take the model as it is now."""
+    with state.stale_lock:
+        how = state.changed(model, full=True)
+        if how is not None:
+            warnings.warn(
+                f"{type(model).__qualname__} {how} after its profile was attached; serving on "
+                f"with the old profile's latencies (decisions may miss deadlines)",
+                MoselWarning,
+                stacklevel=5,
+            )
+            state.pin(model)
+
+
+def _layout(tensors: tuple[Tensor, ...]) -> Layout:
+    return frozenset((t.device, t.dtype) for t in tensors)
+
+
+def _show(layout: Layout) -> str:
+    return " + ".join(sorted(f"{device}/{dtype}" for device, dtype in layout)) or "no tensors"
 
 
 def _refusal(model: nn.Module, how: str) -> str:
@@ -262,14 +313,22 @@ def _reprofiling(model: nn.Module, state: _ModelState) -> str:
     )
 
 
-def _reprofile(model: nn.Module, state: _ModelState) -> None:
-    """Run ``state.on_stale`` and attach its profile, once however many threads see the change."""
+def _reprofile(model: nn.Module, state: _ModelState) -> bool:
+    """Run ``state.on_stale`` and attach its profile, once however many threads see the change.
+
+    A profile measured while the model moved again (back, say) fits neither what it was nor
+    what it is: it is dropped (False), and the change is handled afresh by the next look.
+    """
     assert callable(state.on_stale)
     with state.stale_lock:
-        if _state(model) is not state or state.changed(model) is None:
-            return  # another thread re-profiled meanwhile (or the model moved back)
+        if _state(model) is not state or state.changed(model, full=True) is None:
+            return True  # another thread re-profiled meanwhile (or the model moved back)
+        before = (_layout(state.tensors), state.compiled_now(model))
         profile = state.on_stale(model)  # re-profile, by the user's function
+        if (_layout(state.tensors), state.compiled_now(model)) != before:
+            return False
         attach(model, profile, scheduler=state.config, on_stale=state.on_stale, monitoring=state.monitoring)
+        return True
 
 
 def _start_reprofile(model: nn.Module, state: _ModelState) -> None:
@@ -286,11 +345,11 @@ def _start_reprofile(model: nn.Module, state: _ModelState) -> None:
 
 def _reprofile_main(model: nn.Module, state: _ModelState) -> None:
     try:
-        _reprofile(model, state)
+        attached = _reprofile(model, state)
     except BaseException as exc:  # reported by readiness and the refusals; the next look retries
         state.reprofile_error = f"{type(exc).__name__}: {exc}"
     else:
-        state.reprofile_error = None
+        state.reprofile_error = None if attached else "the model moved again while it was re-profiled"
 
 
 def _state(model: nn.Module) -> _ModelState:
@@ -319,31 +378,37 @@ def readiness(model: nn.Module) -> str | None:
     ``mosel.attach(on_stale=...)``), and its profile was measured in that dtype and on that kind
     of device.
 
-    It runs the handling serving runs for such a change, without waiting: ``on_stale="refuse"``
-    and ``"warn"`` are not ready (the profile does not fit; ``"warn"`` serves on regardless);
-    with an ``on_stale`` function, the re-profile starts now on a background thread (not on the
-    next request) and readiness says ``"re-profiling: ..."`` until its profile is attached.
+    Every parameter and buffer is looked at (a part moved, ``model.audio.half()``, is a move).
+    It runs the handling serving runs for such a change, without waiting for a request:
+    ``on_stale="refuse"`` is not ready; ``"warn"`` warns once and takes the model as it is now,
+    as serving does, and is then ready exactly when the profile fits it (moved back: ready;
+    moved elsewhere, or compiled: not ready, though it serves on); with an ``on_stale``
+    function, the re-profile starts now on a background thread and readiness says
+    ``"re-profiling: ..."`` until its profile is attached.
     """
     try:
         state = _state(model)
     except (NotProfiledError, SpecError) as exc:
         return str(exc)
-    how = state.changed(model)
+    how = state.changed(model, full=True)
     if how is not None:
         if callable(state.on_stale):
             _start_reprofile(model, state)
             if _state(model) is not state:  # it finished already
                 return readiness(model)
             return _reprofiling(model, state)
-        return (
-            f"the model {how} after its profile was attached (on_stale={state.on_stale!r}); "
-            f"re-profile or re-attach"
-        )
-    return _measured_elsewhere(state)
+        if state.on_stale == "refuse":
+            return f"the model {how} after its profile was attached (on_stale='refuse'); re-profile or attach"
+        _repin(model, state)
+    return _measured_elsewhere(state, model)
 
 
-def _measured_elsewhere(state: _ModelState) -> str | None:
-    """How the profile's dtype or device kind differs from the model's now (None: they match)."""
+def _measured_elsewhere(state: _ModelState, model: nn.Module) -> str | None:
+    """How the model now differs from what its profile was measured on (None: it fits).
+
+    Its dtype and device kind, every tensor's (device, dtype) where known (the layout at
+    ``attach`` when the profile fitted then), and its compiled parts.
+    """
     probe = state.probe
     measured = state.profile.fingerprint
     if probe is None:
@@ -353,6 +418,18 @@ def _measured_elsewhere(state: _ModelState) -> str | None:
     kind = measured.device.split(":", 1)[0]
     if kind in ("cpu", "cuda", "mps", "xpu") and kind != probe.device.type:
         return f"the profile was measured on {measured.device}, the model is on {probe.device} now"
+    fits = state.measured_layout
+    if fits is not None and state.layout != fits:
+        return (
+            f"the profile was measured with the model's tensors in {_show(fits)}; they are in "
+            f"{_show(state.layout)} now"
+        )
+    compiled = state.compiled_now(model)
+    if measured.dtype and tuple(measured.compiled) != compiled:  # "": an older profile, not recorded
+        return (
+            f"the profile was measured with the compiled parts {list(measured.compiled)}, the model has "
+            f"{list(compiled)} now"
+        )
     return None
 
 
@@ -369,6 +446,32 @@ def settle(model: nn.Module) -> None:
         ProfileMismatchError: the change is refused, or the model is being re-profiled.
     """
     _state(model).serve(model, wait=False)
+
+
+def _stale_reasons(profile: Profile, spec: ModelSpec, here: Fingerprint) -> list[str]:
+    """What in ``profile`` does not fit the model (fingerprint ``here``, declaration ``spec``)."""
+    stale = [
+        f"{name} {getattr(profile.fingerprint, name)!r} != {getattr(here, name)!r}"
+        for name in ("device", "torch_version", "parameter_checksum", "dtype", "compiled", "threads")
+        if getattr(profile.fingerprint, name) != getattr(here, name)
+        and not (name in ("dtype", "threads") and not getattr(profile.fingerprint, name))  # older: unknown
+    ]
+    if set(profile.sized) != set(spec.sizings):
+        stale.append(
+            f"modalities priced per input size {sorted(profile.sized)} != declared with size= "
+            f"{sorted(spec.sizings)} (jobs would be priced at one size)"
+        )
+    padding = [
+        m
+        for m, s in profile.sized.items()
+        if m in spec.sizings and s.padded != (spec.sizings[m].padding is not None)
+    ]
+    if padding:
+        stale.append(
+            f"modalities {padding} are padded to their size buckets' edges in the profile or in the "
+            f"declaration (pad=), not in both (jobs would run at other widths than the profile timed)"
+        )
+    return stale
 
 
 def attach(
@@ -416,28 +519,7 @@ def attach(
             f"profile was measured on {profile.fingerprint.model_class}, not {spec.model_class}; "
             f"profile this model instead"
         )
-    here = fingerprint_of(model, spec.model_class)
-    stale = [
-        f"{name} {getattr(profile.fingerprint, name)!r} != {getattr(here, name)!r}"
-        for name in ("device", "torch_version", "parameter_checksum", "dtype", "compiled", "threads")
-        if getattr(profile.fingerprint, name) != getattr(here, name)
-        and not (name in ("dtype", "threads") and not getattr(profile.fingerprint, name))  # older: unknown
-    ]
-    if set(profile.sized) != set(spec.sizings):
-        stale.append(
-            f"modalities priced per input size {sorted(profile.sized)} != declared with size= "
-            f"{sorted(spec.sizings)} (jobs would be priced at one size)"
-        )
-    padding = [
-        m
-        for m, s in profile.sized.items()
-        if m in spec.sizings and s.padded != (spec.sizings[m].padding is not None)
-    ]
-    if padding:
-        stale.append(
-            f"modalities {padding} are padded to their size buckets' edges in the profile or in the "
-            f"declaration (pad=), not in both (jobs would run at other widths than the profile timed)"
-        )
+    stale = _stale_reasons(profile, spec, fingerprint_of(model, spec.model_class))
     if stale:
         message = (
             f"profile of {spec.model_class} does not match this model: {'; '.join(stale)}. "
@@ -449,6 +531,8 @@ def attach(
     old = model.__dict__.get(STATE_ATTR)
     state = _ModelState(profile, spec, type(model), scheduler, on_stale, monitoring)
     state.pin(model)
+    if _measured_elsewhere(state, model) is None:
+        state.measured_layout = state.layout
     model.__dict__[STATE_ATTR] = state
     if isinstance(old, _ModelState):
         server = old.take_server()
@@ -542,7 +626,8 @@ def feedback(model: nn.Module, result_id: str, labels: object) -> int:
 
     Raises:
         NotProfiledError: no profile is attached.
-        InputError: monitoring is off, or the labels are malformed (their number, a row out
+        NotMonitoredError: monitoring is off.
+        InputError: the labels are malformed (their number, a row out
             of range, labels the metric cannot score).
     """
     return _monitor(model).feedback(result_id, labels)
@@ -571,7 +656,7 @@ def monitor_of(model: nn.Module) -> Monitor | None:
 def _monitor(model: nn.Module) -> Monitor:
     monitor = _state(model).monitor
     if monitor is None:
-        raise InputError(
+        raise NotMonitoredError(
             f"{type(model).__qualname__} is not monitored, so labels have nowhere to go; attach it with "
             f"mosel.attach(model, profile, monitoring=mosel.Monitoring()) or call mosel.monitor(model, "
             f"mosel.Monitoring())"

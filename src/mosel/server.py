@@ -152,7 +152,7 @@ class Server:
 
     def submit(self, inputs: object, slo: SLO, present: object = None) -> concurrent.futures.Future[Result]:
         """Queue a job; the future resolves to a :class:`Result` or the job's error."""
-        future = _Future()
+        future = _Future(self)
         job = self.requests.job(inputs, slo, present, self.clock.now(), future)
         if id(self) in _running():  # called back from this model's own batch: never queue behind it
             try:
@@ -170,7 +170,7 @@ class Server:
             if not isinstance(exc, Exception):  # interrupted (Ctrl-C): nobody will hold the future
                 self._withdraw(job)
             raise
-        future.add_done_callback(functools.partial(self._on_cancel, job=job))
+        future.withdraw = functools.partial(self._on_cancel, job)
         return future
 
     def _admit_locked(self, job: Job[Work]) -> None:
@@ -194,13 +194,13 @@ class Server:
                     self._catch_up()
                     batch = self.scheduler.start_alone(job, self.clock.now())
                     if batch is None:
-                        job.payload.future = waiting = _Future()
+                        job.payload.future = waiting = _Future(self)
                         self._admit_locked(job)
             finally:
                 if self._outbox:
                     self._drain()
             if batch is None:
-                waiting.add_done_callback(functools.partial(self._on_cancel, job=job))
+                waiting.withdraw = functools.partial(self._on_cancel, job)
                 return waiting.result()
             done, interrupt = self._execute(batch, running)
         except BaseException as exc:  # e.g. Ctrl-C: the job must not stay in flight or queued
@@ -243,11 +243,10 @@ class Server:
         """``await``-able :meth:`submit`; cancelling the awaiting task cancels the queued job."""
         return await asyncio.wrap_future(self.submit(inputs, slo, present))
 
-    def _on_cancel(self, future: concurrent.futures.Future[Result], job: Job[Work]) -> None:
-        if future.cancelled():
-            with _deferred_interrupts(), self.lock:
-                self.scheduler.cancel(job)
-                self.cond.notify()
+    def _on_cancel(self, job: Job[Work]) -> None:
+        """A cancelled job leaves the queue (the caller holds ``self.lock``: see :class:`_Future`)."""
+        self.scheduler.cancel(job)
+        self.cond.notify()
 
     def _post(self, failures: list[Failure]) -> None:
         """Keep failed jobs for :meth:`_drain` (the caller holds ``self.lock``)."""
@@ -623,22 +622,62 @@ def _shutdown(pid: int, pool: concurrent.futures.ThreadPoolExecutor) -> None:
 
 
 class _Future(concurrent.futures.Future[Result]):
-    """A future whose done-callbacks cannot stop the thread that resolves it.
+    """A future whose done-callbacks cannot stop the thread that resolves it, and whose cancel is atomic.
 
     ``concurrent.futures`` lets a callback's ``BaseException`` (``SystemExit``) escape from
     ``set_result`` into mosel's executor; here every callback is guarded and its error logged.
+
+    :meth:`cancel` holds the server's lock while it flips the future to cancelled and the
+    scheduler withdraws the job (:attr:`withdraw`): the executor marks a dispatched job's
+    future running under the same lock, so a cancel either withdraws a job before it is
+    dispatched (True) or finds it running (False), never a job that is cancelled and computed
+    all the same. The done-callbacks a cancel triggers run once the lock is released.
     """
+
+    def __init__(self, server: Server | None = None) -> None:
+        super().__init__()
+        self._server = None if server is None else weakref.ref(server)
+        self.withdraw: Callable[[], None] | None = None  # takes the job out (set once it is queued)
+        self._cancelling: int | None = None  # the thread in cancel(), holding the server's lock
+        self._held: list[Callable[[], None]] = []  # callbacks it runs once the lock is released
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[Result]], object]) -> None:
         """Like ``Future.add_done_callback``; what ``fn`` raises is logged, never propagated."""
 
         def guarded(future: concurrent.futures.Future[Result]) -> None:
-            try:
-                fn(future)
-            except BaseException:
-                _log.exception("a done-callback of a mosel future raised; ignored")
+            if self._cancelling == threading.get_ident():  # inside cancel(), under the server's lock
+                self._held.append(functools.partial(_run_callback, fn, future))
+            else:
+                _run_callback(fn, future)
 
         super().add_done_callback(guarded)
+
+    def cancel(self) -> bool:
+        """Cancel the job: True if it was withdrawn before it ran (see the class)."""
+        server = None if self._server is None else self._server()
+        if server is None:
+            return super().cancel()
+        with _deferred_interrupts(), server.lock:
+            self._cancelling = threading.get_ident()
+            try:
+                cancelled = super().cancel()
+                if cancelled and self.withdraw is not None:
+                    self.withdraw()
+            finally:
+                self._cancelling = None
+                held, self._held = self._held, []
+        for call in held:
+            call()
+        return cancelled
+
+
+def _run_callback(
+    fn: Callable[[concurrent.futures.Future[Result]], object], future: concurrent.futures.Future[Result]
+) -> None:
+    try:
+        fn(future)
+    except BaseException:
+        _log.exception("a done-callback of a mosel future raised; ignored")
 
 
 # The C functions ``signal`` wraps: the wrappers' enum conversions cost about 15 µs per handler

@@ -89,25 +89,26 @@ def test_client_feedback_reaches_the_replica_that_served_each_job(monitored: mos
 
 
 def test_the_http_ingress_takes_feedback_to_the_client() -> None:
+    from fastapi.testclient import TestClient
+
     from mosel.ray import HTTPIngress
+    from tests.unit.helpers import Tiny, tiny_profile
 
     sent: list[tuple[str, Any]] = []
 
     class Client:
         def feedback(self, result_id: str, labels: Any) -> int:
+            if result_id == "plain":
+                raise mosel.NotMonitoredError("the deployment's model is not monitored")
             sent.append((result_id, labels))
             return 0 if result_id == "gone" else len(labels)
 
-    class Body:
-        def __init__(self, raw: bytes) -> None:
-            self.raw = raw
-
-        async def body(self) -> bytes:
-            return self.raw
-
-    ingress = HTTPIngress.__new__(HTTPIngress)  # Serve builds it with a handle
+    ingress = HTTPIngress(object(), tiny_profile(Tiny()).to_json())  # type: ignore[arg-type]
     ingress.client = Client()  # type: ignore[assignment]
-    answer = asyncio.run(ingress.feedback(Body(b'{"id": "ab12-3", "labels": [1, 2]}')))
-    assert answer.status_code == 200 and sent == [("ab12-3", [1, 2])]
-    assert asyncio.run(ingress.feedback(Body(b'{"id": "gone", "labels": [1]}'))).status_code == 404
-    assert asyncio.run(ingress.feedback(Body(b'{"labels": [1]}'))).status_code == 400
+    with TestClient(ingress.__serve_build_asgi_app__()) as http:
+        answer = http.post("/feedback", json={"id": "ab12-3", "labels": [1, 2]})
+        assert answer.status_code == 200 and answer.json() == {"labelled": 2}
+        assert sent == [("ab12-3", [1, 2])]
+        assert http.post("/feedback", json={"id": "gone", "labels": [1]}).status_code == 404
+        assert http.post("/feedback", json={"labels": [1]}).status_code == 400
+        assert http.post("/feedback", json={"id": "plain", "labels": [1]}).status_code == 409

@@ -68,6 +68,7 @@ LAYERS: dict[str, int] = {
     "mosel": 5,
     # 6: optional integrations (leaves)
     "mosel.http.wire": 6,
+    "mosel.http.backend": 6,
     "mosel.http.service": 6,
     "mosel.http.app": 6,
     "mosel.http": 6,
@@ -78,6 +79,7 @@ LAYERS: dict[str, int] = {
     "mosel.ray.deployment": 6,
     "mosel.ray.client": 6,
     "mosel.ray.ingress": 6,
+    "mosel.ray.backend": 6,
     "mosel.ray": 6,
 }
 LEAVES = ("mosel.http", "mosel.ray")

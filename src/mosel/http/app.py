@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Final
 
 from fastapi import APIRouter, FastAPI
@@ -12,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from mosel.http.service import Service
 from mosel.http.wire import (
+    ARRIVED,
     CONFIDENCE,
     DEADLINE_AT,
     DEADLINE_MS,
@@ -30,7 +32,33 @@ from mosel.http.wire import (
 )
 from mosel.schema import ModalitySchema
 
-__all__ = ["create_app", "create_router"]
+__all__ = ["StampArrival", "create_app", "create_router"]
+
+
+class StampArrival:
+    """An ASGI middleware that stamps each request's arrival, for :class:`Service` to count from.
+
+    The first thing run for a request (outermost): the stamp is taken before routing, other
+    middleware and the handler, so time spent there (an event loop busy with other requests)
+    counts against the deadline. :func:`create_app` installs it; for :func:`create_router` in
+    your own app, add it last (outermost) with the service's timer and clock:
+    ``app.add_middleware(mosel.http.StampArrival, timer=service.timer, clock=service.clock)``.
+    A service uses a stamp taken with its own timer and clock only.
+    """
+
+    def __init__(
+        self, app: Any, timer: Callable[[], float] = time.monotonic, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.app = app
+        self.timer = timer
+        self.clock = clock
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Stamp an HTTP request's scope (once), then call the app."""
+        if scope.get("type") == "http" and ARRIVED not in scope:
+            scope[ARRIVED] = (self.timer, self.clock, self.timer(), self.clock())
+        await self.app(scope, receive, send)
+
 
 _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     400: {"model": ErrorBody, "description": "bad inputs or SLO values (InputError, SLOError)"},
@@ -198,4 +226,5 @@ def create_app(
 
     app = FastAPI(title=title, lifespan=lifespan)
     app.include_router(create_router(service))
+    app.add_middleware(StampArrival, timer=service.timer, clock=service.clock)
     return app

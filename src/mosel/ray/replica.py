@@ -13,7 +13,7 @@ from ray import serve
 from torch import nn
 
 from mosel import methods
-from mosel.errors import InputError
+from mosel.errors import NotMonitoredError
 from mosel.execution import Result, process_token
 from mosel.monitoring import Monitoring
 from mosel.profiles import Profile
@@ -99,11 +99,12 @@ class MoselReplica:
         """Score a served job's labels here; None when this replica holds no job of that id.
 
         Raises:
-            InputError: the replica's model is not monitored, or the labels are malformed.
+            NotMonitoredError: the replica's model is not monitored.
+            InputError: the labels are malformed.
         """
         monitor = monitor_of(self.model)
         if monitor is None:
-            raise InputError(
+            raise NotMonitoredError(
                 "the deployment's model is not monitored; build it with "
                 "mosel.ray.deployment(..., monitoring=mosel.Monitoring())"
             )

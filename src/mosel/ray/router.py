@@ -56,9 +56,11 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
     per ``stale_after_s`` while a known replica is predicted on time, and every job it is
     predicted to finish first when every known replica is predicted late. A load stamped
     ahead of this process's clock (the replica's host clock runs ahead) reads as taken when the
-    router first saw it. When no replica has a fresh load (start-up, a stalled controller) or
-    the request is not a :class:`Request`, it falls back to Serve's power of two choices (two
-    random replicas; Serve probes their queue lengths and takes the shorter).
+    router first saw it, and a replica that keeps renewing its load is known however far its
+    clock lags (the loads' age counts on this process's clock). When no replica has a fresh
+    load (start-up, a stalled controller) or the request is not a :class:`Request`, it falls
+    back to Serve's power of two choices (two random replicas; Serve probes their queue lengths
+    and takes the shorter).
 
     A :class:`Feedback` (a job's labels, :meth:`Client.feedback`) goes to the replica whose
     result ids it carries (each replica reports its process token), the others after; it is not
