@@ -77,6 +77,11 @@ _SHADOW_BURST_S: Final = 0.05
 def _top1(output: Tensor, target: Any) -> Tensor:
     """Top-1 accuracy per request (:func:`mosel.top1`; the profiler's default metric)."""
     target = torch.as_tensor(target, device=output.device)
+    if target.is_floating_point() and not bool((target == target.round()).all()):  # also NaN, inf
+        raise ValueError(f"top-1 labels are class indices (whole numbers), got {target.tolist()!r}")
+    classes = output.shape[-1]
+    if target.numel() and not bool(((target >= 0) & (target < classes)).all()):
+        raise ValueError(f"top-1 labels are class indices in 0..{classes - 1}, got {target.tolist()!r}")
     scores: Tensor = (output.argmax(dim=-1) == target).to(torch.float64)
     return scores
 
@@ -358,19 +363,36 @@ class Monitor:
             if served is not None:
                 if served.labelled is None or len(served.labelled) < len(served.configs):
                     self._counters["expired"] += 1
-                if served.alias is not None:
-                    self._aliases.pop(served.alias, None)
+                self._drop_alias(served, rid)
+
+    def _drop_alias(self, served: _Served, rid: str) -> None:
+        """Forget ``served``'s alias, unless another job took it since (the lock is held)."""
+        if served.alias is not None and self._aliases.get(served.alias) == rid:
+            del self._aliases[served.alias]
+
+    def _held(self, key: str) -> str | None:
+        """The result id labels under ``key`` go to: a job's own id first, then an alias."""
+        if key in self._records:
+            return key
+        rid = self._aliases.get(key)
+        return rid if rid is not None and rid in self._records else None
 
     def alias(self, result_id: str, key: str) -> bool:
-        """Let labels for ``result_id`` also come as ``key`` (an id the caller supplies); False if unknown."""
+        """Let labels for ``result_id`` also come as ``key`` (an id the caller supplies).
+
+        A key names one job: given again, it names the latest job given it. False (nothing
+        changes) for a ``result_id`` not held, or a ``key`` that is another held job's own id.
+        """
         if not isinstance(key, str) or not key:
             raise InputError(f"an alias of a result id must be a non-empty string, got {key!r}")
         with self._lock:
             served = self._records.get(result_id)
-            if served is None:
+            if served is None or (key != result_id and key in self._records):
                 return False
-            if served.alias is not None:
-                self._aliases.pop(served.alias, None)
+            self._drop_alias(served, result_id)
+            previous = self._aliases.get(key)
+            if previous is not None and previous != result_id and previous in self._records:
+                self._records[previous].alias = None
             served.alias = key
             self._aliases[key] = result_id
             return True
@@ -379,7 +401,7 @@ class Monitor:
         """Whether a served job waits for labels under ``key`` (its id or an alias)."""
         with self._lock:
             self._expire(self._clock())
-            return self._aliases.get(key, key) in self._records
+            return self._held(key) is not None
 
     @property
     def pending(self) -> int:
@@ -404,9 +426,9 @@ class Monitor:
         """
         with self._lock:
             self._expire(self._clock())
-            rid = self._aliases.get(key, key) if isinstance(key, str) else None
+            rid = self._held(key) if isinstance(key, str) else None
             served = None if rid is None else self._records.get(rid)
-            if served is None:
+            if rid is None or served is None:
                 self._counters["unknown"] += 1
                 return 0
             rows, targets = _labelled_rows(labels, len(served.configs))
@@ -425,8 +447,7 @@ class Monitor:
             served.labelled = done | {r for r, _ in scored}
             if len(served.labelled) == len(served.configs) and self._records.get(rid) is served:
                 del self._records[rid]
-                if served.alias is not None:
-                    self._aliases.pop(served.alias, None)
+                self._drop_alias(served, rid)
             self._counters["labelled"] += len(scored)
             self._counters["duplicate"] += len(rows) - len(scored)
             for row, score in scored:

@@ -107,6 +107,7 @@ class _ModelState:
         self.checked_at = -math.inf  # when the layout was last found unchanged (time.monotonic)
         self.layout_moved: str | None = None  # how it differs, as last found
         self.measured_layout: Layout | None = None  # the layout the profile fits (None: unknown)
+        self.accepted: str | None = None  # how the profile did not fit at attach, accepted with a warning
         # The parts that can be compiled, and those compiled at attach (mosel.compile_branches).
         self.parts = (*spec.branches.values(), spec.fusion)
         self.compiled: tuple[str, ...] = ()
@@ -384,7 +385,9 @@ def readiness(model: nn.Module) -> str | None:
     as serving does, and is then ready exactly when the profile fits it (moved back: ready;
     moved elsewhere, or compiled: not ready, though it serves on); with an ``on_stale``
     function, the re-profile starts now on a background thread and readiness says
-    ``"re-profiling: ..."`` until its profile is attached.
+    ``"re-profiling: ..."`` until its profile is attached. A mismatch ``attach`` accepted (with
+    its :class:`MoselWarning`: a profile measured in another dtype, or without the compiled
+    parts the model has) is served, and so ready, while the model stays as it was then.
     """
     try:
         state = _state(model)
@@ -400,7 +403,8 @@ def readiness(model: nn.Module) -> str | None:
         if state.on_stale == "refuse":
             return f"the model {how} after its profile was attached (on_stale='refuse'); re-profile or attach"
         _repin(model, state)
-    return _measured_elsewhere(state, model)
+    why = _measured_elsewhere(state, model)
+    return None if why == state.accepted else why
 
 
 def _measured_elsewhere(state: _ModelState, model: nn.Module) -> str | None:
@@ -531,7 +535,8 @@ def attach(
     old = model.__dict__.get(STATE_ATTR)
     state = _ModelState(profile, spec, type(model), scheduler, on_stale, monitoring)
     state.pin(model)
-    if _measured_elsewhere(state, model) is None:
+    state.accepted = _measured_elsewhere(state, model)
+    if state.accepted is None:
         state.measured_layout = state.layout
     model.__dict__[STATE_ATTR] = state
     if isinstance(old, _ModelState):
@@ -636,10 +641,13 @@ def feedback(model: nn.Module, result_id: str, labels: object) -> int:
 def label_as(model: nn.Module, result_id: str, key: str) -> bool:
     """Let the labels of ``result_id`` also come as ``key`` (the caller's own id for the job).
 
-    Returns False when ``result_id`` is not held (see :func:`feedback`).
+    A key names one job (given again, the latest job given it). Returns False, changing
+    nothing, when ``result_id`` is not held (see :func:`feedback`) or ``key`` is another held
+    job's own id.
 
     Raises:
-        InputError: monitoring is off, or ``key`` is not a non-empty string.
+        NotMonitoredError: monitoring is off.
+        InputError: ``key`` is not a non-empty string.
     """
     return _monitor(model).alias(result_id, key)
 

@@ -267,3 +267,17 @@ def test_a_model_moved_again_during_a_background_reprofile_never_serves_with_the
         assert readiness(model) is None and calls == [torch.float64, torch.float16]
         assert mosel.profile_of(model).fingerprint.dtype == "torch.float16"
     mosel.close(model)
+
+
+def test_a_mismatch_attach_accepted_is_ready_as_it_is_served_until_the_model_changes() -> None:
+    model = Tiny()
+    profile = tiny_profile(model)  # measured in float32
+    model.double()
+    with pytest.warns(mosel.MoselWarning, match="dtype"):
+        mosel.attach(model, profile)  # accepted with a warning: served as it is
+    assert readiness(model) is None
+    assert model.infer({m: t.double() for m, t in tiny_inputs(2).items()}).output.dtype == torch.float64  # type: ignore[operator]
+    model.float()  # a change since attach: refused, and not ready
+    assert readiness(model) is not None
+    with pytest.raises(mosel.ProfileMismatchError):
+        model.infer(tiny_inputs(2))  # type: ignore[operator]

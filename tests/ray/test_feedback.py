@@ -97,6 +97,8 @@ def test_the_http_ingress_takes_feedback_to_the_client() -> None:
     sent: list[tuple[str, Any]] = []
 
     class Client:
+        handle = None  # readiness is not looked at here
+
         def feedback(self, result_id: str, labels: Any) -> int:
             if result_id == "plain":
                 raise mosel.NotMonitoredError("the deployment's model is not monitored")

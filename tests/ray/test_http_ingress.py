@@ -10,7 +10,9 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -19,6 +21,7 @@ from fastapi.testclient import TestClient
 
 import mosel
 import mosel.ray
+from mosel.ray.backend import ReplicaWatch
 from tests.unit.helpers import Tiny, tiny_profile
 
 BODY = {"inputs": {"audio": [[1.0], [2.0]], "video": [[[1.0] * 3] * 2] * 2, "text": [[0.5], [1.5]]}}
@@ -44,6 +47,8 @@ class Answer:
 @dataclass
 class FakeHandle:
     answer: Any
+    app_name: str = "app"
+    deployment_name: str = "Mosel"
     requests: list[mosel.ray.Request] = field(default_factory=list)
 
     def remote(self, request: mosel.ray.Request) -> Answer:
@@ -167,6 +172,9 @@ def test_the_ingress_is_mosel_https_front_door_with_all_its_rules() -> None:
         metrics = http.get("/metrics").text
         assert 'mosel_http_events_total{event="served_late",model="Tiny"} 1.0' in metrics
         assert 'mosel_http_responses_total{model="Tiny",status="413"} 2.0' in metrics
+        assert http.get("/readyz").status_code == 503  # Serve (not running here) reports no replica
+        front.service.backend.watch = ReplicaWatch(handle, period_s=0.0, read=serve_status({"RUNNING": 1}))
+        _settled(front.service.backend.watch)
         assert http.get("/readyz").status_code == 200
     assert front.service is not None and front.service.http_events()["served_on_time"] == 1
 
@@ -181,3 +189,45 @@ def test_the_ingress_options_reach_the_front_door() -> None:
             == 200
         )
     assert math.isnan(float(handle.requests[0].inputs["audio"][0, 0]))
+
+
+def serve_status(replicas: dict[str, int]) -> Callable[[], Any]:
+    """A stand-in for ``ray.serve.status``: deployment Mosel of application app with ``replicas``."""
+
+    def status() -> Any:
+        deployment = SimpleNamespace(replica_states=dict(replicas), status="UNHEALTHY", message="restarting")
+        return SimpleNamespace(applications={"app": SimpleNamespace(deployments={"Mosel": deployment})})
+
+    return status
+
+
+def _settled(watch: ReplicaWatch) -> str | None:
+    """The watch's answer from a reading started after this call (period_s=0: every call starts one)."""
+
+    def idle() -> None:
+        deadline = time.monotonic() + 10.0
+        while watch._reading and time.monotonic() < deadline:  # no timing asserted: bounds a hang only
+            time.sleep(0.001)
+
+    idle()
+    watch.why_not()
+    idle()
+    return watch._why
+
+
+def test_the_ingress_is_ready_exactly_while_serve_reports_a_running_replica() -> None:
+    replicas = {"RUNNING": 0, "STARTING": 1}
+    watch = ReplicaWatch(
+        SimpleNamespace(app_name="app", deployment_name="Mosel"), period_s=0.0, read=serve_status(replicas)
+    )
+    assert watch.why_not() is not None  # before the first reading: not known to be ready
+    assert "no replica of deployment 'Mosel' is running (UNHEALTHY: restarting)" in str(_settled(watch))
+    watch._read = serve_status({"RUNNING": 2})
+    assert _settled(watch) is None
+    front = mosel.ray.HTTPIngress(FakeHandle(result()), tiny_profile(Tiny()).to_json())  # type: ignore[arg-type]
+    with TestClient(front.__serve_build_asgi_app__()) as http:
+        front.service.backend.watch = watch
+        watch._read = serve_status(replicas)
+        _settled(watch)
+        answer = http.get("/readyz")
+        assert answer.status_code == 503 and "no replica" in answer.json()["reason"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import json
 import math
 import threading
@@ -58,6 +59,9 @@ from mosel.stats import BUCKETS_MS, Histogram
 from mosel.trees import Tree
 
 __all__ = ["Service"]
+
+_LONGEST_KEY: Final = 256
+"""Longer ``X-Request-Id`` values (and ``/feedback`` ids) are kept as their SHA-256 digest."""
 
 
 def _error(status: int, exc: BaseException, name: str | None = None, **headers: str) -> JSONResponse:
@@ -163,10 +167,17 @@ class _Counters:
         return Collector()
 
 
+def _label_key(key: str) -> str:
+    """The key labels sent under ``key`` are kept by: itself, or a digest of a key over 256 characters."""
+    if len(key) <= _LONGEST_KEY:
+        return key
+    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def _own_id(headers: Mapping[str, str]) -> str | None:
-    """The request's ``X-Request-Id`` (its first 256 characters), under which its labels may come too."""
+    """The request's ``X-Request-Id`` as a label key (:func:`_label_key`), if it has one."""
     own = headers.get(REQUEST_ID)
-    return own[:256] if own else None
+    return _label_key(own) if own else None
 
 
 def _closed() -> JSONResponse:
@@ -577,7 +588,8 @@ class Service:
         if isinstance(body, Response):
             return body
         try:
-            labelled = await run_in_threadpool(self.backend.feedback, body.id, body.labels)
+            key = _label_key(body.id)
+            labelled = await run_in_threadpool(self.backend.feedback, key, body.labels)
         except NotMonitoredError as exc:
             return JSONResponse({"error": "NotMonitored", "detail": str(exc)}, status_code=409)
         except InputError as exc:

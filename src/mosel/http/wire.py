@@ -9,7 +9,7 @@ from typing import Any, Final, TypeAlias
 
 import optree
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from torch import Tensor, nn
 
 from mosel import trees
@@ -153,8 +153,8 @@ class PredictRequest(BaseModel):
     best_effort: bool = Field(
         False, strict=True, description="serve late instead of answering 503 to a doomed deadline"
     )
-    present: dict[str, list[bool]] | None = Field(
-        None, description="modality -> one boolean per request: which requests really have it"
+    present: dict[str, list[StrictBool]] | None = Field(
+        None, description="modality -> one boolean per request (true or false): which requests really have it"
     )
 
 

@@ -7,8 +7,11 @@ FastAPI, which Ray Serve ships).
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
@@ -22,7 +25,72 @@ from mosel.schema import ModalitySchema
 from mosel.slo import SLO
 from mosel.trees import Tree
 
-__all__ = ["DeploymentBackend"]
+__all__ = ["DeploymentBackend", "ReplicaWatch"]
+
+_log = logging.getLogger("mosel")
+
+
+class ReplicaWatch:
+    """Whether a Serve deployment has a running replica, as Serve's controller last said.
+
+    :meth:`why_not` answers at once from the last reading, and starts a new reading (on a
+    thread of its own: Serve's status is a call to its controller) when the last is older than
+    ``period_s``. Before the first reading it says so (not ready); a reading that fails leaves
+    the last answer as it was.
+
+    Args:
+        handle: the deployment's handle (its ``app_name`` and ``deployment_name``).
+        period_s: the longest an answer is reused.
+        read: reads Serve's status (``ray.serve.status``).
+    """
+
+    def __init__(self, handle: Any, period_s: float = 1.0, read: Callable[[], Any] | None = None) -> None:
+        self.app = str(getattr(handle, "app_name", ""))
+        self.deployment = str(getattr(handle, "deployment_name", ""))
+        self.period_s = period_s
+        self._read = read
+        self._why: str | None = f"the replicas of deployment {self.deployment!r} were not looked at yet"
+        self._read_at = -math.inf
+        self._reading = False
+        self._lock = threading.Lock()
+
+    def why_not(self) -> str | None:
+        """Why nothing can serve (no running replica), or None, from the last reading."""
+        with self._lock:
+            if not self._reading and time.monotonic() - self._read_at >= self.period_s:
+                self._reading = True
+                threading.Thread(target=self._refresh, name="mosel-replica-watch", daemon=True).start()
+            return self._why
+
+    def _refresh(self) -> None:
+        why, read = self._why, True
+        try:
+            why = self._look()
+        except Exception:  # Serve's controller did not answer: keep the last answer
+            _log.debug("mosel could not read Serve's status", exc_info=True)
+            read = False
+        with self._lock:
+            self._why = why
+            self._read_at = time.monotonic() if read else self._read_at + self.period_s / 2
+            self._reading = False
+
+    def _look(self) -> str | None:
+        if self._read is None:
+            import ray  # noqa: PLC0415  (only where an ingress runs)
+            from ray import serve  # noqa: PLC0415
+
+            if not ray.is_initialized():  # serve.status would start a Ray instance
+                return "Ray is not running in this process: no deployment to serve with"
+            self._read = serve.status
+        status = self._read()
+        app = status.applications.get(self.app)
+        deployment = None if app is None else app.deployments.get(self.deployment)
+        if deployment is None:
+            return f"deployment {self.deployment!r} of application {self.app!r} is not on Serve"
+        if int(deployment.replica_states.get("RUNNING", 0)) > 0:
+            return None
+        message = f": {deployment.message}" if deployment.message else ""
+        return f"no replica of deployment {self.deployment!r} is running ({deployment.status}{message})"
 
 
 class DeploymentBackend(Backend):
@@ -36,23 +104,28 @@ class DeploymentBackend(Backend):
     replica is withdrawn there; one running finishes. Which of the two it was is not known
     here: the front door counts the cancel as withdrawn.
 
+    Ready while Serve reports a running replica of the deployment (:class:`ReplicaWatch`).
+
     Args:
         client: calls the deployment (its handle, retries, timeout and grace).
         profile: the profile the replicas serve with.
+        watch: how readiness learns of the deployment's replicas (a :class:`ReplicaWatch` of
+            the client's handle by default).
     """
 
-    def __init__(self, client: Client, profile: Profile) -> None:
+    def __init__(self, client: Client, profile: Profile, watch: ReplicaWatch | None = None) -> None:
         self.client = client
         self.profile = profile
         self._serving = _DeploymentServing(client, profile)
+        self.watch = ReplicaWatch(client.handle) if watch is None else watch
 
     def serving(self) -> Serving:
         """The deployment (the same for every request)."""
         return self._serving
 
     def readiness(self) -> str | None:
-        """Always ready: the replicas report their own readiness to Serve."""
-        return None
+        """Why no job can be served now: no replica of the deployment is running (never waits)."""
+        return self.watch.why_not()
 
     def feedback(self, key: str, labels: Any) -> int | None:
         """The labels, to the replica that served the job (:meth:`Client.feedback`)."""
