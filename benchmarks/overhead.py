@@ -5,7 +5,15 @@ work is timed two ways, interleaved: by hand (branches on the rows that need the
 group, outputs concatenated) and through ``model.infer``. Reported: medians over repeats, the
 difference (mosel's overhead) and its share of the model's own time.
 
-Run: python benchmarks/overhead.py [--repeats N] [--json PATH]
+The Hugging Face case (``examples/hf_image_text.py``'s ViT + BERT dual encoder; needs the
+examples extra) measures mosel's per-call overhead on a real small model with pytree inputs
+(the tokenizer's ``BatchEncoding``, the image processor's ``BatchFeature``): ``infer`` idle (one
+caller) and loaded (several callers at once, against the same jobs run by hand one after
+another), and ``POST /predict`` through ``mosel.http.create_app`` over an in-process ASGI
+transport (httpx), against calling the model by hand; medians, spread (p10-p90) and each as a
+share of the model's own latency.
+
+Run: python benchmarks/overhead.py [--repeats N] [--json PATH] [--hf-only] [--no-hf]
 """
 
 from __future__ import annotations
@@ -14,8 +22,11 @@ import argparse
 import functools
 import itertools
 import json
+import os
 import platform
 import statistics
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -176,13 +187,211 @@ def planner_times(repeats: int = 3) -> list[dict[str, object]]:
     return rows
 
 
+# --- the Hugging Face image + text model ---------------------------------------------------------
+
+
+def spread(samples: list[float]) -> dict[str, float]:
+    """Median and the 10th-90th percentile range of ``samples`` (microseconds)."""
+    p10, p50, p90 = np.percentile(samples, [10, 50, 90])
+    return {"median_us": round(float(p50), 1), "p10_us": round(float(p10), 1), "p90_us": round(float(p90), 1)}
+
+
+def hf_model() -> tuple[nn.Module, Any, Any]:
+    """The ViT + BERT dual encoder of examples/hf_image_text.py, untrained (latency is what is measured), profiled."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+    import hf_image_text as ex
+
+    _, validation, test = ex.make_splits((200, 200, 64))
+    preprocess = ex.Preprocess(ex.train_tokenizer(validation.captions), ex.image_processor())
+    model = ex.build_model(len(preprocess.tokenizer)).eval()
+    mosel.profile(
+        model, ex.batches(validation, preprocess, 50, shuffle=1), max_batch_size=8, batch_sizes=[1, 2, 4, 8],
+        progress=False,
+    )  # fmt: skip
+    return model, preprocess, (ex, test)
+
+
+def hf_inputs(preprocess: Any, ex: Any, test: Any, n: int) -> dict[str, Any]:
+    """``n`` rows as the pre-processors give them, captions padded to a bucket edge (16 tokens).
+
+    At an edge, serving's padding to the edge adds no work: both sides compute the same shapes.
+    """
+    rows = ex.raw(test, range(n))
+    text = preprocess.tokenizer(rows["text"], padding="max_length", max_length=16, return_tensors="pt")
+    return {"text": text, "image": preprocess({"image": rows["image"]})["image"]}
+
+
+def hf_by_hand(model: nn.Module, inputs: Mapping[str, Any]) -> Tensor:
+    """Every modality, called directly: what a user without mosel runs."""
+    with torch.inference_mode():
+        return model.fuse(
+            {"image": model.encode_image(inputs["image"]), "text": model.encode_text(inputs["text"])}
+        )  # type: ignore[operator]
+
+
+def hf_idle(model: nn.Module, inputs: Mapping[str, Any], repeats: int) -> dict[str, Any]:
+    """One caller: ``infer`` (no SLO: every modality) against the same work by hand, interleaved."""
+    direct, served = [], []
+    for _ in range(10):
+        hf_by_hand(model, inputs), model.infer(inputs)  # type: ignore[operator]
+    for _ in range(repeats):
+        t0 = time.perf_counter_ns()
+        hf_by_hand(model, inputs)
+        t1 = time.perf_counter_ns()
+        model.infer(inputs)  # type: ignore[operator]
+        t2 = time.perf_counter_ns()
+        direct.append((t1 - t0) / 1000)
+        served.append((t2 - t1) / 1000)
+    overhead = [b - a for a, b in zip(direct, served)]
+    return {"direct": spread(direct), "infer": spread(served), "overhead": spread(overhead)}
+
+
+def hf_loaded(model: nn.Module, inputs: Mapping[str, Any], callers: int, jobs: int) -> dict[str, Any]:
+    """``callers`` threads each calling ``infer`` ``jobs`` times at once, against the same jobs by hand in turn.
+
+    Per job: the wall time of all jobs divided by their number, repeated 5 times (medians). Under
+    load mosel may merge jobs into batches, which can make it cheaper than calling by hand.
+    """
+    per_job_direct, per_job_served = [], []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(callers * jobs):
+            hf_by_hand(model, inputs)
+        per_job_direct.append((time.perf_counter() - t0) / (callers * jobs) * 1e6)
+        start = threading.Barrier(callers + 1)
+
+        def caller(start: threading.Barrier = start) -> None:
+            start.wait()
+            for _ in range(jobs):
+                model.infer(inputs)  # type: ignore[operator]
+
+        threads = [threading.Thread(target=caller) for _ in range(callers)]
+        for t in threads:
+            t.start()
+        start.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        per_job_served.append((time.perf_counter() - t0) / (callers * jobs) * 1e6)
+    return {
+        "callers": callers,
+        "direct": spread(per_job_direct),
+        "infer": spread(per_job_served),
+        "overhead": spread([b - a for a, b in zip(per_job_direct, per_job_served)]),
+    }
+
+
+def hf_http(model: nn.Module, inputs: Mapping[str, Any], repeats: int) -> dict[str, Any]:
+    """``POST /predict`` (the inputs as JSON lists) through create_app over httpx's ASGI transport, vs by hand."""
+    import asyncio
+
+    import mosel.http
+
+    try:  # starlette >= 1.0 speaks httpx2; older versions httpx
+        import httpx2 as httpx
+    except ImportError:  # pragma: no cover
+        import httpx  # type: ignore[no-redef]
+
+    body = {"inputs": {m: {k: v.tolist() for k, v in x.items()} for m, x in inputs.items()}}
+    payload = json.dumps(body).encode()
+    app = mosel.http.create_app(model)
+
+    async def run() -> tuple[list[float], list[float]]:
+        direct, served = [], []
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://mosel") as client:
+            headers = {"content-type": "application/json"}
+            for i in range(10 + repeats):
+                t0 = time.perf_counter_ns()
+                hf_by_hand(model, inputs)
+                t1 = time.perf_counter_ns()
+                response = await client.post("/predict", content=payload, headers=headers)
+                t2 = time.perf_counter_ns()
+                assert response.status_code == 200, response.text
+                if i >= 10:
+                    direct.append((t1 - t0) / 1000)
+                    served.append((t2 - t1) / 1000)
+        return direct, served
+
+    direct, served = asyncio.run(run())
+    return {
+        "body_bytes": len(payload),
+        "direct": spread(direct),
+        "http": spread(served),
+        "overhead": spread([b - a for a, b in zip(direct, served)]),
+    }
+
+
+def hf_case(repeats: int) -> list[dict[str, Any]]:
+    """mosel's per-call overhead on the Hugging Face image + text model, idle, loaded and over HTTP."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small gains nothing from two threads on two shared cores
+    try:
+        model, preprocess, (ex, test) = hf_model()
+        rows: list[dict[str, Any]] = []
+        for n in (1, 8):
+            inputs = hf_inputs(preprocess, ex, test, n)
+            rows.append({"path": "infer, idle", "batch": n} | hf_idle(model, inputs, repeats))
+            rows.append(
+                {"path": "infer, loaded", "batch": n} | hf_loaded(model, inputs, 4, max(10, repeats // 20))
+            )
+            rows.append({"path": "HTTP (ASGI)", "batch": n} | hf_http(model, inputs, max(50, repeats // 2)))
+        mosel.close(model)
+        return rows
+    finally:
+        torch.set_num_threads(threads)
+
+
+def print_hf(rows: list[dict[str, Any]]) -> None:
+    import transformers
+
+    load = os.getloadavg()
+    print(
+        f"Hugging Face ViT + BERT (examples/hf_image_text.py), 1 torch thread, transformers "
+        f"{transformers.__version__}; load average at the end {load[0]:.2f}, {load[1]:.2f} on {os.cpu_count()} cores"
+    )
+    print(
+        "captions padded to 16 tokens (a bucket edge), pixel_values (B, 1, 32, 32); loaded: 4 callers at once\n"
+    )
+    print(
+        "| path | batch | by hand (us, median [p10-p90]) | mosel (us) | overhead (us) | overhead (% of the model) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        d, o = r["direct"], r["overhead"]
+        m = r.get("infer") or r["http"]
+        share = 100 * o["median_us"] / d["median_us"]
+        print(
+            f"| {r['path']} | {r['batch']} | {d['median_us']} [{d['p10_us']}-{d['p90_us']}] | "
+            f"{m['median_us']} [{m['p10_us']}-{m['p90_us']}] | {o['median_us']} [{o['p10_us']}-{o['p90_us']}] | "
+            f"{share:.1f} |"
+        )
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=300)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--hf-only", action="store_true", help="only the Hugging Face image + text case")
+    parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face case")
     args = parser.parse_args()
     torch.set_num_threads(2)
     warnings.simplefilter("ignore", mosel.MoselWarning)
+    hf: list[dict[str, Any]] = []
+    if not args.no_hf:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("(the Hugging Face case needs the examples extra: pip install 'mosel[examples]')\n")
+        else:
+            hf = hf_case(args.repeats)
+            print_hf(hf)
+    if args.hf_only:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"hf": hf}, f, indent=1)
+        return
 
     branch_us = {
         "audio": [100 + 10 * b for b in range(1, 33)],
@@ -226,7 +435,7 @@ def main() -> None:
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"overhead": rows, "planner": planner}, f, indent=1)
+            json.dump({"overhead": rows, "planner": planner, "hf": hf}, f, indent=1)
 
 
 if __name__ == "__main__":

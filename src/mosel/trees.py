@@ -69,13 +69,28 @@ def adopt(tree: Tree) -> Tree:
     return tree
 
 
-def _register_mapping(kind: type, example: Mapping[Any, Any]) -> None:
-    def flatten(node: Mapping[Any, Any]) -> tuple[list[Any], tuple[Any, ...], tuple[Any, ...]]:
-        keys = tuple(node.keys())
-        return [node[k] for k in keys], keys, keys
+def _sorted_keys(node: Mapping[Any, Any]) -> tuple[Any, ...]:
+    """The keys in sorted order, as optree orders a dict's (insertion order if they do not sort)."""
+    try:
+        return tuple(sorted(node.keys()))
+    except TypeError:
+        return tuple(node.keys())
 
-    def unflatten(keys: tuple[Any, ...], children: Any) -> Any:
-        return rebuild(dict(zip(keys, children, strict=True)))
+
+def _register_mapping(kind: type, example: Mapping[Any, Any]) -> None:
+    # Children in sorted key order, as optree flattens a dict: a mapping and a dict of the same
+    # items have the same leaves in the same order (a profile recorded from a tokenizer's
+    # BatchEncoding takes the same fields as a dict, from JSON or by hand); rebuilt in its own order.
+    def flatten(
+        node: Mapping[Any, Any],
+    ) -> tuple[list[Any], tuple[tuple[Any, ...], tuple[Any, ...]], tuple[Any, ...]]:
+        keys = _sorted_keys(node)
+        return [node[k] for k in keys], (keys, tuple(node.keys())), keys
+
+    def unflatten(metadata: tuple[tuple[Any, ...], tuple[Any, ...]], children: Any) -> Any:
+        keys, order = metadata
+        items = dict(zip(keys, children, strict=True))
+        return rebuild({k: items[k] for k in order})
 
     rebuild: Callable[[dict[Any, Any]], Any] = _rebuilder(kind, example)
     optree.register_pytree_node(kind, flatten, unflatten, namespace=NAMESPACE)  # type: ignore[arg-type]
