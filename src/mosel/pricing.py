@@ -165,6 +165,8 @@ class Pricer:
         lacks it (else computed here: a simulation, which holds no lock). The buckets priced
         ahead stay; the others are dropped every :data:`PRICED_CACHE` new ones.
         """
+        if computed is not None and computed[1].accuracy != self.cost.accuracy:
+            computed = None  # priced before set_profile swapped the accuracies: stale
         priced = self._plans.get(
             bucket, lambda: computed if computed is not None else self.profile.priced_at(bucket)
         )
@@ -466,6 +468,20 @@ class Pricer:
         """Option latencies moved (correction or tail): every cached price is forgotten."""
         self.version += 1
         self._latencies.clear()
+
+    def set_profile(
+        self, profile: Profile, priced: Mapping[BucketKey, tuple[Plan, CostModel]] | None = None
+    ) -> None:
+        """Price with ``profile`` from now on: its accuracies and plans (the latencies are the same).
+
+        The correction and the tail model are kept; the plans and strategies cached are not.
+        """
+        self.profile = profile
+        self.cost = profile.cost_model()
+        ahead = {self.reference: (profile.plan, self.cost)} | dict(priced or {})
+        self._plans = Cache(PRICED_CACHE, ahead)
+        self._every.clear()
+        self.reprice()
 
 
 class BatchLatency:
