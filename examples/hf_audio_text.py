@@ -243,11 +243,23 @@ class Preprocess:
     def __call__(self, inputs: Mapping[str, Any]) -> dict[str, BatchEncoding | BatchFeature]:
         out: dict[str, BatchEncoding | BatchFeature] = {}
         if "audio" in inputs:
-            waves = [np.asarray(wave, dtype=np.float32) for wave in inputs["audio"]]
-            out["audio"] = self.extractor(waves, sampling_rate=SAMPLE_RATE, padding=True, return_tensors="pt")
+            out["audio"] = self.audio(inputs["audio"])
         if "text" in inputs:
-            out["text"] = self.tokenizer(list(inputs["text"]), padding=True, return_tensors="pt")
+            out["text"] = self.text(inputs["text"])
         return out
+
+    def audio(self, waves: Sequence[Any]) -> BatchFeature:
+        """16 kHz waveforms (lists of numbers or arrays, any lengths) -> the feature extractor's output."""
+        clips = [np.asarray(wave, dtype=np.float32) for wave in waves]
+        return self.extractor(clips, sampling_rate=SAMPLE_RATE, padding=True, return_tensors="pt")
+
+    def text(self, captions: Sequence[str]) -> BatchEncoding:
+        """Caption strings -> the tokenizer's output, padded to the longest."""
+        return self.tokenizer(list(captions), padding=True, return_tensors="pt")
+
+    def hooks(self) -> dict[str, Any]:
+        """``mosel.http``'s pre-processing hook: each JSON field's raw value -> its model inputs."""
+        return {"audio": self.audio, "text": self.text}
 
 
 def feature_extractor() -> Wav2Vec2FeatureExtractor:
@@ -326,10 +338,15 @@ def serve_checked(built: Built, rows: Sequence[int], **slo: Any) -> mosel.Result
 
 
 def create_app(built: Built) -> Any:
-    """``mosel.http``'s app; its hook turns the JSON ``inputs`` into the model's inputs."""
+    """``mosel.http``'s app; its hook turns each raw JSON field into the model's inputs.
+
+    ``{"audio": [waveform, ...], "text": [caption, ...]}`` comes in (waveforms as lists of
+    numbers, or compactly as ``{"$b64": ..., "dtype": "float32", "shape": [n]}``); the feature
+    extractor normalises them server-side, off the event loop, so that no client can skip it.
+    """
     import mosel.http
 
-    return mosel.http.create_app(built.model, preprocess=built.preprocess)
+    return mosel.http.create_app(built.model, preprocess=built.preprocess.hooks())
 
 
 def tour(built: Built) -> None:

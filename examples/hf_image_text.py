@@ -218,11 +218,23 @@ class Preprocess:
     def __call__(self, inputs: Mapping[str, Any]) -> dict[str, BatchEncoding | BatchFeature]:
         out: dict[str, BatchEncoding | BatchFeature] = {}
         if "text" in inputs:
-            out["text"] = self.tokenizer(list(inputs["text"]), padding=True, return_tensors="pt")
+            out["text"] = self.text(inputs["text"])
         if "image" in inputs:
-            images = [np.asarray(image, dtype=np.uint8)[..., None] for image in inputs["image"]]
-            out["image"] = self.processor(images, return_tensors="pt", input_data_format="channels_last")
+            out["image"] = self.image(inputs["image"])
         return out
+
+    def text(self, captions: Sequence[str]) -> BatchEncoding:
+        """Caption strings -> the tokenizer's output, padded to the longest."""
+        return self.tokenizer(list(captions), padding=True, return_tensors="pt")
+
+    def image(self, images: Sequence[Any]) -> BatchFeature:
+        """8x8 grayscale images (nested lists or arrays of 0-255) -> the image processor's output."""
+        pixels = [np.asarray(image, dtype=np.uint8)[..., None] for image in images]
+        return self.processor(pixels, return_tensors="pt", input_data_format="channels_last")
+
+    def hooks(self) -> dict[str, Any]:
+        """``mosel.http``'s pre-processing hook: each JSON field's raw value -> its model inputs."""
+        return {"text": self.text, "image": self.image}
 
 
 def raw(split: Split, rows: Sequence[int]) -> dict[str, Any]:
@@ -297,10 +309,15 @@ def serve_checked(built: Built, rows: Sequence[int], **slo: Any) -> mosel.Result
 
 
 def create_app(built: Built) -> Any:
-    """``mosel.http``'s app; its hook turns the JSON ``inputs`` into the model's inputs."""
+    """``mosel.http``'s app; its hook turns each raw JSON field into the model's inputs.
+
+    ``{"text": [caption, ...], "image": [8x8 pixels, ...]}`` comes in; the hook runs off the event
+    loop, a field it cannot take answers 400 naming it, and what it returns is checked against
+    the profile's input schema before anything is computed.
+    """
     import mosel.http
 
-    return mosel.http.create_app(built.model, preprocess=built.preprocess)
+    return mosel.http.create_app(built.model, preprocess=built.preprocess.hooks())
 
 
 def tour(built: Built) -> None:
