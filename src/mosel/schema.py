@@ -516,6 +516,8 @@ def _tensor(value: Any, where: str, leaf: LeafSchema | None, batch_dim: int, fin
     """
     if isinstance(value, dict) and is_binary(value):  # {"$b64": ...} or {"$npy": ...}: the same rules
         value = torch.from_numpy(binary_array(value, where))
+        if _integral(value.dtype):
+            value = value.to(torch.int64)  # as a JSON list of integers parses: ranges judged on int64
     if not isinstance(value, list | Tensor):  # a Tensor: the list parsed already, as _parse does, in steps
         raise InputError(
             f"{where} must be a (nested) list, one tensor with the requests along its batch dimension "
