@@ -217,7 +217,9 @@ def hf_inputs(preprocess: Any, ex: Any, test: Any, n: int) -> dict[str, Any]:
     At an edge, serving's padding to the edge adds no work: both sides compute the same shapes.
     """
     rows = ex.raw(test, range(n))
-    text = preprocess.tokenizer(rows["text"], padding="max_length", max_length=16, return_tensors="pt")
+    text = preprocess.tokenizer(
+        rows["text"], padding="max_length", truncation=True, max_length=16, return_tensors="pt"
+    )
     return {"text": text, "image": preprocess({"image": rows["image"]})["image"]}
 
 

@@ -615,7 +615,9 @@ def conform_inputs(
             raise InputError(f"the pre-processing hook returned modality {m!r}; {owner} takes {list(names)}")
         if made is None:
             continue
-        tree = optree.tree_map(_as_tensor, trees.adopt(made), none_is_leaf=False, namespace=trees.NAMESPACE)
+        tree = made
+        if any(isinstance(leaf, np.ndarray) for leaf in trees.leaves(made)):  # else not rebuilt
+            tree = optree.tree_map(_as_tensor, made, none_is_leaf=False, namespace=trees.NAMESPACE)
         modality_schema = schema.get(m)
         if modality_schema is not None:
             try:
