@@ -231,35 +231,52 @@ def hf_by_hand(model: nn.Module, inputs: Mapping[str, Any]) -> Tensor:
         )  # type: ignore[operator]
 
 
+def _cpu_us() -> float:
+    return time.process_time_ns() / 1000  # every thread of this process: mosel's executor included
+
+
 def hf_idle(model: nn.Module, inputs: Mapping[str, Any], repeats: int) -> dict[str, Any]:
-    """One caller: ``infer`` (no SLO: every modality) against the same work by hand, interleaved."""
-    direct, served = [], []
+    """One caller: ``infer`` (no SLO: every modality) against the same work by hand, interleaved.
+
+    Timed in wall-clock time and in this process's CPU time (all its threads): on a busy host
+    the CPU time is what mosel adds to the work, the wall time also the waits for a core.
+    """
     for _ in range(10):
         hf_by_hand(model, inputs), model.infer(inputs)  # type: ignore[operator]
+    direct, served, direct_cpu, served_cpu = [], [], [], []
     for _ in range(repeats):
-        t0 = time.perf_counter_ns()
+        c0, t0 = _cpu_us(), time.perf_counter_ns()
         hf_by_hand(model, inputs)
-        t1 = time.perf_counter_ns()
+        c1, t1 = _cpu_us(), time.perf_counter_ns()
         model.infer(inputs)  # type: ignore[operator]
-        t2 = time.perf_counter_ns()
+        c2, t2 = _cpu_us(), time.perf_counter_ns()
         direct.append((t1 - t0) / 1000)
         served.append((t2 - t1) / 1000)
-    overhead = [b - a for a, b in zip(direct, served)]
-    return {"direct": spread(direct), "infer": spread(served), "overhead": spread(overhead)}
+        direct_cpu.append(c1 - c0)
+        served_cpu.append(c2 - c1)
+    return {
+        "direct": spread(direct),
+        "mosel": spread(served),
+        "overhead": spread([b - a for a, b in zip(direct, served)]),
+        "direct_cpu": spread(direct_cpu),
+        "overhead_cpu": spread([b - a for a, b in zip(direct_cpu, served_cpu)]),
+    }
 
 
 def hf_loaded(model: nn.Module, inputs: Mapping[str, Any], callers: int, jobs: int) -> dict[str, Any]:
     """``callers`` threads each calling ``infer`` ``jobs`` times at once, against the same jobs by hand in turn.
 
-    Per job: the wall time of all jobs divided by their number, repeated 5 times (medians). Under
+    Per job: the wall (and CPU) time of all jobs divided by their number, repeated 7 times. Under
     load mosel may merge jobs into batches, which can make it cheaper than calling by hand.
     """
-    per_job_direct, per_job_served = [], []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(callers * jobs):
+    direct, served, direct_cpu, served_cpu = [], [], [], []
+    total = callers * jobs
+    for _ in range(7):
+        c0, t0 = _cpu_us(), time.perf_counter()
+        for _ in range(total):
             hf_by_hand(model, inputs)
-        per_job_direct.append((time.perf_counter() - t0) / (callers * jobs) * 1e6)
+        direct.append((time.perf_counter() - t0) / total * 1e6)
+        direct_cpu.append((_cpu_us() - c0) / total)
         start = threading.Barrier(callers + 1)
 
         def caller(start: threading.Barrier = start) -> None:
@@ -270,57 +287,98 @@ def hf_loaded(model: nn.Module, inputs: Mapping[str, Any], callers: int, jobs: i
         threads = [threading.Thread(target=caller) for _ in range(callers)]
         for t in threads:
             t.start()
+        c0 = _cpu_us()
         start.wait()
         t0 = time.perf_counter()
         for t in threads:
             t.join()
-        per_job_served.append((time.perf_counter() - t0) / (callers * jobs) * 1e6)
+        served.append((time.perf_counter() - t0) / total * 1e6)
+        served_cpu.append((_cpu_us() - c0) / total)
     return {
         "callers": callers,
-        "direct": spread(per_job_direct),
-        "infer": spread(per_job_served),
-        "overhead": spread([b - a for a, b in zip(per_job_direct, per_job_served)]),
+        "direct": spread(direct),
+        "mosel": spread(served),
+        "overhead": spread([b - a for a, b in zip(direct, served)]),
+        "direct_cpu": spread(direct_cpu),
+        "overhead_cpu": spread([b - a for a, b in zip(direct_cpu, served_cpu)]),
     }
 
 
-def hf_http(model: nn.Module, inputs: Mapping[str, Any], repeats: int) -> dict[str, Any]:
-    """``POST /predict`` (the inputs as JSON lists) through create_app over httpx's ASGI transport, vs by hand."""
-    import asyncio
-
-    import mosel.http
-
+def _httpx() -> Any:
     try:  # starlette >= 1.0 speaks httpx2; older versions httpx
         import httpx2 as httpx
     except ImportError:  # pragma: no cover
         import httpx  # type: ignore[no-redef]
+    return httpx
 
-    body = {"inputs": {m: {k: v.tolist() for k, v in x.items()} for m, x in inputs.items()}}
+
+def hf_http(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    repeats: int,
+    callers: int = 1,
+    hook: Any = None,
+    raw: Any = None,
+) -> dict[str, Any]:
+    """``POST /predict`` through create_app over httpx's in-process ASGI transport, against the work by hand.
+
+    Without ``hook`` the body holds the model's inputs as JSON lists; with it, ``raw`` (caption
+    strings, pixel lists) pre-processed by the hook server-side, and the work by hand includes
+    the same pre-processing. ``server``: the answer's ``completion_ms`` (the request's arrival at
+    the app to its response: parsing, the hook, decoding, the model, encoding), against the work
+    by hand; ``round trip`` adds the in-process client. With ``callers`` > 1, that many clients
+    post at once (each the same body), against the work by hand in turn, per request.
+    """
+    import asyncio
+
+    import mosel.http
+
+    httpx = _httpx()
+    if hook is None:
+        body = {"inputs": {m: {k: v.tolist() for k, v in x.items()} for m, x in inputs.items()}}
+        work = functools.partial(hf_by_hand, model, inputs)
+    else:
+        body = {"inputs": {"text": raw["text"], "image": raw["image"].tolist()}}
+
+        def work() -> Tensor:
+            return hf_by_hand(model, {m: fn(body["inputs"][m]) for m, fn in hook.items()})
+
     payload = json.dumps(body).encode()
-    app = mosel.http.create_app(model)
+    app = mosel.http.create_app(model, preprocess=hook)
 
-    async def run() -> tuple[list[float], list[float]]:
-        direct, served = [], []
+    async def run() -> tuple[list[float], list[float], list[float]]:
+        direct, round_trip, server = [], [], []
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://mosel") as client:
             headers = {"content-type": "application/json"}
+
+            async def one() -> float:
+                response = await client.post("/predict", content=payload, headers=headers)
+                assert response.status_code == 200, response.text
+                return float(response.json()["completion_ms"]) * 1000
+
             for i in range(10 + repeats):
                 t0 = time.perf_counter_ns()
-                hf_by_hand(model, inputs)
+                for _ in range(callers):
+                    work()
                 t1 = time.perf_counter_ns()
-                response = await client.post("/predict", content=payload, headers=headers)
+                completion = await asyncio.gather(*(one() for _ in range(callers)))
                 t2 = time.perf_counter_ns()
-                assert response.status_code == 200, response.text
                 if i >= 10:
-                    direct.append((t1 - t0) / 1000)
-                    served.append((t2 - t1) / 1000)
-        return direct, served
+                    direct.append((t1 - t0) / 1000 / callers)
+                    round_trip.append((t2 - t1) / 1000 / callers)
+                    server.append(max(completion) / callers)
+        return direct, round_trip, server
 
-    direct, served = asyncio.run(run())
+    direct, round_trip, server = asyncio.run(run())
     return {
+        "callers": callers,
         "body_bytes": len(payload),
         "direct": spread(direct),
-        "http": spread(served),
-        "overhead": spread([b - a for a, b in zip(direct, served)]),
+        "mosel": spread(server),
+        "overhead": spread([b - a for a, b in zip(direct, server)]),
+        "round_trip": spread(round_trip),
+        "overhead_round_trip": spread([b - a for a, b in zip(direct, round_trip)]),
     }
 
 
@@ -334,10 +392,16 @@ def hf_case(repeats: int) -> list[dict[str, Any]]:
         for n in (1, 8):
             inputs = hf_inputs(preprocess, ex, test, n)
             rows.append({"path": "infer, idle", "batch": n} | hf_idle(model, inputs, repeats))
+            loaded = hf_loaded(model, inputs, 4, max(10, repeats // 20))
+            rows.append({"path": "infer, 4 callers", "batch": n} | loaded)
+            rows.append({"path": "HTTP, idle", "batch": n} | hf_http(model, inputs, max(50, repeats // 2)))
             rows.append(
-                {"path": "infer, loaded", "batch": n} | hf_loaded(model, inputs, 4, max(10, repeats // 20))
+                {"path": "HTTP, 4 clients", "batch": n}
+                | hf_http(model, inputs, max(10, repeats // 10), callers=4)
             )
-            rows.append({"path": "HTTP (ASGI)", "batch": n} | hf_http(model, inputs, max(50, repeats // 2)))
+            raw = ex.raw(test, range(n))
+            hooked = hf_http(model, inputs, max(50, repeats // 2), hook=preprocess.hooks(), raw=raw)
+            rows.append({"path": "HTTP + hook (raw captions, pixels), idle", "batch": n} | hooked)
         mosel.close(model)
         return rows
     finally:
@@ -353,20 +417,30 @@ def print_hf(rows: list[dict[str, Any]]) -> None:
         f"{transformers.__version__}; load average at the end {load[0]:.2f}, {load[1]:.2f} on {os.cpu_count()} cores"
     )
     print(
-        "captions padded to 16 tokens (a bucket edge), pixel_values (B, 1, 32, 32); loaded: 4 callers at once\n"
+        "captions padded to 16 tokens (a bucket edge), pixel_values (B, 1, 32, 32); medians [p10-p90] in us;\n"
+        "HTTP: mosel = the answer's completion_ms (arrival to response, server side); round trip adds the\n"
+        "in-process httpx client. CPU: this process's CPU time (all threads) per call\n"
     )
     print(
-        "| path | batch | by hand (us, median [p10-p90]) | mosel (us) | overhead (us) | overhead (% of the model) |"
+        "| path | batch | by hand | mosel | overhead | % of the model | CPU overhead (% of the model's CPU) "
+        "| round trip overhead (%) |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        d, o = r["direct"], r["overhead"]
-        m = r.get("infer") or r["http"]
+        d, m, o = r["direct"], r["mosel"], r["overhead"]
         share = 100 * o["median_us"] / d["median_us"]
+        cpu = "-"
+        if "overhead_cpu" in r:
+            oc, dc = r["overhead_cpu"]["median_us"], r["direct_cpu"]["median_us"]
+            cpu = f"{oc:.0f} ({100 * oc / dc:.1f})"
+        trip = "-"
+        if "overhead_round_trip" in r:
+            ot = r["overhead_round_trip"]["median_us"]
+            trip = f"{ot:.0f} ({100 * ot / d['median_us']:.1f})"
         print(
-            f"| {r['path']} | {r['batch']} | {d['median_us']} [{d['p10_us']}-{d['p90_us']}] | "
-            f"{m['median_us']} [{m['p10_us']}-{m['p90_us']}] | {o['median_us']} [{o['p10_us']}-{o['p90_us']}] | "
-            f"{share:.1f} |"
+            f"| {r['path']} | {r['batch']} | {d['median_us']:.0f} [{d['p10_us']:.0f}-{d['p90_us']:.0f}] | "
+            f"{m['median_us']:.0f} [{m['p10_us']:.0f}-{m['p90_us']:.0f}] | "
+            f"{o['median_us']:.0f} [{o['p10_us']:.0f}-{o['p90_us']:.0f}] | {share:.1f} | {cpu} | {trip} |"
         )
     print()
 

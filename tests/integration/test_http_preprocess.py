@@ -254,3 +254,13 @@ def test_a_hook_of_the_wrong_form_is_refused_when_the_service_is_made(model: Tex
         mosel.http.Service(model, preprocess=3)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="'text' maps to str"):
         mosel.http.Service(model, preprocess={"text": "tokenize"})  # type: ignore[dict-item]
+
+
+def test_finite_outputs_whose_sum_overflows_are_answered_as_they_are() -> None:
+    """The finiteness screen of an answer is its sum; an overflowing sum is checked value by value."""
+    big = torch.tensor([[6e4, 6e4, 1.0], [1.0, 6e4, 6e4]], dtype=torch.float16)  # sums to inf in float16
+    assert mosel.http.encode_output(big) == big.tolist()
+    assert mosel.http.prediction_of(big) == [0, 1]
+    with_nan = torch.tensor([[6e4, float("nan")], [1.0, 2.0]], dtype=torch.float16)
+    assert mosel.http.encode_output(with_nan) == [[60000.0, None], [1.0, 2.0]]
+    assert mosel.http.prediction_of(with_nan) == [None, 1]
