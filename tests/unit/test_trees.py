@@ -129,3 +129,26 @@ def test_a_profile_recorded_from_a_mapping_takes_a_dict_of_the_same_fields() -> 
     schema = recorder.schema()["text"]
     schema.check("text", {"ids": torch.ones(1, 3).long(), "mask": torch.ones(1, 3)})  # what JSON decodes to
     schema.conform("text", {"mask": torch.ones(1, 3), "ids": torch.ones(1, 3).long()})
+
+
+def test_a_tree_already_on_the_device_is_not_rebuilt_and_new_mapping_types_are_still_seen() -> None:
+    built: list[int] = []
+
+    class Costly(collections.UserDict):  # type: ignore[type-arg]
+        """A mapping whose constructor costs (a BatchEncoding's runs its conversions)."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    encoding = Costly(ids=torch.ones(2, 3))
+    assert trees.check(encoding) == 2
+    built.clear()
+    assert trees.to_device(encoding, torch.device("cpu")) is encoding and built == []
+    assert trees.leaves(encoding)[0] is encoding["ids"]
+
+    class Later(collections.UserDict):  # type: ignore[type-arg]
+        pass
+
+    nested = {"outer": Later(mask=torch.zeros(2, 3))}  # a type never seen: adopted when first met
+    assert trees.check(nested) == 2 and len(trees.leaves(nested)) == 1
