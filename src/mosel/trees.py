@@ -50,7 +50,8 @@ def adopt(tree: Tree) -> Tree:
     ``optree`` walks dicts, lists, tuples and namedtuples; any other ``Mapping`` (a Hugging Face
     ``BatchEncoding``, ``BatchFeature`` or ``ModelOutput``, a ``UserDict``) would be one opaque
     leaf. Each such type is registered once, in mosel's namespace, as a node whose children are
-    its values in key order and that is rebuilt as the same type: a tokenizer's output goes in as
+    its values in sorted key order (as a dict's: the same leaves as a dict of the same items) and
+    that is rebuilt as the same type, in its own order: a tokenizer's output goes in as
     it comes, and a branch's ``ModelOutput`` reaches the fusion as a ``ModelOutput``.
     """
     if isinstance(tree, Tensor):
