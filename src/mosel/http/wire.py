@@ -175,7 +175,9 @@ class PredictRequest(BaseModel):
             "modality name -> its requests: a (nested) list of numbers or booleans (one tensor, "
             "requests along the modality's batch dimension), or an object of such lists for a "
             "structured modality, e.g. {'text': {'input_ids': [[...]], 'attention_mask': [[...]]}}. "
-            "A modality left out is not computed."
+            "A leaf may be a binary tensor: {'$b64': <base64 of little-endian bytes>, 'dtype': 'float32', "
+            "'shape': [...]} or {'$npy': <base64 of a .npy file>}. With a pre-processing hook, a field "
+            "holds what the hook takes (caption strings, waveforms). A modality left out is not computed."
         ),
     )
     deadline_ms: float | None = Field(
