@@ -49,11 +49,15 @@ A schema saved before format 2 has none of these facts: it decodes as before.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
+import numpy as np
 import optree
 import torch
 from torch import Tensor
@@ -63,7 +67,8 @@ from mosel.jsonvalues import json_dict, json_field, json_int, json_list, json_st
 from mosel.trees import NAMESPACE, Tree
 
 __all__ = [
-    "SCHEMA_VERSION", "LeafSchema", "ModalitySchema", "ValueRange", "decode", "leaf_name",
+    "BINARY_DTYPES", "SCHEMA_VERSION", "LeafSchema", "ModalitySchema", "ValueRange", "binary_array",
+    "decode", "is_binary", "leaf_name",
 ]  # fmt: skip
 
 SCHEMA_VERSION: Final = 2
@@ -504,11 +509,15 @@ def _check_finite(where: str, tensor: Tensor, original: Tensor | None) -> None:
 # decoding JSON
 
 
-def _tensor(value: Any, where: str, leaf: LeafSchema | None, batch_dim: int, finite: bool) -> Tensor:  # noqa: C901 (one refusal per way a JSON value can misfit its leaf)
+def _tensor(value: Any, where: str, leaf: LeafSchema | None, batch_dim: int, finite: bool) -> Tensor:  # noqa: C901, PLR0912 (one refusal per way a JSON value can misfit its leaf)
     """A JSON (nested) list as a tensor: the leaf's dtype when known, else the values'.
 
     Shapes are left to :meth:`ModalitySchema.check`.
     """
+    if isinstance(value, dict) and is_binary(value):  # {"$b64": ...} or {"$npy": ...}: the same rules
+        value = torch.from_numpy(binary_array(value, where))
+        if _integral(value.dtype):
+            value = value.to(torch.int64)  # as a JSON list of integers parses: ranges judged on int64
     if not isinstance(value, list | Tensor):  # a Tensor: the list parsed already, as _parse does, in steps
         raise InputError(
             f"{where} must be a (nested) list, one tensor with the requests along its batch dimension "
@@ -521,9 +530,10 @@ def _tensor(value: Any, where: str, leaf: LeafSchema | None, batch_dim: int, fin
         return torch.empty(tensor.shape, dtype=dtype)
     if dtype is None:  # no schema: the values decide (integers stay int64, e.g. token ids)
         if not tensor.is_floating_point():
-            return tensor
+            return tensor if tensor.dtype in (torch.bool, torch.int64) else tensor.to(torch.int64)
         dtype = torch.float32
-        tensor = parse_list(value, where, torch.float64, dtype)  # overflow is judged against float32
+        if isinstance(value, list):
+            tensor = parse_list(value, where, torch.float64, dtype)  # overflow is judged against float32
     if dtype.is_floating_point:
         cast = tensor.to(dtype)
         if finite:
@@ -589,9 +599,86 @@ def parse_list(value: Any, where: str, parse_as: torch.dtype | None, dtype: torc
             limit = "float64" if parse_as is not None else "int64"
             takes = "" if dtype is None else f"; the model takes {_dtype_name(dtype)}"
             raise InputError(f"{where} holds an integer beyond {limit}'s range{takes}") from None
-        raise InputError(f"{where} must be a rectangular list of numbers or booleans ({exc})") from None
+        raise InputError(not_rectangular(where, exc)) from None
     except TypeError as exc:
-        raise InputError(f"{where} must be a rectangular list of numbers or booleans ({exc})") from None
+        raise InputError(not_rectangular(where, exc)) from None
+
+
+def not_rectangular(where: str, exc: BaseException) -> str:
+    """Why a (nested) JSON list is not one tensor: ragged requests must be padded."""
+    return (
+        f"{where} must be a rectangular list of numbers or booleans ({exc}): every request must have "
+        f"the same shape; pad the requests to one length (with the mask the model takes, e.g. "
+        f"attention_mask) or send them in separate calls"
+    )
+
+
+BINARY_DTYPES: Final = frozenset(
+    {"bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64"}
+)
+"""The dtypes a binary tensor leaf (``{"$b64": ..., "dtype": ...}`` or ``{"$npy": ...}``) may hold."""
+
+
+def is_binary(value: Mapping[str, Any]) -> bool:
+    """Whether a JSON object is a binary tensor leaf: it has a ``"$b64"`` or ``"$npy"`` key."""
+    return "$b64" in value or "$npy" in value
+
+
+def _bytes(text: Any, where: str, key: str) -> bytes:
+    if not isinstance(text, str):
+        raise InputError(f"{where}[{key!r}] must be a base64 string, got {type(text).__name__}")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError(f"{where}[{key!r}] is not valid base64 ({exc})") from None
+
+
+def binary_array(value: Mapping[str, Any], where: str) -> np.ndarray:
+    """A binary tensor leaf as a (native byte order, writable) numpy array.
+
+    ``{"$b64": <base64 of the raw little-endian bytes>, "dtype": "float32", "shape": [2, 3]}``
+    (``shape`` left out: one dimension), or ``{"$npy": <base64 of a .npy file>}`` (read with
+    ``numpy.load(..., allow_pickle=False)``). The dtype is one of :data:`BINARY_DTYPES`.
+
+    Raises:
+        InputError: a malformed leaf: other keys, bad base64, an unknown dtype, a byte count
+            that is not the shape's, an unreadable ``.npy`` file; naming ``where``.
+    """
+    if "$npy" in value:
+        if set(value) != {"$npy"}:
+            raise InputError(f"{where}: a .npy leaf has the one key '$npy', got {sorted(value)}")
+        try:
+            array = np.load(io.BytesIO(_bytes(value["$npy"], where, "$npy")), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise InputError(f"{where}['$npy'] is not a .npy file of numbers ({exc})") from None
+        if not isinstance(array, np.ndarray) or array.dtype.name not in BINARY_DTYPES:
+            kind = getattr(getattr(array, "dtype", None), "name", type(array).__name__)
+            raise InputError(f"{where}['$npy'] holds {kind}; send one of {sorted(BINARY_DTYPES)}")
+        return array.astype(array.dtype.newbyteorder("="), copy=True)
+    extra = set(value) - {"$b64", "dtype", "shape"}
+    if extra or "dtype" not in value:
+        raise InputError(
+            f"{where}: a binary leaf is {{'$b64': <base64 of little-endian bytes>, 'dtype': 'float32', "
+            f"'shape': [...]}}, got the keys {sorted(value)}"
+        )
+    name = value["dtype"]
+    if not isinstance(name, str) or name not in BINARY_DTYPES:
+        raise InputError(f"{where}['dtype'] is {name!r}; send one of {sorted(BINARY_DTYPES)}")
+    data = _bytes(value["$b64"], where, "$b64")
+    dtype = np.dtype(name).newbyteorder("<")
+    shape = value.get("shape")
+    if shape is None:
+        shape = [len(data) // dtype.itemsize]
+    if not isinstance(shape, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+    ):
+        raise InputError(f"{where}['shape'] must be a list of sizes (non-negative integers), got {shape!r}")
+    count = math.prod(shape)
+    if count * dtype.itemsize != len(data):
+        raise InputError(
+            f"{where} holds {len(data)} bytes; shape {shape} of {name} takes {count * dtype.itemsize}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=True)
 
 
 def decode(modality: str, value: Any, schema: ModalitySchema | None = None, *, finite: bool = True) -> Tree:
@@ -623,7 +710,7 @@ def decode(modality: str, value: Any, schema: ModalitySchema | None = None, *, f
 
 
 def _loose(value: Any, where: str, finite: bool) -> Tree:
-    if isinstance(value, dict):
+    if isinstance(value, dict) and not is_binary(value):
         return {k: _loose(v, f"{where}[{k!r}]", finite) for k, v in value.items()}
     return _tensor(value, where, None, 0, finite)
 

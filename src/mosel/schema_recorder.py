@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from mosel.errors import InputError
 from mosel.schema import (
     EMBEDDING,
     MASK,
@@ -154,11 +155,12 @@ class SchemaRecorder:
             if value is None:
                 continue
             seen = _observe(value, self.spec.batch_dim(m))
+            free = self._free_size(m, value, seen)
             if m not in self._schemas:
-                merged = seen
+                merged = free
             else:
                 old = self._schemas[m]
-                merged = None if old is None or seen is None else _merge(old, seen)
+                merged = None if old is None or free is None else _merge(old, free)
             self._schemas[m] = merged
             if merged is None or seen is None:
                 continue
@@ -171,6 +173,32 @@ class SchemaRecorder:
                     if before is not None:
                         low, high = min(before[0], low), max(before[1], high)
                     observed[i] = (low, high)
+
+    def _free_size(self, m: str, value: Tree, seen: ModalitySchema | None) -> ModalitySchema | None:
+        """``seen`` with the declared size's axis left open, for a modality declared with ``size=``.
+
+        Its size varies by declaration, however the validation batches happen to be padded
+        (shuffled batches padded to their longest row are often all as long): every dimension
+        whose extent is the batch's size (with ``pad=``, on the padded axis only) is open.
+        """
+        sizing = self.spec.sizings.get(m)
+        if sizing is None or seen is None:
+            return seen
+        try:
+            size = sizing.read(m, value)
+        except InputError:
+            return seen
+        batch_dim = self.spec.batch_dim(m)
+        leaves = []
+        for leaf in seen.leaves:
+            rank = len(leaf.shape) + 1
+            axis = None if sizing.padding is None else sizing.padding.dim % rank
+            shape = tuple(
+                None if s == size and (axis is None or axis == (j if j < batch_dim else j + 1)) else s
+                for j, s in enumerate(leaf.shape)
+            )
+            leaves.append(dataclasses.replace(leaf, shape=shape))
+        return ModalitySchema(seen.batch_dim, tuple(leaves))
 
     @contextlib.contextmanager
     def watch(self, modality: str, value: Tree) -> Iterator[None]:
@@ -203,11 +231,8 @@ class SchemaRecorder:
 
     def _finish(self, m: str, schema: ModalitySchema) -> ModalitySchema:
         leaves = schema.leaves
-        agree = tuple(
-            tuple(group)
-            for group in self._classes[m]
-            if len(group) > 1 and leaves[group[0][0]].shape[group[0][1]] is None
-        )
+        open_groups = ([(i, d) for i, d in group if leaves[i].shape[d] is None] for group in self._classes[m])
+        agree = tuple(tuple(group) for group in open_groups if len(group) > 1)
         group_of = {dim: g for g, group in enumerate(agree) for dim in group}
 
         def same_shape(i: int, j: int) -> bool:

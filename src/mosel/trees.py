@@ -9,6 +9,7 @@ gathers and concatenates every leaf along it. Flattening is done by `optree
 
 from __future__ import annotations
 
+from collections import UserDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -49,7 +50,8 @@ def adopt(tree: Tree) -> Tree:
     ``optree`` walks dicts, lists, tuples and namedtuples; any other ``Mapping`` (a Hugging Face
     ``BatchEncoding``, ``BatchFeature`` or ``ModelOutput``, a ``UserDict``) would be one opaque
     leaf. Each such type is registered once, in mosel's namespace, as a node whose children are
-    its values in key order and that is rebuilt as the same type: a tokenizer's output goes in as
+    its values in sorted key order (as a dict's: the same leaves as a dict of the same items) and
+    that is rebuilt as the same type, in its own order: a tokenizer's output goes in as
     it comes, and a branch's ``ModelOutput`` reaches the fusion as a ``ModelOutput``.
     """
     if isinstance(tree, Tensor):
@@ -69,13 +71,45 @@ def adopt(tree: Tree) -> Tree:
     return tree
 
 
-def _register_mapping(kind: type, example: Mapping[Any, Any]) -> None:
-    def flatten(node: Mapping[Any, Any]) -> tuple[list[Any], tuple[Any, ...], tuple[Any, ...]]:
-        keys = tuple(node.keys())
-        return [node[k] for k in keys], keys, keys
+_SORTED: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+"""Key tuples already put in order (a served mapping has the same few keys call after call)."""
 
-    def unflatten(keys: tuple[Any, ...], children: Any) -> Any:
-        return rebuild(dict(zip(keys, children, strict=True)))
+
+def _sorted_keys(keys: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The keys in sorted order, as optree orders a dict's (insertion order if they do not sort)."""
+    order = _SORTED.get(keys)
+    if order is None:
+        try:
+            order = tuple(sorted(keys))
+        except TypeError:
+            order = keys
+        if len(_SORTED) < 4096:
+            _SORTED[keys] = order
+    return order
+
+
+def _items(node: Mapping[Any, Any]) -> Mapping[Any, Any]:
+    """The dict a ``UserDict`` (a ``BatchEncoding``) keeps its items in, else the mapping itself."""
+    data = node.data if isinstance(node, UserDict) else None
+    return data if type(data) is dict else node
+
+
+def _register_mapping(kind: type, example: Mapping[Any, Any]) -> None:
+    # Children in sorted key order, as optree flattens a dict: a mapping and a dict of the same
+    # items have the same leaves in the same order (a profile recorded from a tokenizer's
+    # BatchEncoding takes the same fields as a dict, from JSON or by hand); rebuilt in its own order.
+    def flatten(
+        node: Mapping[Any, Any],
+    ) -> tuple[list[Any], tuple[tuple[Any, ...], tuple[Any, ...]], tuple[Any, ...]]:
+        items = _items(node)
+        order = tuple(items)
+        keys = _sorted_keys(order)
+        return [items[k] for k in keys], (keys, order), keys
+
+    def unflatten(metadata: tuple[tuple[Any, ...], tuple[Any, ...]], children: Any) -> Any:
+        keys, order = metadata
+        items = dict(zip(keys, children, strict=True))
+        return rebuild({k: items[k] for k in order})
 
     rebuild: Callable[[dict[Any, Any]], Any] = _rebuilder(kind, example)
     optree.register_pytree_node(kind, flatten, unflatten, namespace=NAMESPACE)  # type: ignore[arg-type]
@@ -105,6 +139,9 @@ def leaves(tree: Tree) -> list[Any]:
     """The leaves of ``tree`` (a bare tensor is its own single leaf; None is an empty subtree)."""
     if isinstance(tree, Tensor):
         return [tree]
+    found = optree.tree_leaves(tree, none_is_leaf=False, namespace=NAMESPACE)
+    if all(type(leaf) is Tensor for leaf in found):  # the mappings in it are adopted already
+        return found
     return optree.tree_leaves(adopt(tree), none_is_leaf=False, namespace=NAMESPACE)
 
 
@@ -199,6 +236,8 @@ def to_device(tree: Tree, device: torch.device) -> Tree:
     """``tree`` with every leaf on ``device`` (leaves already there are returned as they are)."""
     if isinstance(tree, Tensor):
         return tree if tree.device == device else tree.to(device, non_blocking=True)
+    if all(t.device == device for t in leaves(tree)):
+        return tree  # not rebuilt: a mapping type's constructor (a BatchEncoding's) is costly
     return optree.tree_map(
         lambda t: t if t.device == device else t.to(device, non_blocking=True),
         tree,

@@ -231,3 +231,17 @@ def test_the_ingress_is_ready_exactly_while_serve_reports_a_running_replica() ->
         _settled(watch)
         answer = http.get("/readyz")
         assert answer.status_code == 503 and "no replica" in answer.json()["reason"]
+
+
+def test_the_ingress_runs_the_pre_processing_hook_and_checks_its_output() -> None:
+    """http_ingress(..., preprocess=...): raw fields become model inputs on the ingress, checked there."""
+    handle = SlowHandle(result())
+    hook = {"audio": lambda xs: torch.tensor([[float(x)] for x in xs])}  # "1.5" -> a (B, 1) float tensor
+    front = mosel.ray.HTTPIngress(handle, tiny_profile(Tiny()).to_json(), preprocess=hook)  # type: ignore[arg-type]
+    with TestClient(front.__serve_build_asgi_app__()) as http:
+        served = http.post("/predict", json={"inputs": {"audio": ["1.5", "2"], "text": [[0.5], [1.5]]}})
+        assert served.status_code == 200, served.text
+        bad = http.post("/predict", json={"inputs": {"audio": ["one"], "text": [[0.5]]}})
+        assert bad.status_code == 400 and "inputs['audio']" in bad.json()["detail"], bad.text
+    assert len(handle.requests) == 1
+    assert handle.requests[0].inputs["audio"].tolist() == [[1.5], [2.0]]

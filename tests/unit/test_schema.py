@@ -112,6 +112,50 @@ def test_the_recorder_finds_the_sizes_that_agree_in_every_batch_and_only_those()
     assert {(index["other"], 0), (index["input_ids"], 0)} <= set(tied.agree[0])
 
 
+@mosel.multimodal
+class SizedText(nn.Module):
+    """A text branch whose length is declared (``size=``): with ``pad=`` and without."""
+
+    @mosel.modality(
+        "text",
+        size=lambda x: x["input_ids"].shape[1],
+        buckets=(8, 32),
+        pad=mosel.Padding(dim=1, mask="attention_mask"),
+    )
+    def encode_text(self, text: Mapping[str, Tensor]) -> Tensor:
+        return text["input_ids"].float().mean(1, keepdim=True)
+
+    @mosel.modality("tokens", size=lambda x: x["ids"].shape[1])
+    def encode_tokens(self, tokens: Mapping[str, Tensor]) -> Tensor:
+        return tokens["ids"].float().mean(1, keepdim=True)
+
+    @mosel.fusion
+    def fuse(self, features: Mapping[str, Tensor]) -> Tensor:
+        return torch.stack(list(features.values())).sum(0)
+
+
+def test_a_declared_size_stays_open_however_the_validation_batches_are_padded() -> None:
+    # Shuffled batches padded to their longest row are often all as long (here 25): the length
+    # of a modality declared with size= still varies, and a job of another length is taken.
+    recorder = SchemaRecorder(spec_of(SizedText))
+    for b in (4, 6):
+        text = text_batch(b, 25, 5)
+        recorder.observe(
+            {"text": text, "tokens": {"ids": text["input_ids"], "width": torch.zeros(b, 25, 25)}}
+        )
+    schema = recorder.schema()
+    text = {leaf.path[0]: leaf.shape for leaf in schema["text"].leaves}
+    # pad=: the padded axis (dim 1) of every leaf as long as the size; other axes stay fixed
+    assert text == {"input_ids": (None,), "attention_mask": (None,), "bias": (None, 25), "other": (5,)}
+    assert schema["tokens"].leaves[1].shape == (None, None)  # no pad=: any axis as long as the size
+    shorter = {**text_batch(2, 24, 5), "bias": torch.zeros(2, 24, 25)}
+    schema["text"].check("text", shorter)  # no InputError
+    with pytest.raises(mosel.InputError, match="agree|equal"):  # the ids and the mask still agree
+        schema["text"].check("text", {**shorter, "attention_mask": shorter["attention_mask"][:, :20]})
+    undeclared = recorded([text_batch(4, 25, 5), text_batch(6, 25, 5)])  # no size=: fixed, as before
+    assert undeclared.leaves[0].shape == (25,)
+
+
 def test_sizes_that_do_not_agree_are_refused_naming_both_leaves() -> None:
     schema = recorded([text_batch(2, 3, 4), text_batch(3, 5, 5)])
     body = {k: v.tolist() for k, v in text_batch(2, 4, 7).items()}

@@ -94,3 +94,61 @@ def test_a_tokenizer_output_is_served_and_the_fusion_gets_its_branches_own_outpu
     with mosel.serving(model):
         result = model.infer({"text": text, "video": torch.ones(4, 3)})
     assert result.output.squeeze(1).tolist() == [2.0, 3.0, 6.0, 1.0]
+
+
+def test_a_mapping_flattens_like_a_dict_of_the_same_items_and_keeps_its_own_order() -> None:
+    # A tokenizer's BatchEncoding holds input_ids, token_type_ids, attention_mask in that order;
+    # optree flattens a dict in sorted key order. The same leaves in the same order either way.
+    items = {
+        "input_ids": torch.ones(2, 3),
+        "token_type_ids": torch.zeros(2, 3),
+        "attention_mask": torch.ones(2, 3),
+    }
+    encoding = Encoding(items)
+    paths = [p for p, _ in schema_paths(encoding)]
+    assert (
+        paths
+        == [p for p, _ in schema_paths(dict(items))]
+        == [("attention_mask",), ("input_ids",), ("token_type_ids",)]
+    )
+    part = trees.take(encoding, slice(0, 1))
+    assert type(part) is Encoding and list(part) == ["input_ids", "token_type_ids", "attention_mask"]
+
+
+def schema_paths(tree: Any) -> list[tuple[tuple[Any, ...], Tensor]]:
+    from mosel.schema import _flatten
+
+    return _flatten(trees.adopt(tree))
+
+
+def test_a_profile_recorded_from_a_mapping_takes_a_dict_of_the_same_fields() -> None:
+    from mosel.schema_recorder import SchemaRecorder
+
+    recorder = SchemaRecorder(mosel.spec_of(MappingModel))
+    recorder.observe({"text": trees.adopt(Encoding(mask=torch.ones(2, 3), ids=torch.ones(2, 3).long()))})
+    schema = recorder.schema()["text"]
+    schema.check("text", {"ids": torch.ones(1, 3).long(), "mask": torch.ones(1, 3)})  # what JSON decodes to
+    schema.conform("text", {"mask": torch.ones(1, 3), "ids": torch.ones(1, 3).long()})
+
+
+def test_a_tree_already_on_the_device_is_not_rebuilt_and_new_mapping_types_are_still_seen() -> None:
+    built: list[int] = []
+
+    class Costly(collections.UserDict):  # type: ignore[type-arg]
+        """A mapping whose constructor costs (a BatchEncoding's runs its conversions)."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    encoding = Costly(ids=torch.ones(2, 3))
+    assert trees.check(encoding) == 2
+    built.clear()
+    assert trees.to_device(encoding, torch.device("cpu")) is encoding and built == []
+    assert trees.leaves(encoding)[0] is encoding["ids"]
+
+    class Later(collections.UserDict):  # type: ignore[type-arg]
+        pass
+
+    nested = {"outer": Later(mask=torch.zeros(2, 3))}  # a type never seen: adopted when first met
+    assert trees.check(nested) == 2 and len(trees.leaves(nested)) == 1

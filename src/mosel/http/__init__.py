@@ -8,6 +8,7 @@ Needs the ``http`` extra (``pip install 'mosel[http]'``: FastAPI, pydantic, prom
     app = mosel.http.create_app(model)                  # a FastAPI app; its lifespan closes the model
     router = mosel.http.create_router(model)            # or mount the routes in your own app
     app = mosel.http.create_app(lambda: load_model())   # a model that exists only later (a replica)
+    app = mosel.http.create_app(model, preprocess={"text": tokenize})  # raw fields pre-processed here
 
 Routes: ``POST /predict``, ``POST /feedback`` (a served job's labels, for accuracy monitoring),
 ``GET /metrics`` (Prometheus text), ``GET /healthz`` (alive),
@@ -55,12 +56,16 @@ from mosel.http.wire import (
     ModelSource,
     PredictRequest,
     PredictResponse,
+    Preprocess,
+    RawBody,
     Readiness,
     charge,
+    conform_inputs,
     decode_inputs,
     encode_output,
     error_status,
     prediction_of,
+    preprocess_inputs,
 )
 from mosel.runtime import readiness
 
@@ -89,17 +94,21 @@ __all__ = [
     "ModelSource",
     "PredictRequest",
     "PredictResponse",
+    "Preprocess",
+    "RawBody",
     "Readiness",
     "Service",
     "Serving",
     "StampArrival",
     "Submitted",
     "charge",
+    "conform_inputs",
     "create_app",
     "create_router",
     "decode_inputs",
     "encode_output",
     "error_status",
     "prediction_of",
+    "preprocess_inputs",
     "readiness",
 ]

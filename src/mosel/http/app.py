@@ -28,6 +28,7 @@ from mosel.http.wire import (
     ModelSource,
     PredictRequest,
     PredictResponse,
+    Preprocess,
     Readiness,
 )
 from mosel.schema import ModalitySchema
@@ -109,6 +110,7 @@ def create_router(
     max_body_bytes: int = MAX_BODY_BYTES,
     allow_non_finite: bool = False,
     decode_workers: int = 1,
+    preprocess: Preprocess | None = None,
 ) -> APIRouter:
     """An ``APIRouter`` with ``/predict``, ``/feedback``, ``/metrics``, ``/healthz`` and ``/readyz``.
 
@@ -124,6 +126,8 @@ def create_router(
         max_body_bytes: the largest ``/predict`` body taken (413 above it; see :class:`Service`).
         allow_non_finite: take NaN and infinities in inputs (refused by default).
         decode_workers: threads decoding large bodies (see :class:`Service`).
+        preprocess: a pre-processing hook: raw inputs (caption strings, waveforms, a raw
+            ``audio/wav`` body) -> model inputs, run off the event loop (see :class:`Service`).
     """
     service = (
         model
@@ -134,6 +138,7 @@ def create_router(
             max_body_bytes=max_body_bytes,
             allow_non_finite=allow_non_finite,
             decode_workers=decode_workers,
+            preprocess=preprocess,
         )
     )
 
@@ -198,6 +203,7 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     allow_non_finite: bool = False,
     decode_workers: int = 1,
+    preprocess: Preprocess | None = None,
 ) -> FastAPI:
     """A FastAPI app serving ``model`` with :func:`create_router`; its lifespan closes the model.
 
@@ -209,6 +215,8 @@ def create_app(
         max_body_bytes: the largest ``/predict`` body taken (413 above it; see :class:`Service`).
         allow_non_finite: take NaN and infinities in inputs (refused by default).
         decode_workers: threads decoding large bodies (see :class:`Service`).
+        preprocess: a pre-processing hook: raw inputs (caption strings, waveforms, a raw
+            ``audio/wav`` body) -> model inputs, run off the event loop (see :class:`Service`).
     """
     service = Service(
         model,
@@ -216,6 +224,7 @@ def create_app(
         max_body_bytes=max_body_bytes,
         allow_non_finite=allow_non_finite,
         decode_workers=decode_workers,
+        preprocess=preprocess,
     )
 
     @contextlib.asynccontextmanager

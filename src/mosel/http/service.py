@@ -46,12 +46,15 @@ from mosel.http.wire import (
     ModelSource,
     PredictRequest,
     Prepared,
+    Preprocess,
+    RawBody,
     Readiness,
     charge,
     decode_inputs,
     encode_output,
     error_status,
     prediction_of,
+    preprocess_inputs,
 )
 from mosel.schema import ModalitySchema
 from mosel.slo import SLO
@@ -180,6 +183,30 @@ def _own_id(headers: Mapping[str, str]) -> str | None:
     return _label_key(own) if own else None
 
 
+def _json_media(content_type: str) -> bool:
+    """Whether a ``/predict`` body of this ``Content-Type`` is JSON (none given, or curl's form default)."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media in ("", "application/json", "application/x-www-form-urlencoded") or media.endswith("+json")
+
+
+def _checked_hook(hook: Any) -> Preprocess | None:
+    """A pre-processing hook as given, refused (``TypeError``) if it is neither form."""
+    if hook is None or (callable(hook) and not isinstance(hook, Mapping)):
+        return hook
+    if isinstance(hook, Mapping):
+        bad = [k for k, fn in hook.items() if not isinstance(k, str) or not callable(fn)]
+        if not bad:
+            return dict(hook)
+        raise TypeError(
+            f"preprocess maps modality names to functions of that field's raw value; {bad[0]!r} maps to "
+            f"{type(hook[bad[0]]).__name__}"
+        )
+    raise TypeError(
+        f"preprocess must be a function of the raw inputs (returning modality -> model inputs) or a "
+        f"mapping modality -> function, got {type(hook).__name__}"
+    )
+
+
 def _closed() -> JSONResponse:
     """The answer of a closed service's ``/predict``: 503 ``ShutdownError``, retry elsewhere."""
     return _error(503, ShutdownError(CLOSED), **{"Retry-After": "1"})
@@ -236,6 +263,16 @@ class Service:
             the threads other routes need.
         timer: a monotonic clock in seconds (``time.monotonic``), to measure the time since a
             request's arrival with.
+        preprocess: a pre-processing hook (``docs/http.md``, *Pre-processing*): a function of the
+            body's raw ``inputs`` (or of a :class:`~mosel.http.RawBody`, for a body whose
+            ``Content-Type`` is not JSON: ``audio/wav``, ``image/png``, ``text/plain``; the SLO
+            then comes from the headers) returning modality -> model inputs; or a mapping
+            modality -> function of that field's raw value returning its model inputs (the other
+            fields decoded as without a hook). It runs off the event loop (on the decode pool:
+            every hooked body, whatever its size), its time charged to the deadline; its
+            failures answer 400 ``InputError`` naming the field, and what it returns is checked
+            and cast against the input schema (:func:`~mosel.http.conform_inputs`) before any
+            work.
     """
 
     def __init__(
@@ -248,6 +285,7 @@ class Service:
         allow_non_finite: bool = False,
         decode_workers: int = 1,
         timer: Callable[[], float] = time.monotonic,
+        preprocess: Preprocess | None = None,
     ) -> None:
         if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
@@ -261,6 +299,7 @@ class Service:
             self.backend = LocalModel(model, input_schema)
         self._clock = clock
         self._timer = timer
+        self.preprocess = _checked_hook(preprocess)
         self.max_body_bytes = max_body_bytes
         self.allow_non_finite = bool(allow_non_finite)
         self._workers = decode_workers
@@ -329,10 +368,18 @@ class Service:
 
         ``abandoned``: asked between the decode's steps (the client went away: stop).
         """
-        try:
-            body = PredictRequest.model_validate_json(raw or b"null")
-        except ValidationError as exc:
-            raise _invalid_body(exc) from None
+        hook = self.preprocess
+        content_type = headers.get("content-type") or ""
+        if hook is not None and not _json_media(content_type):
+            # a raw body (audio/wav, image/png): the SLO from the headers
+            body = PredictRequest.model_validate({"inputs": {}})
+            value: Any = RawBody(raw, content_type)
+        else:
+            try:
+                body = PredictRequest.model_validate_json(raw or b"null")
+            except ValidationError as exc:
+                raise _invalid_body(exc) from None
+            value = body.inputs
         budget = charge(headers, body, now_s)
         if arrived is not None and budget.deadline_ms is not None and not body.best_effort:
             spent_ms = (self._timer() - arrived) * 1000.0
@@ -342,7 +389,10 @@ class Service:
         options: dict[str, Any] = {"allow_non_finite": self.allow_non_finite}
         if abandoned is not None:
             options["abandoned"] = abandoned
-        inputs = decode_inputs(serving.target, body.inputs, schema, **options)
+        if hook is None:
+            inputs = decode_inputs(serving.target, value, schema, **options)
+        else:
+            inputs = preprocess_inputs(serving.target, value, hook, schema, **options)
         return inputs, bool_masks(body.present), body, budget
 
     def _spent(self, budget: Budget, spent_ms: float) -> DeadlineError:
@@ -468,7 +518,7 @@ class Service:
         next step (:func:`~mosel.http.decode_inputs`' ``abandoned``).
         """
         try:
-            if len(raw) <= INLINE_BODY:
+            if len(raw) <= INLINE_BODY and self.preprocess is None:
                 return self._prepare(serving, raw, headers, now_s, arrived)
             abandoned = threading.Event()
             loop = asyncio.get_running_loop()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
+import numpy as np
 import optree
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
@@ -24,7 +26,15 @@ from mosel.errors import (
     ShutdownError,
     SLOError,
 )
-from mosel.schema import ModalitySchema, decode, leaf_name, parse_list
+from mosel.schema import (
+    ModalitySchema,
+    binary_array,
+    decode,
+    is_binary,
+    leaf_name,
+    not_rectangular,
+    parse_list,
+)
 from mosel.slo import SLO
 from mosel.spec import spec_of
 from mosel.trees import Tree
@@ -52,13 +62,19 @@ __all__ = [
     "ModelSource",
     "PredictRequest",
     "PredictResponse",
+    "Preprocess",
+    "RawBody",
     "Readiness",
     "charge",
+    "conform_inputs",
     "decode_inputs",
     "encode_output",
     "error_status",
     "prediction_of",
+    "preprocess_inputs",
 ]
+
+_log = logging.getLogger("mosel")
 
 DEADLINE_MS: Final = "X-Deadline-Ms"
 """Header: the job's deadline in milliseconds, counted from ``X-Request-Start`` when given."""
@@ -119,6 +135,28 @@ Prepared: TypeAlias = "tuple[dict[str, Tree], dict[str, Tensor] | None, PredictR
 """A decoded request: its inputs, presence masks, body and budget."""
 ModelSource: TypeAlias = "nn.Module | Callable[[], nn.Module]"
 """A model, or a function that returns it when a request needs it (built later, e.g. on a replica)."""
+Preprocess: TypeAlias = "Callable[[Any], Mapping[str, Any]] | Mapping[str, Callable[[Any], Any]]"
+"""A pre-processing hook (see :func:`preprocess_inputs`): one function of the body's whole ``inputs``
+(or of a :class:`RawBody`) returning modality -> model inputs, or modality -> a function of that
+field's raw JSON value returning the modality's model inputs."""
+
+
+@dataclass(frozen=True, slots=True)
+class RawBody:
+    """A ``/predict`` body that is not JSON (``audio/wav``, ``image/png``, ``text/plain``, ...).
+
+    What a pre-processing hook given as one function receives for it; the SLO then comes from
+    the headers only (``X-Deadline-Ms``, ``X-Min-Accuracy``, ...).
+
+    Attributes:
+        data: the body's bytes, as received (at most ``max_body_bytes``).
+        content_type: the request's ``Content-Type``, as sent (parameters included).
+    """
+
+    data: bytes
+    content_type: str
+
+
 SLO_FIELDS: Final = frozenset({"deadline_ms", "min_accuracy", "confidence", "per_request", "best_effort"})
 """The body fields of :class:`PredictRequest` that make the SLO (a bad one is an ``SLOError``)."""
 
@@ -137,7 +175,9 @@ class PredictRequest(BaseModel):
             "modality name -> its requests: a (nested) list of numbers or booleans (one tensor, "
             "requests along the modality's batch dimension), or an object of such lists for a "
             "structured modality, e.g. {'text': {'input_ids': [[...]], 'attention_mask': [[...]]}}. "
-            "A modality left out is not computed."
+            "A leaf may be a binary tensor: {'$b64': <base64 of little-endian bytes>, 'dtype': 'float32', "
+            "'shape': [...]} or {'$npy': <base64 of a .npy file>}. With a pre-processing hook, a field "
+            "holds what the hook takes (caption strings, waveforms). A modality left out is not computed."
         ),
     )
     deadline_ms: float | None = Field(
@@ -457,7 +497,7 @@ def _pieces(
     except (RuntimeError, ValueError) as exc:
         if isinstance(exc, InputError):
             raise
-        raise InputError(f"{where} must be a rectangular list of numbers or booleans ({exc})") from None
+        raise InputError(not_rectangular(where, exc)) from None
 
 
 def decode_inputs(
@@ -482,16 +522,159 @@ def decode_inputs(
         InputError: an unknown modality, or a value that does not fit (naming modality and leaf).
         Abandoned: ``abandoned`` said so.
     """
-    if isinstance(model, nn.Module):
-        spec = spec_of(model)
-        names, owner = tuple(spec.modalities), spec.model_class
-    else:
-        names, owner = tuple(model), "the model"
+    names, owner = _names(model)
     unknown = [m for m in inputs if m not in names]
     if unknown:
         raise InputError(f"unknown modality {unknown[0]!r}; {owner} takes {list(names)}")
     finite = not allow_non_finite
     return {m: _decode(m, v, schema.get(m), finite, abandoned) for m, v in inputs.items() if v is not None}
+
+
+def _names(model: nn.Module | Sequence[str]) -> tuple[tuple[str, ...], str]:
+    if isinstance(model, nn.Module):
+        spec = spec_of(model)
+        return tuple(spec.modalities), spec.model_class
+    return tuple(model), "the model"
+
+
+def _hook_name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
+
+
+_DETAIL_CHARS: Final = 400
+"""The longest part of a hook's error message an answer repeats."""
+
+
+def _called(fn: Callable[[Any], Any], value: Any, where: str) -> Any:
+    """``fn(value)``; its failure as an :class:`InputError` naming ``where`` (logged unless an InputError)."""
+    try:
+        return fn(value)
+    except InputError:
+        raise
+    except KeyError as exc:
+        key = exc.args[0] if exc.args else None
+        raise InputError(
+            f"missing field {key!r} in {where} (the pre-processing hook {_hook_name(fn)} looked it up); "
+            f"send it"
+        ) from None
+    except Exception as exc:
+        _log.warning("the pre-processing hook %s failed on %s", _hook_name(fn), where, exc_info=True)
+        message = str(exc)
+        if len(message) > _DETAIL_CHARS:
+            message = message[:_DETAIL_CHARS] + " ..."
+        raise InputError(
+            f"{where}: the pre-processing hook {_hook_name(fn)} failed on it: {type(exc).__name__}: {message}"
+        ) from None
+
+
+def _binary_leaves(value: Any, where: str) -> Any:
+    """``value`` with each binary tensor leaf (``{"$b64": ...}``, ``{"$npy": ...}``) as a numpy array.
+
+    Lists are walked into only where they hold lists or objects (a list of numbers is left as it is).
+    """
+    if isinstance(value, dict):
+        if is_binary(value):
+            return binary_array(value, where)
+        return {k: _binary_leaves(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, list) and value and isinstance(value[0], (list, dict)):
+        return [_binary_leaves(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _as_tensor(leaf: Any) -> Any:
+    return torch.from_numpy(leaf) if isinstance(leaf, np.ndarray) else leaf
+
+
+def conform_inputs(
+    model: nn.Module | Sequence[str],
+    inputs: Mapping[str, Any],
+    schema: Mapping[str, ModalitySchema],
+    *,
+    allow_non_finite: bool = False,
+) -> dict[str, Tree]:
+    """Model inputs made by code (a pre-processing hook), checked and cast as a decoded body is.
+
+    Each modality's tree (any ``Mapping``, e.g. a tokenizer's ``BatchEncoding``; numpy arrays
+    are taken as tensors) goes through its schema's :meth:`~mosel.schema.ModalitySchema.conform`
+    (structure, ranks, recorded sizes, sizes that agree, dtypes cast where safe) and
+    :meth:`~mosel.schema.ModalitySchema.check` (token ids within the vocabulary, 0/1 masks and,
+    unless ``allow_non_finite``, finite floats): a wrong hook is refused here, naming the leaf,
+    never inside the model.
+
+    Raises:
+        InputError: an unknown modality, a value that is not a mapping of modalities, or a
+            tree that does not fit (naming modality and leaf).
+    """
+    if not isinstance(inputs, Mapping):
+        raise InputError(
+            f"the pre-processing hook must return a mapping modality -> model inputs, got "
+            f"{type(inputs).__name__}"
+        )
+    names, owner = _names(model)
+    out: dict[str, Tree] = {}
+    for m, made in inputs.items():
+        if m not in names:
+            raise InputError(f"the pre-processing hook returned modality {m!r}; {owner} takes {list(names)}")
+        if made is None:
+            continue
+        tree = made
+        if any(isinstance(leaf, np.ndarray) for leaf in trees.leaves(made)):  # else not rebuilt
+            tree = optree.tree_map(_as_tensor, made, none_is_leaf=False, namespace=trees.NAMESPACE)
+        modality_schema = schema.get(m)
+        if modality_schema is not None:
+            try:
+                tree = modality_schema.conform(m, tree)
+                modality_schema.check(m, tree, finite=not allow_non_finite)
+            except InputError as exc:
+                raise InputError(f"the pre-processing hook's output does not fit the model: {exc}") from None
+        out[m] = tree
+    return out
+
+
+def preprocess_inputs(
+    model: nn.Module | Sequence[str],
+    value: Any,
+    hook: Preprocess,
+    schema: Mapping[str, ModalitySchema],
+    *,
+    allow_non_finite: bool = False,
+    abandoned: Callable[[], bool] | None = None,
+) -> dict[str, Tree]:
+    r"""A request's model inputs from its raw ``inputs`` (or :class:`RawBody`) by a pre-processing hook.
+
+    ``hook`` is one function of the whole value (the body's ``inputs`` JSON object, or the
+    :class:`RawBody` of a non-JSON body) returning modality -> model inputs; or a mapping
+    modality -> function of that field's raw JSON value (a list of caption strings, say)
+    returning the modality's model inputs, the other fields decoded as without a hook
+    (:func:`decode_inputs`). What the hook returns is checked and cast by
+    :func:`conform_inputs`. Its failures are :class:`InputError`\ s: a ``KeyError`` reads
+    ``missing field 'text' in inputs``, an ``InputError`` is kept as it is, and any other
+    exception is named with its class and message and the field (logged on the ``mosel``
+    logger with its traceback).
+
+    Raises:
+        InputError: the hook failed, or what it returned does not fit the model.
+    """
+    finite = {"allow_non_finite": allow_non_finite}
+    if not isinstance(hook, Mapping):
+        if not isinstance(value, RawBody):
+            value = _binary_leaves(value, "inputs")
+        return conform_inputs(model, _called(hook, value, "inputs"), schema, **finite)
+    if isinstance(value, RawBody):
+        raise InputError(
+            f"a body of Content-Type {value.content_type!r} goes to a pre-processing hook given as one "
+            f"function (preprocess=fn); this service's hooks take JSON fields {sorted(hook)}: send JSON "
+            f"(Content-Type: application/json)"
+        )
+    plain = {m: v for m, v in value.items() if m not in hook}
+    out = decode_inputs(model, plain, schema, abandoned=abandoned, **finite)
+    made = {
+        m: _called(fn, _binary_leaves(value[m], f"inputs[{m!r}]"), f"inputs[{m!r}]")
+        for m, fn in hook.items()
+        if value.get(m) is not None
+    }
+    out.update(conform_inputs(model, made, schema, **finite))
+    return out
 
 
 def _plain(value: Any) -> Any:
@@ -500,10 +683,19 @@ def _plain(value: Any) -> Any:
     return value if math.isfinite(value) else None
 
 
+def _all_finite(t: Tensor) -> bool:
+    """Whether a float tensor holds no NaN or infinity; its sum screens it in one kernel.
+
+    (A finite sum means finite values; an infinite one, overflow included, is checked value by
+    value. ``isfinite(t).all()`` is several kernels: about four times the cost on a small output.)
+    """
+    return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
+
+
 def _tensor_json(t: Tensor) -> Any:
     t = t.detach().cpu()
     values = t.tolist()
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and not _all_finite(t):
         return _plain(values)  # JSON has no NaN or infinity: null
     return values
 
@@ -531,6 +723,8 @@ def prediction_of(output: Tree) -> list[Any] | None:
         return None
     output = output.detach().cpu()
     prediction: list[Any] = output.argmax(dim=-1).tolist()
+    if _all_finite(output):
+        return prediction
     bad = ~torch.isfinite(output).all(dim=-1)
     return _null_where(prediction, bad.tolist()) if bool(bad.any()) else prediction
 

@@ -46,6 +46,7 @@ class HTTPIngress:
         max_body_bytes: the largest body taken (see :class:`mosel.http.Service`).
         allow_non_finite: take NaN and infinities in inputs (refused by default).
         decode_workers: threads decoding large bodies (see :class:`mosel.http.Service`).
+        preprocess: a pre-processing hook, run on the ingress (see :class:`mosel.http.Service`).
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class HTTPIngress:
         max_body_bytes: int = 8 * 1024 * 1024,
         allow_non_finite: bool = False,
         decode_workers: int = 1,
+        preprocess: Any = None,
     ) -> None:
         self.client = Client(model, timeout_s=timeout_s, grace_ms=grace_ms)
         self.profile = Profile.from_json(dict(profile))
@@ -65,6 +67,7 @@ class HTTPIngress:
             "max_body_bytes": max_body_bytes,
             "allow_non_finite": allow_non_finite,
             "decode_workers": decode_workers,
+            "preprocess": preprocess,
         }
         self.service: Any = None  # the mosel.http.Service, made with the app
 
@@ -102,6 +105,7 @@ def http_ingress(
     max_body_bytes: int = 8 * 1024 * 1024,
     allow_non_finite: bool = False,
     decode_workers: int = 1,
+    preprocess: Any = None,
 ) -> serve.Application:
     """An HTTP front door for a mosel deployment whose requests the slack router places.
 
@@ -130,6 +134,8 @@ def http_ingress(
         max_body_bytes: the largest body taken (413 above it; see :class:`mosel.http.Service`).
         allow_non_finite: take NaN and infinities in inputs (refused with 400 by default).
         decode_workers: threads per ingress replica decoding large bodies, off its event loop.
+        preprocess: a pre-processing hook run on the ingress replicas, off their event loops
+            (raw inputs -> model inputs; see :class:`mosel.http.Service`); Ray pickles it to them.
     """
     priced = profile if isinstance(profile, Profile) else Profile.load(profile)
     ingress = serve.ingress()(HTTPIngress)
@@ -149,5 +155,6 @@ def http_ingress(
             max_body_bytes=max_body_bytes,
             allow_non_finite=allow_non_finite,
             decode_workers=decode_workers,
+            preprocess=preprocess,
         )
     )
