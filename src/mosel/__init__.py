@@ -36,6 +36,7 @@ from mosel.errors import (
     SLOError,
     SpecError,
 )
+from mosel.escalation import Calibration, Chain, RowSample
 from mosel.execution import Result
 from mosel.plan import CostModel, Frontier, Plan, PlannerConfig, Strategy
 from mosel.profiler import profile, top1
@@ -44,7 +45,7 @@ from mosel.routing import PowerOfTwoRouter, RandomRouter, Router, RouteRequest, 
 from mosel.runtime import attach, close, load, profile_of, run_configuration, serving, stats
 from mosel.scheduler import SchedulerConfig
 from mosel.simulate import Arrival, ClusterSimulation, Simulation, simulate, simulate_replicas
-from mosel.spec import ModelSpec, Padding, fusion, modality, multimodal, spec_of
+from mosel.spec import ModelSpec, Padding, confidence, fusion, modality, multimodal, spec_of
 from mosel.stats import Load, StatsSnapshot
 from mosel.tail import Residuals
 from mosel.training import train_with_modality_dropout
@@ -52,6 +53,8 @@ from mosel.training import train_with_modality_dropout
 __all__ = [
     "AccuracyUnreachableError",
     "Arrival",
+    "Calibration",
+    "Chain",
     "ClusterSimulation",
     "CostCheck",
     "CostModel",
@@ -80,6 +83,7 @@ __all__ = [
     "ReplicaError",
     "Residuals",
     "Result",
+    "RowSample",
     "RouteRequest",
     "Router",
     "SLOError",
@@ -95,6 +99,7 @@ __all__ = [
     "close",
     "compile_branches",
     "compiled_parts",
+    "confidence",
     "fusion",
     "load",
     "modality",
