@@ -9,9 +9,12 @@ besides its branches and fusion, on this device.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any, Final
 
 import numpy as np
@@ -21,14 +24,24 @@ from torch import Tensor, nn
 from mosel import trees
 from mosel.chains import ESCALATION
 from mosel.errors import OutputError
-from mosel.escalation import MIN_ROWS, RECOMMENDED_ROWS, WEAK_RANKING, Calibration, Chain, ranking_score
+from mosel.escalation import (
+    MIN_ROWS,
+    RECOMMENDED_ROWS,
+    WEAK_RANKING,
+    Calibration,
+    Chain,
+    FloatArray,
+    RowSample,
+    ranking_score,
+)
 from mosel.execution import Later, run_chained
-from mosel.plan import Strategy
-from mosel.spec import ModelSpec
+from mosel.plan import PlannerConfig, Strategy, build_plan
+from mosel.profiles import Profile, cost_model_of, plan_buckets
+from mosel.spec import ModelSpec, spec_of
 from mosel.stages import class_logits, confidence_of, default_signals
 from mosel.trees import Tree
 
-__all__ = ["FEWEST_ROWS", "RowRecord", "calibrate"]
+__all__ = ["FEWEST_ROWS", "RowRecord", "calibrate", "recalibrated", "record_rows"]
 
 Configuration = frozenset[str]
 FEWEST_ROWS: Final = 200
@@ -74,6 +87,107 @@ class RowRecord:
             per = self.confidences.setdefault(name, {c: [] for c in self.spec.configurations})
             per[configuration].append(value.numpy())
 
+    def arrays(self) -> tuple[dict[Configuration, FloatArray], dict[str, dict[Configuration, FloatArray]]]:
+        """Per configuration every row's score; per signal and configuration every row's confidence."""
+        scores = {c: np.concatenate(s) for c, s in self.scores.items()}
+        confidences = {
+            signal: {c: np.concatenate(v) for c, v in per.items()} for signal, per in self.confidences.items()
+        }
+        return scores, confidences
+
+    def ranking(self) -> dict[str, float]:
+        """Per signal, how well it ranks the rows (mean over configurations of its AUROC)."""
+        scores, confidences = self.arrays()
+        return {
+            signal: statistics.fmean(ranking_score(per[c], scores[c]) for c in scores)
+            for signal, per in confidences.items()
+        }
+
+    def best_signal(self) -> str:
+        """The signal that ranks the rows best (max probability on a tie)."""
+        ranking = self.ranking()
+        return max(ranking, key=lambda name: (ranking[name], name == "max_probability"))
+
+    def calibration(self, signal: str | None = None, bins: int | None = None) -> Calibration:
+        """These rows' calibration under ``signal`` (default: :meth:`best_signal`).
+
+        Raises:
+            ValueError: the outputs have no confidence signal (:attr:`problem` says why).
+        """
+        if self.problem is not None or not self.confidences:
+            raise ValueError(f"no confidence signal: {self.problem or 'no rows'}")
+        scores, confidences = self.arrays()
+        chosen = signal or self.best_signal()
+        return Calibration.fit(chosen, confidences[chosen], scores, bins=bins, ranking=self.ranking())
+
+    def sample(self, signal: str) -> RowSample:
+        """These rows as a :class:`~mosel.escalation.RowSample` under ``signal`` (to replay in simulation)."""
+        scores, confidences = self.arrays()
+        return RowSample(MappingProxyType(confidences[signal]), MappingProxyType(scores))
+
+
+def record_rows(
+    model: nn.Module, data: Iterable[tuple[Mapping[str, Tree], Any]], metric: Callable[[Tensor, Any], Tensor]
+) -> RowRecord:
+    """Every configuration's score and confidences on every row of ``data`` (``(inputs, target)`` pairs).
+
+    What the profiler records, for rows of your own: held-out rows to replay in
+    :func:`mosel.simulate` (:meth:`RowRecord.sample`), or to measure a chain's accuracy on.
+    """
+    spec = spec_of(model)
+    record = RowRecord(spec)
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    fuse = getattr(model, spec.fusion)
+    with torch.inference_mode():
+        for inputs, target in data:
+            batch = {m: trees.to_device(x, device) for m, x in inputs.items()}
+            features = {m: getattr(model, spec.branches[m])(batch[m]) for m in spec.modalities}
+            for config in spec.configurations:
+                output = fuse({m: features[m] for m in config})
+                record.observe(model, config, output, metric(output, target))
+    return record
+
+
+def recalibrated(
+    profile: Profile,
+    model: nn.Module,
+    data: Iterable[tuple[Mapping[str, Tree], Any]],
+    *,
+    metric: Callable[[Tensor, Any], Tensor] | None = None,
+    signal: str | None = None,
+    bins: int | None = None,
+    stage_overhead_us: float | None = None,
+    planner: PlannerConfig | None = None,
+) -> Profile:
+    """``profile``'s latencies with accuracies and a calibration measured on ``data`` (plan rebuilt).
+
+    For calibrating on more (or other) validation rows than the profile was measured on, without
+    timing again. ``signal``: the confidence signal (default: the one that ranks the rows
+    better); ``stage_overhead_us``: default the profile's own calibration's, else 0.
+    """
+    spec = spec_of(model)
+    record = record_rows(model, data, metric or _top1)
+    calibration = record.calibration(signal, bins)
+    if stage_overhead_us is None:
+        old = profile.calibration
+        stage_overhead_us = old.stage_overhead_us if old is not None else 0.0
+    accuracy = {c: calibration.accuracy(c) for c in spec.configurations}
+    cost = cost_model_of(profile.modalities, profile.branch_latency, profile.fusion_latency, accuracy)
+    updated = dataclasses.replace(
+        profile,
+        accuracy=MappingProxyType(accuracy),
+        sample_count=calibration.rows,
+        plan=build_plan(cost, planner),
+        calibration=calibration.with_overhead(stage_overhead_us),
+    )
+    return plan_buckets(updated, planner) if updated.sized else updated
+
+
+def _top1(output: Tensor, target: Any) -> Tensor:
+    target = torch.as_tensor(target, device=output.device)
+    scores: Tensor = (output.argmax(dim=-1) == target).to(torch.float64)
+    return scores
+
 
 def calibrate(
     model: nn.Module, spec: ModelSpec, record: RowRecord, sample: Mapping[str, Tree], max_batch_size: int
@@ -87,7 +201,7 @@ def calibrate(
             "profiling %s: no per-row escalation (%s)", spec.model_class, record.problem or "one modality"
         )
         return None, []
-    scores = {c: np.concatenate(s) for c, s in record.scores.items()}
+    scores, confidences = record.arrays()
     rows = len(next(iter(scores.values())))
     if rows < FEWEST_ROWS:
         _log.info(
@@ -96,14 +210,8 @@ def calibrate(
             spec.model_class, rows, FEWEST_ROWS, RECOMMENDED_ROWS,
         )  # fmt: skip
         return None, []
-    confidences = {
-        signal: {c: np.concatenate(v) for c, v in per.items()} for signal, per in record.confidences.items()
-    }
-    ranking = {
-        signal: statistics.fmean(ranking_score(per[c], scores[c]) for c in spec.configurations)
-        for signal, per in confidences.items()
-    }
-    signal = max(ranking, key=lambda name: (ranking[name], name == "max_probability"))
+    ranking = record.ranking()
+    signal = record.best_signal()
     if ranking[signal] < WEAK_RANKING:
         _log.info(
             "profiling %s: the confidence signal %r ranks the validation rows little better than chance "

@@ -360,7 +360,7 @@ def with_chains(plan: Plan, cost: CostModel, calibration: Calibration, z: float)
     tie. The frontiers stay exact for static strategies and these chains.
     """
     families: dict[Configuration, list[_Family]] = {}
-    made: dict[tuple[int, int], Chain] = {}
+    made: dict[tuple[Configuration, int, int], Chain] = {}  # (available, family, row): one chain object each
     frontiers = {}
     overhead = calibration.stage_overhead_us
     for (available, n), frontier in plan.frontiers.items():
@@ -381,7 +381,7 @@ def _merged(
     z: float,
     overhead_us: float,
     calibration: Calibration,
-    made: dict[tuple[int, int], Chain],
+    made: dict[tuple[Configuration, int, int], Chain],
 ) -> Frontier:
     if not families:
         return frontier
@@ -405,9 +405,9 @@ def _merged(
         if who[i] < 0:
             strategies.append(frontier.strategies[int(row[i])])
             continue
-        key = (int(who[i]), int(row[i]))
+        key = (frontier.available, int(who[i]), int(row[i]))
         chain = made.get(key)
         if chain is None:
-            chain = made[key] = _chain(calibration, families[key[0]], key[1])
+            chain = made[key] = _chain(calibration, families[key[1]], key[2])
         strategies.append(Strategy(((chain.first, n),), int(lat[i]), int(acc[i]), chain=chain))
     return Frontier(frontier.available, n, tuple(strategies), frontier.exact)

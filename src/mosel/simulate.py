@@ -237,8 +237,9 @@ class Engine:
         self.decisions: list[float] = []
         calibration = self.scheduler.pricer.calibration
         self.replay: Replay | None = None
-        if calibration is not None:  # its own generator: the residual draws stay as without chains
-            self.replay = Replay(rows, random.Random(f"{seed}:rows"), calibration.stage_overhead_us)
+        if calibration is not None or rows is not None:  # its own generator: residual draws unchanged
+            overhead = calibration.stage_overhead_us if calibration is not None else 0.0
+            self.replay = Replay(rows, random.Random(f"{seed}:rows"), overhead)
         self.escalated: Escalated | None = None
 
     @property
