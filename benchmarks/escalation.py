@@ -17,7 +17,7 @@ every job's accuracy is measured against labels). mosel with and without escalat
 benchmark's floor (best - 0.06) and deadlines, Poisson arrivals; capacity at 1% misses and
 correct answers on time.
 
-Run: python benchmarks/escalation.py offline --quick [--plot docs/img/escalation.svg] [--json out.json]
+Run: python benchmarks/escalation.py offline --quick [--plot docs/img/escalation] (SVG, CSV, PNG with matplotlib) [--json out.json]
      python benchmarks/escalation.py served --quick [--json out.json]
 """
 
@@ -293,6 +293,7 @@ def build_models(quick: bool) -> list[tuple[str, torch.nn.Module, Rows, Rows, mo
 def _overhead(model: torch.nn.Module, rows: Rows, profile: mosel.Profile) -> float:
     """What one later stage costs besides its branches and fusion on this machine (µs, median)."""
     from av_digits import data
+
     from mosel.calibrating import _stage_overhead
 
     calibration = Calibration.fit("max_probability", rows.confidences["max_probability"], rows.scores)
@@ -352,13 +353,54 @@ def svg_plot(results: dict[str, Any], path: Path) -> None:
     path.write_text(f'<svg xmlns="http://www.w3.org/2000/svg" width="{total}" height="{height}">\n' + "\n".join(panels) + "\n</svg>\n")
 
 
+def write_csv(results: dict[str, Any], path: Path) -> None:
+    """Every curve point: model, batch, static/escalation, strategy, validation and held-out figures."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["model", "batch", "frontier", "strategy", "v_cost", "v_acc", "h_cost", "h_acc"])
+        for name, r in results.items():
+            for n, size in r["sizes"].items():
+                for label, points in size["curves"].items():
+                    for p in points:
+                        out.writerow([name, n, label, p["strategy"], f"{p['v_cost']:.5f}", f"{p['v_acc']:.5f}",
+                                      f"{p['h_cost']:.5f}", f"{p['h_acc']:.5f}"])  # fmt: skip
+
+
+def matplotlib_plot(results: dict[str, Any], path: Path) -> bool:
+    """The curves as a PNG when matplotlib is installed; False when it is not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    for ax, (name, r) in zip(axes[0], results.items()):
+        for label, colour in (("static", "tab:blue"), ("escalation", "tab:red")):
+            pts = sorted(r["sizes"]["8"]["curves"][label], key=lambda p: p["h_cost"])
+            ax.plot([p["h_cost"] for p in pts], [p["h_acc"] for p in pts], "o-", ms=2, color=colour, label=label)
+        ax.set(title=f"{name} (batch 8)", xlabel="device time / all-modality", ylabel="held-out accuracy")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"))
+    return True
+
+
 def offline(args: argparse.Namespace) -> dict[str, Any]:
     results = {}
     for name, model, validation, held_out, base, overhead in build_models(args.quick):
         results[name] = offline_model(name, model, validation, held_out, base, overhead)
     print_offline(results)
     if args.plot:
-        svg_plot(results, Path(args.plot))
+        path = Path(args.plot)
+        svg_plot(results, path.with_suffix(".svg"))
+        if not matplotlib_plot(results, path):
+            print(f"matplotlib is not installed: {path.with_suffix('.svg')} (SVG) and the CSV only")
+        write_csv(results, path.with_suffix(".csv"))
     return results
 
 

@@ -18,6 +18,7 @@ Decorate a model, profile it, serve it::
 
 from mosel._version import __version__
 from mosel.compiling import compile_branches, compiled_parts
+from mosel.drift import AccuracySnapshot, Alarm, ConfigurationAccuracy
 from mosel.errors import (
     AccuracyUnreachableError,
     DeadlineError,
@@ -26,6 +27,7 @@ from mosel.errors import (
     InputError,
     MoselError,
     MoselWarning,
+    NotMonitoredError,
     NotProfiledError,
     OutputError,
     ProfileError,
@@ -38,11 +40,23 @@ from mosel.errors import (
 )
 from mosel.escalation import Calibration, Chain, RowSample
 from mosel.execution import Result
+from mosel.monitoring import Monitoring
 from mosel.plan import CostModel, Frontier, Plan, PlannerConfig, Strategy
 from mosel.profiler import profile, top1
 from mosel.profiles import CostCheck, Fingerprint, LatencyTable, Profile
 from mosel.routing import PowerOfTwoRouter, RandomRouter, Router, RouteRequest, SlackRouter
-from mosel.runtime import attach, close, load, profile_of, run_configuration, serving, stats
+from mosel.runtime import (
+    attach,
+    close,
+    feedback,
+    label_as,
+    load,
+    monitor,
+    profile_of,
+    run_configuration,
+    serving,
+    stats,
+)
 from mosel.scheduler import SchedulerConfig
 from mosel.simulate import Arrival, ClusterSimulation, Simulation, simulate, simulate_replicas
 from mosel.spec import ModelSpec, Padding, confidence, fusion, modality, multimodal, spec_of
@@ -51,11 +65,14 @@ from mosel.tail import Residuals
 from mosel.training import train_with_modality_dropout
 
 __all__ = [
+    "AccuracySnapshot",
     "AccuracyUnreachableError",
+    "Alarm",
     "Arrival",
     "Calibration",
     "Chain",
     "ClusterSimulation",
+    "ConfigurationAccuracy",
     "CostCheck",
     "CostModel",
     "DeadlineError",
@@ -67,8 +84,10 @@ __all__ = [
     "LatencyTable",
     "Load",
     "ModelSpec",
+    "Monitoring",
     "MoselError",
     "MoselWarning",
+    "NotMonitoredError",
     "NotProfiledError",
     "OutputError",
     "Padding",
@@ -100,9 +119,12 @@ __all__ = [
     "compile_branches",
     "compiled_parts",
     "confidence",
+    "feedback",
     "fusion",
+    "label_as",
     "load",
     "modality",
+    "monitor",
     "multimodal",
     "profile",
     "profile_of",

@@ -73,10 +73,48 @@ class CoreView:
         self.busy_until = -math.inf
         self.overrun = False
         """The running batch went past its predicted end (set by ``Scheduler.expire``)."""
+        self.lent = False
+        """The device is lent to work outside the queue (a shadow evaluation, :meth:`lend`)."""
         self.solve_async = solve_async
         self.policy: Policy  # set by the scheduler, which knows the policy's class
         self.typical: Callable[[float], float] = self.pricer.tail.typical
         """The median time of a span priced ``priced_us`` (throughput estimates)."""
+
+    def set_profile(
+        self, profile: Profile, priced: Mapping[BucketKey, tuple[Plan, CostModel]] | None = None
+    ) -> None:
+        """Serve on with ``profile``: the same latencies, other accuracies and plans (live floors).
+
+        Admission and prices read it from now on (the online correction and the tail model are
+        kept). Queued jobs take the new plan's options that meet their floors, at the cheapest
+        (policies upgrade them at dispatch); one whose floor is now beyond reach, its best.
+        """
+        self.profile = profile
+        self.pricer.set_profile(profile, priced)
+        self.admission = Admission(profile, self.pricer)
+        for task in self.edf.tasks:  # queued jobs take the new plan's options (a floor still holds)
+            job = task.job
+            if task.fixed is not None:
+                continue
+            plan, job.cost = self.pricer.plan(job.bucket or self.pricer.reference)
+            frontier = plan.frontier(task.frontier.available, task.n)
+            task.frontier, task.k = frontier, 0
+            task.first = min(self.admission.first(frontier, job), len(frontier.strategies) - 1)
+        self.edf.repriced(self.pricer.refresh)
+
+    def lend(self, now: float, busy_us: float) -> None:
+        """Lend the idle device for about ``busy_us`` (a shadow evaluation): jobs arriving meanwhile queue.
+
+        Admission then sees the device busy until the loan's predicted end, as behind a batch.
+        """
+        self.lent = True
+        self.busy_until = max(self.busy_until, now + busy_us / 1e6)
+
+    def lend_back(self, now: float) -> None:
+        """The loan ended at ``now``."""
+        self.lent = False
+        if self.in_flight is None:
+            self.busy_until = min(self.busy_until, now)
 
     @property
     def queue(self) -> list[Task]:

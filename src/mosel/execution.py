@@ -13,6 +13,8 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -42,6 +44,7 @@ __all__ = [
     "execute",
     "is_out_of_memory",
     "own_error",
+    "process_token",
     "result_of",
     "run_batch",
     "run_chained",
@@ -51,6 +54,24 @@ __all__ = [
 
 _log = logging.getLogger("mosel")
 Configuration = frozenset[str]
+_token = secrets.token_hex(4)
+"""This process's prefix of result ids (a forked child draws its own)."""
+
+
+def _forked() -> None:
+    global _token  # noqa: PLW0603 (one value per process)
+    _token = secrets.token_hex(4)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+
+def process_token() -> str:
+    """The prefix of this process's result ids (``Result.id`` is ``"<token>-<counter>"``)."""
+    return _token
+
+
 RowPlanCache = dict[tuple[tuple[tuple[Configuration, int], ...], torch.device], "RowPlan"]
 
 
@@ -77,6 +98,9 @@ class Result:
             when it was served at its best.
         escalated: per request, whether it escalated past its chain's first configuration
             (``modalities`` is then the configuration it ended at); all False without chains.
+        id: the job's id, ``"<process token>-<counter>"``: unique within the process and, by
+            its random per-process token, across processes (replicas); report the job's
+            labels under it with :func:`mosel.feedback` (see ``docs/monitoring.md``).
     """
 
     output: Any
@@ -90,6 +114,7 @@ class Result:
     queue_ms: float = math.nan
     reason: str | None = None
     escalated: tuple[bool, ...] = ()
+    id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -577,4 +602,5 @@ def result_of(job: Job[Work], completion_ms: float, reason: str | None) -> Resul
         reason=reason,
         deadline_met=None if deadline_ms is None else completion_ms <= deadline_ms,
         escalated=escalated,
+        id=f"{_token}-{job.id}",
     )

@@ -138,7 +138,8 @@ class Pricer:
         self.tail = TailModel(quantile, profile_sigma(profile))
         """The margin and overhead that turn a corrected median into the price decisions use."""
         ahead = {self.reference: (profile.plan, self.cost)} | dict(priced or {})
-        ahead = {bucket: (self.chained(plan, cost), cost) for bucket, (plan, cost) in ahead.items()}
+        if self.calibration is not None:  # priced-ahead entries kept as given without one
+            ahead = {bucket: (self.chained(plan, cost), cost) for bucket, (plan, cost) in ahead.items()}
         self.reference_plan: Plan = ahead[self.reference][0]
         """The reference bucket's plan, its chains included."""
         self._plans: Cache[BucketKey, tuple[Plan, CostModel]] = Cache(PRICED_CACHE, ahead)
@@ -188,6 +189,8 @@ class Pricer:
         lacks it (else computed here: a simulation, which holds no lock). The buckets priced
         ahead stay; the others are dropped every :data:`PRICED_CACHE` new ones.
         """
+        if computed is not None and computed[1].accuracy != self.cost.accuracy:
+            computed = None  # priced before set_profile swapped the accuracies: stale
         priced = self._plans.get(
             bucket, lambda: computed if computed is not None else self.plan_outside_lock(bucket)
         )
@@ -546,6 +549,25 @@ class Pricer:
         """Option latencies moved (correction or tail): every cached price is forgotten."""
         self.version += 1
         self._latencies.clear()
+
+    def set_profile(
+        self, profile: Profile, priced: Mapping[BucketKey, tuple[Plan, CostModel]] | None = None
+    ) -> None:
+        """Price with ``profile`` from now on: its accuracies and plans (the latencies are the same).
+
+        The correction and the tail model are kept; the plans and strategies cached are not.
+        """
+        self.profile = profile
+        self.cost = profile.cost_model()
+        if self.calibration is not None:
+            self.calibration = profile.calibration
+        ahead = {self.reference: (profile.plan, self.cost)} | dict(priced or {})
+        if self.calibration is not None:  # priced-ahead entries kept as given without one
+            ahead = {bucket: (self.chained(plan, cost), cost) for bucket, (plan, cost) in ahead.items()}
+        self.reference_plan = ahead[self.reference][0]
+        self._plans = Cache(PRICED_CACHE, ahead)
+        self._every.clear()
+        self.reprice()
 
 
 class BatchLatency:

@@ -222,6 +222,8 @@ class Scheduler(CoreView):
         """
         if self.in_flight is not None or self.edf.tasks or job.n > self.max_batch_size or len(job.groups) > 1:
             return None
+        if self.lent:  # the device runs a shadow evaluation: queue behind it
+            return None
         self._prepare(job, now)
         self.policy.alone(job.tasks[0], now)
         return self._launch(job.tasks, now)

@@ -409,6 +409,15 @@ class ModalitySchema:
                 f"{where} has shape {tuple(tensor.shape)}, the model takes {self.expected_shape(leaf)} "
                 f"(B = requests)"
             )
+        empty = next(
+            (d for d, (want, got) in enumerate(zip(leaf.shape, sizes)) if want is None and got == 0), None
+        )
+        if empty is not None:
+            raise InputError(
+                f"{where} has shape {tuple(tensor.shape)}: nothing along dimension {self._tensor_dim(empty)} "
+                f"(e.g. an empty sequence); the model takes at least one there (profiled as "
+                f"{self.expected_shape(leaf)}, B = requests)"
+            )
 
     def _check_agree(self, modality: str, group: tuple[Dim, ...], tensors: Sequence[Tensor]) -> None:
         def size(dim: Dim) -> int:
@@ -500,36 +509,29 @@ def _tensor(value: Any, where: str, leaf: LeafSchema | None, batch_dim: int, fin
 
     Shapes are left to :meth:`ModalitySchema.check`.
     """
-    if not isinstance(value, list):
+    if not isinstance(value, list | Tensor):  # a Tensor: the list parsed already, as _parse does, in steps
         raise InputError(
             f"{where} must be a (nested) list, one tensor with the requests along its batch dimension "
             f"{batch_dim}, got {type(value).__name__}"
         )
     dtype = None if leaf is None else leaf.torch_dtype()
     parse_as = torch.float64 if dtype is not None and dtype.is_floating_point else None
-    tensor = _parse(value, where, parse_as, dtype)
+    tensor = value if isinstance(value, Tensor) else parse_list(value, where, parse_as, dtype)
+    if dtype is not None and tensor.numel() == 0:  # no values, e.g. [[]]: no dtype to judge; shapes decide
+        return torch.empty(tensor.shape, dtype=dtype)
     if dtype is None:  # no schema: the values decide (integers stay int64, e.g. token ids)
         if not tensor.is_floating_point():
             return tensor
         dtype = torch.float32
-        tensor = _parse(value, where, torch.float64, dtype)  # overflow is judged against float32
+        tensor = parse_list(value, where, torch.float64, dtype)  # overflow is judged against float32
     if dtype.is_floating_point:
         cast = tensor.to(dtype)
         if finite:
             _check_finite(where, cast, tensor)
         return cast
-    if tensor.is_floating_point():
-        odd = (tensor != tensor.round()) | ~torch.isfinite(tensor)
-        if bool(odd.any()):
-            index = _first(odd)
-            raise InputError(
-                f"{where} holds {float(tensor[index])} at {index}; fractional numbers, NaN and infinities "
-                f"do not fit {_dtype_name(dtype)}, which the model takes (e.g. token ids)"
-            )
-        raise InputError(
-            f"{where} holds numbers written as floats (2.0, 1e3); the model takes {_dtype_name(dtype)} "
-            f"(e.g. token ids): send integers, not fractional numbers"
-        )
+    booleans = tensor.dtype == torch.bool and dtype != torch.bool
+    if tensor.is_floating_point() or (booleans and not (leaf and leaf.values and leaf.values.source == MASK)):
+        raise _misfit(where, tensor, dtype)  # booleans fit an integer 0/1 mask only
     if dtype == torch.bool:
         if tensor.dtype != torch.bool and bool(((tensor != 0) & (tensor != 1)).any()):
             raise InputError(f"{where} must hold booleans (or 0/1), the model takes a bool mask")
@@ -548,11 +550,38 @@ def _tensor(value: Any, where: str, leaf: LeafSchema | None, batch_dim: int, fin
     return tensor.to(dtype)
 
 
+def _misfit(where: str, tensor: Tensor, dtype: torch.dtype) -> InputError:
+    """Why floats (or booleans) do not fit an integer or bool leaf of ``dtype``."""
+    name = _dtype_name(dtype)
+    if not tensor.is_floating_point():  # booleans for an integer leaf
+        return InputError(
+            f"{where} holds booleans (true/false); the model takes {name} numbers (e.g. token ids): "
+            f"send integers"
+        )
+    if dtype == torch.bool:
+        return InputError(
+            f"{where} holds numbers written as floats (0.0, 1.0); the model takes a bool mask: send "
+            f"true/false (or the integers 0/1)"
+        )
+    odd = (tensor != tensor.round()) | ~torch.isfinite(tensor)
+    if bool(odd.any()):
+        index = _first(odd)
+        return InputError(
+            f"{where} holds {float(tensor[index])} at {index}; fractional numbers, NaN and infinities "
+            f"do not fit {name}, which the model takes (e.g. token ids)"
+        )
+    return InputError(
+        f"{where} holds numbers written as floats (2.0, 1e3); the model takes {name} "
+        f"(e.g. token ids): send integers, not fractional numbers"
+    )
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _parse(value: list[Any], where: str, parse_as: torch.dtype | None, dtype: torch.dtype | None) -> Tensor:
+def parse_list(value: Any, where: str, parse_as: torch.dtype | None, dtype: torch.dtype | None) -> Tensor:
+    """``torch.tensor(value, dtype=parse_as)``, its failures as an :class:`InputError` naming ``where``."""
     try:
         return torch.tensor(value, dtype=parse_as)
     except (ValueError, OverflowError, RuntimeError) as exc:

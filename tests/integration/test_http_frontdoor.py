@@ -320,14 +320,14 @@ def test_a_large_input_decodes_in_steps_to_the_same_tensors(
 ) -> None:
     """Decoding in steps (so the GIL is let go in between) changes neither the tensors nor the errors."""
     steps: list[int] = []
-    decode = mosel.http.wire.decode
+    piece = mosel.http.wire._parse_piece
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         steps.append(1)
-        return decode(*args, **kwargs)
+        return piece(*args, **kwargs)
 
     monkeypatch.setattr(mosel.http.wire, "DECODE_STEP", 12)  # a few rows a step
-    monkeypatch.setattr(mosel.http.wire, "decode", counting)
+    monkeypatch.setattr(mosel.http.wire, "_parse_piece", counting)
     x = batch(9, 4, seed=21)
     with TestClient(mosel.http.create_app(model)) as client:
         response = post(client, {"inputs": as_json(x)})

@@ -42,6 +42,7 @@ LAYERS: dict[str, int] = {
     "mosel.pricing": 2,
     "mosel.admission": 2,
     "mosel.estimators": 2,
+    "mosel.drift": 2,
     "mosel.policies.blocks": 2,
     "mosel.policies.base": 2,
     "mosel.policies.baselines": 2,
@@ -61,15 +62,18 @@ LAYERS: dict[str, int] = {
     "mosel.routing": 3,
     "mosel.training": 3,
     "mosel.testing": 3,
+    "mosel.monitoring": 3,
     # 4: the drivers
     "mosel.server": 4,
     "mosel.simulate": 4,
+    "mosel.sidework": 4,
     # 5: the public runtime
     "mosel.runtime": 5,
     "mosel.profiler": 5,
     "mosel": 5,
     # 6: optional integrations (leaves)
     "mosel.http.wire": 6,
+    "mosel.http.backend": 6,
     "mosel.http.service": 6,
     "mosel.http.app": 6,
     "mosel.http": 6,
@@ -80,6 +84,7 @@ LAYERS: dict[str, int] = {
     "mosel.ray.deployment": 6,
     "mosel.ray.client": 6,
     "mosel.ray.ingress": 6,
+    "mosel.ray.backend": 6,
     "mosel.ray": 6,
 }
 LEAVES = ("mosel.http", "mosel.ray")
