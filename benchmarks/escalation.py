@@ -17,8 +17,13 @@ every job's accuracy is measured against labels). mosel with and without escalat
 benchmark's floor (best - 0.06) and deadlines, Poisson arrivals; capacity at 1% misses and
 correct answers on time.
 
+``costs`` (goal 3): the executor's decision time (decisions.py's loop) with escalation on and
+off on a synthetic calibrated profile, and ``model.infer``'s overhead when a chain runs and no
+row escalates against escalation off (the voting model of the tests).
+
 Run: python benchmarks/escalation.py offline --quick [--plot docs/img/escalation] (SVG, CSV, PNG with matplotlib) [--json out.json]
      python benchmarks/escalation.py served --quick [--json out.json]
+     python benchmarks/escalation.py costs [--quick] [--json out.json]
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ from mosel.profiles import cost_model_of
 
 Z90 = 1.2815515655446004
 BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8)
+OVERHEAD_US: float | None = None
+"""``--overhead-us``: every later stage's own overhead taken as this instead of measuring it here."""
 Configuration = frozenset[str]
 
 
@@ -85,6 +92,9 @@ def av_digits_rows(model: torch.nn.Module, realisations: int) -> tuple[Rows, Row
     """
     from av_digits import data
 
+    cached = CACHE / f"escalation-rows-{sum(p.numel() for p in model.parameters())}-{float(sum(p.double().sum() for p in model.parameters())):.6f}-{realisations}.npz"
+    if cached.exists():
+        return _load_rows(cached)
     order = np.random.default_rng(2024).permutation(540)
     halves = (order[:270], order[270:])
     out = []
@@ -94,7 +104,34 @@ def av_digits_rows(model: torch.nn.Module, realisations: int) -> tuple[Rows, Row
             split = data.load("test", realisation=base + r, images=half)
             batches += split.batches(90)
         out.append(Rows.of(record_rows(model, batches, top1)))
+    _save_rows(cached, out[0], out[1])
     return out[0], out[1]
+
+
+def _save_rows(path: Path, *parts: Rows) -> None:
+    """Rows of validation and held-out halves in one .npz (numbers only; keys name part, kind, configuration)."""
+    arrays = {}
+    for i, rows in enumerate(parts):
+        for c, a in rows.scores.items():
+            arrays[f"{i}|score||{'+'.join(sorted(c))}"] = a
+        for signal, by in rows.confidences.items():
+            for c, a in by.items():
+                arrays[f"{i}|confidence|{signal}|{'+'.join(sorted(c))}"] = a
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+
+
+def _load_rows(path: Path) -> tuple[Rows, Rows]:
+    parts: list[Rows] = [Rows({}, {}), Rows({}, {})]
+    with np.load(path) as data:
+        for key in data.files:
+            i, kind, signal, config = key.split("|")
+            c = frozenset(config.split("+"))
+            if kind == "score":
+                parts[int(i)].scores[c] = data[key]
+            else:
+                parts[int(i)].confidences.setdefault(signal, {})[c] = data[key]
+    return parts[0], parts[1]
 
 
 def image_text_rows(model: torch.nn.Module, quick: bool) -> tuple[Rows, Rows]:
@@ -255,7 +292,7 @@ def build_models(quick: bool) -> list[tuple[str, torch.nn.Module, Rows, Rows, mo
             continue
         model = built[0].eval()
         validation, held_out = av_digits_rows(model, realisations)
-        overhead = _overhead(model, validation, committed)
+        overhead = OVERHEAD_US if OVERHEAD_US is not None else _overhead(model, validation, committed)
         out.append((label, model, validation, held_out, committed, overhead))
     import image_text
 
@@ -284,6 +321,8 @@ def build_models(quick: bool) -> list[tuple[str, torch.nn.Module, Rows, Rows, mo
             repeats=5, threads=1, progress=False,
         )  # fmt: skip
     overhead = profile.calibration.stage_overhead_us if profile.calibration else 0.0
+    if OVERHEAD_US is not None:
+        overhead = OVERHEAD_US
     mosel.close(model)
     del _stage_overhead
     out.append(("image_text", model, validation, held_out, profile, overhead))
@@ -415,7 +454,7 @@ def served_profile(quick: bool) -> tuple[mosel.Profile, mosel.RowSample, float]:
     torch.set_num_threads(1)
     validation, held_out = av_digits_rows(model, 4 if quick else 8)
     committed = mosel.Profile.load(AV_DIGITS_PROFILE)
-    overhead = _overhead(model, validation, committed)
+    overhead = OVERHEAD_US if OVERHEAD_US is not None else _overhead(model, validation, committed)
     signal = max(("max_probability", "margin"), key=lambda s: statistics.fmean(
         _auroc(validation.confidences[s][c], validation.scores[c]) for c in validation.scores))  # fmt: skip
     calibration = Calibration.fit(signal, validation.confidences[signal], validation.scores).with_overhead(overhead)
@@ -439,7 +478,7 @@ def served(args: argparse.Namespace) -> dict[str, Any]:
     conditions = CONDITIONS["strict"]
     drop = scenario.drop
     floor = round(max(profile.accuracy.values()) - drop, 4)
-    loads = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0) if args.quick else (0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
+    loads = (0.125, 0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
     seeds = range(3 if args.quick else 5)
     jobs = 800 if args.quick else 2000
     variants = {"mosel": mosel.SchedulerConfig(escalation=False, miss_budget=0.01),
@@ -481,24 +520,164 @@ def served(args: argparse.Namespace) -> dict[str, Any]:
             f"{load:g}": {k: statistics.median(grid[(label, load, s)][k] for s in seeds) for k in grid[(label, load, 0)]}
             for load in loads
         }
-    base, esc = out["capacity"]["mosel"], out["capacity"]["mosel+escalation"]
-    print(f"floor {floor}; capacity at 1% misses: mosel {base:.3f}, with escalation {esc:.3f} ({esc / base:.2f}x)")
+    for target in (0.01, 0.05):
+        per_seed = {
+            label: [capacity(list(loads), [grid[(label, load, s)]["violation"] for load in loads], target) for s in seeds]
+            for label in variants
+        }
+        ratios = [e / b if b > 0 else math.nan for b, e in zip(per_seed["mosel"], per_seed["mosel+escalation"])]
+        out[f"capacity_per_seed_{target:g}"] = per_seed
+        base, esc = statistics.median(per_seed["mosel"]), statistics.median(per_seed["mosel+escalation"])
+        print(f"floor {floor}; capacity at {target:.0%} misses (median of {len(seeds)} seeds): mosel {base:.3f} "
+              f"(seeds {min(per_seed['mosel']):.3f}-{max(per_seed['mosel']):.3f}), with escalation {esc:.3f} "
+              f"(seeds {min(per_seed['mosel+escalation']):.3f}-{max(per_seed['mosel+escalation']):.3f}); "
+              f"ratio per seed {', '.join(f'{r:.2f}x' for r in ratios)}")  # fmt: skip
+    out["correct_ratio"] = {}
     for load in loads:
-        a = out["by_load"]["mosel"][f"{load:g}"]["correct_rps"]
-        b = out["by_load"]["mosel+escalation"][f"{load:g}"]["correct_rps"]
-        print(f"  load {load:g}: correct answers on time {b / a:.3f}x")
+        per = [grid[("mosel+escalation", load, s)]["correct_rps"] / grid[("mosel", load, s)]["correct_rps"] for s in seeds]
+        acc = [grid[("mosel+escalation", load, s)]["measured_accuracy"] for s in seeds]
+        out["correct_ratio"][f"{load:g}"] = {"median": statistics.median(per), "min": min(per), "max": max(per)}
+        print(f"  load {load:g}: correct answers on time {statistics.median(per):.3f}x (seeds {min(per):.3f}-{max(per):.3f}); "
+              f"measured accuracy with escalation {min(acc):.4f}-{max(acc):.4f} against floor {floor}")  # fmt: skip
     return out
+
+
+# ----------------------------------------------------------------------------------------------- costs
+
+
+def synthetic_calibrated(m: int, max_batch: int, rows: int = 4000, seed: int = 0) -> mosel.Profile:
+    """decisions.py's synthetic profile with a calibration of synthetic rows (richer: more accurate).
+
+    Each row has a difficulty; a configuration's confidence falls and its chance of being right
+    falls with it, less so the more modalities it has: escalation has rows to find.
+    """
+    from decisions import profile_for
+
+    base = profile_for(m, max_batch)
+    rng = np.random.default_rng(seed)
+    difficulty = rng.uniform(0.0, 1.0, rows)
+    confidences, scores = {}, {}
+    for c in base.accuracy:
+        skill = 0.35 + 0.25 * len(c) + 0.05 * rng.uniform()
+        margin = skill - difficulty + rng.normal(0.0, 0.15, rows)
+        confidences[c] = 1.0 / (1.0 + np.exp(-6.0 * margin))
+        scores[c] = (rng.uniform(0.0, 1.0, rows) < 1.0 / (1.0 + np.exp(-8.0 * margin))).astype(np.float64)
+    calibration = Calibration.fit("max_probability", confidences, scores).with_overhead(30.0)
+    accuracy = {c: calibration.accuracy(c) for c in base.accuracy}
+    cost = cost_model_of(base.modalities, base.branch_latency, base.fusion_latency, accuracy)
+    from types import MappingProxyType
+
+    return dataclasses.replace(
+        base, accuracy=MappingProxyType(accuracy), sample_count=rows, plan=build_plan(cost), calibration=calibration
+    )
+
+
+def decision_costs(iterations: int) -> list[dict[str, Any]]:
+    """decisions.py's executor wait (complete + dispatch) with escalation on and off, same queues."""
+    from decisions import decision_times
+
+    out = []
+    for m, top in ((3, 32), (4, 8)):
+        profile = synthetic_calibrated(m, top)
+        for length in (1, 16, 64):
+            for label, escalation in (("off", False), ("on", True)):
+                r = decision_times(profile, length, iterations, config=mosel.SchedulerConfig(escalation=escalation))
+                out.append({"modalities": m, "max_batch": top, "queue": length, "escalation": label,
+                            "wait_p50_ms": r["wait_p50_ms"], "wait_p99_ms": r["wait_p99_ms"]})  # fmt: skip
+                print(f"{m} modalities, {length} queued, escalation {label}: executor wait p50 "
+                      f"{r['wait_p50_ms']} ms, p99 {r['wait_p99_ms']} ms", flush=True)  # fmt: skip
+    return out
+
+
+def infer_costs(repeats: int) -> list[dict[str, Any]]:
+    """model.infer over by-hand calls when a chain runs and no row escalates, against escalation off.
+
+    The voting model of the tests (tests/unit/votes.py, calibrated on 3,000 rows): copy A attached
+    with escalation on and called with a deadline that makes a chain its choice, on rows so
+    clear-cut that none escalates; copy B attached with ``SchedulerConfig(escalation=False)`` and
+    given only the chain's first modalities (the same computation, static). Each against the
+    chain's first configuration by hand (branches and fusion), interleaved; medians over repeats.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from overhead import interleaved
+
+    from tests.unit.votes import CLASSES, Votes, votes_profile
+
+    torch.set_num_threads(1)
+    out = []
+    on, off = Votes().eval(), Votes().eval()
+    profile = votes_profile(on)
+    mosel.attach(on, profile)
+    mosel.attach(off, profile, scheduler=mosel.SchedulerConfig(escalation=False))
+    spec = mosel.spec_of(on)
+    try:
+        for n in (1, 8):
+            labels = torch.arange(n) % CLASSES
+            clear = {m: torch.nn.functional.one_hot(labels, CLASSES).float() * 30.0 for m in spec.modalities}
+            found = None
+            for deadline in np.linspace(0.2, 5.0, 97):
+                got = on.infer(clear, deadline_ms=float(deadline), best_effort=True)  # type: ignore[attr-defined]
+                chain = got.strategies[0].chain
+                if chain is not None and not any(got.escalated):
+                    found = (float(deadline), chain)
+                    break
+            if found is None:
+                print(f"batch {n}: no deadline makes a chain the choice; skipped")
+                continue
+            deadline, chain = found
+            first = chain.first
+            only = {m: x for m, x in clear.items() if m in first}
+
+            def by_hand(first: Configuration = first, only: dict[str, torch.Tensor] = only) -> object:
+                return on.fuse({m: getattr(on, f"encode_{m}")(x) for m, x in only.items()})
+
+            def served_on(deadline: float = deadline, clear: dict[str, torch.Tensor] = clear) -> mosel.Result:
+                return on.infer(clear, deadline_ms=deadline, best_effort=True)  # type: ignore[attr-defined,no-any-return]
+
+            def served_off(only: dict[str, torch.Tensor] = only) -> mosel.Result:
+                return off.infer(only)  # type: ignore[attr-defined,no-any-return]
+
+            with torch.inference_mode():
+                hand_a, infer_on = interleaved(by_hand, served_on, repeats)
+                hand_b, infer_off = interleaved(by_hand, served_off, repeats)
+            chained = sum(served_on().strategies[0].chain is not None for _ in range(50))
+            row = {
+                "batch": n, "chain": chain.describe(spec.modalities), "deadline_ms": deadline,
+                "chain_chosen_of_50": chained,
+                "by_hand_us": round((hand_a + hand_b) / 2, 1),
+                "infer_on_us": round(infer_on, 1), "infer_off_us": round(infer_off, 1),
+                "overhead_on_us": round(infer_on - hand_a, 1), "overhead_off_us": round(infer_off - hand_b, 1),
+            }  # fmt: skip
+            row["overhead_ratio"] = round(row["overhead_on_us"] / row["overhead_off_us"], 3)
+            out.append(row)
+            print(f"batch {n} [{row['chain']}, chosen {chained}/50]: by hand {row['by_hand_us']} us; "
+                  f"infer with escalation (no row escalates) {infer_on:.1f} us (overhead {row['overhead_on_us']} us), "
+                  f"without {infer_off:.1f} us (overhead {row['overhead_off_us']} us): {row['overhead_ratio']:.2f}x",
+                  flush=True)  # fmt: skip
+    finally:
+        mosel.close(on)
+        mosel.close(off)
+    return out
+
+
+def costs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"decisions": decision_costs(200 if args.quick else 400), "infer": infer_costs(100 if args.quick else 300)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("offline", "served"))
+    parser.add_argument("mode", choices=("offline", "served", "costs"))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--plot")
     parser.add_argument("--json")
+    parser.add_argument(
+        "--overhead-us", type=float, help="a later stage's own overhead (µs) instead of measuring it (sensitivity)"
+    )
     args = parser.parse_args()
+    global OVERHEAD_US  # noqa: PLW0603
+    OVERHEAD_US = args.overhead_us
     started = time.perf_counter()
-    result = offline(args) if args.mode == "offline" else served(args)
+    result = {"offline": offline, "served": served, "costs": costs}[args.mode](args)
     print(f"\n{args.mode} took {time.perf_counter() - started:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str))
