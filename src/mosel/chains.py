@@ -346,9 +346,20 @@ def _chain(calibration: Calibration, family: _Family, row: int) -> Chain:
         edges=tuple(calibration.edges[s] for s in stages[:-1]),
         gains=tuple(calibration.gains(lower, upper) for lower, upper in itertools.pairwise(stages)),
         shares=tuple(float(s) for s in family.shares[row]),
-        accuracy=float(family.accuracy[row]),
+        accuracy=min(float(family.accuracy[row]), _ceiling(calibration, family)),
         rows=calibration.rows,
     )
+
+
+def _ceiling(calibration: Calibration, family: _Family) -> float:
+    """The most a chain is credited: its final configuration's own accuracy.
+
+    A chain that seems to beat its final configuration on the validation rows does so by their
+    noise, mostly (its first stage's confident answers are those the final one also gets right):
+    credited above it, such a chain would take the top of a frontier at a higher price and serve
+    every upgraded job with it.
+    """
+    return calibration.accuracy(family.stages[-1])
 
 
 def with_chains(plan: Plan, cost: CostModel, calibration: Calibration, z: float) -> Plan:
@@ -391,7 +402,7 @@ def _merged(
     rows = [np.arange(len(frontier.strategies), dtype=np.int64)]
     for f, family in enumerate(families):
         latency.append(_latencies(family, cost, n, z, overhead_us))
-        units.append(family.units * n)
+        units.append(np.minimum(family.units, accuracy_units(_ceiling(calibration, family))) * n)
         owner.append(np.full(len(family.accuracy), f, dtype=np.int64))
         rows.append(np.arange(len(family.accuracy), dtype=np.int64))
     lat, acc = np.concatenate(latency), np.concatenate(units)

@@ -150,6 +150,39 @@ def test_chains_join_the_frontier_priced_by_the_later_stages_rule(votes: mosel.P
     assert chained > 0
 
 
+def test_no_chain_is_credited_above_its_final_configuration(votes: mosel.Profile) -> None:
+    """A chain that beats its last stage only on the validation rows' noise never tops a frontier.
+
+    (Credited above it, such a chain was the most accurate option at a higher price than the
+    static strategy: every job upgraded in spare time took it.)
+    """
+    calibration = votes.calibration
+    assert calibration is not None
+    # the calibration has chains that seem to beat their final configuration
+    seeming = [
+        (family.stages[-1], float(a))
+        for family in _families(calibration, list(calibration.edges))
+        for a in family.accuracy
+        if a > calibration.accuracy(family.stages[-1]) + 1e-9
+    ]
+    assert seeming
+    plan = with_chains(votes.plan, votes.cost_model(), calibration, 1.2815515655446004)
+    for (available, n), frontier in plan.frontiers.items():
+        best_static = votes.plan.frontier(available, n).best
+        for strategy in frontier.strategies:
+            chain = strategy.chain
+            if chain is None:
+                continue
+            assert chain.accuracy <= calibration.accuracy(chain.stages[-1])
+            assert strategy.accuracy_units <= n * math.floor(
+                calibration.accuracy(chain.stages[-1]) * ACCURACY_SCALE + 1e-6
+            )
+            assert not (
+                strategy.latency_us > best_static.latency_us
+                and strategy.accuracy_units <= best_static.accuracy_units
+            )
+
+
 def test_a_profile_without_a_calibration_plans_no_chain(votes: mosel.Profile) -> None:
     plain = dataclasses.replace(votes, calibration=None)
     pricer = Pricer(plain, 0.5, 0.1, Stats(), escalation=0.9)

@@ -53,7 +53,7 @@ def test_simulated_chains_escalate_rows_by_their_confidence_and_measure_accuracy
     profile: mosel.Profile, held_out: mosel.RowSample
 ) -> None:
     floor = round(max(profile.accuracy.values()) - 0.04, 3)
-    sim = mosel.simulate(profile, _trace(profile, 400, 0.5, 0, floor), rows=held_out, seed=3)
+    sim = mosel.simulate(profile, _trace(profile, 400, 1.0, 0, floor), rows=held_out, seed=3)
     served = [r for r in sim.records if r.served]
     chained = [r for r in served if any(s.chain is not None for s in r.strategies)]
     assert len(served) > 300 and len(chained) > 100
