@@ -40,6 +40,8 @@ CORRECTION_CLAMP: Final = 4.0
 """A single measurement counts as at most this factor above or below the current correction."""
 PRICED_CACHE: Final = 256
 """Size buckets kept priced besides those priced ahead (then they are dropped)."""
+CHAIN_PARTS_CACHE: Final = 8192
+"""Chain strategies whose later parts are kept (then all are forgotten and made again as asked)."""
 BEYOND_BUCKETS: Final = 64
 """(modality, bucket) corrections kept beyond the measured buckets (then the least recently run goes)."""
 Beyond = tuple[CostModel, dict[str, tuple[str, int]]]
@@ -151,6 +153,11 @@ class Pricer:
         for bucket, (_, cost) in ahead.items():
             self._note_beyond(bucket, cost)
         self._latencies: Cache[tuple[Configuration, int, BucketKey | None], tuple[int, ...]] = Cache(4096)
+        self._chain_parts: dict[tuple[int, int], tuple[Strategy, CostModel, Mapping[str, float]]] = {}
+        self._frontier_parts: dict[
+            tuple[int, int],
+            tuple[Frontier, CostModel, tuple[tuple[str, ...], npt.NDArray[np.float64]] | None],
+        ] = {}
         self._every: Cache[tuple[Configuration, int, BucketKey | None], Strategy] = Cache(4096)
         self._parts: Cache[tuple[tuple[tuple[Configuration, int], ...], BucketKey | None], dict[str, int]]
         self._parts = Cache(4096)
@@ -233,9 +240,23 @@ class Pricer:
         chain = strategy.chain
         if chain is None:
             return self.price(strategy.groups, cost)
-        later = LaterRows()
-        later.add(chain, strategy.n)
-        return self.tail.price(self.corrected_us(strategy.groups, cost, later))
+        cost = cost or self.cost
+        key = (id(strategy), id(cost))
+        entry = self._chain_parts.get(key)
+        if entry is None or entry[0] is not strategy or entry[1] is not cost:
+            # a chain's later parts depend on its shares, the job size and the quantile, not on
+            # the correction: made once, only re-weighed when the correction moves
+            later = LaterRows()
+            later.add(chain, strategy.n)
+            calibration = self.calibration
+            overhead = calibration.stage_overhead_us if calibration is not None else 0.0
+            if len(self._chain_parts) >= CHAIN_PARTS_CACHE:
+                self._chain_parts.clear()
+            parts = later_parts(cost, later.stages(self.z), overhead)
+            entry = self._chain_parts[key] = (strategy, cost, parts)
+        correction = self.correction
+        extra = sum(correction.get(p, 1.0) * v for p, v in entry[2].items())
+        return self.tail.price(self.corrected_us(strategy.groups, cost) + extra)
 
     def refresh(self, task: Task) -> None:
         """Bring the task's option latencies up to date with the correction."""
@@ -267,9 +288,53 @@ class Pricer:
         cost = job.cost
 
         def make() -> tuple[int, ...]:
+            if self.calibration is not None and not self._beyond_costs:
+                matrix = self._chained_parts(frontier, cost)
+                if matrix is not None:  # a frontier with chains: one product over its strategies
+                    names, values = matrix
+                    correction = self.correction
+                    weights = np.asarray([correction.get(p, 1.0) for p in names])
+                    tail = self.tail
+                    prices = np.ceil(tail.margin * (values @ weights) + tail.overhead_us)
+                    return tuple(itertools.accumulate((int(x) for x in prices), max))
             return tuple(itertools.accumulate((self.price_of(s, cost) for s in frontier.strategies), max))
 
         return self._latencies.get((frontier.available, frontier.n, job.bucket), make)
+
+    def _chained_parts(
+        self, frontier: Frontier, cost: CostModel | None
+    ) -> tuple[tuple[str, ...], npt.NDArray[np.float64]] | None:
+        """Per strategy of a frontier with chains, its uncorrected parts (later stages included).
+
+        None for a frontier without chains. Made once per frontier and cost model: a re-price
+        only weighs them again.
+        """
+        cost = cost or self.cost
+        key = (id(frontier), id(cost))
+        entry = self._frontier_parts.get(key)
+        if entry is not None and entry[0] is frontier and entry[1] is cost:
+            return entry[2]
+        matrix = None
+        if any(s.chain is not None for s in frontier.strategies):
+            names = (*cost.modalities, "fusion", ESCALATION)
+            column = {p: i for i, p in enumerate(names)}
+            values = np.zeros((len(frontier.strategies), len(names)))
+            calibration = self.calibration
+            overhead = calibration.stage_overhead_us if calibration is not None else 0.0
+            for row, strategy in enumerate(frontier.strategies):
+                parts: dict[str, float] = dict(cost.parts(strategy.groups))
+                if strategy.chain is not None:
+                    later = LaterRows()
+                    later.add(strategy.chain, strategy.n)
+                    for p, v in later_parts(cost, later.stages(self.z), overhead).items():
+                        parts[p] = parts.get(p, 0.0) + v
+                for p, v in parts.items():
+                    values[row, column[p]] += v
+            matrix = (names, values)
+        if len(self._frontier_parts) >= CHAIN_PARTS_CACHE:
+            self._frontier_parts.clear()
+        self._frontier_parts[key] = (frontier, cost, matrix)
+        return matrix
 
     def every_modality(self, available: Configuration, n: int, job: Job[Any]) -> Strategy:
         """Every available modality for every request (need not be on the frontier)."""
@@ -566,6 +631,8 @@ class Pricer:
             ahead = {bucket: (self.chained(plan, cost), cost) for bucket, (plan, cost) in ahead.items()}
         self.reference_plan = ahead[self.reference][0]
         self._plans = Cache(PRICED_CACHE, ahead)
+        self._chain_parts.clear()
+        self._frontier_parts.clear()
         self._every.clear()
         self.reprice()
 

@@ -192,6 +192,28 @@ def test_a_profile_without_a_calibration_plans_no_chain(votes: mosel.Profile) ->
     assert "escalation" not in off.correction
 
 
+def test_a_frontier_with_chains_is_priced_strategy_by_strategy_at_any_correction(
+    votes: mosel.Profile,
+) -> None:
+    """The frontier's prices (one product over its strategies' parts) are each option's own price."""
+    pricer = Scheduler(votes, SchedulerConfig()).pricer
+    everything = frozenset(votes.modalities)
+    for step in range(3):
+        for n in (1, 4, 8):
+            frontier = pricer.reference_plan.frontier(everything, n)
+            assert any(s.chain is not None for s in frontier.strategies)
+            job = Job(n=n, available=everything, arrival=0.0)
+            job.cost = pricer.cost
+            prices = pricer.latencies(frontier, job)
+            own = list(
+                itertools.accumulate((pricer.price_of(s, pricer.cost) for s in frontier.strategies), max)
+            )
+            assert all(abs(a - b) <= 1 for a, b in zip(prices, own, strict=True))
+        for i, part in enumerate(pricer.correction):  # the correction moves: prices follow
+            pricer.correction[part] = 1.0 + 0.3 * ((i + step) % 3)
+        pricer.reprice()
+
+
 def test_a_merged_batch_of_one_chain_task_costs_its_option(votes: mosel.Profile) -> None:
     scheduler = Scheduler(votes, SchedulerConfig())
     frontier = scheduler.pricer.reference_plan.frontier(frozenset(votes.modalities), 6)
