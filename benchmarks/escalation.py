@@ -590,70 +590,83 @@ def decision_costs(iterations: int) -> list[dict[str, Any]]:
 
 
 def infer_costs(repeats: int) -> list[dict[str, Any]]:
-    """model.infer over by-hand calls when a chain runs and no row escalates, against escalation off.
+    """What escalation adds to a call when no row escalates (the voting model of the tests).
 
-    The voting model of the tests (tests/unit/votes.py, calibrated on 3,000 rows): copy A attached
-    with escalation on and called with a deadline that makes a chain its choice, on rows so
-    clear-cut that none escalates; copy B attached with ``SchedulerConfig(escalation=False)`` and
-    given only the chain's first modalities (the same computation, static). Each against the
-    chain's first configuration by hand (branches and fusion), interleaved; medians over repeats.
+    1. ``model.infer`` with no SLO (every modality, static) on two copies calibrated alike, one
+       attached with escalation on and one with ``SchedulerConfig(escalation=False)``: each call's
+       overhead over the same work by hand (branches and fusion), interleaved, medians.
+    2. A batch whose rows all run a chain and none escalates (rows so clear-cut that every
+       confidence is in the top bin), through the executor's own path (``run_chained``), against
+       the same batch with no chain (the same call, static rows): the confidence read and the
+       decision.
     """
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from overhead import interleaved
 
+    from mosel.execution import Later, run_chained
+    from mosel.plan import Strategy
     from tests.unit.votes import CLASSES, Votes, votes_profile
 
     torch.set_num_threads(1)
     out = []
     on, off = Votes().eval(), Votes().eval()
     profile = votes_profile(on)
+    assert profile.calibration is not None
     mosel.attach(on, profile)
     mosel.attach(off, profile, scheduler=mosel.SchedulerConfig(escalation=False))
     spec = mosel.spec_of(on)
+    everything = frozenset(spec.modalities)
+    chain = next(
+        s.chain for f in with_chains(profile.plan, profile.cost_model(), profile.calibration, Z90).frontiers.values()
+        for s in f.strategies if s.chain is not None and len(s.chain.stages) == 2
+    )  # fmt: skip
     try:
         for n in (1, 8):
             labels = torch.arange(n) % CLASSES
             clear = {m: torch.nn.functional.one_hot(labels, CLASSES).float() * 30.0 for m in spec.modalities}
-            found = None
-            for deadline in np.linspace(0.2, 5.0, 97):
-                got = on.infer(clear, deadline_ms=float(deadline), best_effort=True)  # type: ignore[attr-defined]
-                chain = got.strategies[0].chain
-                if chain is not None and not any(got.escalated):
-                    found = (float(deadline), chain)
-                    break
-            if found is None:
-                print(f"batch {n}: no deadline makes a chain the choice; skipped")
-                continue
-            deadline, chain = found
-            first = chain.first
-            only = {m: x for m, x in clear.items() if m in first}
 
-            def by_hand(first: Configuration = first, only: dict[str, torch.Tensor] = only) -> object:
-                return on.fuse({m: getattr(on, f"encode_{m}")(x) for m, x in only.items()})
+            def by_hand(clear: dict[str, torch.Tensor] = clear) -> object:
+                return on.fuse({m: getattr(on, f"encode_{m}")(x) for m, x in clear.items()})
 
-            def served_on(deadline: float = deadline, clear: dict[str, torch.Tensor] = clear) -> mosel.Result:
-                return on.infer(clear, deadline_ms=deadline, best_effort=True)  # type: ignore[attr-defined,no-any-return]
+            def served_on(clear: dict[str, torch.Tensor] = clear) -> mosel.Result:
+                return on.infer(clear)  # type: ignore[attr-defined,no-any-return]
 
-            def served_off(only: dict[str, torch.Tensor] = only) -> mosel.Result:
-                return off.infer(only)  # type: ignore[attr-defined,no-any-return]
+            def served_off(clear: dict[str, torch.Tensor] = clear) -> mosel.Result:
+                return off.infer(clear)  # type: ignore[attr-defined,no-any-return]
 
+            later = Later(profile.calibration.signal)
+            first = Strategy(((chain.first, n),), 0, 0)
+
+            def chained(
+                clear: dict[str, torch.Tensor] = clear, n: int = n, first: Strategy = first, later: Later = later
+            ) -> object:
+                return run_chained(on, spec, first, [chain] * n, clear, later)
+
+            def static(
+                clear: dict[str, torch.Tensor] = clear, n: int = n, first: Strategy = first, later: Later = later
+            ) -> object:
+                return run_chained(on, spec, first, [None] * n, clear, later)
+
+            assert not any(chained().escalated)  # type: ignore[attr-defined]
+            assert served_on().modalities[0] == everything
             with torch.inference_mode():
                 hand_a, infer_on = interleaved(by_hand, served_on, repeats)
                 hand_b, infer_off = interleaved(by_hand, served_off, repeats)
-            chained = sum(served_on().strategies[0].chain is not None for _ in range(50))
+                with_chain, without = interleaved(chained, static, repeats)
             row = {
-                "batch": n, "chain": chain.describe(spec.modalities), "deadline_ms": deadline,
-                "chain_chosen_of_50": chained,
-                "by_hand_us": round((hand_a + hand_b) / 2, 1),
+                "batch": n, "by_hand_us": round((hand_a + hand_b) / 2, 1),
                 "infer_on_us": round(infer_on, 1), "infer_off_us": round(infer_off, 1),
                 "overhead_on_us": round(infer_on - hand_a, 1), "overhead_off_us": round(infer_off - hand_b, 1),
+                "chain": chain.describe(spec.modalities),
+                "batch_with_chain_us": round(with_chain, 1), "batch_static_us": round(without, 1),
             }  # fmt: skip
             row["overhead_ratio"] = round(row["overhead_on_us"] / row["overhead_off_us"], 3)
+            row["chain_extra_us"] = round(with_chain - without, 1)
             out.append(row)
-            print(f"batch {n} [{row['chain']}, chosen {chained}/50]: by hand {row['by_hand_us']} us; "
-                  f"infer with escalation (no row escalates) {infer_on:.1f} us (overhead {row['overhead_on_us']} us), "
-                  f"without {infer_off:.1f} us (overhead {row['overhead_off_us']} us): {row['overhead_ratio']:.2f}x",
-                  flush=True)  # fmt: skip
+            print(f"batch {n}: by hand {row['by_hand_us']} us; infer with escalation on {infer_on:.1f} us "
+                  f"(overhead {row['overhead_on_us']} us), off {infer_off:.1f} us (overhead {row['overhead_off_us']} us): "
+                  f"{row['overhead_ratio']:.2f}x; a batch whose rows run [{row['chain']}] and none escalates: "
+                  f"{with_chain:.1f} us against {without:.1f} us static (+{row['chain_extra_us']} us)", flush=True)  # fmt: skip
     finally:
         mosel.close(on)
         mosel.close(off)
