@@ -298,3 +298,20 @@ def test_old_profiles_load_and_new_ones_keep_their_calibration(votes: mosel.Prof
     path.write_text(json.dumps(data))
     with pytest.raises(mosel.ProfileError, match="calibration"):
         mosel.Profile.load(path)
+
+
+def test_live_floors_that_move_an_accuracy_drop_the_calibration(votes: mosel.Profile) -> None:
+    """A drifted configuration means the calibration's bins no longer describe the live rows."""
+    from mosel.monitoring import live_profile
+
+    assert votes.calibration is not None
+    unchanged = live_profile(votes, {})
+    assert unchanged.calibration is votes.calibration
+    audio = frozenset({"audio"})
+    drifted = live_profile(votes, {audio: votes.accuracy[audio] - 0.1})
+    assert drifted.calibration is None
+    pricer = Pricer(votes, 0.5, 0.1, Stats(), escalation=0.9)
+    pricer.set_profile(drifted)
+    assert not any(
+        s.chain is not None for f in pricer.reference_plan.frontiers.values() for s in f.strategies
+    )
