@@ -62,11 +62,15 @@ def profile_for(m: int, max_batch: int = 32, cls: nn.Module | None = None) -> mo
 
 
 def decision_times(
-    profile: mosel.Profile, queue_length: int, iterations: int, policy: str = "mosel"
+    profile: mosel.Profile,
+    queue_length: int,
+    iterations: int,
+    policy: str = "mosel",
+    config: SchedulerConfig | None = None,
 ) -> dict[str, float]:
     rng = random.Random(queue_length)
     everything = frozenset(profile.modalities)
-    scheduler = Scheduler(profile, SchedulerConfig(policy=policy))
+    scheduler = Scheduler(profile, config or SchedulerConfig(policy=policy))
     now = 0.0
     top = profile.max_batch_size
     full = {n: profile.plan.frontier(everything, n).best.latency_us / 1e6 for n in range(1, top + 1)}

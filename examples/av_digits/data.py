@@ -166,16 +166,31 @@ def load(
     image_noise: float = 0.6,
     audio_snr_db: float = -4.0,
     video_noise: float = 1.5,
+    realisation: int = 0,
+    images: np.ndarray | None = None,
 ) -> Split:
-    """The ``"train"`` or ``"test"`` split with its (seeded) noise applied."""
+    """The ``"train"`` or ``"test"`` split with its (seeded) noise applied.
+
+    ``realisation`` > 0 draws the noise afresh and pairs each image with another clip of its
+    label from the split's pool (the images and the voices stay the split's): more rows for
+    validation (profiling escalation wants a few thousand) without new speakers or writers.
+    ``images``: only these positions of the split (e.g. one half of the test images).
+    """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     data = np.load(build(cache, seed), allow_pickle=False)
     idx = data[f"{split}_idx"]
-    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    chosen = np.arange(len(idx)) if images is None else np.asarray(images)
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1] + ([realisation] if realisation else []))
+    pairs = data[f"{split}_pair"]
+    pool = data[f"{split}_audio"]
+    if realisation:  # clips are generated voice by voice, word by word: a clip's label is its index mod 10
+        by_label = {d: np.flatnonzero(np.arange(len(pool)) % len(WORDS) == d) for d in range(len(WORDS))}
+        pairs = np.array([rng.choice(by_label[int(y)]) for y in data["labels"][idx]])
+    idx, pairs = idx[chosen], pairs[chosen]
     images = data["images"][idx]
     noisy_images = images + image_noise * rng.standard_normal(images.shape).astype(np.float32)
-    clips = data[f"{split}_audio"].astype(np.float32)[data[f"{split}_pair"]]
+    clips = pool.astype(np.float32)[pairs]
     power = np.mean(clips**2, axis=1, keepdims=True) + 1e-8
     clips = clips + np.sqrt(power / 10 ** (audio_snr_db / 10)) * rng.standard_normal(clips.shape).astype(
         np.float32

@@ -38,6 +38,7 @@ from mosel.errors import (
     SLOError,
     SpecError,
 )
+from mosel.escalation import Calibration, Chain, RowSample
 from mosel.execution import Result
 from mosel.monitoring import Monitoring
 from mosel.plan import CostModel, Frontier, Plan, PlannerConfig, Strategy
@@ -58,7 +59,7 @@ from mosel.runtime import (
 )
 from mosel.scheduler import SchedulerConfig
 from mosel.simulate import Arrival, ClusterSimulation, Simulation, simulate, simulate_replicas
-from mosel.spec import ModelSpec, Padding, fusion, modality, multimodal, spec_of
+from mosel.spec import ModelSpec, Padding, confidence, fusion, modality, multimodal, spec_of
 from mosel.stats import Load, StatsSnapshot
 from mosel.tail import Residuals
 from mosel.training import train_with_modality_dropout
@@ -68,6 +69,8 @@ __all__ = [
     "AccuracyUnreachableError",
     "Alarm",
     "Arrival",
+    "Calibration",
+    "Chain",
     "ClusterSimulation",
     "ConfigurationAccuracy",
     "CostCheck",
@@ -99,6 +102,7 @@ __all__ = [
     "ReplicaError",
     "Residuals",
     "Result",
+    "RowSample",
     "RouteRequest",
     "Router",
     "SLOError",
@@ -114,6 +118,7 @@ __all__ = [
     "close",
     "compile_branches",
     "compiled_parts",
+    "confidence",
     "feedback",
     "fusion",
     "label_as",

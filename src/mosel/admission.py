@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 from mosel.errors import AccuracyUnreachableError, DeadlineError
+from mosel.escalation import wilson_lower
 from mosel.jobs import Job, Task, chunk_sizes, floor_units
 from mosel.plan import ACCURACY_SCALE, Frontier, Strategy, accuracy_units
 from mosel.pricing import Cache, Pricer
@@ -45,7 +46,7 @@ class Admission:
         """
         pricer = self.pricer
         if job.bucket is None or job.bucket == pricer.reference:  # a fixed-shape model: always
-            job.bucket, plan, job.cost = pricer.reference, self.profile.plan, pricer.cost
+            job.bucket, plan, job.cost = pricer.reference, pricer.reference_plan, pricer.cost
         else:
             plan, job.cost = pricer.plan(job.bucket, job.priced)
         sizes: list[tuple[Configuration, int]] = []  # per task: its rows' modalities, its rows
@@ -122,8 +123,13 @@ class Admission:
     def _meets(self, strategy: Strategy, job: Job[Any]) -> bool:
         """Does ``strategy`` meet the job's floor as the job asks (confidence, per request)?"""
         bounds = self._unit_bounds(job.confidence)
-        if job.per_request:
+        if job.per_request:  # a chain: its first configuration must meet the floor on its own
             return all(bounds[c] >= floor_units(job.min_accuracy, 1) for c, k in strategy.groups if k)
+        chain = strategy.chain
+        if chain is not None:  # at a confidence: the chain's calibrated accuracy's Wilson bound
+            assert job.confidence is not None
+            bound = accuracy_units(wilson_lower(chain.accuracy, chain.rows, job.confidence))
+            return bound * strategy.n >= floor_units(job.min_accuracy, strategy.n)
         return sum(bounds[c] * k for c, k in strategy.groups) >= floor_units(job.min_accuracy, strategy.n)
 
     def _first_admissible(self, frontier: Frontier, job: Job[Any]) -> int:

@@ -17,8 +17,9 @@ import numpy as np
 import numpy.typing as npt
 
 from mosel.admission import Admission
+from mosel.chains import LaterRows
 from mosel.errors import DeadlineError
-from mosel.jobs import Batch, Failure, Job, Task, time_us
+from mosel.jobs import NO_DEADLINE_US, Batch, Failure, Job, Task, deadline_us, time_us
 from mosel.plan import CostModel, Plan
 from mosel.pricing import BatchLatency, Delayed, Pricer
 from mosel.profiles import BucketKey, Profile
@@ -59,8 +60,14 @@ class CoreView:
         self.profile = profile
         self.config = config
         self.stats = stats
-        self.pricer = Pricer(profile, config.latency_quantile, config.correction_alpha, stats, priced)
+        escalation = config.escalation_quantile if config.escalation else None
+        self.pricer = Pricer(
+            profile, config.latency_quantile, config.correction_alpha, stats, priced, escalation
+        )
         self.admission = Admission(profile, self.pricer)
+        calibration = self.pricer.calibration
+        if calibration is not None:
+            stats.set_calibration({profile.key(c): calibration.histogram(c) for c in calibration.edges})
         self.edf = EdfQueue()
         self.in_flight: Batch | None = None
         self.busy_until = -math.inf
@@ -197,10 +204,13 @@ class CoreView:
         return self.pricer.merged_latency_us(tasks)
 
     def corrected_us(
-        self, groups: Sequence[tuple[frozenset[str], int]], cost: CostModel | None = None
+        self,
+        groups: Sequence[tuple[frozenset[str], int]],
+        cost: CostModel | None = None,
+        later: LaterRows | None = None,
     ) -> float:
         """A strategy's corrected median execution, before the tail."""
-        return self.pricer.corrected_us(groups, cost)
+        return self.pricer.corrected_us(groups, cost, later)
 
     def expected_misses(
         self,
@@ -224,6 +234,23 @@ class CoreView:
     def observe(self, histogram: str, value_ms: float) -> None:
         """Record a time in one of the model's histograms."""
         self.stats.observe(histogram, value_ms)
+
+    def finish_by(self, tasks: Sequence[Task], now: float, price_us: int) -> float:
+        """When a batch of ``tasks`` priced ``price_us`` and starting ``now`` must end (seconds).
+
+        Its jobs' earliest deadline, and no later than the queued jobs' slack allows (the queue
+        after it one task after another at its current options); never before its own price.
+        What the later stages of its chains may use beyond the rows they were priced at.
+        """
+        start_us = time_us(now)
+        own = [deadline_us(t.job) for t in tasks if not t.job.best_effort]
+        limit = min(own) if own else NO_DEADLINE_US
+        if self.edf.tasks:
+            slack = self.deadlines_us - (start_us + price_us + np.cumsum(self.latency_us))
+            slack = slack[~self.lenient & (slack >= 0)]
+            if len(slack):
+                limit = min(limit, start_us + price_us + int(slack.min()))
+        return max(limit, start_us + price_us) / 1e6
 
     # ------------------------------------------------------------------ the actions a policy takes
 

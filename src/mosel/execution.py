@@ -10,6 +10,7 @@ and :func:`result_of` turns a finished job into the caller's :class:`Result`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -24,13 +25,17 @@ import torch
 from torch import Tensor, nn
 
 from mosel import trees
+from mosel.chains import Escalated, StageBudget
 from mosel.errors import ExecutionError, OutputError
+from mosel.escalation import Chain
 from mosel.jobs import Batch, Job
 from mosel.plan import ACCURACY_SCALE, Strategy
 from mosel.spec import ModelSpec
+from mosel.stages import Chained, escalate, positions
 from mosel.trees import Tree
 
 __all__ = [
+    "Later",
     "Result",
     "RowPlanCache",
     "Work",
@@ -42,7 +47,9 @@ __all__ = [
     "process_token",
     "result_of",
     "run_batch",
+    "run_chained",
     "run_recovering",
+    "run_task",
 ]
 
 _log = logging.getLogger("mosel")
@@ -89,6 +96,8 @@ class Result:
             modalities allowed (``"deadline: ..."``, ``"queue: ..."``, ``"spare capacity:
             ..."``, ``"arrivals: ..."``, ``"overload: ..."``, or the policy's own rule); None
             when it was served at its best.
+        escalated: per request, whether it escalated past its chain's first configuration
+            (``modalities`` is then the configuration it ended at); all False without chains.
         id: the job's id, ``"<process token>-<counter>"``: unique within the process and, by
             its random per-process token, across processes (replicas); report the job's
             labels under it with :func:`mosel.feedback` (see ``docs/monitoring.md``).
@@ -104,6 +113,7 @@ class Result:
     deadline_met: bool | None = None
     queue_ms: float = math.nan
     reason: str | None = None
+    escalated: tuple[bool, ...] = ()
     id: str = ""
 
 
@@ -217,12 +227,14 @@ def run(
     plan: RowPlan,
     inputs: Mapping[str, Tree],
     parts_us: dict[str, float] | None = None,
+    features_out: dict[str, Tree] | None = None,
 ) -> Tree:
     """Execute a row plan; with ``parts_us``, add the time of each branch and of fusion to it.
 
     Every branch and fusion output is checked to have exactly one row per request it was given
     (:class:`~mosel.errors.OutputError` otherwise), so a misbehaving model fails its own rows
-    rather than handing rows of one request to another.
+    rather than handing rows of one request to another. ``features_out`` receives each branch's
+    features (a chain's later stages reuse them).
     """
     features: dict[str, Tree] = {}
     clock = time.perf_counter
@@ -250,7 +262,58 @@ def run(
         output = concat(outputs, what)
     if parts_us is not None:
         parts_us["fusion"] = parts_us.get("fusion", 0.0) + (clock() - t0) * 1e6
+    if features_out is not None:
+        features_out.update(features)
     return output
+
+
+@dataclass(frozen=True, slots=True)
+class Later:
+    """How a batch's chains run their later stages: the confidence signal, the time they may take."""
+
+    signal: str
+    budget: StageBudget | None = None
+    clock: Callable[[], float] | None = None
+
+
+def run_chained(
+    model: nn.Module,
+    spec: ModelSpec,
+    strategy: Strategy,
+    chains: Sequence[Chain | None],
+    inputs: Mapping[str, Tree],
+    later: Later,
+    cache: RowPlanCache | None = None,
+    parts_us: dict[str, float] | None = None,
+    device: torch.device | None = None,
+) -> Chained:
+    """Run ``strategy`` (a batch's first stage, rows in its groups' order), then the rows' chains."""
+    plan = plan_rows(Strategy(strategy.groups, 0, 0), spec, inputs, cache, device)
+    features: dict[str, Tree] = {}
+    output = run(model, spec, plan, inputs, parts_us, features)
+    where = {m: positions(selection, strategy.n) for m, selection, *_ in plan.branch_rows}
+    return escalate(
+        model, spec, inputs, output, plan.modalities, chains, features, where, later.signal, later.budget,
+        later.clock, parts_us,
+    )  # fmt: skip
+
+
+def run_task(
+    model: nn.Module,
+    spec: ModelSpec,
+    strategy: Strategy,
+    inputs: Mapping[str, Tree],
+    cache: RowPlanCache | None,
+    later: Later | None,
+    parts_us: dict[str, float] | None = None,
+    device: torch.device | None = None,
+) -> tuple[Tree, Chained | None]:
+    """One task's rows at its strategy: a chain's stages, or :func:`run_recovering`."""
+    chain = strategy.chain
+    if chain is None or later is None:
+        return run_recovering(model, spec, strategy, inputs, cache, parts_us, device), None
+    done = run_chained(model, spec, strategy, [chain] * strategy.n, inputs, later, cache, parts_us, device)
+    return done.output, done
 
 
 def concat(outputs: Sequence[Tree], what: str) -> Tree:
@@ -311,7 +374,7 @@ def run_recovering(
 class Work:
     """What a driver keeps of a job beside the scheduler: its future, its tensors, its outputs."""
 
-    __slots__ = ("device", "future", "inputs", "order", "outputs")
+    __slots__ = ("device", "future", "inputs", "order", "outputs", "rows")
 
     def __init__(
         self, future: Future[Any] | None, inputs: Any, order: Tensor | None, device: torch.device
@@ -321,6 +384,8 @@ class Work:
         self.order = order  # gathers outputs back into the caller's row order (None: in order)
         self.device = device  # where the inputs are, and the model was when the job was made
         self.outputs: list[tuple[int, Tree]] = []  # (task index, output), joined once all are in
+        # (task index, each row's final configuration, whether it escalated), for tasks that ran a chain
+        self.rows: list[tuple[int, tuple[Configuration, ...], tuple[bool, ...]]] = []
 
 
 def own_error(error: BaseException) -> BaseException:
@@ -351,14 +416,16 @@ def run_batch(
     device: torch.device,
     *,
     propagate: bool,
-) -> tuple[dict[int, Tree], dict[int, BaseException], dict[str, float] | None]:
+    later: Later | None = None,
+) -> tuple[dict[int, Tree], dict[int, BaseException], dict[str, float] | None, Escalated | None]:
     """Run every task of a batch of :class:`Work` jobs on ``device``.
 
-    Returns each task's output (by position) or error, and on a CPU the time of each branch and
-    of fusion (None on an accelerator, where they would need a synchronisation each). Several
-    jobs run as one execution, split back per job; when it fails, each job runs alone so that
-    only the jobs whose rows fail fail. A job's last chunk joins its chunks' outputs in its
-    :class:`Work`.
+    Returns each task's output (by position) or error, on a CPU the time of each branch and of
+    fusion (None on an accelerator, where they would need a synchronisation each), and what the
+    batch's chains did (None without). Several jobs run as one execution, split back per job;
+    when it fails, each job runs alone so that only the jobs whose rows fail fail. A job's last
+    chunk joins its chunks' outputs in its :class:`Work`. ``later``: how chains run their later
+    stages (None: every task runs its strategy's first stage only, as a static strategy).
 
     Raises:
         BaseException: with ``propagate`` (on the caller's own thread), a ``BaseException`` that
@@ -367,32 +434,46 @@ def run_batch(
     """
     outputs: dict[int, Tree] = {}
     errors: dict[int, BaseException] = {}
+    rows: dict[int, Chained] = {}
+    record: Escalated | None = None
     cuda = device.type == "cuda"
     timings: dict[str, float] | None = {} if device.type == "cpu" else None
+    later = (
+        dataclasses.replace(later, budget=batch.later)
+        if later is not None and batch.later is not None
+        else None
+    )
     try:
         with contextlib.nullcontext() if torch.is_inference_mode_enabled() else torch.inference_mode():
             if len(batch.tasks) == 1:
                 task = batch.tasks[0]
-                rows = rows_of(spec, task.job.payload.inputs, task.offset, task.n)
-                outputs[0] = run_recovering(model, spec, task.strategy, rows, cache, timings, device)
+                inputs = rows_of(spec, task.job.payload.inputs, task.offset, task.n)
+                outputs[0], done = run_task(model, spec, task.strategy, inputs, cache, later, timings, device)
+                if done is not None:
+                    rows[0], record = done, done.record
             else:
-                outputs = _run_merged(model, spec, batch, cache, timings)
+                outputs, rows, record = _run_merged(model, spec, batch, cache, timings, later)
             if cuda:
                 torch.cuda.synchronize(device)
     except BaseException as exc:
         if not isinstance(exc, Exception) and propagate:
             raise  # on the caller's own thread: theirs to see, once the scheduler is told
+        record = None
         if len(batch.tasks) == 1:
             errors[0] = own_error(exc)
         else:  # fail only the jobs the error belongs to: re-run each task alone
             _log.info("merged batch failed (%r); re-running its %d jobs separately", exc, len(batch.tasks))
-            outputs, errors = _run_separately(model, spec, batch, cache)
-    _assemble(spec, batch, outputs, errors)
-    return outputs, errors, timings if not errors else None
+            outputs, errors, rows = _run_separately(model, spec, batch, cache, later)
+    _assemble(spec, batch, outputs, errors, rows)
+    return outputs, errors, timings if not errors else None, record
 
 
 def _assemble(
-    spec: ModelSpec, batch: Batch, outputs: dict[int, Tree], errors: dict[int, BaseException]
+    spec: ModelSpec,
+    batch: Batch,
+    outputs: dict[int, Tree],
+    errors: dict[int, BaseException],
+    rows: Mapping[int, Chained],
 ) -> None:
     """Hand each task's output to its job; a job's last chunk joins its chunks' outputs."""
     for position, output in sorted(outputs.items()):
@@ -400,6 +481,9 @@ def _assemble(
         job = task.job
         work: Work = job.payload
         work.outputs.append((task.index, output))
+        done = rows.get(position)
+        if done is not None:
+            work.rows.append((task.index, done.modalities, done.escalated))
         if len(work.outputs) == len(job.tasks) > 1:
             parts = [out for _, out in sorted(work.outputs, key=lambda pair: pair[0])]
             try:
@@ -409,11 +493,17 @@ def _assemble(
 
 
 def _run_merged(
-    model: nn.Module, spec: ModelSpec, batch: Batch, cache: RowPlanCache, timings: dict[str, float] | None
-) -> dict[int, Tree]:
+    model: nn.Module,
+    spec: ModelSpec,
+    batch: Batch,
+    cache: RowPlanCache,
+    timings: dict[str, float] | None,
+    later: Later | None,
+) -> tuple[dict[int, Tree], dict[int, Chained], Escalated | None]:
     """One execution for several jobs' rows, grouped by configuration, split back after."""
     pieces: dict[str, list[Tree]] = {m: [] for m in spec.modalities}
     layout: list[tuple[int, Configuration, int]] = []  # (task position, configuration, rows)
+    chains: list[Chain | None] = []
     for config, _ in batch.merged.groups:
         for position, (task, strategy) in enumerate(zip(batch.tasks, batch.strategies)):
             start = 0
@@ -423,35 +513,55 @@ def _run_merged(
                     for m, t in rows.items():
                         pieces[m].append(t)
                     layout.append((position, config, count))
+                    chains.extend([strategy.chain if later is not None else None] * count)
                 start += count
     inputs = {m: trees.concat(ts, spec.batch_dim(m)) for m, ts in pieces.items() if ts}
-    merged = run_recovering(model, spec, batch.merged, inputs, cache, timings)
-    parts: dict[tuple[int, Configuration], Tree] = {}
+    done: Chained | None = None
+    if any(chain is not None for chain in chains):
+        assert later is not None
+        done = run_chained(model, spec, batch.merged, chains, inputs, later, cache, timings)
+        merged = done.output
+    else:
+        merged = run_recovering(model, spec, batch.merged, inputs, cache, timings)
+    parts: dict[tuple[int, Configuration], tuple[Tree, int]] = {}
     offset = 0
     for position, config, count in layout:
-        parts[(position, config)] = trees.take(merged, slice(offset, offset + count))
+        parts[(position, config)] = (trees.take(merged, slice(offset, offset + count)), offset)
         offset += count
     outputs = {}
+    rows_done: dict[int, Chained] = {}
     for position, strategy in enumerate(batch.strategies):
-        chunks = [parts[(position, c)] for c, _ in strategy.groups]
+        chunks = [parts[(position, c)][0] for c, _ in strategy.groups]
         # A slice of the merged output would keep every merged job's rows in its storage.
         outputs[position] = trees.concat(chunks) if len(chunks) > 1 else trees.copy(chunks[0])
-    return outputs
+        if done is not None:
+            spans = [range(parts[(position, c)][1], parts[(position, c)][1] + k) for c, k in strategy.groups]
+            mine = [i for span in spans for i in span]
+            rows_done[position] = Chained(
+                outputs[position],
+                tuple(done.modalities[i] for i in mine),
+                tuple(done.escalated[i] for i in mine),
+                done.record,
+            )
+    return outputs, rows_done, done.record if done is not None else None
 
 
 def _run_separately(
-    model: nn.Module, spec: ModelSpec, batch: Batch, cache: RowPlanCache
-) -> tuple[dict[int, Tree], dict[int, BaseException]]:
+    model: nn.Module, spec: ModelSpec, batch: Batch, cache: RowPlanCache, later: Later | None
+) -> tuple[dict[int, Tree], dict[int, BaseException], dict[int, Chained]]:
     outputs: dict[int, Tree] = {}
     errors: dict[int, BaseException] = {}
+    rows: dict[int, Chained] = {}
     for position, task in enumerate(batch.tasks):
         try:
             with torch.inference_mode():
-                rows = rows_of(spec, task.job.payload.inputs, task.offset, task.n)
-                outputs[position] = run_recovering(model, spec, task.strategy, rows, cache)
+                inputs = rows_of(spec, task.job.payload.inputs, task.offset, task.n)
+                outputs[position], done = run_task(model, spec, task.strategy, inputs, cache, later)
+                if done is not None:
+                    rows[position] = done
         except BaseException as exc:  # on the executor thread: the job's own failure
             errors[position] = own_error(exc)
-    return outputs, errors
+    return outputs, errors, rows
 
 
 def result_of(job: Job[Work], completion_ms: float, reason: str | None) -> Result:
@@ -461,15 +571,23 @@ def result_of(job: Job[Work], completion_ms: float, reason: str | None) -> Resul
     tasks = job.tasks
     strategies = (tasks[0].strategy,) if len(tasks) == 1 else tuple(task.strategy for task in tasks)
     modalities: tuple[Configuration, ...] = ()
+    escalated: tuple[bool, ...] = ()
     units = 0
-    for strategy in strategies:
+    chained = {index: (configs, flags) for index, configs, flags in work.rows}
+    for index, strategy in enumerate(strategies):
         units += strategy.accuracy_units
+        if index in chained:
+            modalities += chained[index][0]
+            escalated += chained[index][1]
+            continue
         for config, count in strategy.groups:
             modalities += (config,) * count
+        escalated += (False,) * strategy.n
     if work.order is not None:  # rows were grouped by presence: back to the caller's order
         back = work.order.tolist()
         output = trees.take(output, work.order.to(trees.device(output)))
         modalities = tuple(modalities[i] for i in back)
+        escalated = tuple(escalated[i] for i in back)
     work.inputs = None  # release the request's tensors
     deadline_ms = job.slo.deadline_ms
     return Result(
@@ -483,5 +601,6 @@ def result_of(job: Job[Work], completion_ms: float, reason: str | None) -> Resul
         queue_ms=(job.started - job.arrival) * 1000.0,
         reason=reason,
         deadline_met=None if deadline_ms is None else completion_ms <= deadline_ms,
+        escalated=escalated,
         id=f"{_token}-{job.id}",
     )

@@ -15,11 +15,14 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from mosel.assign import Item
 from mosel.plan import ACCURACY_SCALE, CostModel, Frontier, Plan, Strategy
 from mosel.slo import SLO
+
+if TYPE_CHECKING:
+    from mosel.chains import StageBudget
 
 __all__ = [
     "NO_DEADLINE_US",
@@ -270,13 +273,18 @@ def mergeable(head: Task, other: Task) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """What the executor runs next: one or more tasks, and the strategy covering all their rows."""
+    """What the executor runs next: one or more tasks, and the strategy covering all their rows.
+
+    ``later`` is set when a task runs an escalation chain: how the executor prices its later
+    stages and when the batch must be done (``merged`` then groups the first stage's rows).
+    """
 
     tasks: tuple[Task, ...]
     strategies: tuple[Strategy, ...]  # per task
     merged: Strategy  # the rows of all tasks, grouped by configuration
     predicted_us: int
     started: float
+    later: StageBudget | None = None
 
 
 Failure = tuple[Job[Any], BaseException]

@@ -239,12 +239,18 @@ def live_profile(
 
     ``exact`` re-solves every plan with CP-SAT (seconds); otherwise each frontier becomes the
     Pareto subset, under the new accuracies, of its strategies and every pure one
-    (:func:`mosel.plan.repriced_plan`: milliseconds, not proven complete).
+    (:func:`mosel.plan.repriced_plan`: milliseconds, not proven complete). Where an accuracy
+    moved, the escalation calibration is dropped (its per-bin scores were measured on rows that
+    no longer look like the live ones): chains are planned no more, static strategies serve.
     """
     table = MappingProxyType({c: float(accuracy.get(c, a)) for c, a in profile.accuracy.items()})
     cost = cost_model_of(profile.modalities, profile.branch_latency, profile.fusion_latency, table)
     plan = build_plan(cost, planner) if exact else repriced_plan(profile.plan, cost)
-    live = dataclasses.replace(profile, accuracy=table, plan=plan, sized_plans=MappingProxyType({}))
+    moved = any(table[c] != a for c, a in profile.accuracy.items())
+    calibration = None if moved else profile.calibration  # drifted rows: its bins no longer hold
+    live = dataclasses.replace(
+        profile, accuracy=table, plan=plan, sized_plans=MappingProxyType({}), calibration=calibration
+    )
     sized = {
         key: build_plan(live.cost_at(key), planner) if exact else repriced_plan(old, live.cost_at(key))
         for key, old in profile.sized_plans.items()
@@ -372,17 +378,11 @@ class Monitor:
 
     def _held(self, key: str) -> str | None:
         """The result id labels under ``key`` go to: a job's own id first, then an alias."""
-        if key in self._records:
-            return key
-        rid = self._aliases.get(key)
-        return rid if rid is not None and rid in self._records else None
+        rid = key if key in self._records else self._aliases.get(key, "")
+        return rid if rid in self._records else None
 
     def alias(self, result_id: str, key: str) -> bool:
-        """Let labels for ``result_id`` also come as ``key`` (an id the caller supplies).
-
-        A key names one job: given again, it names the latest job given it. False (nothing
-        changes) for a ``result_id`` not held, or a ``key`` that is another held job's own id.
-        """
+        """Let labels for ``result_id`` come as ``key`` too (see :func:`mosel.label_as`); False if not."""
         if not isinstance(key, str) or not key:
             raise InputError(f"an alias of a result id must be a non-empty string, got {key!r}")
         with self._lock:
@@ -390,9 +390,9 @@ class Monitor:
             if served is None or (key != result_id and key in self._records):
                 return False
             self._drop_alias(served, result_id)
-            previous = self._aliases.get(key)
-            if previous is not None and previous != result_id and previous in self._records:
-                self._records[previous].alias = None
+            previous = self._records.get(self._aliases.get(key, result_id))
+            if previous is not None and previous is not served:
+                previous.alias = None
             served.alias = key
             self._aliases[key] = result_id
             return True

@@ -35,12 +35,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from types import MappingProxyType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from mosel.jsonvalues import json_bool, json_dict, json_field, json_float, json_int, json_list, json_str, show
+
+if TYPE_CHECKING:
+    from mosel.escalation import Chain
 
 __all__ = [
     "ACCURACY_SCALE",
@@ -173,11 +176,18 @@ class Strategy:
 
     ``groups`` lists the non-empty configuration groups in execution order: rows are assigned to
     groups in this order, which keeps each branch's rows contiguous where possible.
+
+    An escalation chain (``chain``, see :mod:`mosel.escalation`) runs its first configuration on
+    every row (its one group) and the later ones on the rows whose confidence is too low;
+    ``latency_us`` then prices the escalated rows at a quantile, and ``accuracy_units`` is the
+    calibrated expectation. Plans are saved without chains: they are added where a profile with
+    a calibration is served (:func:`mosel.chains.with_chains`).
     """
 
     groups: tuple[tuple[Configuration, int], ...]
     latency_us: int
     accuracy_units: int
+    chain: Chain | None = None
 
     @property
     def n(self) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
@@ -24,6 +25,7 @@ from typing import Any, Final, Generic, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from mosel.chains import ESCALATION, LaterRows, StageBudget, Transition, later_parts, with_chains
 from mosel.jobs import Batch, Job, Task, merged_groups
 from mosel.plan import CostModel, Frontier, Plan, Strategy
 from mosel.profiles import BucketKey, Profile
@@ -38,6 +40,8 @@ CORRECTION_CLAMP: Final = 4.0
 """A single measurement counts as at most this factor above or below the current correction."""
 PRICED_CACHE: Final = 256
 """Size buckets kept priced besides those priced ahead (then they are dropped)."""
+CHAIN_PARTS_CACHE: Final = 8192
+"""Chain strategies whose later parts are kept (then all are forgotten and made again as asked)."""
 BEYOND_BUCKETS: Final = 64
 """(modality, bucket) corrections kept beyond the measured buckets (then the least recently run goes)."""
 Beyond = tuple[CostModel, dict[str, tuple[str, int]]]
@@ -100,6 +104,9 @@ class Pricer:
         alpha: the weight of a new measurement in the correction (EWMA).
         stats: where the correction and the tail model are published.
         priced: plans and cost models of size buckets priced ahead (at attach); kept for good.
+        escalation: the quantile at which the rows a chain escalates are priced
+            (:attr:`SchedulerConfig.escalation_quantile`); None: no chain is planned, even with
+            a calibration.
     """
 
     def __init__(
@@ -109,13 +116,19 @@ class Pricer:
         alpha: float,
         stats: Stats,
         priced: Mapping[BucketKey, tuple[Plan, CostModel]] | None = None,
+        escalation: float | None = None,
     ) -> None:
         self.profile = profile
         self.alpha = alpha
         self.stats = stats
         self.cost: CostModel = profile.cost_model()
         self.reference = profile.reference_bucket
-        self.correction: dict[str, float] = dict.fromkeys((*profile.modalities, "fusion"), 1.0)
+        self.calibration = profile.calibration if escalation is not None else None
+        """The calibration chains are planned from (None: no escalation)."""
+        self.z = statistics.NormalDist().inv_cdf(escalation) if escalation is not None else 0.0
+        """Escalated rows are priced at this many standard deviations above their mean."""
+        parts = (*profile.modalities, "fusion") + ((ESCALATION,) if self.calibration is not None else ())
+        self.correction: dict[str, float] = dict.fromkeys(parts, 1.0)
         everything = frozenset(profile.modalities)
         self._weights = {m: float(self.cost.branch_us[m][1]) for m in profile.modalities} | {
             "fusion": float(self.cost.fusion_us[everything][1])
@@ -127,6 +140,10 @@ class Pricer:
         self.tail = TailModel(quantile, profile_sigma(profile))
         """The margin and overhead that turn a corrected median into the price decisions use."""
         ahead = {self.reference: (profile.plan, self.cost)} | dict(priced or {})
+        if self.calibration is not None:  # priced-ahead entries kept as given without one
+            ahead = {bucket: (self.chained(plan, cost), cost) for bucket, (plan, cost) in ahead.items()}
+        self.reference_plan: Plan = ahead[self.reference][0]
+        """The reference bucket's plan, its chains included."""
         self._plans: Cache[BucketKey, tuple[Plan, CostModel]] = Cache(PRICED_CACHE, ahead)
         self.beyond: dict[tuple[str, int], float] = {}
         """(modality, bucket) -> the correction of its branch at a bucket beyond the measured ones."""
@@ -136,6 +153,11 @@ class Pricer:
         for bucket, (_, cost) in ahead.items():
             self._note_beyond(bucket, cost)
         self._latencies: Cache[tuple[Configuration, int, BucketKey | None], tuple[int, ...]] = Cache(4096)
+        self._chain_parts: dict[tuple[int, int], tuple[Strategy, CostModel, Mapping[str, float]]] = {}
+        self._frontier_parts: dict[
+            tuple[int, int],
+            tuple[Frontier, CostModel, tuple[tuple[str, ...], npt.NDArray[np.float64]] | None],
+        ] = {}
         self._every: Cache[tuple[Configuration, int, BucketKey | None], Strategy] = Cache(4096)
         self._parts: Cache[tuple[tuple[tuple[Configuration, int], ...], BucketKey | None], dict[str, int]]
         self._parts = Cache(4096)
@@ -146,6 +168,12 @@ class Pricer:
 
     # ------------------------------------------------------------------ plans per size bucket
 
+    def chained(self, plan: Plan, cost: CostModel) -> Plan:
+        """``plan`` with the calibration's chains in its frontiers (``plan`` itself without one)."""
+        if self.calibration is None:
+            return plan
+        return with_chains(plan, cost, self.calibration, self.z)
+
     def plan_outside_lock(self, bucket: BucketKey) -> tuple[Plan, CostModel]:
         """What :meth:`plan` will give for ``bucket``, for a job being built before admission.
 
@@ -154,7 +182,10 @@ class Pricer:
         result to admission as ``job.priced``. It stores nothing.
         """
         priced = self._plans.data.get(bucket)
-        return priced if priced is not None else self.profile.priced_at(bucket)
+        if priced is not None:
+            return priced
+        plan, cost = self.profile.priced_at(bucket)
+        return self.chained(plan, cost), cost
 
     def plan(
         self, bucket: BucketKey, computed: tuple[Plan, CostModel] | None = None
@@ -168,7 +199,7 @@ class Pricer:
         if computed is not None and computed[1].accuracy != self.cost.accuracy:
             computed = None  # priced before set_profile swapped the accuracies: stale
         priced = self._plans.get(
-            bucket, lambda: computed if computed is not None else self.profile.priced_at(bucket)
+            bucket, lambda: computed if computed is not None else self.plan_outside_lock(bucket)
         )
         if self._largest:
             self._note_beyond(bucket, priced[1])
@@ -204,6 +235,29 @@ class Pricer:
         """
         return self.tail.price(self.corrected_us(groups, cost))
 
+    def price_of(self, strategy: Strategy, cost: CostModel | None = None) -> int:
+        """:meth:`price` of a strategy, a chain's later stages included."""
+        chain = strategy.chain
+        if chain is None:
+            return self.price(strategy.groups, cost)
+        cost = cost or self.cost
+        key = (id(strategy), id(cost))
+        entry = self._chain_parts.get(key)
+        if entry is None or entry[0] is not strategy or entry[1] is not cost:
+            # a chain's later parts depend on its shares, the job size and the quantile, not on
+            # the correction: made once, only re-weighed when the correction moves
+            later = LaterRows()
+            later.add(chain, strategy.n)
+            calibration = self.calibration
+            overhead = calibration.stage_overhead_us if calibration is not None else 0.0
+            if len(self._chain_parts) >= CHAIN_PARTS_CACHE:
+                self._chain_parts.clear()
+            parts = later_parts(cost, later.stages(self.z), overhead)
+            entry = self._chain_parts[key] = (strategy, cost, parts)
+        correction = self.correction
+        extra = sum(correction.get(p, 1.0) * v for p, v in entry[2].items())
+        return self.tail.price(self.corrected_us(strategy.groups, cost) + extra)
+
     def refresh(self, task: Task) -> None:
         """Bring the task's option latencies up to date with the correction."""
         if task.version == self.version:
@@ -234,9 +288,53 @@ class Pricer:
         cost = job.cost
 
         def make() -> tuple[int, ...]:
-            return tuple(itertools.accumulate((self.price(s.groups, cost) for s in frontier.strategies), max))
+            if self.calibration is not None and not self._beyond_costs:
+                matrix = self._chained_parts(frontier, cost)
+                if matrix is not None:  # a frontier with chains: one product over its strategies
+                    names, values = matrix
+                    correction = self.correction
+                    weights = np.asarray([correction.get(p, 1.0) for p in names])
+                    tail = self.tail
+                    prices = np.ceil(tail.margin * (values @ weights) + tail.overhead_us)
+                    return tuple(itertools.accumulate((int(x) for x in prices), max))
+            return tuple(itertools.accumulate((self.price_of(s, cost) for s in frontier.strategies), max))
 
         return self._latencies.get((frontier.available, frontier.n, job.bucket), make)
+
+    def _chained_parts(
+        self, frontier: Frontier, cost: CostModel | None
+    ) -> tuple[tuple[str, ...], npt.NDArray[np.float64]] | None:
+        """Per strategy of a frontier with chains, its uncorrected parts (later stages included).
+
+        None for a frontier without chains. Made once per frontier and cost model: a re-price
+        only weighs them again.
+        """
+        cost = cost or self.cost
+        key = (id(frontier), id(cost))
+        entry = self._frontier_parts.get(key)
+        if entry is not None and entry[0] is frontier and entry[1] is cost:
+            return entry[2]
+        matrix = None
+        if any(s.chain is not None for s in frontier.strategies):
+            names = (*cost.modalities, "fusion", ESCALATION)
+            column = {p: i for i, p in enumerate(names)}
+            values = np.zeros((len(frontier.strategies), len(names)))
+            calibration = self.calibration
+            overhead = calibration.stage_overhead_us if calibration is not None else 0.0
+            for row, strategy in enumerate(frontier.strategies):
+                parts: dict[str, float] = dict(cost.parts(strategy.groups))
+                if strategy.chain is not None:
+                    later = LaterRows()
+                    later.add(strategy.chain, strategy.n)
+                    for p, v in later_parts(cost, later.stages(self.z), overhead).items():
+                        parts[p] = parts.get(p, 0.0) + v
+                for p, v in parts.items():
+                    values[row, column[p]] += v
+            matrix = (names, values)
+        if len(self._frontier_parts) >= CHAIN_PARTS_CACHE:
+            self._frontier_parts.clear()
+        self._frontier_parts[key] = (frontier, cost, matrix)
+        return matrix
 
     def every_modality(self, available: Configuration, n: int, job: Job[Any]) -> Strategy:
         """Every available modality for every request (need not be on the frontier)."""
@@ -250,14 +348,24 @@ class Pricer:
         return strategy
 
     def corrected_us(
-        self, groups: Sequence[tuple[Configuration, int]], cost: CostModel | None = None
+        self,
+        groups: Sequence[tuple[Configuration, int]],
+        cost: CostModel | None = None,
+        later: LaterRows | None = None,
     ) -> float:
         """A strategy's corrected median execution (what :meth:`price` puts the tail on).
 
         Each part weighed by its online correction, and a branch priced at a size bucket beyond
-        the measured ones by that bucket's own correction too.
+        the measured ones by that bucket's own correction too. ``later``: the rows chains
+        escalate, priced at the escalation quantile (:func:`mosel.chains.later_parts`).
         """
         cost = cost or self.cost
+        if later:
+            base = self.corrected_us(groups, cost)
+            calibration = self.calibration
+            overhead = calibration.stage_overhead_us if calibration is not None else 0.0
+            extra = later_parts(cost, later.stages(self.z), overhead)
+            return base + sum(self.correction.get(p, 1.0) * v for p, v in extra.items())
         parts = cost.parts(groups)
         correction = self.correction
         total = correction["fusion"] * parts["fusion"]
@@ -317,6 +425,11 @@ class Pricer:
         if len(tasks) == 1:
             self.refresh(tasks[0])
             return tasks[0].lat[tasks[0].k]
+        if self.calibration is not None and any(t.strategy.chain is not None for t in tasks):
+            batch = self.batch(tasks[0].job.cost)
+            for task in tasks:
+                batch.add(task.strategy)
+            return batch.latency_us()
         return self.price(list(merged_groups(tasks).items()), tasks[0].job.cost)
 
     def batch(self, cost: CostModel | None = None) -> BatchLatency:
@@ -354,19 +467,29 @@ class Pricer:
 
     # ------------------------------------------------------------------ learning
 
-    def observe(self, batch: Batch, measured_us: float, parts_us: Mapping[str, float] | None) -> bool:
+    def observe(
+        self,
+        batch: Batch,
+        measured_us: float,
+        parts_us: Mapping[str, float] | None,
+        later: Sequence[Mapping[Transition, int]] | None = None,
+    ) -> bool:
         """A batch ran in ``measured_us`` (``parts_us``: per branch and fusion, when measured).
 
         Moves the correction towards the measurement, each part by at most
         :data:`CORRECTION_CLAMP`; returns True when prices moved (then :meth:`reprice`).
+        ``later``: the rows its chains escalated, per later stage and transition (their parts
+        are predicted at those rows).
         """
         job = batch.tasks[0].job
         groups = batch.merged.groups
         key = (groups, job.bucket)
-        predicted = self._parts.data.get(key)
+        predicted: Mapping[str, float] | None = self._parts.data.get(key)
         if predicted is None:
             cost = job.cost or self.cost
             predicted = self._parts.get(key, lambda: cost.parts(groups))
+        if later:
+            predicted = self._with_later(predicted, job.cost or self.cost, later)
         if self._beyond_costs:
             beyond = self._beyond_of(job.cost or self.cost)
             if beyond is not None:
@@ -393,6 +516,18 @@ class Pricer:
                 correction[part] = min(max((1 - alpha) * level + alpha * ratio, 1e-3), 1e6)
         return self._publish(predicted, moved=False)
 
+    def _with_later(
+        self, predicted: Mapping[str, float], cost: CostModel, later: Sequence[Mapping[Transition, int]]
+    ) -> Mapping[str, float]:
+        """``predicted`` parts and those of the later stages that ran these rows."""
+        calibration = self.calibration
+        if calibration is None:
+            return predicted
+        total = dict(predicted)
+        for part, value in later_parts(cost, later, calibration.stage_overhead_us).items():
+            total[part] = total.get(part, 0.0) + value
+        return total
+
     def _publish(self, parts: Iterable[str], moved: bool) -> bool:
         """Publish the corrections when ``moved`` or one of ``parts`` moved by over 2%; whether so."""
         published = self._published
@@ -411,7 +546,7 @@ class Pricer:
         batch: Batch,
         measured_us: float,
         parts_us: Mapping[str, float] | None,
-        predicted: Mapping[str, int],
+        predicted: Mapping[str, float],
         beyond: Mapping[str, tuple[str, int]],
     ) -> bool:
         """:meth:`observe` for a bucket beyond the measured ones.
@@ -464,6 +599,17 @@ class Pricer:
         overhead_us = max((now - batch.started) * 1e6 - measured_us, 0.0)
         return self.tail.observe(measured_us / corrected, measured_us / raw, overhead_us, batch.started)
 
+    def stage_budget(self, cost: CostModel | None, finish_by: float) -> StageBudget | None:
+        """What the executor of a batch with chains prices its later stages with (None: no calibration)."""
+        calibration = self.calibration
+        if calibration is None:
+            return None
+        tail = self.tail
+        return StageBudget(
+            cost or self.cost, dict(self.correction), tail.margin, calibration.stage_overhead_us,
+            finish_by, tail.overhead_us,
+        )  # fmt: skip
+
     def reprice(self) -> None:
         """Option latencies moved (correction or tail): every cached price is forgotten."""
         self.version += 1
@@ -478,8 +624,15 @@ class Pricer:
         """
         self.profile = profile
         self.cost = profile.cost_model()
+        if self.calibration is not None:
+            self.calibration = profile.calibration
         ahead = {self.reference: (profile.plan, self.cost)} | dict(priced or {})
+        if self.calibration is not None:  # priced-ahead entries kept as given without one
+            ahead = {bucket: (self.chained(plan, cost), cost) for bucket, (plan, cost) in ahead.items()}
+        self.reference_plan = ahead[self.reference][0]
         self._plans = Cache(PRICED_CACHE, ahead)
+        self._chain_parts.clear()
+        self._frontier_parts.clear()
         self._every.clear()
         self.reprice()
 
@@ -491,23 +644,28 @@ class BatchLatency:
     more task" is one :meth:`Pricer.price` of the sums.
     """
 
-    __slots__ = ("cost", "counts", "pricer")
+    __slots__ = ("cost", "counts", "later", "pricer")
 
     def __init__(self, pricer: Pricer, cost: CostModel | None = None) -> None:
         self.pricer = pricer
         self.cost = cost or pricer.cost
         self.counts: dict[Configuration, int] = {}
+        self.later = LaterRows()  # the rows its chains may escalate
 
     def clear(self, cost: CostModel | None = None) -> None:
         """Empty the batch (for jobs of the size bucket of ``cost``, default the reference)."""
         self.cost = cost or self.pricer.cost
         self.counts.clear()
+        if self.later:
+            self.later.clear()
 
     def add(self, strategy: Strategy) -> None:
         """Put a task's rows, at ``strategy``, into the batch."""
         counts = self.counts
         for config, count in strategy.groups:
             counts[config] = counts.get(config, 0) + count
+        if strategy.chain is not None:
+            self.later.add(strategy.chain, strategy.n)
 
     def with_(self, strategy: Strategy) -> int:
         """The batch's corrected latency if a task at ``strategy`` joined it (the batch is unchanged)."""
@@ -515,8 +673,14 @@ class BatchLatency:
         latency = self.latency_us()
         for config, count in strategy.groups:
             self.counts[config] -= count
+        if strategy.chain is not None:
+            self.later.add(strategy.chain, strategy.n, -1)
         return latency
 
     def latency_us(self) -> int:
         """The batch's corrected latency."""
-        return self.pricer.price(tuple(self.counts.items()), self.cost)
+        pricer = self.pricer
+        if self.later:
+            corrected = pricer.corrected_us(tuple(self.counts.items()), self.cost, self.later)
+            return pricer.tail.price(corrected)
+        return pricer.price(tuple(self.counts.items()), self.cost)

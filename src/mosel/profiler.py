@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from mosel import trees
 from mosel.bucketing import SizedRows, new_widths, padding_changes, repeat_rows
+from mosel.calibrating import RowRecord, calibrate
 from mosel.compiling import compiled_parts, unwrap_compiled
 from mosel.errors import InputError, MoselWarning, SLOError
 from mosel.execution import execute
@@ -107,11 +108,13 @@ def _accuracy(
     show: bool,
     schema: SchemaRecorder | None = None,
     sized: SizedRows | None = None,
+    rows_seen: RowRecord | None = None,
 ) -> tuple[dict[Configuration, float], int, dict[str, Tree]]:
     """Accuracy of every configuration; each branch runs once per batch, its features reused.
 
     Also returns the first batch. ``schema`` observes every batch and watches the branches'
-    embedding lookups; ``sized`` sorts the sized modalities' rows into their size buckets.
+    embedding lookups; ``sized`` sorts the sized modalities' rows into their size buckets;
+    ``rows_seen`` keeps every row's score and confidences (for escalation's calibration).
     """
     fuse = getattr(model, spec.fusion)
     totals = dict.fromkeys(spec.configurations, 0.0)
@@ -137,20 +140,35 @@ def _accuracy(
             first = False
         features = {m: getattr(model, spec.branches[m])(batch[m]) for m in spec.modalities}
         for config in spec.configurations:
-            try:
-                scores = metric(fuse({m: features[m] for m in config}), target)
-            except Exception as exc:
-                name = getattr(metric, "__qualname__", repr(metric))
-                raise InputError(
-                    f"metric {name} failed on configuration "
-                    f"{configuration_key(config, spec.modalities)!r}: {type(exc).__name__}: {exc}; "
-                    f"check that the targets have one entry per request of the batch"
-                ) from exc
+            output, scores = _scored(fuse, features, config, metric, target, spec)
             totals[config] += _checked_sum(scores, rows, metric, configuration_key(config, spec.modalities))
+            if rows_seen is not None:
+                rows_seen.observe(model, config, output, scores)
         count += rows
     if sample is None or count == 0:
         raise InputError("validation data is empty; pass at least one (inputs, target) batch")
     return {c: totals[c] / count for c in spec.configurations}, count, sample
+
+
+def _scored(
+    fuse: Callable[[Mapping[str, Tree]], Tree],
+    features: Mapping[str, Tree],
+    config: Configuration,
+    metric: Metric,
+    target: Any,
+    spec: ModelSpec,
+) -> tuple[Tree, Any]:
+    """A configuration's output on a batch's features, and the metric's scores of it."""
+    try:
+        output = fuse({m: features[m] for m in config})
+        return output, metric(output, target)
+    except Exception as exc:
+        name = getattr(metric, "__qualname__", repr(metric))
+        raise InputError(
+            f"metric {name} failed on configuration "
+            f"{configuration_key(config, spec.modalities)!r}: {type(exc).__name__}: {exc}; "
+            f"check that the targets have one entry per request of the batch"
+        ) from exc
 
 
 def _watch_embeddings(
@@ -182,6 +200,7 @@ def profile(
     planner: PlannerConfig | None = None,
     progress: bool | None = None,
     threads: int | None = None,
+    escalation: bool = True,
 ) -> Profile:
     """Profile ``model`` on its device and validation ``data``, plan, and attach the result.
 
@@ -208,6 +227,10 @@ def profile(
             kept as it is.
         planner: CP-SAT planner settings.
         progress: show progress bars (tqdm); default: when stderr is a terminal.
+        escalation: calibrate per-row escalation (:mod:`mosel.escalation`) when the outputs
+            have a confidence signal (``@mosel.confidence``, or class logits) and there are at
+            least 200 validation rows (a warning below 1,000; 2,000 or more recommended).
+            False: no calibration, no chain.
 
     Returns:
         The :class:`Profile`, also attached to ``model``.
@@ -236,7 +259,7 @@ def profile(
         torch.set_num_threads(threads)
     try:
         settings = _Settings(
-            max_batch_size, sizes, warmup, repeats, cost_checks, planner, show, threads is None
+            max_batch_size, sizes, warmup, repeats, cost_checks, planner, show, threads is None, escalation
         )
         return _profile(model, spec, data, metric, settings)
     finally:
@@ -255,6 +278,7 @@ class _Settings:
     planner: PlannerConfig | None
     show: bool
     auto_threads: bool
+    escalation: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,9 +313,10 @@ def _profile(
     schema = SchemaRecorder(spec)
     most = settings.max_batch_size
     rows = SizedRows(spec, most)
+    record = RowRecord(spec) if settings.escalation else None
     with torch.inference_mode():
         accuracy, samples, sample = _accuracy(
-            model, spec, data, metric or top1, device, settings.show, schema, rows
+            model, spec, data, metric or top1, device, settings.show, schema, rows, record
         )
         notes = padding_changes(model, spec, sample)
         unreached = rows.unreached_warning(spec.model_class)
@@ -330,8 +355,12 @@ def _profile(
         )
         count = min(SIZED_CHECKS, settings.cost_checks)
         checks = best.checks + _bucket_checks(model, spec, partial, best, rows, big, timer, count)
+        calibration, more = calibrate(model, spec, record, big, most) if record is not None else (None, [])
+        notes += more
         profiled_s = time.perf_counter() - started
-    result = dataclasses.replace(partial, cost_checks=checks, input_schema=MappingProxyType(schema.schema()))
+    result = dataclasses.replace(
+        partial, cost_checks=checks, input_schema=MappingProxyType(schema.schema()), calibration=calibration
+    )
     for note in notes:
         warnings.warn(note, MoselWarning, stacklevel=3)
     _warn_costs(spec, result, tried, factors)

@@ -24,6 +24,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from mosel.errors import ProfileError
+from mosel.escalation import Calibration
 from mosel.fingerprints import Fingerprint, fingerprint_of, model_device
 from mosel.jsonvalues import json_dict, json_field, json_float, json_int, json_list, json_str, show
 from mosel.plan import (
@@ -44,9 +45,10 @@ __all__ = [
 ]  # fmt: skip
 
 FORMAT: Final = "mosel.profile"
-VERSION: Final = 3
-READS: Final = (2, 3)
-"""Format versions this mosel reads: 3 added padded buckets, repeated-width tables, widths, fresh checks."""
+VERSION: Final = 4
+READS: Final = (2, 3, 4)
+"""Format versions this mosel reads: 3 added padded buckets, repeated-width tables, widths, fresh
+checks; 4 the confidence calibration of per-row escalation (absent before: no escalation)."""
 
 Configuration = frozenset[str]
 BucketKey = tuple[int, ...]
@@ -311,6 +313,9 @@ class Profile:
             agree and the integer value ranges, recorded from the validation data (see
             :mod:`mosel.schema`); empty for a profile saved before schemas were recorded, or for a
             modality whose batches disagreed.
+        calibration: the confidence calibration of per-row escalation (:mod:`mosel.escalation`),
+            measured on the validation rows; None when the model's outputs have no confidence
+            signal, escalation was not asked for, or the profile predates it: no chain is planned.
     """
 
     modalities: tuple[str, ...]
@@ -326,6 +331,7 @@ class Profile:
     sized_plans: Mapping[BucketKey, Plan] = field(default_factory=lambda: MappingProxyType({}))
     eager_latency: Mapping[str, LatencyTable] = field(default_factory=lambda: MappingProxyType({}))
     input_schema: Mapping[str, ModalitySchema] = field(default_factory=lambda: MappingProxyType({}))
+    calibration: Calibration | None = None
 
     def __post_init__(self) -> None:
         for configuration, value in self.accuracy.items():
@@ -434,6 +440,11 @@ class Profile:
                 else {}
             ),
             "input_schema": {m: s.to_json() for m, s in self.input_schema.items()},
+            **(
+                {"calibration": self.calibration.to_json(self.modalities)}
+                if self.calibration is not None
+                else {}
+            ),
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -616,6 +627,10 @@ class Profile:
         if unknown:
             raise ValueError(f"input_schema names modalities {show(unknown)} the profile does not have")
         schema = {m: ModalitySchema.from_json(v, f"input_schema[{m!r}]") for m, v in schema_raw.items()}
+        calibration = None
+        if data.get("calibration") is not None:  # absent before format 4, and without a signal
+            calibration = Calibration.from_json(data["calibration"], modalities)
+            calibration.check(accuracy, modalities)
         return cls(
             modalities=modalities,
             max_batch_size=max_batch,
@@ -630,6 +645,7 @@ class Profile:
             sized_plans=MappingProxyType(sized_plans),
             eager_latency=MappingProxyType(eager),
             input_schema=MappingProxyType(schema),
+            calibration=calibration,
         )
 
 

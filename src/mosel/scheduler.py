@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mosel.chains import Escalated
 from mosel.core import CoreView
 from mosel.errors import InputError, QueueFullError, ShutdownError
 from mosel.jobs import (
@@ -107,6 +108,11 @@ class SchedulerConfig:
             budget spent it serves exactly as the cheapest admissible policy (``aggressive``).
             None (the default): upgrades may add no more than 0.05% expected misses per request
             over what the cheapest policy would miss (``docs/online.md``).
+        escalation: plan and serve escalation chains when the profile has a confidence
+            calibration (``docs/online.md``, "Per-row escalation"); False serves as without one.
+        escalation_quantile: a chain is priced with the rows it escalates at this quantile of
+            their number (Binomial over the job's rows at the calibrated share, summed over a
+            merged batch), not their mean: a deadline is a tail constraint.
 
     ``hedge``, ``risk`` and ``reserve`` apply to the mosel and greedy policies: they trade a
     little accuracy for deadlines that late binding alone, which sees only the queue, would miss.
@@ -128,8 +134,10 @@ class SchedulerConfig:
     spare_margin: float = 0.0
     latency_quantile: float = 0.5
     miss_budget: float | None = None
+    escalation: bool = True
+    escalation_quantile: float = 0.9
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: C901 (one check per knob)
         policy_class(self.policy)  # raises ValueError for an unknown policy
         budget = self.miss_budget
         if budget is not None and (isinstance(budget, bool) or not 0.0 <= budget < 1.0):
@@ -148,10 +156,12 @@ class SchedulerConfig:
             raise ValueError(f"solver_share must be in (0, 1], got {self.solver_share}")
         if not 0.0 <= self.spare_margin <= 1.0:
             raise ValueError(f"spare_margin must be in [0, 1], got {self.spare_margin}")
-        if not 0.5 <= self.latency_quantile < 1.0:
-            raise ValueError(
-                f"latency_quantile must be in [0.5, 1) (0.5 plans at the median), got {self.latency_quantile}"
-            )
+        for name, meaning in (
+            ("latency_quantile", "plans at the median"),
+            ("escalation_quantile", "at the mean"),
+        ):
+            if not 0.5 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0.5, 1) (0.5 {meaning}), got {getattr(self, name)}")
         if not self.load_window_s > 0.0:
             raise ValueError(f"load_window_s must be positive, got {self.load_window_s}")
 
@@ -362,7 +372,11 @@ class Scheduler(CoreView):
             self.stats.count("batches_merged")
             self.stats.count("jobs_in_merged_batches", len(tasks))
         strategies = (merged,) if len(tasks) == 1 else tuple(t.strategy for t in tasks)
-        batch = Batch(tuple(tasks), strategies, merged, merged_latency, now)
+        later = None
+        if any(s.chain is not None for s in strategies):
+            finish_by = self.finish_by(tasks, now, merged_latency)
+            later = self.pricer.stage_budget(tasks[0].job.cost, finish_by)
+        batch = Batch(tuple(tasks), strategies, merged, merged_latency, now, later)
         for task in tasks:
             job = task.job
             if math.isnan(job.started):
@@ -381,6 +395,7 @@ class Scheduler(CoreView):
         measured_us: float,
         parts_us: Mapping[str, float] | None = None,
         errors: Mapping[int, BaseException] | None = None,
+        escalated: Escalated | None = None,
     ) -> tuple[list[Job[Any]], list[Failure]]:
         """Record the end of a batch; returns the jobs now finished and the jobs failed.
 
@@ -390,13 +405,18 @@ class Scheduler(CoreView):
             measured_us: measured execution time of the batch.
             parts_us: measured time per branch and ``"fusion"``, when the executor has it.
             errors: task position in the batch -> the exception that task's execution raised.
+            escalated: what the batch's chains did (rows escalated per stage, confidences read).
         """
         if self.in_flight is batch:
             self.in_flight = None
             self.busy_until = now
             self.overrun = False
-        if not errors and self.pricer.observe(batch, measured_us, parts_us):
+        later = escalated.stages if escalated is not None else None
+        if not errors and self.pricer.observe(batch, measured_us, parts_us, later):
             self._reprice()
+        if escalated is not None:
+            key = self.profile.key
+            self.stats.escalated({key(c): b for c, b in escalated.first.items()}, escalated.decisions)
         done: list[Job[Any]] = []
         failures: list[Failure] = []
         for position, task in enumerate(batch.tasks):

@@ -37,6 +37,7 @@ from torch import nn
 
 from mosel.clock import Clock, MonotonicClock
 from mosel.execution import (
+    Later,
     Result,
     RowPlanCache,
     Work,
@@ -45,7 +46,7 @@ from mosel.execution import (
     result_of,
     rows_of,
     run_batch,
-    run_recovering,
+    run_task,
 )
 from mosel.jobs import Batch, Failure, Job
 from mosel.monitoring import Monitor
@@ -102,6 +103,9 @@ class Server:
         self.cond = threading.Condition(self.lock)  # the executor waits on it
         self.watch = threading.Condition(self.lock)  # the watchdog waits on it
         self.scheduler = Scheduler(profile, config, self.stats, solve_async=self._solve_async, priced=priced)
+        calibration = self.scheduler.pricer.calibration
+        self.later = Later(calibration.signal, clock=self.clock.now) if calibration is not None else None
+        """How batches with chains run their later stages (None: the profile has no calibration)."""
         self.requests = Requests(
             spec, profile, device, self.scheduler.pricer.plan_outside_lock, float_dtype or (lambda: None)
         )
@@ -282,7 +286,10 @@ class Server:
         outputs = []
         for task in job.tasks:
             rows = rows_of(self.spec, job.payload.inputs, task.offset, task.n)
-            outputs.append(run_recovering(self.model, self.spec, task.strategy, rows, self.row_plans))
+            output, done = run_task(self.model, self.spec, task.strategy, rows, self.row_plans, self.later)
+            outputs.append(output)
+            if done is not None:
+                job.payload.rows.append((task.index, done.modalities, done.escalated))
         job.payload.outputs = [(0, concat(outputs, f"fusion {self.spec.fusion!r}"))]
         job.measured_us = (time.perf_counter() - started) * 1e6
         job.predicted_us = sum(t.strategy.latency_us for t in job.tasks)
@@ -347,10 +354,11 @@ class Server:
         nested = id(self) in running
         running.add(id(self))
         started = time.perf_counter()
+        escalated = None
         try:
             device = batch.tasks[0].job.payload.device
-            _, errors, timings = run_batch(
-                self.model, self.spec, batch, self.row_plans, device, propagate=not nested
+            _, errors, timings, escalated = run_batch(
+                self.model, self.spec, batch, self.row_plans, device, propagate=not nested, later=self.later
             )
         except BaseException as exc:  # the model's code raised SystemExit, KeyboardInterrupt, ...
             interrupt = exc
@@ -370,7 +378,9 @@ class Server:
                 len(errors),
             )
         with _deferred_interrupts(), self.lock:
-            done, failures = self.scheduler.complete(batch, self.clock.now(), measured_us, timings, errors)
+            done, failures = self.scheduler.complete(
+                batch, self.clock.now(), measured_us, timings, errors, escalated
+            )
             self._post(failures)
             self.cond.notify()
         return done, interrupt

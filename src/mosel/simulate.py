@@ -19,10 +19,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from mosel.chains import Escalated
 from mosel.clock import VirtualClock
 from mosel.errors import InputError, MoselError, SLOError
+from mosel.escalation import RowSample
 from mosel.plan import Strategy
 from mosel.profiles import Profile
+from mosel.replaying import Replay
 from mosel.routing import PowerOfTwoRouter, RandomRouter, Router, RouteRequest, SlackRouter
 from mosel.scheduler import Batch, Job, Scheduler, SchedulerConfig
 from mosel.slo import SLO
@@ -60,6 +63,13 @@ class JobRecord:
     error: str | None  # the exception's class name
     strategies: tuple[Strategy, ...]
     expected_accuracy: float
+    modalities: tuple[Configuration, ...] = ()
+    """Per request, the configuration it ended at (empty when it failed)."""
+    escalated: tuple[bool, ...] = ()
+    """Per request, whether it escalated past its chain's first configuration."""
+    measured_accuracy: float = math.nan
+    """Its requests' scores in the replayed rows at the configurations they ended at (NaN without
+    a :class:`mosel.RowSample`, or when it failed)."""
 
     @property
     def served(self) -> bool:
@@ -151,6 +161,7 @@ def simulate(
     noise: float = 0.0,
     seed: int = 0,
     residuals: Residuals | None = None,
+    rows: RowSample | None = None,
 ) -> Simulation:
     """Replay ``arrivals`` through the scheduler on a virtual clock.
 
@@ -168,10 +179,16 @@ def simulate(
             own spread; a real run's ``mosel.stats(model).residuals`` replays its machine (with
             its batch times shifted to the trace's clock, its slow spells when they happened).
             None: exact predictions (with ``noise`` if given).
+        rows: for a profile with a calibration, held-out rows' confidences and scores per
+            configuration: each job draws its rows from them (seeded), a chain's rows escalate by
+            their own confidences, and each record's ``measured_accuracy`` is its rows' scores.
+            None: a chain's rows escalate at random at the calibrated shares.
     """
     trace = checked_trace(profile, arrivals)
     clock = VirtualClock()
-    engine = Engine(profile, config, noise=noise, residuals=residuals, rng=random.Random(seed))
+    engine = Engine(
+        profile, config, noise=noise, residuals=residuals, rng=random.Random(seed), rows=rows, seed=seed
+    )
     run_engines(clock, [engine], trace, lambda index, arrival, now: 0)
     return engine.simulation(trace, clock.now())
 
@@ -200,6 +217,8 @@ class Engine:
         residuals: Residuals | None,
         rng: random.Random,
         slowdown: float = 1.0,
+        rows: RowSample | None = None,
+        seed: object = 0,
     ) -> None:
         base = config or SchedulerConfig()
         self.stats = Stats()
@@ -216,6 +235,12 @@ class Engine:
         self.done_at = math.inf
         self.measured_us = 0.0
         self.decisions: list[float] = []
+        calibration = self.scheduler.pricer.calibration
+        self.replay: Replay | None = None
+        if calibration is not None or rows is not None:  # its own generator: residual draws unchanged
+            overhead = calibration.stage_overhead_us if calibration is not None else 0.0
+            self.replay = Replay(rows, random.Random(f"{seed}:rows"), overhead)
+        self.escalated: Escalated | None = None
 
     @property
     def waiting(self) -> bool:
@@ -226,7 +251,7 @@ class Engine:
         """The running batch ends (at :attr:`done_at`)."""
         assert self.running is not None
         started = time.perf_counter()
-        self.scheduler.complete(self.running, self.done_at, self.measured_us)
+        self.scheduler.complete(self.running, self.done_at, self.measured_us, escalated=self.escalated)
         self.scheduler.handed_over(self.running, self.done_at)
         self.decisions.append((time.perf_counter() - started) * 1e3)
         self.running, self.done_at = None, math.inf
@@ -246,6 +271,11 @@ class Engine:
             if self.noise:
                 exec_us *= math.exp(self.rng.gauss(-self.noise * self.noise / 2, self.noise))
             exec_us *= self.slowdown
+            self.escalated = None
+            if self.replay is not None:
+                ratio = exec_us / max(float(cost.latency_us(self.running.merged.groups)), 1e-9)
+                later_us, self.escalated = self.replay.run(self.running, cost, now, exec_us, ratio)
+                exec_us += later_us
             self.done_at = now + (exec_us + overhead_us) / 1e6
             self.measured_us = exec_us
 
@@ -263,6 +293,8 @@ class Engine:
             bucket=None if arrival.sizes is None else self.scheduler.profile.bucket(arrival.sizes),
         )  # fmt: skip
         self.jobs.append(job)
+        if self.replay is not None:
+            self.replay.admitted(job)
         try:
             self.scheduler.admit(job, now)
         except MoselError as exc:
@@ -276,6 +308,7 @@ class Engine:
                 type(job.error).__name__ if job.error is not None else None
             )
             served = error is None
+            modalities, escalated = self.replay.outcome(job) if self.replay and served else ((), ())
             records.append(
                 JobRecord(
                     arrival=trace[job.payload],
@@ -284,6 +317,9 @@ class Engine:
                     error=error,
                     strategies=job.strategies if job.tasks and served else (),
                     expected_accuracy=job.expected_accuracy if job.tasks and served else math.nan,
+                    modalities=modalities,
+                    escalated=escalated,
+                    measured_accuracy=self.replay.accuracy(job) if self.replay and served else math.nan,
                 )
             )
         return records

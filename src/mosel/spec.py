@@ -26,7 +26,17 @@ from mosel.errors import InputError, SpecError
 from mosel.methods import PROVIDED, PROVIDED_ATTR
 from mosel.trees import Tree
 
-__all__ = ["Mark", "ModelSpec", "Padding", "Sizing", "fusion", "modality", "multimodal", "spec_of"]
+__all__ = [
+    "Mark",
+    "ModelSpec",
+    "Padding",
+    "Sizing",
+    "confidence",
+    "fusion",
+    "modality",
+    "multimodal",
+    "spec_of",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 M = TypeVar("M", bound=type[nn.Module])
@@ -179,9 +189,9 @@ class Sizing:
 
 @dataclass(frozen=True, slots=True)
 class Mark:
-    """What a marker records on a function: a branch for ``modality``, or the fusion."""
+    """What a marker records on a function: a branch for ``modality``, the fusion, or the confidence."""
 
-    kind: Literal["modality", "fusion"]
+    kind: Literal["modality", "fusion", "confidence"]
     modality: str | None = None
     batch_dim: int = 0
     sizing: Sizing | None = None
@@ -201,6 +211,8 @@ class ModelSpec:
             (0 unless declared, e.g. ``@mosel.modality("text", batch_dim=1)`` for (T, B, ...)).
         sizings: modality -> how its input size is read and bucketed, for the modalities
             declared with ``size=`` (their latency is profiled and priced per size bucket).
+        confidence: the name of the method marked ``@mosel.confidence`` (None: none; class
+            logits then get the default signal, see :mod:`mosel.escalation`).
     """
 
     model_class: str
@@ -210,6 +222,7 @@ class ModelSpec:
     configurations: tuple[frozenset[str], ...]
     batch_dims: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     sizings: Mapping[str, Sizing] = field(default_factory=lambda: MappingProxyType({}))
+    confidence: str | None = None
 
     def batch_dim(self, modality: str) -> int:
         """The request dimension of ``modality``'s input and features."""
@@ -217,7 +230,9 @@ class ModelSpec:
 
 
 def _describe(mark: Mark) -> str:
-    return "@mosel.fusion" if mark.kind == "fusion" else f"@mosel.modality({mark.modality!r})"
+    if mark.kind == "modality":
+        return f"@mosel.modality({mark.modality!r})"
+    return f"@mosel.{mark.kind}"
 
 
 def _check_function(obj: object, decorator: str) -> None:
@@ -363,6 +378,21 @@ def fusion(fn: F, /) -> F:
     return fn
 
 
+def confidence(fn: F, /) -> F:
+    """Mark a method as the model's confidence signal for per-row escalation.
+
+    The method takes the fusion's batched output (whatever ``@mosel.fusion`` returns) and returns
+    a tensor of shape ``(batch,)``: one number per request, higher when the answer is more likely
+    right (only its order matters; the profiler calibrates it against your metric). Declare it
+    when the output is not single-label class logits (regression, embeddings, several labels,
+    detections), or to replace the default (the maximum softmax probability or the top-2 margin
+    of class logits, whichever ranks the validation rows better).
+    """
+    _check_function(fn, "@mosel.confidence")
+    setattr(fn, MARK_ATTR, Mark("confidence"))
+    return fn
+
+
 def _wrapped_mark(value: object) -> Mark | None:
     """The mark of a function hidden inside a staticmethod, classmethod or property."""
     for inner in (getattr(value, "__func__", None), getattr(value, "fget", None)):
@@ -372,14 +402,16 @@ def _wrapped_mark(value: object) -> Mark | None:
     return None
 
 
-def _collect(cls: type) -> ModelSpec:  # noqa: C901, PLR0912 (decoration-time checks, one per misuse, run once per class)
+def _collect(cls: type) -> ModelSpec:  # noqa: C901, PLR0912, PLR0915 (decoration-time checks, one per misuse, run once per class)
     branches: dict[str, str] = {}  # modality -> attribute name
     dims: dict[str, int] = {}
     sizings: dict[str, Sizing] = {}
     fusion_attr: str | None = None
+    confidence_attr: str | None = None
     for base in reversed(cls.__mro__):
         own_modalities: dict[str, str] = {}
         own_fusion: str | None = None
+        own_confidence: str | None = None
         for attr, value in vars(base).items():
             if isinstance(value, (staticmethod, classmethod, property)):
                 hidden = _wrapped_mark(value)
@@ -393,6 +425,14 @@ def _collect(cls: type) -> ModelSpec:  # noqa: C901, PLR0912 (decoration-time ch
                 continue
             mark: Mark | None = getattr(value, MARK_ATTR, None)
             if not isinstance(mark, Mark):
+                continue
+            if mark.kind == "confidence":
+                if own_confidence is not None:
+                    raise SpecError(
+                        f"{base.__qualname__} marks two methods with @mosel.confidence: {own_confidence!r} "
+                        f"and {attr!r}; a model has one confidence signal, remove one of the marks"
+                    )
+                own_confidence = attr
                 continue
             if mark.kind == "fusion":
                 if own_fusion is not None:
@@ -424,6 +464,8 @@ def _collect(cls: type) -> ModelSpec:  # noqa: C901, PLR0912 (decoration-time ch
         branches.update(own_modalities)
         if own_fusion is not None:
             fusion_attr = own_fusion
+        if own_confidence is not None:
+            confidence_attr = own_confidence
     if not branches:
         raise SpecError(
             f"{cls.__qualname__} declares no modality: mark each encoder with @mosel.modality('name')"
@@ -446,6 +488,7 @@ def _collect(cls: type) -> ModelSpec:  # noqa: C901, PLR0912 (decoration-time ch
         configurations=configs,
         batch_dims=MappingProxyType({m: dims[m] for m in names if dims.get(m)}),
         sizings=MappingProxyType({m: sizings[m] for m in names if m in sizings}),
+        confidence=confidence_attr,
     )
 
 

@@ -68,6 +68,16 @@ class StatsSnapshot:
         overhead_ms: the per-batch dispatch overhead added to every price, at that quantile.
         residuals: recent batches' measured/predicted execution ratios and overheads (what
             :func:`mosel.simulate` can replay), None before any batch.
+        escalation: what per-row escalation did (empty without chains): ``"stages"``, per
+            transition (0: after the first stage), the rows whose confidence was read
+            (``considered``), those below their threshold (``below``), those escalated
+            (``escalated``; fewer when the time ran short) and how many the validation rows
+            expected below (``expected_below``), with ``share`` and ``expected_share`` (below
+            over considered); ``"confidence"``, per configuration a chain started with, its
+            rows per confidence bin (``bins``, the calibration's bins) and their shares beside
+            the validation rows' (``live``, ``validation``) and the total variation distance
+            between the two (``distance``: 0 alike, 1 disjoint). A share or a histogram that
+            moves away from validation's says the inputs drifted, without a label.
         accuracy: the accuracy monitor's figures (live accuracy per configuration, drift
             alarms, shadow agreement, output shift; ``docs/monitoring.md``), None when
             monitoring is off.
@@ -80,6 +90,7 @@ class StatsSnapshot:
     latency_margin: float = 1.0
     overhead_ms: float = 0.0
     residuals: Residuals | None = None
+    escalation: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     accuracy: AccuracySnapshot | None = None
 
     @classmethod
@@ -114,6 +125,17 @@ class StatsSnapshot:
         stats._correction = {
             p: sum(s.correction.get(p, 1.0) for s in snapshots) / len(snapshots) for p in sorted(parts)
         }
+        for snap in snapshots:
+            escalation = snap.escalation
+            for key, entry in escalation.get("confidence", {}).items():
+                stats._validation.setdefault(key, tuple(entry["validation"]))
+            stats.escalated(
+                {key: tuple(entry["bins"]) for key, entry in escalation.get("confidence", {}).items()},
+                tuple(
+                    (e["considered"], e["below"], e["escalated"], e["expected_below"])
+                    for e in escalation.get("stages", ())
+                ),
+            )
         merged = stats.snapshot()
         return dataclasses.replace(
             merged,
@@ -244,6 +266,9 @@ class Stats:
         self._histograms = {name: Histogram() for name in self.HISTOGRAMS}
         self._correction: dict[str, float] = {}
         self._tail: TailModel | None = None
+        self._validation: dict[str, tuple[float, ...]] = {}  # per configuration: validation's bin shares
+        self._bins: dict[str, list[int]] = {}  # per configuration a chain started with: rows per bin
+        self._decisions: list[list[float]] = []  # per transition: considered, below, escalated, expected
         self._accuracy: Callable[[], AccuracySnapshot] | None = None
 
     def set_accuracy(self, source: Callable[[], AccuracySnapshot] | None) -> None:
@@ -274,6 +299,50 @@ class Stats:
         with self._lock:
             self._correction = dict(correction)
 
+    def set_calibration(self, validation: Mapping[str, Sequence[float]]) -> None:
+        """The validation rows' share per confidence bin of each configuration (to compare against)."""
+        with self._lock:
+            self._validation = {key: tuple(shares) for key, shares in validation.items()}
+
+    def escalated(
+        self, first: Mapping[str, Sequence[int]], decisions: Sequence[tuple[int, int, int, float]]
+    ) -> None:
+        """Record what a batch's chains did (see :class:`mosel.chains.Escalated`)."""
+        with self._lock:
+            for key, bins in first.items():
+                counts = self._bins.setdefault(key, [0] * len(bins))
+                for i, k in enumerate(bins):
+                    counts[i] += k
+            for t, decision in enumerate(decisions):
+                while len(self._decisions) <= t:
+                    self._decisions.append([0.0, 0.0, 0.0, 0.0])
+                for i, value in enumerate(decision):
+                    self._decisions[t][i] += value
+
+    def _escalation(self) -> Mapping[str, Any]:
+        """The escalation part of a snapshot (the lock held)."""
+        if not self._bins and not self._decisions:
+            return MappingProxyType({})
+        stages = [
+            {
+                "considered": int(considered), "below": int(below), "escalated": int(escalated),
+                "expected_below": expected, "share": below / considered if considered else 0.0,
+                "expected_share": expected / considered if considered else 0.0,
+            }
+            for considered, below, escalated, expected in self._decisions
+        ]  # fmt: skip
+        confidence = {}
+        for key, counts in self._bins.items():
+            rows = sum(counts)
+            live = [k / rows if rows else 0.0 for k in counts]
+            validation = list(self._validation.get(key, [0.0] * len(counts)))
+            distance = 0.5 * sum(abs(a - b) for a, b in zip(live, validation, strict=False))
+            confidence[key] = {
+                "rows": rows, "bins": list(counts), "live": live, "validation": validation,
+                "distance": distance,
+            }  # fmt: skip
+        return MappingProxyType({"stages": stages, "confidence": confidence})
+
     def set_tail(self, tail: TailModel) -> None:
         """Report this tail model's margin, overhead and residuals in snapshots."""
         with self._lock:
@@ -296,6 +365,9 @@ class Stats:
         copy._histograms = self._histograms
         copy._correction = dict(self._correction)
         copy._tail = self._tail
+        copy._validation = dict(self._validation)
+        copy._bins = {k: list(v) for k, v in self._bins.items()}
+        copy._decisions = [list(d) for d in self._decisions]
         copy._accuracy = self._accuracy
         return copy
 
@@ -325,7 +397,8 @@ class Stats:
                 1.0 if tail is None else tail.margin,
                 0.0 if tail is None else tail.overhead_us / 1000.0,
                 None if tail is None else tail.residuals(),
-                accuracy,
+                escalation=self._escalation(),
+                accuracy=accuracy,
             )
 
 
@@ -380,10 +453,48 @@ def prometheus_collector(stats: Stats, model_name: str) -> Any:
             )
             overhead.add_metric([model_name], snap.overhead_ms)
             yield overhead
+            yield from _escalation_metrics(snap, model_name, GaugeMetricFamily, CounterMetricFamily)
             if snap.accuracy is not None:
                 yield from _accuracy_families(snap.accuracy, model_name)
 
     return Collector()
+
+
+def _escalation_metrics(snap: StatsSnapshot, model_name: str, gauge: Any, counter: Any) -> Any:
+    """Prometheus families of per-row escalation (none without chains)."""
+    escalation = snap.escalation
+    if not escalation:
+        return
+    rows = counter(
+        "mosel_escalation_rows", "rows at each escalation decision", labels=["model", "transition", "kind"]
+    )
+    share = gauge(
+        "mosel_escalation_share",
+        "share of rows below their threshold",
+        labels=["model", "transition", "source"],
+    )
+    for t, stage in enumerate(escalation.get("stages", ())):
+        for kind in ("considered", "below", "escalated"):
+            rows.add_metric([model_name, str(t), kind], stage[kind])
+        share.add_metric([model_name, str(t), "live"], stage["share"])
+        share.add_metric([model_name, str(t), "validation"], stage["expected_share"])
+    yield rows
+    yield share
+    bins = counter(
+        "mosel_confidence_bin_rows", "rows per confidence bin of a chain's first configuration",
+        labels=["model", "configuration", "bin"],
+    )  # fmt: skip
+    distance = gauge(
+        "mosel_confidence_distance",
+        "total variation distance of the live confidence histogram from validation's",
+        labels=["model", "configuration"],
+    )
+    for key, entry in escalation.get("confidence", {}).items():
+        for i, count in enumerate(entry["bins"]):
+            bins.add_metric([model_name, key, str(i)], count)
+        distance.add_metric([model_name, key], entry["distance"])
+    yield bins
+    yield distance
 
 
 _ACCURACY_GAUGES: Final = (

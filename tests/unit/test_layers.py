@@ -33,6 +33,8 @@ LAYERS: dict[str, int] = {
     "mosel.profiles": 1,
     "mosel.fingerprints": 1,
     "mosel.tail": 1,
+    "mosel.escalation": 1,
+    "mosel.chains": 1,
     # 2: the online core (no threads, futures or tensors)
     "mosel.stats": 2,
     "mosel.jobs": 2,
@@ -49,7 +51,10 @@ LAYERS: dict[str, int] = {
     "mosel.policies": 2,
     "mosel.core": 2,
     "mosel.scheduler": 2,
+    "mosel.replaying": 2,
     # 3: torch execution, requests, routers
+    "mosel.stages": 3,
+    "mosel.calibrating": 3,
     "mosel.execution": 3,
     "mosel.requests": 3,
     "mosel.bucketing": 3,

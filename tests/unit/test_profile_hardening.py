@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import mosel
 from mosel.plan import accuracy_units
+from mosel.profiles import VERSION
 from mosel.testing import synthetic_profile
 
 from .helpers import Tiny, tiny_inputs, tiny_profile
@@ -325,17 +326,19 @@ def valid_text(profile: mosel.Profile) -> str:
     return json.dumps(profile.to_json())
 
 
+VERSION_FIELD = f'"version": {VERSION}'
+
 HOSTILE_TEXTS: dict[str, Callable[[str], str | bytes]] = {
     "deep array": lambda t: "[" * 100_000 + "]" * 100_000,
     "deep object": lambda t: '{"a":' * 100_000 + "1" + "}" * 100_000,
     "deep field": lambda t: t.replace(
         '"sample_count": 1000', '"sample_count": ' + "[" * 100_000 + "]" * 100_000
     ),
-    "5000-digit version": lambda t: t.replace('"version": 3', '"version": ' + "9" * 5000),
+    "5000-digit version": lambda t: t.replace(VERSION_FIELD, '"version": ' + "9" * 5000),
     "5000-digit batch size": lambda t: t.replace('"max_batch_size": 8', '"max_batch_size": ' + "9" * 5000),
-    "version true": lambda t: t.replace('"version": 3', '"version": true'),
-    "version 1.0": lambda t: t.replace('"version": 3', '"version": 3.0'),
-    "version string": lambda t: t.replace('"version": 3', '"version": "2"'),
+    "version true": lambda t: t.replace(VERSION_FIELD, '"version": true'),
+    "version 1.0": lambda t: t.replace(VERSION_FIELD, f'"version": {VERSION}.0'),
+    "version string": lambda t: t.replace(VERSION_FIELD, '"version": "2"'),
     "NaN accuracy": lambda t: t.replace('"audio": 0.6', '"audio": NaN'),
     "Infinity latency": lambda t: t.replace('"median_us": [110.0', '"median_us": [Infinity'),
     "-Infinity build time": lambda t: t.replace('"build_seconds": ', '"build_seconds": -Infinity, "x": '),

@@ -583,7 +583,7 @@ def test_format_3_round_trips_and_format_2_still_loads() -> None:
     check = CostCheck(((frozenset({"text"}), 1),), 100.0, 150.0, (16,), True)
     profile = dataclasses.replace(profile, cost_checks=(check,))
     data = json.loads(json.dumps(profile.to_json()))
-    assert data["version"] == 3 and data["cost_checks"][0]["fresh"] is True
+    assert data["version"] == 4 and data["cost_checks"][0]["fresh"] is True
     again = mosel.Profile.from_json(data)
     assert again.sized == profile.sized and again.cost_checks == (check,)
     old = json.loads(json.dumps(data))

@@ -28,6 +28,7 @@ from mosel.plan import CostModel
 from mosel.policies.blocks import bind_head, take_batch
 
 if TYPE_CHECKING:
+    from mosel.chains import LaterRows
     from mosel.errors import DeadlineError
     from mosel.pricing import BatchLatency, Delayed
     from mosel.queue import IntArray
@@ -103,7 +104,10 @@ class Core(Protocol):
         """The median time of a span priced ``priced_us``."""
 
     def corrected_us(
-        self, groups: Sequence[tuple[frozenset[str], int]], cost: CostModel | None = None
+        self,
+        groups: Sequence[tuple[frozenset[str], int]],
+        cost: CostModel | None = None,
+        later: LaterRows | None = None,
     ) -> float:
         """A strategy's corrected median execution, before the tail (see :class:`mosel.pricing.Pricer`)."""
 

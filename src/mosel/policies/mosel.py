@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
+from mosel.chains import LaterRows
 from mosel.estimators import ArrivalEstimator, MissBudget, SlackSample
 from mosel.jobs import Batch, Failure, Job, Reason, Task, deadline_us, time_us
 from mosel.policies.base import Core, Policy
@@ -237,10 +238,15 @@ class Mosel(Policy):
         corrected = []
         for ks in candidates:
             groups: dict[frozenset[str], int] = {}
+            later: LaterRows | None = None
             for task, k in zip(tasks, ks):
-                for config, count in task.option(k).groups:
+                option = task.option(k)
+                for config, count in option.groups:
                     groups[config] = groups.get(config, 0) + count
-            corrected.append(self.core.corrected_us(tuple(groups.items()), cost))
+                if option.chain is not None:
+                    later = later or LaterRows()
+                    later.add(option.chain, option.n)
+            corrected.append(self.core.corrected_us(tuple(groups.items()), cost, later))
         added = risk.added(np.asarray(corrected, dtype=np.float64))
         credit = self.misses.credit
         chosen = next(i for i, extra in enumerate(added) if extra <= credit or i == len(added) - 1)
