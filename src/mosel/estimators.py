@@ -115,28 +115,23 @@ class ArrivalEstimator:
 
     def rho(self, now: float) -> float:
         """Recent arrivals' work at their cheapest strategies, per second (the larger of two views)."""
+        return self._rate(self.sums, now)
+
+    def jobs_rate(self, now: float) -> float:
+        """Recent arrivals in jobs per second (the larger of the two views, normalised as :meth:`rho`)."""
+        return self._rate(self.jobs, now)
+
+    def _rate(self, sums: list[float], now: float) -> float:
         if math.isnan(self.first):
             return 0.0
-        self.decay_to(now)
+        self.decay_to(now)  # in place: ``sums`` is one of this estimator's lists
         long, short = self.windows
         elapsed = max(now - self.first, short)
         # Normalised by the time the sum has had to build up (at least the short window, so that
         # one arrival is not read as a flood), so the first arrivals are not diluted either.
         return max(
-            self.sums[0] / (long * (1.0 - math.exp(-elapsed / long))),
-            self.sums[1] / (short * (1.0 - math.exp(-elapsed / short))),
-        )
-
-    def jobs_rate(self, now: float) -> float:
-        """Recent arrivals in jobs per second (the larger of the two views, normalised as :meth:`rho`)."""
-        if math.isnan(self.first):
-            return 0.0
-        self.decay_to(now)
-        long, short = self.windows
-        elapsed = max(now - self.first, short)
-        return max(
-            self.jobs[0] / (long * (1.0 - math.exp(-elapsed / long))),
-            self.jobs[1] / (short * (1.0 - math.exp(-elapsed / short))),
+            sums[0] / (long * (1.0 - math.exp(-elapsed / long))),
+            sums[1] / (short * (1.0 - math.exp(-elapsed / short))),
         )
 
     def work(self) -> float:

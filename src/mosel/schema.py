@@ -307,18 +307,8 @@ class ModalitySchema:
             InputError: naming the modality and the leaf, the bad value or sizes, and what the
                 model takes.
         """
-        pairs = _flatten(tree)
-        want = [leaf.path for leaf in self.leaves]
-        if [path for path, _ in pairs] != want:
-            raise InputError(
-                f"{modality} has the parts {[leaf_name(modality, p) for p, _ in pairs]}, the model takes "
-                f"{[leaf_name(modality, p) for p in want]}"
-            )
         tensors: list[Tensor] = []
-        for leaf, (path, tensor) in zip(self.leaves, pairs):
-            where = leaf_name(modality, path)
-            if not isinstance(tensor, Tensor):
-                raise InputError(f"{where} must be a tensor, got {type(tensor).__name__}")
+        for leaf, where, tensor in self._leaves_of(modality, tree):
             self._check_shape(where, leaf, tensor)
             tensors.append(tensor)
         for group in self.agree:
@@ -358,18 +348,9 @@ class ModalitySchema:
             tree = self._fit(modality, leaf, tree, float_dtype)
             self._check_shape(modality, leaf, tree)
             return tree
-        pairs = _flatten(tree)
-        want = [leaf.path for leaf in self.leaves]
-        if [path for path, _ in pairs] != want:
-            raise InputError(
-                f"{modality} has the parts {[leaf_name(modality, p) for p, _ in pairs]}, the model takes "
-                f"{[leaf_name(modality, p) for p in want]}"
-            )
+        given_leaves = self._leaves_of(modality, tree)
         fitted: list[Tensor] = []
-        for leaf, (path, given) in zip(self.leaves, pairs):
-            where = leaf_name(modality, path)
-            if not isinstance(given, Tensor):
-                raise InputError(f"{where} must be a tensor, got {type(given).__name__}")
+        for leaf, where, given in given_leaves:
             tensor = (
                 given if given.dtype is leaf.torch_dtype() else self._fit(where, leaf, given, float_dtype)
             )
@@ -377,10 +358,27 @@ class ModalitySchema:
             fitted.append(tensor)
         for group in self.agree:
             self._check_agree(modality, group, fitted)
-        if all(new is old for new, (_, old) in zip(fitted, pairs)):
+        if all(new is old for new, (_, _, old) in zip(fitted, given_leaves)):
             return tree
         _, spec = optree.tree_flatten(tree, none_is_leaf=False, namespace=NAMESPACE)
         return optree.tree_unflatten(spec, fitted)
+
+    def _leaves_of(self, modality: str, tree: Tree) -> list[tuple[LeafSchema, str, Tensor]]:
+        """Each leaf's schema, name and tensor in ``tree``, once its parts are the schema's."""
+        pairs = _flatten(tree)
+        want = [leaf.path for leaf in self.leaves]
+        if [path for path, _ in pairs] != want:
+            raise InputError(
+                f"{modality} has the parts {[leaf_name(modality, p) for p, _ in pairs]}, the model takes "
+                f"{[leaf_name(modality, p) for p in want]}"
+            )
+        found = []
+        for leaf, (path, tensor) in zip(self.leaves, pairs):
+            where = leaf_name(modality, path)
+            if not isinstance(tensor, Tensor):
+                raise InputError(f"{where} must be a tensor, got {type(tensor).__name__}")
+            found.append((leaf, where, tensor))
+        return found
 
     @staticmethod
     def _fit(where: str, leaf: LeafSchema, tensor: Tensor, float_dtype: torch.dtype | None) -> Tensor:
