@@ -43,6 +43,7 @@ from mosel.profiles import CostCheck, Fingerprint, LatencyTable, Profile
 from mosel.routing import PowerOfTwoRouter, RandomRouter, Router, RouteRequest, SlackRouter
 from mosel.runtime import attach, close, load, profile_of, serving, stats
 from mosel.scheduler import SchedulerConfig
+from mosel.machine import Stalls
 from mosel.simulate import Arrival, ClusterSimulation, Simulation, simulate, simulate_replicas
 from mosel.spec import ModelSpec, fusion, modality, multimodal, spec_of
 from mosel.stats import Load, StatsSnapshot
@@ -87,6 +88,7 @@ __all__ = [
     "Simulation",
     "SlackRouter",
     "SpecError",
+    "Stalls",
     "StatsSnapshot",
     "Strategy",
     "__version__",

@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "mosel.schema": 1,
     "mosel.profiles": 1,
     "mosel.tail": 1,
+    "mosel.machine": 1,
     # 2: the online core (no threads, futures or tensors)
     "mosel.stats": 2,
     "mosel.jobs": 2,
