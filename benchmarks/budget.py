@@ -56,6 +56,7 @@ from conditions import CONDITIONS, Conditions, arrivals_for, metrics
 from scenarios import scenario_named
 
 import mosel
+import mosel.machine
 
 TARGETS = (0.005, 0.01, 0.05)
 BUDGETS = (0.005, 0.01, 0.05)
@@ -145,7 +146,7 @@ def bucket_shares(sim: mosel.Simulation, profile: mosel.Profile) -> dict[str, fl
 
 def curve(
     name: str, cond_key: str, seed: int, entry: Entry, grid: tuple[float, ...], jobs: int, stalls: bool,
-    precision: float,
+    precision: float, draws: str = "time-grid",
 ) -> dict[str, Any]:  # fmt: skip
     """One policy on one seed: its metrics at every grid load, and its capacity at each of its targets."""
     started = time.perf_counter()
@@ -168,7 +169,7 @@ def curve(
                 drop=scenario.drop,
             )
             arrivals = sized_arrivals(arrivals, scenario.profile, seed)
-            sim = mosel.simulate(scenario.profile, arrivals, config, seed=seed, **machine)
+            sim = mosel.simulate(scenario.profile, arrivals, config, seed=seed, draws=draws, **machine)
             m: dict[str, Any] = metrics(sim, seconds, conditions)
             shares = bucket_shares(sim, scenario.profile)
             if shares:
@@ -197,7 +198,7 @@ def curve(
 
 
 def conditions_line(
-    name: str, cond_key: str, stalls: bool, seeds: int, jobs: int, precision: float
+    name: str, cond_key: str, stalls: bool, seeds: int, jobs: int, precision: float, draws: str = "time-grid"
 ) -> dict[str, Any]:
     """Everything a figure depends on, as a dict (printed beside every table, written to the JSON)."""
     scenario = scenario_named(name)
@@ -214,7 +215,8 @@ def conditions_line(
         "capacity_violations": "windowed (4 s)" if conditions.windowed else "over all requests",
         "goal_violations": "over all requests",
         "machine": scenario.machine_source(stalls),
-        "draws": "time-grid (common random numbers)",
+        "stalls": stalls,
+        "draws": "time-grid (common random numbers)" if draws == "time-grid" else "per-batch (one stream)",
         "seeds": seeds,
         "jobs_per_trace": jobs,
         "bisection_precision": precision,
@@ -337,9 +339,7 @@ def report(
     line: dict[str, Any], summary: dict[str, Any], entries: list[Entry], targets: Sequence[float]
 ) -> None:
     """Print one (scenario, conditions, stalls) block: capacities, ratios, convergence, goals."""
-    print(
-        f"\n## {line['scenario']}, {line['conditions']}, stalls {'on' if 'stalls at' in line['machine'] else 'off'}"
-    )
+    print(f"\n## {line['scenario']}, {line['conditions']}, stalls {'on' if line['stalls'] else 'off'}")
     print(describe(line))
     print("\ncapacity (x all-modality capacity), median [min-max] over seeds:")
     print("| policy | " + " | ".join(f"{t:.1%}" for t in targets) + " |")
@@ -430,6 +430,10 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--rivals", nargs="+", default=list(RIVALS))
     parser.add_argument("--stalls", nargs="+", choices=["on", "off"], default=["on"])
+    parser.add_argument(
+        "--draws", choices=list(mosel.machine.DRAWS), default="time-grid",
+        help="per-batch: the simulator's old single stream (policies compared on their luck)",
+    )  # fmt: skip
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -468,7 +472,7 @@ def main() -> None:
     out: dict[str, Any] = {
         "config": {
             "grid": list(grid), "targets": targets, "budgets": budgets, "rivals": rivals, "seeds": seed_list,
-            "jobs_per_trace": jobs, "precision": precision, "stalls": args.stalls, "note": note,
+            "jobs_per_trace": jobs, "precision": precision, "stalls": args.stalls, "draws": args.draws, "note": note,
             "mode": "full" if args.full else "quick" if args.quick else "custom",
         },
         "runs": {},
@@ -477,7 +481,9 @@ def main() -> None:
         for cond in args.conditions:
             for stalls in args.stalls:
                 curves = {(k[3], k[4].label): results[k] for k in keys if k[:3] == (name, cond, stalls)}
-                line = conditions_line(name, cond, stalls == "on", len(seed_list), jobs, precision)
+                line = conditions_line(
+                    name, cond, stalls == "on", len(seed_list), jobs, precision, args.draws
+                )
                 summary = summarise(curves, entries, seed_list, tuple(grid), targets)
                 report(line, summary, entries, targets)
                 out["runs"].setdefault(name, {}).setdefault(cond, {})[f"stalls-{stalls}"] = {

@@ -391,10 +391,11 @@ def main() -> None:
             for queued in (1024, 4096)
         ]
         out["admission"] = admission
+        print(f"\nadmission{' (gc.freeze() once the model is attached)' if args.gc_freeze else ''}:")
         print(
-            f"\n| queued one-row jobs | urgent share | submit p50 (ms) | p99 (ms) | max (ms) | max without gen-2 GC (ms) | "
-            f"gen-2 GCs during timed submits (max ms, CPU ms) | refused (queueing / timed) | re-assignments | "
-            f"CP-SAT window solve p50 (ms) |{' gc.freeze()' if args.gc_freeze else ''}"
+            "| queued one-row jobs | urgent share | submit p50 (ms) | p99 (ms) | max (ms) | max without gen-2 GC (ms) | "
+            "gen-2 GCs during timed submits (max ms, CPU ms) | refused (queueing / timed) | re-assignments | "
+            "CP-SAT window solve p50 (ms) |"
         )
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for a in admission:
