@@ -5,17 +5,17 @@ dispatch overhead, both drawn from a :class:`~mosel.tail.Residuals` sample (and 
 lognormal ``noise``). *Stalls*: rare events with their own rate per second of device time and
 their own length (a garbage collection, a burst of page faults, a noisy neighbour); a batch running
 when one begins is delayed by its length (:class:`Stalls`, fitted from a recorded sample by
-:func:`fit_stalls`).
+:func:`fit_stalls`). Their instants lie on the device's busy clock by default (``Stalls.clock``).
 
 How draws are made (``draws=``):
 
 * ``"time-grid"`` (common random numbers): time is cut into slots of ``slot_ms``; the k-th batch
-  that starts in slot j takes draw (j, k) of a sequence seeded by the machine's seed, and stalls
-  begin at instants seeded the same way. Two policies run on machines with the same seed see the
-  same machine: batches that start in the same slot get the same ratio and overhead, and a stall
-  hits whichever batch runs when it begins. A difference in their violations is a difference in
-  their decisions, not in their luck. Within one run, draws stay independent (no two batches take
-  the same (j, k)).
+  that starts in slot j takes draw (j, k) of a sequence seeded by the machine's seed. Two policies
+  run on machines with the same seed see the same machine: batches that start in the same slot
+  get the same ratio and overhead, and stalls strike at the same seeded instants (after the same
+  device time, or at the same moment on the wall clock). A difference in their violations is a
+  difference in their decisions, not in their luck. Within one run, draws stay independent (no
+  two batches take the same (j, k)).
 * ``"per-batch"``: one seeded stream, the n-th batch takes the n-th draw (what
   :func:`mosel.simulate` did before): two policies share draws only until their batch sequences
   first differ.
@@ -39,11 +39,13 @@ import numpy as np
 from mosel.jsonvalues import json_dict, json_field, json_float, json_int, json_list
 from mosel.tail import Residuals
 
-__all__ = ["DRAWS", "SLOT_MS", "Machine", "Stalls", "fit_stalls", "stall_indices"]
+__all__ = ["DRAWS", "SLOT_MS", "STALL_CLOCKS", "Machine", "Stalls", "fit_stalls", "stall_indices"]
 
 Draws = Literal["time-grid", "per-batch"]
 DRAWS: Final = ("time-grid", "per-batch")
 """The ways a :class:`Machine` draws its residuals (see the module's docstring)."""
+STALL_CLOCKS: Final = ("device", "wall")
+"""The clocks a :class:`Stalls` process can run on."""
 SLOT_MS: Final = 1.0
 """Length of a time slot of the ``"time-grid"`` draws."""
 FENCE_SIGMAS: Final = 10.0
@@ -58,17 +60,22 @@ class Stalls:
     """Rare delays of the device: a rate, and a length distribution.
 
     Attributes:
-        rate_per_s: stalls per second of device time (instants of a Poisson process; one that
-            begins while the device is idle delays nothing).
+        rate_per_s: stalls per second of device time: the instants of a Poisson process.
         lengths_ms: each stall's length is drawn uniformly from these (the lengths observed).
         observed: how many stalls the rate was fitted from (0: not fitted).
         device_s: over how many seconds of device time (0: not fitted).
+        clock: ``"device"`` (default): the instants lie on the device's busy clock (the sum
+            of its batches' times so far), so every one strikes a batch, after as much work
+            whatever the load: stalls driven by the work done (a garbage collection triggered
+            by allocations, page faults). ``"wall"``: on the virtual clock; one that begins
+            while the device is idle delays nothing (a noisy neighbour).
     """
 
     rate_per_s: float
     lengths_ms: tuple[float, ...]
     observed: int = 0
     device_s: float = 0.0
+    clock: str = "device"
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.rate_per_s) and self.rate_per_s >= 0.0):
@@ -77,6 +84,8 @@ class Stalls:
             raise ValueError(
                 f"Stalls.lengths_ms must hold at least one finite length >= 0, got {self.lengths_ms!r}"
             )
+        if self.clock not in STALL_CLOCKS:
+            raise ValueError(f"Stalls.clock={self.clock!r}: use one of {list(STALL_CLOCKS)}")
 
     @property
     def mean_ms(self) -> float:
@@ -90,6 +99,7 @@ class Stalls:
             "lengths_ms": list(self.lengths_ms),
             "observed": self.observed,
             "device_s": self.device_s,
+            "clock": self.clock,
         }
 
     @classmethod
@@ -102,6 +112,7 @@ class Stalls:
             tuple(json_float(v, "stalls.lengths_ms[]", low=0.0) for v in lengths),
             json_int(data.get("observed", 0), "stalls.observed", low=0),
             json_float(data.get("device_s", 0.0), "stalls.device_s", low=0.0),
+            str(data.get("clock", "device")),
         )
 
 
@@ -197,7 +208,8 @@ class Machine:
         self._blocks: dict[tuple[int, int], np.ndarray] = {}
         self._stall_blocks: dict[int, tuple[list[float], list[float]]] = {}
         self._slot, self._in_slot = -1, 0
-        self.stalls_met = 0  # stalls that began while a batch ran
+        self.stalls_met = 0  # stalls that struck a batch
+        self.busy_s = 0.0  # the device's busy clock: every batch's time so far
 
     def batch(self, start_s: float, predicted_us: float) -> tuple[float, float]:
         """A batch predicted to take ``predicted_us`` starts at ``start_s``: its (execution_us, overhead_us).
@@ -226,7 +238,10 @@ class Machine:
                 exec_us *= math.exp(self.rng.gauss(-self.noise * self.noise / 2, self.noise))
         exec_us *= self.slowdown
         if self.stalls is not None:
-            exec_us += self._stalled_us(start_s, exec_us + overhead_us)
+            on_device = self.stalls.clock == "device"
+            stalled_us = self._stalled_us(self.busy_s if on_device else start_s, exec_us + overhead_us)
+            exec_us += stalled_us
+        self.busy_s += (exec_us + overhead_us) / 1e6
         return exec_us, overhead_us
 
     def _draw(self, start_s: float) -> tuple[float, float, float]:
@@ -248,7 +263,8 @@ class Machine:
         return float(draws[0, at]), float(draws[1, at]), float(draws[2, at])
 
     def _stalled_us(self, start_s: float, busy_us: float) -> float:
-        """Total length of the stalls that begin while a batch busy for ``busy_us`` (plus them) runs."""
+        """Total length of the stalls that begin while a batch busy for ``busy_us`` (plus them) runs
+        from ``start_s`` (on the stalls' clock)."""
         added_us = 0.0
         end_s = start_s + busy_us / 1e6
         t = start_s

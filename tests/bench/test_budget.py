@@ -84,15 +84,15 @@ def test_two_policies_get_the_same_machine_draws_in_the_same_slot(
 
 
 def test_a_stall_hits_both_policies_when_both_are_busy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Stalls begin at the same instants for every policy: at 1x on one seed, every stall instant
-    at which both mosel and aggressive are running a batch stalls both batches."""
+    """Stalls on the wall clock begin at the same instants for every policy: at 1x on one seed,
+    every stall instant at which both mosel and aggressive are running a batch stalls both."""
     scenario = av_digits()
     assert scenario.stalls is not None and scenario.body is not None
     cond = conditions.CONDITIONS["strict"]
     arrivals = conditions.arrivals_for(
         scenario.profile, cond, 1.0, 3.0, seed=1, slack_ms=scenario.slack_ms, drop=scenario.drop
     )
-    often = dataclasses.replace(scenario.stalls, rate_per_s=5.0)
+    often = dataclasses.replace(scenario.stalls, rate_per_s=5.0, clock="wall")
     instants = [t for b in range(5) for t in Machine(None, seed=1, stalls=often)._stall_block(b)[0]]
     machines = logged_batches(monkeypatch)
     for policy in ("aggressive", "mosel"):

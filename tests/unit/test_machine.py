@@ -56,10 +56,12 @@ def test_time_grid_draws_follow_the_sample() -> None:
     assert statistics.stdev(logs) == pytest.approx(0.3, rel=0.03)
 
 
-@pytest.mark.parametrize("draws", ["time-grid", "per-batch"])
-def test_stalls_begin_at_their_rate_per_second_of_device_time(draws: str) -> None:
+@pytest.mark.parametrize(
+    ("draws", "clock"), [("time-grid", "device"), ("per-batch", "device"), ("time-grid", "wall")]
+)
+def test_stalls_begin_at_their_rate_per_second_of_device_time(draws: str, clock: str) -> None:
     """A device busy back to back for 400 s meets the stalls of 400 s, each adding its length."""
-    stalls = Stalls(rate_per_s=20.0, lengths_ms=(2.0, 6.0))
+    stalls = Stalls(rate_per_s=20.0, lengths_ms=(2.0, 6.0), clock=clock)
     machine = Machine(None, seed=5, stalls=stalls, draws=draws)
     t, added_us = 0.0, 0.0
     while t < 400.0:
@@ -77,8 +79,25 @@ def test_stalls_begin_at_their_rate_per_second_of_device_time(draws: str) -> Non
     ]
 
 
-def test_a_stall_hits_whichever_batch_runs_when_it_begins() -> None:
+def test_a_stall_on_the_device_clock_strikes_after_the_same_work_whatever_the_idle_time() -> None:
     stalls = Stalls(rate_per_s=5.0, lengths_ms=(10.0,))
+    first = Machine(None, seed=2, stalls=stalls)._stall_block(0)[0][0]  # device seconds
+    batches = math.ceil(first / 0.001) + 3
+
+    def stalled(gap_s: float) -> list[int]:
+        machine, t, hit = Machine(None, seed=2, stalls=stalls), 0.0, []
+        for i in range(batches):
+            exec_us, _ = machine.batch(t, 1000.0)
+            if exec_us > 1000.0:
+                hit.append(i)
+            t += exec_us / 1e6 + gap_s
+        return hit
+
+    assert stalled(0.0) == stalled(0.05) == [math.floor(first / 0.001)]
+
+
+def test_a_stall_on_the_wall_clock_hits_whichever_batch_runs_when_it_begins() -> None:
+    stalls = Stalls(rate_per_s=5.0, lengths_ms=(10.0,), clock="wall")
     probe = Machine(None, seed=2, stalls=stalls)
     instants = probe._stall_block(0)[0]
     assert instants, "seed 2 has a stall in its first second"
@@ -114,6 +133,8 @@ def test_bad_stalls_and_draws_are_refused() -> None:
         Stalls(-1.0, (1.0,))
     with pytest.raises(ValueError, match="lengths_ms"):
         Stalls(1.0, ())
+    with pytest.raises(ValueError, match="clock='cpu'"):
+        Stalls(1.0, (1.0,), clock="cpu")
     with pytest.raises(ValueError, match="device_s"):
         fit_stalls(SAMPLE, device_s=0.0, predicted_us=1.0)
     profile = synthetic_profile(
