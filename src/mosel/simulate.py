@@ -174,9 +174,10 @@ def simulate(
             own spread; a real run's ``mosel.stats(model).residuals`` replays its machine (with
             its batch times shifted to the trace's clock, its slow spells when they happened).
             None: exact predictions (with ``noise`` if given).
-        stalls: rare delays with their own rate and lengths (:func:`mosel.machine.fit_stalls`
-            separates them from a recorded sample); a batch running when one begins is late by
-            its length. None: none.
+        stalls: rare delays with their own rate per second of device time and their lengths
+            (:func:`mosel.machine.fit_stalls` separates them from a recorded sample); a batch
+            running when one begins (on the device's busy clock, or the wall clock: see
+            :class:`mosel.Stalls`) is late by its length. None: none.
         draws: ``"time-grid"`` (default): common random numbers; the k-th batch starting in
             a 1 ms slot takes that slot's k-th draw, and stalls begin at seeded instants, so
             that every configuration simulated with one ``seed`` meets the same machine and a
