@@ -18,6 +18,7 @@ Decorate a model, profile it, serve it::
 
 from mosel._version import __version__
 from mosel.compiling import compile_branches, compiled_parts
+from mosel.drift import AccuracySnapshot, Alarm, ConfigurationAccuracy
 from mosel.errors import (
     AccuracyUnreachableError,
     DeadlineError,
@@ -26,6 +27,7 @@ from mosel.errors import (
     InputError,
     MoselError,
     MoselWarning,
+    NotMonitoredError,
     NotProfiledError,
     OutputError,
     ProfileError,
@@ -37,23 +39,38 @@ from mosel.errors import (
     SpecError,
 )
 from mosel.execution import Result
+from mosel.machine import Stalls
+from mosel.monitoring import Monitoring
 from mosel.plan import CostModel, Frontier, Plan, PlannerConfig, Strategy
 from mosel.profiler import profile, top1
 from mosel.profiles import CostCheck, Fingerprint, LatencyTable, Profile
 from mosel.routing import PowerOfTwoRouter, RandomRouter, Router, RouteRequest, SlackRouter
-from mosel.runtime import attach, close, load, profile_of, serving, stats
+from mosel.runtime import (
+    attach,
+    close,
+    feedback,
+    label_as,
+    load,
+    monitor,
+    profile_of,
+    run_configuration,
+    serving,
+    stats,
+)
 from mosel.scheduler import SchedulerConfig
-from mosel.machine import Stalls
 from mosel.simulate import Arrival, ClusterSimulation, Simulation, simulate, simulate_replicas
-from mosel.spec import ModelSpec, fusion, modality, multimodal, spec_of
+from mosel.spec import ModelSpec, Padding, fusion, modality, multimodal, spec_of
 from mosel.stats import Load, StatsSnapshot
 from mosel.tail import Residuals
 from mosel.training import train_with_modality_dropout
 
 __all__ = [
+    "AccuracySnapshot",
     "AccuracyUnreachableError",
+    "Alarm",
     "Arrival",
     "ClusterSimulation",
+    "ConfigurationAccuracy",
     "CostCheck",
     "CostModel",
     "DeadlineError",
@@ -65,10 +82,13 @@ __all__ = [
     "LatencyTable",
     "Load",
     "ModelSpec",
+    "Monitoring",
     "MoselError",
     "MoselWarning",
+    "NotMonitoredError",
     "NotProfiledError",
     "OutputError",
+    "Padding",
     "Plan",
     "PlannerConfig",
     "PowerOfTwoRouter",
@@ -96,12 +116,16 @@ __all__ = [
     "close",
     "compile_branches",
     "compiled_parts",
+    "feedback",
     "fusion",
+    "label_as",
     "load",
     "modality",
+    "monitor",
     "multimodal",
     "profile",
     "profile_of",
+    "run_configuration",
     "serving",
     "simulate",
     "simulate_replicas",

@@ -58,7 +58,7 @@ class Admission:
         for index, (available, size) in enumerate(sizes):
             frontier = plan.frontier(available, size)
             floor = floor_units(job.min_accuracy, size)
-            first = self._first_admissible(frontier, job) if strict else frontier.index_meeting(floor)
+            first = self.first(frontier, job)
             task = Task(job, index, offset, size, frontier, min(first, len(frontier.strategies) - 1))
             if every_modality:
                 task.fixed = pricer.every_modality(available, size, job)
@@ -66,6 +66,12 @@ class Admission:
             tasks.append(task)
             offset += size
         return tasks
+
+    def first(self, frontier: Frontier, job: Job[Any]) -> int:
+        """The frontier index of the cheapest strategy meeting the job's floor as asked (len: none)."""
+        if job.confidence is not None or job.per_request:
+            return self._first_admissible(frontier, job)
+        return frontier.index_meeting(floor_units(job.min_accuracy, frontier.n))
 
     def _check_reachable(self, task: Task, first: int, floor: int, strict: bool, policy: str) -> None:
         job, frontier, available, size = task.job, task.frontier, task.frontier.available, task.n

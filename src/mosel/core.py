@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -20,16 +20,20 @@ from mosel.admission import Admission
 from mosel.errors import DeadlineError
 from mosel.jobs import Batch, Failure, Job, Task, time_us
 from mosel.plan import CostModel, Plan
-from mosel.pricing import BatchLatency, Pricer
+from mosel.pricing import BatchLatency, Delayed, Pricer
 from mosel.profiles import BucketKey, Profile
 from mosel.queue import EdfQueue, IntArray
 from mosel.stats import Stats
 from mosel.tail import TailModel
 
 if TYPE_CHECKING:
+    from mosel.policies import Policy
     from mosel.scheduler import SchedulerConfig
 
-__all__ = ["CoreView"]
+__all__ = ["DEADLINE_REASONS", "CoreView"]
+
+DEADLINE_REASONS: Final = frozenset({"doomed", "shed", "late"})
+"""The reasons a job fails for its deadline: a miss, for the policy's books."""
 
 
 class CoreView:
@@ -62,9 +66,48 @@ class CoreView:
         self.busy_until = -math.inf
         self.overrun = False
         """The running batch went past its predicted end (set by ``Scheduler.expire``)."""
+        self.lent = False
+        """The device is lent to work outside the queue (a shadow evaluation, :meth:`lend`)."""
         self.solve_async = solve_async
+        self.policy: Policy  # set by the scheduler, which knows the policy's class
         self.typical: Callable[[float], float] = self.pricer.tail.typical
         """The median time of a span priced ``priced_us`` (throughput estimates)."""
+
+    def set_profile(
+        self, profile: Profile, priced: Mapping[BucketKey, tuple[Plan, CostModel]] | None = None
+    ) -> None:
+        """Serve on with ``profile``: the same latencies, other accuracies and plans (live floors).
+
+        Admission and prices read it from now on (the online correction and the tail model are
+        kept). Queued jobs take the new plan's options that meet their floors, at the cheapest
+        (policies upgrade them at dispatch); one whose floor is now beyond reach, its best.
+        """
+        self.profile = profile
+        self.pricer.set_profile(profile, priced)
+        self.admission = Admission(profile, self.pricer)
+        for task in self.edf.tasks:  # queued jobs take the new plan's options (a floor still holds)
+            job = task.job
+            if task.fixed is not None:
+                continue
+            plan, job.cost = self.pricer.plan(job.bucket or self.pricer.reference)
+            frontier = plan.frontier(task.frontier.available, task.n)
+            task.frontier, task.k = frontier, 0
+            task.first = min(self.admission.first(frontier, job), len(frontier.strategies) - 1)
+        self.edf.repriced(self.pricer.refresh)
+
+    def lend(self, now: float, busy_us: float) -> None:
+        """Lend the idle device for about ``busy_us`` (a shadow evaluation): jobs arriving meanwhile queue.
+
+        Admission then sees the device busy until the loan's predicted end, as behind a batch.
+        """
+        self.lent = True
+        self.busy_until = max(self.busy_until, now + busy_us / 1e6)
+
+    def lend_back(self, now: float) -> None:
+        """The loan ended at ``now``."""
+        self.lent = False
+        if self.in_flight is None:
+            self.busy_until = min(self.busy_until, now)
 
     @property
     def queue(self) -> list[Task]:
@@ -153,6 +196,22 @@ class CoreView:
         """The price of ``tasks`` run as one batch at their current options."""
         return self.pricer.merged_latency_us(tasks)
 
+    def corrected_us(
+        self, groups: Sequence[tuple[frozenset[str], int]], cost: CostModel | None = None
+    ) -> float:
+        """A strategy's corrected median execution, before the tail."""
+        return self.pricer.corrected_us(groups, cost)
+
+    def expected_misses(
+        self,
+        corrected_us: npt.NDArray[np.float64],
+        thresholds_us: npt.NDArray[np.float64],
+        weights: npt.NDArray[np.float64],
+        delayed: Delayed | None = None,
+    ) -> npt.NDArray[np.float64]:
+        """Expected missed requests for each candidate batch (:meth:`Pricer.expected_misses`)."""
+        return self.pricer.expected_misses(corrected_us, thresholds_us, weights, delayed)
+
     def doomed(self, finish_us: int, deadline_us: int, now: float) -> bool:
         """Would a task priced to finish at ``finish_us`` miss ``deadline_us`` even at the median?"""
         start_us = time_us(self.start(now))
@@ -184,6 +243,8 @@ class CoreView:
         if job.error is None:
             job.error = error
             self.stats.count(f"failed_{reason}")
+            if reason in DEADLINE_REASONS:
+                self.policy.observe_outcome(job, missed=True)
         return (job, error)
 
     def deadline_error(self, job: Job[Any], now: float, predicted_us: int) -> DeadlineError:

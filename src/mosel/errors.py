@@ -72,6 +72,14 @@ class InputError(MoselError, ValueError, TypeError):
     """The inputs of a request do not fit the model."""
 
 
+class NotMonitoredError(InputError):
+    """Labels came for a model (or deployment) that is not monitored: they have nowhere to go.
+
+    Attach the model with ``monitoring=mosel.Monitoring()`` (``mosel.monitor(model, ...)`` for
+    one already attached; ``mosel.ray.deployment(..., monitoring=...)`` for replicas).
+    """
+
+
 class OutputError(MoselError, ValueError, TypeError):
     """A branch or the fusion returned something mosel cannot serve.
 

@@ -4,14 +4,27 @@ One :class:`ArrivalEstimator` per policy that hedges for arrivals (``greedy``, `
 every admitted job (:meth:`observe_arrival`) and every batch launched (:meth:`observe_launch`)
 and answers how much device time recent arrivals need (:meth:`rho`), how tight their deadlines
 are (:attr:`headroom_low_us`, :attr:`headroom_mean_us`) and how often jobs arrive while the
-device is busy (:meth:`busy_rate`).
+device is busy (:meth:`busy_rate`). A :class:`MissBudget` keeps what the service's on-time
+promise still allows upgrades to risk.
 """
 
 from __future__ import annotations
 
+import collections
 import math
+from typing import Final
 
-__all__ = ["ArrivalEstimator"]
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["BANKED", "DEFAULT_ADDED", "MIN_SLACKS", "ArrivalEstimator", "MissBudget", "SlackSample"]
+
+DEFAULT_ADDED: Final = 0.0005
+"""Without a miss budget: the expected misses per request upgrades may add (0.05 points)."""
+BANKED: Final = 500
+"""The credit of a miss budget holds at most this many requests' worth of it."""
+MIN_SLACKS: Final = 32
+"""Finished jobs a :class:`SlackSample` needs before their slack replaces arrivals' headroom."""
 
 
 class ArrivalEstimator:
@@ -29,6 +42,8 @@ class ArrivalEstimator:
         "first",
         "headroom_low_us",
         "headroom_mean_us",
+        "jobs",
+        "mean_requests",
         "sums",
         "windows",
     )
@@ -42,8 +57,12 @@ class ArrivalEstimator:
         self.headroom_mean_us = 0.0  # an EWMA of arrivals' headroom (0 before any)
         self.busy_arrivals = 0.0  # arrivals that found a batch running, decaying over the long window
         self.busy_s = 0.0  # time spent running batches, same decay
+        self.mean_requests = 1.0  # an EWMA of arriving jobs' requests
+        self.jobs = [0.0, 0.0]  # jobs arrived, decaying per window
 
-    def observe_arrival(self, now: float, work_s: float, headroom_us: float | None, busy: bool) -> None:
+    def observe_arrival(
+        self, now: float, work_s: float, headroom_us: float | None, busy: bool, requests: int = 1
+    ) -> None:
         """A job was admitted at ``now``.
 
         Args:
@@ -52,13 +71,17 @@ class ArrivalEstimator:
             headroom_us: its deadline less its arrival and cheapest strategies' price (None: no
                 deadline).
             busy: a batch was running when it arrived.
+            requests: its requests.
         """
         self.decay_to(now)
+        self.mean_requests += 0.05 * (requests - self.mean_requests)
         if math.isnan(self.first):
             self.first = now
-        sums = self.sums
+        sums, jobs = self.sums, self.jobs
         sums[0] += work_s
         sums[1] += work_s
+        jobs[0] += 1.0
+        jobs[1] += 1.0
         if busy:
             self.busy_arrivals += 1.0
         if headroom_us is not None:
@@ -81,8 +104,11 @@ class ArrivalEstimator:
         if now > self.at:
             sums, (long, short), age = self.sums, self.windows, self.at - now
             decay = math.exp(age / long)
+            decay_short = math.exp(age / short)
             sums[0] *= decay
-            sums[1] *= math.exp(age / short)
+            sums[1] *= decay_short
+            self.jobs[0] *= decay
+            self.jobs[1] *= decay_short
             self.busy_arrivals *= decay
             self.busy_s *= decay
             self.at = now
@@ -101,6 +127,18 @@ class ArrivalEstimator:
             self.sums[1] / (short * (1.0 - math.exp(-elapsed / short))),
         )
 
+    def jobs_rate(self, now: float) -> float:
+        """Recent arrivals in jobs per second (the larger of the two views, normalised as :meth:`rho`)."""
+        if math.isnan(self.first):
+            return 0.0
+        self.decay_to(now)
+        long, short = self.windows
+        elapsed = max(now - self.first, short)
+        return max(
+            self.jobs[0] / (long * (1.0 - math.exp(-elapsed / long))),
+            self.jobs[1] / (short * (1.0 - math.exp(-elapsed / short))),
+        )
+
     def work(self) -> float:
         """Recent arrivals' work per second over the long window, unnormalised (decayed sum / window)."""
         return self.sums[0] / self.windows[0]
@@ -114,3 +152,101 @@ class ArrivalEstimator:
         if self.busy_arrivals > 0 < self.busy_s:
             return self.busy_arrivals / self.busy_s
         return None
+
+
+class MissBudget:
+    """The deadline misses a policy may add by buying accuracy, and the misses it has seen.
+
+    With a ``budget`` (a fraction of requests, the promise a service makes: "99% on time" is
+    0.01), every finished or refused request adds ``budget`` to a credit and every request that
+    missed its deadline (late, failed as doomed, refused) takes one away: the credit is what the
+    promise still allows. An upgrade spends its risk price (the expected misses it adds) and is
+    bought only with credit left, and never while the misses of the last ``window`` requests
+    are over the budget (a risk model that is wrong is held by what really happened). Without a
+    budget (None) the promise is relative: upgrades may add ``DEFAULT_ADDED`` expected misses per
+    request, by the risk price alone (misses the cheapest policy would have too are not charged).
+    The credit is bounded (``budget`` times :data:`BANKED` requests) so that idle time does not
+    bank a burst's worth of risk.
+    """
+
+    __slots__ = ("_missed", "_outcomes", "_seen", "absolute", "cap", "credit", "rate", "window")
+
+    def __init__(self, budget: float | None, window: int = 2000) -> None:
+        self.absolute = budget is not None
+        self.rate = DEFAULT_ADDED if budget is None else budget
+        self.cap = self.rate * BANKED
+        self.credit = self.cap
+        self.window = window
+        self._outcomes: collections.deque[tuple[int, bool]] = collections.deque()
+        self._seen = 0  # requests in the window
+        self._missed = 0  # of which missed
+
+    def outcome(self, requests: int, missed: bool) -> None:
+        """A job of ``requests`` finished (or was refused); ``missed``: not by its deadline."""
+        outcomes = self._outcomes
+        outcomes.append((requests, missed))
+        self._seen += requests
+        self._missed += requests if missed else 0
+        while self._seen - outcomes[0][0] >= self.window:
+            n, was = outcomes.popleft()
+            self._seen -= n
+            self._missed -= n if was else 0
+        earned = self.rate * requests - (requests if missed and self.absolute else 0)
+        self.credit = min(max(self.credit + earned, -self.cap), self.cap)
+
+    @property
+    def miss_rate(self) -> float:
+        """Missed requests over the last ``window`` requests (0 before any)."""
+        return self._missed / self._seen if self._seen else 0.0
+
+    @property
+    def open(self) -> bool:
+        """Whether an upgrade may be bought now (credit left, and not over budget lately)."""
+        return self.credit > 0.0 and not (self.absolute and self.miss_rate > self.rate)
+
+    def spend(self, risk: float) -> None:
+        """An upgrade adding ``risk`` expected missed requests was bought."""
+        self.credit -= risk
+
+
+class SlackSample:
+    """How close recent jobs came to their deadlines: the slack left when each finished.
+
+    What a delay of the jobs still to come costs: a job that finished ``s`` µs before its
+    deadline misses it when delayed by more than ``s``. Until :data:`MIN_SLACKS` jobs finished,
+    arriving jobs' headroom stands in for it (their slack were they served at once).
+    """
+
+    __slots__ = ("_dirty", "_headroom", "_slack", "_sorted")
+
+    def __init__(self, size: int = 512) -> None:
+        self._slack: collections.deque[tuple[float, int]] = collections.deque(maxlen=size)
+        self._headroom: collections.deque[tuple[float, int]] = collections.deque(maxlen=size)
+        self._sorted: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None
+        self._dirty = True
+
+    def finished(self, slack_us: float, requests: int) -> None:
+        """A job of ``requests`` finished ``slack_us`` before its deadline (negative: late)."""
+        self._slack.append((slack_us, requests))
+        self._dirty = True
+
+    def arrived(self, headroom_us: float, requests: int) -> None:
+        """A job arrived with ``headroom_us`` beyond its cheapest strategy."""
+        self._headroom.append((headroom_us, requests))
+        if len(self._slack) < MIN_SLACKS:
+            self._dirty = True
+
+    def share_missing(self, delays_us: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """Per delay, the share of requests that were on time but would miss if delayed by it."""
+        if self._dirty:
+            source = self._slack if len(self._slack) >= MIN_SLACKS else self._headroom
+            pairs = sorted(p for p in source if p[0] >= 0.0)
+            total = sum(n for _, n in source) or 1
+            values = np.asarray([s for s, _ in pairs], dtype=np.float64)
+            shares = np.cumsum(np.asarray([n for _, n in pairs], dtype=np.float64)) / total
+            self._sorted = (values, np.concatenate([[0.0], shares]))
+            self._dirty = False
+        assert self._sorted is not None
+        values, shares = self._sorted
+        share: npt.NDArray[np.float64] = shares[np.searchsorted(values, delays_us, side="left")]
+        return share

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -37,6 +39,7 @@ __all__ = [
     "execute",
     "is_out_of_memory",
     "own_error",
+    "process_token",
     "result_of",
     "run_batch",
     "run_recovering",
@@ -44,6 +47,24 @@ __all__ = [
 
 _log = logging.getLogger("mosel")
 Configuration = frozenset[str]
+_token = secrets.token_hex(4)
+"""This process's prefix of result ids (a forked child draws its own)."""
+
+
+def _forked() -> None:
+    global _token  # noqa: PLW0603 (one value per process)
+    _token = secrets.token_hex(4)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+
+def process_token() -> str:
+    """The prefix of this process's result ids (``Result.id`` is ``"<token>-<counter>"``)."""
+    return _token
+
+
 RowPlanCache = dict[tuple[tuple[tuple[Configuration, int], ...], torch.device], "RowPlan"]
 
 
@@ -68,6 +89,9 @@ class Result:
             modalities allowed (``"deadline: ..."``, ``"queue: ..."``, ``"spare capacity:
             ..."``, ``"arrivals: ..."``, ``"overload: ..."``, or the policy's own rule); None
             when it was served at its best.
+        id: the job's id, ``"<process token>-<counter>"``: unique within the process and, by
+            its random per-process token, across processes (replicas); report the job's
+            labels under it with :func:`mosel.feedback` (see ``docs/monitoring.md``).
     """
 
     output: Any
@@ -80,6 +104,7 @@ class Result:
     deadline_met: bool | None = None
     queue_ms: float = math.nan
     reason: str | None = None
+    id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -458,4 +483,5 @@ def result_of(job: Job[Work], completion_ms: float, reason: str | None) -> Resul
         queue_ms=(job.started - job.arrival) * 1000.0,
         reason=reason,
         deadline_met=None if deadline_ms is None else completion_ms <= deadline_ms,
+        id=f"{_token}-{job.id}",
     )

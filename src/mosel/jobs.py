@@ -54,7 +54,7 @@ class Reason(enum.Enum):
     QUEUE_LOWERED = "queue: lowered so that the jobs queued with it make their deadlines"
     QUEUE = "queue: jobs waiting behind it need the time"
     SPARE_CAPACITY = "spare capacity: recent arrivals leave too little device time"
-    ARRIVALS = "arrivals: a tight job arriving meanwhile must still fit"
+    MISS_BUDGET = "miss budget: the on-time promise leaves no room for the misses it would risk"
     OVERLOAD = "overload: recent arrivals need the whole device at their cheapest strategies"
 
 

@@ -263,8 +263,10 @@ class Machine:
         return float(draws[0, at]), float(draws[1, at]), float(draws[2, at])
 
     def _stalled_us(self, start_s: float, busy_us: float) -> float:
-        """Total length of the stalls that begin while a batch busy for ``busy_us`` (plus them) runs
-        from ``start_s`` (on the stalls' clock)."""
+        """Total length of the stalls that begin while a batch runs.
+
+        The batch is busy for ``busy_us`` (plus the stalls) from ``start_s`` on the stalls' clock.
+        """
         added_us = 0.0
         end_s = start_s + busy_us / 1e6
         t = start_s

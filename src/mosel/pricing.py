@@ -6,16 +6,23 @@ model (a margin and the dispatch overhead, :class:`mosel.tail.TailModel`), the p
 of each size bucket, and bounded caches of what it has priced. Every price is
 :meth:`mosel.plan.CostModel.parts` (one rule for what a strategy runs), corrected per part, at the
 tail: ``margin * corrected + overhead``.
+
+A size bucket beyond the largest one profiled is priced by extrapolation (the largest bucket's
+table scaled linearly); its sized branch also has a correction of its own, per (modality, bucket),
+learned from that bucket's runs on top of the branch's, so that a consistently mis-priced long input
+converges without moving the prices of the measured buckets.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from mosel.jobs import Batch, Job, Task, merged_groups
 from mosel.plan import CostModel, Frontier, Plan, Strategy
@@ -24,15 +31,36 @@ from mosel.queue import IntArray
 from mosel.stats import Stats
 from mosel.tail import TailModel, profile_sigma
 
-__all__ = ["CORRECTION_CLAMP", "BatchLatency", "Cache", "Pricer"]
+__all__ = ["BEYOND_BUCKETS", "CORRECTION_CLAMP", "BatchLatency", "Cache", "Delayed", "Pricer"]
 
 Configuration = frozenset[str]
 CORRECTION_CLAMP: Final = 4.0
 """A single measurement counts as at most this factor above or below the current correction."""
 PRICED_CACHE: Final = 256
 """Size buckets kept priced besides those priced ahead (then they are dropped)."""
+BEYOND_BUCKETS: Final = 64
+"""(modality, bucket) corrections kept beyond the measured buckets (then the least recently run goes)."""
+Beyond = tuple[CostModel, dict[str, tuple[str, int]]]
+"""A cost model of a bucket beyond the measured ones, and its extrapolated parts' correction keys."""
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+
+@dataclass(frozen=True, slots=True)
+class Delayed:
+    """The jobs still to come that a longer batch delays, as the risk price sees them.
+
+    Attributes:
+        jobs: how many are expected before the device next idles (arrivals during the batch,
+            the queued work and what arrives meanwhile: the rest of the busy period).
+        requests: requests per job.
+        share_missing: per delay (µs), the share of requests that would miss their deadline if
+            delayed that much (from how close recent jobs came to theirs).
+    """
+
+    jobs: float
+    requests: float
+    share_missing: Callable[[npt.NDArray[np.float64]], npt.NDArray[np.float64]]
 
 
 class Cache(Generic[K, V]):
@@ -100,6 +128,13 @@ class Pricer:
         """The margin and overhead that turn a corrected median into the price decisions use."""
         ahead = {self.reference: (profile.plan, self.cost)} | dict(priced or {})
         self._plans: Cache[BucketKey, tuple[Plan, CostModel]] = Cache(PRICED_CACHE, ahead)
+        self.beyond: dict[tuple[str, int], float] = {}
+        """(modality, bucket) -> the correction of its branch at a bucket beyond the measured ones."""
+        self._largest = tuple((m, s.largest) for m, s in profile.sized.items())
+        self._beyond_costs: dict[int, Beyond] = {}  # id(cost model) -> it and its keys (identity-checked)
+        self._published_beyond: dict[tuple[str, int], float] = {}
+        for bucket, (_, cost) in ahead.items():
+            self._note_beyond(bucket, cost)
         self._latencies: Cache[tuple[Configuration, int, BucketKey | None], tuple[int, ...]] = Cache(4096)
         self._every: Cache[tuple[Configuration, int, BucketKey | None], Strategy] = Cache(4096)
         self._parts: Cache[tuple[tuple[tuple[Configuration, int], ...], BucketKey | None], dict[str, int]]
@@ -130,9 +165,35 @@ class Pricer:
         lacks it (else computed here: a simulation, which holds no lock). The buckets priced
         ahead stay; the others are dropped every :data:`PRICED_CACHE` new ones.
         """
-        return self._plans.get(
+        if computed is not None and computed[1].accuracy != self.cost.accuracy:
+            computed = None  # priced before set_profile swapped the accuracies: stale
+        priced = self._plans.get(
             bucket, lambda: computed if computed is not None else self.profile.priced_at(bucket)
         )
+        if self._largest:
+            self._note_beyond(bucket, priced[1])
+        return priced
+
+    def _note_beyond(self, bucket: BucketKey, cost: CostModel) -> None:
+        """Remember ``cost`` as the cost model of ``bucket`` if it lies beyond the measured buckets."""
+        keys = {
+            m: (m, edge) for (m, largest), edge in zip(self._largest, bucket, strict=True) if edge > largest
+        }
+        if not keys:
+            return
+        known = self._beyond_costs.get(id(cost))
+        if known is not None and known[0] is cost:
+            return
+        if len(self._beyond_costs) >= 2 * (PRICED_CACHE + len(self._plans.data)):
+            # Forget the cost models no longer priced (their ids may be reused): keep the cached ones'.
+            live = {id(c) for _, c in self._plans.data.values()}
+            self._beyond_costs = {k: v for k, v in self._beyond_costs.items() if k in live}
+        self._beyond_costs[id(cost)] = (cost, keys)
+
+    def _beyond_of(self, cost: CostModel) -> dict[str, tuple[str, int]] | None:
+        """The extrapolated parts of ``cost`` and their correction keys (None: a measured bucket's)."""
+        known = self._beyond_costs.get(id(cost))
+        return known[1] if known is not None and known[0] is cost else None
 
     # ------------------------------------------------------------------ prices
 
@@ -141,13 +202,7 @@ class Pricer:
 
         ``cost``: the cost model of the jobs' size bucket (default: the reference one).
         """
-        parts = (cost or self.cost).parts(groups)
-        correction = self.correction
-        total = correction["fusion"] * parts["fusion"]
-        for part, value in parts.items():
-            if part != "fusion":
-                total += correction[part] * value
-        return self.tail.price(total)
+        return self.tail.price(self.corrected_us(groups, cost))
 
     def refresh(self, task: Task) -> None:
         """Bring the task's option latencies up to date with the correction."""
@@ -193,6 +248,69 @@ class Pricer:
             made = Strategy(groups, cost.latency_us(groups), cost.accuracy_units(groups))
             strategy = self._every.get(key, lambda: made)
         return strategy
+
+    def corrected_us(
+        self, groups: Sequence[tuple[Configuration, int]], cost: CostModel | None = None
+    ) -> float:
+        """A strategy's corrected median execution (what :meth:`price` puts the tail on).
+
+        Each part weighed by its online correction, and a branch priced at a size bucket beyond
+        the measured ones by that bucket's own correction too.
+        """
+        cost = cost or self.cost
+        parts = cost.parts(groups)
+        correction = self.correction
+        total = correction["fusion"] * parts["fusion"]
+        beyond = self._beyond_of(cost) if self._beyond_costs else None
+        if beyond is None:
+            for part, value in parts.items():
+                if part != "fusion":
+                    total += correction[part] * value
+        else:
+            own = self.beyond
+            for part, value in parts.items():
+                if part != "fusion":
+                    key = beyond.get(part)
+                    total += correction[part] * value * (1.0 if key is None else own.get(key, 1.0))
+        return total
+
+    def expected_misses(
+        self,
+        corrected_us: npt.NDArray[np.float64],
+        thresholds_us: npt.NDArray[np.float64],
+        weights: npt.NDArray[np.float64],
+        delayed: Delayed | None = None,
+    ) -> npt.NDArray[np.float64]:
+        """Expected requests that miss their deadline if the batch about to run is each candidate.
+
+        The risk price of an upgrade is this at the upgraded batch less this at the batch as it
+        is (the last candidate). A batch of corrected median ``c`` lasts ``c * ratio + overhead``
+        for the recent batches' residuals (:meth:`mosel.tail.TailModel.sample`: the measured
+        distribution, its tail included, not one quantile). A job ``j`` misses when the batch
+        outlasts its ``thresholds_us[j]`` (the time it can wait: its own deadline for the
+        batch's jobs, its slack behind the batch for a queued one). The jobs still to come
+        (``delayed``) are delayed by what the candidate adds to the batch as it is, and miss
+        as often as recent jobs had less slack than that.
+
+        Args:
+            corrected_us: the candidates' corrected medians, shape (C,); the last is the batch
+                as it is.
+            thresholds_us: per job, the longest the batch may take before the job misses.
+            weights: per job, its requests.
+            delayed: the jobs still to come that the batch delays (None: none expected).
+
+        Returns:
+            Expected missed requests per candidate, shape (C,).
+        """
+        ratios, overheads = self.tail.sample()
+        durations = corrected_us[:, None] * ratios[None, :] + overheads[None, :]  # (C, S)
+        misses = (durations[:, :, None] > thresholds_us[None, None, :]).mean(axis=1) @ weights
+        if delayed is not None and delayed.jobs > 0.0:
+            extra = durations - durations[-1]
+            share = delayed.share_missing(extra.ravel()).reshape(extra.shape).mean(axis=1)
+            misses = misses + delayed.jobs * delayed.requests * share
+        result: npt.NDArray[np.float64] = np.asarray(misses, dtype=np.float64)
+        return result
 
     def merged_latency_us(self, tasks: Sequence[Task]) -> int:
         """Predicted latency of ``tasks`` run as one batch at their current options."""
@@ -249,6 +367,10 @@ class Pricer:
         if predicted is None:
             cost = job.cost or self.cost
             predicted = self._parts.get(key, lambda: cost.parts(groups))
+        if self._beyond_costs:
+            beyond = self._beyond_of(job.cost or self.cost)
+            if beyond is not None:
+                return self._observe_beyond(batch, measured_us, parts_us, predicted, beyond)
         raw = sum(predicted.values())
         correction = self.correction
         if raw > 0:
@@ -269,13 +391,64 @@ class Pricer:
                 level = correction[part]
                 ratio = min(max(measured / value, level / CORRECTION_CLAMP), level * CORRECTION_CLAMP)
                 correction[part] = min(max((1 - alpha) * level + alpha * ratio, 1e-3), 1e6)
+        return self._publish(predicted, moved=False)
+
+    def _publish(self, parts: Iterable[str], moved: bool) -> bool:
+        """Publish the corrections when ``moved`` or one of ``parts`` moved by over 2%; whether so."""
         published = self._published
-        for part in predicted:
-            if abs(correction[part] / published[part] - 1) > 0.02:
-                self._published = dict(correction)
-                self.stats.set_correction(correction)
-                return True
-        return False
+        if not moved:
+            correction = self.correction
+            moved = any(abs(correction[part] / published[part] - 1) > 0.02 for part in parts)
+        if moved:
+            self._published = dict(self.correction)
+            self._published_beyond = dict(self.beyond)
+            beyond = {f"{m}@{edge}": factor for (m, edge), factor in self.beyond.items()}
+            self.stats.set_correction(self.correction | beyond if beyond else self.correction)
+        return moved
+
+    def _observe_beyond(
+        self,
+        batch: Batch,
+        measured_us: float,
+        parts_us: Mapping[str, float] | None,
+        predicted: Mapping[str, int],
+        beyond: Mapping[str, tuple[str, int]],
+    ) -> bool:
+        """:meth:`observe` for a bucket beyond the measured ones.
+
+        Its extrapolated parts move their own (modality, bucket) correction, not the branch's.
+        Without a measurement per part, the other parts are taken as priced and the rest of
+        the time is the extrapolated parts' (split by their prediction); only they learn.
+        """
+        correction, own, alpha = self.correction, self.beyond, self.alpha
+        factor = {p: own.get(beyond[p], 1.0) if p in beyond else 1.0 for p in predicted}
+        expected = {p: correction[p] * v * factor[p] for p, v in predicted.items()}
+        if sum(predicted.values()) > 0:
+            self._measured = (batch, measured_us, sum(expected.values()), float(sum(predicted.values())))
+        if parts_us is None:
+            guess = sum(e for p, e in expected.items() if p in beyond)
+            rest = max(measured_us - sum(e for p, e in expected.items() if p not in beyond), 0.0)
+            parts_us = {p: rest * e / guess for p, e in expected.items() if p in beyond and guess > 0}
+        moved = False
+        for part, value in predicted.items():
+            measured = parts_us.get(part)
+            if not (value > 0 and measured is not None and math.isfinite(measured)):
+                continue
+            key = beyond.get(part)
+            if key is None:  # a measured bucket's part: the branch's own correction, as in observe
+                self._measured_parts.add(part)
+                level = correction[part]
+                ratio = min(max(measured / value, level / CORRECTION_CLAMP), level * CORRECTION_CLAMP)
+                correction[part] = min(max((1 - alpha) * level + alpha * ratio, 1e-3), 1e6)
+                continue
+            level = own.pop(key, 1.0)  # re-inserted last: the least recently run is dropped first
+            ratio = measured / (correction[part] * value)
+            ratio = min(max(ratio, level / CORRECTION_CLAMP), level * CORRECTION_CLAMP)
+            own[key] = min(max((1 - alpha) * level + alpha * ratio, 1e-3), 1e6)
+            moved = moved or abs(own[key] / self._published_beyond.get(key, 1.0) - 1) > 0.02
+            if len(own) > BEYOND_BUCKETS:
+                del own[next(iter(own))]
+        return self._publish([p for p in predicted if p not in beyond], moved)
 
     def handed_over(self, batch: Batch, now: float) -> bool:
         """The batch's results were handed over at ``now``: its dispatch overhead is known.
@@ -295,6 +468,20 @@ class Pricer:
         """Option latencies moved (correction or tail): every cached price is forgotten."""
         self.version += 1
         self._latencies.clear()
+
+    def set_profile(
+        self, profile: Profile, priced: Mapping[BucketKey, tuple[Plan, CostModel]] | None = None
+    ) -> None:
+        """Price with ``profile`` from now on: its accuracies and plans (the latencies are the same).
+
+        The correction and the tail model are kept; the plans and strategies cached are not.
+        """
+        self.profile = profile
+        self.cost = profile.cost_model()
+        ahead = {self.reference: (profile.plan, self.cost)} | dict(priced or {})
+        self._plans = Cache(PRICED_CACHE, ahead)
+        self._every.clear()
+        self.reprice()
 
 
 class BatchLatency:

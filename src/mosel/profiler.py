@@ -5,13 +5,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
-import random
 import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -19,17 +17,16 @@ import torch
 from torch import Tensor, nn
 
 from mosel import trees
+from mosel.bucketing import SizedRows, new_widths, padding_changes, repeat_rows
 from mosel.compiling import compiled_parts, unwrap_compiled
 from mosel.errors import InputError, MoselWarning, SLOError
 from mosel.execution import execute
-from mosel.plan import Plan, PlannerConfig, build_plan, configuration_key
+from mosel.plan import CostModel, Plan, PlannerConfig, build_plan, configuration_key
 from mosel.profiles import (
     BucketKey,
     CostCheck,
     LatencyTable,
     Profile,
-    SizedLatency,
-    bucket_edge,
     cost_model_of,
     fingerprint_of,
     model_device,
@@ -37,8 +34,11 @@ from mosel.profiles import (
 )
 from mosel.requests import check_inputs
 from mosel.runtime import attach
-from mosel.schema import SchemaRecorder
+from mosel.schema_recorder import SchemaRecorder
 from mosel.spec import ModelSpec, spec_of
+from mosel.timing import NewWidths, Timings, default_sizes, progress
+from mosel.timing import Timer as _Timer
+from mosel.timing import central as _central
 from mosel.trees import Tree
 
 __all__ = ["Metric", "profile", "top1"]
@@ -51,11 +51,11 @@ T = TypeVar("T")
 _log = logging.getLogger("mosel")
 
 COST_CHECK_WARN = 0.25
-CENTRAL_QUANTILE = 0.1
-SIZED_CHECKS = 2
-"""End-to-end cost checks at each size bucket other than the reference."""
-"""The quantile of timed repeats a latency table keeps (see :func:`_central`)."""
 """Warn when the cost model's median relative error over the checks exceeds this."""
+SIZED_CHECKS = 2
+"""End-to-end cost checks at each size bucket other than the reference (none with ``cost_checks=0``)."""
+THREADS_GAIN = 0.8
+"""A profile timed at another thread count than the caller's is kept when its checks err this much less."""
 
 
 def top1(output: Tensor, target: Any) -> Tensor:
@@ -63,113 +63,6 @@ def top1(output: Tensor, target: Any) -> Tensor:
     target = torch.as_tensor(target, device=output.device)
     scores: Tensor = (output.argmax(dim=-1) == target).to(torch.float64)
     return scores
-
-
-def _progress(items: Iterable[T], total: int | None, desc: str, enabled: bool) -> Iterator[T]:
-    if enabled:
-        try:
-            from tqdm.auto import tqdm  # noqa: PLC0415  (optional dependency)
-        except ImportError:
-            pass
-        else:
-            yield from tqdm(items, total=total, desc=desc, leave=False)
-            return
-    yield from items
-
-
-class _Timer:
-    """Times a callable with warm-up and repeats: CUDA events on a GPU, perf_counter on a CPU."""
-
-    def __init__(self, device: torch.device, warmup: int, repeats: int) -> None:
-        self.cuda = device.type == "cuda"
-        self.device = device
-        self.warmup = warmup
-        self.repeats = repeats
-
-    def once(self, fn: Callable[[], object]) -> float:
-        """One timed call, in microseconds."""
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return float(start.elapsed_time(end)) * 1000.0
-        t0 = time.perf_counter_ns()
-        fn()
-        return (time.perf_counter_ns() - t0) / 1000.0
-
-    def __call__(self, fn: Callable[[], object]) -> list[float]:
-        """``repeats`` timed calls after ``warmup`` untimed ones, in microseconds."""
-        for _ in range(self.warmup):
-            fn()
-        return [self.once(fn) for _ in range(self.repeats)]
-
-
-def _p95(samples: Sequence[float]) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
-
-
-def _central(samples: Sequence[float]) -> float:
-    """The profile's central estimate of a timing: the 10th percentile of its repeats.
-
-    Interference (another process, a page fault, a preempted thread) only ever adds time, so
-    on a busy host the median drifts up with the load while a low quantile stays near the
-    uncontended cost; the online correction then scales it to what serving meets. Measured on
-    this project's 2-core machine with two competing busy processes, against the same model
-    profiled idle: tables within 0.94-1.12x at the median over four runs (the median: 1.11x and
-    end-to-end checks off by 42%; the lower quartile: 0.96-1.38x).
-    """
-    ordered = sorted(samples)
-    position = CENTRAL_QUANTILE * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def _table(measured: Mapping[int, list[float]], max_batch_size: int) -> LatencyTable:
-    """Central estimate (:func:`_central`) and p95 per measured size.
-
-    Sizes not measured are interpolated linearly; values are made non-decreasing in size.
-    """
-    sizes = sorted(measured)
-    med = {b: _central(measured[b]) for b in sizes}
-    p95 = {b: _p95(measured[b]) for b in sizes}
-
-    def interpolate(values: Mapping[int, float]) -> tuple[float, ...]:
-        out = []
-        for b in range(1, max_batch_size + 1):
-            hi = next((s for s in sizes if s >= b), sizes[-1])
-            lo = next((s for s in reversed(sizes) if s <= b), sizes[0])
-            v = values[lo] if hi == lo else values[lo] + (values[hi] - values[lo]) * (b - lo) / (hi - lo)
-            out.append(v)
-        for i in range(1, len(out)):
-            out[i] = max(out[i], out[i - 1])
-        return tuple(out)
-
-    return LatencyTable(interpolate(med), interpolate(p95), tuple(sizes))
-
-
-def _default_sizes(max_batch_size: int) -> list[int]:
-    if max_batch_size <= 32:
-        return list(range(1, max_batch_size + 1))
-    sizes = {1, max_batch_size, *range(1, 17)}
-    b = 16
-    while b < max_batch_size:
-        sizes.add(b)
-        b = math.ceil(b * 1.25)
-    return sorted(sizes)
-
-
-def _repeat_rows(x: Tree, rows: int, dim: int) -> Tree:
-    """``rows`` rows of ``x`` along ``dim``, repeating its rows as often as needed."""
-    have = trees.check(x, dim)
-    if have < rows:
-        x = trees.concat([x] * -(-rows // have), dim)
-    return trees.take(x, slice(0, rows), dim)
 
 
 def _split_batch(item: object) -> tuple[Mapping[str, Tensor], Any]:
@@ -205,7 +98,7 @@ def _checked_sum(scores: object, rows: int, metric: Metric, configuration: str) 
     return float(values.sum())
 
 
-def _accuracy(  # noqa: C901 (one pass over the validation data: batches, sizes, schema, metric)
+def _accuracy(
     model: nn.Module,
     spec: ModelSpec,
     data: Iterable[object],
@@ -213,23 +106,21 @@ def _accuracy(  # noqa: C901 (one pass over the validation data: batches, sizes,
     device: torch.device,
     show: bool,
     schema: SchemaRecorder | None = None,
-) -> tuple[dict[Configuration, float], int, dict[str, Tree], dict[str, dict[int, Tree]]]:
+    sized: SizedRows | None = None,
+) -> tuple[dict[Configuration, float], int, dict[str, Tree]]:
     """Accuracy of every configuration; each branch runs once per batch, its features reused.
 
-    Also returns the first batch, and for each sized modality its input in every size bucket
-    the data holds, the largest of the bucket's batches (the first batch's bucket first).
-    ``schema`` observes every batch and watches the branches' embedding lookups.
+    Also returns the first batch. ``schema`` observes every batch and watches the branches'
+    embedding lookups; ``sized`` sorts the sized modalities' rows into their size buckets.
     """
     fuse = getattr(model, spec.fusion)
     totals = dict.fromkeys(spec.configurations, 0.0)
     count = 0
     sample: dict[str, Tree] | None = None
-    by_size: dict[str, dict[int, Tree]] = {m: {} for m in spec.sizings}
-    largest: dict[tuple[str, int], int] = {}
     total = len(data) if isinstance(data, Sequence) else None
     compiled = set(compiled_parts(model))
     first = True
-    for item in _progress(data, total, "mosel: accuracy", show):
+    for item in progress(data, total, "mosel: accuracy", show):
         inputs, target = _split_batch(item)
         missing = [m for m in spec.modalities if inputs.get(m) is None]
         if missing:
@@ -239,12 +130,8 @@ def _accuracy(  # noqa: C901 (one pass over the validation data: batches, sizes,
             schema.observe(batch)
         if sample is None:
             sample = batch
-        for m, sizing in spec.sizings.items():
-            size = sizing.read(m, batch[m])
-            edge = bucket_edge(sizing.buckets, size)
-            if size > largest.get((m, edge), 0):  # each bucket is timed at its largest size seen
-                largest[m, edge] = size
-                by_size[m][edge] = batch[m]
+        if sized is not None:
+            sized.observe(batch)
         if schema is not None and first:
             _watch_embeddings(model, spec, batch, schema, compiled)
             first = False
@@ -263,7 +150,7 @@ def _accuracy(  # noqa: C901 (one pass over the validation data: batches, sizes,
         count += rows
     if sample is None or count == 0:
         raise InputError("validation data is empty; pass at least one (inputs, target) batch")
-    return {c: totals[c] / count for c in spec.configurations}, count, sample, by_size
+    return {c: totals[c] / count for c in spec.configurations}, count, sample
 
 
 def _watch_embeddings(
@@ -312,9 +199,13 @@ def profile(
             for ``repeats`` more rounds and the checks are re-run, up to twice.
         cost_checks: end-to-end runs of strategies (mixed ones first) compared with the
             prediction; the warning below is based on them.
-        threads: torch intra-op threads while profiling (restored after); default: the
-            current setting. Serve with the same count: the fingerprint records it, and on a
-            busy 2-core host more threads than free cores make timings erratic.
+        threads: torch intra-op threads while profiling (restored after). Default: the current
+            setting, and when the checks at it disagree with the tables by more than 25%
+            (typically a busy host: more threads than free cores make timings erratic), every
+            table is timed again at one thread and the thread count that predicts better is
+            kept, with a warning saying which. The fingerprint records the count: serve with
+            it (``torch.set_num_threads``; attach warns when it differs). A count given here is
+            kept as it is.
         planner: CP-SAT planner settings.
         progress: show progress bars (tqdm); default: when stderr is a terminal.
 
@@ -327,7 +218,7 @@ def profile(
         raise SLOError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
-    sizes = sorted({1, max_batch_size, *(batch_sizes or _default_sizes(max_batch_size))})
+    sizes = sorted({1, max_batch_size, *(batch_sizes or default_sizes(max_batch_size))})
     if sizes[0] < 1 or sizes[-1] > max_batch_size:
         raise ValueError(f"batch_sizes must lie in 1..{max_batch_size}, got {list(batch_sizes or [])}")
     if model.training:
@@ -344,194 +235,274 @@ def profile(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _profile(
-            model, spec, data, metric, max_batch_size, sizes, warmup, repeats, cost_checks, planner, show
+        settings = _Settings(
+            max_batch_size, sizes, warmup, repeats, cost_checks, planner, show, threads is None
         )
+        return _profile(model, spec, data, metric, settings)
     finally:
         torch.set_num_threads(saved_threads)
 
 
-class _Timings:
-    """Every call the profiler times, and the samples each has taken so far.
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """What :func:`profile` was asked for."""
 
-    Each branch at every batch size (and at every size bucket the data holds, for a sized
-    modality; eagerly too, for a compiled one) and each configuration's fusion. Rounds run
-    over every call in a shuffled order, not repeats back to back: serving interleaves
-    branches too, and back-to-back timing of one kernel flatters it (warm caches).
+    max_batch_size: int
+    sizes: list[int]
+    warmup: int
+    repeats: int
+    cost_checks: int
+    planner: PlannerConfig | None
+    show: bool
+    auto_threads: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _Attempt:
+    """The tables of one thread count's timings, the plan built from them, and its checks.
+
+    ``branch`` prices new widths for the unpadded sized modalities; ``raw`` is the cost
+    model without them (what the rounds' own, repeated widths cost: the checks at those).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        spec: ModelSpec,
-        big: Mapping[str, Tree],
-        by_size: Mapping[str, Mapping[int, Tree]],
-        sizes: list[int],
-        max_batch_size: int,
-    ) -> None:
-        self.spec, self.by_size, self.max_batch_size = spec, by_size, max_batch_size
-        self.reference = {m: next(iter(edges)) for m, edges in by_size.items()}
-        dim = spec.batch_dim
+    threads: int
+    timings: Timings
+    branch: dict[str, LatencyTable]
+    fusion: dict[Configuration, LatencyTable]
+    raw: CostModel
+    plan: Plan
+    checks: tuple[CostCheck, ...]
 
-        def per_size() -> dict[int, list[float]]:
-            return {b: [] for b in sizes}
-
-        self.branch: dict[str, dict[int, list[float]]] = {m: per_size() for m in spec.modalities}
-        self.fusion: dict[Configuration, dict[int, list[float]]] = {
-            c: per_size() for c in spec.configurations
-        }
-        self.sized_samples: dict[tuple[str, int], dict[int, list[float]]] = {
-            (m, edge): per_size()
-            for m, edges in by_size.items()
-            for edge in edges
-            if edge != self.reference[m]
-        }
-        compiled = set(compiled_parts(model))
-        self.eager_samples = {m: per_size() for m in spec.modalities if spec.branches[m] in compiled}
-        self.calls: list[tuple[list[float], Callable[[], object]]] = []
-        self.order = random.Random(0)  # the rounds' shuffles, seeded
-        for m in spec.modalities:
-            self._add(self.branch[m], getattr(model, spec.branches[m]), big[m], dim(m))
-        for (m, edge), samples in self.sized_samples.items():
-            x = _repeat_rows(by_size[m][edge], max_batch_size, dim(m))
-            self._add(samples, getattr(model, spec.branches[m]), x, dim(m))
-        # A branch compiled with mosel.compile_branches is also timed eager (its class's method), so
-        # the profile shows what compiling bought on this device.
-        for m, samples in self.eager_samples.items():
-            self._add(samples, getattr(type(model), spec.branches[m]).__get__(model), big[m], dim(m))
-        features = {m: getattr(model, spec.branches[m])(big[m]) for m in spec.modalities}
-        fuse = getattr(model, spec.fusion)
-        for c in spec.configurations:
-            for b in sizes:
-                some = {m: trees.take(features[m], slice(0, b), dim(m)) for m in c}
-                self.calls.append((self.fusion[c][b], functools.partial(fuse, some)))
-
-    def _add(
-        self, samples: dict[int, list[float]], function: Callable[[Tree], object], x: Tree, dim: int
-    ) -> None:
-        for b, taken in samples.items():
-            self.calls.append((taken, functools.partial(function, trees.take(x, slice(0, b), dim))))
-
-    def warm_up(self, rounds: int) -> None:
-        """Run every call ``rounds`` times, untimed."""
-        for _ in range(rounds):
-            for _, call in self.calls:
-                call()
-
-    def measure(self, timer: _Timer, repeats: int, show: bool) -> None:
-        """``repeats`` more rounds of every call in a shuffled order (seeded: reproducible)."""
-        for _ in _progress(range(repeats), repeats, "mosel: latency", show):
-            self.order.shuffle(self.calls)
-            for taken, call in self.calls:
-                taken.append(timer.once(call))
-
-    def tables(self) -> tuple[dict[str, LatencyTable], dict[Configuration, LatencyTable]]:
-        """The branch and fusion latency tables of the samples so far."""
-        most = self.max_batch_size
-        return (
-            {m: _table(self.branch[m], most) for m in self.spec.modalities},
-            {c: _table(self.fusion[c], most) for c in self.spec.configurations},
-        )
-
-    def sized(self, branch_latency: Mapping[str, LatencyTable]) -> dict[str, SizedLatency]:
-        """The per-size-bucket tables of the sized modalities."""
-        most = self.max_batch_size
-        return {
-            m: SizedLatency(
-                self.spec.sizings[m].buckets,
-                self.reference[m],
-                MappingProxyType(
-                    {self.reference[m]: branch_latency[m]}
-                    | {e: _table(t, most) for (n, e), t in self.sized_samples.items() if n == m}
-                ),
-            )
-            for m in self.by_size
-        }
-
-    def eager(self) -> dict[str, LatencyTable]:
-        """The eager tables of the compiled branches."""
-        return {m: _table(t, self.max_batch_size) for m, t in self.eager_samples.items()}
+    @property
+    def error(self) -> float:
+        """The checks' median relative error (0 without checks)."""
+        errors = [abs(c.relative_error) for c in self.checks]
+        return statistics.median(errors) if errors else 0.0
 
 
 def _profile(
-    model: nn.Module,
-    spec: ModelSpec,
-    data: Iterable[Any],
-    metric: Metric | None,
-    max_batch_size: int,
-    sizes: list[int],
-    warmup: int,
-    repeats: int,
-    cost_checks: int,
-    planner: PlannerConfig | None,
-    show: bool,
+    model: nn.Module, spec: ModelSpec, data: Iterable[Any], metric: Metric | None, settings: _Settings
 ) -> Profile:
     device = model_device(model)
-    timer = _Timer(device, warmup, repeats)
+    timer = _Timer(device, settings.warmup, settings.repeats)
     started = time.perf_counter()
     schema = SchemaRecorder(spec)
+    most = settings.max_batch_size
+    rows = SizedRows(spec, most)
     with torch.inference_mode():
-        accuracy, samples, sample, by_size = _accuracy(
-            model, spec, data, metric or top1, device, show, schema
+        accuracy, samples, sample = _accuracy(
+            model, spec, data, metric or top1, device, settings.show, schema, rows
         )
-        big = {m: _repeat_rows(x, max_batch_size, spec.batch_dim(m)) for m, x in sample.items()}
-        timings = _Timings(model, spec, big, by_size, sizes, max_batch_size)
-        timings.warm_up(warmup)
-        for attempt in range(3):
-            timings.measure(timer, repeats, show)
-            branch_latency, fusion_latency = timings.tables()
-            cost = cost_model_of(spec.modalities, branch_latency, fusion_latency, accuracy)
-            plan = build_plan(cost, planner)
-            checks = _check_costs(model, spec, plan, big, timer, cost_checks)
-            errors = [abs(c.relative_error) for c in checks]
-            if not errors or statistics.median(errors) <= COST_CHECK_WARN or attempt == 2:
-                break
-            _log.info(
-                "cost checks off by %.0f%% (median); timing every table again",
-                100 * statistics.median(errors),
-            )
-        sized = timings.sized(branch_latency)
-        partial = Profile(
-            modalities=spec.modalities,
-            max_batch_size=max_batch_size,
-            branch_latency=MappingProxyType(branch_latency),
-            fusion_latency=MappingProxyType(fusion_latency),
-            accuracy=MappingProxyType(accuracy),
-            sample_count=samples,
-            fingerprint=fingerprint_of(model, spec.model_class),
-            cost_checks=checks,
-            plan=plan,
-            sized=MappingProxyType(sized),
-            eager_latency=MappingProxyType(timings.eager()),
+        notes = padding_changes(model, spec, sample)
+        unreached = rows.unreached_warning(spec.model_class)
+        notes += [unreached] if unreached else []
+        big = {
+            m: rows.timing_input(m, rows.reference[m])
+            if m in rows.reference
+            else repeat_rows(x, most, spec.batch_dim(m))
+            for m, x in sample.items()
+        }
+        by_size = {m: {e: rows.timing_input(m, e) for e in rows.reached(m)[1:]} for m in spec.sizings}
+
+        def timings() -> Timings:
+            made = Timings(model, spec, big, by_size, rows.reference, settings.sizes, most)
+            made.warm_up(settings.warmup)
+            return made
+
+        best, tried, factors = _measure(model, spec, rows, timings, timer, accuracy, settings)
+        padded = {m: rows.padded(m) for m in spec.sizings}
+        sized = best.timings.sized(factors, padded, {m: rows.widths(m) for m in spec.sizings})
+        partial = plan_buckets(
+            Profile(
+                modalities=spec.modalities,
+                max_batch_size=most,
+                branch_latency=MappingProxyType(best.branch),
+                fusion_latency=MappingProxyType(best.fusion),
+                accuracy=MappingProxyType(accuracy),
+                sample_count=samples,
+                fingerprint=fingerprint_of(model, spec.model_class),  # at the thread count kept
+                cost_checks=best.checks,
+                plan=best.plan,
+                sized=MappingProxyType(sized),
+                eager_latency=MappingProxyType(best.timings.eager()),
+            ),
+            settings.planner,
         )
-        partial = plan_buckets(partial, planner)
-        for key, bucket_plan in partial.sized_plans.items():
-            inputs = dict(big) | {
-                m: _repeat_rows(by_size[m][edge], max_batch_size, spec.batch_dim(m))
-                for m, edge in zip(sized, key, strict=True)
-            }
-            checks += _check_costs(model, spec, bucket_plan, inputs, timer, SIZED_CHECKS, key)
+        count = min(SIZED_CHECKS, settings.cost_checks)
+        checks = best.checks + _bucket_checks(model, spec, partial, best, rows, big, timer, count)
         profiled_s = time.perf_counter() - started
     result = dataclasses.replace(partial, cost_checks=checks, input_schema=MappingProxyType(schema.schema()))
-    errors = [abs(c.relative_error) for c in checks]
-    if errors and statistics.median(errors) > COST_CHECK_WARN:
-        warnings.warn(
-            f"the cost model of {spec.model_class} predicts end-to-end latency with a median error of "
-            f"{statistics.median(errors):.0%} over {len(errors)} checks; deadlines may be missed. "
-            f"Raise repeats, or profile on an idle machine",
-            MoselWarning,
-            stacklevel=2,
-        )
+    for note in notes:
+        warnings.warn(note, MoselWarning, stacklevel=3)
+    _warn_costs(spec, result, tried, factors)
     _log.info(
         "profiled %s: %d sizes, %.1f s measuring, %.2f s planning (exact=%s)",
         spec.model_class,
-        len(sizes),
+        len(settings.sizes),
         profiled_s,
-        plan.build_seconds,
-        plan.exact,
+        best.plan.build_seconds,
+        best.plan.exact,
     )
     attach(model, result)
     return result
+
+
+def _measure(
+    model: nn.Module,
+    spec: ModelSpec,
+    rows: SizedRows,
+    timings: Callable[[], Timings],
+    timer: _Timer,
+    accuracy: Mapping[Configuration, float],
+    settings: _Settings,
+) -> tuple[_Attempt, list[tuple[int, float]], dict[str, NewWidths]]:
+    """Time every table, plan and check, in up to three runs of ``repeats`` rounds.
+
+    When the checks fail (median error above :data:`COST_CHECK_WARN`), the next run times fresh
+    tables at one thread if allowed and not tried yet (a busy host), else adds rounds to the
+    thread count that predicted best. Returns the attempt kept (the best; torch is left at its
+    thread count), the median error of each run in order (its thread count too), and the
+    cost of new widths of the unpadded sized modalities.
+    """
+    current = timings()
+    factors: dict[str, NewWidths] | None = None
+    kept: dict[int, _Attempt] = {}
+    tried: list[tuple[int, float]] = []
+    for run in range(3):
+        current.measure(timer, settings.repeats, settings.show)
+        if factors is None:  # once: a width is new only the first time
+            factors = new_widths(model, spec, rows, settings.sizes, timer.once)
+        threads = torch.get_num_threads()
+        attempt = kept[threads] = _evaluate(model, spec, current, threads, factors, accuracy, timer, settings)
+        tried.append((threads, attempt.error))
+        if attempt.error <= COST_CHECK_WARN or run == 2:
+            break
+        if settings.auto_threads and threads > 1 and 1 not in kept:
+            _log.info(
+                "cost checks off by %.0f%% at %d threads; timing every table at 1",
+                100 * attempt.error,
+                threads,
+            )
+            torch.set_num_threads(1)
+            current = timings()
+            continue
+        best = _best(kept, tried[0][0])
+        _log.info("cost checks off by %.0f%% (median); timing every table again", 100 * attempt.error)
+        torch.set_num_threads(best.threads)
+        current = best.timings
+    best = _best(kept, tried[0][0])
+    torch.set_num_threads(best.threads)
+    return best, tried, factors or {}
+
+
+def _best(kept: Mapping[int, _Attempt], first: int) -> _Attempt:
+    """The attempt whose checks erred least; the caller's thread count unless another errs 20% less.
+
+    Serving at another thread count than the process's is a burden on the user: a marginal gain
+    (noise, on a busy host) does not justify it.
+    """
+    best = min(kept.values(), key=lambda a: a.error)
+    return kept[first] if best.error >= THREADS_GAIN * kept[first].error else best
+
+
+def _evaluate(
+    model: nn.Module,
+    spec: ModelSpec,
+    timings: Timings,
+    threads: int,
+    factors: Mapping[str, NewWidths],
+    accuracy: Mapping[Configuration, float],
+    timer: _Timer,
+    settings: _Settings,
+) -> _Attempt:
+    """The tables of the samples so far, their plan, and the checks at the timed widths."""
+    raw_branch, fusion = timings.tables()
+    branch = {m: factors[m].priced(t) if m in factors else t for m, t in raw_branch.items()}
+    cost = cost_model_of(spec.modalities, branch, fusion, accuracy)
+    raw = cost if branch == raw_branch else cost_model_of(spec.modalities, raw_branch, fusion, accuracy)
+    plan = build_plan(cost, settings.planner)
+    checks = _check_costs(model, spec, plan, timings.big, timer, settings.cost_checks, (), raw)
+    return _Attempt(threads, timings, branch, fusion, raw, plan, checks)
+
+
+def _bucket_checks(
+    model: nn.Module,
+    spec: ModelSpec,
+    profile: Profile,
+    best: _Attempt,
+    rows: SizedRows,
+    big: Mapping[str, Tree],
+    timer: _Timer,
+    count: int,
+) -> tuple[CostCheck, ...]:
+    """``count`` checks at every other combination of measured size buckets.
+
+    At a bucket with a width held out (an unpadded modality), the checks run once each at it,
+    never run before, against the tables at new widths (``fresh``); otherwise at
+    the bucket's timed widths against the tables without them.
+    """
+    raw_branch, _ = best.timings.tables()
+    raw = dataclasses.replace(
+        profile,
+        branch_latency=MappingProxyType(raw_branch),
+        sized=MappingProxyType(best.timings.sized({}, {}, {})),
+    )
+    checks: list[CostCheck] = []
+    for key in (profile.reference_bucket, *profile.sized_plans):
+        inputs = dict(big)
+        held: dict[str, list[Tree]] = {}
+        for m, edge in zip(profile.sized, key, strict=True):
+            held[m] = rows.held_out(m, edge)
+            if edge != rows.reference[m]:
+                inputs[m] = rows.timing_input(m, edge)
+        widths = max(len(h) for h in held.values()) if held else 0
+        fresh = [inputs | {m: h[i % len(h)] for m, h in held.items() if h} for i in range(widths)]
+        if key == profile.reference_bucket and not fresh:
+            continue  # checked with the tables
+        plan = profile.priced_at(key)[0]
+        predict = profile.cost_at(key) if fresh else raw.cost_at(key)
+        checks += _check_costs(model, spec, plan, inputs, timer, count, key, predict, fresh)
+    return tuple(checks)
+
+
+def _warn_costs(
+    spec: ModelSpec,
+    profile: Profile,
+    tried: list[tuple[int, float]],
+    factors: Mapping[str, NewWidths],
+) -> None:
+    """One warning: the thread count changed, the checks fail, or new widths are mispriced."""
+    errors = [abs(c.relative_error) for c in profile.cost_checks]
+    error = statistics.median(errors) if errors else 0.0
+    fresh = [abs(c.relative_error) for c in profile.cost_checks if c.fresh]
+    parts = []
+    kept = profile.fingerprint.threads
+    if len({threads for threads, _ in tried}) > 1:
+        first, first_error = tried[0]
+        one = next(e for t, e in reversed(tried) if t == 1)
+        parts.append(
+            f"its cost checks at {first} threads were off by {first_error:.0%} (median), as on a busy "
+            f"host; timed again at 1 thread they were off by {one:.0%}. The profile kept was timed at "
+            f"{kept} thread{'s' if kept > 1 else ''} (fingerprint.threads): serve with "
+            f"torch.set_num_threads({kept}) (attach warns when the count differs)"
+        )
+    if error > COST_CHECK_WARN:
+        hint = "" if len(tried) > 1 and any(t == 1 for t, _ in tried) else ", pass threads=1 (a busy host)"
+        parts.append(
+            f"the cost model predicts end-to-end latency with a median error of {error:.0%} over "
+            f"{len(errors)} checks (timed at {kept} thread{'s' if kept > 1 else ''}); deadlines may be "
+            f"missed. Profile on an idle machine{hint}, or raise repeats"
+        )
+    if fresh and statistics.median(fresh) > COST_CHECK_WARN:
+        measured = {m: w.span() for m, w in factors.items()}
+        parts.append(
+            f"at input widths the branches never ran at, {len(fresh)} checks are off by "
+            f"{statistics.median(fresh):.0%} (median; a new width costs {measured} of a repeated one): "
+            f"declare pad=mosel.Padding(...) on the sized modalities so that jobs are padded to their "
+            f"bucket's edge and shapes repeat"
+        )
+    if parts:
+        warnings.warn(f"profiling {spec.model_class}: {'; '.join(parts)}", MoselWarning, stacklevel=4)
 
 
 def _check_costs(
@@ -542,8 +513,17 @@ def _check_costs(
     timer: _Timer,
     count: int,
     bucket: BucketKey = (),
+    predict: CostModel | None = None,
+    fresh: Sequence[Mapping[str, Tree]] = (),
 ) -> tuple[CostCheck, ...]:
-    """Time a few strategies end to end (mixed ones first) against their predicted latency."""
+    """Time a few strategies end to end (mixed ones first) against their predicted latency.
+
+    ``predict``: the cost model predicting them (default: the plan's own latencies). With
+    ``fresh`` inputs (at widths no branch ran at before), the i-th strategy runs once, at the
+    i-th of them (strategies share shapes: at one width, only the first would meet new ones),
+    instead of at ``big`` after the timer's warm-up; at most one check per fresh input.
+    """
+    count = min(count, len(fresh)) if fresh else count
     if count <= 0:
         return ()
     everything = frozenset(spec.modalities)
@@ -557,15 +537,18 @@ def _check_costs(
         pure = [s for s in strategies if len(s.groups) == 1]
         picks = [mixed[len(mixed) // 2], mixed[0], mixed[-1]] if mixed else []
         candidates += picks + pure[-1:]
-    checks = []
+    checks: list[CostCheck] = []
     seen = set()
     for strategy in candidates:
         if strategy in seen:
             continue
         seen.add(strategy)
-        inputs = {m: trees.take(x, slice(0, strategy.n), spec.batch_dim(m)) for m, x in big.items()}
-        samples = timer(functools.partial(execute, model, spec, strategy, inputs))
-        checks.append(CostCheck(strategy.groups, float(strategy.latency_us), _central(samples), bucket))
+        inputs = fresh[len(checks)] if fresh else big
+        rows = {m: trees.take(x, slice(0, strategy.n), spec.batch_dim(m)) for m, x in inputs.items()}
+        call = functools.partial(execute, model, spec, strategy, rows)
+        samples = [timer.once(call)] if fresh else timer(call)
+        predicted = strategy.latency_us if predict is None else predict.latency_us(strategy.groups)
+        checks.append(CostCheck(strategy.groups, float(predicted), _central(samples), bucket, bool(fresh)))
         if len(checks) >= count:
             break
     return tuple(checks)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
@@ -24,11 +23,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-import torch
-from torch import nn
-
-from mosel.compiling import compiled_parts
 from mosel.errors import ProfileError
+from mosel.fingerprints import Fingerprint, fingerprint_of, model_device
 from mosel.jsonvalues import json_dict, json_field, json_float, json_int, json_list, json_str, show
 from mosel.plan import (
     CostModel,
@@ -44,11 +40,13 @@ from mosel.schema import ModalitySchema
 
 __all__ = [
     "PRICED_AHEAD", "BucketKey", "CostCheck", "Fingerprint", "LatencyTable", "Profile", "SizedLatency",
-    "bucket_edge", "fingerprint_of", "plan_buckets", "priced_ahead",
+    "bucket_edge", "fingerprint_of", "model_device", "plan_buckets", "priced_ahead",
 ]  # fmt: skip
 
 FORMAT: Final = "mosel.profile"
-VERSION: Final = 2
+VERSION: Final = 3
+READS: Final = (2, 3)
+"""Format versions this mosel reads: 3 added padded buckets, repeated-width tables, widths, fresh checks."""
 
 Configuration = frozenset[str]
 BucketKey = tuple[int, ...]
@@ -116,90 +114,6 @@ class LatencyTable:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Fingerprint:
-    """What a profile was measured on: device, torch version, model class and weights.
-
-    ``dtype`` is the dtype of the model's first parameter (``""``: not recorded, an older
-    profile), ``compiled`` the branches and fusion compiled with
-    :func:`mosel.compile_branches` when it was measured, ``threads`` torch's intra-op thread
-    count then (0: not recorded).
-    """
-
-    device: str
-    torch_version: str
-    model_class: str
-    parameter_checksum: str
-    dtype: str = ""
-    compiled: tuple[str, ...] = ()
-    threads: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {
-            "device": self.device,
-            "torch_version": self.torch_version,
-            "model_class": self.model_class,
-            "parameter_checksum": self.parameter_checksum,
-            "dtype": self.dtype,
-            "compiled": list(self.compiled),
-            "threads": self.threads,
-        }
-
-    @classmethod
-    def from_json(cls, data: Any) -> Fingerprint:
-        """Inverse of :meth:`to_json`; ValueError on malformed data."""
-        data = json_dict(data, "fingerprint")
-        fields = ("device", "torch_version", "model_class", "parameter_checksum")
-        values = [json_str(json_field(data, f, "fingerprint"), f"fingerprint.{f}") for f in fields]
-        dtype = json_str(data.get("dtype", ""), "fingerprint.dtype")
-        compiled = json_list(data.get("compiled", []), "fingerprint.compiled")
-        threads = json_int(data.get("threads", 0), "fingerprint.threads", low=0)
-        device, torch_version, model_class, checksum = values
-        return cls(
-            device, torch_version, model_class, checksum, dtype,
-            tuple(json_str(c, "fingerprint.compiled[]") for c in compiled), threads,
-        )  # fmt: skip
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return device.type
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def fingerprint_of(model: nn.Module, model_class: str) -> Fingerprint:
-    """Fingerprint a model: device, torch version, class and a checksum of its parameters.
-
-    The checksum hashes names, shapes, dtypes and rounded float64 sums of each tensor, so it is
-    cheap on any device and stable across devices for the same weights.
-    """
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
-            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-            if tensor.numel() and (tensor.is_floating_point() or tensor.dtype in (torch.int64, torch.int32)):
-                t = tensor.detach().to(torch.float64)
-                digest.update(f"{float(t.sum()):.6e}:{float(t.abs().sum()):.6e}".encode())
-    first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return Fingerprint(
-        device=_device_name(model_device(model)),
-        torch_version=torch.__version__,
-        model_class=model_class,
-        parameter_checksum=digest.hexdigest()[:16],
-        dtype="" if first is None else str(first.dtype),
-        compiled=compiled_parts(model),
-        threads=torch.get_num_threads(),
-    )
-
-
 def bucket_edge(buckets: tuple[int, ...], size: int) -> int:
     """The first of ascending ``buckets`` that is ``>= size``; beyond the last, the next power of two."""
     i = bisect.bisect_left(buckets, size)
@@ -215,25 +129,42 @@ class SizedLatency:
     Attributes:
         buckets: the declared upper edges of the size buckets, ascending.
         reference: the bucket that ``Profile.branch_latency`` and ``Profile.plan`` are for (the
-            size of the first validation batch).
+            bucket of the first validation batch's longest row).
         tables: bucket edge -> latency table of the branch, for every bucket the validation
-            data held (the reference included).
+            rows reached (the reference included).
+        padded: the tables were timed at each bucket's edge, the rows padded to it
+            (:class:`mosel.Padding`): serving pads every job to its edge too.
+        repeated: for a modality served at its jobs' own widths (not padded), bucket edge ->
+            the branch's table at a width it ran before, where ``tables`` holds what a width it
+            never ran costs (on a CPU, kernels are built per shape; a serving job is a new width,
+            almost always), measured on the validation widths. Empty when padded, or when the
+            validation data held one width per bucket.
+        widths: bucket edge -> the input widths its timings ran at (the tables' own first).
     """
 
     buckets: tuple[int, ...]
     reference: int
     tables: Mapping[int, LatencyTable]
+    padded: bool = False
+    repeated: Mapping[int, LatencyTable] = field(default_factory=lambda: MappingProxyType({}))
+    widths: Mapping[int, tuple[int, ...]] = field(default_factory=lambda: MappingProxyType({}))
 
     def edge(self, size: int) -> int:
         """The bucket of a job of ``size`` (see :func:`bucket_edge`)."""
         return bucket_edge(self.buckets, size)
+
+    @property
+    def largest(self) -> int:
+        """The largest measured bucket: jobs beyond it are priced by extrapolation."""
+        return max(self.tables)
 
     def measured(self, edge: int) -> tuple[int, float]:
         """The measured bucket that prices ``edge``, and the factor on its latencies.
 
         A measured bucket prices itself; otherwise the nearest measured one above (a job never
         priced below a size it was measured at); beyond the largest, the largest, scaled
-        linearly by ``edge / largest``.
+        linearly by ``edge / largest`` (then learned online per bucket, see
+        :class:`mosel.pricing.Pricer`).
         """
         if edge in self.tables:
             return edge, 1.0
@@ -249,11 +180,14 @@ class SizedLatency:
             "buckets": list(self.buckets),
             "reference": self.reference,
             "tables": {str(e): t.to_json() for e, t in sorted(self.tables.items())},
+            "padded": self.padded,
+            "repeated": {str(e): t.to_json() for e, t in sorted(self.repeated.items())},
+            "widths": {str(e): list(w) for e, w in sorted(self.widths.items())},
         }
 
     @classmethod
     def from_json(cls, data: Any, *, what: str, size: int) -> SizedLatency:
-        """Inverse of :meth:`to_json`; ValueError naming ``what`` when malformed."""
+        """Inverse of :meth:`to_json` (format 2: no padding, repeated, widths); ValueError naming it."""
         data = json_dict(data, what)
         buckets = tuple(
             json_int(e, f"{what}.buckets[]", low=1)
@@ -261,29 +195,60 @@ class SizedLatency:
         )
         if not buckets or any(a >= b for a, b in itertools.pairwise(buckets)):
             raise ValueError(f"{what}.buckets must be strictly ascending, got {show(list(buckets))}")
-        tables = {}
-        for text, table in json_dict(json_field(data, "tables", what), f"{what}.tables").items():
-            edge = int(text) if text.isdigit() else -1
-            if edge < 1:
-                raise ValueError(f"{what}.tables has a key {text!r} that is not a positive bucket edge")
-            tables[edge] = LatencyTable.from_json(table, what=f"{what}.tables[{text!r}]", size=size)
+        raw = json_dict(json_field(data, "tables", what), f"{what}.tables")
+        tables = {
+            _edge(key, f"{what}.tables"): LatencyTable.from_json(t, what=f"{what}.tables[{key!r}]", size=size)
+            for key, t in raw.items()
+        }
         reference = json_int(json_field(data, "reference", what), f"{what}.reference", low=1)
         if reference not in tables:
             raise ValueError(f"{what}.reference {reference} has no table")
-        return cls(buckets, reference, MappingProxyType(tables))
+        padded = _bool(data.get("padded", False), f"{what}.padded")
+        repeated = {
+            _edge(key, f"{what}.repeated"): LatencyTable.from_json(
+                t, what=f"{what}.repeated[{key!r}]", size=size
+            )
+            for key, t in json_dict(data.get("repeated", {}), f"{what}.repeated").items()
+        }
+        widths = {
+            _edge(text, f"{what}.widths"): tuple(
+                json_int(w, f"{what}.widths[]", low=1) for w in json_list(ws, f"{what}.widths[{text!r}]")
+            )
+            for text, ws in json_dict(data.get("widths", {}), f"{what}.widths").items()
+        }
+        return cls(
+            buckets,
+            reference,
+            MappingProxyType(tables),
+            padded,
+            MappingProxyType(repeated),
+            MappingProxyType(widths),
+        )
+
+
+def _edge(text: str, what: str) -> int:
+    edge = int(text) if text.isdigit() else -1
+    if edge < 1:
+        raise ValueError(f"{what} has a key {text!r} that is not a positive bucket edge")
+    return edge
 
 
 @dataclass(frozen=True, slots=True)
 class CostCheck:
     """One end-to-end run of a strategy against its predicted latency.
 
-    ``buckets`` is the size bucket it ran at (empty: the reference, ``Profile.branch_latency``).
+    ``buckets`` is the size bucket it ran at (empty: the reference, ``Profile.branch_latency``);
+    ``fresh``: it ran once, at input widths its branches had not run at before (what a job of a
+    width never seen costs, for a sized modality that is not padded), against the tables that
+    price new widths (:attr:`SizedLatency.tables`); otherwise it ran at the widths the tables
+    were timed at, against the tables without that factor.
     """
 
     groups: tuple[tuple[Configuration, int], ...]
     predicted_us: float
     measured_us: float
     buckets: BucketKey = ()
+    fresh: bool = False
 
     @property
     def relative_error(self) -> float:
@@ -311,7 +276,14 @@ class CostCheck:
                 json_int(e, f"{where}.buckets[]", low=1)
                 for e in json_list(check.get("buckets", []), f"{where}.buckets")
             ),
+            _bool(check.get("fresh", False), f"{where}.fresh"),
         )
+
+
+def _bool(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be true or false, got {show(value)}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,6 +413,7 @@ class Profile:
                     "predicted_us": check.predicted_us,
                     "measured_us": check.measured_us,
                     **({"buckets": list(check.buckets)} if check.buckets else {}),
+                    **({"fresh": True} if check.fresh else {}),
                 }
                 for check in self.cost_checks
             ],
@@ -536,10 +509,10 @@ class Profile:
                 f"profiles are written by Profile.save"
             )
         version = data.get("version")
-        if isinstance(version, bool) or not isinstance(version, int) or version != VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version not in READS:
             raise ProfileError(
                 f"{source} has profile format version {show(version)}, this mosel reads "
-                f"version {VERSION}; re-profile the model with this version"
+                f"versions {', '.join(map(str, READS))}; re-profile the model with this version"
             )
         try:
             profile = cls._parse(data)

@@ -2,31 +2,36 @@
 
 :class:`Requests` is built once per served model (when its server starts) with what does not
 depend on the call: the modalities, their batch dimensions, the sized ones, the device. Each call
-then costs the checks of its own values: :meth:`Requests.job`.
+then costs the checks of its own values: :meth:`Requests.job`. A sized modality declared with
+``pad=`` has each job's input padded to its size bucket's edge there, before the job's batch key
+is taken, so that jobs of one bucket share a shape and merge.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Final
 
 import torch
 from torch import Tensor
 
 from mosel import trees
-from mosel.errors import InputError
+from mosel.errors import InputError, MoselWarning
 from mosel.execution import Work
 from mosel.jobs import BucketKey, Job
 from mosel.plan import CostModel, Plan
 from mosel.profiles import Profile
 from mosel.slo import SLO
-from mosel.spec import ModelSpec
+from mosel.spec import ModelSpec, Padding
 from mosel.trees import Tree
 
-__all__ = ["Requests", "check_inputs", "group_by_presence"]
+__all__ = ["WARNED_BUCKETS", "Requests", "check_inputs", "group_by_presence"]
 
 Configuration = frozenset[str]
+WARNED_BUCKETS: Final = 64
+"""Size buckets beyond the measured ones warned about per served model (once each); then no more."""
 
 
 class Requests:
@@ -36,6 +41,8 @@ class Requests:
         spec: the model's spec.
         profile: its profile (which modalities are priced per input size).
         device: the model's device now (read per call: ``.to()`` moves it).
+        float_dtype: the float dtype the model moved to since it was profiled, if it did (its
+            float inputs take it rather than the profile's).
         plan_outside_lock: the plan and cost model of a size bucket, computed outside any lock
             (:meth:`mosel.pricing.Pricer.plan_outside_lock`).
     """
@@ -46,13 +53,22 @@ class Requests:
         profile: Profile,
         device: Callable[[], torch.device],
         plan_outside_lock: Callable[[BucketKey], tuple[Plan, CostModel]],
+        float_dtype: Callable[[], torch.dtype | None] = lambda: None,
     ) -> None:
         self.spec = spec
         self.profile = profile
         self.device = device
         self.plan_outside_lock = plan_outside_lock
         self.sized = tuple((m, spec.sizings[m]) for m in profile.sized if m in spec.sizings)
+        self.schemas = dict(profile.input_schema)
+        self.float_dtype = float_dtype
         self.batch_dims = {m: spec.batch_dim(m) for m in spec.modalities}
+        # Per sized modality of the profile, in its order: the padding declared, the largest bucket measured.
+        self.edges = tuple(
+            (m, spec.sizings[m].padding if m in spec.sizings else None, s.largest)
+            for m, s in profile.sized.items()
+        )
+        self.warned: set[tuple[str, int]] = set()
 
     def job(
         self, inputs: object, slo: SLO, present: object, arrival: float, future: Future[Any] | None = None
@@ -66,6 +82,13 @@ class Requests:
         spec = self.spec
         device = self.device()
         tensors, available, n = check_inputs(inputs, spec, device)
+        schemas = self.schemas
+        if schemas:
+            moved = self.float_dtype()  # a model moved to another float dtype (on_stale="warn")
+            for m, tree in tensors.items():
+                schema = schemas.get(m)
+                if schema is not None:
+                    tensors[m] = schema.conform(m, tree, float_dtype=moved)
         tensors, groups, order = group_by_presence(tensors, available, n, present, spec)
         bucket = priced = None
         if self.sized:
@@ -73,6 +96,14 @@ class Requests:
             bucket = self.profile.bucket(sizes)
             # Here, before the driver's lock: a bucket beyond the measured ones may reprice a plan.
             priced = self.plan_outside_lock(bucket)
+            for (m, padding, largest), edge in zip(self.edges, bucket, strict=True):
+                size = sizes.get(m)
+                if size is None:
+                    continue
+                if padding is not None and edge > size:
+                    tensors[m] = _padded(m, padding, tensors[m], size, edge)
+                if edge > largest and (m, edge) not in self.warned:
+                    self._warn_beyond(m, size, edge, largest)
         dims = self.batch_dims
         key = []
         for m, t in tensors.items():
@@ -88,6 +119,30 @@ class Requests:
             bucket=bucket,
             priced=priced,
         )
+
+    def _warn_beyond(self, modality: str, size: int, edge: int, largest: int) -> None:
+        """Once per bucket (at most :data:`WARNED_BUCKETS` of them): a job beyond the measured buckets."""
+        if len(self.warned) >= WARNED_BUCKETS:
+            return
+        self.warned.add((modality, edge))
+        warnings.warn(
+            f"a job of {self.spec.model_class} has modality {modality!r} at size {size} (bucket {edge}), "
+            f"beyond the largest bucket its profile measured ({largest}): it is priced at that bucket's "
+            f"latency scaled by {edge / largest:.3g} (linear in size), corrected online from this bucket's "
+            f"own runs. Profile with validation rows this long to measure it (warned once per bucket)",
+            MoselWarning,
+            stacklevel=6,  # here < job < Server.infer/submit < the runtime < model.infer/submit < the caller
+        )
+
+
+def _padded(modality: str, padding: Padding, x: Tree, size: int, edge: int) -> Tree:
+    try:
+        return padding.fit(x, size, edge)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise InputError(
+            f"inputs[{modality!r}] could not be padded from {size} to its size bucket's edge {edge} "
+            f"({type(exc).__name__}: {exc}); check it against the modality's pad=mosel.Padding(...)"
+        ) from exc
 
 
 def group_by_presence(

@@ -101,13 +101,15 @@ _MAX_SENT: Final = 1024
 class _Track:
     """One replica's books: its last report as the router read it, and the sends since."""
 
-    __slots__ = ("entries", "fold", "report", "requests", "stamp_s")
+    __slots__ = ("entries", "fold", "received_s", "renewed", "report", "requests", "stamp_s")
 
     def __init__(self) -> None:
         self.entries: collections.deque[tuple[float, float, int]] = collections.deque()
         self.requests = 0  # the sum of the entries' requests
         self.report: Load | None = None
         self.stamp_s = -math.inf  # when the router takes ``report`` to have been taken
+        self.received_s = -math.inf  # the router's clock when it first read ``report``
+        self.renewed = False  # ``report`` replaced an earlier, earlier-stamped one: still reporting
         # (rate, backlog after the last entry, that entry's time): the fluid queue of ``report``
         # and every entry, kept up to date as sends are added in time order.
         self.fold: tuple[float, float, float] | None = None
@@ -124,7 +126,14 @@ class _Sent:
     clock says it was taken (clock skew) counts as taken when first read; sends older than
     ``horizon_s`` are forgotten (no fresh report can predate them); and beyond
     :data:`_MAX_SENT` entries the two oldest merge. Each operation is O(1) amortised: the fluid
-    queue of the entries is folded as they come, and refolded only when a new report arrives.
+    queue of the report and the entries is folded as they come (the forgotten and merged ones
+    stay in it), and refolded only when a new report arrives.
+
+    A report's age (:meth:`age_s`) is read on the router's clock: from when the router first
+    read it, once the replica has renewed its report (a report stamped later than the one
+    before, on the replica's own clock: it keeps reporting, whatever its clock says); before
+    that, from its stamp. A renewed report whose stamp was already older than
+    ``horizon_s`` when first read (the replica's clock lags) is taken as stamped then.
     """
 
     __slots__ = ("horizon_s", "tracks")
@@ -152,24 +161,44 @@ class _Sent:
         """Bring replica ``i``'s books to ``now_s`` with its latest ``load`` (None: none yet).
 
         A new report stamped later than ``now_s`` (its host's clock runs ahead) is taken as
-        stamped now. The sends it already counts (sent at or before its stamp) and those older
-        than the horizon are dropped.
+        stamped now, and so is one that renews an earlier report but is stamped more than the
+        horizon ago (its host's clock lags). The sends it already counts (sent at or before its
+        stamp) and those older than the horizon are dropped from the entries (a forgotten send
+        stays in the fold: it was sent).
         """
         track = self.track(i)
+        horizon = -math.inf if self.horizon_s is None else now_s - self.horizon_s
         if load is not None and load != track.report:
+            track.renewed = track.report is not None and load.at_s > track.report.at_s
             track.report = load
-            track.stamp_s = min(load.at_s, now_s)
+            track.received_s = now_s
+            stamp = min(load.at_s, now_s)
+            track.stamp_s = now_s if track.renewed and stamp < horizon else stamp
             track.fold = None
         entries = track.entries
-        horizon = -math.inf if self.horizon_s is None else now_s - self.horizon_s
         while entries and (entries[0][0] <= track.stamp_s or entries[0][0] < horizon):
             track.requests -= entries.popleft()[2]
-            track.fold = None
         return track
 
     def age_s(self, i: int, now_s: float) -> float:
-        """Seconds since replica ``i``'s last report as the router reads it (inf: none)."""
-        return max(now_s - self.track(i).stamp_s, 0.0)
+        """Seconds since replica ``i``'s last report as the router reads it (inf: none).
+
+        From when the router first read it, if it renewed an earlier report (the replica keeps
+        reporting: a clock that lags cannot make it look silent); else from its stamp.
+        """
+        track = self.track(i)
+        return max(now_s - (track.received_s if track.renewed else track.stamp_s), 0.0)
+
+    def _fold(self, track: _Track, backlog_ms: float, rate: float) -> tuple[float, float, float]:
+        """(rate, backlog, at): the fluid queue of ``backlog_ms`` at the report and the sends since."""
+        fold = track.fold
+        if fold is None or fold[0] != rate:
+            backlog, at = backlog_ms, track.stamp_s
+            for sent_at, cost_ms, _ in track.entries:
+                backlog = max(backlog - max(sent_at - at, 0.0) * rate, 0.0) + cost_ms
+                at = max(at, sent_at)
+            fold = track.fold = (rate, backlog, at)
+        return fold
 
     def drain_ms(self, i: int, load: Load, now_s: float) -> float:
         """Replica ``i``'s predicted drain now: its report's, less the time since, plus what was sent.
@@ -179,29 +208,18 @@ class _Sent:
         prediction at the report (:attr:`Load.overrun_ms`) is stalled: it drains nothing until
         a later report says otherwise. Call :meth:`observe` with ``load`` first.
         """
-        track = self.track(i)
         rate = 0.0 if load.overrun_ms > 0.0 else 1000.0
-        if track.fold is None or track.fold[0] != rate:
-            backlog, at = load.drain_ms, track.stamp_s
-            for sent_at, cost_ms, _ in track.entries:
-                backlog = max(backlog - max(sent_at - at, 0.0) * rate, 0.0) + cost_ms
-                at = max(at, sent_at)
-            track.fold = (rate, backlog, at)
-        _, backlog, at = track.fold
+        _, backlog, at = self._fold(self.track(i), load.drain_ms, rate)
         return max(backlog - max(now_s - at, 0.0) * rate, 0.0)
 
     def unknown_drain_ms(self, i: int, load: Load | None, now_s: float) -> float:
         """An optimistic drain for replica ``i``, which has no fresh report.
 
-        The fluid queue of its last report (if any), always draining, and of the sends since
-        (those the horizon kept). Call :meth:`observe` with ``load`` first.
+        The fluid queue of its last report (if any), always draining, and of the sends since;
+        O(1) amortised like :meth:`drain_ms`. Call :meth:`observe` with ``load`` first.
         """
-        track = self.track(i)
-        backlog, at = (0.0, -math.inf) if load is None else (load.drain_ms, track.stamp_s)
-        for sent_at, cost_ms, _ in track.entries:
-            backlog = (max(backlog - (sent_at - at) * 1000.0, 0.0) if sent_at > at else backlog) + cost_ms
-            at = max(at, sent_at)
-        return max(backlog - (now_s - at) * 1000.0, 0.0) if now_s > at else backlog
+        _, backlog, at = self._fold(self.track(i), 0.0 if load is None else load.drain_ms, 1000.0)
+        return max(backlog - max(now_s - at, 0.0) * 1000.0, 0.0)
 
     def in_flight(self, i: int) -> int:
         """Jobs on replica ``i``'s books (sent since its last report, within the horizon)."""
@@ -348,7 +366,9 @@ class SlackRouter:
     without that bound (a probe cannot do worse than a predicted miss): they take the request
     while their optimistic finish is the earliest. A report stamped later
     than the router's clock reads as taken when the router first saw it (clock skew never makes
-    a replica look behind). The router's books are bounded: sends older than ``stale_after_s``
+    a replica look behind); once a replica renews its reports, their age counts on the router's
+    clock from when it first read each (a lagging clock never makes a reporting replica look
+    silent; see ``docs/scale-out.md``). The router's books are bounded: sends older than ``stale_after_s``
     are forgotten and at most 1024 are kept per replica; a choice costs O(replicas), whatever
     the number of requests routed.
 
@@ -416,7 +436,7 @@ class SlackRouter:
         return cached
 
     def fresh(self, load: Load | None, now_s: float) -> bool:
-        """Is ``load`` recent enough to route on (by its own stamp; see the class on clock skew)?"""
+        """Whether ``load`` is recent by its own stamp (:meth:`predict` judges on the router's clock)."""
         return load is not None and load.age_s(now_s) <= self.stale_after_s
 
     def predict(

@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import math
 import os
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any, Final, Literal, TypeVar
 
@@ -24,9 +25,19 @@ from torch import Tensor, nn
 
 from mosel import methods
 from mosel.compiling import COMPILED_ATTR, unwrap_compiled
-from mosel.errors import MoselWarning, NotProfiledError, ProfileMismatchError, SpecError
-from mosel.execution import Result, RowPlanCache
-from mosel.profiles import Profile, fingerprint_of, priced_ahead
+from mosel.errors import (
+    InputError,
+    MoselWarning,
+    NotMonitoredError,
+    NotProfiledError,
+    ProfileMismatchError,
+    SpecError,
+)
+from mosel.execution import Result, RowPlanCache, execute
+from mosel.monitoring import Monitor, Monitoring
+from mosel.plan import Strategy
+from mosel.profiles import Fingerprint, Profile, fingerprint_of, priced_ahead
+from mosel.requests import check_inputs
 from mosel.scheduler import SchedulerConfig
 from mosel.server import Server
 from mosel.slo import SLO
@@ -34,14 +45,23 @@ from mosel.spec import ModelSpec, spec_of
 from mosel.stats import Load, Stats, StatsSnapshot
 from mosel.stats import prometheus_collector as _collector
 from mosel.tail import TailModel, profile_sigma
+from mosel.trees import Tree
 
-__all__ = ["attach", "close", "load", "profile_of", "readiness", "serving", "settle", "stats", "submit_now"]
+__all__ = [
+    "attach", "close", "feedback", "label_as", "load", "monitor", "monitor_of", "profile_of", "readiness",
+    "run_configuration", "serving", "settle", "stats", "submit_now",
+]  # fmt: skip
 
 STATE_ATTR: Final = "_mosel_state"
 OnStale = Literal["refuse", "warn"] | Callable[[nn.Module], Profile]
 """What serving does when the model moved to another device or dtype, or its compiled parts
 changed, after ``attach``."""
 M = TypeVar("M", bound=nn.Module)
+Layout = frozenset[tuple[torch.device, torch.dtype]]
+"""The (device, dtype) pairs of a model's parameters and buffers."""
+LAYOUT_CHECK_S: Final = 0.1
+"""Serving compares every parameter's and buffer's device and dtype with those pinned at most
+this often (a whole-model move is seen at once, through the first tensor); readiness always does."""
 _lock = threading.Lock()  # guards starting and closing servers (rare: first use, close, attach)
 _states: weakref.WeakSet[_ModelState] = weakref.WeakSet()
 
@@ -52,6 +72,8 @@ def _after_fork_in_child() -> None:
     _lock = threading.Lock()
     for state in list(_states):
         state.stats = state.stats.forked()
+        if state.monitor is not None:
+            state.monitor.after_fork()
 
 
 if hasattr(os, "register_at_fork"):
@@ -68,6 +90,7 @@ class _ModelState:
         model_class: type[nn.Module],
         config: SchedulerConfig | None = None,
         on_stale: OnStale = "refuse",
+        monitoring: Monitoring | None = None,
     ) -> None:
         self.profile = profile
         self.spec = spec
@@ -77,6 +100,13 @@ class _ModelState:
         self.row_plans: RowPlanCache = {}
         self.probe: Tensor | None = None
         self.attached_as: tuple[torch.device, torch.dtype] | None = None  # the probe's, at attach
+        # Every parameter and buffer, and their (device, dtype) pairs when pinned: a partial move
+        # (model.audio.half()) leaves the probe where it was.
+        self.tensors: tuple[Tensor, ...] = ()
+        self.layout: Layout = frozenset()
+        self.checked_at = -math.inf  # when the layout was last found unchanged (time.monotonic)
+        self.layout_moved: str | None = None  # how it differs, as last found
+        self.measured_layout: Layout | None = None  # the layout the profile fits (None: unknown)
         # The parts that can be compiled, and those compiled at attach (mosel.compile_branches).
         self.parts = (*spec.branches.values(), spec.fusion)
         self.compiled: tuple[str, ...] = ()
@@ -85,16 +115,35 @@ class _ModelState:
         self.reprofile_error: str | None = None  # why the last one failed (None: none failed)
         self.server: Server | None = None
         self.stats = Stats()  # outlives servers: counters survive close() and a restart
+        self.monitoring: Monitoring | None = None
+        self.monitor: Monitor | None = None  # outlives servers too (labels arrive after a restart)
+        self.watch(monitoring)
         # The declared size buckets' plans, priced now (offline) for every server to come.
         self.priced = priced_ahead(profile, {m: s.buckets for m, s in spec.sizings.items()})
         _states.add(self)
 
+    def watch(self, monitoring: Monitoring | None) -> Monitor | None:
+        """Monitor the model's accuracy with ``monitoring`` from now on (None: stop), its server too."""
+        monitor = None
+        if monitoring is not None:
+            monitor = Monitor(self.profile, monitoring, self.spec, self.model_class.__qualname__)
+        self.monitoring, self.monitor = monitoring, monitor
+        self.stats.set_accuracy(None if monitor is None else monitor.snapshot)
+        server = self.server
+        if server is not None and not server.closed and server.pid == os.getpid():
+            server.set_monitor(monitor)
+        return monitor
+
     def pin(self, model: nn.Module) -> None:
-        """Remember the model's device, dtype and compiled parts now: serving checks they did not change."""
-        probe = next(itertools.chain(model.parameters(), model.buffers()), None)
-        if probe is not None:
-            self.probe = probe
+        """Remember the model's devices, dtypes and compiled parts now: serving checks they did not change."""
+        tensors = tuple(itertools.chain(model.parameters(), model.buffers()))
+        if tensors:
+            probe = self.probe = tensors[0]
             self.attached_as = (probe.device, probe.dtype)
+        self.tensors = tensors
+        self.layout = _layout(tensors)
+        self.layout_moved = None
+        self.checked_at = time.monotonic()
         self.compiled = self.compiled_now(model)
 
     def compiled_now(self, model: nn.Module) -> tuple[str, ...]:
@@ -102,26 +151,48 @@ class _ModelState:
         found = model.__dict__
         return tuple(n for n in self.parts if getattr(found.get(n), COMPILED_ATTR, False))
 
-    def moved(self) -> str | None:
-        """How the model moved since :meth:`pin` (device or dtype), or None."""
-        probe, pinned = self.probe, self.attached_as
-        if probe is None or pinned is None or (probe.device, probe.dtype) == pinned:
-            return None
-        return f"{pinned[0]}/{pinned[1]} to {probe.device}/{probe.dtype}"
+    def moved(self, *, full: bool = False) -> str | None:
+        """How the model moved since :meth:`pin` (device or dtype, of all or a part of it), or None.
 
-    def changed(self, model: nn.Module) -> str | None:
+        The first tensor is looked at every time; every tensor with ``full``, while a part is
+        known to have moved, and otherwise every :data:`LAYOUT_CHECK_S` seconds.
+        """
+        probe, pinned = self.probe, self.attached_as
+        if probe is not None and pinned is not None and (probe.device, probe.dtype) != pinned:
+            return f"{pinned[0]}/{pinned[1]} to {probe.device}/{probe.dtype}"
+        now = time.monotonic()
+        if full or self.layout_moved is not None or now - self.checked_at >= LAYOUT_CHECK_S:
+            layout = _layout(self.tensors)
+            if layout == self.layout:
+                self.layout_moved, self.checked_at = None, now
+            else:
+                self.layout_moved = (
+                    f"{_show(self.layout)} to {_show(layout)} (some of its parameters or buffers moved)"
+                )
+        return self.layout_moved
+
+    def changed(self, model: nn.Module, *, full: bool = False) -> str | None:
         """What changed since :meth:`pin` that makes the profile's latencies wrong, or None.
 
-        A move to another device or dtype (``model.half()``), or other compiled parts
-        (``mosel.compile_branches(model)`` after ``attach``).
+        A move to another device or dtype (``model.half()``, or of a part: ``model.audio.half()``),
+        or other compiled parts (``mosel.compile_branches(model)`` after ``attach``). ``full``:
+        look at every parameter and buffer now (see :meth:`moved`).
         """
-        moved = self.moved()
+        moved = self.moved(full=full)
         if moved is not None:
             return f"moved from {moved}"
         compiled = self.compiled_now(model)
         if compiled != self.compiled:
             return f"had its compiled parts changed from {list(self.compiled)} to {list(compiled)}"
         return None
+
+    def float_dtype(self, model: nn.Module) -> torch.dtype | None:
+        """The float dtype inputs must take if the model moved from its profile's (else None)."""
+        self.device(model)
+        assert self.probe is not None
+        dtype = self.probe.dtype
+        measured = self.profile.fingerprint.dtype
+        return dtype if dtype.is_floating_point and measured and str(dtype) != measured else None
 
     def device(self, model: nn.Module) -> torch.device:
         """The model's device, read from one of its tensors (``.to()`` updates it in place)."""
@@ -153,6 +224,8 @@ class _ModelState:
                     self.config,
                     stats=self.stats,
                     priced=self.priced,
+                    float_dtype=functools.partial(self.float_dtype, model),
+                    monitor=self.monitor,
                 )
             return server
 
@@ -189,24 +262,37 @@ def _stale(model: nn.Module, state: _ModelState, *, wait: bool = True) -> Server
             raise ProfileMismatchError(_refusal(model, how))
         return state.serve(model)
     if state.on_stale == "warn":
-        with state.stale_lock:
-            how = state.changed(model)
-            if how is not None:
-                warnings.warn(
-                    f"{type(model).__qualname__} {how} after its profile was attached; serving on "
-                    f"with the old profile's latencies (decisions may miss deadlines)",
-                    MoselWarning,
-                    stacklevel=4,
-                )
-                state.pin(model)
+        _repin(model, state)
         return state.serve(model)
     if not wait:
         _start_reprofile(model, state)
         if _state(model) is state:
             raise ProfileMismatchError(_reprofiling(model, state))
         return _state(model).serve(model, wait=False)
-    _reprofile(model, state)
+    _reprofile(model, state)  # dropped if the model moved meanwhile: serve() looks again
     return _state(model).serve(model)
+
+
+def _repin(model: nn.Module, state: _ModelState) -> None:
+    """``on_stale="warn"``: warn once about the change, and take the model as it is now."""
+    with state.stale_lock:
+        how = state.changed(model, full=True)
+        if how is not None:
+            warnings.warn(
+                f"{type(model).__qualname__} {how} after its profile was attached; serving on "
+                f"with the old profile's latencies (decisions may miss deadlines)",
+                MoselWarning,
+                stacklevel=5,
+            )
+            state.pin(model)
+
+
+def _layout(tensors: tuple[Tensor, ...]) -> Layout:
+    return frozenset((t.device, t.dtype) for t in tensors)
+
+
+def _show(layout: Layout) -> str:
+    return " + ".join(sorted(f"{device}/{dtype}" for device, dtype in layout)) or "no tensors"
 
 
 def _refusal(model: nn.Module, how: str) -> str:
@@ -227,14 +313,22 @@ def _reprofiling(model: nn.Module, state: _ModelState) -> str:
     )
 
 
-def _reprofile(model: nn.Module, state: _ModelState) -> None:
-    """Run ``state.on_stale`` and attach its profile, once however many threads see the change."""
+def _reprofile(model: nn.Module, state: _ModelState) -> bool:
+    """Run ``state.on_stale`` and attach its profile, once however many threads see the change.
+
+    A profile measured while the model moved again (back, say) fits neither what it was nor
+    what it is: it is dropped (False), and the change is handled afresh by the next look.
+    """
     assert callable(state.on_stale)
     with state.stale_lock:
-        if _state(model) is not state or state.changed(model) is None:
-            return  # another thread re-profiled meanwhile (or the model moved back)
+        if _state(model) is not state or state.changed(model, full=True) is None:
+            return True  # another thread re-profiled meanwhile (or the model moved back)
+        before = (_layout(state.tensors), state.compiled_now(model))
         profile = state.on_stale(model)  # re-profile, by the user's function
-        attach(model, profile, scheduler=state.config, on_stale=state.on_stale)
+        if (_layout(state.tensors), state.compiled_now(model)) != before:
+            return False
+        attach(model, profile, scheduler=state.config, on_stale=state.on_stale, monitoring=state.monitoring)
+        return True
 
 
 def _start_reprofile(model: nn.Module, state: _ModelState) -> None:
@@ -251,11 +345,11 @@ def _start_reprofile(model: nn.Module, state: _ModelState) -> None:
 
 def _reprofile_main(model: nn.Module, state: _ModelState) -> None:
     try:
-        _reprofile(model, state)
+        attached = _reprofile(model, state)
     except BaseException as exc:  # reported by readiness and the refusals; the next look retries
         state.reprofile_error = f"{type(exc).__name__}: {exc}"
     else:
-        state.reprofile_error = None
+        state.reprofile_error = None if attached else "the model moved again while it was re-profiled"
 
 
 def _state(model: nn.Module) -> _ModelState:
@@ -284,31 +378,37 @@ def readiness(model: nn.Module) -> str | None:
     ``mosel.attach(on_stale=...)``), and its profile was measured in that dtype and on that kind
     of device.
 
-    It runs the handling serving runs for such a change, without waiting: ``on_stale="refuse"``
-    and ``"warn"`` are not ready (the profile does not fit; ``"warn"`` serves on regardless);
-    with an ``on_stale`` function, the re-profile starts now on a background thread (not on the
-    next request) and readiness says ``"re-profiling: ..."`` until its profile is attached.
+    Every parameter and buffer is looked at (a part moved, ``model.audio.half()``, is a move).
+    It runs the handling serving runs for such a change, without waiting for a request:
+    ``on_stale="refuse"`` is not ready; ``"warn"`` warns once and takes the model as it is now,
+    as serving does, and is then ready exactly when the profile fits it (moved back: ready;
+    moved elsewhere, or compiled: not ready, though it serves on); with an ``on_stale``
+    function, the re-profile starts now on a background thread and readiness says
+    ``"re-profiling: ..."`` until its profile is attached.
     """
     try:
         state = _state(model)
     except (NotProfiledError, SpecError) as exc:
         return str(exc)
-    how = state.changed(model)
+    how = state.changed(model, full=True)
     if how is not None:
         if callable(state.on_stale):
             _start_reprofile(model, state)
             if _state(model) is not state:  # it finished already
                 return readiness(model)
             return _reprofiling(model, state)
-        return (
-            f"the model {how} after its profile was attached (on_stale={state.on_stale!r}); "
-            f"re-profile or re-attach"
-        )
-    return _measured_elsewhere(state)
+        if state.on_stale == "refuse":
+            return f"the model {how} after its profile was attached (on_stale='refuse'); re-profile or attach"
+        _repin(model, state)
+    return _measured_elsewhere(state, model)
 
 
-def _measured_elsewhere(state: _ModelState) -> str | None:
-    """How the profile's dtype or device kind differs from the model's now (None: they match)."""
+def _measured_elsewhere(state: _ModelState, model: nn.Module) -> str | None:
+    """How the model now differs from what its profile was measured on (None: it fits).
+
+    Its dtype and device kind, every tensor's (device, dtype) where known (the layout at
+    ``attach`` when the profile fitted then), and its compiled parts.
+    """
     probe = state.probe
     measured = state.profile.fingerprint
     if probe is None:
@@ -318,6 +418,18 @@ def _measured_elsewhere(state: _ModelState) -> str | None:
     kind = measured.device.split(":", 1)[0]
     if kind in ("cpu", "cuda", "mps", "xpu") and kind != probe.device.type:
         return f"the profile was measured on {measured.device}, the model is on {probe.device} now"
+    fits = state.measured_layout
+    if fits is not None and state.layout != fits:
+        return (
+            f"the profile was measured with the model's tensors in {_show(fits)}; they are in "
+            f"{_show(state.layout)} now"
+        )
+    compiled = state.compiled_now(model)
+    if measured.dtype and tuple(measured.compiled) != compiled:  # "": an older profile, not recorded
+        return (
+            f"the profile was measured with the compiled parts {list(measured.compiled)}, the model has "
+            f"{list(compiled)} now"
+        )
     return None
 
 
@@ -336,6 +448,32 @@ def settle(model: nn.Module) -> None:
     _state(model).serve(model, wait=False)
 
 
+def _stale_reasons(profile: Profile, spec: ModelSpec, here: Fingerprint) -> list[str]:
+    """What in ``profile`` does not fit the model (fingerprint ``here``, declaration ``spec``)."""
+    stale = [
+        f"{name} {getattr(profile.fingerprint, name)!r} != {getattr(here, name)!r}"
+        for name in ("device", "torch_version", "parameter_checksum", "dtype", "compiled", "threads")
+        if getattr(profile.fingerprint, name) != getattr(here, name)
+        and not (name in ("dtype", "threads") and not getattr(profile.fingerprint, name))  # older: unknown
+    ]
+    if set(profile.sized) != set(spec.sizings):
+        stale.append(
+            f"modalities priced per input size {sorted(profile.sized)} != declared with size= "
+            f"{sorted(spec.sizings)} (jobs would be priced at one size)"
+        )
+    padding = [
+        m
+        for m, s in profile.sized.items()
+        if m in spec.sizings and s.padded != (spec.sizings[m].padding is not None)
+    ]
+    if padding:
+        stale.append(
+            f"modalities {padding} are padded to their size buckets' edges in the profile or in the "
+            f"declaration (pad=), not in both (jobs would run at other widths than the profile timed)"
+        )
+    return stale
+
+
 def attach(
     model: nn.Module,
     profile: Profile,
@@ -343,6 +481,7 @@ def attach(
     strict: bool = False,
     scheduler: SchedulerConfig | None = None,
     on_stale: OnStale = "refuse",
+    monitoring: Monitoring | None = None,
 ) -> None:
     """Attach a profile (and its plan) to a model so that it can serve.
 
@@ -359,6 +498,10 @@ def attach(
     ``model -> Profile`` (e.g. ``lambda m: mosel.profile(m, validation_data)``) re-profiles
     once, on the first call or :func:`readiness` check that sees the change, and attaches the
     result (a readiness check, or :func:`submit_now`, starts it in the background).
+
+    ``monitoring`` (a :class:`mosel.Monitoring`) watches the accuracy the profile promises in
+    production: labels reported with :func:`feedback`, live accuracy per configuration, drift
+    alarms, shadow runs and, with ``live_floors``, re-priced floors (``docs/monitoring.md``).
     """
     model = unwrap_compiled(model)
     if not (on_stale in ("refuse", "warn") or callable(on_stale)):
@@ -376,18 +519,7 @@ def attach(
             f"profile was measured on {profile.fingerprint.model_class}, not {spec.model_class}; "
             f"profile this model instead"
         )
-    here = fingerprint_of(model, spec.model_class)
-    stale = [
-        f"{name} {getattr(profile.fingerprint, name)!r} != {getattr(here, name)!r}"
-        for name in ("device", "torch_version", "parameter_checksum", "dtype", "compiled", "threads")
-        if getattr(profile.fingerprint, name) != getattr(here, name)
-        and not (name in ("dtype", "threads") and not getattr(profile.fingerprint, name))  # older: unknown
-    ]
-    if set(profile.sized) != set(spec.sizings):
-        stale.append(
-            f"modalities priced per input size {sorted(profile.sized)} != declared with size= "
-            f"{sorted(spec.sizings)} (jobs would be priced at one size)"
-        )
+    stale = _stale_reasons(profile, spec, fingerprint_of(model, spec.model_class))
     if stale:
         message = (
             f"profile of {spec.model_class} does not match this model: {'; '.join(stale)}. "
@@ -397,8 +529,10 @@ def attach(
             raise ProfileMismatchError(message)
         warnings.warn(message, MoselWarning, stacklevel=2)
     old = model.__dict__.get(STATE_ATTR)
-    state = _ModelState(profile, spec, type(model), scheduler, on_stale)
+    state = _ModelState(profile, spec, type(model), scheduler, on_stale, monitoring)
     state.pin(model)
+    if _measured_elsewhere(state, model) is None:
+        state.measured_layout = state.layout
     model.__dict__[STATE_ATTR] = state
     if isinstance(old, _ModelState):
         server = old.take_server()
@@ -428,6 +562,32 @@ def serving(model: M, *, cancel: bool = False) -> Iterator[M]:
         close(model, cancel=cancel)
 
 
+def run_configuration(model: nn.Module, inputs: Mapping[str, Tree], configuration: Iterable[str]) -> Tree:
+    """Compute ``configuration`` (a set of modality names) for every row of ``inputs``, by hand.
+
+    What a served row must equal: the branches of those modalities over the rows, then the
+    fusion over their features, outside any scheduler (no profile needed). For checking that a
+    served result is row-exact: run each row's ``Result.modalities`` with this and compare.
+
+    Raises:
+        InputError: the inputs do not fit the model, or lack a modality of the configuration.
+    """
+    spec = spec_of(model)
+    wanted = frozenset(configuration)
+    unknown = sorted(wanted - set(spec.modalities))
+    if not wanted or unknown:
+        raise InputError(
+            f"configuration {sorted(wanted)} must be a non-empty set of {list(spec.modalities)}"
+            + (f"; unknown: {unknown}" if unknown else "")
+        )
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    tensors, available, n = check_inputs({m: inputs[m] for m in inputs if m in wanted}, spec, device)
+    if available != wanted:
+        raise InputError(f"configuration {sorted(wanted)} needs inputs for {sorted(wanted - available)}")
+    with torch.inference_mode():
+        return execute(model, spec, Strategy(((wanted, n),), 0, 0), tensors)
+
+
 def stats(model: nn.Module) -> StatsSnapshot:
     """A snapshot of the model's serving statistics (counters, histograms, latency correction).
 
@@ -435,6 +595,73 @@ def stats(model: nn.Module) -> StatsSnapshot:
     when serving resumes; ``attach`` starts them afresh. Reading them starts nothing.
     """
     return _state(model).stats.snapshot()
+
+
+def monitor(model: nn.Module, monitoring: Monitoring | None = None) -> None:
+    """Watch ``model``'s accuracy with ``monitoring`` from now on; ``None`` stops watching.
+
+    ``mosel.monitor(model, mosel.Monitoring())`` turns it on with the default settings: the
+    same as ``attach(..., monitoring=...)`` for a model already attached. Jobs served before
+    are not held (their labels count as unknown); a new monitor's figures start afresh.
+
+    Raises:
+        NotProfiledError: no profile is attached.
+    """
+    _state(model).watch(monitoring)
+
+
+def feedback(model: nn.Module, result_id: str, labels: object) -> int:
+    """Report the ground truth of a served job, when it arrives (minutes or days later).
+
+    Args:
+        model: the model that served it.
+        result_id: the job's :attr:`mosel.Result.id`, or a key given to :func:`label_as`.
+        labels: one label per request, in the job's row order (a sequence or a tensor; None for
+            a request without one), or ``{row: label}`` for some; what the metric of
+            ``Monitoring`` takes as targets (class indices for the default top-1).
+
+    Returns:
+        The requests scored now: 0 for an id not held (never served by this process, or
+        forgotten after ``Monitoring.horizon_s`` / ``max_records``) or requests already labelled.
+
+    Raises:
+        NotProfiledError: no profile is attached.
+        NotMonitoredError: monitoring is off.
+        InputError: the labels are malformed (their number, a row out
+            of range, labels the metric cannot score).
+    """
+    return _monitor(model).feedback(result_id, labels)
+
+
+def label_as(model: nn.Module, result_id: str, key: str) -> bool:
+    """Let the labels of ``result_id`` also come as ``key`` (the caller's own id for the job).
+
+    Returns False when ``result_id`` is not held (see :func:`feedback`).
+
+    Raises:
+        InputError: monitoring is off, or ``key`` is not a non-empty string.
+    """
+    return _monitor(model).alias(result_id, key)
+
+
+def monitor_of(model: nn.Module) -> Monitor | None:
+    """The model's accuracy monitor (None when monitoring is off): its figures, ``reset``, aliases.
+
+    Raises:
+        NotProfiledError: no profile is attached.
+    """
+    return _state(model).monitor
+
+
+def _monitor(model: nn.Module) -> Monitor:
+    monitor = _state(model).monitor
+    if monitor is None:
+        raise NotMonitoredError(
+            f"{type(model).__qualname__} is not monitored, so labels have nowhere to go; attach it with "
+            f"mosel.attach(model, profile, monitoring=mosel.Monitoring()) or call mosel.monitor(model, "
+            f"mosel.Monitoring())"
+        )
+    return monitor
 
 
 def load(model: nn.Module) -> Load:

@@ -100,6 +100,13 @@ class SchedulerConfig:
         solver_window: CP-SAT re-assigns at most this many queued tasks at the head of the
             queue (the jobs behind them keep their slack), so that a solve's model building stays
             bounded however long the queue.
+        miss_budget: the service's on-time promise as the fraction of requests that may miss
+            their deadline (0.01: "99% on time"), in [0, 1). The mosel policy buys accuracy only
+            with what the promise leaves after the misses it has seen, pricing each upgrade by
+            the misses it is expected to add (:class:`mosel.estimators.MissBudget`); with the
+            budget spent it serves exactly as the cheapest admissible policy (``aggressive``).
+            None (the default): upgrades may add no more than 0.05% expected misses per request
+            over what the cheapest policy would miss (``docs/online.md``).
 
     ``hedge``, ``risk`` and ``reserve`` apply to the mosel and greedy policies: they trade a
     little accuracy for deadlines that late binding alone, which sees only the queue, would miss.
@@ -120,9 +127,16 @@ class SchedulerConfig:
     solver_window: int = 64
     spare_margin: float = 0.0
     latency_quantile: float = 0.5
+    miss_budget: float | None = None
 
     def __post_init__(self) -> None:
         policy_class(self.policy)  # raises ValueError for an unknown policy
+        budget = self.miss_budget
+        if budget is not None and (isinstance(budget, bool) or not 0.0 <= budget < 1.0):
+            raise ValueError(
+                f"miss_budget must be a fraction of requests in [0, 1) (0.01: 99% on time) or None, "
+                f"got {budget!r}"
+            )
         if self.max_queued_requests < 1 or self.max_merge < 1 or self.solver_window < 1:
             raise ValueError("max_queued_requests, max_merge and solver_window must be at least 1")
         if not 0.0 < self.correction_alpha <= 1.0:
@@ -198,6 +212,8 @@ class Scheduler(CoreView):
         """
         if self.in_flight is not None or self.edf.tasks or job.n > self.max_batch_size or len(job.groups) > 1:
             return None
+        if self.lent:  # the device runs a shadow evaluation: queue behind it
+            return None
         self._prepare(job, now)
         self.policy.alone(job.tasks[0], now)
         return self._launch(job.tasks, now)
@@ -229,6 +245,7 @@ class Scheduler(CoreView):
             )
         if self.edf.requests + job.n > limit:
             stats.count("rejected_queue_full")
+            self.policy.observe_outcome(job, missed=True)
             raise QueueFullError(
                 f"queue holds {self.edf.requests} request(s); admitting {job.n} more would exceed "
                 f"max_queued_requests={limit}; retry later or raise the limit"
@@ -249,7 +266,7 @@ class Scheduler(CoreView):
         cheapest_us = tasks[0].lat[0] if len(tasks) == 1 else sum(t.lat[0] for t in tasks)
         late = now * 1e6 + self.pricer.tail.typical(cheapest_us) > job.deadline * 1e6
         if late and not job.best_effort and policy.refuse_late:
-            stats.count("rejected_deadline")
+            stats.count("rejected_deadline")  # impossible even alone: the caller's, not a miss
             raise self.deadline_error(job, now, cheapest_us)
         if not inline:  # only queued jobs inform the policy: refused ones never load the device
             policy.observe_arrival(job, now, cheapest_us)
@@ -408,6 +425,7 @@ class Scheduler(CoreView):
                     key = self._keys[config] = configuration_key(config, self.profile.modalities)
                 served[key] = served.get(key, 0) + count
         self.stats.job_done(now <= job.deadline, (now - job.arrival) * 1000.0, served)
+        self.policy.observe_outcome(job, missed=now > job.deadline)
         window = self._degraded
         if len(window) == window.maxlen:
             self._degraded_count -= window[0]

@@ -49,26 +49,21 @@ A schema saved before format 2 has none of these facts: it decodes as before.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
 import optree
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 from mosel.errors import InputError
 from mosel.jsonvalues import json_dict, json_field, json_int, json_list, json_str, show
-from mosel.spec import ModelSpec
 from mosel.trees import NAMESPACE, Tree
 
 __all__ = [
-    "SCHEMA_VERSION", "LeafSchema", "ModalitySchema", "SchemaRecorder", "ValueRange", "decode", "leaf_name",
+    "SCHEMA_VERSION", "LeafSchema", "ModalitySchema", "ValueRange", "decode", "leaf_name",
 ]  # fmt: skip
 
 SCHEMA_VERSION: Final = 2
@@ -159,7 +154,10 @@ class LeafSchema:
 
     def torch_dtype(self) -> torch.dtype:
         """The dtype as a ``torch.dtype``."""
-        return _dtype(self.dtype)
+        dtype = _DTYPES.get(self.dtype)
+        if dtype is None:
+            dtype = _DTYPES[self.dtype] = _dtype(self.dtype)
+        return dtype
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -327,6 +325,78 @@ class ModalitySchema:
             if finite and tensor.is_floating_point():
                 _check_finite(where, tensor, None)
 
+    def conform(self, modality: str, tree: Tree, *, float_dtype: torch.dtype | None = None) -> Tree:
+        """A caller's in-process input checked cheaply against this schema, its dtypes made to fit.
+
+        What every path checks before any work (:mod:`mosel.requests`): the structure, each leaf's
+        rank and recorded sizes, the sizes that must agree, and the dtype. A floating leaf of
+        another float dtype is cast (float64 waveforms as soundfile and numpy give them, for a
+        float32 model), an integer leaf of a narrower or wider integer dtype too (int32 token
+        ids); any other mismatch (integer PCM for a float leaf, floats for token ids, a bool
+        mask given as floats) is refused, naming the leaf. Values are not scanned (the HTTP
+        front door does, :meth:`check`): in-process inputs are the caller's own tensors.
+        ``float_dtype``: the model's float dtype when it moved from the profile's (float leaves
+        take it).
+
+        Raises:
+            InputError: naming the modality and the leaf, what it holds and what the model takes.
+        """
+        if isinstance(tree, Tensor) and len(self.leaves) == 1 and not self.leaves[0].path:
+            leaf = self.leaves[0]
+            if (
+                float_dtype is None
+                and self.batch_dim == 0
+                and tree.dtype is leaf.torch_dtype()
+                and tree.shape[1:] == leaf.shape  # a fixed shape: one comparison
+            ):
+                return tree
+            tree = self._fit(modality, leaf, tree, float_dtype)
+            self._check_shape(modality, leaf, tree)
+            return tree
+        pairs = _flatten(tree)
+        want = [leaf.path for leaf in self.leaves]
+        if [path for path, _ in pairs] != want:
+            raise InputError(
+                f"{modality} has the parts {[leaf_name(modality, p) for p, _ in pairs]}, the model takes "
+                f"{[leaf_name(modality, p) for p in want]}"
+            )
+        fitted: list[Tensor] = []
+        for leaf, (path, given) in zip(self.leaves, pairs):
+            where = leaf_name(modality, path)
+            if not isinstance(given, Tensor):
+                raise InputError(f"{where} must be a tensor, got {type(given).__name__}")
+            tensor = (
+                given if given.dtype is leaf.torch_dtype() else self._fit(where, leaf, given, float_dtype)
+            )
+            self._check_shape(where, leaf, tensor)
+            fitted.append(tensor)
+        for group in self.agree:
+            self._check_agree(modality, group, fitted)
+        if all(new is old for new, (_, old) in zip(fitted, pairs)):
+            return tree
+        _, spec = optree.tree_flatten(tree, none_is_leaf=False, namespace=NAMESPACE)
+        return optree.tree_unflatten(spec, fitted)
+
+    @staticmethod
+    def _fit(where: str, leaf: LeafSchema, tensor: Tensor, float_dtype: torch.dtype | None) -> Tensor:
+        """``tensor`` in the leaf's dtype where the cast keeps its values' meaning, else refused.
+
+        (The same tensor when it already is.)
+        """
+        want = leaf.torch_dtype()
+        if float_dtype is not None and want.is_floating_point:
+            want = float_dtype
+        if tensor.dtype is want:
+            return tensor
+        if (tensor.is_floating_point() and want.is_floating_point) or (
+            _integral(tensor.dtype) and _integral(want)
+        ):
+            return tensor.to(want)
+        raise InputError(
+            f"{where} is {_dtype_name(tensor.dtype)}, the model takes {leaf.dtype}; convert it first "
+            f"(e.g. integer PCM audio to float in [-1, 1], token ids to an integer dtype, a mask to bool)"
+        )
+
     def _check_shape(self, where: str, leaf: LeafSchema, tensor: Tensor) -> None:
         if tensor.dim() != len(leaf.shape) + 1:
             raise InputError(
@@ -338,6 +408,15 @@ class ModalitySchema:
             raise InputError(
                 f"{where} has shape {tuple(tensor.shape)}, the model takes {self.expected_shape(leaf)} "
                 f"(B = requests)"
+            )
+        empty = next(
+            (d for d, (want, got) in enumerate(zip(leaf.shape, sizes)) if want is None and got == 0), None
+        )
+        if empty is not None:
+            raise InputError(
+                f"{where} has shape {tuple(tensor.shape)}: nothing along dimension {self._tensor_dim(empty)} "
+                f"(e.g. an empty sequence); the model takes at least one there (profiled as "
+                f"{self.expected_shape(leaf)}, B = requests)"
             )
 
     def _check_agree(self, modality: str, group: tuple[Dim, ...], tensors: Sequence[Tensor]) -> None:
@@ -367,6 +446,8 @@ class ModalitySchema:
         return d if d < self.batch_dim else d + 1
 
 
+_DTYPES: dict[str, torch.dtype] = {}
+"""dtype names already looked up (a schema is read on every in-process call)."""
 _INTEGERS: Final = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
 
 
@@ -420,215 +501,6 @@ def _check_finite(where: str, tensor: Tensor, original: Tensor | None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# recording
-
-
-def _observe(tree: Tree, batch_dim: int) -> ModalitySchema | None:
-    """The schema of one batch, or None when it has a leaf that is not a batched tensor."""
-    leaves = []
-    for path, leaf in _flatten(tree):
-        if (
-            not isinstance(leaf, Tensor)
-            or leaf.dim() <= batch_dim
-            or not all(isinstance(k, (str, int)) for k in path)
-        ):
-            return None
-        shape = tuple(int(s) for i, s in enumerate(leaf.shape) if i != batch_dim)
-        leaves.append(LeafSchema(tuple(path), str(leaf.dtype).removeprefix("torch."), shape))
-    return ModalitySchema(batch_dim, tuple(leaves)) if leaves else None
-
-
-def _merge(old: ModalitySchema, new: ModalitySchema) -> ModalitySchema | None:
-    """One schema for both batches (sizes that differ become None), or None if they do not agree."""
-    if [(leaf.path, leaf.dtype, len(leaf.shape)) for leaf in old.leaves] != [
-        (leaf.path, leaf.dtype, len(leaf.shape)) for leaf in new.leaves
-    ]:
-        return None
-    return ModalitySchema(
-        old.batch_dim,
-        tuple(
-            LeafSchema(a.path, a.dtype, tuple(x if x == y else None for x, y in zip(a.shape, b.shape)))
-            for a, b in zip(old.leaves, new.leaves)
-        ),
-    )
-
-
-def _refine(classes: list[list[Dim]] | None, seen: ModalitySchema) -> list[list[Dim]]:
-    """The (leaf, dim) classes of equal size in every batch so far, split by this batch's sizes."""
-    if classes is None:
-        classes = [[(i, d) for i, leaf in enumerate(seen.leaves) for d in range(len(leaf.shape))]]
-    out: list[list[Dim]] = []
-    for members in classes:
-        by_size: dict[int | None, list[Dim]] = {}
-        for i, d in members:
-            by_size.setdefault(seen.leaves[i].shape[d], []).append((i, d))
-        out += by_size.values()
-    return out
-
-
-_EMBEDDING_FUNCTIONS: Final[dict[Callable[..., Any], tuple[int, int]]] = {
-    F.embedding: (0, 1),  # positions of (indices, weight) in the call
-    F.embedding_bag: (0, 1),
-    torch.embedding: (1, 0),
-}
-
-
-class _EmbeddingWatch(TorchFunctionMode):
-    """Sees every embedding lookup; ``rows[i]``: the fewest rows of a table leaf ``i`` indexed whole."""
-
-    def __init__(self, leaves: Sequence[Tensor]) -> None:
-        super().__init__()
-        self.leaves = [(i, t) for i, t in enumerate(leaves) if _integral(t.dtype) and t.numel() > 0]
-        self.rows: dict[int, int] = {}
-
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Any,
-        args: Sequence[Any] = (),
-        kwargs: Mapping[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        where = _EMBEDDING_FUNCTIONS.get(func)
-        if where is not None:
-            indices = _argument(args, kwargs, where[0], "indices" if func is torch.embedding else "input")
-            weight = _argument(args, kwargs, where[1], "weight")
-            if isinstance(indices, Tensor) and isinstance(weight, Tensor) and weight.dim() >= 1:
-                for i, leaf in self.leaves:
-                    if _whole(indices, leaf):
-                        self.rows[i] = min(self.rows.get(i, weight.shape[0]), int(weight.shape[0]))
-        return func(*args, **kwargs)
-
-
-def _argument(args: Sequence[Any], kwargs: Mapping[str, Any], position: int, name: str) -> Any:
-    return args[position] if len(args) > position else kwargs.get(name)
-
-
-def _whole(indices: Tensor, leaf: Tensor) -> bool:
-    """Whether ``indices`` is ``leaf`` or a view of all of its elements (a reshape, a flatten)."""
-    if indices is leaf:
-        return True
-    if indices.dtype != leaf.dtype or indices.device != leaf.device or indices.numel() != leaf.numel():
-        return False
-    try:
-        if indices.data_ptr() != leaf.data_ptr():
-            return False
-    except RuntimeError:  # a tensor without storage (fake, meta): not the leaf
-        return False
-    same = indices.shape == leaf.shape and indices.stride() == leaf.stride()
-    return same or (indices.is_contiguous() and leaf.is_contiguous())
-
-
-class SchemaRecorder:
-    """Builds the input schema of a model from the batches it is shown (``mosel.profile`` does).
-
-    A modality whose batches disagree on their structure, dtypes or ranks gets no schema (a
-    service then takes dtypes from the JSON values, as for an older profile). :meth:`observe`
-    takes each batch's shapes and integer values; :meth:`watch` wraps a call of a branch on such
-    a batch to see which integer leaves index an embedding.
-    """
-
-    def __init__(self, spec: ModelSpec) -> None:
-        self.spec = spec
-        self._schemas: dict[str, ModalitySchema | None] = {}
-        self._classes: dict[str, list[list[Dim]]] = {}
-        self._observed: dict[str, list[tuple[int, int] | None]] = {}
-        self._watches: dict[str, int] = {}
-        # modality -> leaf -> (watched calls that indexed an embedding with it whole, fewest rows)
-        self._indexed: dict[str, dict[int, tuple[int, int]]] = {}
-
-    def observe(self, inputs: Mapping[str, Tree]) -> None:
-        """Take one batch of inputs (modality -> tree) into account."""
-        for m in self.spec.modalities:
-            value = inputs.get(m)
-            if value is None:
-                continue
-            seen = _observe(value, self.spec.batch_dim(m))
-            if m not in self._schemas:
-                merged = seen
-            else:
-                old = self._schemas[m]
-                merged = None if old is None or seen is None else _merge(old, seen)
-            self._schemas[m] = merged
-            if merged is None or seen is None:
-                continue
-            self._classes[m] = _refine(self._classes.get(m), seen)
-            observed = self._observed.setdefault(m, [None] * len(seen.leaves))
-            for i, (_, leaf) in enumerate(_flatten(value)):
-                if _integral(leaf.dtype) and leaf.numel() > 0:
-                    low, high = (int(v) for v in torch.aminmax(leaf))
-                    before = observed[i]
-                    if before is not None:
-                        low, high = min(before[0], low), max(before[1], high)
-                    observed[i] = (low, high)
-
-    @contextlib.contextmanager
-    def watch(self, modality: str, value: Tree) -> Iterator[None]:
-        """Within the block, watch the embedding lookups of ``modality``'s branch on ``value``.
-
-        ``value`` is a batch given to :meth:`observe`; the block calls the branch on it (eagerly:
-        inside ``torch.compile``d code the watch would not run; and only for the watch, since the
-        torch function mode it installs turns fast paths off). A leaf takes an embedding's range
-        only if it was indexed whole in every watched call.
-        """
-        if self._schemas.get(modality) is None:
-            yield
-            return
-        watch = _EmbeddingWatch([leaf for _, leaf in _flatten(value)])
-        with watch:
-            yield
-        self._watches[modality] = self._watches.get(modality, 0) + 1
-        indexed = self._indexed.setdefault(modality, {})
-        for i, rows in watch.rows.items():
-            count, fewest = indexed.get(i, (0, rows))
-            indexed[i] = (count + 1, min(fewest, rows))
-
-    def schema(self) -> dict[str, ModalitySchema]:
-        """Modality -> schema, for the modalities whose batches agreed."""
-        out = {}
-        for m, schema in self._schemas.items():
-            if schema is not None:
-                out[m] = self._finish(m, schema)
-        return out
-
-    def _finish(self, m: str, schema: ModalitySchema) -> ModalitySchema:
-        leaves = schema.leaves
-        agree = tuple(
-            tuple(group)
-            for group in self._classes[m]
-            if len(group) > 1 and leaves[group[0][0]].shape[group[0][1]] is None
-        )
-        group_of = {dim: g for g, group in enumerate(agree) for dim in group}
-
-        def same_shape(i: int, j: int) -> bool:
-            a, b = leaves[i].shape, leaves[j].shape
-            return len(a) == len(b) and all(
-                (x is not None and x == y)
-                or ((i, d) in group_of and group_of[(i, d)] == group_of.get((j, d)))
-                for d, (x, y) in enumerate(zip(a, b))
-            )
-
-        watches = self._watches.get(m, 0)
-        indexed = self._indexed.get(m, {})
-        out = []
-        for i, leaf in enumerate(leaves):
-            observed = self._observed[m][i]
-            values = None
-            count, rows = indexed.get(i, (0, 0))
-            if watches and count == watches and rows >= 1:
-                info = torch.iinfo(leaf.torch_dtype())
-                values = ValueRange(0, min(rows - 1, info.max), EMBEDDING)
-            elif (
-                observed == (0, 1)
-                and any(s is None or s > 1 for s in leaf.shape)
-                and any(same_shape(i, j) for j in range(len(leaves)) if j != i)
-            ):
-                values = ValueRange(0, 1, MASK)
-            out.append(dataclasses.replace(leaf, observed=observed, values=values))
-        return ModalitySchema(schema.batch_dim, tuple(out), agree)
-
-
-# ----------------------------------------------------------------------------------------------
 # decoding JSON
 
 
@@ -637,36 +509,29 @@ def _tensor(value: Any, where: str, leaf: LeafSchema | None, batch_dim: int, fin
 
     Shapes are left to :meth:`ModalitySchema.check`.
     """
-    if not isinstance(value, list):
+    if not isinstance(value, list | Tensor):  # a Tensor: the list parsed already, as _parse does, in steps
         raise InputError(
             f"{where} must be a (nested) list, one tensor with the requests along its batch dimension "
             f"{batch_dim}, got {type(value).__name__}"
         )
     dtype = None if leaf is None else leaf.torch_dtype()
     parse_as = torch.float64 if dtype is not None and dtype.is_floating_point else None
-    tensor = _parse(value, where, parse_as, dtype)
+    tensor = value if isinstance(value, Tensor) else parse_list(value, where, parse_as, dtype)
+    if dtype is not None and tensor.numel() == 0:  # no values, e.g. [[]]: no dtype to judge; shapes decide
+        return torch.empty(tensor.shape, dtype=dtype)
     if dtype is None:  # no schema: the values decide (integers stay int64, e.g. token ids)
         if not tensor.is_floating_point():
             return tensor
         dtype = torch.float32
-        tensor = _parse(value, where, torch.float64, dtype)  # overflow is judged against float32
+        tensor = parse_list(value, where, torch.float64, dtype)  # overflow is judged against float32
     if dtype.is_floating_point:
         cast = tensor.to(dtype)
         if finite:
             _check_finite(where, cast, tensor)
         return cast
-    if tensor.is_floating_point():
-        odd = (tensor != tensor.round()) | ~torch.isfinite(tensor)
-        if bool(odd.any()):
-            index = _first(odd)
-            raise InputError(
-                f"{where} holds {float(tensor[index])} at {index}; fractional numbers, NaN and infinities "
-                f"do not fit {_dtype_name(dtype)}, which the model takes (e.g. token ids)"
-            )
-        raise InputError(
-            f"{where} holds numbers written as floats (2.0, 1e3); the model takes {_dtype_name(dtype)} "
-            f"(e.g. token ids): send integers, not fractional numbers"
-        )
+    booleans = tensor.dtype == torch.bool and dtype != torch.bool
+    if tensor.is_floating_point() or (booleans and not (leaf and leaf.values and leaf.values.source == MASK)):
+        raise _misfit(where, tensor, dtype)  # booleans fit an integer 0/1 mask only
     if dtype == torch.bool:
         if tensor.dtype != torch.bool and bool(((tensor != 0) & (tensor != 1)).any()):
             raise InputError(f"{where} must hold booleans (or 0/1), the model takes a bool mask")
@@ -685,11 +550,38 @@ def _tensor(value: Any, where: str, leaf: LeafSchema | None, batch_dim: int, fin
     return tensor.to(dtype)
 
 
+def _misfit(where: str, tensor: Tensor, dtype: torch.dtype) -> InputError:
+    """Why floats (or booleans) do not fit an integer or bool leaf of ``dtype``."""
+    name = _dtype_name(dtype)
+    if not tensor.is_floating_point():  # booleans for an integer leaf
+        return InputError(
+            f"{where} holds booleans (true/false); the model takes {name} numbers (e.g. token ids): "
+            f"send integers"
+        )
+    if dtype == torch.bool:
+        return InputError(
+            f"{where} holds numbers written as floats (0.0, 1.0); the model takes a bool mask: send "
+            f"true/false (or the integers 0/1)"
+        )
+    odd = (tensor != tensor.round()) | ~torch.isfinite(tensor)
+    if bool(odd.any()):
+        index = _first(odd)
+        return InputError(
+            f"{where} holds {float(tensor[index])} at {index}; fractional numbers, NaN and infinities "
+            f"do not fit {name}, which the model takes (e.g. token ids)"
+        )
+    return InputError(
+        f"{where} holds numbers written as floats (2.0, 1e3); the model takes {name} "
+        f"(e.g. token ids): send integers, not fractional numbers"
+    )
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _parse(value: list[Any], where: str, parse_as: torch.dtype | None, dtype: torch.dtype | None) -> Tensor:
+def parse_list(value: Any, where: str, parse_as: torch.dtype | None, dtype: torch.dtype | None) -> Tensor:
+    """``torch.tensor(value, dtype=parse_as)``, its failures as an :class:`InputError` naming ``where``."""
     try:
         return torch.tensor(value, dtype=parse_as)
     except (ValueError, OverflowError, RuntimeError) as exc:

@@ -48,10 +48,12 @@ from mosel.execution import (
     run_recovering,
 )
 from mosel.jobs import Batch, Failure, Job
+from mosel.monitoring import Monitor
 from mosel.plan import CostModel, Plan
 from mosel.profiles import BucketKey, Profile
 from mosel.requests import Requests
 from mosel.scheduler import Scheduler, SchedulerConfig
+from mosel.sidework import idle_work, start_repricing
 from mosel.slo import SLO
 from mosel.spec import ModelSpec
 from mosel.stats import Load, Stats
@@ -87,6 +89,8 @@ class Server:
         clock: Clock | None = None,
         stats: Stats | None = None,
         priced: Mapping[BucketKey, tuple[Plan, CostModel]] | None = None,
+        float_dtype: Callable[[], torch.dtype | None] | None = None,
+        monitor: Monitor | None = None,
     ) -> None:
         self.model = model
         self.spec = spec
@@ -98,7 +102,9 @@ class Server:
         self.cond = threading.Condition(self.lock)  # the executor waits on it
         self.watch = threading.Condition(self.lock)  # the watchdog waits on it
         self.scheduler = Scheduler(profile, config, self.stats, solve_async=self._solve_async, priced=priced)
-        self.requests = Requests(spec, profile, device, self.scheduler.pricer.plan_outside_lock)
+        self.requests = Requests(
+            spec, profile, device, self.scheduler.pricer.plan_outside_lock, float_dtype or (lambda: None)
+        )
         self.closed = False
         self.pid = os.getpid()
         self._watch_at = float("inf")  # when the watchdog means to wake
@@ -109,8 +115,26 @@ class Server:
         self._thread: threading.Thread | None = None
         self._watchdog: threading.Thread | None = None
         self._solver: concurrent.futures.ThreadPoolExecutor | None = None
+        # The accuracy monitor (mosel.monitoring), its live floors' re-pricing thread (sidework).
+        self.monitor: Monitor | None = None
+        self.base_profile = profile
+        self._priced = priced
+        self.repricer: threading.Thread | None = None
+        self.reprice_again = False
         weakref.finalize(self, _wake, self.pid, self.lock, self.cond, self.watch)
         _servers.add(self)
+        self.set_monitor(monitor)
+
+    def set_monitor(self, monitor: Monitor | None) -> None:
+        """Record served jobs with ``monitor`` from now on (None: none); it re-prices this server's floors."""
+        self.monitor = monitor
+        if monitor is None and self.scheduler.profile is not self.base_profile:
+            with self.lock:  # no monitor, no live floors: back to the profile's
+                self.scheduler.set_profile(self.base_profile, self._priced)
+        if monitor is not None:
+            monitor.applied(self.scheduler.profile.accuracy, count=False)
+            monitor.on_change = functools.partial(start_repricing, weakref.ref(self))
+            monitor.maybe_reprice()
 
     def load(self) -> Load:
         """The scheduler's :class:`~mosel.stats.Load` now (under the lock; no solving)."""
@@ -128,7 +152,7 @@ class Server:
 
     def submit(self, inputs: object, slo: SLO, present: object = None) -> concurrent.futures.Future[Result]:
         """Queue a job; the future resolves to a :class:`Result` or the job's error."""
-        future = _Future()
+        future = _Future(self)
         job = self.requests.job(inputs, slo, present, self.clock.now(), future)
         if id(self) in _running():  # called back from this model's own batch: never queue behind it
             try:
@@ -146,7 +170,7 @@ class Server:
             if not isinstance(exc, Exception):  # interrupted (Ctrl-C): nobody will hold the future
                 self._withdraw(job)
             raise
-        future.add_done_callback(functools.partial(self._on_cancel, job=job))
+        future.withdraw = functools.partial(self._on_cancel, job)
         return future
 
     def _admit_locked(self, job: Job[Work]) -> None:
@@ -170,13 +194,13 @@ class Server:
                     self._catch_up()
                     batch = self.scheduler.start_alone(job, self.clock.now())
                     if batch is None:
-                        job.payload.future = waiting = _Future()
+                        job.payload.future = waiting = _Future(self)
                         self._admit_locked(job)
             finally:
                 if self._outbox:
                     self._drain()
             if batch is None:
-                waiting.add_done_callback(functools.partial(self._on_cancel, job=job))
+                waiting.withdraw = functools.partial(self._on_cancel, job)
                 return waiting.result()
             done, interrupt = self._execute(batch, running)
         except BaseException as exc:  # e.g. Ctrl-C: the job must not stay in flight or queued
@@ -219,11 +243,10 @@ class Server:
         """``await``-able :meth:`submit`; cancelling the awaiting task cancels the queued job."""
         return await asyncio.wrap_future(self.submit(inputs, slo, present))
 
-    def _on_cancel(self, future: concurrent.futures.Future[Result], job: Job[Work]) -> None:
-        if future.cancelled():
-            with _deferred_interrupts(), self.lock:
-                self.scheduler.cancel(job)
-                self.cond.notify()
+    def _on_cancel(self, job: Job[Work]) -> None:
+        """A cancelled job leaves the queue (the caller holds ``self.lock``: see :class:`_Future`)."""
+        self.scheduler.cancel(job)
+        self.cond.notify()
 
     def _post(self, failures: list[Failure]) -> None:
         """Keep failed jobs for :meth:`_drain` (the caller holds ``self.lock``)."""
@@ -371,7 +394,17 @@ class Server:
             reason = job.reason_text
             if reason is None:
                 reason = self.scheduler.policy.rule
-        return result_of(job, (self.clock.now() - job.arrival) * 1000.0, reason)
+        monitor = self.monitor
+        if monitor is None:
+            return result_of(job, (self.clock.now() - job.arrival) * 1000.0, reason)
+        sample = monitor.keep(job)  # before result_of releases the inputs
+        result = result_of(job, (self.clock.now() - job.arrival) * 1000.0, reason)
+        monitor.record(result, job.bucket, job.slo.deadline_ms, sample)
+        if sample is not None:  # the executor runs it when idle: wake it (it may not exist yet)
+            with self.lock:
+                self._start_threads()
+                self.cond.notify()
+        return result
 
     def _handed_over(self, batch: Batch) -> None:
         """Every result of ``batch`` was handed over: the scheduler learns the dispatch overhead."""
@@ -459,9 +492,14 @@ class Server:
 
 
 def _executor_main(ref: weakref.ref[Server], cond: threading.Condition) -> None:
-    """The executor thread: dispatch, execute, resolve; holds its server only while it works."""
+    """The executor thread: dispatch, execute, resolve; holds its server only while it works.
+
+    While nothing is queued or running it does the accuracy monitor's idle work
+    (:func:`mosel.sidework.idle_work`: output digests, shadow runs).
+    """
     server: Server | None
     while True:
+        idle: Callable[[], None] | None = None
         with cond:
             while True:
                 server = ref()
@@ -473,12 +511,28 @@ def _executor_main(ref: weakref.ref[Server], cond: threading.Condition) -> None:
                 if server.closed and not scheduler.queue and scheduler.in_flight is None:
                     server.watch.notify_all()  # the watchdog ends with the executor
                     return
+                wait_s = None
+                if scheduler.in_flight is None and server.monitor is not None:
+                    idle, wait_s = idle_work(server)
+                    if idle is not None:
+                        break
                 del server, scheduler
-                cond.wait()
+                cond.wait(wait_s)
             _running().add(id(server))
-            batch = server._next_batch()
-        _serve(server, batch)
-        del server, scheduler, batch  # hold nothing of the server while waiting
+            batch = server._next_batch() if idle is None else None
+        if idle is not None:
+            _idle(idle)
+        else:
+            _serve(server, batch)
+        del server, scheduler, batch, idle  # hold nothing of the server while waiting
+
+
+def _idle(work: Callable[[], None]) -> None:
+    """Run the monitor's idle work; nothing it raises escapes the executor."""
+    try:
+        work()
+    except BaseException:
+        _log.exception("mosel executor: the accuracy monitor's idle work failed; going on")
 
 
 def _serve(server: Server, batch: Batch | None) -> None:
@@ -568,22 +622,62 @@ def _shutdown(pid: int, pool: concurrent.futures.ThreadPoolExecutor) -> None:
 
 
 class _Future(concurrent.futures.Future[Result]):
-    """A future whose done-callbacks cannot stop the thread that resolves it.
+    """A future whose done-callbacks cannot stop the thread that resolves it, and whose cancel is atomic.
 
     ``concurrent.futures`` lets a callback's ``BaseException`` (``SystemExit``) escape from
     ``set_result`` into mosel's executor; here every callback is guarded and its error logged.
+
+    :meth:`cancel` holds the server's lock while it flips the future to cancelled and the
+    scheduler withdraws the job (:attr:`withdraw`): the executor marks a dispatched job's
+    future running under the same lock, so a cancel either withdraws a job before it is
+    dispatched (True) or finds it running (False), never a job that is cancelled and computed
+    all the same. The done-callbacks a cancel triggers run once the lock is released.
     """
+
+    def __init__(self, server: Server | None = None) -> None:
+        super().__init__()
+        self._server = None if server is None else weakref.ref(server)
+        self.withdraw: Callable[[], None] | None = None  # takes the job out (set once it is queued)
+        self._cancelling: int | None = None  # the thread in cancel(), holding the server's lock
+        self._held: list[Callable[[], None]] = []  # callbacks it runs once the lock is released
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[Result]], object]) -> None:
         """Like ``Future.add_done_callback``; what ``fn`` raises is logged, never propagated."""
 
         def guarded(future: concurrent.futures.Future[Result]) -> None:
-            try:
-                fn(future)
-            except BaseException:
-                _log.exception("a done-callback of a mosel future raised; ignored")
+            if self._cancelling == threading.get_ident():  # inside cancel(), under the server's lock
+                self._held.append(functools.partial(_run_callback, fn, future))
+            else:
+                _run_callback(fn, future)
 
         super().add_done_callback(guarded)
+
+    def cancel(self) -> bool:
+        """Cancel the job: True if it was withdrawn before it ran (see the class)."""
+        server = None if self._server is None else self._server()
+        if server is None:
+            return super().cancel()
+        with _deferred_interrupts(), server.lock:
+            self._cancelling = threading.get_ident()
+            try:
+                cancelled = super().cancel()
+                if cancelled and self.withdraw is not None:
+                    self.withdraw()
+            finally:
+                self._cancelling = None
+                held, self._held = self._held, []
+        for call in held:
+            call()
+        return cancelled
+
+
+def _run_callback(
+    fn: Callable[[concurrent.futures.Future[Result]], object], future: concurrent.futures.Future[Result]
+) -> None:
+    try:
+        fn(future)
+    except BaseException:
+        _log.exception("a done-callback of a mosel future raised; ignored")
 
 
 # The C functions ``signal`` wraps: the wrappers' enum conversions cost about 15 µs per handler

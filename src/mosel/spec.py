@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
+import numbers
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, Literal, TypeVar
 
-from torch import nn
+import optree
+import torch
+from torch import Tensor, nn
 
+from mosel import trees
 from mosel.errors import InputError, SpecError
 from mosel.methods import PROVIDED, PROVIDED_ATTR
+from mosel.trees import Tree
 
-__all__ = ["Mark", "ModelSpec", "Sizing", "fusion", "modality", "multimodal", "spec_of"]
+__all__ = ["Mark", "ModelSpec", "Padding", "Sizing", "fusion", "modality", "multimodal", "spec_of"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 M = TypeVar("M", bound=type[nn.Module])
@@ -34,16 +40,123 @@ DEFAULT_BUCKETS: Final = tuple(2**i for i in range(17))
 
 
 @dataclass(frozen=True, slots=True)
+class Padding:
+    """How a sized modality's input is padded to a bucket edge (and cropped back to its rows' sizes).
+
+    Declared with ``@mosel.modality(..., size=..., pad=mosel.Padding(...))``. Serving then pads
+    every job's input up to its size bucket's edge, so that jobs of one bucket share a shape
+    (kernels built per shape are reused, and the jobs merge into one batch); profiling times each
+    bucket at its edge, from validation rows regrouped by their own size. The branch must ignore
+    padded positions (through ``mask``, or because padding with ``value`` changes nothing):
+    profiling warns when padding changes the model's output.
+
+    Attributes:
+        dim: the padded axis, counted on the batched tensors (e.g. ``1`` or ``-1`` for
+            ``(batch, time)``); ``size(x)`` must return its extent. Every tensor of the input whose
+            axis ``dim`` has that extent is padded; other tensors are left as they are.
+        value: what padded positions hold: one number, or a mapping from the input's top-level
+            keys (or tuple indices) to numbers, e.g. ``{"input_ids": tokenizer.pad_token_id}``
+            (keys left out pad with 0).
+        mask: the top-level key (or index) of the input's mask, nonzero at real positions; it is
+            padded with 0 and tells each row's own size (so the profiler can crop rows of a
+            batch padded longer than they are). None: every row is as long as its batch.
+        side: ``"right"`` pads after the real positions, ``"left"`` before them.
+    """
+
+    dim: int = -1
+    value: float | Mapping[str | int, float] = 0.0
+    mask: str | int | None = None
+    side: Literal["right", "left"] = "right"
+
+    def __post_init__(self) -> None:
+        where = f"mosel.Padding(dim={self.dim!r}, value={self.value!r}, mask={self.mask!r})"
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int):
+            raise SpecError(f"{where}: dim is the padded axis, an int (e.g. -1), got {self.dim!r}")
+        values: Mapping[Any, Any] = self.value if isinstance(self.value, Mapping) else {None: self.value}
+        for key, number in values.items():
+            if key is not None and (isinstance(key, bool) or not isinstance(key, (str, int))):
+                raise SpecError(f"{where}: value's keys are the input's keys or indices, got {key!r}")
+            if isinstance(number, bool) or not isinstance(number, numbers.Real) or not math.isfinite(number):
+                raise SpecError(f"{where}: pad values are finite numbers, got {number!r}")
+        if self.mask is not None and (isinstance(self.mask, bool) or not isinstance(self.mask, (str, int))):
+            raise SpecError(f"{where}: mask is the input's key (or index) of its mask, got {self.mask!r}")
+        if isinstance(self.value, Mapping):
+            if self.mask is not None and values.get(self.mask, 0) != 0:
+                raise SpecError(f"{where}: the mask {self.mask!r} pads with 0 (padded positions are unreal)")
+            object.__setattr__(self, "value", MappingProxyType(dict(self.value)))
+        if self.side not in ("right", "left"):
+            raise SpecError(f"{where}: side is 'right' or 'left', got {self.side!r}")
+
+    def _fill(self, path: tuple[Any, ...]) -> float:
+        value = self.value
+        if not isinstance(value, Mapping):
+            return 0.0 if path and path[0] == self.mask else float(value)
+        return float(value.get(path[0], 0.0)) if path else 0.0
+
+    def fit(self, x: Tree, width: int, size: int) -> Tree:
+        """``x`` padded (or cropped) from ``width`` to ``size`` along :attr:`dim`.
+
+        Cropping drops positions from the padded side: only right when every row's own size
+        is at most ``size`` (see :meth:`lengths`).
+        """
+        if size == width:
+            return x
+        right = self.side == "right"
+
+        def one(path: tuple[Any, ...], leaf: Tensor) -> Tensor:
+            axis = self.dim + leaf.dim() if self.dim < 0 else self.dim
+            if not 0 <= axis < leaf.dim() or leaf.shape[axis] != width:
+                return leaf
+            if size < width:
+                return leaf.narrow(axis, 0 if right else width - size, size)
+            shape = list(leaf.shape)
+            shape[axis] = size - width
+            fill = torch.full(shape, self._fill(path), dtype=leaf.dtype, device=leaf.device)
+            return torch.cat((leaf, fill) if right else (fill, leaf), axis)
+
+        if isinstance(x, Tensor):
+            return one((), x)
+        return optree.tree_map_with_path(one, x, none_is_leaf=False, namespace=trees.NAMESPACE)
+
+    def lengths(self, modality: str, x: Tree, width: int, batch_dim: int) -> Tensor | None:
+        """Each row's own size: up to its last real position in the mask (None without a mask).
+
+        Raises:
+            InputError: the input has no such mask, or the mask lacks the padded axis.
+        """
+        if self.mask is None:
+            return None
+        try:
+            mask = None if isinstance(x, Tensor) else x[self.mask]
+        except (KeyError, IndexError, TypeError):
+            mask = None
+        axis = -1 if not isinstance(mask, Tensor) else self.dim + mask.dim() if self.dim < 0 else self.dim
+        if not isinstance(mask, Tensor) or not 0 <= axis < mask.dim() or mask.shape[axis] != width:
+            raise InputError(
+                f"modality {modality!r} declares padding with mask={self.mask!r}, but its input has no "
+                f"mask tensor there whose axis {self.dim} is its size {width}; name the input's mask "
+                f"(e.g. mask='attention_mask'), or mask=None"
+            )
+        rows = mask.shape[batch_dim]
+        real = (mask != 0).movedim((batch_dim, axis), (0, 1)).reshape(rows, width, -1).any(-1)
+        steps = torch.arange(1, width + 1, device=real.device)
+        rank = steps if self.side == "right" else steps.flip(0)
+        return (real * rank).amax(1).clamp(min=1).cpu()
+
+
+@dataclass(frozen=True, slots=True)
 class Sizing:
     """How the size that drives a branch's latency is read from a job's input, and bucketed.
 
     Attributes:
         size: ``size(batched_input) -> int``, e.g. the padded sequence length or the image side.
         buckets: ascending upper edges; a job of size ``s`` is priced at the first edge ``>= s``.
+        padding: how the input is padded to its bucket's edge (None: jobs run at their own size).
     """
 
     size: Callable[[Any], int]
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    padding: Padding | None = None
 
     def read(self, modality: str, x: Any) -> int:
         """The size of ``modality``'s batched input ``x``.
@@ -141,6 +254,7 @@ def modality(
     batch_dim: int = 0,
     size: Callable[[Any], int] | None = None,
     buckets: Sequence[int] | None = None,
+    pad: Padding | None = None,
 ) -> Callable[[F], F]:
     """Mark a method as the branch (encoder) that computes modality ``name``.
 
@@ -156,6 +270,11 @@ def modality(
             the image side). Latency is then profiled per size bucket, from the sizes the
             validation data holds, and each job is priced at its own bucket.
         buckets: ascending upper edges of the size buckets (default: powers of two).
+        pad: how to pad the input along its sized axis (a :class:`Padding`): serving then pads
+            each job to its bucket's edge, so that jobs of a bucket share one shape and merge,
+            and profiling times every bucket the validation rows reach at its edge. Declare it
+            when the branch ignores padded positions (a mask) and its features do not keep the
+            padded axis.
 
     Example::
 
@@ -167,6 +286,10 @@ def modality(
 
         @mosel.modality("text", size=lambda x: x["input_ids"].shape[-1], buckets=(16, 32, 64, 128))
         def encode_text(self, x): ...          # costs priced at the job's padded length
+
+        @mosel.modality("audio", size=lambda x: x["input_values"].shape[1], buckets=(16000, 32000, 64000),
+                        pad=mosel.Padding(dim=1, mask="attention_mask"))
+        def encode_audio(self, x): ...         # each job padded to 1, 2 or 4 s of samples
     """
     if callable(name) and not isinstance(name, str):
         raise SpecError(
@@ -182,6 +305,8 @@ def modality(
             f"@mosel.modality({name!r}, batch_dim=...) takes a dimension index >= 0, got {batch_dim!r}"
         )
     sizing = None
+    if pad is not None:
+        _check_padding(name, pad, size, batch_dim)
     if size is not None or buckets is not None:
         if not callable(size):
             raise SpecError(
@@ -199,7 +324,7 @@ def modality(
                 f"@mosel.modality({name!r}, buckets=...) takes strictly ascending positive ints "
                 f"(upper edges, e.g. (16, 32, 64, 128)), got {buckets!r}"
             )
-        sizing = Sizing(size, edges)
+        sizing = Sizing(size, edges, pad)
     mark = Mark("modality", name, batch_dim, sizing)
 
     def mark_branch(fn: F) -> F:
@@ -208,6 +333,23 @@ def modality(
         return fn
 
     return mark_branch
+
+
+def _check_padding(name: str, pad: object, size: object, batch_dim: int) -> None:
+    if not isinstance(pad, Padding):
+        raise SpecError(
+            f"@mosel.modality({name!r}, pad=...) takes a mosel.Padding(dim=..., value=..., mask=...), "
+            f"got {pad!r}"
+        )
+    if size is None:
+        raise SpecError(
+            f"@mosel.modality({name!r}, pad=...) needs size= too: jobs are padded to a size bucket's edge"
+        )
+    if pad.dim == batch_dim:
+        raise SpecError(
+            f"@mosel.modality({name!r}, pad=mosel.Padding(dim={pad.dim})): the padded axis is the "
+            f"request axis (batch_dim={batch_dim}); give the sized axis, e.g. dim=-1"
+        )
 
 
 def fusion(fn: F, /) -> F:

@@ -6,11 +6,12 @@ import bisect
 import dataclasses
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
+from mosel.drift import AccuracySnapshot
 from mosel.errors import InputError
 
 if TYPE_CHECKING:
@@ -67,6 +68,9 @@ class StatsSnapshot:
         overhead_ms: the per-batch dispatch overhead added to every price, at that quantile.
         residuals: recent batches' measured/predicted execution ratios and overheads (what
             :func:`mosel.simulate` can replay), None before any batch.
+        accuracy: the accuracy monitor's figures (live accuracy per configuration, drift
+            alarms, shadow agreement, output shift; ``docs/monitoring.md``), None when
+            monitoring is off.
     """
 
     counters: Mapping[str, int]
@@ -76,6 +80,7 @@ class StatsSnapshot:
     latency_margin: float = 1.0
     overhead_ms: float = 0.0
     residuals: Residuals | None = None
+    accuracy: AccuracySnapshot | None = None
 
     @classmethod
     def merged(cls, snapshots: Sequence[StatsSnapshot]) -> StatsSnapshot:
@@ -239,6 +244,11 @@ class Stats:
         self._histograms = {name: Histogram() for name in self.HISTOGRAMS}
         self._correction: dict[str, float] = {}
         self._tail: TailModel | None = None
+        self._accuracy: Callable[[], AccuracySnapshot] | None = None
+
+    def set_accuracy(self, source: Callable[[], AccuracySnapshot] | None) -> None:
+        """Report what ``source`` returns (an accuracy monitor's snapshot) in snapshots; None: nothing."""
+        self._accuracy = source
 
     def count(self, name: str, by: int = 1) -> None:
         """Add ``by`` to counter ``name``."""
@@ -286,10 +296,13 @@ class Stats:
         copy._histograms = self._histograms
         copy._correction = dict(self._correction)
         copy._tail = self._tail
+        copy._accuracy = self._accuracy
         return copy
 
     def snapshot(self) -> StatsSnapshot:
-        """A consistent copy of everything."""
+        """A consistent copy of everything (the accuracy monitor's figures taken just before)."""
+        source = self._accuracy
+        accuracy = None if source is None else source()
         with self._lock:
             hists = {
                 name: MappingProxyType(
@@ -312,6 +325,7 @@ class Stats:
                 1.0 if tail is None else tail.margin,
                 0.0 if tail is None else tail.overhead_us / 1000.0,
                 None if tail is None else tail.residuals(),
+                accuracy,
             )
 
 
@@ -366,5 +380,67 @@ def prometheus_collector(stats: Stats, model_name: str) -> Any:
             )
             overhead.add_metric([model_name], snap.overhead_ms)
             yield overhead
+            if snap.accuracy is not None:
+                yield from _accuracy_families(snap.accuracy, model_name)
 
     return Collector()
+
+
+_ACCURACY_GAUGES: Final = (
+    ("live", "live accuracy per configuration: the posterior mean over recent labels"),
+    ("lower", "lower confidence bound of the live accuracy"),
+    ("profiled", "accuracy of the configuration on the profile's validation data"),
+    ("priced", "accuracy decisions price the configuration at (live floors)"),
+    ("drifted", "1 while a drift alarm holds for the configuration"),
+    ("detector", "drift detector statistic over its alarm threshold (1: alarm)"),
+)
+
+
+def _accuracy_families(accuracy: AccuracySnapshot, model_name: str) -> Any:
+    """The accuracy monitor's metric families (``mosel_accuracy_*``, ``mosel_output_shift``)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily  # noqa: PLC0415
+
+    configs = accuracy.configurations
+    labels = ["model", "configuration"]
+    for name, text in _ACCURACY_GAUGES:
+        family = GaugeMetricFamily(f"mosel_accuracy_{name}", text, labels=labels)
+        for key, c in configs.items():
+            family.add_metric([model_name, key], float(getattr(c, name)))
+        yield family
+    for name, text in (("labels", "labelled requests per configuration"), ("alarms", "drift alarms raised")):
+        counter = CounterMetricFamily(f"mosel_accuracy_{name}", text, labels=labels)
+        for key, c in configs.items():
+            counter.add_metric([model_name, key], getattr(c, name))
+        yield counter
+    agreement = GaugeMetricFamily(
+        "mosel_accuracy_shadow_agreement",
+        "share of the configuration's answers the most accurate configuration agrees with (shadow runs)",
+        labels=labels,
+    )
+    shift = GaugeMetricFamily(
+        "mosel_output_shift",
+        "population stability index of recent outputs against the reference",
+        labels=[*labels, "signal"],
+    )
+    bucketed = GaugeMetricFamily(
+        "mosel_accuracy_live_bucket",
+        "live accuracy per configuration and size bucket",
+        labels=[*labels, "bucket"],
+    )
+    for key, c in configs.items():
+        if c.agreement is not None:
+            agreement.add_metric([model_name, key], c.agreement)
+        for signal, value in c.output_shift.items():
+            shift.add_metric([model_name, key, signal], value)
+        for bucket, (live, _) in c.buckets.items():
+            bucketed.add_metric([model_name, key, bucket], live)
+    yield from (agreement, shift, bucketed)
+    events = CounterMetricFamily(
+        "mosel_feedback_events", "accuracy monitor events", labels=["model", "event"]
+    )
+    for name, value in accuracy.counters.items():
+        events.add_metric([model_name, name], value)
+    yield events
+    pending = GaugeMetricFamily("mosel_feedback_pending", "served jobs waiting for labels", labels=["model"])
+    pending.add_metric([model_name], accuracy.pending)
+    yield pending

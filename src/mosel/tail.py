@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
+import numpy.typing as npt
 
 from mosel.jsonvalues import json_dict, json_field, json_float, json_list
 
@@ -37,6 +38,8 @@ RECORD: Final = 4096
 """Recent batches the tail model keeps for :meth:`TailModel.residuals` (a run's sample)."""
 MIN_SAMPLES: Final = 32
 """Batches needed before measured residuals replace the profile's prior."""
+PRIOR_POINTS: Final = 64
+"""Points of the profile's spread that stand for the residuals before enough batches ran."""
 REFIT_EVERY: Final = 32
 """The margin is recomputed every so many batches (quantiles sort the window)."""
 _Z95: Final = 1.6448536269514722
@@ -171,9 +174,11 @@ class TailModel:
 
     __slots__ = (
         "_overheads",
+        "_prior",
         "_ratios",
         "_record",
         "_record_count",
+        "_sample",
         "margin",
         "median_overhead_us",
         "overhead_us",
@@ -192,6 +197,11 @@ class TailModel:
         # record costs three item stores, not a numpy column assignment).
         self._record = tuple(array.array("d", bytes(8 * RECORD)) for _ in range(3))
         self._record_count = 0
+        # Until enough batches ran: the profile's spread as ratios at evenly spaced quantiles.
+        quantiles = (np.arange(PRIOR_POINTS) + 0.5) / PRIOR_POINTS
+        prior = np.exp(prior_sigma * np.array([statistics.NormalDist().inv_cdf(q) for q in quantiles]))
+        self._prior = (prior, np.zeros(PRIOR_POINTS))
+        self._sample: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None
 
     def observe(self, ratio: float, raw_ratio: float, overhead_us: float, at_s: float) -> bool:
         """Record one settled batch.
@@ -205,6 +215,7 @@ class TailModel:
         raw[i], overheads[i], times[i] = raw_ratio, overhead_us, at_s
         self._record_count += 1
         self._overheads.add(overhead_us)
+        self._sample = None
         if not self._ratios.add(ratio):
             return False
         margin = max(self._ratios.quantiles((self.quantile,))[0], 1.0) if self.quantile > 0.5 else 1.0
@@ -214,6 +225,23 @@ class TailModel:
         )
         self.margin, self.overhead_us, self.median_overhead_us = margin, overhead, median_overhead
         return moved
+
+    def sample(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """Recent batches' residuals as paired arrays: execution ratios and overheads (µs).
+
+        A batch whose corrected median is ``c`` took ``c * ratio + overhead`` in each of them:
+        the measured distribution, tail included, that :class:`mosel.pricing.Pricer` prices
+        risks with. Before :data:`MIN_SAMPLES` batches, the profile's own spread.
+        """
+        if self._sample is None:
+            count = min(self._ratios.count, WINDOW)
+            if count < MIN_SAMPLES:
+                return self._prior
+            self._sample = (
+                np.frombuffer(self._ratios.data)[:count].copy(),
+                np.frombuffer(self._overheads.data)[:count].copy(),
+            )
+        return self._sample
 
     def price(self, corrected_us: float) -> int:
         """The latency to plan with for a batch whose corrected median is ``corrected_us``."""

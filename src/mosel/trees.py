@@ -9,14 +9,25 @@ gathers and concatenates every leaf along it. Flattening is done by `optree
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import optree
 import torch
 from torch import Tensor
 
-__all__ = ["Tree", "TreeError", "check", "concat", "copy", "leaves", "signature", "take", "to_device"]
+__all__ = [
+    "Tree",
+    "TreeError",
+    "adopt",
+    "check",
+    "concat",
+    "copy",
+    "leaves",
+    "signature",
+    "take",
+    "to_device",
+]
 
 Tree: TypeAlias = Any
 """A tensor, or a nested dict / tuple / list (or namedtuple) of tensors."""
@@ -28,11 +39,73 @@ class TreeError(ValueError):
     """A tree that is not batched as required; callers re-raise it as a typed mosel error."""
 
 
+_CONTAINERS: set[type] = {dict, list, tuple}
+"""Types whose instances are walked into: optree's own, and those :func:`adopt` registered."""
+
+
+def adopt(tree: Tree) -> Tree:
+    """Make every mapping in ``tree`` a node of mosel's trees, not a leaf; returns ``tree``.
+
+    ``optree`` walks dicts, lists, tuples and namedtuples; any other ``Mapping`` (a Hugging Face
+    ``BatchEncoding``, ``BatchFeature`` or ``ModelOutput``, a ``UserDict``) would be one opaque
+    leaf. Each such type is registered once, in mosel's namespace, as a node whose children are
+    its values in key order and that is rebuilt as the same type: a tokenizer's output goes in as
+    it comes, and a branch's ``ModelOutput`` reaches the fusion as a ``ModelOutput``.
+    """
+    if isinstance(tree, Tensor):
+        return tree
+    pending = [tree]
+    while pending:
+        node = pending.pop()
+        kind = type(node)
+        if kind not in _CONTAINERS:
+            if not isinstance(node, Mapping) or isinstance(node, Tensor):
+                continue
+            _register_mapping(kind, node)
+        if isinstance(node, Mapping):
+            pending.extend(v for v in node.values() if not isinstance(v, Tensor))
+        elif isinstance(node, (list, tuple)):
+            pending.extend(v for v in node if not isinstance(v, Tensor))
+    return tree
+
+
+def _register_mapping(kind: type, example: Mapping[Any, Any]) -> None:
+    def flatten(node: Mapping[Any, Any]) -> tuple[list[Any], tuple[Any, ...], tuple[Any, ...]]:
+        keys = tuple(node.keys())
+        return [node[k] for k in keys], keys, keys
+
+    def unflatten(keys: tuple[Any, ...], children: Any) -> Any:
+        return rebuild(dict(zip(keys, children, strict=True)))
+
+    rebuild: Callable[[dict[Any, Any]], Any] = _rebuilder(kind, example)
+    optree.register_pytree_node(kind, flatten, unflatten, namespace=NAMESPACE)  # type: ignore[arg-type]
+    _CONTAINERS.add(kind)
+
+
+def _rebuilder(kind: type, example: Mapping[Any, Any]) -> Callable[[dict[Any, Any]], Any]:
+    """How a mapping of ``kind`` is made from a dict of its items (tried once, on ``example``)."""
+    items = dict(example)
+
+    def positional(d: dict[Any, Any]) -> Any:
+        return kind(d)
+
+    def keywords(d: dict[Any, Any]) -> Any:
+        return kind(**d)
+
+    for make in (positional, keywords):
+        try:
+            if isinstance(make(items), kind):
+                return make
+        except Exception:
+            continue
+    return dict  # a mapping that cannot be rebuilt from its items comes back as a dict
+
+
 def leaves(tree: Tree) -> list[Any]:
     """The leaves of ``tree`` (a bare tensor is its own single leaf; None is an empty subtree)."""
     if isinstance(tree, Tensor):
         return [tree]
-    return optree.tree_leaves(tree, none_is_leaf=False, namespace=NAMESPACE)
+    return optree.tree_leaves(adopt(tree), none_is_leaf=False, namespace=NAMESPACE)
 
 
 def device(tree: Tree) -> torch.device:
@@ -51,7 +124,7 @@ def check(tree: Tree, dim: int = 0) -> int:
         if tree.dim() <= dim:
             raise TreeError(f"a tensor of shape {tuple(tree.shape)} has no batch dimension {dim}")
         return int(tree.shape[dim])
-    items = leaves(tree)
+    items = leaves(tree)  # adopts the tree's mappings: later flattens see through them
     if not items:
         raise TreeError(f"{type(tree).__name__} {_short(tree)} holds no tensor")
     rows = -1

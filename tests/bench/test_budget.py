@@ -176,29 +176,26 @@ def test_the_median_interval_covers_at_least_its_level() -> None:
     assert common.median_interval(list(range(20))) == (5, 14)  # x(6), x(15): 95.9%
 
 
-@dataclasses.dataclass(frozen=True)
-class BudgetedConfig(mosel.SchedulerConfig):
-    """What the lead's config will look like (the field only: the budget's behaviour is not here)."""
-
-    miss_budget: float | None = None
-
-
 def test_the_budget_axis_reaches_mosel_only(monkeypatch: pytest.MonkeyPatch) -> None:
     entries = budget.entries_for([0.005, 0.01, None], [0.005, 0.01, 0.05], ["aggressive", "paper"])
     assert [e.label for e in entries] == ["aggressive", "paper", "mosel@0.5%", "mosel@1%", "mosel"]
     assert [e.targets for e in entries][2:] == [(0.005,), (0.01,), (0.005, 0.01, 0.05)]
     cond = conditions.CONDITIONS["strict"]
-    with pytest.raises(TypeError, match="miss_budget"):
-        entries[3].config(cond)  # no such field yet
-    assert not budget.budget_supported()
-    monkeypatch.setattr(mosel, "SchedulerConfig", BudgetedConfig)
-    assert budget.budget_supported()
     configs = [e.config(cond) for e in entries]
-    assert [getattr(c, "miss_budget", None) for c in configs] == [None, None, 0.005, 0.01, None]
+    assert [c.miss_budget for c in configs] == [None, None, 0.005, 0.01, None]
     assert configs[0].policy == "aggressive" and configs[3].policy == "mosel"
-    # A run through the simulator with the field present (the scheduler ignores it here).
+    # The budget reaches the scheduler that the simulation runs.
+    seen: list[float | None] = []
+    original = mosel.simulate
+
+    def spy(profile: Any, arrivals: Any, config: mosel.SchedulerConfig, **kw: Any) -> Any:
+        seen.append(config.miss_budget)
+        return original(profile, arrivals, config, **kw)
+
+    monkeypatch.setattr(mosel, "simulate", spy)
     small = budget.curve("paper-tvlt", "strict", 0, entries[3], (1.0, 4.0), 60, True, 0.2)
     assert set(small["capacity"]) == {"0.01"} and set(small["grid"]) == {"1", "4"}
+    assert seen and set(seen) == {0.01}
 
 
 def test_goal_tables_and_capacity_ratios_from_a_tiny_run() -> None:

@@ -27,3 +27,11 @@ def test_quickstart_runs_end_to_end() -> None:
     assert "frontier for 32 request(s)" in out
     assert "DeadlineError" in out
     assert "expected accuracy" in out
+
+
+def test_monitoring_over_http_catches_the_drift_and_serves_around_it() -> None:
+    out = run_example("monitoring_http.py")
+    assert "ALARM (drift) audio" in out
+    last = out.split("after 600 jobs")[1].splitlines()[0]
+    assert "'video'" in last and "'audio'" not in last and "audio+video" not in last
+    assert "mosel_accuracy_drifted" in out

@@ -14,6 +14,7 @@ import random
 import signal
 import sys
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
@@ -201,6 +202,109 @@ def test_a_cancel_racing_with_mosel_resolving_the_job_is_harmless() -> None:
     server._resolve_future(racy, result=None)
     assert racy.cancelled()
     torch.testing.assert_close(model.infer(rows(2, 1.0)).output, rows(2, 1.0)["audio"])
+    mosel.close(model)
+
+
+class _WatchedLock:
+    """The server's lock, telling the test when ``thread`` is about to wait for it."""
+
+    def __init__(self, lock: Any, thread: threading.Thread) -> None:
+        self.lock, self.thread, self.wanted = lock, thread, threading.Event()
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is self.thread:
+            self.wanted.set()
+        self.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+    def acquire(self, *args: Any) -> bool:
+        return bool(self.lock.acquire(*args))
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+@pytest.mark.parametrize("when", ["before dispatch", "while the executor dispatches", "after dispatch"])
+def test_a_job_whose_cancel_succeeds_is_never_computed(when: str) -> None:
+    """``future.cancel()`` True means withdrawn: never computed, whatever the interleaving with dispatch.
+
+    The executor is paused inside its dispatch (holding the server's lock) and the cancel is
+    made before, during (it must wait for the lock) or after it.
+    """
+    model = served()
+    computed: list[float] = []
+    model.on_audio = lambda audio: computed.extend(audio[:, 0].tolist())  # type: ignore[func-returns-value]
+    gate = blocked(model)
+    srv = runtime._state(model).serve(model)
+    victim = model.submit(rows(1, 42.0))
+    dispatching, go = threading.Event(), threading.Event()
+    dispatch = srv.scheduler.dispatch
+
+    def paused(now: float) -> Any:
+        dispatching.set()
+        assert go.wait(WAIT)
+        return dispatch(now)
+
+    srv.scheduler.dispatch = paused  # type: ignore[method-assign]
+    outcome: list[bool] = []
+    canceller = threading.Thread(target=lambda: outcome.append(victim.cancel()))
+    if when == "before dispatch":
+        canceller.start()
+        canceller.join(WAIT)
+        go.set()
+        model.gate.set()
+    elif when == "while the executor dispatches":
+        model.gate.set()
+        assert dispatching.wait(WAIT)
+        watched = _WatchedLock(srv.lock, canceller)
+        srv.lock = watched  # type: ignore[assignment]
+        canceller.start()
+        assert watched.wanted.wait(WAIT)  # the cancel waits for the lock the dispatch holds
+        go.set()
+        canceller.join(WAIT)
+        srv.lock = watched.lock
+    else:
+        go.set()
+        model.gate.set()
+        wait = time.monotonic() + WAIT
+        while not victim.running() and not victim.done() and time.monotonic() < wait:
+            time.sleep(0.001)
+        canceller.start()
+        canceller.join(WAIT)
+    gate.result(WAIT)
+    model.on_audio = None
+    model.submit(rows(1, 7.0)).result(WAIT)  # the executor is past the victim
+    (cancelled,) = outcome
+    assert cancelled == (42.0 not in computed), (when, cancelled, computed)
+    if cancelled:
+        assert victim.cancelled() and mosel.stats(model).counters["cancelled"] == 1
+    else:
+        torch.testing.assert_close(victim.result(WAIT).output, rows(1, 42.0)["audio"])
+    mosel.close(model)
+
+
+def test_the_callbacks_a_cancel_triggers_run_outside_the_models_lock() -> None:
+    """A done-callback that waits for another thread using the model cannot deadlock a cancel."""
+    model = served()
+    gate = blocked(model)
+    srv = runtime._state(model).serve(model)
+    victim = model.submit(rows(1, 3.0))
+    served_meanwhile: list[mosel.Result] = []
+
+    def wait_for_another_caller(future: concurrent.futures.Future[mosel.Result]) -> None:
+        assert not srv.lock._is_owned()  # type: ignore[attr-defined]
+        other = threading.Thread(target=lambda: served_meanwhile.append(srv.load()))  # takes the lock
+        other.start()
+        other.join(WAIT)
+
+    victim.add_done_callback(wait_for_another_caller)
+    assert victim.cancel()
+    assert len(served_meanwhile) == 1
+    model.gate.set()
+    gate.result(WAIT)
+    assert mosel.stats(model).counters["cancelled"] == 1
     mosel.close(model)
 
 

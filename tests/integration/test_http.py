@@ -217,7 +217,7 @@ def test_a_body_that_is_not_a_request_answers_400(model: TextAudio, content: byt
     with TestClient(mosel.http.create_app(model)) as client:
         response = client.post("/predict", content=content, headers={"content-type": "application/json"})
         assert response.status_code == 400, response.text
-        assert response.json()["error"] == "InputError"
+        assert response.json()["error"] == ("SLOError" if b"deadline_ms" in content else "InputError")
         assert message in response.json()["detail"].lower()
 
 

@@ -320,14 +320,14 @@ def test_a_large_input_decodes_in_steps_to_the_same_tensors(
 ) -> None:
     """Decoding in steps (so the GIL is let go in between) changes neither the tensors nor the errors."""
     steps: list[int] = []
-    decode = mosel.http.wire.decode
+    piece = mosel.http.wire._parse_piece
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         steps.append(1)
-        return decode(*args, **kwargs)
+        return piece(*args, **kwargs)
 
     monkeypatch.setattr(mosel.http.wire, "DECODE_STEP", 12)  # a few rows a step
-    monkeypatch.setattr(mosel.http.wire, "decode", counting)
+    monkeypatch.setattr(mosel.http.wire, "_parse_piece", counting)
     x = batch(9, 4, seed=21)
     with TestClient(mosel.http.create_app(model)) as client:
         response = post(client, {"inputs": as_json(x)})
@@ -356,7 +356,8 @@ def test_non_finite_inputs_are_refused_naming_the_leaf(model: TextAudio, value: 
         assert response.status_code == 400, response.text
         assert response.json()["error"] == "InputError"
         detail = response.json()["detail"]
-        assert re.search(r"\baudio\b holds (nan|-?inf|.*beyond float32's range).*finite float32", detail), detail
+        refused = r"\baudio\b holds (nan|-?inf|.*beyond float32's range).*finite float32"
+        assert re.search(refused, detail), detail
     assert mosel.stats(model).counters.get("submitted", 0) == 0
 
 

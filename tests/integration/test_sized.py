@@ -7,6 +7,7 @@ import dataclasses
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 import torch
@@ -64,7 +65,8 @@ def served() -> tuple[AttentionText, mosel.Profile]:
         data.append((x, torch.arange(12) % 3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", mosel.MoselWarning)  # a toy on a shared CPU: checks are noise
-        profile = mosel.profile(model, data, max_batch_size=4, repeats=2, cost_checks=2)
+        threads = torch.get_num_threads()  # kept (it is attached again at this count)
+        profile = mosel.profile(model, data, max_batch_size=4, repeats=2, cost_checks=2, threads=threads)
     return model, profile
 
 
@@ -82,7 +84,10 @@ def test_each_job_is_priced_at_its_own_bucket(served: tuple[AttentionText, mosel
     model, profile = served
     lengths = [8, 20, 32, 100, 128, 300, 5]
     jobs = {length: batch(3, length, seed=100 + length) for length in lengths}
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    with (
+        pytest.warns(mosel.MoselWarning, match="size 300 \\(bucket 512\\), beyond the largest bucket"),
+        concurrent.futures.ThreadPoolExecutor(4) as pool,
+    ):
         futures = {
             length: pool.submit(model.infer, x, deadline_ms=10_000.0, min_accuracy=0.0)
             for length, x in jobs.items()
@@ -106,12 +111,18 @@ def test_each_job_is_priced_at_its_own_bucket(served: tuple[AttentionText, mosel
 
 
 def test_a_failing_size_function_is_a_clear_input_error(served: tuple[AttentionText, mosel.Profile]) -> None:
-    model, _ = served
+    model, profile = served
     x = batch(2, 8, seed=1)
     x["text"] = {"input_ids": torch.zeros(2, dtype=torch.int64), "attention_mask": torch.ones(2)}  # 1-d
-    with pytest.raises(mosel.InputError, match="size function of modality 'text'"):
+    with pytest.raises(mosel.InputError, match="the model takes"):  # the schema refuses it first
         model.infer(x)
-    assert model.infer(batch(2, 8, seed=2)).output.shape == (2, 3)  # nothing lost, still serving
+    mosel.attach(model, dataclasses.replace(profile, input_schema=MappingProxyType({})))  # no schema
+    try:
+        with pytest.raises(mosel.InputError, match="size function of modality 'text'"):
+            model.infer(x)
+        assert model.infer(batch(2, 8, seed=2)).output.shape == (2, 3)  # nothing lost, still serving
+    finally:
+        mosel.attach(model, profile)
 
 
 def test_a_sized_profile_saves_and_serves_after_loading(

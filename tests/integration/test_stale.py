@@ -206,12 +206,64 @@ def test_compiling_after_attach_is_a_change_the_profile_does_not_fit() -> None:
     assert reason is not None and "compiled parts changed" in reason
     warned = attached(on_stale="warn")
     mosel.compile_branches(warned, backend="eager")
-    assert readiness(warned) is not None
     with pytest.warns(mosel.MoselWarning, match="compiled parts changed"):
-        settle(warned)
+        before = readiness(warned)  # the handling serving runs: warned once, the compiled parts pinned
+    assert before is not None and "measured with the compiled parts []" in before
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        settle(warned)  # warned once; the new compiled parts are pinned
-    assert readiness(warned) is None
+        settle(warned)  # warned once already
+        assert readiness(warned) == before  # the same answer before and after a request
     mosel.close(model)
     mosel.close(warned)
+
+
+@pytest.mark.parametrize("then", ["back", "elsewhere"])
+def test_a_model_moved_again_during_a_background_reprofile_never_serves_with_the_wrong_profile(
+    then: str,
+) -> None:
+    """double() starts a re-profile (measured in float64); the model moves again before it returns.
+
+    Back to float32: the attached profile fits again (ready at once); the float64 profile is
+    dropped. Elsewhere (half): it is dropped too, and the next look re-profiles for half.
+    """
+    go = threading.Event()
+    started = threading.Event()
+    calls: list[torch.dtype] = []
+
+    def reprofile(model: torch.nn.Module) -> mosel.Profile:
+        calls.append(next(model.parameters()).dtype)
+        measured = tiny_profile(model)  # measured now, in the model's dtype
+        started.set()
+        assert go.wait(10)
+        return measured
+
+    model = attached(on_stale=reprofile)
+    state = _state(model)
+    model.double()
+    reason = readiness(model)
+    assert reason is not None and reason.startswith("re-profiling")
+    assert started.wait(10)
+    if then == "back":
+        model.float()
+        assert readiness(model) is None  # the attached profile fits again, while the re-profile runs
+        with warnings.catch_warnings():  # attaching a float64 profile would only warn
+            warnings.simplefilter("ignore", mosel.MoselWarning)
+            go.set()
+            assert state.reprofiler is not None
+            state.reprofiler.join(30)
+        assert readiness(model) is None
+        assert mosel.profile_of(model).fingerprint.dtype == "torch.float32" and calls == [torch.float64]
+        assert model.infer(tiny_inputs(2)).output.dtype == torch.float32  # type: ignore[operator]
+    else:
+        model.half()
+        go.set()
+        assert state.reprofiler is not None
+        state.reprofiler.join(30)
+        assert mosel.profile_of(model).fingerprint.dtype == "torch.float32"  # the float64 one was dropped
+        started.clear()
+        reason = readiness(model)  # a second re-profile, for half
+        assert reason is not None and reason.startswith("re-profiling") and "moved again" in reason
+        state.reprofiler.join(30)
+        assert readiness(model) is None and calls == [torch.float64, torch.float16]
+        assert mosel.profile_of(model).fingerprint.dtype == "torch.float16"
+    mosel.close(model)

@@ -26,6 +26,7 @@ def profiled(trained_toy: ToyAV) -> tuple[ToyAV, mosel.Profile]:
             batch_sizes=[1, 2, 4, 8, 12, 16],
             repeats=3,
             progress=False,
+            threads=torch.get_num_threads(),  # kept: the profile is attached again at this count
         )
     return trained_toy, profile
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import ray.exceptions
+from ray.serve.exceptions import RequestCancelledError
 
 import mosel
 import mosel.ray
@@ -261,3 +262,35 @@ def test_a_cancelled_ainfer_cancels_its_serve_request() -> None:
 
     asyncio.run(run())
     assert [r.cancelled for r in handle.responses] == [True]
+
+
+@pytest.mark.parametrize(
+    "withdrawn",
+    [
+        mosel.ShutdownError("the model's scheduler was closed before this job ran"),
+        ray.exceptions.TaskCancelledError(),
+        RequestCancelledError("abc"),
+    ],
+    ids=["ShutdownError", "TaskCancelledError", "RequestCancelledError"],
+)
+def test_a_job_its_replica_withdrew_is_sent_again_while_the_deadline_allows(
+    clock: Clock, withdrawn: BaseException
+) -> None:
+    """A replica shutting down (or Serve cancelling the request) is a lost replica, never a Ray error."""
+    for at_s in (0.1, 1.0, 1.9):
+        clock.now = 0.0
+        the_client, handle = client(clock, [Outcome(at_s, withdrawn), Outcome(at_s + 0.05, RESULT)])
+        assert the_client.infer(request(2000.0, clock)) is RESULT
+        assert len(handle.responses) == 2
+    clock.now = 0.0
+    the_client, handle = client(clock, [Outcome(0.1, withdrawn), Outcome(0.2, withdrawn)], retries=1)
+    name = type(withdrawn).__name__
+    spent = rf"withdrew it \({name}\) and its 1 retries are spent"
+    with pytest.raises(mosel.ReplicaError, match=spent) as caught:
+        the_client.infer(request(2000.0, clock))
+    assert caught.value.__cause__ is withdrawn
+    clock.now = 0.0  # after the deadline (inside the grace): no time to send it again
+    the_client, handle = client(clock, [Outcome(2.05, withdrawn), Outcome(2.06, RESULT)])
+    with pytest.raises(mosel.ReplicaError, match="no time is left"):
+        the_client.infer(request(2000.0, clock))
+    assert len(handle.responses) == 1

@@ -29,7 +29,9 @@ LAYERS: dict[str, int] = {
     "mosel.spec": 1,
     "mosel.compiling": 1,
     "mosel.schema": 1,
+    "mosel.schema_recorder": 1,
     "mosel.profiles": 1,
+    "mosel.fingerprints": 1,
     "mosel.tail": 1,
     "mosel.machine": 1,
     # 2: the online core (no threads, futures or tensors)
@@ -39,6 +41,7 @@ LAYERS: dict[str, int] = {
     "mosel.pricing": 2,
     "mosel.admission": 2,
     "mosel.estimators": 2,
+    "mosel.drift": 2,
     "mosel.policies.blocks": 2,
     "mosel.policies.base": 2,
     "mosel.policies.baselines": 2,
@@ -50,18 +53,23 @@ LAYERS: dict[str, int] = {
     # 3: torch execution, requests, routers
     "mosel.execution": 3,
     "mosel.requests": 3,
+    "mosel.bucketing": 3,
+    "mosel.timing": 3,
     "mosel.routing": 3,
     "mosel.training": 3,
     "mosel.testing": 3,
+    "mosel.monitoring": 3,
     # 4: the drivers
     "mosel.server": 4,
     "mosel.simulate": 4,
+    "mosel.sidework": 4,
     # 5: the public runtime
     "mosel.runtime": 5,
     "mosel.profiler": 5,
     "mosel": 5,
     # 6: optional integrations (leaves)
     "mosel.http.wire": 6,
+    "mosel.http.backend": 6,
     "mosel.http.service": 6,
     "mosel.http.app": 6,
     "mosel.http": 6,
@@ -72,6 +80,7 @@ LAYERS: dict[str, int] = {
     "mosel.ray.deployment": 6,
     "mosel.ray.client": 6,
     "mosel.ray.ingress": 6,
+    "mosel.ray.backend": 6,
     "mosel.ray": 6,
 }
 LEAVES = ("mosel.http", "mosel.ray")

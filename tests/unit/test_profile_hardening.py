@@ -331,11 +331,11 @@ HOSTILE_TEXTS: dict[str, Callable[[str], str | bytes]] = {
     "deep field": lambda t: t.replace(
         '"sample_count": 1000', '"sample_count": ' + "[" * 100_000 + "]" * 100_000
     ),
-    "5000-digit version": lambda t: t.replace('"version": 2', '"version": ' + "9" * 5000),
+    "5000-digit version": lambda t: t.replace('"version": 3', '"version": ' + "9" * 5000),
     "5000-digit batch size": lambda t: t.replace('"max_batch_size": 8', '"max_batch_size": ' + "9" * 5000),
-    "version true": lambda t: t.replace('"version": 2', '"version": true'),
-    "version 1.0": lambda t: t.replace('"version": 2', '"version": 2.0'),
-    "version string": lambda t: t.replace('"version": 2', '"version": "2"'),
+    "version true": lambda t: t.replace('"version": 3', '"version": true'),
+    "version 1.0": lambda t: t.replace('"version": 3', '"version": 3.0'),
+    "version string": lambda t: t.replace('"version": 3', '"version": "2"'),
     "NaN accuracy": lambda t: t.replace('"audio": 0.6', '"audio": NaN'),
     "Infinity latency": lambda t: t.replace('"median_us": [110.0', '"median_us": [Infinity'),
     "-Infinity build time": lambda t: t.replace('"build_seconds": ', '"build_seconds": -Infinity, "x": '),

@@ -59,7 +59,8 @@ def test_failed_cost_checks_time_every_table_again(monkeypatch: pytest.MonkeyPat
         return real_once(self, fn)  # type: ignore[arg-type]
 
     monkeypatch.setattr(profiler._Timer, "once", counting)
-    mosel.profile(Tiny().eval(), batches(), max_batch_size=4, repeats=2, warmup=0, cost_checks=2)
+    # threads given: the count is kept as it is, every table timed again at it
+    mosel.profile(Tiny().eval(), batches(), max_batch_size=4, repeats=2, warmup=0, cost_checks=2, threads=2)
     assert len(calls) == 2  # re-checked once, then the checks agreed
     tables = 3 * 4 + 7 * 4  # 3 branches and 7 fusions at sizes 1..4
     assert len(timed) >= 2 * 2 * tables  # every table timed for two rounds, twice

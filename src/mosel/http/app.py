@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Final
 
 from fastapi import APIRouter, FastAPI
@@ -12,13 +13,17 @@ from starlette.concurrency import run_in_threadpool
 
 from mosel.http.service import Service
 from mosel.http.wire import (
+    ARRIVED,
     CONFIDENCE,
     DEADLINE_AT,
     DEADLINE_MS,
     MAX_BODY_BYTES,
     MIN_ACCURACY,
+    REQUEST_ID,
     REQUEST_START,
     ErrorBody,
+    FeedbackRequest,
+    FeedbackResponse,
     Health,
     ModelSource,
     PredictRequest,
@@ -27,7 +32,33 @@ from mosel.http.wire import (
 )
 from mosel.schema import ModalitySchema
 
-__all__ = ["create_app", "create_router"]
+__all__ = ["StampArrival", "create_app", "create_router"]
+
+
+class StampArrival:
+    """An ASGI middleware that stamps each request's arrival, for :class:`Service` to count from.
+
+    The first thing run for a request (outermost): the stamp is taken before routing, other
+    middleware and the handler, so time spent there (an event loop busy with other requests)
+    counts against the deadline. :func:`create_app` installs it; for :func:`create_router` in
+    your own app, add it last (outermost) with the service's timer and clock:
+    ``app.add_middleware(mosel.http.StampArrival, timer=service.timer, clock=service.clock)``.
+    A service uses a stamp taken with its own timer and clock only.
+    """
+
+    def __init__(
+        self, app: Any, timer: Callable[[], float] = time.monotonic, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.app = app
+        self.timer = timer
+        self.clock = clock
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Stamp an HTTP request's scope (once), then call the app."""
+        if scope.get("type") == "http" and ARRIVED not in scope:
+            scope[ARRIVED] = (self.timer, self.clock, self.timer(), self.clock())
+        await self.app(scope, receive, send)
+
 
 _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     400: {"model": ErrorBody, "description": "bad inputs or SLO values (InputError, SLOError)"},
@@ -65,6 +96,7 @@ _PREDICT_OPENAPI: Final[dict[str, Any]] = {
         _header_doc(CONFIDENCE, "plan the floor on lower confidence bounds, e.g. 0.95"),
         _header_doc(REQUEST_START, "wall-clock epoch seconds (or ms/us) when the request entered upstream"),
         _header_doc(DEADLINE_AT, "wall-clock epoch seconds (or ms/us) at which the deadline passes"),
+        _header_doc(REQUEST_ID, "the caller's id for the job: its labels may come to /feedback under it"),
     ],
 }
 
@@ -78,7 +110,7 @@ def create_router(
     allow_non_finite: bool = False,
     decode_workers: int = 1,
 ) -> APIRouter:
-    """An ``APIRouter`` with ``/predict``, ``/metrics``, ``/healthz`` and ``/readyz`` for ``model``.
+    """An ``APIRouter`` with ``/predict``, ``/feedback``, ``/metrics``, ``/healthz`` and ``/readyz``.
 
     Include it in any FastAPI app (``app.include_router(router, prefix="/av")``); closing the
     model on shutdown is then the app's business (``mosel.close(model)``), see :func:`create_app`.
@@ -120,6 +152,24 @@ def create_router(
         responses=_ERRORS,
         openapi_extra=_PREDICT_OPENAPI,
         summary="Serve a job of requests under its deadline and accuracy floor",
+    )
+    router.add_api_route(
+        "/feedback",
+        service.feedback,
+        methods=["POST"],
+        response_model=FeedbackResponse,
+        responses={
+            400: {"model": ErrorBody, "description": "malformed labels (InputError)"},
+            404: {"model": ErrorBody, "description": "no served job waits for labels under this id"},
+            409: {"model": ErrorBody, "description": "the model is not monitored"},
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": FeedbackRequest.model_json_schema()}},
+            }
+        },
+        summary="Report the ground truth of a served job (accuracy monitoring)",
     )
     router.add_api_route(
         "/metrics",
@@ -176,4 +226,5 @@ def create_app(
 
     app = FastAPI(title=title, lifespan=lifespan)
     app.include_router(create_router(service))
+    app.add_middleware(StampArrival, timer=service.timer, clock=service.clock)
     return app

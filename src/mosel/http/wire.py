@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
@@ -20,28 +20,34 @@ from mosel.errors import (
     NotProfiledError,
     ProfileMismatchError,
     QueueFullError,
+    ReplicaError,
     ShutdownError,
     SLOError,
 )
-from mosel.schema import ModalitySchema, decode
+from mosel.schema import ModalitySchema, decode, leaf_name, parse_list
 from mosel.slo import SLO
 from mosel.spec import spec_of
 from mosel.trees import Tree
 
 __all__ = [
+    "ARRIVED",
     "CLOSED",
     "HTTP_EVENTS",
     "CONFIDENCE",
     "DEADLINE_AT",
     "DEADLINE_MS",
     "DECODE_STEP",
+    "INLINE_BODY",
     "LARGE_BODY",
     "MAX_BODY_BYTES",
     "MIN_ACCURACY",
     "OVERLOAD",
+    "REQUEST_ID",
     "REQUEST_START",
     "Budget",
     "ErrorBody",
+    "FeedbackRequest",
+    "FeedbackResponse",
     "Health",
     "ModelSource",
     "PredictRequest",
@@ -64,19 +70,30 @@ REQUEST_START: Final = "X-Request-Start"
 """Header: when the request entered the system upstream, wall-clock epoch (see :func:`charge`)."""
 DEADLINE_AT: Final = "X-Deadline-At"
 """Header: the absolute wall-clock epoch at which the request's deadline passes."""
+REQUEST_ID: Final = "X-Request-Id"
+"""Header: the caller's own id for the job; its labels may come to ``/feedback`` under it (monitoring)."""
 
-OVERLOAD: Final = (DeadlineError, QueueFullError, ShutdownError)
-"""Errors answered 503 with a ``Retry-After``: the model is busy (or closed), retry later or elsewhere."""
+OVERLOAD: Final = (DeadlineError, QueueFullError, ShutdownError, ReplicaError)
+"""Errors answered 503 with a ``Retry-After``: the model is busy (or closed, or its replica was
+lost), retry later or elsewhere."""
 LARGE_BODY: Final = 256 * 1024
 """Bodies larger than this (bytes) are parsed and decoded on the service's decode pool, off the event loop."""
+INLINE_BODY: Final = 16 * 1024
+"""Bodies up to this size (bytes) are parsed and decoded on the event loop (under a millisecond);
+larger ones up to :data:`LARGE_BODY` on a thread of their own, off the loop and never behind a
+large body (a 256 KiB body takes about 10 ms to decode: on the loop, it delayed every other
+request's arrival)."""
+ARRIVED: Final = "mosel.arrived"
+"""The ASGI scope key :class:`~mosel.http.StampArrival` stamps a request's arrival under."""
 MAX_BODY_BYTES: Final = 8 * 1024 * 1024
 """The default limit on a ``/predict`` body (8 MiB): a larger one is answered 413 unread.
 
 Parsing JSON and turning its lists into tensors hold Python's GIL (single C calls), on the order
 of 20-40 ms per MB on one core: the limit also bounds how long one body can delay the event loop.
 """
-DECODE_STEP: Final = 1 << 16
-"""About how many numbers of a large input are turned into a tensor at a time (see :func:`decode_inputs`)."""
+DECODE_STEP: Final = 1 << 14
+"""At most about how many numbers of an input leaf are turned into a tensor at a time, holding the GIL
+(within a row, where a row holds more; see :func:`decode_inputs`)."""
 HTTP_EVENTS: Final = (
     "served_on_time",
     "served_late",
@@ -102,10 +119,16 @@ Prepared: TypeAlias = "tuple[dict[str, Tree], dict[str, Tensor] | None, PredictR
 """A decoded request: its inputs, presence masks, body and budget."""
 ModelSource: TypeAlias = "nn.Module | Callable[[], nn.Module]"
 """A model, or a function that returns it when a request needs it (built later, e.g. on a replica)."""
+SLO_FIELDS: Final = frozenset({"deadline_ms", "min_accuracy", "confidence", "per_request", "best_effort"})
+"""The body fields of :class:`PredictRequest` that make the SLO (a bad one is an ``SLOError``)."""
 
 
 class PredictRequest(BaseModel):
-    """The body of ``POST /predict``."""
+    """The body of ``POST /predict``.
+
+    The SLO fields are strict, as ``model.infer``'s keywords are: a number for the objectives
+    (``"50"`` or ``true`` is refused), a JSON boolean for ``per_request`` and ``best_effort``.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -118,14 +141,18 @@ class PredictRequest(BaseModel):
         ),
     )
     deadline_ms: float | None = Field(
-        None, description="deadline in ms from the request's arrival (or X-Request-Start); > 0"
+        None, strict=True, description="deadline in ms from the request's arrival (or X-Request-Start); > 0"
     )
-    min_accuracy: float | None = Field(None, description="floor on the expected accuracy, in [0, 1]")
+    min_accuracy: float | None = Field(
+        None, strict=True, description="floor on the expected accuracy, in [0, 1]"
+    )
     confidence: float | None = Field(
-        None, description="plan the floor against lower confidence bounds of accuracy, in (0, 1)"
+        None, strict=True, description="plan the floor against lower confidence bounds of accuracy, in (0, 1)"
     )
-    per_request: bool = Field(False, description="every request's configuration meets the floor")
-    best_effort: bool = Field(False, description="serve late instead of answering 503 to a doomed deadline")
+    per_request: bool = Field(False, strict=True, description="every request's configuration meets the floor")
+    best_effort: bool = Field(
+        False, strict=True, description="serve late instead of answering 503 to a doomed deadline"
+    )
     present: dict[str, list[bool]] | None = Field(
         None, description="modality -> one boolean per request: which requests really have it"
     )
@@ -138,6 +165,7 @@ class PredictResponse(BaseModel):
     prediction: list[Any] | None = Field(
         description="argmax over the last dimension of a floating output of rank >= 2, else null"
     )
+    id: str = Field(description="the job's id, to report its labels to /feedback with (monitoring)")
     modalities: list[list[str]] = Field(description="per request, the modalities computed for it")
     expected_accuracy: float
     predicted_latency_ms: float
@@ -158,6 +186,28 @@ class PredictResponse(BaseModel):
             "what was left after receiving and decoding"
         )
     )
+
+
+class FeedbackRequest(BaseModel):
+    """The body of ``POST /feedback``: the ground truth of a served job, when it arrives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(
+        description="the job's id: the `id` of its /predict answer, or the X-Request-Id it was sent with"
+    )
+    labels: list[Any] | dict[str, Any] = Field(
+        description=(
+            "one label per request in the job's row order (null for a request without one), or "
+            "{row: label} for some; what the monitor's metric takes (a class index for top-1)"
+        )
+    )
+
+
+class FeedbackResponse(BaseModel):
+    """The answer of ``POST /feedback`` (200)."""
+
+    labelled: int = Field(description="requests scored now (requests labelled before are not counted again)")
 
 
 class ErrorBody(BaseModel):
@@ -207,16 +257,29 @@ def _number(name: str, text: str) -> float:
     return value
 
 
+_EPOCH_UNITS: Final = (1.0, 1e3, 1e6, 1e9)
+"""Seconds, milliseconds, microseconds, nanoseconds: an epoch header's units, told apart by magnitude."""
+_EPOCH_S: Final = (1e9, 1e10)
+"""The wall-clock epochs (seconds) a header may name: from September 2001 to the year 2286."""
+
+
 def _epoch_s(name: str, text: str) -> float:
-    """Wall-clock epoch seconds; milliseconds and microseconds are told apart by magnitude."""
+    """Wall-clock epoch seconds from seconds, milliseconds, microseconds or nanoseconds.
+
+    The unit is told by the magnitude: each unit's plausible epochs (2001 to 2286) lie in its
+    own decade, ``[1e9, 1e10)`` times the unit. A value in none of them is refused rather than
+    misread (a unit off by a thousand would charge years, or nothing).
+    """
     value = _number(name, text.strip().removeprefix("t="))
-    if value <= 0:
-        raise SLOError(f"{name} must be a positive wall-clock epoch time, got {text!r}")
-    if value > 1e14:  # microseconds (1e14 s would be millions of years from now)
-        return value / 1e6
-    if value > 1e11:  # milliseconds (1e11 s is the year 5138)
-        return value / 1e3
-    return value
+    low, high = _EPOCH_S
+    for scale in _EPOCH_UNITS:
+        if low * scale <= value < high * scale:
+            return value / scale
+    raise SLOError(
+        f"{name} must be a wall-clock epoch time (since 1970) in seconds, milliseconds, microseconds or "
+        f"nanoseconds, between the years 2001 and 2286 (e.g. {name}: t=1764432000.123); got {text!r}, "
+        f"which is none of these"
+    )
 
 
 def _stricter(a: float | None, b: float | None, pick: Callable[[float, float], float]) -> float | None:
@@ -238,8 +301,9 @@ def charge(headers: Mapping[str, str], body: PredictRequest, now_s: float) -> Bu
     fields of the same meaning; when both give one, the stricter applies. ``X-Request-Start``
     (when the request entered the system: a load balancer, a router) and ``X-Deadline-At``
     (when its deadline passes) are wall-clock epoch times in seconds, as ``time.time()`` and
-    nginx's ``t=${msec}`` write them (a ``t=`` prefix is accepted; values in milliseconds or
-    microseconds are recognised by their magnitude). The deadline left for the model is
+    nginx's ``t=${msec}`` write them (a ``t=`` prefix is accepted; values in milliseconds,
+    microseconds or nanoseconds are recognised by their magnitude, and a value that is none of
+    these, between the years 2001 and 2286, is refused). The deadline left for the model is
     ``deadline_ms - (now - X-Request-Start)``, and at most ``X-Deadline-At - now``. Clocks of
     different hosts must agree (NTP); a start in the future counts as no time upstream.
 
@@ -282,21 +346,29 @@ def charge(headers: Mapping[str, str], body: PredictRequest, now_s: float) -> Bu
     )
 
 
-def _decode(modality: str, value: Any, schema: ModalitySchema | None, finite: bool) -> Tree:
-    """:func:`mosel.schema.decode` (non-finite values refused with ``finite``), a few rows at a time.
+class Abandoned(Exception):
+    """The request's client went away while its inputs were decoded: the decode stopped."""
 
-    Turning a JSON list into a tensor is one C call that holds Python's GIL throughout; a large
-    input is decoded in steps of about :data:`DECODE_STEP` numbers, so that the event loop (and
-    ``/healthz``) runs in between. A value that does not decode is decoded again whole, for the
-    error to describe the whole value.
+
+def _decode(
+    modality: str,
+    value: Any,
+    schema: ModalitySchema | None,
+    finite: bool,
+    abandoned: Callable[[], bool] | None = None,
+) -> Tree:
+    """:func:`mosel.schema.decode` (non-finite values refused with ``finite``), large leaves in steps.
+
+    Turning a JSON list into a tensor is one C call that holds Python's GIL throughout: a leaf
+    of more than :data:`DECODE_STEP` numbers is turned into a tensor a piece of about that many
+    numbers at a time (within a row, where a row is that large), so that the event loop (and
+    ``/healthz``) runs in between; the schema's checks then run once on the whole tensor (torch
+    operations, which let the GIL go), and a bad value is reported as for the whole value.
+    ``abandoned`` is asked between pieces; when it says so, :class:`Abandoned` is raised.
     """
-    chunks = _row_chunks(value, schema)
-    if chunks is None:
-        return decode(modality, value, schema, finite=finite)
-    try:
-        return trees.concat([decode(modality, chunk, schema, finite=finite) for chunk in chunks])
-    except (ValueError, TypeError, RuntimeError):  # InputError, TreeError: the whole value says why
-        return decode(modality, value, schema, finite=finite)
+    if schema is not None:
+        value = _parsed_in_steps(modality, value, schema, abandoned)
+    return decode(modality, value, schema, finite=finite)
 
 
 def _numbers(row: Any) -> int:
@@ -308,61 +380,118 @@ def _numbers(row: Any) -> int:
     return count
 
 
-def _row_chunks(value: Any, schema: ModalitySchema | None) -> list[Any] | None:
-    """``value`` in slices of rows of about :data:`DECODE_STEP` numbers, or None to decode it whole.
+def _parsed_in_steps(
+    modality: str, value: Any, schema: ModalitySchema, abandoned: Callable[[], bool] | None
+) -> Any:
+    """``value`` with each leaf list of more than :data:`DECODE_STEP` numbers parsed into a tensor.
 
-    Only where the rows are plain to find: a schema whose batch dimension is the first, and a
-    bare tensor (a list of rows) or an object of tensors (each a list of rows, as many each).
+    Leaves that cannot be found where the schema puts them are left for :func:`decode` to refuse.
     """
-    if schema is None or schema.batch_dim != 0:
-        return None
-    if isinstance(value, list) and [leaf.path for leaf in schema.leaves] == [()]:
-        rows, numbers = len(value), _numbers(value[0]) if value else 1
-        return None if rows * numbers <= DECODE_STEP else _slices(value, rows, numbers)
-    if (
-        isinstance(value, dict)
-        and all(len(leaf.path) == 1 and isinstance(leaf.path[0], str) for leaf in schema.leaves)
-        and value
-        and all(isinstance(v, list) for v in value.values())
-        and len({len(v) for v in value.values()}) == 1
-    ):
-        parts: dict[str, list[Any]] = value
-        rows = len(next(iter(parts.values())))
-        numbers = sum(_numbers(v[0]) for v in parts.values()) if rows else 1
-        if rows * numbers <= DECODE_STEP:
+    for leaf in schema.leaves:
+        found = _find(value, leaf.path)
+        if not isinstance(found, list) or _numbers(found) <= DECODE_STEP:
+            continue
+        dtype = leaf.torch_dtype()
+        parse_as = torch.float64 if dtype.is_floating_point else None
+        tensor = _pieces(found, leaf_name(modality, leaf.path), parse_as, dtype, abandoned)
+        value = _replaced(value, leaf.path, tensor)  # a copy along the path: the body's lists stay
+    return value
+
+
+def _find(value: Any, path: tuple[str | int, ...]) -> Any:
+    """The part of ``value`` at ``path``, or None where it is not there."""
+    for part in path:
+        if isinstance(value, dict) and isinstance(part, str):
+            value = value.get(part)
+        elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            value = value[part]
+        else:
             return None
-        step = max(1, DECODE_STEP // max(numbers, 1))
-        return [{k: v[i : i + step] for k, v in parts.items()} for i in range(0, rows, step)]
-    return None
+    return value
 
 
-def _slices(rows: list[Any], count: int, numbers: int) -> list[Any]:
-    step = max(1, DECODE_STEP // max(numbers, 1))
-    return [rows[i : i + step] for i in range(0, count, step)]
+def _replaced(value: Any, path: tuple[str | int, ...], tensor: Tensor) -> Any:
+    if not path:
+        return tensor
+    head, rest = path[0], path[1:]
+    if isinstance(value, dict):
+        return {**value, head: _replaced(value[head], rest, tensor)}
+    copy = list(value)
+    copy[int(head)] = _replaced(value[int(head)], rest, tensor)
+    return copy
+
+
+def _parse_piece(piece: list[Any], where: str, parse_as: torch.dtype | None, dtype: torch.dtype) -> Tensor:
+    """One step: a piece of a leaf's list as a tensor (one C call, holding the GIL)."""
+    return parse_list(piece, where, parse_as, dtype)
+
+
+def _pieces(
+    value: list[Any],
+    where: str,
+    parse_as: torch.dtype | None,
+    dtype: torch.dtype,
+    abandoned: Callable[[], bool] | None,
+) -> Tensor:
+    """A nested list as one tensor, parsed about :data:`DECODE_STEP` numbers at a time.
+
+    Consecutive elements are parsed together while they hold at most that many numbers; an
+    element holding more is parsed the same way, one level down, and the elements stacked.
+    Pieces of other shapes (a ragged list) are refused as :func:`mosel.schema.decode` would.
+    """
+    per = _numbers(value[0]) if value else 1
+    parts: list[Tensor] = []
+    try:
+        if per <= DECODE_STEP:
+            step = max(1, DECODE_STEP // max(per, 1))
+            for i in range(0, len(value), step):
+                if abandoned is not None and abandoned():
+                    raise Abandoned(where)
+                parts.append(_parse_piece(value[i : i + step], where, parse_as, dtype))
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
+        for element in value:
+            if not isinstance(element, list):
+                raise ValueError("a number beside lists")
+            parts.append(_pieces(element, where, parse_as, dtype, abandoned))
+        return torch.stack(parts)
+    except (RuntimeError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{where} must be a rectangular list of numbers or booleans ({exc})") from None
 
 
 def decode_inputs(
-    model: nn.Module,
+    model: nn.Module | Sequence[str],
     inputs: Mapping[str, Any],
     schema: Mapping[str, ModalitySchema],
     *,
     allow_non_finite: bool = False,
+    abandoned: Callable[[], bool] | None = None,
 ) -> dict[str, Tree]:
     """The JSON ``inputs`` of a request as tensors, each modality checked against ``schema``.
 
+    ``model``: the model, or the modalities it takes (a model elsewhere, e.g. a Ray deployment).
     A modality without a schema (a profile saved before schemas were recorded) takes its
     dtypes from the values (see :func:`mosel.schema.decode`). A NaN, an infinity, or a number
     beyond its leaf's float dtype (``1e39`` for float32) is refused unless ``allow_non_finite``.
+    Leaves of more than :data:`DECODE_STEP` numbers are turned into tensors in steps (the GIL
+    is let go in between); ``abandoned`` is asked between steps, and when it returns true the
+    decode stops with :class:`Abandoned` (the request's client went away).
 
     Raises:
         InputError: an unknown modality, or a value that does not fit (naming modality and leaf).
+        Abandoned: ``abandoned`` said so.
     """
-    spec = spec_of(model)
-    unknown = [m for m in inputs if m not in spec.branches]
+    if isinstance(model, nn.Module):
+        spec = spec_of(model)
+        names, owner = tuple(spec.modalities), spec.model_class
+    else:
+        names, owner = tuple(model), "the model"
+    unknown = [m for m in inputs if m not in names]
     if unknown:
-        raise InputError(f"unknown modality {unknown[0]!r}; {spec.model_class} takes {list(spec.modalities)}")
+        raise InputError(f"unknown modality {unknown[0]!r}; {owner} takes {list(names)}")
     finite = not allow_non_finite
-    return {m: _decode(m, v, schema.get(m), finite) for m, v in inputs.items() if v is not None}
+    return {m: _decode(m, v, schema.get(m), finite, abandoned) for m, v in inputs.items() if v is not None}
 
 
 def _plain(value: Any) -> Any:

@@ -29,7 +29,7 @@ from mosel.policies.blocks import bind_head, take_batch
 
 if TYPE_CHECKING:
     from mosel.errors import DeadlineError
-    from mosel.pricing import BatchLatency
+    from mosel.pricing import BatchLatency, Delayed
     from mosel.queue import IntArray
     from mosel.scheduler import SchedulerConfig
 
@@ -102,6 +102,20 @@ class Core(Protocol):
     def typical(self, priced_us: float) -> float:
         """The median time of a span priced ``priced_us``."""
 
+    def corrected_us(
+        self, groups: Sequence[tuple[frozenset[str], int]], cost: CostModel | None = None
+    ) -> float:
+        """A strategy's corrected median execution, before the tail (see :class:`mosel.pricing.Pricer`)."""
+
+    def expected_misses(
+        self,
+        corrected_us: npt.NDArray[np.float64],
+        thresholds_us: npt.NDArray[np.float64],
+        weights: npt.NDArray[np.float64],
+        delayed: Delayed | None = None,
+    ) -> npt.NDArray[np.float64]:
+        """Expected missed requests for each candidate batch (``Pricer.expected_misses``)."""
+
     def doomed(self, finish_us: int, deadline_us: int, now: float) -> bool:
         """Would a task priced to finish at ``finish_us`` miss ``deadline_us`` even at the median?"""
 
@@ -169,6 +183,9 @@ class Policy:
 
     def observe_launch(self, batch: Batch, now: float) -> None:
         """A batch started running."""
+
+    def observe_outcome(self, job: Job[Any], missed: bool) -> None:
+        """A job finished, failed for its deadline or was refused; ``missed``: not on time."""
 
     def replan(self, now: float) -> list[Failure]:
         """The queue changed: re-assign options, fail jobs that cannot make it."""

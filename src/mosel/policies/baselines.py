@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from mosel.jobs import Failure, Task, time_us
 from mosel.policies.base import Policy
-from mosel.policies.blocks import predict, repair
+from mosel.policies.blocks import least_valuable, predict, repair
 
 __all__ = ["Aggressive", "Agnostic", "AgnosticPlus", "Batcher"]
 
@@ -34,13 +34,21 @@ class Batcher(Policy):
 
 
 class Aggressive(Policy):
-    """Every job at its cheapest admissible strategy; doomed jobs fail at once."""
+    """Every job at its cheapest admissible strategy; doomed jobs fail at once.
+
+    Where one job must go for the others to make it, the least valuable per microsecond goes
+    (weighted Moore-Hodgson): what mosel serves as once its miss budget is spent.
+    """
 
     name = "aggressive"
 
     def initial(self, task: Task, now: float, share: float) -> int:
         """Always the cheapest admissible option."""
         return 0
+
+    def victim(self, late: int) -> int:
+        """The least valuable job per microsecond at or before the late one."""
+        return least_valuable(self, late)
 
     def replan(self, now: float) -> list[Failure]:
         """Fail the jobs that cannot make it even with every job at its cheapest option."""

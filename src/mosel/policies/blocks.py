@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from mosel.policies.base import Policy
     from mosel.pricing import BatchLatency
 
-__all__ = ["bind_head", "joins", "predict", "repair", "take_batch", "upgrade_head"]
+__all__ = ["bind_head", "joins", "least_valuable", "predict", "repair", "take_batch", "upgrade_head"]
 
 
 class Join(NamedTuple):
@@ -164,6 +164,20 @@ def repair(policy: Policy, now: float) -> list[Failure]:
     if len(core.queue) > horizon:
         _repair_tail(policy, predict(policy, _start_us(policy, now), horizon)[0][-1])
     return failures
+
+
+def least_valuable(policy: Policy, late: int) -> int:
+    """The queued job at or before ``late`` with the fewest expected correct answers per microsecond.
+
+    Shedding it rather than the late job (weighted Moore-Hodgson) keeps the most correct
+    answers on time; best-effort jobs are never shed.
+    """
+    density = [
+        (task.acc[0] / max(1, task.lat[0]), i)
+        for i, task in enumerate(policy.core.queue[: late + 1])
+        if not task.job.best_effort
+    ]
+    return min(density)[1] if density else late
 
 
 def _lower(policy: Policy, late: int, deficit: int) -> bool:

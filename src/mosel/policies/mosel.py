@@ -7,11 +7,13 @@ import math
 from typing import Any, ClassVar
 
 import numpy as np
+import numpy.typing as npt
 
-from mosel.estimators import ArrivalEstimator
+from mosel.estimators import ArrivalEstimator, MissBudget, SlackSample
 from mosel.jobs import Batch, Failure, Job, Reason, Task, deadline_us, time_us
 from mosel.policies.base import Core, Policy
-from mosel.policies.blocks import bind_head, predict, repair, take_batch
+from mosel.policies.blocks import bind_head, least_valuable, predict, repair, take_batch
+from mosel.pricing import Delayed
 
 __all__ = ["Mosel"]
 
@@ -46,8 +48,8 @@ class Mosel(Policy):
     """Pay upgrades from the spare-capacity budget (off only for the ablation)."""
     limit_reserve: ClassVar[bool] = True
     """Keep, before each queued job's deadline, the work arrivals bring meanwhile (ablation)."""
-    limit_arrivals: ClassVar[bool] = True
-    """Keep the batch within a tight arrival's headroom (ablation)."""
+    limit_risk: ClassVar[bool] = True
+    """Buy an upgrade only with the miss budget's credit, at its risk price (ablation)."""
     shed_by_density: ClassVar[bool] = True
     """Shed the job with the fewest expected correct answers per microsecond at or before a late
     one (weighted Moore-Hodgson) rather than the late one (on 150 random traces of
@@ -59,6 +61,8 @@ class Mosel(Policy):
         self.arrivals = ArrivalEstimator(core.config.load_window_s)
         self.budget_s = 0.0  # device seconds that upgrades may still spend
         self.budget_at = -math.inf  # the first refill fills it to its cap
+        self.misses = MissBudget(core.config.miss_budget)
+        self.slack = SlackSample()
 
     def initial(self, task: Task, now: float, share: float) -> int:
         """The cheapest admissible option: accuracy is added at dispatch, if there is time."""
@@ -68,11 +72,22 @@ class Mosel(Policy):
         """Track the arrival rate of work and a low quantile of arrivals' headroom."""
         self.refill(now)
         headroom = None if math.isinf(job.deadline) else (job.deadline - now) * 1e6 - cheapest_us
-        self.arrivals.observe_arrival(now, self.core.typical(cheapest_us) / 1e6, headroom, self.core.busy)
+        self.arrivals.observe_arrival(
+            now, self.core.typical(cheapest_us) / 1e6, headroom, self.core.busy, job.n
+        )
+        if headroom is not None:
+            self.slack.arrived(headroom, job.n)
 
     def observe_launch(self, batch: Batch, now: float) -> None:
         """Count the batch's predicted time as time spent running."""
         self.arrivals.observe_launch(now, self.core.typical(batch.predicted_us) / 1e6)
+
+    def observe_outcome(self, job: Job[Any], missed: bool) -> None:
+        """Book a finished or refused job against the miss budget, and how close it came."""
+        self.misses.outcome(job.n, missed)
+        if not math.isinf(job.deadline):
+            finished = job.finished if not missed else job.deadline + 1.0
+            self.slack.finished((job.deadline - finished) * 1e6, job.n)
 
     def refill(self, now: float) -> None:
         """Add the spare device time since the last refill to the budget."""
@@ -91,14 +106,7 @@ class Mosel(Policy):
 
     def victim(self, late: int) -> int:
         """The late job itself, or with :attr:`shed_by_density` the least valuable per microsecond."""
-        if not self.shed_by_density:
-            return late
-        density = [
-            (task.acc[0] / max(1, task.lat[0]), i)
-            for i, task in enumerate(self.core.queue[: late + 1])
-            if not task.job.best_effort
-        ]
-        return min(density)[1] if density else late
+        return least_valuable(self, late) if self.shed_by_density else late
 
     def alone(self, task: Task, now: float) -> None:
         """A lone job on an idle device is upgraded like any batch."""
@@ -113,41 +121,45 @@ class Mosel(Policy):
         self.upgrade(tasks, now)
         return tasks, failures
 
-    def allowance(self, tasks: list[Task], now: float, base: int) -> tuple[float, Reason]:
-        """How much the batch (priced ``base``) may grow, and the limit that binds."""
+    def allowance(self, tasks: list[Task], now: float, base: int) -> tuple[float, Reason, _Risk]:
+        """How much the batch (priced ``base``) may grow, the limit that binds, and what it risks.
+
+        The limits are the spare-capacity budget, the batch's own deadlines and each queued
+        job's slack (less the work arrivals until its deadline bring); the risk is what the
+        upgrade's expected added misses are priced on (see :meth:`upgrade`).
+        """
         core = self.core
-        config = core.config
         now_us = time_us(now)
         allowed = self.budget_s * 1e6 if self.limit_budget else math.inf
         binding = Reason.SPARE_CAPACITY
         rho = self.arrivals.rho(now)
-        low = self.arrivals.headroom_low_us
-        if math.isfinite(low) and config.risk > 0 and self.limit_arrivals:
-            # Arrivals during the run, at the recent rate, still fit; beyond that, the run may
-            # outlast a tight arrival's headroom only by as long as ``risk`` arrivals take to come.
-            cap = low / (1.0 + rho)
-            rate = self.arrivals.busy_rate()
-            cap = cap + config.risk / rate * 1e6 if rate is not None else math.inf
-            if cap - base < allowed:
-                allowed, binding = cap - base, Reason.ARRIVALS
         own = min(deadline_us(t.job) for t in tasks) - now_us - base
         if own < allowed:
             allowed, binding = own, Reason.DEADLINE
+        risk = _Risk(self, tasks, now, base)
         if core.queue:  # each queued job keeps its slack, less what arrivals until its deadline need
             end = min(len(core.queue), self.horizon)
             finish, _ = predict(self, time_us((now_us + base) / 1e6), end)
             deadlines = core.deadlines_us[:end]
             slack = deadlines - np.asarray(finish, dtype=np.int64)
-            keep = ~core.lenient[:end] & (slack >= 0)
+            waiting = ~core.lenient[:end]
+            risk.queued(slack[waiting] + base, [t.n for t, w in zip(core.queue[:end], waiting) if w])
+            keep = waiting & (slack >= 0)
             if keep.any():
                 reserve = rho * (deadlines - now_us) if self.limit_reserve else 0.0
                 queue = float((slack - reserve)[keep].min())
                 if queue < allowed:
                     allowed, binding = queue, Reason.QUEUE
-        return allowed, binding
+        return allowed, binding, risk
 
     def upgrade(self, tasks: list[Task], now: float) -> None:
-        """Raise the batch's options, most accuracy per microsecond first, within the limits."""
+        """Raise the batch's options, most accuracy per microsecond first, within the limits.
+
+        With :attr:`limit_risk`, an upgrade is bought only while its risk price (the misses it is
+        expected to add, to its own jobs, the queued ones and those arriving while it runs) fits
+        the miss budget's credit (:class:`mosel.estimators.MissBudget`); with the budget spent,
+        nothing is upgraded and the batch runs as the cheapest admissible policy runs it.
+        """
         core = self.core
         for task in tasks:
             if task.k < len(task.lat) - 1:
@@ -162,17 +174,22 @@ class Mosel(Policy):
         if self.limit_budget and self.arrivals.rho(now) >= 1.0 - core.config.spare_margin:
             _explain(tasks, Reason.OVERLOAD)
             return  # no spare time now: a stored budget is not spent into an overload
-        allowed, binding = self.allowance(tasks, now, base)
+        if self.limit_risk and not self.misses.open:
+            _explain(tasks, Reason.MISS_BUDGET)
+            return
+        allowed, binding, risk = self.allowance(tasks, now, base)
         if allowed > 0:
+            before = [t.k for t in tasks]
             if len(tasks) == 1:  # the common case: the option's own latency is the batch's
                 task = tasks[0]
-                top = bisect.bisect_right(task.lat, task.lat[task.k] + allowed) - 1
-                if top > task.k:
-                    self.budget_s -= (task.lat[top] - task.lat[task.k]) / 1e6
-                    task.k = top
-                    core.count("upgraded")
+                task.k = max(task.k, bisect.bisect_right(task.lat, task.lat[task.k] + allowed) - 1)
             else:
                 self._raise_merged(tasks, base, allowed)
+            if self.limit_risk and self._priced_by_risk(tasks, before, risk):
+                binding = Reason.MISS_BUDGET
+            if [t.k for t in tasks] != before:
+                self.budget_s -= (core.merged_latency_us(tasks) - base) / 1e6
+                core.count("upgraded")
         _explain(tasks, binding)
 
     def _raise_merged(self, tasks: list[Task], base: int, allowed: float) -> None:
@@ -204,9 +221,65 @@ class Mosel(Policy):
         while steps and core.merged_latency_us(tasks) - base > allowed:
             task, k = steps.pop()
             task.k = k
-        if steps:
-            self.budget_s -= (core.merged_latency_us(tasks) - base) / 1e6
-            core.count("upgraded")
+
+    def _priced_by_risk(self, tasks: list[Task], before: list[int], risk: _Risk) -> bool:
+        """Lower the raised options until their risk price fits the credit, and pay it.
+
+        Steps are undone from the last raised task down; True when the risk bound lowered them.
+        """
+        cost = tasks[0].job.cost
+        candidates: list[list[int]] = [[t.k for t in tasks]]
+        while candidates[-1] != before:  # the raises undone one step at a time, down to none
+            ks = list(candidates[-1])
+            i = max(j for j, (k, k0) in enumerate(zip(ks, before)) if k > k0)
+            ks[i] -= 1
+            candidates.append(ks)
+        corrected = []
+        for ks in candidates:
+            groups: dict[frozenset[str], int] = {}
+            for task, k in zip(tasks, ks):
+                for config, count in task.option(k).groups:
+                    groups[config] = groups.get(config, 0) + count
+            corrected.append(self.core.corrected_us(tuple(groups.items()), cost))
+        added = risk.added(np.asarray(corrected, dtype=np.float64))
+        credit = self.misses.credit
+        chosen = next(i for i, extra in enumerate(added) if extra <= credit or i == len(added) - 1)
+        for task, k in zip(tasks, candidates[chosen]):
+            task.k = k
+        self.misses.spend(float(max(added[chosen], 0.0)))
+        return chosen > 0
+
+
+class _Risk:
+    """What an upgrade of one batch puts at risk: its jobs, the queued ones, the jobs to come."""
+
+    __slots__ = ("core", "delayed", "thresholds", "weights")
+
+    def __init__(self, policy: Mosel, tasks: list[Task], now: float, base: int) -> None:
+        self.core = core = policy.core
+        now_us = time_us(now)
+        own = [t for t in tasks if not t.job.best_effort]
+        self.thresholds = np.asarray([deadline_us(t.job) - now_us for t in own], dtype=np.float64)
+        self.weights = np.asarray([t.n for t in own], dtype=np.float64)
+        estimator = policy.arrivals
+        # Jobs arriving before the device next idles: at the rate jobs arrive while it is busy
+        # (a caller that waits for each result never arrives behind its own job), over the
+        # batch, the queued work and the busy period they start (stretched by 1 / (1 - load)).
+        load = min(estimator.rho(now), 0.95)
+        busy_us = (base + float(core.latency_us.sum())) / (1.0 - load)
+        jobs = (estimator.busy_rate() or 0.0) / 1e6 * busy_us
+        self.delayed = Delayed(jobs, estimator.mean_requests, policy.slack.share_missing)
+
+    def queued(self, thresholds_us: npt.NDArray[np.int64], requests: list[int]) -> None:
+        """The queued jobs behind the batch: each misses when the batch outlasts its threshold."""
+        self.thresholds = np.concatenate([self.thresholds, thresholds_us.astype(np.float64)])
+        self.weights = np.concatenate([self.weights, np.asarray(requests, dtype=np.float64)])
+
+    def added(self, corrected_us: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """Expected misses each candidate adds over the last one (the batch as it was)."""
+        misses = self.core.expected_misses(corrected_us, self.thresholds, self.weights, self.delayed)
+        added: npt.NDArray[np.float64] = misses - misses[-1]
+        return added
 
 
 def _explain(tasks: list[Task], reason: Reason) -> None:

@@ -32,6 +32,9 @@ Needs the ``ray`` extra (``pip install 'mosel[ray]'``); the rest of mosel never 
   probe traffic; with no fresh statistics at all it falls back to Serve's power of two
   choices. :func:`http_ingress` puts an HTTP front door before the deployment whose requests
   the slack router places (Serve's proxy alone routes HTTP by Serve's own router).
+- Monitoring: ``deployment(..., monitoring=mosel.Monitoring())`` watches each replica's accuracy;
+  :meth:`Client.feedback` takes a job's labels back to the replica that served it (its result
+  id's prefix names the replica's process, and the slack router routes by it).
 - Autoscaling: replicas report mosel's own signals (``record_autoscaling_stats``), which
   :class:`DegradationPolicy`, a Serve custom autoscaling policy, turns into a replica count.
 
@@ -46,13 +49,15 @@ from mosel.ray.client import Client
 from mosel.ray.deployment import ProfileSource, deployment
 from mosel.ray.ingress import HTTPIngress, http_ingress
 from mosel.ray.replica import MoselReplica
-from mosel.ray.request import LOAD_KEY, Request
+from mosel.ray.request import IDS_KEY, LOAD_KEY, Feedback, Request
 from mosel.ray.router import SlackRequestRouter
 
 __all__ = [
+    "IDS_KEY",
     "LOAD_KEY",
     "Client",
     "DegradationPolicy",
+    "Feedback",
     "HTTPIngress",
     "MoselReplica",
     "ProfileSource",

@@ -15,9 +15,9 @@ import ray.exceptions
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from mosel.errors import DeadlineError, InputError, MoselError, QueueFullError, ReplicaError
+from mosel.errors import DeadlineError, InputError, MoselError, QueueFullError, ReplicaError, ShutdownError
 from mosel.execution import Result
-from mosel.ray.request import Request
+from mosel.ray.request import Feedback, Request
 from mosel.trees import Tree
 
 __all__ = ["Client"]
@@ -30,7 +30,10 @@ _REPLICA_LOST: Final = (
     ray.exceptions.RayActorError,
     DeploymentUnavailableError,
     ReplicaUnavailableError,
+    ray.exceptions.TaskCancelledError,  # Serve's RequestCancelledError too: cancelled on the serving side
+    ShutdownError,  # the replica's scheduler closed under the job (the replica is going away)
 )
+"""What a job's replica raises when it lost or withdrew the job, not the caller: sent again."""
 
 
 # ---------------------------------------------------------------------------------- the caller
@@ -46,10 +49,13 @@ class Client:
     ``predicted_ms`` and message give the time really spent since the job was sent) or
     :class:`mosel.ReplicaError` (``timeout_s`` passed). A job whose replica died under it is
     sent again (Serve takes another live replica, or waits for one) while its deadline leaves
-    time and ``retries`` last; else :class:`mosel.ReplicaError`. Cancelling the caller (a
-    cancelled ``ainfer`` task, Ctrl-C in ``infer``) cancels the Serve request: a job still in the
-    replica's mosel queue is withdrawn and never computed (one already running finishes, its
-    result unclaimed).
+    time and ``retries`` last; else :class:`mosel.ReplicaError`. So is a job its replica
+    withdrew without the caller asking: a :class:`mosel.ShutdownError` (the replica's scheduler
+    closed under it, e.g. a replica shutting down) or Ray's ``TaskCancelledError`` (Serve's
+    ``RequestCancelledError``: cancelled on the serving side); no Ray error reaches the caller.
+    Cancelling the caller (a cancelled ``ainfer`` task, Ctrl-C in ``infer``) cancels the Serve
+    request: a job still in the replica's mosel queue is withdrawn and never computed (one
+    already running finishes, its result unclaimed).
 
     Args:
         handle: what ``serve.run(app)`` (or ``serve.get_deployment_handle``) returned.
@@ -107,6 +113,40 @@ class Client:
             except BaseException as exc:
                 call.settle(exc, response)
 
+    def feedback(self, result_id: str, labels: Any, *, tries: int = 8) -> int:
+        """Report a served job's labels to the replica that served it (see :func:`mosel.feedback`).
+
+        The slack router sends them to the replica whose process made ``result_id``; with
+        Serve's own router (or a caller's own ``request_id``) a replica that does not hold the
+        job says so and the labels are sent again, at most ``tries`` times in all.
+
+        Returns:
+            The requests scored (0: no replica holds the job: forgotten, or never served here).
+
+        Raises:
+            NotMonitoredError: the deployment is not monitored.
+            InputError: the labels are malformed.
+            ReplicaError: no answer within ``timeout_s``.
+        """
+        handle = self.handle.options(method_name="feedback")
+        for _ in range(max(tries, 1)):
+            response = handle.remote(Feedback(result_id, labels))
+            try:
+                scored = response.result(timeout_s=self.timeout_s)
+            except BaseException as exc:
+                error = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+                if isinstance(error, MoselError):
+                    raise error from None
+                if isinstance(error, (TimeoutError, concurrent.futures.TimeoutError)):
+                    _cancel(response)
+                    raise ReplicaError(
+                        f"no replica answered feedback within timeout_s={self.timeout_s:g} s"
+                    ) from None
+                raise
+            if scored is not None:
+                return int(scored)
+        return 0
+
 
 class _Call:
     """One :class:`Client` call: its job, its attempts, and the bound on its waits."""
@@ -161,7 +201,7 @@ class _Call:
         error = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
         if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, BaseException):
             error = error.cause
-        if isinstance(error, MoselError):
+        if isinstance(error, MoselError) and not isinstance(error, ShutdownError):
             raise error from None
         if isinstance(error, BackPressureError):
             raise QueueFullError(f"the deployment is overloaded: {error}") from error
@@ -174,13 +214,14 @@ class _Call:
             left = request.remaining_ms(time.time())
             if self.attempt >= self.client.retries:
                 raise ReplicaError(
-                    f"the replica serving the job was lost ({type(error).__name__}) and its "
-                    f"{self.client.retries} retries are spent: {error}"
+                    f"the replica serving the job was lost or withdrew it ({type(error).__name__}) and "
+                    f"its {self.client.retries} retries are spent: {error}"
                 ) from error
             if left is not None and left <= 0.0 and not request.best_effort:
                 raise ReplicaError(
-                    f"the replica serving the job was lost ({type(error).__name__}) and no time is "
-                    f"left before its {request.deadline_ms:g} ms deadline to send it again: {error}"
+                    f"the replica serving the job was lost or withdrew it ({type(error).__name__}) and "
+                    f"no time is left before its {request.deadline_ms:g} ms deadline to send it again: "
+                    f"{error}"
                 ) from error
             self.attempt += 1
             _log.warning("mosel.ray: replica lost under a job (%s); retrying", type(error).__name__)

@@ -11,6 +11,7 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 from torch import nn
 
+from mosel.monitoring import Monitoring
 from mosel.profiles import Profile
 from mosel.ray.replica import MoselReplica
 from mosel.ray.router import SlackRequestRouter
@@ -43,6 +44,7 @@ def deployment(
     seed: int | None = None,
     ties: Literal["serve", "slack"] = "serve",
     probe_jobs: int = 4,
+    monitoring: Monitoring | None = None,
 ) -> serve.Application:
     """A Ray Serve application serving ``factory()``'s model with mosel, one scheduler per replica.
 
@@ -79,6 +81,9 @@ def deployment(
             :meth:`SlackRequestRouter.initialize_state`).
         probe_jobs: jobs the slack router sends a replica without a fresh load while another
             is predicted on time (see :class:`mosel.routing.SlackRouter`).
+        monitoring: each replica's accuracy monitoring (labels come back with
+            :meth:`Client.feedback`; the slack router takes them to the replica that served
+            the job); None: off.
     """
     if isinstance(profile, Profile):
         source: Any = profile.to_json()
@@ -116,7 +121,7 @@ def deployment(
         )
     elif stats:  # Serve's router, with the replicas polled as often as the slack router's (a control)
         options["request_router_config"] = RequestRouterConfig(**stats)
-    return serve.deployment(MoselReplica).options(**options).bind(factory, source, scheduler)
+    return serve.deployment(MoselReplica).options(**options).bind(factory, source, scheduler, monitoring)
 
 
 def _slack_router(

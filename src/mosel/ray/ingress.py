@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import math
 import os
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from mosel.errors import InputError, MoselError, ReplicaError
 from mosel.profiles import Profile
 from mosel.ray.client import Client
-from mosel.ray.request import Request
 
 __all__ = ["HTTPIngress", "http_ingress"]
 
@@ -26,23 +21,31 @@ _log = logging.getLogger("mosel")
 
 
 class HTTPIngress:
-    """A Serve ingress deployment: mosel's ``POST /predict`` in front of a mosel deployment.
+    """A Serve ingress deployment: mosel's HTTP front door in front of a mosel deployment.
 
     Build it with :func:`http_ingress`. Serve's HTTP proxy routes a request to an ingress
-    replica with Serve's own router (the request is opaque bytes to it); the ingress decodes
-    it and calls the mosel deployment through its handle with a :class:`Request`, so that
-    :class:`SlackRequestRouter` picks the mosel replica, and the time before (upstream, the
-    proxy, the ingress) is charged to the deadline. The routes and bodies are those of
-    :mod:`mosel.http` (``docs/http.md``): ``POST /predict`` and ``GET /healthz``; a
-    replica's ``/metrics`` and ``/readyz`` are not served here (each mosel replica reports
-    through Serve). A client that disconnects cancels the job, which leaves its replica's
-    queue; the wait for an answer is bounded as :class:`Client` bounds it.
+    replica with Serve's own router (the request is opaque bytes to it); the ingress is a
+    :class:`mosel.http.Service` over the deployment (:class:`mosel.ray.backend.DeploymentBackend`):
+    it reads, limits and decodes the body with every rule of :mod:`mosel.http` (413 above
+    ``max_body_bytes``, decoding off the event loop, non-finite inputs refused, the deadline
+    from the request's arrival with the time upstream and the decode charged, a client gone
+    before its job was sent has nothing sent, ``deadline_met`` and ``completion_ms`` as the
+    client sees them) and calls the mosel deployment through its handle with a
+    :class:`Request`, so that :class:`SlackRequestRouter` picks the mosel replica. Its routes
+    are :mod:`mosel.http`'s: ``POST /predict``, ``POST /feedback`` (a served job's labels, by its
+    ``id`` or ``X-Request-Id``, to the replica that served it), ``GET /metrics`` (the front door's own
+    ``mosel_http_*``; each mosel replica reports its statistics through Serve), ``GET
+    /healthz``, ``GET /readyz``. A client that disconnects cancels the job, which leaves its
+    replica's queue; the wait for an answer is bounded as :class:`Client` bounds it.
 
     Args:
         model: the mosel deployment's handle (Serve passes it for the bound application).
         profile: the profile's JSON form (inputs are decoded with its schema).
         timeout_s: the :class:`Client` bound without a deadline.
         grace_ms: the :class:`Client` grace past a deadline.
+        max_body_bytes: the largest body taken (see :class:`mosel.http.Service`).
+        allow_non_finite: take NaN and infinities in inputs (refused by default).
+        decode_workers: threads decoding large bodies (see :class:`mosel.http.Service`).
     """
 
     def __init__(
@@ -51,120 +54,39 @@ class HTTPIngress:
         profile: Mapping[str, Any],
         timeout_s: float = 60.0,
         grace_ms: float = 100.0,
+        *,
+        max_body_bytes: int = 8 * 1024 * 1024,
+        allow_non_finite: bool = False,
+        decode_workers: int = 1,
     ) -> None:
         self.client = Client(model, timeout_s=timeout_s, grace_ms=grace_ms)
         self.profile = Profile.from_json(dict(profile))
+        self.options: dict[str, Any] = {
+            "max_body_bytes": max_body_bytes,
+            "allow_non_finite": allow_non_finite,
+            "decode_workers": decode_workers,
+        }
+        self.service: Any = None  # the mosel.http.Service, made with the app
 
     def __serve_build_asgi_app__(self) -> Any:
         """The FastAPI app (Serve calls this on each ingress replica, after the constructor)."""
         from fastapi import FastAPI  # noqa: PLC0415  (Ray Serve ships FastAPI; mosel.http needs it too)
-        from fastapi import Request as HTTPRequest  # noqa: PLC0415
-        from fastapi.responses import JSONResponse  # noqa: PLC0415
 
         from mosel import http  # noqa: PLC0415
+        from mosel.ray.backend import DeploymentBackend  # noqa: PLC0415
 
+        options = getattr(self, "options", {})  # an instance made without the constructor: the defaults
+        self.service = http.Service(DeploymentBackend(self.client, self.profile), **options)
         app = FastAPI(title="mosel on Ray Serve")
-
-        async def predict(request: HTTPRequest) -> Any:
-            return await self.predict(request)
-
-        predict.__annotations__["request"] = HTTPRequest  # FastAPI cannot resolve a local name's string
-        app.add_api_route("/predict", predict, methods=["POST"], response_model=http.PredictResponse)
-
-        @app.get("/healthz", response_model=http.Health)
-        async def healthz() -> Any:
-            return JSONResponse(http.Health().model_dump())
-
+        app.include_router(http.create_router(self.service))
+        app.add_middleware(http.StampArrival, timer=self.service.timer, clock=self.service.clock)
         return app
 
     async def predict(self, request: Any) -> Any:
-        """``POST /predict``: decode, charge the time upstream, send the job on, answer it."""
-        from fastapi.responses import JSONResponse  # noqa: PLC0415
-        from pydantic import ValidationError  # noqa: PLC0415
-
-        from mosel import http  # noqa: PLC0415
-
-        now_s = time.time()
-        raw = await request.body()
-        try:
-            if len(raw) > http.LARGE_BODY:
-                job, budget = await asyncio.to_thread(self._prepare, raw, request.headers, now_s)
-            else:
-                job, budget = self._prepare(raw, request.headers, now_s)
-        except ValidationError as exc:
-            return _error_answer(400, "InputError", f"the body is not a valid /predict body: {exc}")
-        except (ValueError, TypeError) as exc:  # InputError, SLOError, DeadlineError (spent upstream)
-            return _answer_error(exc)
-        received_ms = (time.time() - now_s) * 1000.0
-        try:
-            result = await self.client.ainfer(job)
-        except MoselError as exc:
-            return _answer_error(exc)
-        output = result.output
-        answer = http.PredictResponse(
-            outputs=http.encode_output(output),
-            prediction=http.prediction_of(output),
-            received_ms=received_ms,
-            modalities=[sorted(c) for c in result.modalities],
-            expected_accuracy=result.expected_accuracy,
-            predicted_latency_ms=result.predicted_latency_ms,
-            measured_latency_ms=result.measured_latency_ms,
-            queue_ms=None if math.isnan(result.queue_ms) else result.queue_ms,
-            completion_ms=result.completion_ms,
-            deadline_met=result.deadline_met,
-            reason=result.reason,
-            upstream_ms=budget.upstream_ms,
-            deadline_ms=budget.deadline_ms,
-        )
-        return JSONResponse(answer.model_dump())
-
-    def _prepare(self, raw: bytes, headers: Mapping[str, str], now_s: float) -> tuple[Request, Any]:
-        """The job to send (stamped ``now_s``, with the deadline left after upstream) and its budget."""
-        import torch  # noqa: PLC0415
-
-        from mosel import http  # noqa: PLC0415
-        from mosel.schema import decode  # noqa: PLC0415
-
-        body = http.PredictRequest.model_validate_json(raw or b"null")
-        budget = http.charge(headers, body, now_s)
-        modalities = self.profile.modalities
-        unknown = [m for m in body.inputs if m not in modalities]
-        if unknown:
-            raise InputError(f"unknown modality {unknown[0]!r}; the model takes {list(modalities)}")
-        schema = self.profile.input_schema
-        inputs = {m: decode(m, v, schema.get(m)) for m, v in body.inputs.items() if v is not None}
-        present = None
-        if body.present is not None:
-            present = {m: torch.tensor(v, dtype=torch.bool) for m, v in body.present.items()}
-        job = Request(
-            inputs,
-            deadline_ms=budget.deadline_ms,
-            min_accuracy=budget.min_accuracy,
-            best_effort=body.best_effort,
-            confidence=budget.confidence,
-            per_request=body.per_request,
-            present=present,
-            sent_at_s=now_s,
-        )
-        return job, budget
-
-
-def _answer_error(exc: BaseException) -> Any:
-    """The HTTP answer of an error: mosel.http's status; a lost replica is 503 too (retry)."""
-    from mosel import http  # noqa: PLC0415
-
-    if not isinstance(exc, MoselError):
-        return _error_answer(400, "InputError", str(exc))
-    retry = isinstance(exc, (*http.OVERLOAD, ReplicaError))
-    status = 503 if retry else http.error_status(exc)
-    return _error_answer(status, type(exc).__name__, str(exc), retry=retry)
-
-
-def _error_answer(status: int, name: str, detail: str, *, retry: bool = False) -> Any:
-    from fastapi.responses import JSONResponse  # noqa: PLC0415
-
-    headers = {"Retry-After": "1"} if retry else None
-    return JSONResponse({"error": name, "detail": detail}, status_code=status, headers=headers)
+        """``POST /predict`` (:meth:`mosel.http.Service.predict` over the deployment)."""
+        if getattr(self, "service", None) is None:
+            self.__serve_build_asgi_app__()
+        return await self.service.predict(request)
 
 
 def http_ingress(
@@ -177,6 +99,9 @@ def http_ingress(
     ray_actor_options: Mapping[str, Any] | None = None,
     timeout_s: float = 60.0,
     grace_ms: float = 100.0,
+    max_body_bytes: int = 8 * 1024 * 1024,
+    allow_non_finite: bool = False,
+    decode_workers: int = 1,
 ) -> serve.Application:
     """An HTTP front door for a mosel deployment whose requests the slack router places.
 
@@ -202,6 +127,9 @@ def http_ingress(
         ray_actor_options: per-ingress-replica resources (default: a tenth of a CPU).
         timeout_s: the longest an answer is awaited without a deadline (see :class:`Client`).
         grace_ms: how long past a deadline an answer is awaited (see :class:`Client`).
+        max_body_bytes: the largest body taken (413 above it; see :class:`mosel.http.Service`).
+        allow_non_finite: take NaN and infinities in inputs (refused with 400 by default).
+        decode_workers: threads per ingress replica decoding large bodies, off its event loop.
     """
     priced = profile if isinstance(profile, Profile) else Profile.load(profile)
     ingress = serve.ingress()(HTTPIngress)
@@ -213,5 +141,13 @@ def http_ingress(
             max_ongoing_requests=max_ongoing_requests,
             ray_actor_options=dict(ray_actor_options or {"num_cpus": 0.1}),
         )
-        .bind(model, priced.to_json(), timeout_s, grace_ms)
+        .bind(
+            model,
+            priced.to_json(),
+            timeout_s,
+            grace_ms,
+            max_body_bytes=max_body_bytes,
+            allow_non_finite=allow_non_finite,
+            decode_workers=decode_workers,
+        )
     )

@@ -17,12 +17,14 @@ from torch import Tensor
 from mosel.slo import SLO
 from mosel.trees import Tree
 
-__all__ = ["LOAD_KEY", "Request"]
+__all__ = ["IDS_KEY", "LOAD_KEY", "Feedback", "Request"]
 
 _log = logging.getLogger("mosel")
 
 LOAD_KEY: Final = "mosel.load"
 """The key of a replica's :class:`mosel.Load` (its JSON form) in its Serve routing stats."""
+IDS_KEY: Final = "mosel.ids"
+"""The key of the prefix of a replica's result ids (its process token) in its Serve routing stats."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,8 @@ class Request:
             ingress received it; everything from then on counts against the deadline.
         rows: the job's number of requests (the router prices it); default: the first
             dimension of the first tensor in ``inputs``.
+        request_id: the caller's own id for the job: with monitoring on, the replica takes its
+            labels under it too (see :meth:`Client.feedback`).
     """
 
     inputs: Mapping[str, Tree]
@@ -52,6 +56,7 @@ class Request:
     present: Mapping[str, Tensor] | None = None
     sent_at_s: float = field(default_factory=time.time)
     rows: int = 0
+    request_id: str | None = None
     slo: SLO = field(init=False, repr=False, compare=False)
     """The SLO values as one validated :class:`mosel.slo.SLO` (deadline from ``sent_at_s``)."""
 
@@ -81,3 +86,23 @@ def _rows(inputs: Mapping[str, Tree]) -> int:
         elif isinstance(item, (list, tuple)):
             pending[:0] = list(item)
     return 1
+
+
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    """The labels of a served job on their way to the replica that served it (``Client.feedback``).
+
+    Attributes:
+        result_id: the job's :attr:`mosel.Result.id` (its prefix names the replica's process,
+            which the slack router sends it to), or a ``request_id`` the job was sent with.
+        labels: as for :func:`mosel.feedback`.
+    """
+
+    result_id: str
+    labels: Any
+
+    @property
+    def token(self) -> str:
+        """The process token a result id starts with (``""`` for another id)."""
+        head, sep, _ = self.result_id.partition("-")
+        return head if sep else ""

@@ -12,7 +12,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 
 from mosel.errors import MoselError
 from mosel.profiles import Profile
-from mosel.ray.request import LOAD_KEY, Request
+from mosel.ray.request import IDS_KEY, LOAD_KEY, Feedback, Request
 from mosel.routing import RouteRequest, SlackRouter
 from mosel.stats import Load
 
@@ -56,9 +56,15 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
     per ``stale_after_s`` while a known replica is predicted on time, and every job it is
     predicted to finish first when every known replica is predicted late. A load stamped
     ahead of this process's clock (the replica's host clock runs ahead) reads as taken when the
-    router first saw it. When no replica has a fresh load (start-up, a stalled controller) or
-    the request is not a :class:`Request`, it falls back to Serve's power of two choices (two
-    random replicas; Serve probes their queue lengths and takes the shorter).
+    router first saw it, and a replica that keeps renewing its load is known however far its
+    clock lags (the loads' age counts on this process's clock). When no replica has a fresh
+    load (start-up, a stalled controller) or the request is not a :class:`Request`, it falls
+    back to Serve's power of two choices (two random replicas; Serve probes their queue lengths
+    and takes the shorter).
+
+    A :class:`Feedback` (a job's labels, :meth:`Client.feedback`) goes to the replica whose
+    result ids it carries (each replica reports its process token), the others after; it is not
+    a job and counts against nothing.
 
     The replica chosen for a request goes to that request (Serve's default matching by request
     id; not FIFO, which would hand a replica chosen for one job's deadline to the oldest waiting
@@ -131,6 +137,11 @@ class SlackRequestRouter(RequestRouter):  # type: ignore[misc]
         """
         if not candidate_replicas:
             return []
+        feedback = _feedback_of(pending_request)
+        if feedback is not None:  # labels go to the replica whose process served the job
+            token = feedback.token
+            home = [r for r in candidate_replicas if token and (r.routing_stats or {}).get(IDS_KEY) == token]
+            return [home, [r for r in candidate_replicas if r not in home]] if home else [candidate_replicas]
         now_s = time.time()
         request = _request_of(pending_request)
         first, costs, probes = self._choose(candidate_replicas, request, now_s)
@@ -269,6 +280,15 @@ def _request_key(pending: PendingRequest | None) -> str | None:
     """The id Serve gives the request (the same across its routing attempts)."""
     key = getattr(getattr(pending, "metadata", None), "internal_request_id", None)
     return key if isinstance(key, str) and key else None
+
+
+def _feedback_of(pending: PendingRequest | None) -> Feedback | None:
+    if pending is None:
+        return None
+    for arg in (*pending.args, *pending.kwargs.values()):
+        if isinstance(arg, Feedback):
+            return arg
+    return None
 
 
 def _request_of(pending: PendingRequest | None) -> Request | None:

@@ -1,0 +1,445 @@
+"""Live accuracy, drift detection and output shift: the statistics behind :mod:`mosel.monitoring`.
+
+Everything here is arithmetic on numbers that a monitor feeds in: a labelled request's score in
+[0, 1] under the configuration that served it, whether a shadow run of the most accurate
+configuration agreed with a cheaper answer, and the confidence and class of served outputs. No
+threads, tensors or clocks.
+
+* :class:`Tracker`: one configuration's live accuracy as a Beta posterior whose prior is the
+  profile's validation figure counted as ``prior_weight`` labels, labels discounted so that the
+  last ``memory`` or so count; and its drift detectors, CUSUMs that alarm when the live accuracy
+  falls ``margin`` (or 2x, 4x) below the profile's, at a stated false-alarm rate.
+* :class:`OutputShift`: the population stability index of served outputs' confidence and
+  predicted class against a reference (the first rows served, or validation's), label-free.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "Alarm",
+    "AccuracySnapshot",
+    "ConfigurationAccuracy",
+    "Cusum",
+    "DriftSettings",
+    "OutputShift",
+    "Tracker",
+    "psi",
+    "wilson_lower",
+]
+
+AlarmKind = Literal["drift", "recovered", "output_shift"]
+CONFIDENCE_BINS: Final = 10
+"""Bins of the output-confidence histogram (max softmax in [0, 1])."""
+_CLAMP: Final = 1e-4
+"""Accuracies are kept within [_CLAMP, 1 - _CLAMP] in likelihood ratios (a log of 0 is no test)."""
+
+
+def wilson_lower(p: float, n: float, confidence: float) -> float:
+    """The one-sided Wilson score lower bound of a proportion ``p`` seen over ``n`` trials.
+
+    The same bound as :meth:`mosel.Profile.accuracy_bound` (which the confidence floors use).
+    """
+    if n <= 0:
+        return 0.0
+    z = statistics.NormalDist().inv_cdf(confidence)
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n))
+    return min(max(0.0, (centre - spread) / (1 + z * z / n)), 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class DriftSettings:
+    """What every :class:`Tracker` of a monitor shares (see :class:`mosel.Monitoring`).
+
+    Attributes:
+        prior_weight: the profile's accuracy counts as this many labels in the posterior.
+        memory: labels count with weight ``(1 - 1/memory) ** age``: about the last ``memory``
+            labels of a configuration make its live estimate.
+        margin: the drift detectors alarm when the live accuracy is at least this far below
+            the profile's (one CUSUM each tuned to a drop of ``margin``, 2x and 4x it).
+        false_alarm_rate: at most this many alarms per labelled request, on average, while
+            the live accuracy is the profile's (Lorden's bound on a CUSUM's run length:
+            ``exp(threshold)``; the detectors of one configuration share it).
+        confidence: the confidence of the live lower bound (what live floors price at).
+    """
+
+    prior_weight: float = 100.0
+    memory: int = 2000
+    margin: float = 0.05
+    false_alarm_rate: float = 1e-6
+    confidence: float = 0.95
+
+    @property
+    def deltas(self) -> tuple[float, ...]:
+        """The drops the down detectors are tuned to."""
+        return (self.margin, 2 * self.margin, 4 * self.margin)
+
+    @property
+    def threshold(self) -> float:
+        """The CUSUM threshold: ``log(detectors / false_alarm_rate)`` (a union bound over them)."""
+        return math.log(len(self.deltas) / self.false_alarm_rate)
+
+
+class Cusum:
+    """Page's CUSUM of the log-likelihood ratio of accuracy ``p1`` against ``p0``, on scores in [0, 1].
+
+    A score ``x`` adds ``x * log(p1/p0) + (1 - x) * log((1-p1)/(1-p0))``; the statistic never
+    goes below 0 and alarms at ``threshold``. While the scores' mean is ``p0`` its run length to
+    a false alarm is at least ``exp(threshold)`` on average (the exponentiated increments are a
+    supermartingale for any scores in [0, 1] by convexity). The scores since it last left 0 are
+    counted: at an alarm, they estimate the change point and the accuracy after it.
+    """
+
+    __slots__ = ("fail", "since_n", "since_sum", "threshold", "value", "win")
+
+    def __init__(self, p0: float, p1: float, threshold: float) -> None:
+        p0 = min(max(p0, _CLAMP), 1 - _CLAMP)
+        p1 = min(max(p1, _CLAMP), 1 - _CLAMP)
+        self.win = math.log(p1 / p0)
+        self.fail = math.log((1 - p1) / (1 - p0))
+        self.threshold = threshold
+        self.value = 0.0
+        self.since_n = 0
+        self.since_sum = 0.0
+
+    def step(self, x: float) -> bool:
+        """Add one score; True when the statistic reaches the threshold."""
+        value = self.value + x * self.win + (1.0 - x) * self.fail
+        if value <= 0.0:
+            self.value, self.since_n, self.since_sum = 0.0, 0, 0.0
+            return False
+        self.value = value
+        self.since_n += 1
+        self.since_sum += x
+        return value >= self.threshold
+
+    def reset(self) -> None:
+        """Back to 0 (after an alarm)."""
+        self.value, self.since_n, self.since_sum = 0.0, 0, 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Alarm:
+    """A monitor's alarm, as its ``on_alarm`` callback, its log line and its counters see it.
+
+    Attributes:
+        kind: ``"drift"``: the configuration's live accuracy fell below the profile's by at
+            least the margin; ``"recovered"``: a drifted configuration is back at the
+            profile's accuracy; ``"output_shift"``: its outputs' distribution moved away from
+            the reference (label-free).
+        model: the model's class name.
+        configuration: the configuration (``"audio+video"``).
+        profiled: the profile's accuracy of it.
+        live: its live accuracy now (after a drift alarm: over the labels since the change).
+        labels: the labels it has had in all.
+        since_change: the labels since the estimated change point (0 for an output shift).
+        value: the detector's statistic (CUSUM) or the shift (population stability index).
+        message: the log line.
+    """
+
+    kind: AlarmKind
+    model: str
+    configuration: str
+    profiled: float
+    live: float
+    labels: int
+    since_change: int
+    value: float
+    message: str
+
+
+class Tracker:
+    """One configuration's live accuracy, drift detectors and shadow agreement.
+
+    Two states. *In line*: the posterior is ``Beta(w * p0 + wins, w * (1 - p0) + losses)``
+    (``w`` the prior weight, ``p0`` the profile's accuracy, the discounted label counts) and
+    the down detectors watch for a drop. *Drifted* (after a drift alarm): the validation figure
+    no longer describes the configuration, so the posterior restarts from the labels since the
+    change point under Jeffreys' prior ``Beta(1/2, 1/2)``, and a recovery detector watches for
+    a return to ``p0`` (from ``p0 - margin``).
+    """
+
+    __slots__ = (
+        "agree", "alarms", "buckets", "compared", "down", "drifted", "key", "labels", "lam", "losses",
+        "profiled", "settings", "shadowed", "up", "wins",
+    )  # fmt: skip
+
+    def __init__(self, key: str, profiled: float, settings: DriftSettings) -> None:
+        self.key = key
+        self.profiled = profiled
+        self.settings = settings
+        self.lam = 1.0 - 1.0 / max(settings.memory, 1)
+        self.wins = 0.0  # discounted scores of the current segment
+        self.losses = 0.0
+        self.labels = 0
+        self.drifted = False
+        self.alarms = 0
+        h = settings.threshold
+        self.down = [Cusum(profiled, profiled - d, h) for d in settings.deltas if profiled - d > _CLAMP]
+        self.up = Cusum(max(profiled - settings.margin, _CLAMP), profiled, h)
+        self.agree = 0.0  # discounted shadow agreements and comparisons
+        self.compared = 0.0
+        self.shadowed = 0
+        self.buckets: dict[str, list[float]] = {}  # bucket -> [discounted wins, losses, labels]
+
+    def observe(self, score: float, bucket: str | None = None) -> AlarmKind | None:
+        """One labelled request's score; the alarm it raises, if any."""
+        lam = self.lam
+        self.wins = lam * self.wins + score
+        self.losses = lam * self.losses + (1.0 - score)
+        self.labels += 1
+        if bucket is not None:
+            counts = self.buckets.get(bucket)
+            if counts is None:
+                counts = self.buckets[bucket] = [0.0, 0.0, 0.0]
+            counts[0] = lam * counts[0] + score
+            counts[1] = lam * counts[1] + (1.0 - score)
+            counts[2] += 1
+        if self.drifted:
+            if self.up.step(score):
+                self._restart(self.up, drifted=False)
+                return "recovered"
+            return None
+        fired = None
+        for cusum in self.down:
+            if cusum.step(score) and fired is None:
+                fired = cusum
+        if fired is not None:
+            self.alarms += 1
+            self._restart(fired, drifted=True)
+            return "drift"
+        return None
+
+    def _restart(self, cusum: Cusum, *, drifted: bool) -> None:
+        """A new segment from ``cusum``'s change point: its scores since are the segment's labels."""
+        self.drifted = drifted
+        self.wins = cusum.since_sum
+        self.losses = cusum.since_n - cusum.since_sum
+        for detector in (*self.down, self.up):
+            detector.reset()
+
+    def reset(self) -> None:
+        """Forget the labels and any drift: back to the profile's figure (an operator's reset)."""
+        self.wins = self.losses = 0.0
+        self.drifted = False
+        for detector in (*self.down, self.up):
+            detector.reset()
+
+    def shadow(self, agreement: float) -> None:
+        """A shadow run: ``agreement`` in [0, 1] of this configuration's answer with the best's."""
+        lam = self.lam
+        self.agree = lam * self.agree + agreement
+        self.compared = lam * self.compared + 1.0
+        self.shadowed += 1
+
+    def _prior(self) -> tuple[float, float]:
+        if self.drifted:
+            return 0.5, 0.5
+        w = self.settings.prior_weight
+        return w * self.profiled, w * (1.0 - self.profiled)
+
+    @property
+    def live(self) -> float:
+        """The posterior mean."""
+        a, b = self._prior()
+        total = a + b + self.wins + self.losses
+        return (a + self.wins) / total if total > 0 else self.profiled
+
+    @property
+    def lower(self) -> float:
+        """The posterior's lower bound at the settings' confidence (Wilson, at its pseudo-count)."""
+        a, b = self._prior()
+        return wilson_lower(self.live, a + b + self.wins + self.losses, self.settings.confidence)
+
+    @property
+    def priced(self) -> float:
+        """What live floors price it at: the profile's figure, or, drifted, the lower bound (never above)."""
+        return min(self.profiled, self.lower) if self.drifted else self.profiled
+
+    @property
+    def detector(self) -> float:
+        """How close the watching detector is to its alarm, in [0, 1]."""
+        if self.drifted:
+            return min(self.up.value / self.up.threshold, 1.0)
+        return min(max((c.value / c.threshold for c in self.down), default=0.0), 1.0)
+
+    @property
+    def since_change(self) -> int:
+        """Labels (discounted) in the current segment."""
+        return round(self.wins + self.losses)
+
+    def bucket_live(self) -> dict[str, tuple[float, int]]:
+        """Per size bucket: the posterior mean (the same prior) and the labels seen there."""
+        a, b = self._prior()
+        return {k: ((a + w) / (a + b + w + lo), int(n)) for k, (w, lo, n) in self.buckets.items()}
+
+
+def psi(reference: npt.NDArray[np.float64], recent: npt.NDArray[np.float64]) -> float:
+    """Population stability index of two histograms (counts), each smoothed by half a count per bin.
+
+    ``sum((q - p) * log(q / p))`` over the bins' shares: 0 for the same distribution; by the
+    usual reading, below 0.1 no shift, 0.1 to 0.25 a moderate one, above 0.25 a large one.
+    """
+    p = reference + 0.5
+    q = recent + 0.5
+    p = p / p.sum()
+    q = q / q.sum()
+    return float(np.sum((q - p) * np.log(q / p)))
+
+
+class OutputShift:
+    """Served outputs' confidence and predicted class against a reference, for one configuration.
+
+    The reference is the first ``reference_rows`` rows given (or :meth:`set_reference`); the
+    recent histograms discount each row by ``1 - 1/window``.
+    """
+
+    __slots__ = ("classes", "confidence_sum", "lam", "recent", "reference", "reference_rows", "rows")
+
+    def __init__(self, reference_rows: int, window: int) -> None:
+        self.reference_rows = reference_rows
+        self.lam = 1.0 - 1.0 / max(window, 1)
+        self.classes = 0
+        self.reference: list[npt.NDArray[np.float64]] | None = None  # [confidence, class] counts
+        self.recent: list[npt.NDArray[np.float64]] | None = None
+        self.rows = 0  # rows seen in all (reference included)
+        self.confidence_sum = 0.0  # discounted, over recent rows
+
+    def _grown(
+        self, counts: list[npt.NDArray[np.float64]] | None, classes: int
+    ) -> list[npt.NDArray[np.float64]]:
+        if counts is None:
+            return [np.zeros(CONFIDENCE_BINS), np.zeros(classes)]
+        if len(counts[1]) < classes:
+            counts[1] = np.concatenate([counts[1], np.zeros(classes - len(counts[1]))])
+        return counts
+
+    def set_reference(self, confidences: npt.NDArray[np.float64], classes: npt.NDArray[np.int64]) -> None:
+        """Take these rows as the reference (e.g. validation's outputs)."""
+        self.classes = max(self.classes, int(classes.max(initial=-1)) + 1)
+        self.reference = self._grown(None, self.classes)
+        self._add(self.reference, confidences, classes, 1.0)
+        self.rows = max(self.rows, self.reference_rows)
+
+    def add(self, confidences: npt.NDArray[np.float64], classes: npt.NDArray[np.int64]) -> None:
+        """Served rows' confidences (in [0, 1]) and predicted classes."""
+        self.classes = max(self.classes, int(classes.max(initial=-1)) + 1)
+        room = max(self.reference_rows - self.rows, 0)
+        if room:
+            self.reference = self._grown(self.reference, self.classes)
+            self._add(self.reference, confidences[:room], classes[:room], 1.0)
+            self.rows += len(classes[:room])
+            confidences, classes = confidences[room:], classes[room:]
+            if not len(classes):
+                return
+        self.recent = self._grown(self.recent, self.classes)
+        decay = self.lam ** len(classes)
+        self.confidence_sum = self.confidence_sum * decay + float(np.sum(confidences))
+        self._add(self.recent, confidences, classes, decay)
+        self.rows += len(classes)
+
+    @staticmethod
+    def _add(
+        counts: list[npt.NDArray[np.float64]],
+        confidences: npt.NDArray[np.float64],
+        classes: npt.NDArray[np.int64],
+        decay: float,
+    ) -> None:
+        bins = np.minimum(
+            (np.clip(confidences, 0.0, 1.0) * CONFIDENCE_BINS).astype(np.int64), CONFIDENCE_BINS - 1
+        )
+        counts[0] *= decay
+        counts[1] *= decay
+        counts[0] += np.bincount(bins, minlength=CONFIDENCE_BINS)
+        counts[1] += np.bincount(classes, minlength=len(counts[1]))[: len(counts[1])]
+
+    def shift(self) -> dict[str, float]:
+        """PSI of recent rows against the reference per signal; empty before both exist."""
+        reference, recent = self.reference, self.recent
+        if reference is None or recent is None or recent[0].sum() <= 0:
+            return {}
+        classes = self.classes
+        reference = self._grown(reference, classes)
+        recent = self._grown(recent, classes)
+        return {"confidence": psi(reference[0], recent[0]), "class": psi(reference[1], recent[1])}
+
+    @property
+    def confidence_mean(self) -> float | None:
+        """The recent rows' mean confidence (None before any past the reference)."""
+        if self.recent is None:
+            return None
+        total = float(self.recent[0].sum())
+        return self.confidence_sum / total if total > 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigurationAccuracy:
+    """One configuration's live figures (see :class:`AccuracySnapshot`).
+
+    Attributes:
+        profiled: the profile's accuracy (the prior's centre, the detectors' reference).
+        live: the posterior mean (the labels discounted to about the last ``memory``).
+        lower: the posterior's lower bound at the monitor's confidence.
+        priced: the accuracy decisions price it at: the profile's, or with live floors and
+            drifted, its lower bound (never above the profile's).
+        labels: labels received for it.
+        drifted: a drift alarm holds (until it recovers or is reset).
+        alarms: drift alarms raised so far.
+        detector: the watching detector's statistic over its threshold, in [0, 1] (1: alarm).
+        agreement: shadow evaluation: the recent share of its answers the most accurate
+            configuration agreed with (None before any shadow run).
+        shadowed: shadow runs of it so far.
+        confidence_mean: its recent outputs' mean confidence (label-free; None before any).
+        output_shift: signal (``"confidence"``, ``"class"``) -> PSI of its recent outputs
+            against the reference (empty until both exist).
+        buckets: size bucket (``"64"``, ``"64x128"``) -> (posterior mean there, labels there),
+            for a profile with size buckets.
+    """
+
+    profiled: float
+    live: float
+    lower: float
+    priced: float
+    labels: int
+    drifted: bool
+    alarms: int
+    detector: float
+    agreement: float | None = None
+    shadowed: int = 0
+    confidence_mean: float | None = None
+    output_shift: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    buckets: Mapping[str, tuple[float, int]] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True, slots=True)
+class AccuracySnapshot:
+    """A monitor's figures at one moment (``mosel.stats(model).accuracy``).
+
+    Attributes:
+        configurations: configuration (``"audio+video"``) -> its :class:`ConfigurationAccuracy`.
+        counters: ``labelled`` (requests labelled), ``unknown`` (labels for an id not held:
+            never served here, or forgotten), ``expired`` (jobs forgotten unlabelled),
+            ``duplicate`` (a request labelled again: ignored), ``alarms``, ``recoveries``,
+            ``output_shifts``, ``shadow_runs``, ``shadow_skipped`` (samples dropped unrun),
+            ``shadow_aborted`` (runs abandoned for a job that arrived), ``repriced`` (times
+            live floors re-priced the plan).
+        pending: served jobs waiting for labels.
+        settings: the detectors' and posterior's settings.
+        live_floors: whether decisions price drifted configurations at their lower bound.
+    """
+
+    configurations: Mapping[str, ConfigurationAccuracy]
+    counters: Mapping[str, int]
+    pending: int
+    settings: DriftSettings
+    live_floors: bool
