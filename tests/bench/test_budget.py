@@ -237,6 +237,10 @@ def test_bucket_shares_count_the_costly_modality_per_bucket() -> None:
     assert all(v == 1.0 for v in budget.bucket_shares(everything, scenario.profile).values())
 
 
+class RefusedForTheTest(mosel.DeadlineError):
+    """The test's own refusals, told apart from any real one (a slow machine's deadlines)."""
+
+
 def test_the_admission_loop_survives_refused_submits(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every 7th submit is refused at admission: counted, and the measurement completes."""
     original = decisions.gated_class
@@ -249,7 +253,7 @@ def test_the_admission_loop_survives_refused_submits(monkeypatch: pytest.MonkeyP
         def sometimes(self: Any, *args: Any, **kwargs: Any) -> Any:
             calls["n"] += 1
             if kwargs and calls["n"] % 7 == 0:
-                raise mosel.DeadlineError(
+                raise RefusedForTheTest(
                     "refused for the test",
                     deadline_ms=1.0,
                     predicted_ms=2.0,
@@ -262,7 +266,15 @@ def test_the_admission_loop_survives_refused_submits(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(decisions, "gated_class", refusing)
     result = decisions.submit_latency(20, timed=30, max_batch=4)
-    assert result["refused_queueing"] + result["refused_timed"] == (20 + 30 + 1) // 7
-    assert result["refused_queueing"] > 0 and result["refused_timed"] > 0
-    assert result["refusals"]["refused_timed_DeadlineError"] == result["refused_timed"]
+    ours = {k: v for k, v in result["refusals"].items() if k.endswith("_RefusedForTheTest")}
+    assert sum(ours.values()) == (20 + 30 + 1) // 7  # a real refusal on a busy machine is counted beside
+    assert ours["refused_queueing_RefusedForTheTest"] > 0 and ours["refused_timed_RefusedForTheTest"] > 0
+    assert result["refused_queueing"] + result["refused_timed"] >= sum(ours.values())
     assert result["submit_max_ms"] >= result["submit_p99_ms"] >= result["submit_p50_ms"] > 0
+
+
+def test_decision_times_run_with_the_risk_price_and_report_cpu_and_max() -> None:
+    times = decisions.decision_times(decisions.profile_for(2, 8), 16, 40, miss_budget=0.01)
+    assert times["cpu_p50_ms"] <= times["cpu_p99_ms"] <= times["cpu_max_ms"]
+    assert times["wait_p50_ms"] <= times["wait_p99_ms"] <= times["wait_max_ms"]
+    assert 0.0 <= times["risk_limited_share"] <= 1.0
