@@ -247,7 +247,9 @@ def main() -> None:
     )
     parser.add_argument("--real-loads", type=float, nargs="+", help="loads of the live mode (default 1.0)")
     parser.add_argument(
-        "--real-policies", nargs="+", help='live-mode policies, e.g. mosel "mosel q=0.5" (default: all)'
+        "--real-policies",
+        nargs="+",
+        help='live-mode policies, e.g. mosel "mosel q=0.7" "mosel b=0.01" (default: all)',
     )
     args = parser.parse_args()
     policies = tuple(args.policies)

@@ -278,3 +278,16 @@ def test_decision_times_run_with_the_risk_price_and_report_cpu_and_max() -> None
     assert times["cpu_p50_ms"] <= times["cpu_p99_ms"] <= times["cpu_max_ms"]
     assert times["wait_p50_ms"] <= times["wait_p99_ms"] <= times["wait_max_ms"]
     assert 0.0 <= times["risk_limited_share"] <= 1.0
+
+
+def test_live_mode_labels_take_a_miss_budget() -> None:
+    import real
+
+    cond = conditions.CONDITIONS["strict"]
+    budgeted = real.labelled_config("mosel b=0.01", cond)
+    assert (budgeted.policy, budgeted.miss_budget) == ("mosel", 0.01)
+    both = real.labelled_config("mosel q=0.7 b=0.05", cond)
+    assert (both.latency_quantile, both.miss_budget) == (0.7, 0.05)
+    assert real.labelled_config("aggressive", cond).miss_budget is None
+    with pytest.raises(ValueError, match="unknown knob"):
+        real.labelled_config("mosel x=1", cond)
