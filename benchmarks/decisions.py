@@ -2,8 +2,12 @@
 and what queued jobs cost in memory.
 
 1. Decision time: a queue kept at L jobs (1..64) whose deadlines force re-assignment; per
-   iteration the executor side under the default policy (``complete`` of the running batch,
-   which re-plans, then ``dispatch``, which takes the batch and buys its upgrades) is timed.
+   iteration the executor side under the mosel policy with a miss budget (``--miss-budget``,
+   default 1%: the risk price on) is timed: ``complete`` of the running batch, which re-plans,
+   then ``dispatch``, which takes the batch and buys its upgrades. Wall time and the thread's
+   CPU time (``time.thread_time``: what the decision itself costs, without the time the OS gave
+   other processes on a shared machine), p50, p99 and max; and the share of dispatches whose
+   upgrade the risk price held back.
    CP-SAT's solve time on the same queues (the ``greedy_cpsat`` policy's helper) is measured
    separately.
 2. Quality: on random small queues, the total accuracy of the greedy and of the CP-SAT
@@ -14,14 +18,22 @@ and what queued jobs cost in memory.
    with 1,024 and 4,096 one-row jobs queued behind a blocked executor, deadlines spread so that
    part of the queue is predicted late and re-assigned; and one CP-SAT solve of the window the
    helper thread re-assigns (``SchedulerConfig.solver_window``), model building included.
+   A submit refused at admission (``DeadlineError`` when the queue makes its deadline
+   infeasible) is counted, not fatal. p50, p99 and the max of single submits are reported, with
+   every generation-2 garbage collection that overlapped a timed submit: those are the long
+   spikes (the collector walks every tracked object of the process: the torch and OR-Tools
+   import heap, about 170,000 objects, and about 37 per queued job), so the max without them is
+   reported beside it. ``--gc-freeze`` runs ``gc.freeze()`` once the model is attached (what a
+   latency-sensitive service can do after start-up), so that collections skip the import heap.
 
-Run: python benchmarks/decisions.py [--json PATH]
+Run: python benchmarks/decisions.py [--json PATH] [--parts decisions quality memory admission] [--gc-freeze]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import itertools
 import json
 import random
@@ -30,12 +42,15 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Mapping
+from concurrent.futures import Future
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import mosel
 from mosel.assign import Item, cpsat_assign, exhaustive_assign, greedy_assign, total_accuracy
+from mosel.jobs import Reason
 from mosel.scheduler import Job, Scheduler, SchedulerConfig
 from mosel.testing import synthetic_profile
 
@@ -66,11 +81,12 @@ def decision_times(
     queue_length: int,
     iterations: int,
     policy: str = "mosel",
+    miss_budget: float | None = None,
     config: SchedulerConfig | None = None,
 ) -> dict[str, float]:
     rng = random.Random(queue_length)
     everything = frozenset(profile.modalities)
-    scheduler = Scheduler(profile, config or SchedulerConfig(policy=policy))
+    scheduler = Scheduler(profile, config or SchedulerConfig(policy=policy, miss_budget=miss_budget))
     now = 0.0
     top = profile.max_batch_size
     full = {n: profile.plan.frontier(everything, n).best.latency_us / 1e6 for n in range(1, top + 1)}
@@ -94,14 +110,18 @@ def decision_times(
     for _ in range(queue_length):
         arrive()
     batch, _ = scheduler.dispatch(now)
-    waits, solves = [], []
+    waits, cpu, solves = [], [], []
+    risk_limited = 0  # dispatches whose upgrade the miss budget's risk price held back
     for _ in range(iterations):
         assert batch is not None
         now += batch.predicted_us / 1e6
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         scheduler.complete(batch, now, batch.predicted_us)
         batch, _ = scheduler.dispatch(now)
         waits.append((time.perf_counter() - started) * 1e3)
+        cpu.append((time.thread_time() - started_cpu) * 1e3)
+        if batch is not None and any(t.job.reason is Reason.MISS_BUDGET for t in batch.tasks):
+            risk_limited += 1
         while len(scheduler.queue) < queue_length:
             arrive()
         if batch is None:
@@ -113,9 +133,15 @@ def decision_times(
             cpsat_assign(items, int(now * 1e6), hint, time_limit_s=0.05)
             solves.append((time.perf_counter() - t0) * 1e3)
     waits.sort()
+    cpu.sort()
     return {
         "wait_p50_ms": round(statistics.median(waits), 4),
         "wait_p99_ms": round(waits[int(0.99 * (len(waits) - 1))], 4),
+        "wait_max_ms": round(waits[-1], 4),
+        "cpu_p50_ms": round(statistics.median(cpu), 4),
+        "cpu_p99_ms": round(cpu[int(0.99 * (len(cpu) - 1))], 4),
+        "cpu_max_ms": round(cpu[-1], 4),
+        "risk_limited_share": round(risk_limited / iterations, 3),
         "cpsat_p50_ms": round(statistics.median(solves), 2) if solves else 0.0,
         "cpsat_max_ms": round(max(solves), 2) if solves else 0.0,
     }
@@ -206,13 +232,52 @@ def gated_class(m: int) -> type[nn.Module]:
     return mosel.multimodal(type(f"Gated{m}", (nn.Module,), namespace))
 
 
+class CollectorLog:
+    """Generation-2 garbage collections while active: (start, end) on ``perf_counter``, and CPU ms."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float, float]] = []
+        self._started = (0.0, 0.0)
+
+    def __enter__(self) -> CollectorLog:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._started = (time.perf_counter(), time.thread_time())
+        else:
+            wall, cpu = self._started
+            self.spans.append((wall, time.perf_counter(), (time.thread_time() - cpu) * 1e3))
+
+    def during(self, start: float, end: float) -> list[tuple[float, float, float]]:
+        """The collections that overlapped ``[start, end]``."""
+        return [c for c in self.spans if c[0] < end and c[1] > start]
+
+
 def submit_latency(
-    queued: int, timed: int = 400, m: int = 3, seed: int = 0, urgent: float = 0.0
-) -> dict[str, float]:
-    """p50/p99 of one ``model.submit`` with ``queued`` one-row jobs waiting, and a windowed CP-SAT solve."""
+    queued: int,
+    timed: int = 400,
+    m: int = 3,
+    seed: int = 0,
+    urgent: float = 0.0,
+    freeze: bool = False,
+    max_batch: int = 32,
+) -> dict[str, Any]:
+    """p50/p99/max of one ``model.submit`` with ``queued`` one-row jobs waiting, and a windowed CP-SAT solve.
+
+    A submit refused at admission is counted (``refused_queueing``, ``refused_timed``) and the run
+    goes on; a timed refusal still counts as a timed submit (it returned). Generation-2 garbage
+    collections that overlapped a timed submit are reported (``gc2_*``), and the max without them.
+    """
     model = gated_class(m)()
     model.release = threading.Event()
-    profile = profile_for(m, cls=model)
+    profile = profile_for(m, max_batch, cls=model)
     mosel.attach(
         model,
         profile,
@@ -228,17 +293,34 @@ def submit_latency(
             return {"deadline_ms": 1e3 * rng.uniform(0.03, 0.06), "min_accuracy": 0.6}
         return {"deadline_ms": 1e3 * (0.03 + rng.uniform(0.2, 0.9) * work_s), "min_accuracy": 0.6}
 
+    refusals: dict[str, int] = {}
+
+    def submit(phase: str) -> Future[mosel.Result] | None:
+        try:
+            return model.submit(inputs, **slo())
+        except mosel.MoselError as exc:  # refused at admission: counted, never fatal
+            key = f"refused_{phase}"
+            refusals[key] = refusals.get(key, 0) + 1
+            refusals[f"{key}_{type(exc).__name__}"] = refusals.get(f"{key}_{type(exc).__name__}", 0) + 1
+            return None
+
     first = model.submit(inputs)
     time.sleep(0.05)
-    futures = [model.submit(inputs, **slo()) for _ in range(queued)]
+    if freeze:
+        gc.collect()
+        gc.freeze()
+    futures = [f for f in (submit("queueing") for _ in range(queued)) if f is not None]
     server = mosel.runtime._state(model).serve(model)
-    times = []
-    for _ in range(timed):
-        started = time.perf_counter()
-        futures.append(model.submit(inputs, **slo()))
-        times.append((time.perf_counter() - started) * 1e3)
-        victim = futures.pop(rng.randrange(len(futures)))  # keep the queue at its length
-        victim.cancel()
+    spans = []
+    with CollectorLog() as collections:
+        for _ in range(timed):
+            started = time.perf_counter()
+            future = submit("timed")
+            spans.append((started, time.perf_counter()))
+            if future is not None:
+                futures.append(future)
+                victim = futures.pop(rng.randrange(len(futures)))  # keep the queue at its length
+                victim.cancel()
     scheduler = server.scheduler
     with server.lock:
         window = [t.item for t in scheduler.queue[: scheduler.config.solver_window]]
@@ -252,65 +334,108 @@ def submit_latency(
     model.release.set()
     mosel.close(model, cancel=True)
     first.result()
-    times.sort()
+    if freeze:
+        gc.unfreeze()
+    times = sorted((end - start) * 1e3 for start, end in spans)
+    hit = [collections.during(start, end) for start, end in spans]
+    clean = sorted((end - start) * 1e3 for (start, end), gcs in zip(spans, hit, strict=True) if not gcs)
+    pauses = {c for gcs in hit for c in gcs}
     return {
         "queued": queued,
         "urgent": urgent,
+        "gc_frozen": freeze,
         "submit_p50_ms": round(statistics.median(times), 4),
         "submit_p99_ms": round(times[int(0.99 * (len(times) - 1))], 4),
         "submit_max_ms": round(times[-1], 4),
+        "submit_max_without_gc2_ms": round(clean[-1], 4) if clean else float("nan"),
+        "gc2_during_timed": len(pauses),
+        "gc2_max_ms": round(max((c[1] - c[0]) * 1e3 for c in pauses), 2) if pauses else 0.0,
+        "gc2_max_cpu_ms": round(max(c[2] for c in pauses), 2) if pauses else 0.0,
+        "refused_queueing": refusals.get("refused_queueing", 0),
+        "refused_timed": refusals.get("refused_timed", 0),
+        "refusals": refusals,
         "replans": counters.get("greedy_assignments", 0),
         "cpsat_window_p50_ms": round(statistics.median(solves), 2),
     }
 
 
+PARTS = ("decisions", "quality", "memory", "admission")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=400)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() before queueing (admission)")
+    parser.add_argument(
+        "--miss-budget", type=float, default=0.01,
+        help="SchedulerConfig.miss_budget of the decision-time part (the risk price on); -1: None (the default)",
+    )  # fmt: skip
     parser.add_argument("--json")
     args = parser.parse_args()
-    rows = []
-    for m in (2, 3, 4):
-        profile = profile_for(m, 32 if m < 4 else 8)
-        for length in (1, 4, 16, 64):
-            rows.append(
-                {"modalities": m, "queue": length, **decision_times(profile, length, args.iterations)}
+    out: dict[str, object] = {}
+    if "decisions" in args.parts:
+        budget = None if args.miss_budget < 0 else args.miss_budget
+        rows = []
+        for m in (2, 3, 4):
+            profile = profile_for(m, 32 if m < 4 else 8)
+            for length in (1, 4, 16, 64):
+                times = decision_times(profile, length, args.iterations, miss_budget=budget)
+                rows.append({"modalities": m, "queue": length, **times})
+        out["decisions"] = rows
+        out["decisions_miss_budget"] = budget
+        print(f"mosel with miss_budget={budget} ({args.iterations} timed decisions per row)")
+        print(
+            "| modalities | queued jobs | executor wait p50 (ms) | p99 (ms) | max (ms) | its CPU time p50 (ms) "
+            "| p99 (ms) | max (ms) | held back by the risk price | CP-SAT p50 (ms) | CP-SAT max (ms) |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            print(
+                f"| {r['modalities']} | {r['queue']} | {r['wait_p50_ms']} | {r['wait_p99_ms']} | {r['wait_max_ms']} | "
+                f"{r['cpu_p50_ms']} | {r['cpu_p99_ms']} | {r['cpu_max_ms']} | {r['risk_limited_share']:.0%} | "
+                f"{r['cpsat_p50_ms']} | {r['cpsat_max_ms']} |"
             )
-    q = quality()
-    mem = queued_memory()
-    admission = [submit_latency(queued, urgent=u) for u in (0.0, 0.1) for queued in (1024, 4096)]
-    print(
-        "| modalities | queued jobs | executor wait p50 (ms) | p99 (ms) | CP-SAT p50 (ms) | CP-SAT max (ms) |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
+    if "quality" in args.parts:
+        q = quality()
+        out["quality"] = q
         print(
-            f"| {r['modalities']} | {r['queue']} | {r['wait_p50_ms']} | {r['wait_p99_ms']} | "
-            f"{r['cpsat_p50_ms']} | {r['cpsat_max_ms']} |"
+            f"\nassignment quality on {q['queues']} random feasible queues (2-6 jobs, 2-5 options), "
+            f"total accuracy over the exhaustive optimum: greedy mean {q['greedy_mean']} "
+            f"(min {q['greedy_min']}), "
+            f"CP-SAT 20 ms mean {q['cpsat_mean']} (min {q['cpsat_min']})"
         )
-    print(
-        f"\nassignment quality on {q['queues']} random feasible queues (2-6 jobs, 2-5 options), "
-        f"total accuracy over the exhaustive optimum: greedy mean {q['greedy_mean']} "
-        f"(min {q['greedy_min']}), "
-        f"CP-SAT 20 ms mean {q['cpsat_mean']} (min {q['cpsat_min']})"
-    )
-    print(
-        f"memory: {mem['jobs']} queued jobs cost {mem['total_mb']} MB beyond their inputs "
-        f"({mem['bytes_per_job']} B/job)"
-    )
-    print(
-        "\n| queued one-row jobs | urgent share | submit p50 (ms) | p99 (ms) | max (ms) | re-assignments | "
-        "CP-SAT window solve p50 (ms) |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for a in admission:
+    if "memory" in args.parts:
+        mem = queued_memory()
+        out["memory"] = mem
         print(
-            f"| {a['queued']} | {a['urgent']:.0%} | {a['submit_p50_ms']} | {a['submit_p99_ms']} | {a['submit_max_ms']} | "
-            f"{a['replans']} | {a['cpsat_window_p50_ms']} |"
+            f"memory: {mem['jobs']} queued jobs cost {mem['total_mb']} MB beyond their inputs "
+            f"({mem['bytes_per_job']} B/job)"
         )
+    if "admission" in args.parts:
+        admission = [
+            submit_latency(queued, urgent=u, freeze=args.gc_freeze)
+            for u in (0.0, 0.1)
+            for queued in (1024, 4096)
+        ]
+        out["admission"] = admission
+        print(f"\nadmission{' (gc.freeze() once the model is attached)' if args.gc_freeze else ''}:")
+        print(
+            "| queued one-row jobs | urgent share | submit p50 (ms) | p99 (ms) | max (ms) | max without gen-2 GC (ms) | "
+            "gen-2 GCs during timed submits (max ms, CPU ms) | refused (queueing / timed) | re-assignments | "
+            "CP-SAT window solve p50 (ms) |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for a in admission:
+            print(
+                f"| {a['queued']} | {a['urgent']:.0%} | {a['submit_p50_ms']} | {a['submit_p99_ms']} | "
+                f"{a['submit_max_ms']} | {a['submit_max_without_gc2_ms']} | {a['gc2_during_timed']} "
+                f"({a['gc2_max_ms']}, {a['gc2_max_cpu_ms']}) | {a['refused_queueing']} / {a['refused_timed']} | "
+                f"{a['replans']} | {a['cpsat_window_p50_ms']} |"
+            )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"decisions": rows, "quality": q, "memory": mem, "admission": admission}, f, indent=1)
+            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

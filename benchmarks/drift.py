@@ -51,6 +51,7 @@ from scenarios import av_digits
 import mosel
 from mosel.clock import VirtualClock
 from mosel.drift import DriftSettings, Tracker
+from mosel.machine import Machine
 from mosel.monitoring import Monitor, Sample, live_profile
 from mosel.plan import configuration_key
 from mosel.profiles import priced_ahead
@@ -132,8 +133,12 @@ class DriftEngine(Engine):
     """A simulated replica whose served requests get labels, and whose idle device runs shadows."""
 
     def __init__(self, profile: mosel.Profile, config: mosel.SchedulerConfig, *, clock: VirtualClock,
-                 the_world: World, monitor: Monitor, shadow_rate: float, seed: int, **kw: Any) -> None:  # fmt: skip
-        super().__init__(profile, config, noise=0.0, rng=random.Random(seed), **kw)
+                 the_world: World, monitor: Monitor, shadow_rate: float, seed: int,
+                 residuals: mosel.Residuals | None) -> None:  # fmt: skip
+        # One stream of per-batch draws seeded by the run's seed, as before the common machine
+        # (mosel.machine): one policy per run here, and docs/monitoring.md's figures stay as measured.
+        super().__init__(profile, config, machine=Machine(residuals, seed=seed, draws="per-batch"))
+        self.residuals = residuals  # the shadows' batch times, from their own stream
         self.clock = clock
         self.world = the_world
         self.monitor = monitor

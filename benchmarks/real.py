@@ -95,9 +95,19 @@ def calibrate(model: Any, profile: mosel.Profile, test: Any, repeats: int = 7) -
 
 
 def labelled_config(label: str, conditions: Conditions) -> mosel.SchedulerConfig:
-    """``"policy"`` or ``"policy q=0.75"`` (a latency quantile) as a configuration."""
-    policy, _, quantile = label.partition(" q=")
-    return config_for(policy, conditions, **({"latency_quantile": float(quantile)} if quantile else {}))
+    """``"policy"``, ``"policy q=0.75"`` (a latency quantile), ``"mosel b=0.01"`` (a miss budget)
+    or both, as a configuration."""
+    policy, *knobs = label.split()
+    names = {"q": "latency_quantile", "b": "miss_budget"}
+    values: dict[str, float] = {}
+    for knob in knobs:
+        key, _, value = knob.partition("=")
+        if key not in names or not value:
+            raise ValueError(
+                f"policy label {label!r}: unknown knob {knob!r}; use q=<quantile> or b=<miss budget>"
+            )
+        values[names[key]] = float(value)
+    return config_for(policy, conditions, **values)
 
 
 def real_mode(

@@ -20,10 +20,15 @@ the trace's length, so that a trace at 16x holds as many bursts as one at 0.1x),
 ``--min-seconds`` at least that much virtual time (60 s at 16x is 73,000 jobs per trace per
 policy: hours on 2 cores). Figures are medians over seeds, min-max beside them in the tables.
 
+Batch times: every policy at a (load, seed) runs on the same simulated machine (common random
+numbers on a time grid, ``mosel.machine``); AV-Digits batches draw from the recorded residuals'
+body, and the stalls fitted from them strike at their own rate (``--no-stalls``: none).
+
 Metrics: violation ratio over all submitted requests, goodput, ``correct_rps`` (expected correct
 answers delivered on time per second), accuracy over served and over all requests, JCT p50/p99,
 decision p99, and capacity (largest load at a violation target, interpolated on the load grid in
-log-load, per seed) for targets 0.1, 1, 2, 5 and 10%.
+log-load, per seed) for targets 0.1, 1, 2, 5 and 10%. Grid interpolation reads a capacity low
+where the crossing falls between far-apart loads: ``benchmarks/budget.py`` bisects per seed.
 
 Modes: simulated (virtual clock, committed profiles: the same numbers on every machine) and
 ``--real`` (the AV-Digits model serves real traces live on ``--device``; measured, so noisy).
@@ -70,9 +75,9 @@ HEADLINE_METRICS = (
 
 def cell(
     name: str, cond_key: str, slack_ms: float, load: float, seed: int, jobs: int, min_seconds: float,
-    policies: tuple[str, ...],
+    policies: tuple[str, ...], stalls: bool = True,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
-    """Every policy on one trace: (scenario, conditions, slack, load, seed)."""
+    """Every policy on one trace and one machine: (scenario, conditions, slack, load, seed)."""
     scenario = scenario_named(name)
     conditions = CONDITIONS[cond_key]
     seconds = trace_seconds(scenario.profile, load, jobs, min_seconds)
@@ -86,8 +91,8 @@ def cell(
             scenario.profile,
             arrivals,
             config_for(policy, conditions),
-            residuals=scenario.residuals,
             seed=seed,
+            **scenario.machine(stalls),
         )
         out[policy] = metrics(sim, seconds, conditions)
         out[policy]["wall_s"] = time.perf_counter() - started
@@ -230,6 +235,9 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, help="every trace lasts at least this long")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    parser.add_argument(
+        "--no-stalls", action="store_true", help="AV-Digits batches without the fitted stalls"
+    )
     parser.add_argument("--real", action="store_true", help="also serve the AV-Digits model live")
     parser.add_argument("--real-only", action="store_true", help="only the live mode")
     parser.add_argument("--device", default="cpu", help="device of the live mode")
@@ -239,7 +247,9 @@ def main() -> None:
     )
     parser.add_argument("--real-loads", type=float, nargs="+", help="loads of the live mode (default 1.0)")
     parser.add_argument(
-        "--real-policies", nargs="+", help='live-mode policies, e.g. mosel "mosel q=0.5" (default: all)'
+        "--real-policies",
+        nargs="+",
+        help='live-mode policies, e.g. mosel "mosel q=0.7" "mosel b=0.01" (default: all)',
     )
     args = parser.parse_args()
     policies = tuple(args.policies)
@@ -258,6 +268,7 @@ def main() -> None:
         "config": {
             "loads": loads, "jobs_per_trace": jobs, "min_seconds": min_seconds, "seeds": seed_list,
             "targets": list(TARGETS), "policies": list(policies), "mode": "full" if args.full else "quick",
+            "stalls": not args.no_stalls, "draws": "time-grid",
         },
         "scenarios": {},
         "detail": {},
@@ -270,7 +281,7 @@ def main() -> None:
                 keys += [(name, cond_key, slack, load, s) for load in loads for s in seed_list]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         futures = {
-            key: pool.submit(cell, *key, jobs, min_seconds, policies)  # type: ignore[arg-type]
+            key: pool.submit(cell, *key, jobs, min_seconds, policies, not args.no_stalls)  # type: ignore[arg-type]
             for key in keys
         }
         bounds = {
@@ -303,7 +314,8 @@ def main() -> None:
                     head["bursty"] = short
                 else:
                     head["slack"][f"{slack:g}"] = {"capacity": short["capacity"]}
-                report(name, label, conditions, slack, summary, loads, seed_list, jobs, min_seconds)
+                stalls = not args.no_stalls
+                report(name, label, conditions, slack, summary, loads, seed_list, jobs, min_seconds, stalls)
                 if args.plots:
                     try:
                         detail[label]["plots"] = plot(Path(args.plots), name, label, loads, summary)
@@ -343,14 +355,15 @@ def main() -> None:
 
 def report(
     name: str, label: str, conditions: Conditions, slack: float, summary: dict[str, Any],
-    loads: list[float], seeds: list[int], jobs: int, min_seconds: float,
+    loads: list[float], seeds: list[int], jobs: int, min_seconds: float, stalls: bool = True,
 ) -> None:  # fmt: skip
     """Print one (scenario, conditions) block: capacities, then metrics at the headline loads."""
     what = "windowed violations (4 s)" if conditions.windowed else "violations over all requests"
     print(
         f"\n## {name}, {label}: {conditions.arrivals} arrivals, slack {slack:g} ms, {len(seeds)} seeds, "
         f"{jobs} jobs per trace" + (f" (at least {min_seconds:g} s)" if min_seconds else "") + f"; {what}; "
-        f"batch times: {scenario_named(name).residuals_source}; latency_quantile "
+        f"batch times: {scenario_named(name).machine_source(stalls)}, every policy on the same machine "
+        f"(common random numbers); latency_quantile "
         f"{mosel.SchedulerConfig().latency_quantile}"
     )
     print("capacity (x all-modality capacity), median [min-max] over seeds:")

@@ -6,6 +6,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,8 +23,30 @@ class Scenario:
     profile: mosel.Profile
     slack_ms: float  # deadline = arrival + all-modality latency of the job + slack
     drop: float  # floor = best accuracy - drop
-    residuals: mosel.Residuals  # what each simulated batch's time is drawn from
+    residuals: mosel.Residuals  # what each simulated batch's time is drawn from (as recorded)
     residuals_source: str
+    body: mosel.Residuals | None = None  # the residuals without their stalls (None: no fit)
+    stalls: mosel.Stalls | None = None  # the stalls fitted from them (``benchmarks/stalls.py``)
+
+    def machine(self, stalls: bool = True) -> dict[str, Any]:
+        """``simulate``'s machine keywords: the body and the fitted stalls (``stalls=False``: the
+        body alone); as recorded when nothing was fitted."""
+        if self.body is None:
+            return {"residuals": self.residuals}
+        return {"residuals": self.body, "stalls": self.stalls if stalls else None}
+
+    def machine_source(self, stalls: bool = True) -> str:
+        """How batch times are drawn, in words."""
+        if self.body is None or self.stalls is None:
+            return self.residuals_source
+        fitted = self.stalls
+        what = (
+            f"stalls at {fitted.rate_per_s:.3g}/s of device time, {'/'.join(f'{v:.0f}' for v in fitted.lengths_ms)} ms "
+            f"(fitted: {fitted.observed} in {fitted.device_s:.1f} s)"
+            if stalls
+            else "stalls off"
+        )
+        return f"{self.residuals_source} less {fitted.observed} stall(s); {what}"
 
 
 def paper_tvlt(max_batch: int = 32) -> Scenario:
@@ -91,6 +114,8 @@ AV_DIGITS_PROFILE = Path(__file__).resolve().parent / "profiles" / "av-digits.pr
 """The AV-Digits profile the simulated benchmark uses (committed; see ``profiles/README.md``)."""
 AV_DIGITS_RESIDUALS = Path(__file__).resolve().parent / "profiles" / "av-digits.residuals.json"
 """Execution-time residuals and overheads recorded serving AV-Digits live (``record_residuals.py``)."""
+AV_DIGITS_STALLS = Path(__file__).resolve().parent / "profiles" / "av-digits.stalls.json"
+"""The stalls separated from those residuals, their rate and lengths (``stalls.py``)."""
 
 
 def av_digits() -> Scenario:
@@ -102,9 +127,18 @@ def av_digits() -> Scenario:
         source = f"recorded live ({AV_DIGITS_RESIDUALS.name}, {len(residuals.ratios)} batches)"
     else:
         residuals, source = mosel.Residuals.from_profile(profile), "the profile's p95/median spread"
+    body = stalls = None
+    if AV_DIGITS_RESIDUALS.exists() and AV_DIGITS_STALLS.exists():
+        fitted = json.loads(AV_DIGITS_STALLS.read_text())
+        removed = set(fitted["removed"])
+        body = mosel.Residuals(
+            tuple(r for i, r in enumerate(residuals.ratios) if i not in removed),
+            tuple(o for i, o in enumerate(residuals.overhead_us) if i not in removed),
+        )
+        stalls = mosel.Stalls.from_json(fitted["stalls"])
     return Scenario(
         "av-digits", profile, slack_ms=av_digits_slack_ms(profile), drop=0.06, residuals=residuals,
-        residuals_source=source,
+        residuals_source=source, body=body, stalls=stalls,
     )  # fmt: skip
 
 
@@ -117,11 +151,53 @@ def av_digits_slack_ms(profile: mosel.Profile) -> float:
     return 3 * mean_full_ms
 
 
+@mosel.multimodal
+class TextImage(nn.Module):
+    """A stand-in for the worked example's model: text priced per padded length, image fixed."""
+
+    @mosel.modality("text", size=lambda x: x.shape[-1], buckets=(24, 64, 128, 256))
+    def encode_text(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @mosel.modality("image")
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @mosel.fusion
+    def fuse(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return next(iter(features.values()))
+
+
+def text_sized() -> Scenario:
+    """A synthetic profile with size buckets (issue 24, goal 6): text costs grow with its padded
+    length (24 to 256 tokens, about the worked example's shape in ``docs/benchmarks.md``), image
+    costs are fixed; the deadline is priced at the shortest bucket, so that long texts can keep
+    text only in small jobs. Exact batch times."""
+    rows = range(1, 9)
+    text = {
+        24: [500.0 + 100.0 * b for b in rows],
+        64: [600.0 + 300.0 * b for b in rows],
+        128: [900.0 + 700.0 * b for b in rows],
+        256: [2000.0 + 2200.0 * b for b in rows],
+    }
+    profile = synthetic_profile(
+        TextImage,
+        branch_us={"image": [300.0 + 50.0 * b for b in rows]},
+        sized_us={"text": text},
+        accuracy={"text": 0.70, "image": 0.64, "text+image": 0.80},
+    )
+    return Scenario(
+        "text-sized", profile, slack_ms=4.5, drop=0.2, residuals=mosel.Residuals.exact(),
+        residuals_source="exact (a synthetic profile with size buckets)",
+    )  # fmt: skip
+
+
 _SCENARIOS: dict[str, Scenario] = {}
 
 
 def scenario_named(name: str) -> Scenario:
     """A scenario by name, built once per process."""
     if name not in _SCENARIOS:
-        _SCENARIOS[name] = paper_tvlt() if name == "paper-tvlt" else av_digits()
+        builders = {"paper-tvlt": paper_tvlt, "av-digits": av_digits, "text-sized": text_sized}
+        _SCENARIOS[name] = builders[name]()
     return _SCENARIOS[name]

@@ -13,6 +13,10 @@ paths through the core: per-request and confidence floors, rows without a modali
 jobs with no SLO, jobs larger than a batch, size buckets, non-default knobs and three routers in
 front of four replicas.
 
+Since issue 24 the simulator's default draws are common random numbers on a time grid
+(``mosel.machine``): traces recorded before that differ in every case with residuals (110 of
+223), and ``draws="per-batch"`` reproduces them exactly. Record both sides with one simulator.
+
 Run: python benchmarks/traces.py record before.json    (about two minutes on 2 cores)
      python benchmarks/traces.py record after.json
      python benchmarks/traces.py compare before.json after.json

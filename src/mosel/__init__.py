@@ -40,6 +40,7 @@ from mosel.errors import (
 )
 from mosel.escalation import Calibration, Chain, RowSample
 from mosel.execution import Result
+from mosel.machine import Stalls
 from mosel.monitoring import Monitoring
 from mosel.plan import CostModel, Frontier, Plan, PlannerConfig, Strategy
 from mosel.profiler import profile, top1
@@ -111,6 +112,7 @@ __all__ = [
     "Simulation",
     "SlackRouter",
     "SpecError",
+    "Stalls",
     "StatsSnapshot",
     "Strategy",
     "__version__",

@@ -2,7 +2,10 @@
 
 Execution times come from the profile's cost model times a residual drawn (seeded) from a
 :class:`~mosel.tail.Residuals` sample: the profile's own timing spread, or what a real run
-recorded (``mosel.stats(model).residuals``), plus that run's per-batch dispatch overhead. A run is
+recorded (``mosel.stats(model).residuals``), plus that run's per-batch dispatch overhead, and
+optional stalls (:class:`~mosel.machine.Stalls`). The simulated device is a
+:class:`~mosel.machine.Machine`: by default its draws lie on a time grid (common random numbers),
+so that two configurations simulated with one seed meet the same machine. A run is
 machine-independent and reproducible. The :class:`~mosel.scheduler.Scheduler` is the same code
 the threaded server runs; only the clock and the executor are simulated.
 """
@@ -23,6 +26,7 @@ from mosel.chains import Escalated
 from mosel.clock import VirtualClock
 from mosel.errors import InputError, MoselError, SLOError
 from mosel.escalation import RowSample
+from mosel.machine import DRAWS, Machine, Stalls
 from mosel.plan import Strategy
 from mosel.profiles import Profile
 from mosel.replaying import Replay
@@ -161,6 +165,8 @@ def simulate(
     noise: float = 0.0,
     seed: int = 0,
     residuals: Residuals | None = None,
+    stalls: Stalls | None = None,
+    draws: str = "time-grid",
     rows: RowSample | None = None,
 ) -> Simulation:
     """Replay ``arrivals`` through the scheduler on a virtual clock.
@@ -179,18 +185,47 @@ def simulate(
             own spread; a real run's ``mosel.stats(model).residuals`` replays its machine (with
             its batch times shifted to the trace's clock, its slow spells when they happened).
             None: exact predictions (with ``noise`` if given).
+        stalls: rare delays with their own rate per second of device time and their lengths
+            (:func:`mosel.machine.fit_stalls` separates them from a recorded sample); a batch
+            running when one begins (on the device's busy clock, or the wall clock: see
+            :class:`mosel.Stalls`) is late by its length. None: none.
+        draws: ``"time-grid"`` (default): common random numbers; the k-th batch starting in
+            a 1 ms slot takes that slot's k-th draw, and stalls begin at seeded instants, so
+            that every configuration simulated with one ``seed`` meets the same machine and a
+            difference in results is a difference in decisions. ``"per-batch"``: one stream,
+            the n-th batch takes the n-th draw (the behaviour before; two configurations share
+            their luck only until their batches first differ).
         rows: for a profile with a calibration, held-out rows' confidences and scores per
             configuration: each job draws its rows from them (seeded), a chain's rows escalate by
             their own confidences, and each record's ``measured_accuracy`` is its rows' scores.
             None: a chain's rows escalate at random at the calibrated shares.
+
+    Raises:
+        InputError: a malformed arrival, or an unknown ``draws``.
     """
     trace = checked_trace(profile, arrivals)
     clock = VirtualClock()
-    engine = Engine(
-        profile, config, noise=noise, residuals=residuals, rng=random.Random(seed), rows=rows, seed=seed
-    )
+    machine = _machine(residuals, seed, 0, noise, stalls, draws)
+    engine = Engine(profile, config, machine=machine, rows=rows, seed=seed)
     run_engines(clock, [engine], trace, lambda index, arrival, now: 0)
     return engine.simulation(trace, clock.now())
+
+
+def _machine(
+    residuals: Residuals | None,
+    seed: int,
+    stream: int,
+    noise: float,
+    stalls: Stalls | None,
+    draws: str,
+    slowdown: float = 1.0,
+) -> Machine:
+    """Replica ``stream``'s simulated device (an unknown ``draws`` is an InputError)."""
+    if draws not in DRAWS:
+        raise InputError(f"draws={draws!r}: use one of {list(DRAWS)}")
+    return Machine(
+        residuals, seed=seed, stream=stream, noise=noise, stalls=stalls, draws=draws, slowdown=slowdown
+    )
 
 
 def checked_trace(profile: Profile, arrivals: Iterable[Arrival]) -> list[Arrival]:
@@ -213,10 +248,7 @@ class Engine:
         profile: Profile,
         config: SchedulerConfig | None,
         *,
-        noise: float,
-        residuals: Residuals | None,
-        rng: random.Random,
-        slowdown: float = 1.0,
+        machine: Machine,
         rows: RowSample | None = None,
         seed: object = 0,
     ) -> None:
@@ -225,10 +257,7 @@ class Engine:
         self.scheduler = Scheduler(profile, dataclasses.replace(base, deterministic=True), self.stats)
         self.cost = self.scheduler.cost
         self.everything = frozenset(profile.modalities)
-        self.noise = noise
-        self.residuals = residuals
-        self.rng = rng
-        self.slowdown = slowdown
+        self.machine = machine
         self.jobs: list[Job[int]] = []
         self.rejected: dict[int, str] = {}
         self.running: Batch | None = None
@@ -263,17 +292,11 @@ class Engine:
         self.decisions.append((time.perf_counter() - started) * 1e3)
         if self.running is not None:
             cost = self.running.tasks[0].job.cost or self.cost  # the batch's size bucket
-            exec_us = float(cost.latency_us(self.running.merged.groups))
-            overhead_us = 0.0
-            if self.residuals is not None:
-                ratio, overhead_us = self.residuals.sample(self.rng, now)
-                exec_us *= ratio
-            if self.noise:
-                exec_us *= math.exp(self.rng.gauss(-self.noise * self.noise / 2, self.noise))
-            exec_us *= self.slowdown
+            base_us = float(cost.latency_us(self.running.merged.groups))
+            exec_us, overhead_us = self.machine.batch(now, base_us)
             self.escalated = None
             if self.replay is not None:
-                ratio = exec_us / max(float(cost.latency_us(self.running.merged.groups)), 1e-9)
+                ratio = exec_us / max(base_us, 1e-9)
                 later_us, self.escalated = self.replay.run(self.running, cost, now, exec_us, ratio)
                 exec_us += later_us
             self.done_at = now + (exec_us + overhead_us) / 1e6
@@ -462,6 +485,8 @@ def simulate_replicas(
     seed: int = 0,
     stale_after_s: float = 1.0,
     slowdowns: Sequence[float] | None = None,
+    stalls: Stalls | None = None,
+    draws: str = "time-grid",
 ) -> ClusterSimulation:
     """Replay ``arrivals`` through ``replicas`` schedulers behind a router, on one virtual clock.
 
@@ -484,13 +509,16 @@ def simulate_replicas(
         residuals: batch time residuals, as in :func:`simulate` (a sample with times gives
             every replica the same slow spells: one shared machine type).
         noise: lognormal noise of execution times, as in :func:`simulate`.
-        seed: replica ``k``'s draws are seeded by ``seed`` (``k = 0``, so that one replica
+        seed: replica ``k``'s machine is seeded by ``seed`` (``k = 0``, so that one replica
             reproduces :func:`simulate`) or by ``(seed, k)``; the router's by ``seed`` too,
             from its own generator.
         stale_after_s: for the ``"slack"`` router: loads older than this are ignored.
         slowdowns: per replica, a factor on its execution times (default all 1): a cluster of
             mixed devices, or replicas sharing theirs. Every replica still starts from the same
             profile; its scheduler learns its own speed online (:attr:`mosel.Load.latency_correction`).
+        stalls: each replica's stall process, as in :func:`simulate` (its own instants).
+        draws: as in :func:`simulate`: ``"time-grid"`` gives each replica the same machine
+            whatever the router sends it, so that routers are compared on equal luck.
 
     Raises:
         InputError: a bad replica count, period, delay or slowdowns, an unknown router name,
@@ -501,14 +529,7 @@ def simulate_replicas(
     trace = checked_trace(profile, arrivals)
     clock = VirtualClock()
     engines = [
-        Engine(
-            profile,
-            config,
-            noise=noise,
-            residuals=residuals,
-            rng=random.Random(seed if k == 0 else f"{seed}:{k}"),
-            slowdown=float(factors[k]),
-        )
+        Engine(profile, config, machine=_machine(residuals, seed, k, noise, stalls, draws, factors[k]))
         for k in range(replicas)
     ]
     desk = _Dispatcher(chosen, engines, random.Random(seed), report_every_ms, report_delay_ms)

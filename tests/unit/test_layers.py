@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "mosel.tail": 1,
     "mosel.escalation": 1,
     "mosel.chains": 1,
+    "mosel.machine": 1,
     # 2: the online core (no threads, futures or tensors)
     "mosel.stats": 2,
     "mosel.jobs": 2,
