@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,13 @@ from scenarios import av_digits
 
 
 @pytest.fixture(scope="module", autouse=True)
-def quiet() -> None:
-    logging.getLogger("mosel").setLevel(logging.ERROR)
+def quiet() -> Iterator[None]:
+    """The alarms' warnings are expected here; the logger's level is put back for later modules."""
+    logger = logging.getLogger("mosel")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    logger.setLevel(level)
 
 
 def test_the_drift_table_is_committed_and_sound() -> None:
