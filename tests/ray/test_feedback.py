@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,20 +13,8 @@ import mosel
 from mosel.execution import process_token
 from mosel.ray import IDS_KEY, Feedback, MoselReplica, Request, SlackRequestRouter
 from tests.ray.models import make_tiny, profiles
+from tests.ray.test_router import FakePending, FakeReplica
 from tests.unit.helpers import tiny_inputs
-
-
-@dataclass
-class FakeReplica:
-    replica_id: str
-    routing_stats: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class FakePending:
-    args: list[Any]
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    metadata: Any = field(default_factory=lambda: SimpleNamespace(internal_request_id=uuid.uuid4().hex))
 
 
 def test_the_slack_router_takes_labels_to_the_replica_that_served_the_job() -> None:

@@ -63,6 +63,9 @@ def votes_batches(n: int, seed: int, size: int = 100) -> list[tuple[dict[str, Te
     ]
 
 
+CONFIGS = ("audio", "image", "video", "audio+image", "audio+video", "image+video", "audio+image+video")
+
+
 def votes_profile(
     model: nn.Module, rows: int = 3000, seed: int = 1, overhead_us: float = 20.0
 ) -> mosel.Profile:
@@ -75,29 +78,7 @@ def votes_profile(
             "image": [150.0 + 15.0 * b for b in sizes],
             "video": [1500.0 + 150.0 * b for b in sizes],
         },
-        accuracy={
-            k: 0.5
-            for k in (
-                "audio",
-                "image",
-                "video",
-                "audio+image",
-                "audio+video",
-                "image+video",
-                "audio+image+video",
-            )
-        },
-        fusion_us={
-            k: [30.0 + 3.0 * b for b in sizes]
-            for k in (
-                "audio",
-                "image",
-                "video",
-                "audio+image",
-                "audio+video",
-                "image+video",
-                "audio+image+video",
-            )
-        },
+        accuracy=dict.fromkeys(CONFIGS, 0.5),
+        fusion_us={k: [30.0 + 3.0 * b for b in sizes] for k in CONFIGS},
     )
     return recalibrated(base, model, votes_batches(rows, seed), stage_overhead_us=overhead_us)

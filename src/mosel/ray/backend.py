@@ -63,16 +63,13 @@ class ReplicaWatch:
             return self._why
 
     def _refresh(self) -> None:
-        why, read = self._why, True
+        why = self._why
         try:
             why = self._look()
-        except Exception:  # Serve's controller did not answer: keep the last answer
+        except Exception:  # Serve's controller did not answer: keep the last answer, ask again later
             _log.debug("mosel could not read Serve's status", exc_info=True)
-            read = False
         with self._lock:
-            self._why = why
-            self._read_at = time.monotonic() if read else self._read_at + self.period_s / 2
-            self._reading = False
+            self._why, self._read_at, self._reading = why, time.monotonic(), False
 
     def _look(self) -> str | None:
         if self._read is None:
