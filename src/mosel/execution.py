@@ -400,10 +400,11 @@ def own_error(error: BaseException) -> BaseException:
     return wrapped
 
 
-def rows_of(spec: ModelSpec, inputs: Mapping[str, Tree], offset: int, n: int) -> Mapping[str, Tree]:
-    """Rows ``offset .. offset + n`` of a job's inputs, along each modality's batch dimension."""
-    first = next(iter(inputs))
-    if offset == 0 and trees.check(inputs[first], spec.batch_dim(first)) == n:
+def rows_of(
+    spec: ModelSpec, inputs: Mapping[str, Tree], offset: int, n: int, total: int
+) -> Mapping[str, Tree]:
+    """Rows ``offset .. offset + n`` of a job's ``total`` input rows, along each batch dimension."""
+    if offset == 0 and n == total:
         return inputs
     return {m: trees.take(t, slice(offset, offset + n), spec.batch_dim(m)) for m, t in inputs.items()}
 
@@ -436,8 +437,9 @@ def run_batch(
     errors: dict[int, BaseException] = {}
     rows: dict[int, Chained] = {}
     record: Escalated | None = None
-    cuda = device.type == "cuda"
-    timings: dict[str, float] | None = {} if device.type == "cpu" else None
+    kind = device.type
+    cuda = kind == "cuda"
+    timings: dict[str, float] | None = {} if kind == "cpu" else None
     later = (
         dataclasses.replace(later, budget=batch.later)
         if later is not None and batch.later is not None
@@ -447,7 +449,7 @@ def run_batch(
         with contextlib.nullcontext() if torch.is_inference_mode_enabled() else torch.inference_mode():
             if len(batch.tasks) == 1:
                 task = batch.tasks[0]
-                inputs = rows_of(spec, task.job.payload.inputs, task.offset, task.n)
+                inputs = rows_of(spec, task.job.payload.inputs, task.offset, task.n, task.job.n)
                 outputs[0], done = run_task(model, spec, task.strategy, inputs, cache, later, timings, device)
                 if done is not None:
                     rows[0], record = done, done.record
@@ -509,7 +511,7 @@ def _run_merged(
             start = 0
             for c, count in strategy.groups:
                 if c == config:
-                    rows = rows_of(spec, task.job.payload.inputs, task.offset + start, count)
+                    rows = rows_of(spec, task.job.payload.inputs, task.offset + start, count, task.job.n)
                     for m, t in rows.items():
                         pieces[m].append(t)
                     layout.append((position, config, count))
@@ -555,7 +557,7 @@ def _run_separately(
     for position, task in enumerate(batch.tasks):
         try:
             with torch.inference_mode():
-                inputs = rows_of(spec, task.job.payload.inputs, task.offset, task.n)
+                inputs = rows_of(spec, task.job.payload.inputs, task.offset, task.n, task.job.n)
                 outputs[position], done = run_task(model, spec, task.strategy, inputs, cache, later)
                 if done is not None:
                     rows[position] = done
@@ -573,7 +575,7 @@ def result_of(job: Job[Work], completion_ms: float, reason: str | None) -> Resul
     modalities: tuple[Configuration, ...] = ()
     escalated: tuple[bool, ...] = ()
     units = 0
-    chained = {index: (configs, flags) for index, configs, flags in work.rows}
+    chained = {index: (configs, flags) for index, configs, flags in work.rows} if work.rows else {}
     for index, strategy in enumerate(strategies):
         units += strategy.accuracy_units
         if index in chained:

@@ -530,10 +530,12 @@ class Pricer:
 
     def _publish(self, parts: Iterable[str], moved: bool) -> bool:
         """Publish the corrections when ``moved`` or one of ``parts`` moved by over 2%; whether so."""
-        published = self._published
         if not moved:
-            correction = self.correction
-            moved = any(abs(correction[part] / published[part] - 1) > 0.02 for part in parts)
+            correction, published = self.correction, self._published
+            for part in parts:
+                if abs(correction[part] / published[part] - 1) > 0.02:
+                    moved = True
+                    break
         if moved:
             self._published = dict(self.correction)
             self._published_beyond = dict(self.beyond)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any, Final
 
+import optree
 import torch
 from torch import Tensor
 
@@ -30,6 +31,7 @@ from mosel.trees import Tree
 __all__ = ["WARNED_BUCKETS", "Requests", "check_inputs", "group_by_presence"]
 
 Configuration = frozenset[str]
+Flat = tuple[list[Any], optree.PyTreeSpec]
 WARNED_BUCKETS: Final = 64
 """Size buckets beyond the measured ones warned about per served model (once each); then no more."""
 
@@ -81,15 +83,12 @@ class Requests:
         """
         spec = self.spec
         device = self.device()
-        tensors, available, n = check_inputs(inputs, spec, device)
-        schemas = self.schemas
-        if schemas:
-            moved = self.float_dtype()  # a model moved to another float dtype (on_stale="warn")
-            for m, tree in tensors.items():
-                schema = schemas.get(m)
-                if schema is not None:
-                    tensors[m] = schema.conform(m, tree, float_dtype=moved)
+        tensors, available, n, flats = _checked(inputs, spec, device)
+        if self.schemas:
+            self._conform(tensors, flats)
         tensors, groups, order = group_by_presence(tensors, available, n, present, spec)
+        if order is not None:
+            flats = {}
         bucket = priced = None
         if self.sized:
             sizes = {m: how.read(m, tensors[m]) for m, how in self.sized if m in tensors}
@@ -102,12 +101,13 @@ class Requests:
                     continue
                 if padding is not None and edge > size:
                     tensors[m] = _padded(m, padding, tensors[m], size, edge)
+                    flats.pop(m, None)
                 if edge > largest and (m, edge) not in self.warned:
                     self._warn_beyond(m, size, edge, largest)
         dims = self.batch_dims
         key = []
         for m, t in tensors.items():
-            key.append((m, trees.signature(t, dims[m])))
+            key.append((m, trees.signature(t, dims[m], flats.get(m))))
         return Job(
             n=n,
             available=available,
@@ -119,6 +119,17 @@ class Requests:
             bucket=bucket,
             priced=priced,
         )
+
+    def _conform(self, tensors: dict[str, Tree], flats: dict[str, Flat]) -> None:
+        """Each input checked against its schema, its dtypes made to fit (a changed one loses its flat)."""
+        schemas = self.schemas
+        moved = self.float_dtype()  # a model moved to another float dtype (on_stale="warn")
+        for m, tree in tensors.items():
+            schema = schemas.get(m)
+            if schema is not None:
+                tensors[m] = fitted = schema.conform(m, tree, float_dtype=moved, flat=flats.get(m))
+                if fitted is not tree:
+                    flats.pop(m, None)
 
     def _warn_beyond(self, modality: str, size: int, edge: int, largest: int) -> None:
         """Once per bucket (at most :data:`WARNED_BUCKETS` of them): a job beyond the measured buckets."""
@@ -197,7 +208,7 @@ def group_by_presence(
     return reordered, groups, torch.argsort(order)
 
 
-def check_inputs(  # noqa: C901 (one refusal per way inputs can be wrong; the fast path first)
+def check_inputs(
     inputs: object, spec: ModelSpec, device: torch.device
 ) -> tuple[dict[str, Tree], Configuration, int]:
     """Validate a job's inputs; returns them on ``device``, the modalities present, the size.
@@ -205,6 +216,21 @@ def check_inputs(  # noqa: C901 (one refusal per way inputs can be wrong; the fa
     A modality's input is a tensor or a (nested) dict/tuple/list of tensors whose first dimension
     is the request dimension; None (or leaving the modality out) means "not available".
     """
+    tensors, available, n, _ = _checked(inputs, spec, device)
+    return tensors, available, n
+
+
+def _on_device(leaves: list[Any], structure: optree.PyTreeSpec, device: torch.device) -> Flat:
+    """A tree's leaves on ``device`` (the same list when all are there already)."""
+    if all(t.device == device for t in leaves):
+        return leaves, structure
+    return [t if t.device == device else t.to(device, non_blocking=True) for t in leaves], structure
+
+
+def _checked(  # noqa: C901 (one refusal per way inputs can be wrong; the fast path first)
+    inputs: object, spec: ModelSpec, device: torch.device
+) -> tuple[dict[str, Tree], Configuration, int, dict[str, Flat]]:
+    """:func:`check_inputs`, and each tree input's :func:`mosel.trees.flatten` (walked once a call)."""
     if type(inputs) is not dict and not isinstance(inputs, Mapping):
         raise InputError(
             f"inputs must map modality names to tensors, e.g. {{{spec.modalities[0]!r}: tensor}}, "
@@ -218,6 +244,7 @@ def check_inputs(  # noqa: C901 (one refusal per way inputs can be wrong; the fa
             )
     tensors: dict[str, Tree] = {}
     sizes: dict[str, int] = {}
+    flats: dict[str, Flat] = {}
     dims = spec.batch_dims
     for m in spec.modalities:
         value = inputs.get(m)
@@ -229,7 +256,10 @@ def check_inputs(  # noqa: C901 (one refusal per way inputs can be wrong; the fa
             tensors[m] = value if value.device == device else value.to(device, non_blocking=True)
             continue
         try:
-            sizes[m] = trees.check(value, dim)
+            if isinstance(value, Tensor):  # a scalar, or too few dimensions: no batch dimension
+                trees.check(value, dim)
+            leaves, structure = trees.flatten(value)
+            sizes[m] = trees.rows(leaves, value, dim)
         except trees.TreeError as exc:
             kind = "a scalar" if isinstance(value, Tensor) else f"a {type(value).__name__}"
             raise InputError(
@@ -237,7 +267,8 @@ def check_inputs(  # noqa: C901 (one refusal per way inputs can be wrong; the fa
                 f"torch.Tensor (or a dict/tuple/list of tensors) whose dimension {dim} is the "
                 f"request dimension"
             ) from None
-        tensors[m] = trees.to_device(value, device)
+        flats[m] = flat = _on_device(leaves, structure, device)
+        tensors[m] = value if flat[0] is leaves else optree.tree_unflatten(structure, flat[0])
     if not tensors:
         raise InputError(f"inputs hold none of the modalities {list(spec.modalities)}")
     counts = iter(sizes.values())
@@ -249,4 +280,4 @@ def check_inputs(  # noqa: C901 (one refusal per way inputs can be wrong; the fa
             )
     if n == 0:
         raise InputError("inputs hold zero requests; the first dimension must be at least 1")
-    return tensors, frozenset(tensors), n
+    return tensors, frozenset(tensors), n, flats

@@ -150,7 +150,10 @@ class _ModelState:
     def compiled_now(self, model: nn.Module) -> tuple[str, ...]:
         """The parts of ``model`` compiled now (as :func:`mosel.compiled_parts`, without the spec lookup)."""
         found = model.__dict__
-        return tuple(n for n in self.parts if getattr(found.get(n), COMPILED_ATTR, False))
+        for n in self.parts:
+            if n in found:  # compiling a part sets it on the instance: none there, none compiled
+                return tuple(n for n in self.parts if getattr(found.get(n), COMPILED_ATTR, False))
+        return ()
 
     def moved(self, *, full: bool = False) -> str | None:
         """How the model moved since :meth:`pin` (device or dtype, of all or a part of it), or None.

@@ -54,7 +54,7 @@ import binascii
 import io
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 
 import numpy as np
@@ -231,6 +231,10 @@ class ModalitySchema:
     batch_dim: int
     leaves: tuple[LeafSchema, ...]
     agree: tuple[tuple[Dim, ...], ...] = ()
+    # Per (modality, tree structure) seen in a call: its leaves' names (the structure matched).
+    _names: dict[tuple[str, Any], tuple[str, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (schema format :data:`SCHEMA_VERSION`)."""
@@ -320,7 +324,14 @@ class ModalitySchema:
             if finite and tensor.is_floating_point():
                 _check_finite(where, tensor, None)
 
-    def conform(self, modality: str, tree: Tree, *, float_dtype: torch.dtype | None = None) -> Tree:
+    def conform(
+        self,
+        modality: str,
+        tree: Tree,
+        *,
+        float_dtype: torch.dtype | None = None,
+        flat: tuple[list[Any], optree.PyTreeSpec] | None = None,
+    ) -> Tree:
         """A caller's in-process input checked cheaply against this schema, its dtypes made to fit.
 
         What every path checks before any work (:mod:`mosel.requests`): the structure, each leaf's
@@ -331,7 +342,7 @@ class ModalitySchema:
         mask given as floats) is refused, naming the leaf. Values are not scanned (the HTTP
         front door does, :meth:`check`): in-process inputs are the caller's own tensors.
         ``float_dtype``: the model's float dtype when it moved from the profile's (float leaves
-        take it).
+        take it). ``flat``: the tree's :func:`mosel.trees.flatten`, when the caller has it.
 
         Raises:
             InputError: naming the modality and the leaf, what it holds and what the model takes.
@@ -348,7 +359,7 @@ class ModalitySchema:
             tree = self._fit(modality, leaf, tree, float_dtype)
             self._check_shape(modality, leaf, tree)
             return tree
-        given_leaves = self._leaves_of(modality, tree)
+        given_leaves = self._leaves_of(modality, tree, flat)
         fitted: list[Tensor] = []
         for leaf, where, given in given_leaves:
             tensor = (
@@ -360,12 +371,26 @@ class ModalitySchema:
             self._check_agree(modality, group, fitted)
         if all(new is old for new, (_, _, old) in zip(fitted, given_leaves)):
             return tree
-        _, spec = optree.tree_flatten(tree, none_is_leaf=False, namespace=NAMESPACE)
-        return optree.tree_unflatten(spec, fitted)
+        if flat is None:
+            flat = optree.tree_flatten(tree, none_is_leaf=False, namespace=NAMESPACE)
+        return optree.tree_unflatten(flat[1], fitted)
 
-    def _leaves_of(self, modality: str, tree: Tree) -> list[tuple[LeafSchema, str, Tensor]]:
+    def _leaves_of(
+        self, modality: str, tree: Tree, flat: tuple[list[Any], optree.PyTreeSpec] | None = None
+    ) -> list[tuple[LeafSchema, str, Tensor]]:
         """Each leaf's schema, name and tensor in ``tree``, once its parts are the schema's."""
-        pairs = _flatten(tree)
+        if flat is not None:
+            names = self._names.get((modality, flat[1]))
+            if names is not None:  # a structure seen before: its parts are the schema's
+                found = []
+                for leaf, where, tensor in zip(self.leaves, names, flat[0]):
+                    if not isinstance(tensor, Tensor):
+                        raise InputError(f"{where} must be a tensor, got {type(tensor).__name__}")
+                    found.append((leaf, where, tensor))
+                return found
+            pairs = list(zip(flat[1].paths(), flat[0]))
+        else:
+            pairs = _flatten(tree)
         want = [leaf.path for leaf in self.leaves]
         if [path for path, _ in pairs] != want:
             raise InputError(
@@ -378,6 +403,8 @@ class ModalitySchema:
             if not isinstance(tensor, Tensor):
                 raise InputError(f"{where} must be a tensor, got {type(tensor).__name__}")
             found.append((leaf, where, tensor))
+        if flat is not None and len(self._names) < STRUCTURES_KEPT:
+            self._names[(modality, flat[1])] = tuple(where for _, where, _ in found)
         return found
 
     @staticmethod
@@ -401,6 +428,19 @@ class ModalitySchema:
         )
 
     def _check_shape(self, where: str, leaf: LeafSchema, tensor: Tensor) -> None:
+        shape = tensor.shape
+        if len(shape) == len(leaf.shape) + 1:
+            batch_dim = self.batch_dim
+            for d, want in enumerate(leaf.shape):
+                got = shape[d if d < batch_dim else d + 1]
+                if got == 0 if want is None else want != got:
+                    break
+            else:
+                return
+        self._refuse_shape(where, leaf, tensor)
+
+    def _refuse_shape(self, where: str, leaf: LeafSchema, tensor: Tensor) -> None:
+        """Raise the :class:`InputError` that says what is wrong with ``tensor``'s shape."""
         if tensor.dim() != len(leaf.shape) + 1:
             raise InputError(
                 f"{where} has shape {tuple(tensor.shape)}, the model takes {len(leaf.shape) + 1} dimensions "
@@ -449,6 +489,8 @@ class ModalitySchema:
         return d if d < self.batch_dim else d + 1
 
 
+STRUCTURES_KEPT: Final = 64
+"""Input tree structures whose leaf names a schema keeps (a served model sees the same few)."""
 _DTYPES: dict[str, torch.dtype] = {}
 """dtype names already looked up (a schema is read on every in-process call)."""
 _INTEGERS: Final = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})

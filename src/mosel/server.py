@@ -285,7 +285,7 @@ class Server:
         started = time.perf_counter()
         outputs = []
         for task in job.tasks:
-            rows = rows_of(self.spec, job.payload.inputs, task.offset, task.n)
+            rows = rows_of(self.spec, job.payload.inputs, task.offset, task.n, job.n)
             output, done = run_task(self.model, self.spec, task.strategy, rows, self.row_plans, self.later)
             outputs.append(output)
             if done is not None:
@@ -707,16 +707,25 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forked)
 
 
+_held_sigint: list[tuple[int, Any]] = []
+"""SIGINTs that arrived while the main thread's outermost lock section held them back."""
+
+
+def _hold_sigint(signum: int, frame: Any) -> None:
+    _held_sigint.append((signum, frame))
+
+
 class _deferred_interrupts:
     """On the main thread, hold Ctrl-C (``SIGINT``) back until the block is done.
 
     Scheduler state changes under the lock are short and must not be cut in half: an interrupt
     arriving meanwhile is raised (or handed to the previous handler) right after the block.
-    Elsewhere (other threads, no signals) this does nothing. A class rather than a generator:
-    it brackets every lock section of every call.
+    Elsewhere (other threads, no signals) this does nothing; a section inside another leaves
+    the holding to the outer one. A class rather than a generator: it brackets every lock
+    section of every call.
     """
 
-    __slots__ = ("_held", "_previous")
+    __slots__ = ("_previous",)
 
     def __enter__(self) -> None:
         self._previous: Any = None
@@ -724,25 +733,25 @@ class _deferred_interrupts:
             return
         try:
             previous = _raw_signal.getsignal(_SIGINT)
-            if previous is None:  # a handler installed from C: Python cannot put it back
+            if previous is None or previous is _hold_sigint:  # set from C (cannot be put back), or held
                 return
-            held: list[tuple[int, Any]] = []
-            _raw_signal.signal(_SIGINT, lambda signum, frame: held.append((signum, frame)))
+            _raw_signal.signal(_SIGINT, _hold_sigint)
         except (ValueError, TypeError):  # not the main interpreter, or an unusual handler
             return
-        self._held, self._previous = held, previous
+        self._previous = previous
 
     def __exit__(self, *exc: object) -> None:
         previous = self._previous
         if previous is None:
             return
         _raw_signal.signal(_SIGINT, previous)
-        held = self._held
-        if held:
+        if _held_sigint:
+            held = _held_sigint[0]
+            _held_sigint.clear()
             if callable(previous):
-                previous(*held[0])
+                previous(*held)
             elif previous == signal.SIG_DFL:
-                signal.default_int_handler(*held[0])
+                signal.default_int_handler(*held)
 
 
 @atexit.register

@@ -24,7 +24,9 @@ __all__ = [
     "check",
     "concat",
     "copy",
+    "flatten",
     "leaves",
+    "rows",
     "signature",
     "take",
     "to_device",
@@ -145,6 +147,33 @@ def leaves(tree: Tree) -> list[Any]:
     return optree.tree_leaves(adopt(tree), none_is_leaf=False, namespace=NAMESPACE)
 
 
+def flatten(tree: Tree) -> tuple[list[Any], optree.PyTreeSpec]:
+    """The leaves of a tree that is not a bare tensor, and its structure (one walk, for reuse)."""
+    found, spec = optree.tree_flatten(tree, none_is_leaf=False, namespace=NAMESPACE)
+    if all(type(leaf) is Tensor for leaf in found):  # the mappings in it are adopted already
+        return found, spec
+    return optree.tree_flatten(adopt(tree), none_is_leaf=False, namespace=NAMESPACE)
+
+
+def rows(items: Sequence[Any], tree: Tree, dim: int = 0) -> int:
+    """:func:`check` on a tree's leaves ``items`` (from :func:`flatten`; ``tree`` names it in errors)."""
+    if not items:
+        raise TreeError(f"{type(tree).__name__} {_short(tree)} holds no tensor")
+    count = -1
+    for leaf in items:
+        if not isinstance(leaf, Tensor):
+            raise TreeError(
+                f"a leaf of type {type(leaf).__name__} ({_short(leaf)}); every leaf must be a torch.Tensor"
+            )
+        if leaf.dim() <= dim:
+            raise TreeError(f"a leaf of shape {tuple(leaf.shape)} has no batch dimension {dim}")
+        if count >= 0 and leaf.shape[dim] != count:
+            sizes = sorted({int(t.shape[dim]) for t in items if isinstance(t, Tensor) and t.dim() > dim})
+            raise TreeError(f"leaves disagree on the batch dimension {dim}: sizes {sizes}")
+        count = int(leaf.shape[dim])
+    return count
+
+
 def device(tree: Tree) -> torch.device:
     """The device of the tree's first leaf."""
     first: Tensor = leaves(tree)[0]
@@ -161,22 +190,7 @@ def check(tree: Tree, dim: int = 0) -> int:
         if tree.dim() <= dim:
             raise TreeError(f"a tensor of shape {tuple(tree.shape)} has no batch dimension {dim}")
         return int(tree.shape[dim])
-    items = leaves(tree)  # adopts the tree's mappings: later flattens see through them
-    if not items:
-        raise TreeError(f"{type(tree).__name__} {_short(tree)} holds no tensor")
-    rows = -1
-    for leaf in items:
-        if not isinstance(leaf, Tensor):
-            raise TreeError(
-                f"a leaf of type {type(leaf).__name__} ({_short(leaf)}); every leaf must be a torch.Tensor"
-            )
-        if leaf.dim() <= dim:
-            raise TreeError(f"a leaf of shape {tuple(leaf.shape)} has no batch dimension {dim}")
-        if rows >= 0 and leaf.shape[dim] != rows:
-            sizes = sorted({int(t.shape[dim]) for t in items if isinstance(t, Tensor) and t.dim() > dim})
-            raise TreeError(f"leaves disagree on the batch dimension {dim}: sizes {sizes}")
-        rows = int(leaf.shape[dim])
-    return rows
+    return rows(leaves(tree), tree, dim)  # leaves() adopts its mappings: later flattens see through them
 
 
 def take(tree: Tree, rows: slice | Tensor, dim: int = 0) -> Tree:
@@ -220,15 +234,18 @@ def copy(tree: Tree) -> Tree:
     return optree.tree_map(lambda t: t.clone(), tree, none_is_leaf=False, namespace=NAMESPACE)
 
 
-def signature(tree: Tree, dim: int = 0) -> object:
+def signature(tree: Tree, dim: int = 0, flat: tuple[list[Any], optree.PyTreeSpec] | None = None) -> object:
     """What must match for two trees to be concatenated along ``dim`` without a cast or a pad.
 
-    That is the structure, and each leaf's dtype, device and shape apart from ``dim``.
+    That is the structure, and each leaf's dtype, device and shape apart from ``dim``. ``flat``:
+    the tree's :func:`flatten`, when the caller has it.
     """
     if isinstance(tree, Tensor):
         shape = tree.shape
         return (tree.dtype, tree.device, shape[1:] if dim == 0 else shape[:dim] + shape[dim + 1 :])
-    items, spec = optree.tree_flatten(tree, none_is_leaf=False, namespace=NAMESPACE)
+    if flat is None:
+        flat = optree.tree_flatten(tree, none_is_leaf=False, namespace=NAMESPACE)
+    items, spec = flat
     return (spec, tuple((t.dtype, t.device, t.shape[:dim] + t.shape[dim + 1 :]) for t in items))
 
 
