@@ -59,7 +59,7 @@ changed, after ``attach``."""
 M = TypeVar("M", bound=nn.Module)
 Layout = frozenset[tuple[torch.device, torch.dtype]]
 """The (device, dtype) pairs of a model's parameters and buffers."""
-LAYOUT_CHECK_S: Final = 0.1
+LAYOUT_CHECK_S: Final = 1.0
 """Serving compares every parameter's and buffer's device and dtype with those pinned at most
 this often (a whole-model move is seen at once, through the first tensor); readiness always does."""
 _lock = threading.Lock()  # guards starting and closing servers (rare: first use, close, attach)
