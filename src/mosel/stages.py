@@ -123,55 +123,72 @@ def _confidences(model: nn.Module, spec: ModelSpec, signal: str, output: Tree, r
     """:func:`confidence_of` as Python floats (the same values: float32 to float64 is exact)."""
     if signal == "max_probability" and class_logits(output):
         assert isinstance(output, Tensor)
-        values: list[float] = torch.softmax(output.detach().float(), dim=-1).amax(dim=-1).tolist()
+        logits = (
+            output if output.dtype == torch.float32 and not output.requires_grad else output.detach().float()
+        )
+        values: list[float] = torch.softmax(logits, dim=-1).amax(dim=-1).tolist()
         return values
     exact: list[float] = confidence_of(model, spec, signal, output, rows).tolist()
     return exact
 
 
 class _Store:
-    """Every branch's features computed so far in the batch, in pieces, each with its rows.
+    """Every branch's features computed so far in the batch: the first stage's, and later pieces.
 
-    A modality's first piece is the first stage's (its rows: the plan's selection, None for
-    every row); each later piece holds the rows (ascending) one later stage computed. Rows that
-    are exactly one piece's rows (a target fused right after its branches ran for the same rows,
-    or every row of the batch) take that piece as it is; other rows are gathered.
+    The first stage's features of a modality hold the rows of the plan's selection (None: every
+    row); each later piece holds the rows (ascending) one later stage computed. Rows that are
+    exactly those of what was computed (a target fused right after its branches ran for the
+    same rows, or every row of the batch) take it as it is; other rows are gathered.
     """
 
     def __init__(
         self, spec: ModelSpec, features: Mapping[str, Tree], selections: Mapping[str, Selection], n: int
     ) -> None:
-        self.spec, self.n, self.selections = spec, n, selections
-        self.pieces: dict[str, list[tuple[list[int] | None, Tree]]] = {
-            m: [(None, f)] for m, f in features.items()
-        }
+        self.spec, self.n, self.features, self.selections = spec, n, features, selections
+        self.added: dict[str, list[tuple[list[int], Tree]]] = {}
+        self.indices: dict[int, tuple[list[int], Tensor]] = {}
+
+    def index(self, rows: list[int]) -> Tensor:
+        """``rows`` as an index tensor, made once per list of rows."""
+        known = self.indices.get(id(rows))
+        if known is not None and known[0] is rows:
+            return known[1]
+        index = _index(rows)
+        self.indices[id(rows)] = (rows, index)
+        return index
 
     def add(self, m: str, rows: list[int], features: Tree) -> None:
         """The features of ``m`` for ``rows`` (batch rows, ascending), computed now."""
-        self.pieces.setdefault(m, []).append((rows, features))
+        self.added.setdefault(m, []).append((rows, features))
 
     def take(self, m: str, rows: list[int]) -> Tree:
         """The saved features of ``m`` for ``rows`` (ascending)."""
-        pieces = self.pieces[m]
-        for mine, piece in pieces:
-            if mine is None:
-                if self.selections.get(m, 0) is None and len(rows) == self.n:
-                    return piece  # the first stage ran this branch for every row
-            elif mine is rows or mine == rows:
-                return piece
-        where: dict[int, int] = {}
-        offset = 0
-        for mine, _ in pieces:
-            if mine is None:
-                first = positions(self.selections[m], self.n)
-                where.update((r, int(p)) for r, p in enumerate(first.tolist()) if p >= 0)
-                offset = int(first.max()) + 1
-            else:
-                where.update((r, offset + i) for i, r in enumerate(mine))
-                offset += len(mine)
         dim = self.spec.batch_dim(m)
-        joined = trees.concat([piece for _, piece in pieces], dim)
-        return trees.take(joined, torch.tensor([where[r] for r in rows], dtype=torch.long), dim)
+        added = self.added.get(m)
+        if added is None:  # the first stage's only
+            selection = self.selections[m]
+            if selection is None:
+                if len(rows) == self.n:
+                    return self.features[m]  # the first stage ran this branch for every row
+                return trees.take(self.features[m], self.index(rows), dim)
+            if isinstance(selection, slice):
+                return trees.take(self.features[m], _index([r - selection.start for r in rows]), dim)
+        else:
+            for mine, piece in added:
+                if mine is rows or mine == rows:
+                    return piece
+        pieces: list[Tree] = []
+        where: dict[int, int] = {}
+        if m in self.features:
+            first = positions(self.selections[m], self.n)
+            where.update((r, p) for r, p in enumerate(first.tolist()) if p >= 0)
+            pieces.append(self.features[m])
+        for mine, piece in added or ():
+            offset = len(where)  # every row so far has its own position
+            where.update((r, offset + i) for i, r in enumerate(mine))
+            pieces.append(piece)
+        joined = trees.concat(pieces, dim)
+        return trees.take(joined, _index([where[r] for r in rows]), dim)
 
 
 def positions(selection: Selection, n: int) -> IntArray:
@@ -388,6 +405,15 @@ class _Run:
         rows, last = self.pieces[-1]
         if len(rows) == self.n:  # the last stage's only target holds every row
             return last
+        out = self.output
+        if isinstance(out, Tensor) and all(
+            isinstance(piece, Tensor) and piece.dtype == out.dtype and piece.shape[1:] == out.shape[1:]
+            for _, piece in self.pieces
+        ):
+            for mine, piece in self.pieces:  # a later stage's rows overwrite an earlier one's
+                assert isinstance(piece, Tensor)
+                out = out.index_copy(0, self.store.index(mine).to(out.device), piece)
+            return out
         source = list(range(self.n))
         offset = self.n
         for mine, _ in self.pieces:
@@ -409,11 +435,17 @@ def _within(
     clock: Callable[[], float],
 ) -> list[list[int]]:
     """The candidates (per entry of ``transitions``) that fit the stage's time (:func:`select_rows`)."""
-    unique = list(dict.fromkeys(transitions))  # several chains may share a transition: count it once
+    counts: dict[Transition, float] = {}  # several chains may share a transition: count it once
+    for step, rows in zip(transitions, below):
+        counts[step] = counts.get(step, 0.0) + len(rows)
+    left_us = budget.budget_us(clock())
+    if budget.price_us(counts) <= left_us:
+        return below  # every candidate fits (select_rows' own first answer)
+    unique = list(counts)
     index = [unique.index(step) for step, rows in zip(transitions, below) for _ in rows]
     mask = select_rows(
-        unique, np.asarray(index, dtype=np.int64), np.asarray(gains, dtype=np.float64),
-        budget.budget_us(clock()), budget.price_us,
+        unique, np.asarray(index, dtype=np.int64), np.asarray(gains, dtype=np.float64), left_us,
+        budget.price_us,
     ).tolist()  # fmt: skip
     out, at = [], 0
     for rows in below:
@@ -446,7 +478,7 @@ def _stage(
         dim = spec.batch_dim(m)
         x = inputs[m]
         if len(rows) < n or not isinstance(x, Tensor) or x.shape[dim] != n:
-            x = trees.take(x, _index(rows), dim)
+            x = trees.take(x, store.index(rows), dim)
         name = spec.branches[m]
         t0 = clock()
         features = _checked(getattr(model, name)(x), len(rows), f"branch {name!r} ({m!r})", dim)
