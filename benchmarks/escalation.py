@@ -353,7 +353,9 @@ def _overhead(model: torch.nn.Module, rows: Rows, profile: mosel.Profile) -> flo
 
     calibration = Calibration.fit("max_probability", rows.confidences["max_probability"], rows.scores)
     sample = data.load("test").inputs(slice(0, profile.max_batch_size))
-    return _stage_overhead(model, mosel.spec_of(model), calibration, sample, profile.max_batch_size)
+    return _stage_overhead(
+        model, mosel.spec_of(model), calibration, sample, profile.max_batch_size, profile.cost_model()
+    )
 
 
 def print_offline(results: dict[str, Any]) -> None:

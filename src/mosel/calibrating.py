@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import statistics
+import time
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, Final
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from mosel import trees
-from mosel.chains import ESCALATION
+from mosel.chains import ESCALATION, StageBudget
 from mosel.errors import OutputError
 from mosel.escalation import (
     MIN_ROWS,
@@ -34,8 +36,8 @@ from mosel.escalation import (
     RowSample,
     ranking_score,
 )
-from mosel.execution import Later, run_chained
-from mosel.plan import PlannerConfig, Strategy, build_plan
+from mosel.execution import Later, execute, run_chained
+from mosel.plan import CostModel, PlannerConfig, Strategy, build_plan
 from mosel.profiles import Profile, cost_model_of, plan_buckets
 from mosel.spec import ModelSpec, spec_of
 from mosel.stages import class_logits, confidence_of, default_signals
@@ -190,11 +192,18 @@ def _top1(output: Tensor, target: Any) -> Tensor:
 
 
 def calibrate(
-    model: nn.Module, spec: ModelSpec, record: RowRecord, sample: Mapping[str, Tree], max_batch_size: int
+    model: nn.Module,
+    spec: ModelSpec,
+    record: RowRecord,
+    sample: Mapping[str, Tree],
+    max_batch_size: int,
+    cost: CostModel | None = None,
 ) -> tuple[Calibration | None, list[str]]:
     """The calibration of the recorded rows (None: no signal, or too few rows), and warnings to give.
 
-    ``sample``: validation inputs of ``max_batch_size`` rows, to time a later stage's overhead.
+    ``sample``: validation inputs of ``max_batch_size`` rows, to time a later stage's overhead;
+    ``cost``: the profile's cost model (with it, that time includes pricing the stage's rows,
+    as serving does).
     """
     if record.problem is not None or not record.confidences or len(spec.modalities) < 2:
         _log.info(
@@ -226,30 +235,50 @@ def calibrate(
             f"about ±{100 * (0.25 / rows) ** 0.5:.1f} points (one standard error) and its thresholds may "
             f"miss a floor by as much: profile on at least {RECOMMENDED_ROWS} rows"
         )
-    overhead = _stage_overhead(model, spec, calibration, sample, max_batch_size)
+    overhead = _stage_overhead(model, spec, calibration, sample, max_batch_size, cost)
     return calibration.with_overhead(overhead), notes
 
 
 def _stage_overhead(
-    model: nn.Module, spec: ModelSpec, calibration: Calibration, sample: Mapping[str, Tree], most: int
+    model: nn.Module,
+    spec: ModelSpec,
+    calibration: Calibration,
+    sample: Mapping[str, Tree],
+    most: int,
+    cost: CostModel | None = None,
 ) -> float:
-    """The median time a later stage takes besides its branches and fusion (µs), every row escalating."""
+    """The median time a later stage takes besides its branches and fusion (µs).
+
+    Timed at 1, a quarter of ``most`` and ``most`` rows: one row escalating, and about half the
+    rows of the larger batches (those below the sample's median confidence), so that gathering
+    the rows that go on and merging their outputs back is counted. With ``cost``, each stage also
+    prices its rows against a time limit they fit, as a served batch's stage does
+    (:class:`mosel.chains.StageBudget`).
+    """
     everything = frozenset(spec.modalities)
     first = min(
         (c for c in calibration.edges if c != everything), key=lambda c: (len(c), sorted(c)), default=None
     )
     if first is None:
         return 0.0
-    bins = calibration.bins(first)
-    chain = Chain(
-        (first, everything), (bins,), (calibration.edges[first],), (calibration.gains(first, everything),),
-        (1.0,), calibration.accuracy(everything), calibration.rows,
-    )  # fmt: skip
     later = Later(calibration.signal)
-    samples = []
+    if cost is not None:
+        budget = StageBudget(cost, {}, 1.0, 0.0, finish_by=math.inf, reserve_us=0.0)
+        later = Later(calibration.signal, budget, time.perf_counter)
+    accuracy = calibration.accuracy(everything)
     with torch.inference_mode():
+        output = execute(model, spec, Strategy(((first, most),), 0, 0), sample)
+        median = float(confidence_of(model, spec, calibration.signal, output, most).median())
+        every = Chain(
+            (first, everything), (1,), ((math.inf,),), ((0.0, 0.0),), (1.0,), accuracy, calibration.rows
+        )
+        half = Chain(
+            (first, everything), (1,), ((median,),), ((0.0, 0.0),), (0.5,), accuracy, calibration.rows
+        )
+        samples = []
         for n in sorted({1, max(1, most // 4), most}):
             rows = {m: trees.take(x, slice(0, n), spec.batch_dim(m)) for m, x in sample.items()}
+            chain = every if n == 1 else half
             for _ in range(OVERHEAD_REPEATS):
                 parts: dict[str, float] = {}
                 run_chained(model, spec, Strategy(((first, n),), 0, 0), [chain] * n, rows, later, None, parts)

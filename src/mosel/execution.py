@@ -31,7 +31,7 @@ from mosel.escalation import Chain
 from mosel.jobs import Batch, Job
 from mosel.plan import ACCURACY_SCALE, Strategy
 from mosel.spec import ModelSpec
-from mosel.stages import Chained, escalate, positions
+from mosel.stages import Chained, escalate
 from mosel.trees import Tree
 
 __all__ = [
@@ -291,10 +291,10 @@ def run_chained(
     plan = plan_rows(Strategy(strategy.groups, 0, 0), spec, inputs, cache, device)
     features: dict[str, Tree] = {}
     output = run(model, spec, plan, inputs, parts_us, features)
-    where = {m: positions(selection, strategy.n) for m, selection, *_ in plan.branch_rows}
+    selections = {m: selection for m, selection, *_ in plan.branch_rows}
     return escalate(
-        model, spec, inputs, output, plan.modalities, chains, features, where, later.signal, later.budget,
-        later.clock, parts_us,
+        model, spec, inputs, output, plan.modalities, chains, features, selections, later.signal,
+        later.budget, later.clock, parts_us,
     )  # fmt: skip
 
 

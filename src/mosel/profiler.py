@@ -355,7 +355,11 @@ def _profile(
         )
         count = min(SIZED_CHECKS, settings.cost_checks)
         checks = best.checks + _bucket_checks(model, spec, partial, best, rows, big, timer, count)
-        calibration, more = calibrate(model, spec, record, big, most) if record is not None else (None, [])
+        calibration, more = (
+            calibrate(model, spec, record, big, most, partial.cost_model())
+            if record is not None
+            else (None, [])
+        )
         notes += more
         profiled_s = time.perf_counter() - started
     result = dataclasses.replace(
