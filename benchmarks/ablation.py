@@ -38,7 +38,10 @@ VARIANTS: dict[str, str | type[Policy]] = {
     "no budget": variant("no-budget", limit_budget=False),
     "no reserve": variant("no-reserve", limit_reserve=False),
     "no risk price": variant("no-risk-price", limit_risk=False),
-    "no limits": variant("no-limits", limit_budget=False, limit_reserve=False, limit_risk=False),
+    "no cold-start gate": variant("no-unseen", limit_unseen=False),
+    "no limits": variant(
+        "no-limits", limit_budget=False, limit_reserve=False, limit_risk=False, limit_unseen=False
+    ),
     "shed the late job": variant("edf-shed", shed_by_density=False),
     "consecutive merging": variant("consecutive", merge_skips=False),
     "greedy (v1 rules)": "greedy",

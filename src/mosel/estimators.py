@@ -17,7 +17,16 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["BANKED", "DEFAULT_ADDED", "MIN_SLACKS", "ArrivalEstimator", "MissBudget", "SlackSample"]
+__all__ = [
+    "BANKED",
+    "DEFAULT_ADDED",
+    "MIN_SLACKS",
+    "RATE_CONFIDENCE_Z",
+    "ArrivalEstimator",
+    "MissBudget",
+    "SlackSample",
+    "poisson_upper",
+]
 
 DEFAULT_ADDED: Final = 0.0005
 """Without a miss budget: the expected misses per request upgrades may add (0.05 points)."""
@@ -25,6 +34,20 @@ BANKED: Final = 500
 """The credit of a miss budget holds at most this many requests' worth of it."""
 MIN_SLACKS: Final = 32
 """Finished jobs a :class:`SlackSample` needs before their slack replaces arrivals' headroom."""
+RATE_CONFIDENCE_Z: Final = 1.6449
+"""The one-sided 95% normal quantile: :meth:`ArrivalEstimator.rho_bound` is a 95% upper bound."""
+
+
+def poisson_upper(events: float) -> float:
+    """The 95% upper bound of a Poisson mean after ``events`` were seen (in units of the span).
+
+    ``chi2(0.95, 2 * events + 2) / 2``, by the Wilson-Hilferty approximation (0.9% under the
+    exact quantile at ``events`` = 0, closer above; decayed counts need not be integers): 2.97
+    after none, 4.73 after one, 1.27x the count after 50, 1.12x after 200.
+    """
+    dof = 2.0 * events + 2.0
+    c = 2.0 / (9.0 * dof)
+    return dof * (1.0 - c + RATE_CONFIDENCE_Z * math.sqrt(c)) ** 3 / 2.0
 
 
 class ArrivalEstimator:
@@ -44,6 +67,7 @@ class ArrivalEstimator:
         "headroom_mean_us",
         "jobs",
         "mean_requests",
+        "mean_work_s",
         "sums",
         "windows",
     )
@@ -58,6 +82,7 @@ class ArrivalEstimator:
         self.busy_arrivals = 0.0  # arrivals that found a batch running, decaying over the long window
         self.busy_s = 0.0  # time spent running batches, same decay
         self.mean_requests = 1.0  # an EWMA of arriving jobs' requests
+        self.mean_work_s = 0.0  # an EWMA of arriving jobs' work (0 before any)
         self.jobs = [0.0, 0.0]  # jobs arrived, decaying per window
 
     def observe_arrival(
@@ -77,6 +102,9 @@ class ArrivalEstimator:
         self.mean_requests += 0.05 * (requests - self.mean_requests)
         if math.isnan(self.first):
             self.first = now
+            self.mean_work_s = work_s
+        else:
+            self.mean_work_s += 0.05 * (work_s - self.mean_work_s)
         sums, jobs = self.sums, self.jobs
         sums[0] += work_s
         sums[1] += work_s
@@ -116,6 +144,31 @@ class ArrivalEstimator:
     def rho(self, now: float) -> float:
         """Recent arrivals' work at their cheapest strategies, per second (the larger of two views)."""
         return self._rate(self.sums, now)
+
+    def rho_bound(self, now: float) -> float:
+        """The arrival rate of work that the arrivals seen cannot rule out: a 95% upper bound.
+
+        :meth:`rho` is a point estimate, normalised as if at least the short window had been
+        watched; right after the first arrival it reads one job as a light load although the
+        next could come at once. This bound is what the count of arrivals allows over the time
+        actually watched: the long window's decayed count of arrivals after the first (the first
+        only starts the clock) over the decayed span since it, as a Poisson rate's 95% upper
+        bound (:func:`poisson_upper`), times the mean work of an arrival; never below
+        :meth:`rho`. Infinite until time has passed since the first arrival (and before any):
+        nothing rules out a flood. In a steady stream it is about :meth:`rho` plus 1.6 standard
+        errors of the long window's count: far above :meth:`rho` only where a window holds few
+        arrivals, and the load they bring is then light unless each is long.
+        """
+        if math.isnan(self.first):
+            return math.inf
+        point = self._rate(self.sums, now)  # ages the sums to ``now``
+        long = self.windows[0]
+        elapsed = now - self.first
+        span = long * -math.expm1(-elapsed / long)
+        if span <= 0.0:
+            return math.inf
+        events = max(self.jobs[0] - math.exp(-elapsed / long), 0.0)
+        return max(point, poisson_upper(events) / span * self.mean_work_s)
 
     def jobs_rate(self, now: float) -> float:
         """Recent arrivals in jobs per second (the larger of the two views, normalised as :meth:`rho`)."""

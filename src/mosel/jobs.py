@@ -59,6 +59,7 @@ class Reason(enum.Enum):
     SPARE_CAPACITY = "spare capacity: recent arrivals leave too little device time"
     MISS_BUDGET = "miss budget: the on-time promise leaves no room for the misses it would risk"
     OVERLOAD = "overload: recent arrivals need the whole device at their cheapest strategies"
+    UNSEEN_LOAD = "arrivals: too few seen yet to rule out that they need the whole device"
 
 
 class Job(Generic[P]):

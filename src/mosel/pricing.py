@@ -642,39 +642,68 @@ class Pricer:
 class BatchLatency:
     """The corrected latency of a batch being formed, one task at a time, without building it.
 
-    Rows per configuration are kept as running sums, so the latency of "this batch plus one
-    more task" is one :meth:`Pricer.price` of the sums.
+    Rows per configuration are kept as running sums, and with them what :meth:`CostModel.parts`
+    would make of them: the rows each branch runs and the fusion calls' time (integers, so the
+    running sums are exact). The latency of "this batch plus one more task" is then a few table
+    lookups, weighed by the correction in :meth:`Pricer.corrected_us`'s order (the same float
+    arithmetic, so the same price to the microsecond). Batches with chains, and cost models of
+    buckets beyond the measured ones, are priced by :meth:`Pricer.price` itself.
     """
 
-    __slots__ = ("cost", "counts", "later", "pricer")
+    __slots__ = ("cost", "counts", "fusion", "later", "pricer", "rows")
 
     def __init__(self, pricer: Pricer, cost: CostModel | None = None) -> None:
         self.pricer = pricer
         self.cost = cost or pricer.cost
         self.counts: dict[Configuration, int] = {}
+        self.rows = dict.fromkeys(self.cost.modalities, 0)  # rows per branch, declaration order
+        self.fusion = 0  # the fusion calls' time, µs
         self.later = LaterRows()  # the rows its chains may escalate
 
     def clear(self, cost: CostModel | None = None) -> None:
         """Empty the batch (for jobs of the size bucket of ``cost``, default the reference)."""
-        self.cost = cost or self.pricer.cost
+        cost = cost or self.pricer.cost
+        if cost.modalities is not self.cost.modalities:
+            self.rows = dict.fromkeys(cost.modalities, 0)
+        else:
+            rows = self.rows
+            for m in rows:
+                rows[m] = 0
+        self.cost = cost
         self.counts.clear()
+        self.fusion = 0
         if self.later:
             self.later.clear()
 
     def add(self, strategy: Strategy) -> None:
         """Put a task's rows, at ``strategy``, into the batch."""
-        counts = self.counts
-        for config, count in strategy.groups:
-            counts[config] = counts.get(config, 0) + count
+        self._put(strategy, 1)
         if strategy.chain is not None:
             self.later.add(strategy.chain, strategy.n)
 
+    def _put(self, strategy: Strategy, sign: int) -> None:
+        counts, rows, tables = self.counts, self.rows, self.cost.fusion_us
+        for config, count in strategy.groups:
+            added = sign * count
+            old = counts.get(config, 0)
+            counts[config] = old + added
+            table = tables[config]
+            self.fusion += table[old + added] - table[old]
+            for m in config:
+                rows[m] += added
+
     def with_(self, strategy: Strategy) -> int:
         """The batch's corrected latency if a task at ``strategy`` joined it (the batch is unchanged)."""
+        groups = strategy.groups
+        if strategy.chain is None and len(groups) == 1 and not self.later and not self._beyond():
+            ((config, count),) = groups
+            old = self.counts.get(config, 0)
+            table = self.cost.fusion_us[config]
+            fusion = self.fusion + table[old + count] - table[old]
+            return self._price(fusion, config, count)
         self.add(strategy)
         latency = self.latency_us()
-        for config, count in strategy.groups:
-            self.counts[config] -= count
+        self._put(strategy, -1)
         if strategy.chain is not None:
             self.later.add(strategy.chain, strategy.n, -1)
         return latency
@@ -685,4 +714,25 @@ class BatchLatency:
         if self.later:
             corrected = pricer.corrected_us(tuple(self.counts.items()), self.cost, self.later)
             return pricer.tail.price(corrected)
-        return pricer.price(tuple(self.counts.items()), self.cost)
+        if self._beyond():
+            return pricer.price(tuple(self.counts.items()), self.cost)
+        return self._price(self.fusion, frozenset(), 0)
+
+    def _beyond(self) -> bool:
+        pricer = self.pricer
+        return bool(pricer._beyond_costs) and pricer._beyond_of(self.cost) is not None
+
+    def _price(self, fusion: int, config: Configuration, count: int) -> int:
+        """:meth:`Pricer.price` of the batch's rows and ``fusion``, ``count`` more rows in ``config``.
+
+        :meth:`Pricer.corrected_us`'s arithmetic in its order: fusion first, then each branch
+        that runs, in declaration order.
+        """
+        correction = self.pricer.correction
+        branch = self.cost.branch_us
+        total = correction["fusion"] * fusion
+        for m, k in self.rows.items():
+            runs = k + count if m in config else k
+            if runs:
+                total += correction[m] * branch[m][runs]
+        return self.pricer.tail.price(total)

@@ -112,7 +112,8 @@ def test_the_scheduler_stops_upgrading_while_the_window_is_over_budget() -> None
         scheduler.complete(batch, now + 0.001, batch.predicted_us)
         return k
 
-    assert serve_one(0.0) > 0  # an idle device, a roomy deadline: upgraded
+    assert serve_one(0.0) == 0  # the first arrival: nothing watched yet rules out a flood
+    assert serve_one(0.5) > 0  # an idle device, a roomy deadline, a quiet half-second: upgraded
     for _ in range(50):  # the promise is broken (e.g. a stalled device): misses come in
         policy.observe_outcome(
             Job(n=1, available=ALL, arrival=0.0, deadline_ms=1.0, min_accuracy=None), missed=True

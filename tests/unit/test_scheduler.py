@@ -44,8 +44,8 @@ def test_burst_all_modalities_cannot_meet_is_served_on_time_with_floors(profile:
 
 def test_light_load_keeps_every_modality(profile: mosel.Profile) -> None:
     sim = mosel.simulate(profile, burst(12, 0.01, 5.0, 0.7))
-    for record in sim.records:
-        assert record.on_time
+    assert all(record.on_time for record in sim.records)
+    for record in sim.records[1:]:  # the first arrival is served at its cheapest (a cold start)
         assert all(groups == ((ALL, record.arrival.n),) for groups in (s.groups for s in record.strategies))
     assert sim.stats.counters.get("violations_predicted", 0) == 0
 
@@ -179,5 +179,5 @@ def test_a_caller_waiting_for_each_result_is_not_hedged_against_itself(profile: 
     trace = [mosel.Arrival(i * 0.0025, 8, deadline_ms=2.45, min_accuracy=0.6) for i in range(800)]
     sim = mosel.simulate(profile, trace)
     assert sim.stats.counters.get("hedged", 0) == 0
-    for record in sim.records:
+    for record in sim.records[1:]:  # the first arrival is served at its cheapest (a cold start)
         assert record.on_time and record.strategies[0].groups == ((ALL, 8),)

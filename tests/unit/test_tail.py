@@ -201,7 +201,9 @@ def test_simulation_learns_the_margin_and_reports_it() -> None:
 @pytest.mark.parametrize("policy", ["mosel", "greedy"])
 def test_the_quantile_knob_trades_accuracy_for_violations_monotonically(policy: str) -> None:
     """Noisy execution on the virtual clock: a higher quantile never serves more accurately and
-    never misses more deadlines (summed over seeds), and no served job is below its floor."""
+    never misses more deadlines (summed over seeds, within 0.2 points), and no served job is below
+    its floor. Four seeds: a single seed's misses move by 0.3 points when one job's start moves
+    (another slot of the common machine's draws), more than the tolerance on two seeds."""
     profile = random_profile(1)
     noise = lognormal(0.3)
     everything = frozenset(profile.modalities)
@@ -210,7 +212,7 @@ def test_the_quantile_knob_trades_accuracy_for_violations_monotonically(policy: 
     violations, accuracy = [], []
     for q in (0.5, 0.7, 0.9, 0.97):
         late = served_units = served = total = 0
-        for seed in range(2):
+        for seed in range(4):
             rng = random.Random(seed)
             t, trace = 0.0, []
             for _ in range(300):

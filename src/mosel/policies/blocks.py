@@ -8,6 +8,7 @@ forming apply the same test, so what dispatch will run is what was predicted.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -20,7 +21,16 @@ if TYPE_CHECKING:
     from mosel.policies.base import Policy
     from mosel.pricing import BatchLatency
 
-__all__ = ["bind_head", "joins", "least_valuable", "predict", "repair", "take_batch", "upgrade_head"]
+__all__ = [
+    "bind_head",
+    "joins",
+    "least_valuable",
+    "predict",
+    "predicted_batches",
+    "repair",
+    "take_batch",
+    "upgrade_head",
+]
 
 
 class Join(NamedTuple):
@@ -71,11 +81,32 @@ def predict(
     end = min(end, len(queue))
     deadlines = core.deadlines_us
     lenient = core.lenient
+    finish = [0] * end
+    for i, j, t in predicted_batches(policy, start_us, end, cheapest=cheapest):
+        for x in range(i, j):
+            finish[x] = t
+            if stop and t > deadlines[x] and not lenient[x] and id(queue[x]) not in tolerated:
+                return finish, x
+    return finish, -1
+
+
+def predicted_batches(
+    policy: Policy, start_us: int, end: int, *, cheapest: bool = False
+) -> Iterator[tuple[int, int, int]]:
+    """The batches :func:`predict` forms of the first ``end`` queued tasks, one at a time.
+
+    Yields ``(i, j, finish_us)``: queued tasks ``i`` to ``j - 1`` run as one batch that ends at
+    ``finish_us``. A batch is yielded once closed, so a caller that needs only the first
+    finishes stops early with the same values as the whole walk.
+    """
+    core = policy.core
+    queue = core.queue
+    end = min(end, len(queue))
+    deadlines = core.deadlines_us
     limit, most = core.max_batch_size, core.config.max_merge
     batching = core.config.batching
     batch = core.batch_latency()
     t = start_us
-    finish = [0] * end
     i = 0
     while i < end:
         head = queue[i]
@@ -98,12 +129,8 @@ def predict(
             latency, rows, earliest = join.latency, rows + nxt.n, join.earliest
             j += 1
         t += latency
-        for x in range(i, j):
-            finish[x] = t
-            if stop and t > deadlines[x] and not lenient[x] and id(queue[x]) not in tolerated:
-                return finish, x
+        yield i, j, t
         i = j
-    return finish, -1
 
 
 def _start_us(policy: Policy, now: float) -> int:
@@ -332,10 +359,13 @@ def _take_skipping(policy: Policy, tasks: list[Task], batch: BatchLatency, now_u
     latency, rows, earliest = head.lat[head.k], head.n, deadline_us(head.job)
     n = min(len(core.queue), policy.horizon)
     queued = core.queue[:n]
-    # A device free after the batch: the same arithmetic as a free device at that time.
-    finish, _ = predict(policy, time_us((now_us + latency) / 1e6), n)
-    slack = (core.deadlines_us[:n] - np.asarray(finish, dtype=np.int64)).astype(np.float64)
-    slack[core.lenient[:n] | (slack < 0)] = np.inf  # already late (or lenient): not this batch's doing
+    deadlines, lenient = core.deadlines_us[:n], core.lenient[:n]
+    # A device free after the batch: the same arithmetic as a free device at that time. Each
+    # task's slack if the batch took its current latency, walked only as far as a joiner needs
+    # (the batch fills long before the horizon; a predicted batch's finish is final once closed).
+    walk = predicted_batches(policy, time_us((now_us + latency) / 1e6), n)
+    slack = np.empty(n, dtype=np.float64)
+    known = 0  # tasks whose slack is set
     delay = np.zeros(n, dtype=np.float64)
     joined = np.zeros(n, dtype=bool)
     for p, nxt in enumerate(queued):
@@ -347,6 +377,12 @@ def _take_skipping(policy: Policy, tasks: list[Task], batch: BatchLatency, now_u
         if not join.helps:
             continue
         growth = join.latency - latency
+        while known < p:
+            i, j, t = next(walk)
+            left = deadlines[i:j] - t
+            # already late (or lenient): not this batch's doing
+            slack[i:j] = np.where(lenient[i:j] | (left < 0), np.inf, left.astype(np.float64))
+            known = j
         ahead = ~joined[:p]
         if ahead.any() and float((slack[:p] - delay[:p])[ahead].min()) < growth:
             continue

@@ -51,6 +51,9 @@ class Mosel(Policy):
     """Keep, before each queued job's deadline, the work arrivals bring meanwhile (ablation)."""
     limit_risk: ClassVar[bool] = True
     """Buy an upgrade only with the miss budget's credit, at its risk price (ablation)."""
+    limit_unseen: ClassVar[bool] = True
+    """Buy no upgrade while the arrivals seen cannot rule out that they need the whole device
+    (:meth:`mosel.estimators.ArrivalEstimator.rho_bound`; off only for the ablation)."""
     shed_by_density: ClassVar[bool] = True
     """Shed the job with the fewest expected correct answers per microsecond at or before a late
     one (weighted Moore-Hodgson) rather than the late one (on 150 random traces of
@@ -172,11 +175,9 @@ class Mosel(Policy):
         for task in tasks:
             batch.add(task.strategy)
         base = batch.latency_us()
-        if self.limit_budget and self.arrivals.rho(now) >= 1.0 - core.config.spare_margin:
-            _explain(tasks, Reason.OVERLOAD)
-            return  # no spare time now: a stored budget is not spent into an overload
-        if self.limit_risk and not self.misses.open:
-            _explain(tasks, Reason.MISS_BUDGET)
+        held = self._held(now)
+        if held is not None:
+            _explain(tasks, held)
             return
         allowed, binding, risk = self.allowance(tasks, now, base)
         if allowed > 0:
@@ -192,6 +193,17 @@ class Mosel(Policy):
                 self.budget_s -= (core.merged_latency_us(tasks) - base) / 1e6
                 core.count("upgraded")
         _explain(tasks, binding)
+
+    def _held(self, now: float) -> Reason | None:
+        """Why nothing may be upgraded now, whatever the batch (None: upgrades may be priced)."""
+        usable = 1.0 - self.core.config.spare_margin
+        if self.limit_budget and self.arrivals.rho(now) >= usable:
+            return Reason.OVERLOAD  # no spare time now: a stored budget is not spent into an overload
+        if self.limit_unseen and self.arrivals.rho_bound(now) >= usable:
+            return Reason.UNSEEN_LOAD  # too little watched (a cold start): the next may be a flood
+        if self.limit_risk and not self.misses.open:
+            return Reason.MISS_BUDGET
+        return None
 
     def _raise_merged(self, tasks: list[Task], base: int, allowed: float) -> None:
         """Raise several tasks by the steps that buy the most accuracy per microsecond.
