@@ -137,12 +137,17 @@ def test_a_drift_alarm_reaches_the_callback_and_a_raising_one_is_ignored(
     for i in range(200):
         monitor.record(_result(f"p-{i}", (AT,), [0]), None, None, None)
         monitor.feedback(f"p-{i}", [1])  # audio+text is always wrong now
-    assert [a.kind for a in seen] == ["drift"]
+    assert [a.kind for a in seen if a.kind == "drift"] == ["drift"]
     alarm = seen[0]
     assert alarm.configuration == "audio+text" and alarm.profiled == 0.7 and alarm.live < 0.2
     assert "drifted" in alarm.message and any("drifted" in r.message for r in caplog.records)
     snap = monitor.snapshot()
     assert snap.configurations["audio+text"].drifted and snap.counters["alarms"] == 1
+    # Pooled: audio+text's labels alone cannot tell audio from text; both modalities alarm.
+    pooled = {a.modality: a for a in seen if a.kind == "modality_drift"}
+    assert set(pooled) == {"audio", "text"} and snap.counters["modality_alarms"] == 2
+    assert all(a.configuration == a.modality and a.value > 0.5 for a in pooled.values())
+    assert snap.modalities["audio"].drifted and not snap.configurations["audio+video"].drifted
 
     def raising(alarm: Alarm) -> None:
         raise RuntimeError("boom")
