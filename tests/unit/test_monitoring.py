@@ -177,6 +177,29 @@ def test_live_floors_ask_for_a_reprice_only_when_a_price_moves(profile: mosel.Pr
     assert _monitor(profile).needs_reprice() is False  # without live floors, never
 
 
+def test_a_drifted_modality_prices_the_configurations_sharing_it(profile: mosel.Profile) -> None:
+    """Audio broke; only audio+text and all three were labelled: audio+video is priced down too."""
+    for pooled in (True, False):
+        monitor = _monitor(profile, live_floors=True, pooled=pooled)
+        rng = random.Random(4)
+        truth = {AT: 0.55, ALL: 0.75}  # each lost all that audio adds to it (0.15)
+        for i in range(3000):
+            config = (AT, ALL)[i % 2]
+            monitor.observe(config, 1.0 if rng.random() < truth[config] else 0.0)
+        table = monitor.priced()
+        vt, video = frozenset({"video", "text"}), frozenset({"video"})
+        assert table[vt] == 0.75 and table[video] == 0.70  # no audio: the profile's figures
+        assert table[AT] < 0.65 and table[ALL] < 0.85  # their own alarms
+        if pooled:
+            snap = monitor.snapshot()
+            assert snap.modalities["audio"].drifted and not snap.configurations["audio+video"].drifted
+            assert snap.modalities["audio"].lost_upper > 0.8
+            assert 0.65 <= table[AV] < 0.85 - 0.1  # the pooled bound: 0.85 - 0.15 * lost_upper
+            assert monitor.needs_reprice()
+        else:
+            assert table[AV] == 0.85  # without pooling, until its own labels alarm
+
+
 def test_repricing_drops_a_drifted_configuration(profile: mosel.Profile) -> None:
     """A job whose cheapest admissible strategy used audio+text no longer gets it once it drifted."""
     scheduler = Scheduler(profile, SchedulerConfig(policy="greedy", deterministic=True))
