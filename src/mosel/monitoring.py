@@ -72,6 +72,8 @@ _COUNTED: Final = {
     "modality_recovered": "modality_recoveries",
 }  # fmt: skip
 """The counter each alarm kind adds to."""
+_RECHECK: Final = 64
+"""While a drift holds, live floors look for a moved price every this many labels."""
 _DIGEST_ROWS: Final = 4096
 """Served rows waiting for the label-free digest at most (beyond, new ones are left out)."""
 _DIGEST_STEP: Final = 256
@@ -337,6 +339,7 @@ class Monitor:
         self._credit_s = _SHADOW_BURST_S  # the shadow budget's device time in hand
         self._credit_at = clock()
         self._applied = {c: a for c, a in profile.accuracy.items()}  # what decisions price now
+        self._unchecked = 0  # labels since live floors last looked for a moved price
         self.on_change: Callable[[], object] | None = None
         """Called (outside the lock) when live floors should re-price: a server starts its rebuild."""
 
@@ -666,6 +669,7 @@ class Monitor:
         fired: list[tuple[AlarmKind, Tracker | ModalityTracker]],
     ) -> None:
         """One label to its configuration's tracker and its modalities' (the lock is held)."""
+        self._unchecked += 1
         tracker = self._trackers[configuration]
         kind = tracker.observe(score, bucket)
         if kind is not None:
@@ -678,7 +682,17 @@ class Monitor:
                 self._counters[_COUNTED[kind]] += 1
 
     def _fire(self, fired: list[tuple[AlarmKind, Tracker | ModalityTracker]]) -> None:
-        """Raise the alarms ``fired`` (outside the lock), then re-price if a price moved."""
+        """Raise the alarms ``fired`` (outside the lock), then re-price if a price moved.
+
+        While a drift holds, live floors also look again every :data:`_RECHECK` labels: a
+        drifted configuration's bound moves with its labels, and so does a pooled one.
+        """
+        if not fired and self.config.live_floors and self._unchecked >= _RECHECK:
+            self._unchecked = 0
+            if any(t.drifted for t in self._trackers.values()) or any(
+                p.drifted for p in self._modalities.values()
+            ):
+                self.maybe_reprice()
         for kind, source in fired:
             if isinstance(source, Tracker):
                 t = source

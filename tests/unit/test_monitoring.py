@@ -177,6 +177,28 @@ def test_live_floors_ask_for_a_reprice_only_when_a_price_moves(profile: mosel.Pr
     assert _monitor(profile).needs_reprice() is False  # without live floors, never
 
 
+def test_live_floors_follow_a_drifted_bound_as_its_labels_arrive(profile: mosel.Profile) -> None:
+    """After the alarm, the bound tightens with the labels: live floors re-price without a new alarm."""
+    calls: list[float] = []
+    monitor = _monitor(profile, live_floors=True, pooled=False)
+
+    def reprice() -> None:  # as a server does: the live table applied
+        table = monitor.priced()
+        calls.append(table[AT])
+        monitor.applied(table)
+
+    monitor.on_change = reprice
+    rng = random.Random(2)
+    while monitor.observe(AT, 1.0 if rng.random() < 0.4 else 0.0) is None:
+        pass
+    assert len(calls) == 1
+    for _ in range(2000):  # still 0.4: the bound rises from the alarm's few labels towards it
+        assert monitor.observe(AT, 1.0 if rng.random() < 0.4 else 0.0) is None
+    assert len(calls) >= 3 and calls[-1] > calls[0] + 0.05
+    assert calls[-1] == pytest.approx(monitor.priced()[AT], abs=0.011)
+    assert 0.3 < calls[-1] < 0.4
+
+
 def test_a_drifted_modality_prices_the_configurations_sharing_it(profile: mosel.Profile) -> None:
     """Audio broke; only audio+text and all three were labelled: audio+video is priced down too."""
     for pooled in (True, False):
