@@ -11,8 +11,8 @@ jobs arriving meanwhile queue behind the run) and agree with the cheap answer at
 
 Reported (``--quick``: fewer seeds and shorter traces, a few minutes on two cores):
 
-1. detection: labelled requests (served after the drift began) until the first drift alarm, per
-   seed, at two drifts ("audio -15": the audio's SNR at -13 dB, where audio alone loses 15
+1. detection: labelled requests (served after the drift began) until the first drift alarm (of a
+   configuration, or a modality's pooled one), per seed, with pooled detectors and without, at two drifts ("audio -15": the audio's SNR at -13 dB, where audio alone loses 15
    points; "audio -40": -20 dB); false alarms before the drift; a drift-free run of 10^5
    labelled requests, and the detectors' false-alarm rate on long synthetic streams;
 2. floors: after the alarm, the share of 500-request windows whose measured accuracy (against
@@ -22,7 +22,8 @@ Reported (``--quick``: fewer seeds and shorter traces, a few minutes on two core
 4. ``--real``: the AV-Digits model served live (threaded server, real audio noise raised part-way,
    labels back through ``mosel.feedback``), one short run.
 
-Run: python benchmarks/drift.py [--quick] [--real] [--json out.json]
+Run: python benchmarks/drift.py [--quick] [--real] [--no-pooled] [--only PART] [--detection-seeds N]
+                                [--floor-seeds N] [--json out.json]
      python benchmarks/drift.py measure      # re-measure the drift table (needs espeak-ng)
 """
 
@@ -707,6 +708,8 @@ def main() -> None:
     parser.add_argument("--floor", type=float, default=None, help="the jobs' floor (default: per drift)")
     parser.add_argument("--drifts", nargs="*", default=list(DRIFTS), choices=list(DRIFTS))
     parser.add_argument("--shadow-rate", type=float, default=0.05)
+    parser.add_argument("--detection-seeds", type=int, default=None, help="seeds of detection (default 3 quick, 20)")
+    parser.add_argument("--floor-seeds", type=int, default=None, help="seeds of floors and shadow runs (2 quick, 10)")
     parser.add_argument("--no-pooled", dest="pooled", action="store_false",
                         help="per-configuration detectors only (Monitoring(pooled=False)), as before issue 26's pooling")  # fmt: skip
     parser.add_argument("--real", action="store_true", help="also serve the real model live (about a minute)")
@@ -722,8 +725,8 @@ def main() -> None:
     if args.command == "measure":
         measure()
         return
-    args.seeds = 3 if args.quick else 20
-    args.few_seeds = 2 if args.quick else 10  # floors and shadow runs (two loads and two modes each)
+    args.seeds = args.detection_seeds or (3 if args.quick else 20)
+    args.few_seeds = args.floor_seeds or (2 if args.quick else 10)  # floors and shadow runs (two loads and two modes each)
     args.seconds = 45.0 if args.quick else 120.0
     args.drift_s = args.seconds / 3
     args.clean_seconds = 330.0
