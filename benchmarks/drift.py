@@ -637,7 +637,7 @@ def real_run(args: argparse.Namespace) -> dict[str, Any]:
     snap = mosel.stats(model)
     acc = snap.accuracy
     assert acc is not None
-    first = next(((at, a, n) for at, a, n in alarms if a.kind == "drift" and at >= drift_at), None)
+    first = next(((at, a, n) for at, a, n in alarms if a.kind in ("drift", "modality_drift") and at >= drift_at), None)
     window_acc = windows([(at, 0.0, ok) for at, ok, _ in served], first[0] if first else drift_at, size=200)
     before = [ok for at, ok, _ in served if at < drift_at]
     result = {
