@@ -11,8 +11,8 @@ jobs arriving meanwhile queue behind the run) and agree with the cheap answer at
 
 Reported (``--quick``: fewer seeds and shorter traces, a few minutes on two cores):
 
-1. detection: labelled requests (served after the drift began) until the first drift alarm, per
-   seed, at two drifts ("audio -15": the audio's SNR at -13 dB, where audio alone loses 15
+1. detection: labelled requests (served after the drift began) until the first drift alarm (of a
+   configuration, or a modality's pooled one), per seed, with pooled detectors and without, at two drifts ("audio -15": the audio's SNR at -13 dB, where audio alone loses 15
    points; "audio -40": -20 dB); false alarms before the drift; a drift-free run of 10^5
    labelled requests, and the detectors' false-alarm rate on long synthetic streams;
 2. floors: after the alarm, the share of 500-request windows whose measured accuracy (against
@@ -22,7 +22,8 @@ Reported (``--quick``: fewer seeds and shorter traces, a few minutes on two core
 4. ``--real``: the AV-Digits model served live (threaded server, real audio noise raised part-way,
    labels back through ``mosel.feedback``), one short run.
 
-Run: python benchmarks/drift.py [--quick] [--real] [--json out.json]
+Run: python benchmarks/drift.py [--quick] [--real] [--no-pooled] [--only PART] [--detection-seeds N]
+                                [--floor-seeds N] [--json out.json]
      python benchmarks/drift.py measure      # re-measure the drift table (needs espeak-ng)
 """
 
@@ -50,7 +51,6 @@ from scenarios import av_digits
 
 import mosel
 from mosel.clock import VirtualClock
-from mosel.drift import DriftSettings, Tracker
 from mosel.machine import Machine
 from mosel.monitoring import Monitor, Sample, live_profile
 from mosel.plan import configuration_key
@@ -255,6 +255,7 @@ def simulate_drift(
     live_floors: bool,
     shadow_rate: float,
     curve_every_s: float = 0.0,
+    pooled: bool = True,
 ) -> Outcome:
     """One seeded run: the trace, the drift, the labels, the monitor (and live floors)."""
     best = max(profile.accuracy.values())
@@ -267,10 +268,13 @@ def simulate_drift(
     outcome_alarms: list[tuple[float, str, int]] = []
 
     def alarmed(alarm: mosel.Alarm) -> None:
-        if alarm.kind == "drift":
-            outcome_alarms.append((clock.now(), alarm.configuration, engine.outcome.labels_after_drift))
+        if alarm.kind in ("drift", "modality_drift"):  # a modality's pooled alarm: "audio (pooled)"
+            name = alarm.configuration if alarm.kind == "drift" else f"{alarm.configuration} (pooled)"
+            outcome_alarms.append((clock.now(), name, engine.outcome.labels_after_drift))
 
-    settings = mosel.Monitoring(live_floors=live_floors, shadow_rate=shadow_rate, on_alarm=alarmed)
+    settings = mosel.Monitoring(
+        live_floors=live_floors, shadow_rate=shadow_rate, on_alarm=alarmed, pooled=pooled
+    )
     monitor = Monitor(profile, settings, name="AVDigits", clock=clock.now)
     engine = DriftEngine(
         profile, mosel.SchedulerConfig(), clock=clock, the_world=the_world, monitor=monitor,
@@ -327,56 +331,87 @@ def detection(
 ) -> dict[str, Any]:
     """Labels from the drift's start to the first alarm, per drift and seed; false alarms before it."""
     out: dict[str, Any] = {}
-    for drift in DRIFTS:
-        delays, early, missed = [], 0, 0
-        for seed in range(args.seeds):
-            o = simulate_drift(
-                profile, residuals, load=0.5, seconds=args.seconds, seed=seed, drift=drift, drift_s=args.drift_s,
-                floor=args.floor or FLOORS[drift], slack_ms=slack_ms, live_floors=False, shadow_rate=0.0,
-            )  # fmt: skip
-            early += sum(1 for t, _, _ in o.alarms if t < args.drift_s)
-            after = [(t, c, n) for t, c, n in o.alarms if t >= args.drift_s]
-            if after:
-                delays.append(after[0][2])
-            else:
-                missed += 1
-        out[drift] = {
-            "median_labels": statistics.median(delays) if delays else None,
-            "labels": sorted(delays),
-            "missed": missed,
-            "false_alarms_before_drift": early,
-        }
-        print(f"  {drift}: labels to the first alarm, median {out[drift]['median_labels']} over "
-              f"{len(delays)} seeds ({sorted(delays)}), {missed} runs without an alarm, {early} false alarms "
-              f"before the drift", flush=True)  # fmt: skip
+    for drift in args.drifts:
+        for pooled in (True, False) if args.pooled else (False,):
+            delays, early, missed, first = [], 0, 0, []
+            for seed in range(args.seeds):
+                o = simulate_drift(
+                    profile, residuals, load=0.5, seconds=args.seconds, seed=seed, drift=drift, drift_s=args.drift_s,
+                    floor=args.floor or FLOORS[drift], slack_ms=slack_ms, live_floors=False, shadow_rate=0.0,
+                    pooled=pooled,
+                )  # fmt: skip
+                early += sum(1 for t, _, _ in o.alarms if t < args.drift_s)
+                after = [(t, c, n) for t, c, n in o.alarms if t >= args.drift_s]
+                if after:
+                    delays.append(after[0][2])
+                    first.append(after[0][1])
+                else:
+                    missed += 1
+            key = drift if pooled else f"{drift}, per-configuration detectors only"
+            out[key] = {
+                "median_labels": statistics.median(delays) if delays else None,
+                "labels": sorted(delays),
+                "first_alarm": first,
+                "missed": missed,
+                "false_alarms_before_drift": early,
+            }
+            print(f"  {key}: labels to the first alarm, median {out[key]['median_labels']} over "
+                  f"{len(delays)} seeds ({delays}; first alarms {first}), {missed} runs without an alarm, "
+                  f"{early} false alarms before the drift", flush=True)  # fmt: skip
     return out
 
 
 def no_drift(
     profile: mosel.Profile, residuals: Any, args: argparse.Namespace, slack_ms: float
 ) -> dict[str, Any]:
-    """False alarms without drift: a simulated run of >= 10^5 labels, and long synthetic streams."""
-    o = simulate_drift(
-        profile, residuals, load=0.5, seconds=args.clean_seconds, seed=99, drift=None, drift_s=math.inf,
-        floor=args.floor or FLOORS["audio -15"], slack_ms=slack_ms, live_floors=True, shadow_rate=0.0,
-    )  # fmt: skip
-    print(f"  served without drift: {o.labels} labels, {len(o.alarms)} alarms", flush=True)
-    settings = DriftSettings()
-    rng = random.Random(5)
-    streams = {}
-    for config, accuracy in sorted(profile.accuracy.items(), key=lambda kv: -kv[1])[: args.streams]:
-        tracker = Tracker(profile.key(config), accuracy, settings)
-        alarms = 0
+    """False alarms without drift: simulated runs of >= 10^5 labels each, and long synthetic streams."""
+    runs = []
+    for seed in range(99, 99 + args.clean_seeds):
+        o = simulate_drift(
+            profile, residuals, load=0.5, seconds=args.clean_seconds, seed=seed, drift=None, drift_s=math.inf,
+            floor=args.floor or FLOORS["audio -15"], slack_ms=slack_ms, live_floors=True, shadow_rate=0.0,
+            pooled=args.pooled,
+        )  # fmt: skip
+        runs.append((o.labels, len(o.alarms)))
+        print(f"  served without drift, seed {seed}: {o.labels} labels, {len(o.alarms)} alarms "
+              f"({[c for _, c, _ in o.alarms]})", flush=True)  # fmt: skip
+    # Synthetic streams through the monitor itself (every detector, pooled ones too): labels of
+    # configurations drawn uniformly, each at its profile's accuracy; after an alarm, a reset.
+    settings = mosel.Monitoring(pooled=args.pooled)
+    configs = sorted(profile.accuracy, key=profile.key)
+    alarms = labels = 0
+    for seed in range(args.streams):
+        rng = random.Random(5 + seed)
+        monitor = Monitor(profile, settings, name="AVDigits")
         for _ in range(args.stream_labels):
-            if tracker.observe(1.0 if rng.random() < accuracy else 0.0) == "drift":
-                alarms += 1
-                tracker.reset()
-        streams[profile.key(config)] = alarms
-    total = args.stream_labels * len(streams)
-    print(f"  synthetic streams at the profile's accuracy: {sum(streams.values())} alarms in {total:.0e} labels "
-          f"(stated bound: {settings.false_alarm_rate:g} per label)", flush=True)  # fmt: skip
-    return {"simulated_labels": o.labels, "simulated_alarms": len(o.alarms), "stream_labels": total,
-            "stream_alarms": sum(streams.values()), "stated_rate": settings.false_alarm_rate}  # fmt: skip
+            config = configs[rng.randrange(len(configs))]
+            if monitor.observe(config, 1.0 if rng.random() < profile.accuracy[config] else 0.0) is not None:
+                monitor.reset()
+        counters = monitor.snapshot().counters
+        alarms += counters["alarms"] + counters["modality_alarms"]
+        labels += args.stream_labels
+    print(f"  synthetic streams at the profile's accuracies ({args.streams} seeds, all configurations): {alarms} "
+          f"alarms in {labels:.1e} labels (stated bound: {settings.false_alarm_rate:g} per label, every "
+          f"detector together)", flush=True)  # fmt: skip
+    return {"simulated": runs, "simulated_labels": sum(n for n, _ in runs), "simulated_alarms": sum(a for _, a in runs),
+            "stream_labels": labels, "stream_alarms": alarms, "stated_rate": settings.false_alarm_rate}  # fmt: skip
+
+
+def noise_share(served: Sequence[tuple[float, float, int]], after_s: float, floor: float, size: int = 500) -> float:
+    """The share of windows expected at or above ``floor`` from the labels' sampling alone.
+
+    Each window's requests are correct with their true accuracies; its measured accuracy is
+    then at or above the floor with probability ``P(correct >= ceil(floor * size))`` (normal,
+    continuity-corrected). This is the most any re-pricing can show at the accuracy served.
+    """
+    rows = sorted(r for r in served if r[0] >= after_s)
+    probs = []
+    need = math.ceil(floor * size - 1e-9)
+    for i in range(0, len(rows) - size + 1, size):
+        ps = [a for _, a, _ in rows[i : i + size]]
+        mean, sd = sum(ps), math.sqrt(sum(p * (1 - p) for p in ps)) or 1e-9
+        probs.append(1 - statistics.NormalDist(mean, sd).cdf(need - 0.5))
+    return statistics.mean(probs) if probs else math.nan
 
 
 def floors(
@@ -387,12 +422,13 @@ def floors(
     for drift in args.drifts:
         for load in args.loads:
             for live in (True, False):
-                shares, shortfalls, refused, violations = [], [], [], []
+                shares, shortfalls, refused, violations, true_shares, noise = [], [], [], [], [], []
                 floor = args.floor or FLOORS[drift]
                 for seed in range(args.few_seeds):
                     o = simulate_drift(
                         profile, residuals, load=load, seconds=args.seconds, seed=seed, drift=drift,
                         drift_s=args.drift_s, floor=floor, slack_ms=slack_ms, live_floors=live, shadow_rate=0.0,
+                        pooled=args.pooled,
                     )  # fmt: skip
                     after = [t for t, _, _ in o.alarms if t >= args.drift_s]
                     start = after[0] if after else args.drift_s
@@ -400,17 +436,23 @@ def floors(
                     if ws:
                         shares.append(sum(1 for m, _ in ws if m >= floor) / len(ws))
                         shortfalls.append(statistics.mean(floor - m for m, _ in ws))
+                        true_shares.append(sum(1 for _, a in ws if a >= floor - 1e-9) / len(ws))
+                        noise.append(noise_share(o.served, start, floor))
                     refused.append(o.refused)
                     violations.append(o.violations)
                 key = f"{drift} (floor {floor}) @ {load}x, live floors {'on' if live else 'off'}"
                 out[key] = {
                     "windows_at_or_above_floor": statistics.mean(shares) if shares else None,
                     "mean_shortfall": statistics.mean(shortfalls) if shortfalls else None,
+                    "true_at_or_above_floor": statistics.mean(true_shares) if true_shares else None,
+                    "expected_from_sampling": statistics.mean(noise) if noise else None,
                     "refused_unreachable": statistics.mean(refused),
                     "violations": statistics.mean(violations),
                 }
                 r = out[key]
-                print(f"  {key}: windows >= floor {_pct(r['windows_at_or_above_floor'])}, mean measured - floor "
+                print(f"  {key}: windows >= floor {_pct(r['windows_at_or_above_floor'])} (true accuracy >= floor "
+                      f"{_pct(r['true_at_or_above_floor'])}, expected from sampling alone "
+                      f"{_pct(r['expected_from_sampling'])}), mean measured - floor "
                       f"{_pts(r['mean_shortfall'], -1)}, refused (floor unreachable) {_pct(r['refused_unreachable'])}, "
                       f"deadline violations (admitted) {_pct(r['violations'])}", flush=True)  # fmt: skip
     return out
@@ -595,7 +637,7 @@ def real_run(args: argparse.Namespace) -> dict[str, Any]:
     snap = mosel.stats(model)
     acc = snap.accuracy
     assert acc is not None
-    first = next(((at, a, n) for at, a, n in alarms if a.kind == "drift" and at >= drift_at), None)
+    first = next(((at, a, n) for at, a, n in alarms if a.kind in ("drift", "modality_drift") and at >= drift_at), None)
     window_acc = windows([(at, 0.0, ok) for at, ok, _ in served], first[0] if first else drift_at, size=200)
     before = [ok for at, ok, _ in served if at < drift_at]
     result = {
@@ -666,6 +708,10 @@ def main() -> None:
     parser.add_argument("--floor", type=float, default=None, help="the jobs' floor (default: per drift)")
     parser.add_argument("--drifts", nargs="*", default=list(DRIFTS), choices=list(DRIFTS))
     parser.add_argument("--shadow-rate", type=float, default=0.05)
+    parser.add_argument("--detection-seeds", type=int, default=None, help="seeds of detection (default 3 quick, 20)")
+    parser.add_argument("--floor-seeds", type=int, default=None, help="seeds of floors and shadow runs (2 quick, 10)")
+    parser.add_argument("--no-pooled", dest="pooled", action="store_false",
+                        help="per-configuration detectors only (Monitoring(pooled=False)), as before issue 26's pooling")  # fmt: skip
     parser.add_argument("--real", action="store_true", help="also serve the real model live (about a minute)")
     parser.add_argument("--real-seconds", type=float, default=45.0)
     parser.add_argument("--real-rate", type=float, default=60.0, help="jobs per second in the live run")
@@ -679,13 +725,14 @@ def main() -> None:
     if args.command == "measure":
         measure()
         return
-    args.seeds = 3 if args.quick else 20
-    args.few_seeds = 2 if args.quick else 10  # floors and shadow runs (two loads and two modes each)
+    args.seeds = args.detection_seeds or (3 if args.quick else 20)
+    args.few_seeds = args.floor_seeds or (2 if args.quick else 10)  # floors and shadow runs (two loads and two modes each)
     args.seconds = 45.0 if args.quick else 120.0
     args.drift_s = args.seconds / 3
     args.clean_seconds = 330.0
-    args.streams = 1 if args.quick else 7
-    args.stream_labels = 10**6 if args.quick else 10**7
+    args.clean_seeds = 3 if args.quick else 5
+    args.streams = 3 if args.quick else 7
+    args.stream_labels = 4 * 10**5 if args.quick else 10**6
     args.loads = (0.5, 1.0)
     scenario = av_digits()
     profile, residuals, slack_ms = scenario.profile, scenario.residuals, scenario.slack_ms

@@ -18,7 +18,7 @@ Decorate a model, profile it, serve it::
 
 from mosel._version import __version__
 from mosel.compiling import compile_branches, compiled_parts
-from mosel.drift import AccuracySnapshot, Alarm, ConfigurationAccuracy
+from mosel.drift import AccuracySnapshot, Alarm, ConfigurationAccuracy, ModalityAccuracy
 from mosel.errors import (
     AccuracyUnreachableError,
     DeadlineError,
@@ -84,6 +84,7 @@ __all__ = [
     "InputError",
     "LatencyTable",
     "Load",
+    "ModalityAccuracy",
     "ModelSpec",
     "Monitoring",
     "MoselError",

@@ -9,6 +9,9 @@ threads, tensors or clocks.
   profile's validation figure counted as ``prior_weight`` labels, labels discounted so that the
   last ``memory`` or so count; and its drift detectors, CUSUMs that alarm when the live accuracy
   falls ``margin`` (or 2x, 4x) below the profile's, at a stated false-alarm rate.
+* :class:`ModalityTracker`: one modality's pooled drift detectors and posterior, over the labels
+  of every configuration containing it: a degraded modality lowers all of them at once, each by
+  the share it lost of what the modality adds there (the profile's accuracies tell how much).
 * :class:`OutputShift`: the population stability index of served outputs' confidence and
   predicted class against a reference (the first rows served, or validation's), label-free.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, Literal
@@ -31,17 +34,23 @@ __all__ = [
     "ConfigurationAccuracy",
     "Cusum",
     "DriftSettings",
+    "ModalityAccuracy",
+    "ModalityTracker",
     "OutputShift",
     "Tracker",
+    "contributions",
     "psi",
     "wilson_lower",
 ]
 
-AlarmKind = Literal["drift", "recovered", "output_shift"]
+AlarmKind = Literal["drift", "recovered", "modality_drift", "modality_recovered", "output_shift"]
+Configuration = frozenset[str]
 CONFIDENCE_BINS: Final = 10
 """Bins of the output-confidence histogram (max softmax in [0, 1])."""
 _CLAMP: Final = 1e-4
 """Accuracies are kept within [_CLAMP, 1 - _CLAMP] in likelihood ratios (a log of 0 is no test)."""
+_GRID: Final = 201
+"""Points of the grid over [0, 1] on which a modality's posterior of the share it lost is kept."""
 
 
 def wilson_lower(p: float, n: float, confidence: float) -> float:
@@ -71,6 +80,8 @@ class DriftSettings:
             the live accuracy is the profile's (Lorden's bound on a CUSUM's run length:
             ``exp(threshold)``; the detectors of one configuration share it).
         confidence: the confidence of the live lower bound (what live floors price at).
+        pooled: also test each modality over the labels of every configuration containing it
+            (:class:`ModalityTracker`); the false-alarm rate then covers both kinds of detector.
     """
 
     prior_weight: float = 100.0
@@ -78,6 +89,7 @@ class DriftSettings:
     margin: float = 0.05
     false_alarm_rate: float = 1e-6
     confidence: float = 0.95
+    pooled: bool = True
 
     @property
     def deltas(self) -> tuple[float, ...]:
@@ -86,8 +98,17 @@ class DriftSettings:
 
     @property
     def threshold(self) -> float:
-        """The CUSUM threshold: ``log(detectors / false_alarm_rate)`` (a union bound over them)."""
-        return math.log(len(self.deltas) / self.false_alarm_rate)
+        """A lone configuration's CUSUM threshold: ``log(3 / false_alarm_rate)`` (a union bound)."""
+        return self.threshold_for(len(self.deltas))
+
+    def threshold_for(self, detectors: int) -> float:
+        """The threshold when ``detectors`` CUSUMs see each label: ``log(detectors / false_alarm_rate)``.
+
+        Each CUSUM's mean run to a false alarm is at least ``exp(threshold)`` of the labels it
+        sees (Lorden), so with every detector that sees a label at this threshold, all of them
+        together raise at most ``false_alarm_rate`` alarms per label on average.
+        """
+        return math.log(max(detectors, 1) / self.false_alarm_rate)
 
 
 class Cusum:
@@ -135,16 +156,21 @@ class Alarm:
     Attributes:
         kind: ``"drift"``: the configuration's live accuracy fell below the profile's by at
             least the margin; ``"recovered"``: a drifted configuration is back at the
-            profile's accuracy; ``"output_shift"``: its outputs' distribution moved away from
-            the reference (label-free).
+            profile's accuracy; ``"modality_drift"``: the configurations containing a modality
+            lost accuracy together, by the pooled test (:class:`ModalityTracker`);
+            ``"modality_recovered"``: they are back; ``"output_shift"``: its outputs'
+            distribution moved away from the reference (label-free).
         model: the model's class name.
-        configuration: the configuration (``"audio+video"``).
-        profiled: the profile's accuracy of it.
+        configuration: the configuration (``"audio+video"``); for a modality alarm, the modality.
+        profiled: the profile's accuracy of it (a modality alarm: of its configurations, weighted
+            by their labels since the change).
         live: its live accuracy now (after a drift alarm: over the labels since the change).
         labels: the labels it has had in all.
         since_change: the labels since the estimated change point (0 for an output shift).
-        value: the detector's statistic (CUSUM) or the shift (population stability index).
+        value: the detector's statistic (CUSUM), the shift (population stability index), or for
+            a modality alarm the estimated share of its contribution the modality lost.
         message: the log line.
+        modality: the modality of a modality alarm (None for the others).
     """
 
     kind: AlarmKind
@@ -156,6 +182,7 @@ class Alarm:
     since_change: int
     value: float
     message: str
+    modality: str | None = None
 
 
 class Tracker:
@@ -174,7 +201,9 @@ class Tracker:
         "profiled", "settings", "shadowed", "up", "wins",
     )  # fmt: skip
 
-    def __init__(self, key: str, profiled: float, settings: DriftSettings) -> None:
+    def __init__(
+        self, key: str, profiled: float, settings: DriftSettings, threshold: float | None = None
+    ) -> None:
         self.key = key
         self.profiled = profiled
         self.settings = settings
@@ -184,7 +213,7 @@ class Tracker:
         self.labels = 0
         self.drifted = False
         self.alarms = 0
-        h = settings.threshold
+        h = settings.threshold if threshold is None else threshold
         self.down = [Cusum(profiled, profiled - d, h) for d in settings.deltas if profiled - d > _CLAMP]
         self.up = Cusum(max(profiled - settings.margin, _CLAMP), profiled, h)
         self.agree = 0.0  # discounted shadow agreements and comparisons
@@ -282,6 +311,216 @@ class Tracker:
         """Per size bucket: the posterior mean (the same prior) and the labels seen there."""
         a, b = self._prior()
         return {k: ((a + w) / (a + b + w + lo), int(n)) for k, (w, lo, n) in self.buckets.items()}
+
+
+def contributions(accuracy: Mapping[Configuration, float]) -> dict[str, dict[Configuration, float]]:
+    """Per modality, what it adds to each configuration containing it, where the profile tells.
+
+    What ``m`` adds to ``c`` is ``accuracy[c] - accuracy[c - {m}]`` (``c - {m}`` empty: 0, the
+    accuracy of answering nothing), kept where positive. Only modalities that add to two or more
+    configurations are listed (one configuration's own detectors already test a lone one).
+    """
+    out: dict[str, dict[Configuration, float]] = {}
+    for modality in sorted({m for c in accuracy for m in c}):
+        added = {}
+        for config, value in accuracy.items():
+            rest = config - {modality}
+            if modality not in config or (rest and rest not in accuracy):
+                continue
+            gain = value - (accuracy[rest] if rest else 0.0)
+            if gain > 0.0:
+                added[config] = gain
+        if len(added) >= 2:
+            out[modality] = added
+    return out
+
+
+class _Pooled:
+    """Page's CUSUM over several configurations' labels, each with its own accuracies ``p0`` and ``p1``.
+
+    The same statistic as :class:`Cusum`, a label of configuration ``i`` adding its own
+    log-likelihood ratio; the exponentiated increments stay a supermartingale while every
+    configuration is at its ``p0``, so Lorden's bound holds over the pooled labels. The labels
+    since it last left 0 are counted per configuration.
+    """
+
+    __slots__ = ("fail", "since_n", "since_sum", "threshold", "value", "win")
+
+    def __init__(self, p0: Sequence[float], p1: Sequence[float], threshold: float) -> None:
+        lo, hi = _CLAMP, 1 - _CLAMP
+        pairs = [(min(max(a, lo), hi), min(max(b, lo), hi)) for a, b in zip(p0, p1, strict=True)]
+        self.win = [math.log(b / a) for a, b in pairs]
+        self.fail = [math.log((1 - b) / (1 - a)) for a, b in pairs]
+        self.threshold = threshold
+        self.value = 0.0
+        self.since_n = [0] * len(pairs)
+        self.since_sum = [0.0] * len(pairs)
+
+    def step(self, i: int, x: float) -> bool:
+        """Add configuration ``i``'s score; True when the statistic reaches the threshold."""
+        value = self.value + x * self.win[i] + (1.0 - x) * self.fail[i]
+        if value <= 0.0:
+            if self.value > 0.0:
+                self.reset()
+            return False
+        self.value = value
+        self.since_n[i] += 1
+        self.since_sum[i] += x
+        return value >= self.threshold
+
+    def reset(self) -> None:
+        """Back to 0."""
+        self.value = 0.0
+        self.since_n = [0] * len(self.since_n)
+        self.since_sum = [0.0] * len(self.since_sum)
+
+
+class ModalityTracker:
+    """One modality's pooled drift detectors and posterior, over every configuration containing it.
+
+    The model: a degraded modality ``m`` loses a share ``s`` of what it adds to each configuration
+    ``c`` containing it (:func:`contributions`: ``a_c``), so ``c``'s accuracy becomes ``p_c - s *
+    a_c`` for all of them at once. The labels of all of them then weigh on one test: CUSUMs of
+    the summed log-likelihood ratios, each tuned to the share at which the configurations lose
+    ``margin``, 2x and 4x it on average, and a recovery CUSUM from the smallest share back to 0.
+    The posterior of ``s`` (flat on [0, 1], kept on a grid from the per-configuration label counts)
+    gives each configuration's pooled lower bound, ``p_c - s_upper * a_c``: a configuration that
+    shares the modality is priced down with the others' evidence before its own labels alarm.
+
+    Two states, as :class:`Tracker`'s: in line (the counts discounted to about the last ``memory``
+    labels) and drifted (the counts since the estimated change point).
+    """
+
+    __slots__ = (
+        "_log_fail", "_log_win", "added", "alarms", "configs", "down", "drifted", "index", "labels", "lam",
+        "losses", "modality", "profiled", "settings", "shares", "up", "wins",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        modality: str,
+        added: Mapping[Configuration, float],
+        profiled: Mapping[Configuration, float],
+        settings: DriftSettings,
+        threshold: float | None = None,
+    ) -> None:
+        self.modality = modality
+        self.settings = settings
+        self.configs = list(added)
+        self.index = {c: i for i, c in enumerate(self.configs)}
+        self.profiled = [float(profiled[c]) for c in self.configs]
+        self.added = [float(added[c]) for c in self.configs]
+        mean_added = sum(self.added) / len(self.added)
+        self.shares = sorted({min(d / mean_added, 1.0) for d in settings.deltas})
+        h = settings.threshold_for(len(settings.deltas)) if threshold is None else threshold
+        p, a = self.profiled, self.added
+        self.down = [_Pooled(p, [pc - s * ac for pc, ac in zip(p, a, strict=True)], h) for s in self.shares]
+        low = self.shares[0]
+        self.up = _Pooled([pc - low * ac for pc, ac in zip(p, a, strict=True)], p, h)
+        grid = np.linspace(0.0, 1.0, _GRID)
+        acc = np.clip(np.asarray(p)[:, None] - np.asarray(a)[:, None] * grid[None, :], _CLAMP, 1 - _CLAMP)
+        self._log_win = np.log(acc)  # (configurations, grid)
+        self._log_fail = np.log1p(-acc)
+        self.lam = 1.0 - 1.0 / max(settings.memory, 1)
+        self.wins = [0.0] * len(self.configs)
+        self.losses = [0.0] * len(self.configs)
+        self.labels = 0
+        self.drifted = False
+        self.alarms = 0
+
+    def observe(self, config: Configuration, score: float) -> AlarmKind | None:
+        """One labelled request's score (of any configuration); the alarm it raises, if any."""
+        i = self.index.get(config)
+        if i is None:
+            return None
+        lam = self.lam
+        self.wins = [lam * w for w in self.wins]
+        self.losses = [lam * w for w in self.losses]
+        self.wins[i] += score
+        self.losses[i] += 1.0 - score
+        self.labels += 1
+        if self.drifted:
+            if self.up.step(i, score):
+                self._restart(self.up, drifted=False)
+                return "modality_recovered"
+            return None
+        fired = None
+        for cusum in self.down:
+            if cusum.step(i, score) and fired is None:
+                fired = cusum
+        if fired is not None:
+            self.alarms += 1
+            self._restart(fired, drifted=True)
+            return "modality_drift"
+        return None
+
+    def _restart(self, cusum: _Pooled, *, drifted: bool) -> None:
+        self.drifted = drifted
+        self.wins = list(cusum.since_sum)
+        self.losses = [n - w for n, w in zip(cusum.since_n, cusum.since_sum, strict=True)]
+        for detector in (*self.down, self.up):
+            detector.reset()
+
+    def reset(self) -> None:
+        """Forget the labels and any drift."""
+        self.wins = [0.0] * len(self.configs)
+        self.losses = [0.0] * len(self.configs)
+        self.drifted = False
+        for detector in (*self.down, self.up):
+            detector.reset()
+
+    def _posterior(self) -> npt.NDArray[np.float64]:
+        loglik = np.asarray(self.wins) @ self._log_win + np.asarray(self.losses) @ self._log_fail
+        post = np.exp(loglik - loglik.max())
+        result: npt.NDArray[np.float64] = post / post.sum()
+        return result
+
+    @property
+    def evidence(self) -> float:
+        """The segment's log-likelihood at the likeliest share lost over that at none (nats)."""
+        loglik = np.asarray(self.wins) @ self._log_win + np.asarray(self.losses) @ self._log_fail
+        return float(loglik.max() - loglik[0])
+
+    def labelled(self) -> set[Configuration]:
+        """The configurations with labels in the current segment."""
+        return {c for c, w, lo in zip(self.configs, self.wins, self.losses, strict=True) if w + lo > 0.5}
+
+    @property
+    def lost(self) -> float:
+        """The posterior mean of the share of its contribution the modality lost."""
+        return float(self._posterior() @ np.linspace(0.0, 1.0, _GRID))
+
+    @property
+    def lost_upper(self) -> float:
+        """The posterior's upper bound of the share lost, at the settings' confidence."""
+        cumulative = np.cumsum(self._posterior())
+        at = int(np.searchsorted(cumulative, self.settings.confidence))
+        return min(at, _GRID - 1) / (_GRID - 1)
+
+    def bounds(self) -> dict[Configuration, float]:
+        """Each configuration's pooled lower bound: its accuracy at the upper share lost."""
+        s = self.lost_upper
+        return {
+            c: max(p - s * a, 0.0) for c, p, a in zip(self.configs, self.profiled, self.added, strict=True)
+        }
+
+    def segment(self) -> tuple[float, float, int]:
+        """The labels of the current segment: their profiled and live mean accuracy, and their count."""
+        counts = [w + lo for w, lo in zip(self.wins, self.losses, strict=True)]
+        total = sum(counts)
+        if total <= 0:
+            return sum(self.profiled) / len(self.profiled), sum(self.profiled) / len(self.profiled), 0
+        s = self.lost
+        profiled = sum(n * p for n, p in zip(counts, self.profiled, strict=True)) / total
+        lost = sum(n * a for n, a in zip(counts, self.added, strict=True)) / total * s
+        return profiled, profiled - lost, round(total)
+
+    @property
+    def detector(self) -> float:
+        """How close the watching detector is to its alarm, in [0, 1]."""
+        if self.drifted:
+            return min(self.up.value / self.up.threshold, 1.0)
+        return min(max(c.value / c.threshold for c in self.down), 1.0)
 
 
 def psi(reference: npt.NDArray[np.float64], recent: npt.NDArray[np.float64]) -> float:
@@ -422,6 +661,29 @@ class ConfigurationAccuracy:
 
 
 @dataclass(frozen=True, slots=True)
+class ModalityAccuracy:
+    """One modality's pooled figures (see :class:`ModalityTracker`).
+
+    Attributes:
+        configurations: the configurations it adds to (pooled), as keys (``"audio+video"``).
+        lost: the estimated share of what it adds to them that it lost (0: in line).
+        lost_upper: the upper bound of that share at the monitor's confidence.
+        labels: labels of those configurations it has seen.
+        drifted: a modality drift alarm holds.
+        alarms: modality drift alarms raised so far.
+        detector: the watching detector's statistic over its threshold, in [0, 1] (1: alarm).
+    """
+
+    configurations: tuple[str, ...]
+    lost: float
+    lost_upper: float
+    labels: int
+    drifted: bool
+    alarms: int
+    detector: float
+
+
+@dataclass(frozen=True, slots=True)
 class AccuracySnapshot:
     """A monitor's figures at one moment (``mosel.stats(model).accuracy``).
 
@@ -430,12 +692,14 @@ class AccuracySnapshot:
         counters: ``labelled`` (requests labelled), ``unknown`` (labels for an id not held:
             never served here, or forgotten), ``expired`` (jobs forgotten unlabelled),
             ``duplicate`` (a request labelled again: ignored), ``alarms``, ``recoveries``,
-            ``output_shifts``, ``shadow_runs``, ``shadow_skipped`` (samples dropped unrun),
-            ``shadow_aborted`` (runs abandoned for a job that arrived), ``repriced`` (times
-            live floors re-priced the plan).
+            ``modality_alarms``, ``modality_recoveries`` (pooled), ``output_shifts``,
+            ``shadow_runs``, ``shadow_skipped`` (samples dropped unrun), ``shadow_aborted``
+            (runs abandoned for a job that arrived), ``repriced`` (times live floors re-priced
+            the plan).
         pending: served jobs waiting for labels.
         settings: the detectors' and posterior's settings.
         live_floors: whether decisions price drifted configurations at their lower bound.
+        modalities: modality -> its pooled :class:`ModalityAccuracy` (empty when not pooled).
     """
 
     configurations: Mapping[str, ConfigurationAccuracy]
@@ -443,3 +707,4 @@ class AccuracySnapshot:
     pending: int
     settings: DriftSettings
     live_floors: bool
+    modalities: Mapping[str, ModalityAccuracy] = field(default_factory=lambda: MappingProxyType({}))

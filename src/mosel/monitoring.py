@@ -41,8 +41,11 @@ from mosel.drift import (
     AlarmKind,
     ConfigurationAccuracy,
     DriftSettings,
+    ModalityAccuracy,
+    ModalityTracker,
     OutputShift,
     Tracker,
+    contributions,
 )
 from mosel.errors import InputError
 from mosel.plan import PlannerConfig, build_plan, repriced_plan
@@ -61,9 +64,16 @@ Configuration = frozenset[str]
 Metric = Callable[[Any, Any], Any]
 """``metric(outputs, targets) -> per-request scores`` in [0, 1] (the profiler's metric form)."""
 COUNTERS: Final = (
-    "labelled", "unknown", "expired", "duplicate", "alarms", "recoveries", "output_shifts",
-    "shadow_runs", "shadow_skipped", "shadow_aborted", "repriced",
+    "labelled", "unknown", "expired", "duplicate", "alarms", "recoveries", "modality_alarms",
+    "modality_recoveries", "output_shifts", "shadow_runs", "shadow_skipped", "shadow_aborted", "repriced",
 )  # fmt: skip
+_COUNTED: Final = {
+    "drift": "alarms", "recovered": "recoveries", "modality_drift": "modality_alarms",
+    "modality_recovered": "modality_recoveries",
+}  # fmt: skip
+"""The counter each alarm kind adds to."""
+_RECHECK: Final = 64
+"""While a drift holds, live floors look for a moved price every this many labels."""
 _DIGEST_ROWS: Final = 4096
 """Served rows waiting for the label-free digest at most (beyond, new ones are left out)."""
 _DIGEST_STEP: Final = 256
@@ -111,8 +121,14 @@ class Monitoring:
         margin: alarm when a configuration's live accuracy falls at least this far below the
             profile's.
         false_alarm_rate: alarms per labelled request at most, on average, while accuracy is
-            the profile's (the detectors' threshold is ``log(3 / false_alarm_rate)``).
+            the profile's, all detectors together (each has the threshold ``log(D /
+            false_alarm_rate)``, ``D`` the detectors that see a label: 3 per configuration,
+            plus up to 3 per modality it pools with).
         confidence: the confidence of the live lower bound (what live floors price at).
+        pooled: also test each modality over the labels of every configuration containing it
+            (a degraded modality lowers them all; see :class:`mosel.drift.ModalityTracker`),
+            and, with live floors, price the configurations containing a drifted modality at
+            the pooled lower bound until their own labels alarm.
         live_floors: price a drifted configuration at its live lower bound (never above the
             profile's figure): a configuration that drifted below a job's floor is no longer
             chosen for it. The plan is re-priced off the request path.
@@ -146,6 +162,7 @@ class Monitoring:
     margin: float = 0.05
     false_alarm_rate: float = 1e-6
     confidence: float = 0.95
+    pooled: bool = True
     live_floors: bool = False
     rebuild: Literal["repriced", "exact"] = "repriced"
     on_alarm: Callable[[Alarm], object] | None = None
@@ -189,7 +206,12 @@ class Monitoring:
     def settings(self) -> DriftSettings:
         """The posterior's and the detectors' settings."""
         return DriftSettings(
-            self.prior_weight, int(self.memory), self.margin, self.false_alarm_rate, self.confidence
+            self.prior_weight,
+            int(self.memory),
+            self.margin,
+            self.false_alarm_rate,
+            self.confidence,
+            self.pooled,
         )
 
 
@@ -288,7 +310,19 @@ class Monitor:
         self._metric = config.metric or _top1
         self._pseudo = config.pseudo_label or _argmax
         settings = config.settings
-        self._trackers = {c: Tracker(profile.key(c), a, settings) for c, a in profile.accuracy.items()}
+        pooled = contributions(profile.accuracy) if settings.pooled else {}
+        self._pools: dict[Configuration, tuple[ModalityTracker, ...]] = {c: () for c in profile.accuracy}
+        per_label = max((sum(c in added for added in pooled.values()) for c in profile.accuracy), default=0)
+        threshold = settings.threshold_for(len(settings.deltas) * (1 + per_label))
+        self._modalities = {
+            m: ModalityTracker(m, added, profile.accuracy, settings, threshold) for m, added in pooled.items()
+        }
+        for tracker_m in self._modalities.values():
+            for c in tracker_m.configs:
+                self._pools[c] = (*self._pools[c], tracker_m)
+        self._trackers = {
+            c: Tracker(profile.key(c), a, settings, threshold) for c, a in profile.accuracy.items()
+        }
         self._shifts = {c: OutputShift(config.reference_rows, settings.memory) for c in profile.accuracy}
         self._shifted: set[Configuration] = set()
         self._records: dict[str, _Served] = {}
@@ -305,6 +339,7 @@ class Monitor:
         self._credit_s = _SHADOW_BURST_S  # the shadow budget's device time in hand
         self._credit_at = clock()
         self._applied = {c: a for c, a in profile.accuracy.items()}  # what decisions price now
+        self._unchecked = 0  # labels since live floors last looked for a moved price
         self.on_change: Callable[[], object] | None = None
         """Called (outside the lock) when live floors should re-price: a server starts its rebuild."""
 
@@ -440,7 +475,7 @@ class Monitor:
         rows = [rows[i] for i in fresh]
         scores = self._scores(served.output, rows, [targets[i] for i in fresh])  # may refuse: nothing marked
         bucket = None if served.bucket is None else "x".join(map(str, served.bucket))
-        fired: list[tuple[AlarmKind, Tracker]] = []
+        fired: list[tuple[AlarmKind, Tracker | ModalityTracker]] = []
         with self._lock:
             done = served.labelled or set()
             scored = [(r, x) for r, x in zip(rows, scores, strict=True) if r not in done]  # not raced
@@ -451,17 +486,8 @@ class Monitor:
             self._counters["labelled"] += len(scored)
             self._counters["duplicate"] += len(rows) - len(scored)
             for row, score in scored:
-                tracker = self._trackers[served.configs[row]]
-                kind = tracker.observe(score, bucket)
-                if kind is not None:
-                    fired.append((kind, tracker))
-                    self._counters["alarms" if kind == "drift" else "recoveries"] += 1
-        for kind, tracker in fired:
-            self._alarm(
-                kind, tracker.key, tracker.profiled, tracker.live, tracker.labels, tracker.since_change, 0.0
-            )
-        if fired:
-            self.maybe_reprice()
+                self._observe(served.configs[row], score, bucket, fired)
+        self._fire(fired)
         return len(scored)
 
     def _scores(self, output: Any, rows: list[int], targets: list[Any]) -> list[float]:
@@ -628,32 +654,91 @@ class Monitor:
         self, configuration: Configuration, score: float, bucket: str | None = None
     ) -> AlarmKind | None:
         """One labelled request's score, given directly (a simulation; :meth:`feedback` scores outputs)."""
+        fired: list[tuple[AlarmKind, Tracker | ModalityTracker]] = []
         with self._lock:
-            tracker = self._trackers[configuration]
-            kind = tracker.observe(score, bucket)
             self._counters["labelled"] += 1
-            if kind is not None:
-                self._counters["alarms" if kind == "drift" else "recoveries"] += 1
+            self._observe(configuration, score, bucket, fired)
+        self._fire(fired)
+        return fired[0][0] if fired else None
+
+    def _observe(
+        self,
+        configuration: Configuration,
+        score: float,
+        bucket: str | None,
+        fired: list[tuple[AlarmKind, Tracker | ModalityTracker]],
+    ) -> None:
+        """One label to its configuration's tracker and its modalities' (the lock is held)."""
+        self._unchecked += 1
+        tracker = self._trackers[configuration]
+        kind = tracker.observe(score, bucket)
         if kind is not None:
-            self._alarm(
-                kind, tracker.key, tracker.profiled, tracker.live, tracker.labels, tracker.since_change, 0.0
-            )
+            fired.append((kind, tracker))
+            self._counters[_COUNTED[kind]] += 1
+        for pool in self._pools[configuration]:
+            kind = pool.observe(configuration, score)
+            if kind is not None:
+                fired.append((kind, pool))
+                self._counters[_COUNTED[kind]] += 1
+
+    def _fire(self, fired: list[tuple[AlarmKind, Tracker | ModalityTracker]]) -> None:
+        """Raise the alarms ``fired`` (outside the lock), then re-price if a price moved.
+
+        While a drift holds, live floors also look again every :data:`_RECHECK` labels: a
+        drifted configuration's bound moves with its labels, and so does a pooled one.
+        """
+        if not fired and self.config.live_floors and self._unchecked >= _RECHECK:
+            self._unchecked = 0
+            if any(t.drifted for t in self._trackers.values()) or any(
+                p.drifted for p in self._modalities.values()
+            ):
+                self.maybe_reprice()
+        for kind, source in fired:
+            if isinstance(source, Tracker):
+                t = source
+                self._alarm(kind, t.key, t.profiled, t.live, t.labels, t.since_change, 0.0)
+            else:
+                with self._lock:
+                    profiled, live, since = source.segment()
+                    lost, upper = source.lost, source.lost_upper
+                    labels = source.labels
+                self._alarm(kind, source.modality, profiled, live, labels, since, lost, upper=upper)
+        if fired:
             self.maybe_reprice()
-        return kind
 
     def _alarm(
-        self, kind: AlarmKind, key: str, profiled: float, live: float, labels: int, since: int, value: float
+        self,
+        kind: AlarmKind,
+        key: str,
+        profiled: float,
+        live: float,
+        labels: int,
+        since: int,
+        value: float,
+        upper: float = 0.0,
     ) -> None:
-        if kind == "drift":
+        modality = key if kind in ("modality_drift", "modality_recovered") else None
+        acting = (
+            f"live floors re-price {'them' if modality else 'it'}"
+            if self.config.live_floors
+            else "floors still assume the profile's figure (live_floors=True re-prices)"
+        )
+        if kind == "modality_drift":
+            message = (
+                f"mosel: {self.name} modality {key!r} drifted: the configurations with it lost together "
+                f"about {value:.0%} (at most {upper:.0%}) of what it adds to them, over the {since} labels "
+                f"since the estimated change (their accuracy {live:.4f}, profiled {profiled:.4f}); " + acting
+            )
+        elif kind == "modality_recovered":
+            message = (
+                f"mosel: {self.name} modality {key!r} recovered: the configurations with it are back at "
+                f"about their profiled accuracy ({live:.4f}, profiled {profiled:.4f})"
+            )
+        elif kind == "drift":
             message = (
                 f"mosel: {self.name} configuration {key!r} drifted: live accuracy {live:.4f} over the "
                 f"{since} labels since the estimated change, profiled {profiled:.4f} (margin "
-                f"{self.config.margin}); "
-                + (
-                    "live floors re-price it"
-                    if self.config.live_floors
-                    else "floors still assume the profile's figure (live_floors=True re-prices)"
-                )
+                f"{self.config.margin}); " + acting
             )
         elif kind == "recovered":
             message = (
@@ -665,18 +750,37 @@ class Monitor:
                 f"mosel: {self.name} configuration {key!r}: its outputs shifted from the reference "
                 f"(population stability index {value:.3f} > {self.config.shift_threshold})"
             )
-        (_log.info if kind == "recovered" else _log.warning)(message)
+        (_log.info if kind in ("recovered", "modality_recovered") else _log.warning)(message)
         callback = self.config.on_alarm
         if callback is not None:
             try:
-                callback(Alarm(kind, self.name, key, profiled, live, labels, since, value, message))
+                callback(Alarm(kind, self.name, key, profiled, live, labels, since, value, message, modality))
             except Exception:
                 _log.exception("mosel: a monitoring on_alarm callback raised; ignored")
 
     def priced(self) -> dict[Configuration, float]:
-        """What each configuration should be priced at now (its tracker's :attr:`~Tracker.priced`)."""
+        """What each configuration should be priced at now.
+
+        A configuration whose own detectors alarmed: its own lower bound (:attr:`Tracker.priced`).
+        Otherwise, one containing a drifted modality: the lowest of those modalities' pooled
+        lower bounds (:meth:`ModalityTracker.bounds`). Never above the profile's figure.
+
+        Two drifted modalities whose segments share labelled configurations may be one cause
+        seen twice (labels of ``image+audio`` cannot tell image from audio): only the one the
+        labels favour (the larger :attr:`~ModalityTracker.evidence`) prices.
+        """
         with self._lock:
-            return {c: t.priced for c, t in self._trackers.items()}
+            table = {c: t.priced for c, t in self._trackers.items()}
+            drifted = [
+                (pool, pool.evidence, pool.labelled()) for pool in self._modalities.values() if pool.drifted
+            ]
+            for pool, evidence, labelled in drifted:
+                if any(e > evidence and labelled & seen for p, e, seen in drifted if p is not pool):
+                    continue  # another modality explains these labels better
+                for c, bound in pool.bounds().items():
+                    if not self._trackers[c].drifted:
+                        table[c] = min(table[c], bound)
+            return table
 
     def needs_reprice(self) -> bool:
         """Whether live floors should re-price: a configuration's price moved a hundredth or more."""
@@ -705,11 +809,14 @@ class Monitor:
                 _log.exception("mosel: could not start re-pricing live floors")
 
     def reset(self, configuration: Configuration | None = None) -> None:
-        """Forget the labels and drift of one configuration (or all): back to the profile's figures."""
+        """Forget the labels and drift of one configuration (or all, the modalities' pooled figures too)."""
         with self._lock:
             for c, tracker in self._trackers.items():
                 if configuration is None or c == configuration:
                     tracker.reset()
+            if configuration is None:
+                for pool in self._modalities.values():
+                    pool.reset()
         self.maybe_reprice()
 
     # ------------------------------------------------------------------ reading it
@@ -741,12 +848,25 @@ class Monitor:
                 )
                 for c, t in self._trackers.items()
             }
+            modalities = {
+                m: ModalityAccuracy(
+                    configurations=tuple(self.profile.key(c) for c in pool.configs),
+                    lost=pool.lost,
+                    lost_upper=pool.lost_upper,
+                    labels=pool.labels,
+                    drifted=pool.drifted,
+                    alarms=pool.alarms,
+                    detector=pool.detector,
+                )
+                for m, pool in self._modalities.items()
+            }
             return AccuracySnapshot(
                 MappingProxyType(configs),
                 MappingProxyType(dict(self._counters)),
                 len(self._records),
                 self.config.settings,
                 self.config.live_floors,
+                MappingProxyType(modalities),
             )
 
 

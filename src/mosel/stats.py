@@ -507,6 +507,26 @@ _ACCURACY_GAUGES: Final = (
 )
 
 
+_MODALITY_GAUGES: Final = (
+    ("lost", "estimated share of what the modality adds to its configurations that it lost (pooled)"),
+    ("lost_upper", "upper confidence bound of that share"),
+    ("drifted", "1 while a pooled drift alarm holds for the modality"),
+    ("detector", "pooled drift detector statistic over its alarm threshold (1: alarm)"),
+    ("alarms", "pooled drift alarms raised for the modality"),
+)
+
+
+def _modality_families(accuracy: AccuracySnapshot, model_name: str) -> Any:
+    """The pooled per-modality figures (``mosel_modality_*``)."""
+    from prometheus_client.core import GaugeMetricFamily  # noqa: PLC0415
+
+    for name, text in _MODALITY_GAUGES:
+        family = GaugeMetricFamily(f"mosel_modality_{name}", text, labels=["model", "modality"])
+        for modality, m in accuracy.modalities.items():
+            family.add_metric([model_name, modality], float(getattr(m, name)))
+        yield family
+
+
 def _accuracy_families(accuracy: AccuracySnapshot, model_name: str) -> Any:
     """The accuracy monitor's metric families (``mosel_accuracy_*``, ``mosel_output_shift``)."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily  # noqa: PLC0415
@@ -546,6 +566,7 @@ def _accuracy_families(accuracy: AccuracySnapshot, model_name: str) -> Any:
         for bucket, (live, _) in c.buckets.items():
             bucketed.add_metric([model_name, key, bucket], live)
     yield from (agreement, shift, bucketed)
+    yield from _modality_families(accuracy, model_name)
     events = CounterMetricFamily(
         "mosel_feedback_events", "accuracy monitor events", labels=["model", "event"]
     )

@@ -101,6 +101,7 @@ def test_results_carry_ids_and_their_labels_come_back() -> None:
         text = generate_latest(registry).decode()
         assert 'mosel_accuracy_live{configuration="audio+text",model="Gated"}' in text
         assert 'mosel_feedback_events_total{event="labelled",model="Gated"} 9.0' in text
+        assert 'mosel_modality_lost{modality="audio",model="Gated"}' in text
     mosel.monitor(model, None)
     with pytest.raises(mosel.InputError, match="not monitored"):
         mosel.feedback(model, ids[0], [0])

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 
 import numpy as np
 import pytest
 
-from mosel.drift import Cusum, DriftSettings, OutputShift, Tracker, psi, wilson_lower
+from mosel.drift import Alarm, Cusum, DriftSettings, OutputShift, Tracker, contributions, psi, wilson_lower
+from mosel.monitoring import Monitor, Monitoring
+from mosel.profiles import Profile
+
+from .helpers import Tiny, tiny_profile
 
 
 def _stream(tracker: Tracker, p: float, n: int, rng: random.Random) -> list[tuple[int, str]]:
@@ -140,3 +145,83 @@ def test_output_shift_against_the_first_rows() -> None:
         shift.add(rng.uniform(0.2, 0.5, 100), np.zeros(100, dtype=np.int64))
     assert shift.shift()["confidence"] > 0.25 and shift.shift()["class"] > 0.25
     assert shift.confidence_mean is not None and shift.confidence_mean < 0.6
+
+
+# ---------------------------------------------------------------------------------- pooled per modality
+
+# AV-Digits-like: three modalities; audio adds 0.15 to each configuration with another modality.
+ACCURACY = {
+    frozenset({"audio"}): 0.60, frozenset({"video"}): 0.70, frozenset({"text"}): 0.55,
+    frozenset({"audio", "video"}): 0.85, frozenset({"audio", "text"}): 0.70,
+    frozenset({"video", "text"}): 0.75, frozenset({"audio", "video", "text"}): 0.90,
+}  # fmt: skip
+WITH_AUDIO = [c for c in ACCURACY if "audio" in c and len(c) > 1]
+
+
+def _profile() -> Profile:
+    profile = tiny_profile(Tiny())
+    assert dict(profile.accuracy) == ACCURACY
+    return profile
+
+
+def _labels_to_alarm(monitor: Monitor, lost: float, limit: int, rng: random.Random) -> int | None:
+    """Labels of the configurations with audio, audio having lost ``lost`` of what it adds, until an alarm."""
+    for i in range(limit):
+        config = rng.choice(WITH_AUDIO)
+        rest = ACCURACY[config - {"audio"}]
+        p = ACCURACY[config] - lost * (ACCURACY[config] - rest)
+        if monitor.observe(config, 1.0 if rng.random() < p else 0.0) is not None:
+            return i + 1
+    return None
+
+
+def test_contributions_are_what_a_modality_adds() -> None:
+    added = contributions(ACCURACY)
+    assert added["audio"] == pytest.approx({frozenset({"audio"}): 0.60, **{c: 0.15 for c in WITH_AUDIO}})
+    assert set(added) == {"audio", "video", "text"}
+    assert contributions({frozenset({"a"}): 0.5, frozenset({"b"}): 0.6}) == {}  # nothing shared
+
+
+def test_the_pooled_detector_alarms_sooner_on_a_shared_drift() -> None:
+    """Audio loses 40% of what it adds: each configuration with it drops 6 points, all at once."""
+    profile = _profile()
+    pooled, alone = [], []
+    for seed in range(7):
+        for on, delays in ((True, pooled), (False, alone)):
+            monitor = Monitor(profile, Monitoring(pooled=on))
+            delay = _labels_to_alarm(monitor, 0.4, 20_000, random.Random(seed))
+            assert delay is not None
+            delays.append(delay)
+        assert monitor.snapshot().modalities == {}  # pooled=False: no modality detectors
+    assert statistics.median(pooled) < 0.7 * statistics.median(alone)
+
+
+def test_a_pooled_alarm_names_the_modality_and_its_loss() -> None:
+    alarms: list[Alarm] = []
+    monitor = Monitor(_profile(), Monitoring(on_alarm=alarms.append))
+    assert _labels_to_alarm(monitor, 1.0, 20_000, random.Random(3)) is not None
+    pooled = [a for a in alarms if a.kind == "modality_drift"]
+    assert pooled and pooled[0].modality == pooled[0].configuration == "audio"
+    assert 0.6 < pooled[0].value <= 1.0  # the share of its contribution lost, estimated
+    snap = monitor.snapshot().modalities["audio"]
+    assert snap.drifted and snap.alarms == 1 and snap.lost_upper >= snap.lost
+
+
+def test_pooled_detectors_keep_the_false_alarm_rate() -> None:
+    """Without drift (each configuration at its profile's accuracy) the alarms stay under the rate."""
+    profile = _profile()
+    configs = list(ACCURACY)
+    for rate, labels in ((1e-6, 100_000), (0.02, 60_000)):
+        rng = random.Random(17)
+        monitor = Monitor(profile, Monitoring(false_alarm_rate=rate))
+        alarms = 0
+        for _ in range(labels):
+            config = configs[rng.randrange(len(configs))]
+            if monitor.observe(config, 1.0 if rng.random() < ACCURACY[config] else 0.0) is not None:
+                counters = monitor.snapshot().counters
+                alarms = counters["alarms"] + counters["modality_alarms"]
+                monitor.reset()  # alarms as renewals: each from a fresh start
+        if rate < 1e-3:
+            assert alarms == 0
+        else:
+            assert 0 < alarms / labels <= rate

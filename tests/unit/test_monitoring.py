@@ -137,12 +137,17 @@ def test_a_drift_alarm_reaches_the_callback_and_a_raising_one_is_ignored(
     for i in range(200):
         monitor.record(_result(f"p-{i}", (AT,), [0]), None, None, None)
         monitor.feedback(f"p-{i}", [1])  # audio+text is always wrong now
-    assert [a.kind for a in seen] == ["drift"]
+    assert [a.kind for a in seen if a.kind == "drift"] == ["drift"]
     alarm = seen[0]
     assert alarm.configuration == "audio+text" and alarm.profiled == 0.7 and alarm.live < 0.2
     assert "drifted" in alarm.message and any("drifted" in r.message for r in caplog.records)
     snap = monitor.snapshot()
     assert snap.configurations["audio+text"].drifted and snap.counters["alarms"] == 1
+    # Pooled: audio+text's labels alone cannot tell audio from text; both modalities alarm.
+    pooled = {a.modality: a for a in seen if a.kind == "modality_drift"}
+    assert set(pooled) == {"audio", "text"} and snap.counters["modality_alarms"] == 2
+    assert all(a.configuration == a.modality and a.value > 0.5 for a in pooled.values())
+    assert snap.modalities["audio"].drifted and not snap.configurations["audio+video"].drifted
 
     def raising(alarm: Alarm) -> None:
         raise RuntimeError("boom")
@@ -170,6 +175,51 @@ def test_live_floors_ask_for_a_reprice_only_when_a_price_moves(profile: mosel.Pr
     monitor.applied(table)
     assert not monitor.needs_reprice()
     assert _monitor(profile).needs_reprice() is False  # without live floors, never
+
+
+def test_live_floors_follow_a_drifted_bound_as_its_labels_arrive(profile: mosel.Profile) -> None:
+    """After the alarm, the bound tightens with the labels: live floors re-price without a new alarm."""
+    calls: list[float] = []
+    monitor = _monitor(profile, live_floors=True, pooled=False)
+
+    def reprice() -> None:  # as a server does: the live table applied
+        table = monitor.priced()
+        calls.append(table[AT])
+        monitor.applied(table)
+
+    monitor.on_change = reprice
+    rng = random.Random(2)
+    while monitor.observe(AT, 1.0 if rng.random() < 0.4 else 0.0) is None:
+        pass
+    assert len(calls) == 1
+    for _ in range(2000):  # still 0.4: the bound rises from the alarm's few labels towards it
+        assert monitor.observe(AT, 1.0 if rng.random() < 0.4 else 0.0) is None
+    assert len(calls) >= 3 and calls[-1] > calls[0] + 0.05
+    assert calls[-1] == pytest.approx(monitor.priced()[AT], abs=0.011)
+    assert 0.3 < calls[-1] < 0.4
+
+
+def test_a_drifted_modality_prices_the_configurations_sharing_it(profile: mosel.Profile) -> None:
+    """Audio broke; only audio+text and all three were labelled: audio+video is priced down too."""
+    for pooled in (True, False):
+        monitor = _monitor(profile, live_floors=True, pooled=pooled)
+        rng = random.Random(4)
+        truth = {AT: 0.55, ALL: 0.75}  # each lost all that audio adds to it (0.15)
+        for i in range(3000):
+            config = (AT, ALL)[i % 2]
+            monitor.observe(config, 1.0 if rng.random() < truth[config] else 0.0)
+        table = monitor.priced()
+        vt, video = frozenset({"video", "text"}), frozenset({"video"})
+        assert table[vt] == 0.75 and table[video] == 0.70  # no audio: the profile's figures
+        assert table[AT] < 0.65 and table[ALL] < 0.85  # their own alarms
+        if pooled:
+            snap = monitor.snapshot()
+            assert snap.modalities["audio"].drifted and not snap.configurations["audio+video"].drifted
+            assert snap.modalities["audio"].lost_upper > 0.8
+            assert 0.65 <= table[AV] < 0.85 - 0.1  # the pooled bound: 0.85 - 0.15 * lost_upper
+            assert monitor.needs_reprice()
+        else:
+            assert table[AV] == 0.85  # without pooling, until its own labels alarm
 
 
 def test_repricing_drops_a_drifted_configuration(profile: mosel.Profile) -> None:
