@@ -397,7 +397,9 @@ def no_drift(
             "stream_labels": labels, "stream_alarms": alarms, "stated_rate": settings.false_alarm_rate}  # fmt: skip
 
 
-def noise_share(served: Sequence[tuple[float, float, int]], after_s: float, floor: float, size: int = 500) -> float:
+def noise_share(
+    served: Sequence[tuple[float, float, int]], after_s: float, floor: float, size: int = 500
+) -> float:
     """The share of windows expected at or above ``floor`` from the labels' sampling alone.
 
     Each window's requests are correct with their true accuracies; its measured accuracy is
@@ -637,7 +639,9 @@ def real_run(args: argparse.Namespace) -> dict[str, Any]:
     snap = mosel.stats(model)
     acc = snap.accuracy
     assert acc is not None
-    first = next(((at, a, n) for at, a, n in alarms if a.kind in ("drift", "modality_drift") and at >= drift_at), None)
+    first = next(
+        ((at, a, n) for at, a, n in alarms if a.kind in ("drift", "modality_drift") and at >= drift_at), None
+    )
     window_acc = windows([(at, 0.0, ok) for at, ok, _ in served], first[0] if first else drift_at, size=200)
     before = [ok for at, ok, _ in served if at < drift_at]
     result = {
@@ -708,8 +712,12 @@ def main() -> None:
     parser.add_argument("--floor", type=float, default=None, help="the jobs' floor (default: per drift)")
     parser.add_argument("--drifts", nargs="*", default=list(DRIFTS), choices=list(DRIFTS))
     parser.add_argument("--shadow-rate", type=float, default=0.05)
-    parser.add_argument("--detection-seeds", type=int, default=None, help="seeds of detection (default 3 quick, 20)")
-    parser.add_argument("--floor-seeds", type=int, default=None, help="seeds of floors and shadow runs (2 quick, 10)")
+    parser.add_argument(
+        "--detection-seeds", type=int, default=None, help="seeds of detection (default 3 quick, 20)"
+    )
+    parser.add_argument(
+        "--floor-seeds", type=int, default=None, help="seeds of floors and shadow runs (2 quick, 10)"
+    )
     parser.add_argument("--no-pooled", dest="pooled", action="store_false",
                         help="per-configuration detectors only (Monitoring(pooled=False)), as before issue 26's pooling")  # fmt: skip
     parser.add_argument("--real", action="store_true", help="also serve the real model live (about a minute)")
@@ -726,7 +734,9 @@ def main() -> None:
         measure()
         return
     args.seeds = args.detection_seeds or (3 if args.quick else 20)
-    args.few_seeds = args.floor_seeds or (2 if args.quick else 10)  # floors and shadow runs (two loads and two modes each)
+    args.few_seeds = args.floor_seeds or (
+        2 if args.quick else 10
+    )  # floors and shadow runs (two loads and two modes each)
     args.seconds = 45.0 if args.quick else 120.0
     args.drift_s = args.seconds / 3
     args.clean_seconds = 330.0
