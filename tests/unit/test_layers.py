@@ -63,6 +63,7 @@ LAYERS: dict[str, int] = {
     "mosel.routing": 3,
     "mosel.training": 3,
     "mosel.testing": 3,
+    "mosel.monitoring_settings": 3,
     "mosel.monitoring": 3,
     # 4: the drivers
     "mosel.server": 4,
