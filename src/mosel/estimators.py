@@ -20,6 +20,8 @@ import numpy.typing as npt
 __all__ = [
     "BANKED",
     "DEFAULT_ADDED",
+    "DISPERSION_MAX",
+    "DISPERSION_PRIOR",
     "MIN_SLACKS",
     "RATE_CONFIDENCE_Z",
     "ArrivalEstimator",
@@ -34,6 +36,14 @@ BANKED: Final = 500
 """The credit of a miss budget holds at most this many requests' worth of it."""
 MIN_SLACKS: Final = 32
 """Finished jobs a :class:`SlackSample` needs before their slack replaces arrivals' headroom."""
+DISPERSION_PRIOR: Final = 3.0
+"""The arrivals' dispersion assumed before any is measured (a bursty stream's, not Poisson's 1)."""
+DISPERSION_PRIOR_BINS: Final = 4.0
+"""How many measured bins the prior weighs as (it fades as the bins of the stream accumulate)."""
+DISPERSION_MAX: Final = 10.0
+"""The dispersion is read as at most this (one burst, then hours of idle, is not a 1000x load)."""
+DISPERSION_MEMORY_BINS: Final = 100.0
+"""The time constant of the dispersion's decaying sums, in bins (ten long windows)."""
 RATE_CONFIDENCE_Z: Final = 1.6449
 """The one-sided 95% normal quantile: :meth:`ArrivalEstimator.rho_bound` is a 95% upper bound."""
 
@@ -60,6 +70,9 @@ class ArrivalEstimator:
 
     __slots__ = (
         "at",
+        "bin_count",
+        "bin_end",
+        "bin_sums",
         "busy_arrivals",
         "busy_s",
         "first",
@@ -84,6 +97,9 @@ class ArrivalEstimator:
         self.mean_requests = 1.0  # an EWMA of arriving jobs' requests
         self.mean_work_s = 0.0  # an EWMA of arriving jobs' work (0 before any)
         self.jobs = [0.0, 0.0]  # jobs arrived, decaying per window
+        self.bin_count = 0  # arrivals in the bin still open (bins of the short window, from the first)
+        self.bin_end = math.nan  # when it closes
+        self.bin_sums = [0.0, 0.0, 0.0]  # closed bins: their weight, counts, squared counts (decaying)
 
     def observe_arrival(
         self, now: float, work_s: float, headroom_us: float | None, busy: bool, requests: int = 1
@@ -103,8 +119,11 @@ class ArrivalEstimator:
         if math.isnan(self.first):
             self.first = now
             self.mean_work_s = work_s
+            self.bin_end = now + self.windows[1]
         else:
             self.mean_work_s += 0.05 * (work_s - self.mean_work_s)
+            self._close_bins(now)
+        self.bin_count += 1
         sums, jobs = self.sums, self.jobs
         sums[0] += work_s
         sums[1] += work_s
@@ -141,6 +160,47 @@ class ArrivalEstimator:
             self.busy_s *= decay
             self.at = now
 
+    def _close_bins(self, now: float) -> None:
+        """Close the bins that ended by ``now`` (the empty ones of a quiet spell in closed form)."""
+        if not now >= self.bin_end:
+            return
+        width = self.windows[1]
+        keep = 1.0 - 1.0 / DISPERSION_MEMORY_BINS
+        sums, count = self.bin_sums, self.bin_count
+        sums[0] = sums[0] * keep + 1.0
+        sums[1] = sums[1] * keep + count
+        sums[2] = sums[2] * keep + count * count
+        empty = math.floor((now - self.bin_end) / width)
+        if empty > 0:
+            decay = keep**empty
+            sums[0] = sums[0] * decay + (1.0 - decay) * DISPERSION_MEMORY_BINS
+            sums[1] *= decay
+            sums[2] *= decay
+        self.bin_end += (empty + 1) * width
+        self.bin_count = 0
+
+    def dispersion(self, now: float) -> float:
+        """How over-dispersed the arrivals are: the variance over the mean of their counts per bin.
+
+        Bins of the short window, from the first arrival; 1 for Poisson arrivals, more for a
+        bursty stream (bursts and calm spells), read as at least 1 and at most
+        :data:`DISPERSION_MAX`. Before many bins closed the measurement is blended with a prior
+        of :data:`DISPERSION_PRIOR` (weighing as :data:`DISPERSION_PRIOR_BINS` bins): a stream
+        is not taken for Poisson before it showed it is one.
+        """
+        if math.isnan(self.first):
+            return DISPERSION_PRIOR
+        self._close_bins(now)
+        weight, total, squares = self.bin_sums
+        if total < 1.0:  # less than one arrival's weight in the closed bins: nothing measured
+            return DISPERSION_PRIOR
+        mean = total / weight
+        measured = max(squares / weight - mean * mean, 0.0) / mean
+        blended = (DISPERSION_PRIOR_BINS * DISPERSION_PRIOR + weight * measured) / (
+            DISPERSION_PRIOR_BINS + weight
+        )
+        return min(max(blended, 1.0), DISPERSION_MAX)
+
     def rho(self, now: float) -> float:
         """Recent arrivals' work at their cheapest strategies, per second (the larger of two views)."""
         return self._rate(self.sums, now)
@@ -168,7 +228,8 @@ class ArrivalEstimator:
         if span <= 0.0:
             return math.inf
         events = max(self.jobs[0] - math.exp(-elapsed / long), 0.0)
-        return max(point, poisson_upper(events) / span * self.mean_work_s)
+        spread = self.dispersion(now)
+        return max(point, spread * poisson_upper(events / spread) / span * self.mean_work_s)
 
     def jobs_rate(self, now: float) -> float:
         """Recent arrivals in jobs per second (the larger of the two views, normalised as :meth:`rho`)."""

@@ -15,7 +15,7 @@ import math
 import pytest
 
 import mosel
-from mosel.estimators import ArrivalEstimator, poisson_upper
+from mosel.estimators import DISPERSION_PRIOR, ArrivalEstimator, poisson_upper
 from mosel.scheduler import SchedulerConfig
 
 from .helpers import Tiny, tiny_profile
@@ -59,7 +59,8 @@ def test_a_burst_right_after_the_first_job_finds_it_at_its_cheapest(
 @pytest.mark.parametrize("gap_s", [0.01, 0.1, 1.0])
 def test_after_a_quiet_span_a_lone_job_is_upgraded_again(profile: mosel.Profile, gap_s: float) -> None:
     # Two jobs, the second after ``gap_s`` of quiet: the one arrival in that span bounds the rate
-    # at 4.73 / span, far below the device's share, so the second is upgraded as before.
+    # at 3 x 3.6 / span (the prior dispersion: 3 arrivals an event), far below the device's
+    # share, so the second is upgraded as before.
     trace = [
         mosel.Arrival(0.0, 1, deadline_ms=10.0, min_accuracy=0.6),
         mosel.Arrival(gap_s, 1, deadline_ms=10.0, min_accuracy=0.6),
@@ -78,8 +79,10 @@ def test_the_rate_bound_is_infinite_at_the_first_arrival_and_falls_with_quiet_ti
     bounds = [estimator.rho_bound(1.0 + t) for t in (1e-4, 1e-3, 1e-2, 1e-1)]
     assert bounds == sorted(bounds, reverse=True)
     assert bounds[0] > 1.0 > bounds[-1]
-    # 1 ms after it: no arrival in ~1 ms bounds the rate at 2.97 per ms, 2.97x the device's time.
-    assert bounds[1] == pytest.approx(poisson_upper(0.0) / (0.5 * -math.expm1(-1e-3 / 0.5)) * 0.001)
+    # 1 ms after it: no arrival in ~1 ms bounds the rate at 2.97 per ms, times the dispersion
+    # assumed before any is measured (DISPERSION_PRIOR arrivals per event): 8.9x the device's time.
+    span_s = 0.5 * -math.expm1(-1e-3 / 0.5)
+    assert bounds[1] == pytest.approx(DISPERSION_PRIOR * poisson_upper(0.0) / span_s * 0.001)
 
 
 def test_in_a_steady_stream_the_bound_is_close_to_the_point_estimate() -> None:
