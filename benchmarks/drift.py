@@ -577,8 +577,8 @@ def real_run(args: argparse.Namespace) -> dict[str, Any]:
     if built is None:
         raise SystemExit("espeak-ng is needed to build AV-Digits")
     model, _, clean = built
-    with warnings.catch_warnings():  # a busy host's cost-model warning: the run goes on, measured live
-        warnings.simplefilter("ignore", mosel.MoselWarning)
+    with warnings.catch_warnings():  # a busy host's cost-model warning is shown; the run goes on
+        warnings.simplefilter("default", mosel.MoselWarning)  # shown, not fatal
         profile = mosel.profile(
             model, clean.batches(100), max_batch_size=32, batch_sizes=[1, 2, 4, 8, 16, 32], repeats=3,
             progress=False,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -331,7 +332,7 @@ def build_models(quick: bool) -> list[tuple[str, torch.nn.Module, Rows, Rows, mo
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", mosel.MoselWarning)
+        warnings.simplefilter("default", mosel.MoselWarning)  # shown, not fatal
         profile = mosel.profile(
             model, image_text.batches(inputs, labels), max_batch_size=16, batch_sizes=[1, 2, 4, 8, 16],
             repeats=5, threads=1, progress=False,
@@ -726,21 +727,10 @@ def infer_costs(repeats: int) -> list[dict[str, Any]]:
             later = Later(profile.calibration.signal)
             first = Strategy(((chain.first, n),), 0, 0)
 
-            def chained(
-                clear: dict[str, torch.Tensor] = clear,
-                n: int = n,
-                first: Strategy = first,
-                later: Later = later,
-            ) -> object:
-                return run_chained(on, spec, first, [chain] * n, clear, later)
-
-            def static(
-                clear: dict[str, torch.Tensor] = clear,
-                n: int = n,
-                first: Strategy = first,
-                later: Later = later,
-            ) -> object:
-                return run_chained(on, spec, first, [None] * n, clear, later)
+            chained, static = (
+                functools.partial(run_chained, on, spec, first, chains, clear, later)
+                for chains in ([chain] * n, [None] * n)
+            )
 
             assert not any(chained().escalated)  # type: ignore[attr-defined]
             assert served_on().modalities[0] == everything

@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--hf", action="store_true", help="the Hugging Face model instead of Passthrough")
     parser.add_argument("--repeats", type=int, default=300, help="interleaved calls (--hf)")
     args = parser.parse_args()
-    warnings.simplefilter("ignore", mosel.MoselWarning)
+    warnings.simplefilter("default", mosel.MoselWarning)  # shown once per place, not silenced
     if args.hf:
         hf(args.repeats)
         return

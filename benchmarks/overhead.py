@@ -453,7 +453,7 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face case")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    warnings.simplefilter("ignore", mosel.MoselWarning)
+    warnings.simplefilter("default", mosel.MoselWarning)  # shown once per place, not silenced
     hf: list[dict[str, Any]] = []
     if not args.no_hf:
         try:

@@ -43,7 +43,7 @@ from mosel.spec import ModelSpec, spec_of
 from mosel.stages import class_logits, confidence_of, default_signals
 from mosel.trees import Tree
 
-__all__ = ["FEWEST_ROWS", "RowRecord", "calibrate", "recalibrated", "record_rows"]
+__all__ = ["FEWEST_ROWS", "RowRecord", "calibrate", "recalibrated", "record_rows", "top1"]
 
 Configuration = frozenset[str]
 FEWEST_ROWS: Final = 200
@@ -168,7 +168,7 @@ def recalibrated(
     better); ``stage_overhead_us``: default the profile's own calibration's, else 0.
     """
     spec = spec_of(model)
-    record = record_rows(model, data, metric or _top1)
+    record = record_rows(model, data, metric or top1)
     calibration = record.calibration(signal, bins)
     if stage_overhead_us is None:
         old = profile.calibration
@@ -185,7 +185,8 @@ def recalibrated(
     return plan_buckets(updated, planner) if updated.sized else updated
 
 
-def _top1(output: Tensor, target: Any) -> Tensor:
+def top1(output: Tensor, target: Any) -> Tensor:
+    """Top-1 accuracy per request: ``output.argmax(-1) == target`` (the profiler's default metric)."""
     target = torch.as_tensor(target, device=output.device)
     scores: Tensor = (output.argmax(dim=-1) == target).to(torch.float64)
     return scores

@@ -31,7 +31,7 @@ from mosel.escalation import Chain
 from mosel.jobs import Batch, Job
 from mosel.plan import ACCURACY_SCALE, Strategy
 from mosel.spec import ModelSpec
-from mosel.stages import Chained, escalate
+from mosel.stages import Chained, checked, escalate
 from mosel.trees import Tree
 
 __all__ = [
@@ -200,25 +200,6 @@ def plan_rows(
         if cache is not None:
             cache[key] = plan
     return plan
-
-
-def checked(output: Tree, rows: int, what: str, dim: int = 0) -> Tree:
-    """``output`` if it is a batched tree of exactly ``rows`` rows along ``dim``, or :class:`OutputError`."""
-    if isinstance(output, Tensor) and output.dim() > dim and output.shape[dim] == rows:
-        return output
-    try:
-        got = trees.check(output, dim)
-    except trees.TreeError as exc:
-        raise OutputError(
-            f"{what} returned {type(output).__name__} that mosel cannot split into {rows} row(s): {exc}; "
-            f"return a tensor (or a dict/tuple/list of tensors) with one row per request"
-        ) from None
-    if got != rows:
-        raise OutputError(
-            f"{what} returned {got} row(s) for {rows} request(s); it must return exactly one row per "
-            f"request, in order (a reduction or a slice such as out[1:] drops rows)"
-        )
-    return output
 
 
 def run(

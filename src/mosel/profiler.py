@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from mosel import trees
 from mosel.bucketing import SizedRows, new_widths, padding_changes, repeat_rows
-from mosel.calibrating import RowRecord, calibrate
+from mosel.calibrating import RowRecord, calibrate, top1
 from mosel.compiling import compiled_parts, unwrap_compiled
 from mosel.errors import InputError, MoselWarning, SLOError
 from mosel.execution import execute
@@ -57,13 +57,6 @@ SIZED_CHECKS = 2
 """End-to-end cost checks at each size bucket other than the reference (none with ``cost_checks=0``)."""
 THREADS_GAIN = 0.8
 """A profile timed at another thread count than the caller's is kept when its checks err this much less."""
-
-
-def top1(output: Tensor, target: Any) -> Tensor:
-    """Top-1 accuracy per request: ``output.argmax(-1) == target``."""
-    target = torch.as_tensor(target, device=output.device)
-    scores: Tensor = (output.argmax(dim=-1) == target).to(torch.float64)
-    return scores
 
 
 def _split_batch(item: object) -> tuple[Mapping[str, Tensor], Any]:

@@ -30,7 +30,7 @@ from mosel.escalation import SIGNALS, Chain
 from mosel.spec import ModelSpec
 from mosel.trees import Tree
 
-__all__ = ["Chained", "class_logits", "confidence_of", "default_signals", "escalate"]
+__all__ = ["Chained", "checked", "class_logits", "confidence_of", "default_signals", "escalate"]
 
 Configuration = frozenset[str]
 IntArray = npt.NDArray[np.int64]
@@ -100,18 +100,21 @@ class Chained:
     record: Escalated
 
 
-def _checked(output: Tree, rows: int, what: str, dim: int = 0) -> Tree:
+def checked(output: Tree, rows: int, what: str, dim: int = 0) -> Tree:
+    """``output`` if it is a batched tree of exactly ``rows`` rows along ``dim``, or :class:`OutputError`."""
     if isinstance(output, Tensor) and output.dim() > dim and output.shape[dim] == rows:
         return output
     try:
         got = trees.check(output, dim)
     except trees.TreeError as exc:
         raise OutputError(
-            f"{what} returned {type(output).__name__} that mosel cannot split into rows: {exc}"
+            f"{what} returned {type(output).__name__} that mosel cannot split into {rows} row(s): {exc}; "
+            f"return a tensor (or a dict/tuple/list of tensors) with one row per request"
         ) from None
     if got != rows:
         raise OutputError(
-            f"{what} returned {got} row(s) for {rows} request(s); it must return one row per request"
+            f"{what} returned {got} row(s) for {rows} request(s); it must return exactly one row per "
+            f"request, in order (a reduction or a slice such as out[1:] drops rows)"
         )
     return output
 
@@ -481,7 +484,7 @@ def _stage(
             x = trees.take(x, store.index(rows), dim)
         name = spec.branches[m]
         t0 = clock()
-        features = _checked(getattr(model, name)(x), len(rows), f"branch {name!r} ({m!r})", dim)
+        features = checked(getattr(model, name)(x), len(rows), f"branch {name!r} ({m!r})", dim)
         took = (clock() - t0) * 1e6
         spent += took
         if parts_us is not None:
@@ -496,7 +499,7 @@ def _stage(
     for target, rows in targets.items():
         features = {m: store.take(m, rows) for m in spec.modalities if m in target}
         t0 = clock()
-        out = _checked(fuse(features), len(rows), f"fusion {spec.fusion!r}")
+        out = checked(fuse(features), len(rows), f"fusion {spec.fusion!r}")
         took = (clock() - t0) * 1e6
         spent += took
         if parts_us is not None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mosel
+from mosel import trees
 from mosel.schema import LeafSchema, ModalitySchema, ValueRange, decode
 from mosel.schema_recorder import SchemaRecorder
 from mosel.spec import spec_of
@@ -365,6 +366,29 @@ def test_check_takes_tensors_the_in_process_form_of_decode() -> None:
         mosel.InputError, match=r"text\['other'\] has shape \(2,\), the model takes 2 dimensions"
     ):
         schema.check("text", dict(x, other=torch.zeros(2)))
+
+
+def test_conform_on_a_callers_flattened_tree_refuses_as_the_unflattened_path_does() -> None:
+    """A structure's leaf names are kept after its first call; other structures are checked in full."""
+    schema = recorded([text_batch(2, 3, 4), text_batch(3, 5, 5)])
+    x = text_batch(2, 4, 7)
+    for _ in range(2):  # the second call reads the names kept for this structure
+        assert schema.conform("text", x, flat=trees.flatten(x)) is x
+    wrong = [
+        ({k: v for k, v in x.items() if k != "bias"}, r"text has the parts .* the model takes"),
+        (dict(x, bias=torch.zeros(2, 4)), r"text\['bias'\] has shape \(2, 4\), the model takes 3 dimensions"),
+        (
+            dict(x, attention_mask=x["attention_mask"][:, :3]),
+            r"text\['attention_mask'\] has 3 at dimension 1",
+        ),
+        (dict(x, input_ids=x["input_ids"].float()), r"text\['input_ids'\] is float32, the model takes int64"),
+    ]
+    for _ in range(2):
+        for tree, message in wrong:
+            with pytest.raises(mosel.InputError, match=message):
+                schema.conform("text", tree)
+            with pytest.raises(mosel.InputError, match=message):
+                schema.conform("text", tree, flat=trees.flatten(tree))
 
 
 def test_the_new_facts_round_trip_and_older_schemas_load_without_them() -> None:
