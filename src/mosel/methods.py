@@ -44,6 +44,7 @@ class Serving(Protocol):
 
 _serving: list[Serving] = []
 _KEYWORDS: Final = frozenset(SLOKeywords.__annotations__)
+_NO_SLO: Final = SLO()
 
 
 def register(serving: Serving) -> None:
@@ -64,6 +65,8 @@ def slo_of(slo: SLO | None, keywords: SLOKeywords) -> SLO:
         SLOError: a bad value, or both ``slo`` and a keyword.
     """
     if slo is None:
+        if not keywords:
+            return _NO_SLO
         if not keywords.keys() <= _KEYWORDS:
             unknown = sorted(keywords.keys() - _KEYWORDS)
             raise TypeError(f"unexpected keyword argument(s) {unknown}; the SLO's are {sorted(_KEYWORDS)}")

@@ -45,6 +45,7 @@ CHAIN_PARTS_CACHE: Final = 8192
 BEYOND_BUCKETS: Final = 64
 """(modality, bucket) corrections kept beyond the measured buckets (then the least recently run goes)."""
 Beyond = tuple[CostModel, dict[str, tuple[str, int]]]
+Groups = tuple[tuple[Configuration, int], ...]
 """A cost model of a bucket beyond the measured ones, and its extrapolated parts' correction keys."""
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -161,6 +162,8 @@ class Pricer:
         self._every: Cache[tuple[Configuration, int, BucketKey | None], Strategy] = Cache(4096)
         self._parts: Cache[tuple[tuple[tuple[Configuration, int], ...], BucketKey | None], dict[str, int]]
         self._parts = Cache(4096)
+        # (groups, id(cost model)) -> the cost model and the groups' parts (identity-checked)
+        self._cost_parts: Cache[tuple[Groups, int], tuple[CostModel, dict[str, int]]] = Cache(4096)
         self._measured: tuple[Batch, float, float, float] | None = None  # for handed_over(): the last
         # completed batch, its measured time, and its corrected and raw predictions
         stats.set_tail(self.tail)
@@ -366,7 +369,13 @@ class Pricer:
             overhead = calibration.stage_overhead_us if calibration is not None else 0.0
             extra = later_parts(cost, later.stages(self.z), overhead)
             return base + sum(self.correction.get(p, 1.0) * v for p, v in extra.items())
-        parts = cost.parts(groups)
+        memo = (tuple(groups), id(cost))
+        known = self._cost_parts.data.get(memo)
+        if known is None or known[0] is not cost:
+            known = self._cost_parts.data[memo] = (cost, cost.parts(groups))
+            if len(self._cost_parts.data) > self._cost_parts.size:
+                self._cost_parts.clear()
+        parts = known[1]
         correction = self.correction
         total = correction["fusion"] * parts["fusion"]
         beyond = self._beyond_of(cost) if self._beyond_costs else None

@@ -518,9 +518,11 @@ def test_the_on_time_count_in_metrics_agrees_with_the_responses(
     timer = FakeTimer().patch(monkeypatch)
     answers = []
     with TestClient(app_with(model, timer)) as client:
-        for i in range(8):  # answers leave at 0, 200, 400, 300, 500, 700, 600 ms; the last is refused
-            timer.decode_ms, timer.encode_ms = 100.0 * i, 100.0 * (i % 3)
-            answers.append(post(client, AUDIO, **{"X-Deadline-Ms": "650"}).json())
+        # Answers leave at 0, 1000, 2000, 1500, 2500, 3500, 3000 ms; the last is refused. A job
+        # admitted at 3000 ms keeps 450 ms of real time, so a busy host still serves it.
+        for i in range(8):
+            timer.decode_ms, timer.encode_ms = 500.0 * i, 500.0 * (i % 3)
+            answers.append(post(client, AUDIO, **{"X-Deadline-Ms": "3450"}).json())
         post(client, AUDIO)  # no deadline
         metrics = client.get("/metrics").text
     assert answers[-1]["error"] == "DeadlineError"
