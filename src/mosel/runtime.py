@@ -34,6 +34,7 @@ from mosel.errors import (
     SpecError,
 )
 from mosel.execution import Result, RowPlanCache, execute
+from mosel.interrupts import current_pid
 from mosel.monitoring import Monitor, Monitoring
 from mosel.plan import Strategy
 from mosel.profiles import Fingerprint, Profile, fingerprint_of, priced_ahead
@@ -131,7 +132,7 @@ class _ModelState:
         self.monitoring, self.monitor = monitoring, monitor
         self.stats.set_accuracy(None if monitor is None else monitor.snapshot)
         server = self.server
-        if server is not None and not server.closed and server.pid == os.getpid():
+        if server is not None and not server.closed and server.pid == current_pid():
             server.set_monitor(monitor)
         return monitor
 
@@ -213,12 +214,12 @@ class _ModelState:
         server = self.server
         if self.changed(model) is not None:
             return _stale(model, self, wait=wait)
-        if server is not None and not server.closed and server.pid == os.getpid():
+        if server is not None and not server.closed and server.pid == current_pid():
             return server
         with _lock:
             server = self.server
             # A server of the parent process (after fork) has no threads here: leave it, untouched.
-            if server is None or server.closed or server.pid != os.getpid():
+            if server is None or server.closed or server.pid != current_pid():
                 server = self.server = Server(
                     model,
                     self.spec,
@@ -237,7 +238,7 @@ class _ModelState:
         """Detach the current server (to close it); the next use starts a new one."""
         with _lock:
             server, self.server = self.server, None
-        return server if server is not None and server.pid == os.getpid() else None
+        return server if server is not None and server.pid == current_pid() else None
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled with the model (e.g. to another process): the profile travels as its JSON form.
@@ -687,7 +688,7 @@ def load(model: nn.Module) -> Load:
     """
     state = _state(model)
     server = state.server
-    if server is not None and not server.closed and server.pid == os.getpid():
+    if server is not None and not server.closed and server.pid == current_pid():
         return server.load()
     prices = state.stats.prices()
     if prices is None:

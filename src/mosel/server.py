@@ -21,11 +21,8 @@ import atexit
 import collections
 import concurrent.futures
 import functools
-import importlib
-import importlib.util
 import logging
 import os
-import signal
 import threading
 import time
 import weakref
@@ -48,6 +45,7 @@ from mosel.execution import (
     run_batch,
     run_task,
 )
+from mosel.interrupts import current_pid, deferred_interrupts, interrupts_kept
 from mosel.jobs import Batch, Failure, Job
 from mosel.monitoring import Monitor
 from mosel.plan import CostModel, Plan
@@ -110,7 +108,7 @@ class Server:
             spec, profile, device, self.scheduler.pricer.plan_outside_lock, float_dtype or (lambda: None)
         )
         self.closed = False
-        self.pid = os.getpid()
+        self.pid = current_pid()
         self._watch_at = float("inf")  # when the watchdog means to wake
         self._outbox: collections.deque[Failure] = collections.deque()  # failed, not yet resolved
         # A lone batch the caller's thread handed over, and when: the next lock section tells the
@@ -166,7 +164,7 @@ class Server:
             return future
         try:
             try:
-                with _deferred_interrupts(), self.lock:
+                with deferred_interrupts(), self.lock:
                     self._admit_locked(job)
             finally:
                 self._drain()
@@ -191,36 +189,37 @@ class Server:
         running = _running()
         if id(self) in running:  # called back from this model's own batch: run it here
             return self._inline(job)
-        batch: Batch | None = None
-        try:
+        with interrupts_kept():  # two handler swaps for the call, not two per lock section
+            batch: Batch | None = None
             try:
-                with _deferred_interrupts(), self.lock:
-                    self._catch_up()
-                    batch = self.scheduler.start_alone(job, self.clock.now())
-                    if batch is None:
-                        job.payload.future = waiting = _Future(self)
-                        self._admit_locked(job)
+                try:
+                    with deferred_interrupts(), self.lock:
+                        self._catch_up()
+                        batch = self.scheduler.start_alone(job, self.clock.now())
+                        if batch is None:
+                            job.payload.future = waiting = _Future(self)
+                            self._admit_locked(job)
+                finally:
+                    if self._outbox:
+                        self._drain()
+                if batch is None:
+                    waiting.withdraw = functools.partial(self._on_cancel, job)
+                    return waiting.result()
+                done, interrupt = self._execute(batch, running)
+            except BaseException as exc:  # e.g. Ctrl-C: the job must not stay in flight or queued
+                if not isinstance(exc, Exception):
+                    self._withdraw(job, batch, exc)
+                raise
             finally:
                 if self._outbox:
                     self._drain()
-            if batch is None:
-                waiting.withdraw = functools.partial(self._on_cancel, job)
-                return waiting.result()
-            done, interrupt = self._execute(batch, running)
-        except BaseException as exc:  # e.g. Ctrl-C: the job must not stay in flight or queued
-            if not isinstance(exc, Exception):
-                self._withdraw(job, batch, exc)
-            raise
-        finally:
-            if self._outbox:
-                self._drain()
-        if interrupt is not None:
-            raise interrupt
-        if job.error is not None:
-            raise job.error
-        result = self._result(done[0])
-        self._handed = (batch, self.clock.now())
-        return result
+            if interrupt is not None:
+                raise interrupt
+            if job.error is not None:
+                raise job.error
+            result = self._result(done[0])
+            self._handed = (batch, self.clock.now())
+            return result
 
     def _withdraw(
         self, job: Job[Work], batch: Batch | None = None, error: BaseException | None = None
@@ -231,7 +230,7 @@ class Server:
         failed; a queued job leaves the queue; a job the executor is already running runs on
         (other callers' jobs may share its batch), its result unclaimed.
         """
-        with _deferred_interrupts(), self.lock:
+        with deferred_interrupts(), self.lock:
             if batch is not None and self.scheduler.in_flight is batch:
                 errors = dict.fromkeys(range(len(batch.tasks)), own_error(error or KeyboardInterrupt()))
                 _, failures = self.scheduler.complete(batch, self.clock.now(), 0.0, None, errors)
@@ -280,7 +279,7 @@ class Server:
         The same admission and strategy choice as a lone job on an idle device; the queue, its
         bound and the running batch are left alone, so the call cannot wait for itself.
         """
-        with _deferred_interrupts(), self.lock:
+        with deferred_interrupts(), self.lock:
             self.scheduler.prepare_inline(job, self.clock.now())
         started = time.perf_counter()
         outputs = []
@@ -377,7 +376,7 @@ class Server:
                 measured_us / 1000.0,
                 len(errors),
             )
-        with _deferred_interrupts(), self.lock:
+        with deferred_interrupts(), self.lock:
             done, failures = self.scheduler.complete(
                 batch, self.clock.now(), measured_us, timings, errors, escalated
             )
@@ -418,7 +417,7 @@ class Server:
 
     def _handed_over(self, batch: Batch) -> None:
         """Every result of ``batch`` was handed over: the scheduler learns the dispatch overhead."""
-        with _deferred_interrupts(), self.lock:
+        with deferred_interrupts(), self.lock:
             self._catch_up()
             self.scheduler.handed_over(batch, self.clock.now())
 
@@ -481,7 +480,7 @@ class Server:
         Called from inside one of this model's own batches (a branch, or a future's callback on
         the executor thread), it stops admission and returns without waiting for itself.
         """
-        with _deferred_interrupts(), self.lock:
+        with deferred_interrupts(), self.lock:
             self.closed = True
             self._catch_up()
             self._post(self.scheduler.close(cancel))
@@ -513,7 +512,7 @@ def _executor_main(ref: weakref.ref[Server], cond: threading.Condition) -> None:
         with cond:
             while True:
                 server = ref()
-                if server is None or server.pid != os.getpid():
+                if server is None or server.pid != current_pid():
                     return
                 scheduler = server.scheduler
                 if scheduler.in_flight is None and scheduler.queue:
@@ -567,7 +566,7 @@ def _watchdog_main(ref: weakref.ref[Server], watch: threading.Condition) -> None
     while True:
         with watch:
             server = ref()
-            if server is None or server.pid != os.getpid():
+            if server is None or server.pid != current_pid():
                 return
             scheduler = server.scheduler
             if server.closed and not scheduler.queue and scheduler.in_flight is None:
@@ -667,7 +666,7 @@ class _Future(concurrent.futures.Future[Result]):
         server = None if self._server is None else self._server()
         if server is None:
             return super().cancel()
-        with _deferred_interrupts(), server.lock:
+        with deferred_interrupts(), server.lock:
             self._cancelling = threading.get_ident()
             try:
                 cancelled = super().cancel()
@@ -690,74 +689,10 @@ def _run_callback(
         _log.exception("a done-callback of a mosel future raised; ignored")
 
 
-# The C functions ``signal`` wraps: the wrappers' enum conversions cost about 15 µs per handler
-# swap, six swaps per served call (measured with benchmarks/overhead.py).
-_raw_signal: Any = importlib.import_module("_signal") if importlib.util.find_spec("_signal") else signal
-_SIGINT = int(signal.SIGINT)
-_main_ident = threading.main_thread().ident
-"""The thread Python runs signal handlers on (after a fork: the thread that forked)."""
-
-
-def _forked() -> None:
-    global _main_ident  # noqa: PLW0603 (one value per process)
-    _main_ident = threading.main_thread().ident
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forked)
-
-
-_held_sigint: list[tuple[int, Any]] = []
-"""SIGINTs that arrived while the main thread's outermost lock section held them back."""
-
-
-def _hold_sigint(signum: int, frame: Any) -> None:
-    _held_sigint.append((signum, frame))
-
-
-class _deferred_interrupts:
-    """On the main thread, hold Ctrl-C (``SIGINT``) back until the block is done.
-
-    Scheduler state changes under the lock are short and must not be cut in half: an interrupt
-    arriving meanwhile is raised (or handed to the previous handler) right after the block.
-    Elsewhere (other threads, no signals) this does nothing; a section inside another leaves
-    the holding to the outer one. A class rather than a generator: it brackets every lock
-    section of every call.
-    """
-
-    __slots__ = ("_previous",)
-
-    def __enter__(self) -> None:
-        self._previous: Any = None
-        if threading.get_ident() != _main_ident:
-            return
-        try:
-            previous = _raw_signal.getsignal(_SIGINT)
-            if previous is None or previous is _hold_sigint:  # set from C (cannot be put back), or held
-                return
-            _raw_signal.signal(_SIGINT, _hold_sigint)
-        except (ValueError, TypeError):  # not the main interpreter, or an unusual handler
-            return
-        self._previous = previous
-
-    def __exit__(self, *exc: object) -> None:
-        previous = self._previous
-        if previous is None:
-            return
-        _raw_signal.signal(_SIGINT, previous)
-        if _held_sigint:
-            held = _held_sigint[0]
-            _held_sigint.clear()
-            if callable(previous):
-                previous(*held)
-            elif previous == signal.SIG_DFL:
-                signal.default_int_handler(*held)
-
-
 @atexit.register
 def _close_all() -> None:
     """At interpreter exit: fail every queued job, then give running batches 5 s in all."""
-    here = [server for server in list(_servers) if server.pid == os.getpid()]
+    here = [server for server in list(_servers) if server.pid == current_pid()]
     for server in here:
         server.close(cancel=True, timeout=0.0)
     deadline = time.monotonic() + 5.0

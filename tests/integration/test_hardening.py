@@ -791,6 +791,55 @@ def test_ctrl_c_inside_the_scheduler_is_held_until_its_state_is_whole(
     mosel.close(model)
 
 
+def test_a_real_ctrl_c_in_a_lone_infer_is_held_in_the_scheduler_and_immediate_in_the_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = served()
+    srv = runtime._state(model).serve(model)
+    real = srv.scheduler.start_alone
+    seen: list[str] = []
+
+    def start_then_signal(job: object, now: float) -> object:
+        out = real(job, now)  # type: ignore[arg-type]
+        signal.raise_signal(signal.SIGINT)  # arrives while the lone batch is being started
+        seen.append("after the signal, in the scheduler")
+        return out
+
+    def interrupted_in_the_branch(audio: Tensor) -> None:
+        signal.raise_signal(signal.SIGINT)
+        seen.append("after the signal, in the model")  # never: the model's code is interrupted at once
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        monkeypatch.setattr(srv.scheduler, "start_alone", start_then_signal)
+        with pytest.raises(KeyboardInterrupt):
+            model.infer(rows(1, 1.0))
+        assert seen == ["after the signal, in the scheduler"]  # held until the state was whole
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        monkeypatch.undo()
+        model.on_audio = interrupted_in_the_branch
+        with pytest.raises(KeyboardInterrupt):
+            model.infer(rows(1, 2.0))
+        assert seen == ["after the signal, in the scheduler"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back as it was
+        mine: list[int] = []
+
+        def installs_its_own(audio: Tensor) -> None:  # the model's code sets its own handler
+            signal.signal(signal.SIGINT, lambda signum, frame: mine.append(signum))
+
+        model.on_audio = installs_its_own
+        model.infer(rows(1, 3.0))
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # kept, not undone
+        signal.raise_signal(signal.SIGINT)
+        assert mine == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    model.on_audio = None
+    assert srv.scheduler.in_flight is None and not srv.scheduler.queue
+    torch.testing.assert_close(model.infer(rows(2, 4.0)).output, rows(2, 4.0)["audio"])
+    mosel.close(model)
+
+
 def test_a_failure_posted_by_an_interrupted_thread_is_resolved_by_the_next(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

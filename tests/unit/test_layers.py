@@ -66,6 +66,7 @@ LAYERS: dict[str, int] = {
     "mosel.monitoring_settings": 3,
     "mosel.monitoring": 3,
     # 4: the drivers
+    "mosel.interrupts": 4,
     "mosel.server": 4,
     "mosel.simulate": 4,
     "mosel.sidework": 4,
