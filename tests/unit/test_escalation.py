@@ -13,6 +13,7 @@ import pytest
 
 import mosel
 from mosel.admission import Admission
+from mosel.calibrating import overhead_sizes, recalibrated
 from mosel.chains import LaterRows, StageBudget, _families, later_parts, select_rows, with_chains
 from mosel.escalation import Calibration, ranking_score, wilson_lower
 from mosel.jobs import Job
@@ -20,7 +21,7 @@ from mosel.plan import ACCURACY_SCALE
 from mosel.pricing import Pricer
 from mosel.scheduler import Scheduler, SchedulerConfig
 from mosel.stats import Stats
-from tests.unit.votes import Votes, votes_profile
+from tests.unit.votes import Votes, votes_batches, votes_profile
 
 PROFILES = Path(__file__).resolve().parents[2] / "benchmarks" / "profiles"
 A, B, C = frozenset({"a"}), frozenset({"a", "b"}), frozenset({"a", "b", "c"})
@@ -129,6 +130,17 @@ def test_a_later_stage_is_priced_at_the_overhead_of_the_batch_at_hand(votes: mos
     # 8-row jobs' chains pay 3 ms a stage: fewer of them are worth it than at one row's 10 us
     share = {n: sum(s.chain is not None for s in plan.frontier(everything, n).strategies) for n in (1, 8)}
     assert share[1] > 0 and share[8] < share[1]
+
+
+def test_the_overhead_is_timed_per_batch_size_and_recalibrating_keeps_the_table(votes: mosel.Profile) -> None:
+    assert overhead_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert overhead_sizes(12) == [1, 2, 4, 8, 12]
+    assert overhead_sizes(1) == [1]
+    assert votes.calibration is not None
+    table = votes.calibration.with_overhead({1: 10.0, 8: 80.0})
+    again = recalibrated(dataclasses.replace(votes, calibration=table), Votes().eval(), votes_batches(400, 3))
+    assert again.calibration is not None and again.calibration.rows == 400
+    assert again.calibration.stage_overhead_by_rows == ((1, 10.0), (8, 80.0))
 
 
 def test_ranking_scores_and_wilson_bounds() -> None:
