@@ -59,6 +59,8 @@ BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8)
 OVERHEAD_US: float | None = None
 """``--overhead-us``: every later stage's own overhead taken as this instead of measuring it here."""
 Configuration = frozenset[str]
+Overhead = float | dict[int, float]
+"""A later stage's overhead: one figure, or per batch size."""
 
 
 def top1(output: torch.Tensor, target: Any) -> torch.Tensor:
@@ -168,10 +170,7 @@ def _expected_later(
 def evaluate(
     strategy: Strategy, rows: Rows, signal: str, cost: CostModel, overhead: float
 ) -> tuple[float, float]:
-    """(accuracy, mean device µs per row) of ``strategy`` on ``rows`` at its job size.
-
-    ``overhead``: one later stage's overhead at the job's size (a batch of one job).
-    """
+    """(accuracy, mean device µs per row) of ``strategy`` on ``rows`` at its job size (``overhead``: that size's)."""
     n = strategy.n
     chain = strategy.chain
     if chain is None:
@@ -214,12 +213,7 @@ def oracle_cost(rows: Rows, cost: CostModel, n: int, target: float) -> float:
 
 
 def offline_model(
-    name: str,
-    model: torch.nn.Module,
-    validation: Rows,
-    held_out: Rows,
-    base: mosel.Profile,
-    overhead: float | dict[int, float],
+    model: torch.nn.Module, validation: Rows, held_out: Rows, base: mosel.Profile, overhead: Overhead
 ) -> dict[str, Any]:
     """The offline comparison of one model at job sizes 1 and 8."""
     modalities = base.modalities
@@ -305,13 +299,6 @@ def _overheads(calibration: Calibration) -> dict[str, float]:
     return {str(n): us for n, us in table} if table else {"all": calibration.stage_overhead_us}
 
 
-def _show_overheads(overheads: dict[str, float]) -> str:
-    return ", ".join(f"{us:.0f} us at {n}" for n, us in overheads.items())
-
-
-Overhead = float | dict[int, float]
-
-
 def build_models(quick: bool) -> list[tuple[str, torch.nn.Module, Rows, Rows, mosel.Profile, Overhead]]:
     """The three models, their rows, their latency tables and their measured stage overhead."""
     from mosel.calibrating import _stage_overhead
@@ -358,12 +345,9 @@ def build_models(quick: bool) -> list[tuple[str, torch.nn.Module, Rows, Rows, mo
             model, image_text.batches(inputs, labels), max_batch_size=16, batch_sizes=[1, 2, 4, 8, 16],
             repeats=5, threads=1, progress=False,
         )  # fmt: skip
-    overhead: Overhead = 0.0
-    if profile.calibration is not None:
-        calibration = profile.calibration
-        overhead = dict(calibration.stage_overhead_by_rows) or calibration.stage_overhead_us
-    if OVERHEAD_US is not None:
-        overhead = OVERHEAD_US
+    overhead: Overhead = OVERHEAD_US if OVERHEAD_US is not None else 0.0
+    if OVERHEAD_US is None and profile.calibration is not None:
+        overhead = dict(profile.calibration.stage_overhead_by_rows) or profile.calibration.stage_overhead_us
     mosel.close(model)
     del _stage_overhead
     out.append(("image_text", model, validation, held_out, profile, overhead))
@@ -387,7 +371,7 @@ def print_offline(results: dict[str, Any]) -> None:
     for name, r in results.items():
         print(
             f"\n## {name}: signal {r['signal']} (ranking {', '.join(f'{k} {v:.3f}' for k, v in r['ranking'].items())}), "
-            f"{r['validation_rows']} validation / {r['held_out_rows']} held-out rows, stage overhead {_show_overheads(r['stage_overhead_us'])}, "
+            f"{r['validation_rows']} validation / {r['held_out_rows']} held-out rows, stage overhead {', '.join(f'{us:.0f} us at {k}' for k, us in r['stage_overhead_us'].items())}, "
             f"plan {r['plan_s']:.2f} s + chains {r['chains_s']:.3f} s"
         )
         for n, size in r["sizes"].items():
@@ -502,7 +486,7 @@ def matplotlib_plot(results: dict[str, Any], path: Path) -> bool:
 def offline(args: argparse.Namespace) -> dict[str, Any]:
     results = {}
     for name, model, validation, held_out, base, overhead in build_models(args.quick):
-        results[name] = offline_model(name, model, validation, held_out, base, overhead)
+        results[name] = offline_model(model, validation, held_out, base, overhead)
     print_offline(results)
     if args.plot:
         path = Path(args.plot)
@@ -552,7 +536,7 @@ def served(args: argparse.Namespace) -> dict[str, Any]:
     from conditions import CONDITIONS, arrivals_for, rate_per_s
 
     profile, sample, overhead = served_profile(args.quick)
-    print(f"stage overhead {_show_overheads(overhead)}", flush=True)
+    print("stage overhead " + ", ".join(f"{us:.0f} us at {n}" for n, us in overhead.items()), flush=True)
     scenario = scenario_named("av-digits")
     conditions = CONDITIONS["strict"]
     drop = scenario.drop
