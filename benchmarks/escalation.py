@@ -59,6 +59,8 @@ BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8)
 OVERHEAD_US: float | None = None
 """``--overhead-us``: every later stage's own overhead taken as this instead of measuring it here."""
 Configuration = frozenset[str]
+Overhead = float | dict[int, float]
+"""A later stage's overhead: one figure, or per batch size."""
 
 
 def top1(output: torch.Tensor, target: Any) -> torch.Tensor:
@@ -168,7 +170,7 @@ def _expected_later(
 def evaluate(
     strategy: Strategy, rows: Rows, signal: str, cost: CostModel, overhead: float
 ) -> tuple[float, float]:
-    """(accuracy, mean device µs per row) of ``strategy`` on ``rows`` at its job size."""
+    """(accuracy, mean device µs per row) of ``strategy`` on ``rows`` at its job size (``overhead``: that size's)."""
     n = strategy.n
     chain = strategy.chain
     if chain is None:
@@ -211,7 +213,7 @@ def oracle_cost(rows: Rows, cost: CostModel, n: int, target: float) -> float:
 
 
 def offline_model(
-    name: str, model: torch.nn.Module, validation: Rows, held_out: Rows, base: mosel.Profile, overhead: float
+    model: torch.nn.Module, validation: Rows, held_out: Rows, base: mosel.Profile, overhead: Overhead
 ) -> dict[str, Any]:
     """The offline comparison of one model at job sizes 1 and 8."""
     modalities = base.modalities
@@ -238,7 +240,7 @@ def offline_model(
     chain_s = time.perf_counter() - started
     out: dict[str, Any] = {
         "signal": signal, "ranking": ranking, "validation_rows": validation.n, "held_out_rows": held_out.n,
-        "stage_overhead_us": overhead, "plan_s": plan_s, "chains_s": chain_s, "sizes": {},
+        "stage_overhead_us": _overheads(calibration), "plan_s": plan_s, "chains_s": chain_s, "sizes": {},
     }  # fmt: skip
     for n in (1, 8):
         full_us = cost.latency_us(((everything, n),)) / n
@@ -246,8 +248,8 @@ def offline_model(
         for label, plan in (("static", static), ("escalation", chained)):
             points = []
             for s in plan.frontier(everything, n).strategies:
-                v_acc, v_us = evaluate(s, validation, signal, cost, overhead)
-                h_acc, h_us = evaluate(s, held_out, signal, cost, overhead)
+                v_acc, v_us = evaluate(s, validation, signal, cost, calibration.overhead_us(n))
+                h_acc, h_us = evaluate(s, held_out, signal, cost, calibration.overhead_us(n))
                 points.append({
                     "strategy": s.chain.describe(modalities) if s.chain else " + ".join(f"{k}x{base.key(c)}" for c, k in s.groups),
                     "v_acc": v_acc, "v_cost": v_us / full_us, "h_acc": h_acc, "h_cost": h_us / full_us,
@@ -291,7 +293,13 @@ def _auroc(confidence: np.ndarray, score: np.ndarray) -> float:
     return ranking_score(confidence, score)
 
 
-def build_models(quick: bool) -> list[tuple[str, torch.nn.Module, Rows, Rows, mosel.Profile, float]]:
+def _overheads(calibration: Calibration) -> dict[str, float]:
+    """The calibration's stage overhead per batch size, for printing and JSON ("all": one figure)."""
+    table = calibration.stage_overhead_by_rows
+    return {str(n): us for n, us in table} if table else {"all": calibration.stage_overhead_us}
+
+
+def build_models(quick: bool) -> list[tuple[str, torch.nn.Module, Rows, Rows, mosel.Profile, Overhead]]:
     """The three models, their rows, their latency tables and their measured stage overhead."""
     from mosel.calibrating import _stage_overhead
 
@@ -337,17 +345,17 @@ def build_models(quick: bool) -> list[tuple[str, torch.nn.Module, Rows, Rows, mo
             model, image_text.batches(inputs, labels), max_batch_size=16, batch_sizes=[1, 2, 4, 8, 16],
             repeats=5, threads=1, progress=False,
         )  # fmt: skip
-    overhead = profile.calibration.stage_overhead_us if profile.calibration else 0.0
-    if OVERHEAD_US is not None:
-        overhead = OVERHEAD_US
+    overhead: Overhead = OVERHEAD_US if OVERHEAD_US is not None else 0.0
+    if OVERHEAD_US is None and profile.calibration is not None:
+        overhead = dict(profile.calibration.stage_overhead_by_rows) or profile.calibration.stage_overhead_us
     mosel.close(model)
     del _stage_overhead
     out.append(("image_text", model, validation, held_out, profile, overhead))
     return out
 
 
-def _overhead(model: torch.nn.Module, rows: Rows, profile: mosel.Profile) -> float:
-    """What one later stage costs besides its branches and fusion on this machine (µs, median)."""
+def _overhead(model: torch.nn.Module, rows: Rows, profile: mosel.Profile) -> dict[int, float]:
+    """What one later stage costs besides its branches and fusion here (µs, median per batch size)."""
     from av_digits import data
 
     from mosel.calibrating import _stage_overhead
@@ -363,7 +371,7 @@ def print_offline(results: dict[str, Any]) -> None:
     for name, r in results.items():
         print(
             f"\n## {name}: signal {r['signal']} (ranking {', '.join(f'{k} {v:.3f}' for k, v in r['ranking'].items())}), "
-            f"{r['validation_rows']} validation / {r['held_out_rows']} held-out rows, stage overhead {r['stage_overhead_us']:.0f} us, "
+            f"{r['validation_rows']} validation / {r['held_out_rows']} held-out rows, stage overhead {', '.join(f'{us:.0f} us at {k}' for k, us in r['stage_overhead_us'].items())}, "
             f"plan {r['plan_s']:.2f} s + chains {r['chains_s']:.3f} s"
         )
         for n, size in r["sizes"].items():
@@ -478,7 +486,7 @@ def matplotlib_plot(results: dict[str, Any], path: Path) -> bool:
 def offline(args: argparse.Namespace) -> dict[str, Any]:
     results = {}
     for name, model, validation, held_out, base, overhead in build_models(args.quick):
-        results[name] = offline_model(name, model, validation, held_out, base, overhead)
+        results[name] = offline_model(model, validation, held_out, base, overhead)
     print_offline(results)
     if args.plot:
         path = Path(args.plot)
@@ -492,7 +500,7 @@ def offline(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- served
 
 
-def served_profile(quick: bool) -> tuple[mosel.Profile, mosel.RowSample, float]:
+def served_profile(quick: bool) -> tuple[mosel.Profile, mosel.RowSample, dict[str, float]]:
     """The committed AV-Digits latencies with the 6-epoch model's accuracies and calibration."""
     built = av_digits_model(epochs=6, profile=False)
     assert built is not None
@@ -520,7 +528,7 @@ def served_profile(quick: bool) -> tuple[mosel.Profile, mosel.RowSample, float]:
     sample = mosel.RowSample(
         MappingProxyType(held_out.confidences[signal]), MappingProxyType(held_out.scores)
     )
-    return profile, sample, overhead
+    return profile, sample, _overheads(calibration)
 
 
 def served(args: argparse.Namespace) -> dict[str, Any]:
@@ -528,6 +536,7 @@ def served(args: argparse.Namespace) -> dict[str, Any]:
     from conditions import CONDITIONS, arrivals_for, rate_per_s
 
     profile, sample, overhead = served_profile(args.quick)
+    print("stage overhead " + ", ".join(f"{us:.0f} us at {n}" for n, us in overhead.items()), flush=True)
     scenario = scenario_named("av-digits")
     conditions = CONDITIONS["strict"]
     drop = scenario.drop

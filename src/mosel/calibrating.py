@@ -4,7 +4,7 @@ The profiler hands each configuration's output and scores on every validation ba
 :class:`RowRecord`; :func:`calibrate` then picks the signal (the model's ``@mosel.confidence``, or
 for class logits the maximum softmax probability or the top-2 margin, whichever ranks the rows
 better), bins it (:meth:`mosel.escalation.Calibration.fit`) and times what one later stage costs
-besides its branches and fusion, on this device.
+besides its branches and fusion, on this device, per batch size (:func:`overhead_sizes`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from mosel.spec import ModelSpec, spec_of
 from mosel.stages import class_logits, confidence_of, default_signals
 from mosel.trees import Tree
 
-__all__ = ["FEWEST_ROWS", "RowRecord", "calibrate", "recalibrated", "record_rows", "top1"]
+__all__ = ["FEWEST_ROWS", "RowRecord", "calibrate", "overhead_sizes", "recalibrated", "record_rows", "top1"]
 
 Configuration = frozenset[str]
 FEWEST_ROWS: Final = 200
@@ -158,21 +158,22 @@ def recalibrated(
     metric: Callable[[Tensor, Any], Tensor] | None = None,
     signal: str | None = None,
     bins: int | None = None,
-    stage_overhead_us: float | None = None,
+    stage_overhead_us: float | Mapping[int, float] | None = None,
     planner: PlannerConfig | None = None,
 ) -> Profile:
     """``profile``'s latencies with accuracies and a calibration measured on ``data`` (plan rebuilt).
 
     For calibrating on more (or other) validation rows than the profile was measured on, without
     timing again. ``signal``: the confidence signal (default: the one that ranks the rows
-    better); ``stage_overhead_us``: default the profile's own calibration's, else 0.
+    better); ``stage_overhead_us``: a later stage's overhead, one figure or per batch size
+    (default the profile's own calibration's, else 0).
     """
     spec = spec_of(model)
     record = record_rows(model, data, metric or top1)
     calibration = record.calibration(signal, bins)
     if stage_overhead_us is None:
         old = profile.calibration
-        stage_overhead_us = old.stage_overhead_us if old is not None else 0.0
+        stage_overhead_us = 0.0 if old is None else dict(old.stage_overhead_by_rows) or old.stage_overhead_us
     accuracy = {c: calibration.accuracy(c) for c in spec.configurations}
     cost = cost_model_of(profile.modalities, profile.branch_latency, profile.fusion_latency, accuracy)
     updated = dataclasses.replace(
@@ -202,7 +203,8 @@ def calibrate(
 ) -> tuple[Calibration | None, list[str]]:
     """The calibration of the recorded rows (None: no signal, or too few rows), and warnings to give.
 
-    ``sample``: validation inputs of ``max_batch_size`` rows, to time a later stage's overhead;
+    ``sample``: validation inputs of ``max_batch_size`` rows, to time a later stage's overhead
+    at each of :func:`overhead_sizes`;
     ``cost``: the profile's cost model (with it, that time includes pricing the stage's rows,
     as serving does).
     """
@@ -236,8 +238,13 @@ def calibrate(
             f"about ±{100 * (0.25 / rows) ** 0.5:.1f} points (one standard error) and its thresholds may "
             f"miss a floor by as much: profile on at least {RECOMMENDED_ROWS} rows"
         )
-    overhead = _stage_overhead(model, spec, calibration, sample, max_batch_size, cost)
-    return calibration.with_overhead(overhead), notes
+    overheads = _stage_overhead(model, spec, calibration, sample, max_batch_size, cost)
+    return calibration.with_overhead(overheads), notes
+
+
+def overhead_sizes(most: int) -> list[int]:
+    """The batch sizes a later stage's overhead is timed at: 1, the powers of two below ``most``, ``most``."""
+    return sorted({1, most, *(1 << k for k in range(most.bit_length()) if 1 << k < most)})
 
 
 def _stage_overhead(
@@ -247,13 +254,13 @@ def _stage_overhead(
     sample: Mapping[str, Tree],
     most: int,
     cost: CostModel | None = None,
-) -> float:
-    """The median time a later stage takes besides its branches and fusion (µs).
+) -> dict[int, float]:
+    """Per batch size (:func:`overhead_sizes`), a later stage's median time besides its model work (µs).
 
-    Timed at 1, a quarter of ``most`` and ``most`` rows: one row escalating, and about half the
-    rows of the larger batches (those below the sample's median confidence), so that gathering
-    the rows that go on and merging their outputs back is counted. With ``cost``, each stage also
-    prices its rows against a time limit they fit, as a served batch's stage does
+    One row escalating at batch size 1, about half the rows of the larger batches (those below
+    the median confidence of the batch's rows), so that gathering the rows that go on and
+    merging their outputs back is counted. With ``cost``, each stage also prices its rows
+    against a time limit they fit, as a served batch's stage does
     (:class:`mosel.chains.StageBudget`).
     """
     everything = frozenset(spec.modalities)
@@ -261,27 +268,27 @@ def _stage_overhead(
         (c for c in calibration.edges if c != everything), key=lambda c: (len(c), sorted(c)), default=None
     )
     if first is None:
-        return 0.0
+        return {}
     later = Later(calibration.signal)
     if cost is not None:
         budget = StageBudget(cost, {}, 1.0, 0.0, finish_by=math.inf, reserve_us=0.0)
         later = Later(calibration.signal, budget, time.perf_counter)
     accuracy = calibration.accuracy(everything)
+    out = {}
     with torch.inference_mode():
         output = execute(model, spec, Strategy(((first, most),), 0, 0), sample)
-        median = float(confidence_of(model, spec, calibration.signal, output, most).median())
-        every = Chain(
-            (first, everything), (1,), ((math.inf,),), ((0.0, 0.0),), (1.0,), accuracy, calibration.rows
-        )
-        half = Chain(
-            (first, everything), (1,), ((median,),), ((0.0, 0.0),), (0.5,), accuracy, calibration.rows
-        )
-        samples = []
-        for n in sorted({1, max(1, most // 4), most}):
+        confidence = confidence_of(model, spec, calibration.signal, output, most)
+        for n in overhead_sizes(most):
+            # half the rows below: the mean of the two middle confidences (torch's median is the lower)
+            threshold = math.inf if n == 1 else float(np.median(confidence[:n].numpy()))
+            chain = Chain(
+                (first, everything), (1,), ((threshold,),), ((0.0, 0.0),), (0.5,), accuracy, calibration.rows
+            )
             rows = {m: trees.take(x, slice(0, n), spec.batch_dim(m)) for m, x in sample.items()}
-            chain = every if n == 1 else half
+            samples = []
             for _ in range(OVERHEAD_REPEATS):
                 parts: dict[str, float] = {}
                 run_chained(model, spec, Strategy(((first, n),), 0, 0), [chain] * n, rows, later, None, parts)
                 samples.append(parts.get(ESCALATION, 0.0))
-    return float(statistics.median(samples))
+            out[n] = float(statistics.median(samples))
+    return out

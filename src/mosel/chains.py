@@ -158,7 +158,8 @@ class StageBudget:
         cost: the batch's size bucket's cost model.
         correction: the online correction per part when the batch was launched (a copy).
         margin: the tail model's margin on corrected times.
-        overhead_us: the calibrated overhead of one later stage (part :data:`ESCALATION`).
+        overhead_us: the calibrated overhead of one later stage of this batch's size (part
+            :data:`ESCALATION`).
         finish_by: when the batch must be done (the scheduler's clock, seconds): its jobs'
             earliest deadline, and no later than the queued jobs' slack allows (never before its
             own price).
@@ -367,17 +368,18 @@ def with_chains(plan: Plan, cost: CostModel, calibration: Calibration, z: float)
 
     Each frontier becomes the Pareto-optimal subset of its static strategies and the chains
     over its available modalities, each chain priced for the frontier's job size by
-    :func:`later_parts` at the ``z`` quantile of its escalated rows. A static strategy wins a
-    tie. The frontiers stay exact for static strategies and these chains.
+    :func:`later_parts` at the ``z`` quantile of its escalated rows, each later stage at the
+    calibration's overhead for a batch of that size. A static strategy wins a tie. The frontiers
+    stay exact for static strategies and these chains.
     """
     families: dict[Configuration, list[_Family]] = {}
     made: dict[tuple[Configuration, int, int], Chain] = {}  # (available, family, row): one chain object each
     frontiers = {}
-    overhead = calibration.stage_overhead_us
     for (available, n), frontier in plan.frontiers.items():
         if available not in families:
             configurations = [c for c in cost.configurations(available) if c in calibration.edges]
             families[available] = _families(calibration, configurations)
+        overhead = calibration.overhead_us(n)  # a job of n rows runs its later stages in a batch of n
         frontiers[(available, n)] = _merged(
             frontier, families[available], cost, n, z, overhead, calibration, made
         )

@@ -20,6 +20,7 @@ chain: the model serves as without escalation.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import statistics
@@ -125,7 +126,12 @@ class Calibration:
             times B's bin count plus B's bin).
         joint_scores: (A, B, D), D ⊇ B -> D's summed score per joint bin of (A, B).
         stage_overhead_us: what one later stage costs besides its branches and fusion (the
-            confidences, choosing rows, gathering and scattering them), measured by the profiler.
+            confidences, choosing rows, gathering and scattering them), measured by the profiler:
+            one figure, for every batch size (a profile written before
+            :attr:`stage_overhead_by_rows`; otherwise the median of that table).
+        stage_overhead_by_rows: per batch size measured (ascending), that figure for a batch of
+            that many rows (empty: :attr:`stage_overhead_us` at every size). Read through
+            :meth:`overhead_us`.
     """
 
     signal: str
@@ -141,6 +147,7 @@ class Calibration:
         default_factory=lambda: MappingProxyType({})
     )
     stage_overhead_us: float = 0.0
+    stage_overhead_by_rows: tuple[tuple[int, float], ...] = ()
 
     @classmethod
     def fit(
@@ -151,9 +158,11 @@ class Calibration:
         *,
         bins: int | None = None,
         ranking: Mapping[str, float] | None = None,
-        stage_overhead_us: float = 0.0,
+        stage_overhead_us: float | Mapping[int, float] = 0.0,
     ) -> Calibration:
         """The calibration of per-row ``confidences`` and ``scores`` (every configuration, one row order).
+
+        ``stage_overhead_us``: a later stage's overhead, one figure or per batch size (:meth:`with_overhead`).
 
         Raises:
             ValueError: the arrays disagree on their configurations or their number of rows.
@@ -190,8 +199,7 @@ class Calibration:
             MappingProxyType(summed),
             MappingProxyType(joint_counts),
             MappingProxyType(joint_scores),
-            float(stage_overhead_us),
-        )
+        ).with_overhead(stage_overhead_us)
 
     def accuracy(self, configuration: Configuration) -> float:
         """The mean score of ``configuration`` over the validation rows (its profiled accuracy)."""
@@ -212,11 +220,43 @@ class Calibration:
         counts = self.counts[configuration]
         return tuple(k / self.rows for k in counts)
 
-    def with_overhead(self, stage_overhead_us: float) -> Calibration:
-        """The same calibration with another measured stage overhead."""
+    def overhead_us(self, rows: int) -> float:
+        """What one later stage of a batch of ``rows`` rows costs besides its branches and fusion (µs).
+
+        Linear between the batch sizes of :attr:`stage_overhead_by_rows`, the nearest one's figure
+        outside them; :attr:`stage_overhead_us` without that table.
+        """
+        table = self.stage_overhead_by_rows
+        if not table:
+            return self.stage_overhead_us
+        at = bisect.bisect_left(table, rows, key=lambda entry: entry[0])
+        if at == 0:
+            return table[0][1]
+        if at == len(table):
+            return table[-1][1]
+        (low, low_us), (high, high_us) = table[at - 1], table[at]
+        return low_us + (rows - low) * (high_us - low_us) / (high - low)
+
+    def with_overhead(self, stage_overhead_us: float | Mapping[int, float]) -> Calibration:
+        """The same calibration with another measured stage overhead: one figure, or per batch size.
+
+        Raises:
+            ValueError: a batch size below 1 or a negative or non-finite figure.
+        """
+        if isinstance(stage_overhead_us, Mapping):
+            table = tuple(sorted((int(n), float(us)) for n, us in stage_overhead_us.items()))
+            single = float(statistics.median(us for _, us in table)) if table else 0.0
+        else:
+            table, single = (), float(stage_overhead_us)
+        figures = (single, *(us for _, us in table))
+        if any(n < 1 for n, _ in table) or not all(math.isfinite(v) and v >= 0.0 for v in figures):
+            raise ValueError(
+                f"a stage overhead must be a finite number of µs >= 0 (per batch size >= 1), got "
+                f"{stage_overhead_us!r}"
+            )
         return Calibration(
             self.signal, self.rows, self.ranking, self.edges, self.counts, self.scores, self.joint_counts,
-            self.joint_scores, float(stage_overhead_us),
+            self.joint_scores, single, table,
         )  # fmt: skip
 
     def check(self, accuracy: Mapping[Configuration, float], modalities: Sequence[str]) -> None:
@@ -242,6 +282,11 @@ class Calibration:
             "rows": self.rows,
             "ranking": dict(self.ranking),
             "stage_overhead_us": self.stage_overhead_us,
+            **(
+                {"stage_overhead_by_rows": [[n, us] for n, us in self.stage_overhead_by_rows]}
+                if self.stage_overhead_by_rows
+                else {}
+            ),
             "bins": {
                 key(c): {
                     "edges": list(edges),
@@ -278,6 +323,7 @@ class Calibration:
             for k, v in json_dict(data.get("ranking", {}), "calibration.ranking").items()
         }
         overhead = json_float(data.get("stage_overhead_us", 0.0), "calibration.stage_overhead_us", low=0.0)
+        by_rows = _parse_overheads(data.get("stage_overhead_by_rows", []))
         edges, counts, scores = _parse_bins(json_field(data, "bins", "calibration"), modalities, rows)
         joint_counts, joint_scores = _parse_joint(data.get("joint", []), modalities, rows, counts)
         return cls(
@@ -290,7 +336,20 @@ class Calibration:
             MappingProxyType(joint_counts),
             MappingProxyType(joint_scores),
             overhead,
+            by_rows,
         )
+
+
+def _parse_overheads(data: object) -> tuple[tuple[int, float], ...]:
+    """A calibration's stage overhead per batch size: ``[[rows, us], ...]``, rows strictly ascending."""
+    where = "calibration.stage_overhead_by_rows"
+    table = []
+    for i, item in enumerate(json_list(data, where)):
+        rows, us = json_list(item, f"{where}[{i}]", length=2)
+        table.append((json_int(rows, f"{where}[{i}][0]", low=1), json_float(us, f"{where}[{i}][1]", low=0.0)))
+    if any(a[0] >= b[0] for a, b in itertools.pairwise(table)):
+        raise ValueError(f"{where} must list its batch sizes strictly ascending, got {[n for n, _ in table]}")
+    return tuple(table)
 
 
 def _parse_bins(

@@ -251,8 +251,7 @@ class Pricer:
             # the correction: made once, only re-weighed when the correction moves
             later = LaterRows()
             later.add(chain, strategy.n)
-            calibration = self.calibration
-            overhead = calibration.stage_overhead_us if calibration is not None else 0.0
+            overhead = self.stage_overhead_us(strategy.n)
             if len(self._chain_parts) >= CHAIN_PARTS_CACHE:
                 self._chain_parts.clear()
             parts = later_parts(cost, later.stages(self.z), overhead)
@@ -322,8 +321,7 @@ class Pricer:
             names = (*cost.modalities, "fusion", ESCALATION)
             column = {p: i for i, p in enumerate(names)}
             values = np.zeros((len(frontier.strategies), len(names)))
-            calibration = self.calibration
-            overhead = calibration.stage_overhead_us if calibration is not None else 0.0
+            overhead = self.stage_overhead_us(frontier.n)
             for row, strategy in enumerate(frontier.strategies):
                 parts: dict[str, float] = dict(cost.parts(strategy.groups))
                 if strategy.chain is not None:
@@ -365,8 +363,7 @@ class Pricer:
         cost = cost or self.cost
         if later:
             base = self.corrected_us(groups, cost)
-            calibration = self.calibration
-            overhead = calibration.stage_overhead_us if calibration is not None else 0.0
+            overhead = self.stage_overhead_us(sum(k for _, k in groups))
             extra = later_parts(cost, later.stages(self.z), overhead)
             return base + sum(self.correction.get(p, 1.0) * v for p, v in extra.items())
         memo = (tuple(groups), id(cost))
@@ -498,7 +495,7 @@ class Pricer:
             cost = job.cost or self.cost
             predicted = self._parts.get(key, lambda: cost.parts(groups))
         if later:
-            predicted = self._with_later(predicted, job.cost or self.cost, later)
+            predicted = self._with_later(predicted, job.cost or self.cost, later, batch.merged.n)
         if self._beyond_costs:
             beyond = self._beyond_of(job.cost or self.cost)
             if beyond is not None:
@@ -526,14 +523,17 @@ class Pricer:
         return self._publish(predicted, moved=False)
 
     def _with_later(
-        self, predicted: Mapping[str, float], cost: CostModel, later: Sequence[Mapping[Transition, int]]
+        self,
+        predicted: Mapping[str, float],
+        cost: CostModel,
+        later: Sequence[Mapping[Transition, int]],
+        rows: int,
     ) -> Mapping[str, float]:
-        """``predicted`` parts and those of the later stages that ran these rows."""
-        calibration = self.calibration
-        if calibration is None:
+        """``predicted`` parts and those of the later stages that ran these rows (a batch of ``rows``)."""
+        if self.calibration is None:
             return predicted
         total = dict(predicted)
-        for part, value in later_parts(cost, later, calibration.stage_overhead_us).items():
+        for part, value in later_parts(cost, later, self.stage_overhead_us(rows)).items():
             total[part] = total.get(part, 0.0) + value
         return total
 
@@ -610,14 +610,21 @@ class Pricer:
         overhead_us = max((now - batch.started) * 1e6 - measured_us, 0.0)
         return self.tail.observe(measured_us / corrected, measured_us / raw, overhead_us, batch.started)
 
-    def stage_budget(self, cost: CostModel | None, finish_by: float) -> StageBudget | None:
-        """What the executor of a batch with chains prices its later stages with (None: no calibration)."""
+    def stage_overhead_us(self, rows: int) -> float:
+        """The calibrated overhead of one later stage of a batch of ``rows`` rows (0: no calibration)."""
         calibration = self.calibration
-        if calibration is None:
+        return calibration.overhead_us(rows) if calibration is not None else 0.0
+
+    def stage_budget(self, cost: CostModel | None, finish_by: float, rows: int) -> StageBudget | None:
+        """What the executor of a batch of ``rows`` with chains prices its later stages with.
+
+        None: no calibration.
+        """
+        if self.calibration is None:
             return None
         tail = self.tail
         return StageBudget(
-            cost or self.cost, dict(self.correction), tail.margin, calibration.stage_overhead_us,
+            cost or self.cost, dict(self.correction), tail.margin, self.stage_overhead_us(rows),
             finish_by, tail.overhead_us,
         )  # fmt: skip
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import math
 import random
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -31,10 +32,12 @@ Configuration = frozenset[str]
 class Replay:
     """Per job, its rows (sample indices), each row's final configuration and whether it escalated."""
 
-    def __init__(self, sample: RowSample | None, rng: random.Random, stage_overhead_us: float) -> None:
+    def __init__(
+        self, sample: RowSample | None, rng: random.Random, stage_overhead_us: Callable[[int], float]
+    ) -> None:
         self.sample = sample
         self.rng = rng
-        self.overhead_us = stage_overhead_us
+        self.overhead_us = stage_overhead_us  # of one later stage, per batch size
         self.rows: dict[int, list[int]] = {}
         self.final: dict[int, list[Configuration]] = {}
         self.escalated: dict[int, list[bool]] = {}
@@ -75,6 +78,7 @@ class Replay:
         if later is None or not any(chain is not None for _, _, chain in rows):
             return 0.0, None
         elapsed = first_us
+        overhead_us = self.overhead_us(batch.merged.n)
         first_bins: dict[Configuration, list[int]] = {}
         stages: list[dict[Transition, int]] = []
         decisions: list[tuple[int, int, int, float]] = []
@@ -104,7 +108,7 @@ class Replay:
                 self.final[job.id][i] = chain.stages[t + 1]
                 self.escalated[job.id][i] = True
             stages.append(stage)
-            elapsed += sum(later_parts(cost, [stage], self.overhead_us).values()) * ratio
+            elapsed += sum(later_parts(cost, [stage], overhead_us).values()) * ratio
             active = chosen
         record = Escalated(tuple(stages), {c: tuple(b) for c, b in first_bins.items()}, tuple(decisions))
         return elapsed - first_us, record

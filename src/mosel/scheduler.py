@@ -375,7 +375,7 @@ class Scheduler(CoreView):
         later = None
         if any(s.chain is not None for s in strategies):
             finish_by = self.finish_by(tasks, now, merged_latency)
-            later = self.pricer.stage_budget(tasks[0].job.cost, finish_by)
+            later = self.pricer.stage_budget(tasks[0].job.cost, finish_by, merged.n)
         batch = Batch(tuple(tasks), strategies, merged, merged_latency, now, later)
         for task in tasks:
             job = task.job

@@ -267,8 +267,7 @@ class Engine:
         calibration = self.scheduler.pricer.calibration
         self.replay: Replay | None = None
         if calibration is not None or rows is not None:  # its own generator: residual draws unchanged
-            overhead = calibration.stage_overhead_us if calibration is not None else 0.0
-            self.replay = Replay(rows, random.Random(f"{seed}:rows"), overhead)
+            self.replay = Replay(rows, random.Random(f"{seed}:rows"), self.scheduler.pricer.stage_overhead_us)
         self.escalated: Escalated | None = None
 
     @property

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 import mosel
+from mosel.calibrating import overhead_sizes
 from mosel.runtime import _state
 from tests.unit.votes import Votes, votes_batches, votes_data, votes_profile
 
@@ -91,6 +92,9 @@ def test_profiling_calibrates_from_enough_rows_and_warns_below_a_thousand() -> N
     }
     assert calibration.signal == max(calibration.ranking, key=calibration.ranking.__getitem__)
     assert calibration.stage_overhead_us > 0.0
+    sizes = [n for n, _ in calibration.stage_overhead_by_rows]  # timed per batch size
+    assert sizes == overhead_sizes(profile.max_batch_size) and sizes[0] == 1 and len(sizes) >= 3
+    assert all(us > 0.0 for _, us in calibration.stage_overhead_by_rows)
     assert any("calibrated on 600 validation rows" in n for n in notes)
     assert _state(model).serve(model).scheduler.pricer.reference_plan is not profile.plan
     mosel.close(model)

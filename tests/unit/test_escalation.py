@@ -13,6 +13,7 @@ import pytest
 
 import mosel
 from mosel.admission import Admission
+from mosel.calibrating import overhead_sizes, recalibrated
 from mosel.chains import LaterRows, StageBudget, _families, later_parts, select_rows, with_chains
 from mosel.escalation import Calibration, ranking_score, wilson_lower
 from mosel.jobs import Job
@@ -20,7 +21,7 @@ from mosel.plan import ACCURACY_SCALE
 from mosel.pricing import Pricer
 from mosel.scheduler import Scheduler, SchedulerConfig
 from mosel.stats import Stats
-from tests.unit.votes import Votes, votes_profile
+from tests.unit.votes import Votes, votes_batches, votes_profile
 
 PROFILES = Path(__file__).resolve().parents[2] / "benchmarks" / "profiles"
 A, B, C = frozenset({"a"}), frozenset({"a", "b"}), frozenset({"a", "b", "c"})
@@ -72,6 +73,74 @@ def test_a_calibration_survives_its_json_and_refuses_a_malformed_one() -> None:
     broken["signal"] = "entropy"
     with pytest.raises(ValueError, match="signal"):
         Calibration.from_json(broken, ("a", "b", "c"))
+
+
+def test_a_stage_overhead_per_batch_size_survives_its_json_and_an_older_single_figure_still_loads() -> None:
+    confidences, scores = _rows()
+    calibration = Calibration.fit(
+        "margin", confidences, scores, stage_overhead_us={8: 800.0, 1: 100.0, 32: 1040.0}
+    )
+    assert calibration.stage_overhead_by_rows == ((1, 100.0), (8, 800.0), (32, 1040.0))
+    assert [calibration.overhead_us(n) for n in (1, 4, 8, 20, 32, 64)] == [
+        100.0,
+        400.0,
+        800.0,
+        920.0,
+        1040.0,
+        1040.0,
+    ]
+    assert calibration.stage_overhead_us == 800.0  # the one figure: the table's median
+    data = json.loads(json.dumps(calibration.to_json(("a", "b", "c"))))
+    assert Calibration.from_json(data, ("a", "b", "c")) == calibration
+    older = dict(data)  # a profile written before the table: one figure for every batch size
+    del older["stage_overhead_by_rows"]
+    single = Calibration.from_json(older, ("a", "b", "c"))
+    assert single.stage_overhead_by_rows == () and single.overhead_us(1) == single.overhead_us(32) == 800.0
+    for bad in ([[8, 1.0], [1, 2.0]], [[0, 1.0]], [[1, -1.0]], [[1]]):
+        with pytest.raises(ValueError, match="stage_overhead_by_rows"):
+            Calibration.from_json({**data, "stage_overhead_by_rows": bad}, ("a", "b", "c"))
+    with pytest.raises(ValueError, match="stage overhead"):
+        calibration.with_overhead({0: 1.0})
+
+
+def test_a_later_stage_is_priced_at_the_overhead_of_the_batch_at_hand(votes: mosel.Profile) -> None:
+    """A frontier's chains, a job's price, a batch's stage budget and its observed parts each take
+    the figure for their own batch size, not one figure for every size."""
+    assert votes.calibration is not None
+    calibration = votes.calibration.with_overhead({1: 10.0, 8: 3000.0})
+    profile = dataclasses.replace(votes, calibration=calibration)
+    cost = profile.cost_model()
+    z = 1.2815515655446004
+    plan = with_chains(profile.plan, cost, calibration, z)
+    pricer = Scheduler(profile, SchedulerConfig()).pricer
+    everything = frozenset(profile.modalities)
+    for n in (1, 4, 8):
+        frontier = plan.frontier(everything, n)
+        assert pricer.reference_plan.frontier(everything, n).points() == frontier.points()
+        for strategy in (s for s in frontier.strategies if s.chain is not None):
+            later = LaterRows()
+            later.add(strategy.chain, n)
+            parts = later_parts(cost, later.stages(z), calibration.overhead_us(n))
+            assert strategy.latency_us == math.ceil(
+                cost.latency_us(strategy.groups) + sum(parts.values()) - 1e-9
+            )
+        assert pricer.stage_overhead_us(n) == calibration.overhead_us(n)
+        budget = pricer.stage_budget(cost, 1.0, n)
+        assert budget is not None and budget.overhead_us == calibration.overhead_us(n)
+    # 8-row jobs' chains pay 3 ms a stage: fewer of them are worth it than at one row's 10 us
+    share = {n: sum(s.chain is not None for s in plan.frontier(everything, n).strategies) for n in (1, 8)}
+    assert share[1] > 0 and share[8] < share[1]
+
+
+def test_the_overhead_is_timed_per_batch_size_and_recalibrating_keeps_the_table(votes: mosel.Profile) -> None:
+    assert overhead_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert overhead_sizes(12) == [1, 2, 4, 8, 12]
+    assert overhead_sizes(1) == [1]
+    assert votes.calibration is not None
+    table = votes.calibration.with_overhead({1: 10.0, 8: 80.0})
+    again = recalibrated(dataclasses.replace(votes, calibration=table), Votes().eval(), votes_batches(400, 3))
+    assert again.calibration is not None and again.calibration.rows == 400
+    assert again.calibration.stage_overhead_by_rows == ((1, 10.0), (8, 80.0))
 
 
 def test_ranking_scores_and_wilson_bounds() -> None:
@@ -137,7 +206,7 @@ def test_chains_join_the_frontier_priced_by_the_later_stages_rule(votes: mosel.P
             assert all(stage <= available for stage in chain.stages)
             later = LaterRows()
             later.add(chain, n)
-            parts = later_parts(cost, later.stages(z), calibration.stage_overhead_us)
+            parts = later_parts(cost, later.stages(z), calibration.overhead_us(n))
             expected = cost.latency_us(strategy.groups) + sum(parts.values())
             assert strategy.latency_us == math.ceil(expected - 1e-9)
             assert strategy.accuracy_units == n * math.floor(chain.accuracy * ACCURACY_SCALE + 1e-6)
