@@ -412,7 +412,7 @@ class Pricer:
         """
         ratios, overheads = self.tail.sample()
         durations = corrected_us[:, None] * ratios[None, :] + overheads[None, :]  # (C, S)
-        misses = (durations[:, :, None] > thresholds_us[None, None, :]).mean(axis=1) @ weights
+        misses = _outlasting(durations, thresholds_us) @ weights
         if delayed is not None and delayed.jobs > 0.0:
             extra = durations - durations[-1]
             share = delayed.share_missing(extra.ravel()).reshape(extra.shape).mean(axis=1)
@@ -722,8 +722,29 @@ class BatchLatency:
         pricer = self.pricer
         return bool(pricer._beyond_costs) and pricer._beyond_of(self.cost) is not None
 
+    def swap(self, old: Strategy, new: Strategy) -> None:
+        """One task of the batch goes from ``old`` to ``new``."""
+        self._put(old, -1)
+        if old.chain is not None:
+            self.later.add(old.chain, old.n, -1)
+        self.add(new)
+
+    def corrected_us(self) -> float | None:
+        """:meth:`Pricer.corrected_us` of the batch's rows, to the last bit.
+
+        None when the batch has chains or its cost model lies beyond the measured buckets: ask
+        the pricer then.
+        """
+        if self.later or self._beyond():
+            return None
+        return self._corrected(self.fusion, frozenset(), 0)
+
     def _price(self, fusion: int, config: Configuration, count: int) -> int:
-        """:meth:`Pricer.price` of the batch's rows and ``fusion``, ``count`` more rows in ``config``.
+        """:meth:`Pricer.price` of the batch's rows and ``fusion``, ``count`` more rows in ``config``."""
+        return self.pricer.tail.price(self._corrected(fusion, config, count))
+
+    def _corrected(self, fusion: int, config: Configuration, count: int) -> float:
+        """The corrected median of the batch's rows and ``fusion``, ``count`` more rows in ``config``.
 
         :meth:`Pricer.corrected_us`'s arithmetic in its order: fusion first, then each branch
         that runs, in declaration order.
@@ -735,4 +756,28 @@ class BatchLatency:
             runs = k + count if m in config else k
             if runs:
                 total += correction[m] * branch[m][runs]
-        return self.pricer.tail.price(total)
+        return total
+
+
+def _outlasting(
+    durations: npt.NDArray[np.float64], thresholds: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """Per candidate (row of ``durations``) and threshold, the share of its durations above it.
+
+    ``(durations[:, :, None] > thresholds).mean(axis=1)``, the same values, without the (C, S, T)
+    comparison: a threshold below every duration is outlasted by all (1.0), one at or above every
+    duration by none (0.0), and for the rest each candidate's durations are sorted once and
+    counted by bisection (a count over the samples, exactly what the mean of the comparison is).
+    """
+    below = thresholds < durations.min()
+    above = thresholds >= durations.max()
+    shares = np.empty((len(durations), len(thresholds)))
+    shares[:, below] = 1.0
+    shares[:, above] = 0.0
+    middle = ~(below | above)  # NaN thresholds too (outlasted by none, as the comparison says)
+    if middle.any():
+        within = thresholds[middle]
+        samples = durations.shape[1]
+        counts = [samples - np.searchsorted(row, within, side="right") for row in np.sort(durations, axis=1)]
+        shares[:, middle] = np.asarray(counts, dtype=np.float64) / samples
+    return shares
