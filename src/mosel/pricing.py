@@ -410,15 +410,58 @@ class Pricer:
         Returns:
             Expected missed requests per candidate, shape (C,).
         """
-        ratios, overheads = self.tail.sample()
-        durations = corrected_us[:, None] * ratios[None, :] + overheads[None, :]  # (C, S)
-        misses = _outlasting(durations, thresholds_us) @ weights
+        durations, misses = self._misses_known(corrected_us, thresholds_us, weights)
         if delayed is not None and delayed.jobs > 0.0:
             extra = durations - durations[-1]
             share = delayed.share_missing(extra.ravel()).reshape(extra.shape).mean(axis=1)
             misses = misses + delayed.jobs * delayed.requests * share
         result: npt.NDArray[np.float64] = np.asarray(misses, dtype=np.float64)
         return result
+
+    def first_within(
+        self,
+        corrected_us: npt.NDArray[np.float64],
+        thresholds_us: npt.NDArray[np.float64],
+        weights: npt.NDArray[np.float64],
+        credit: float,
+        delayed: Delayed | None = None,
+    ) -> tuple[int, float]:
+        """The first candidate whose expected misses exceed the last one's by at most ``credit``.
+
+        The last candidate when none does; and by how much it exceeds the last one. The same
+        choice and the same value as :meth:`expected_misses` gives (to the last bit), but the
+        jobs still to come (``delayed``, a lookup per candidate and residual) are priced only for
+        the candidates looked at: usually the first and the last.
+        """
+        durations, misses = self._misses_known(corrected_us, thresholds_us, weights)
+        coming = delayed is not None and delayed.jobs > 0.0
+
+        def expected(i: int) -> float:
+            if not coming:
+                return float(misses[i])
+            assert delayed is not None
+            share = delayed.share_missing(durations[i] - durations[-1]).mean()
+            return float(misses[i] + delayed.jobs * delayed.requests * share)
+
+        last = len(misses) - 1
+        floor = expected(last)
+        for i in range(last):
+            added = expected(i) - floor
+            if added <= credit:
+                return i, added
+        return last, floor - floor
+
+    def _misses_known(
+        self,
+        corrected_us: npt.NDArray[np.float64],
+        thresholds_us: npt.NDArray[np.float64],
+        weights: npt.NDArray[np.float64],
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """The candidates' durations over the residuals, (C, S), and the known jobs' expected misses, (C,)."""
+        ratios, overheads = self.tail.sample()
+        durations = corrected_us[:, None] * ratios[None, :] + overheads[None, :]
+        misses: npt.NDArray[np.float64] = _outlasting(durations, thresholds_us) @ weights
+        return durations, misses
 
     def merged_latency_us(self, tasks: Sequence[Task]) -> int:
         """Predicted latency of ``tasks`` run as one batch at their current options."""

@@ -247,12 +247,11 @@ class Mosel(Policy):
                 ks = list(ks)
                 ks[i] -= 1
                 candidates.append(ks)
-        added = risk.added(np.asarray(self._corrected(tasks, candidates), dtype=np.float64))
-        credit = self.misses.credit
-        chosen = next(i for i, extra in enumerate(added) if extra <= credit or i == len(added) - 1)
+        corrected = np.asarray(self._corrected(tasks, candidates), dtype=np.float64)
+        chosen, added = risk.first_within(corrected, self.misses.credit)
         for task, k in zip(tasks, candidates[chosen]):
             task.k = k
-        self.misses.spend(float(max(added[chosen], 0.0)))
+        self.misses.spend(max(added, 0.0))
         return chosen > 0
 
     def _corrected(self, tasks: list[Task], candidates: list[list[int]]) -> list[float]:
@@ -315,11 +314,12 @@ class _Risk:
         self.thresholds = np.concatenate([self.thresholds, thresholds_us.astype(np.float64)])
         self.weights = np.concatenate([self.weights, np.asarray(requests, dtype=np.float64)])
 
-    def added(self, corrected_us: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        """Expected misses each candidate adds over the last one (the batch as it was)."""
-        misses = self.core.expected_misses(corrected_us, self.thresholds, self.weights, self.delayed)
-        added: npt.NDArray[np.float64] = misses - misses[-1]
-        return added
+    def first_within(self, corrected_us: npt.NDArray[np.float64], credit: float) -> tuple[int, float]:
+        """The first candidate whose added expected misses fit ``credit``, and what it adds.
+
+        Added over the last candidate (the batch as it was), which is chosen when none fits.
+        """
+        return self.core.first_within(corrected_us, self.thresholds, self.weights, credit, self.delayed)
 
 
 def _explain(tasks: list[Task], reason: Reason) -> None:
