@@ -31,7 +31,7 @@ from mosel.plan import CostModel, Frontier, Plan, Strategy
 from mosel.profiles import BucketKey, Profile
 from mosel.queue import IntArray
 from mosel.stats import Stats
-from mosel.tail import TailModel, profile_sigma
+from mosel.tail import TailModel, outlasting, profile_sigma
 
 __all__ = ["BEYOND_BUCKETS", "CORRECTION_CLAMP", "BatchLatency", "Cache", "Delayed", "Pricer"]
 
@@ -428,18 +428,14 @@ class Pricer:
     ) -> tuple[int, float]:
         """The first candidate whose expected misses exceed the last one's by at most ``credit``.
 
-        The last candidate when none does; and by how much it exceeds the last one. The same
-        choice and the same value as :meth:`expected_misses` gives (to the last bit), but the
-        jobs still to come (``delayed``, a lookup per candidate and residual) are priced only for
-        the candidates looked at: usually the first and the last.
+        The last when none does; and by how much. :meth:`expected_misses`'s values to the last
+        bit, the jobs still to come priced only for the candidates looked at (usually two).
         """
         durations, misses = self._misses_known(corrected_us, thresholds_us, weights)
-        coming = delayed is not None and delayed.jobs > 0.0
 
         def expected(i: int) -> float:
-            if not coming:
+            if delayed is None or not delayed.jobs > 0.0:
                 return float(misses[i])
-            assert delayed is not None
             share = delayed.share_missing(durations[i] - durations[-1]).mean()
             return float(misses[i] + delayed.jobs * delayed.requests * share)
 
@@ -460,7 +456,7 @@ class Pricer:
         """The candidates' durations over the residuals, (C, S), and the known jobs' expected misses, (C,)."""
         ratios, overheads = self.tail.sample()
         durations = corrected_us[:, None] * ratios[None, :] + overheads[None, :]
-        misses: npt.NDArray[np.float64] = _outlasting(durations, thresholds_us) @ weights
+        misses: npt.NDArray[np.float64] = outlasting(durations, thresholds_us) @ weights
         return durations, misses
 
     def merged_latency_us(self, tasks: Sequence[Task]) -> int:
@@ -743,7 +739,7 @@ class BatchLatency:
             old = self.counts.get(config, 0)
             table = self.cost.fusion_us[config]
             fusion = self.fusion + table[old + count] - table[old]
-            return self._price(fusion, config, count)
+            return self.pricer.tail.price(self._corrected(fusion, config, count))
         self.add(strategy)
         latency = self.latency_us()
         self._put(strategy, -1)
@@ -759,7 +755,7 @@ class BatchLatency:
             return pricer.tail.price(corrected)
         if self._beyond():
             return pricer.price(tuple(self.counts.items()), self.cost)
-        return self._price(self.fusion, frozenset(), 0)
+        return self.pricer.tail.price(self._corrected(self.fusion, frozenset(), 0))
 
     def _beyond(self) -> bool:
         pricer = self.pricer
@@ -782,10 +778,6 @@ class BatchLatency:
             return None
         return self._corrected(self.fusion, frozenset(), 0)
 
-    def _price(self, fusion: int, config: Configuration, count: int) -> int:
-        """:meth:`Pricer.price` of the batch's rows and ``fusion``, ``count`` more rows in ``config``."""
-        return self.pricer.tail.price(self._corrected(fusion, config, count))
-
     def _corrected(self, fusion: int, config: Configuration, count: int) -> float:
         """The corrected median of the batch's rows and ``fusion``, ``count`` more rows in ``config``.
 
@@ -800,27 +792,3 @@ class BatchLatency:
             if runs:
                 total += correction[m] * branch[m][runs]
         return total
-
-
-def _outlasting(
-    durations: npt.NDArray[np.float64], thresholds: npt.NDArray[np.float64]
-) -> npt.NDArray[np.float64]:
-    """Per candidate (row of ``durations``) and threshold, the share of its durations above it.
-
-    ``(durations[:, :, None] > thresholds).mean(axis=1)``, the same values, without the (C, S, T)
-    comparison: a threshold below every duration is outlasted by all (1.0), one at or above every
-    duration by none (0.0), and for the rest each candidate's durations are sorted once and
-    counted by bisection (a count over the samples, exactly what the mean of the comparison is).
-    """
-    below = thresholds < durations.min()
-    above = thresholds >= durations.max()
-    shares = np.empty((len(durations), len(thresholds)))
-    shares[:, below] = 1.0
-    shares[:, above] = 0.0
-    middle = ~(below | above)  # NaN thresholds too (outlasted by none, as the comparison says)
-    if middle.any():
-        within = thresholds[middle]
-        samples = durations.shape[1]
-        counts = [samples - np.searchsorted(row, within, side="right") for row in np.sort(durations, axis=1)]
-        shares[:, middle] = np.asarray(counts, dtype=np.float64) / samples
-    return shares
