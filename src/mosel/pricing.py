@@ -156,7 +156,7 @@ class Pricer:
         self._chain_parts: dict[tuple[int, int], tuple[Strategy, CostModel, Mapping[str, float]]] = {}
         self._frontier_parts: dict[
             tuple[int, int],
-            tuple[Frontier, CostModel, tuple[tuple[str, ...], npt.NDArray[np.float64]] | None],
+            tuple[Frontier, CostModel, tuple[tuple[str, ...], npt.NDArray[np.float64], bool]],
         ] = {}
         self._every: Cache[tuple[Configuration, int, BucketKey | None], Strategy] = Cache(4096)
         self._parts: Cache[tuple[tuple[tuple[Configuration, int], ...], BucketKey | None], dict[str, int]]
@@ -288,49 +288,49 @@ class Pricer:
         cost = job.cost
 
         def make() -> tuple[int, ...]:
-            if self.calibration is not None and not self._beyond_costs:
-                matrix = self._chained_parts(frontier, cost)
-                if matrix is not None:  # a frontier with chains: one product over its strategies
-                    names, values = matrix
-                    correction = self.correction
-                    weights = np.asarray([correction.get(p, 1.0) for p in names])
-                    tail = self.tail
-                    prices = np.ceil(tail.margin * (values @ weights) + tail.overhead_us)
-                    return tuple(itertools.accumulate((int(x) for x in prices), max))
-            return tuple(itertools.accumulate((self.price_of(s, cost) for s in frontier.strategies), max))
+            names, values, chained = self._frontier_matrix(frontier, cost)
+            if self._beyond_costs or (chained and self.calibration is None):
+                return tuple(itertools.accumulate((self.price_of(s, cost) for s in frontier.strategies), max))
+            correction = self.correction
+            if chained:  # one product over its strategies
+                corrected = values @ np.asarray([correction.get(p, 1.0) for p in names])
+            else:  # corrected_us's sum, column by column in its order (an absent part adds 0.0)
+                corrected = correction["fusion"] * values[:, len(names) - 2]
+                for i, m in enumerate(names[:-2]):
+                    corrected = corrected + correction[m] * values[:, i]
+            prices = np.ceil(self.tail.margin * corrected + self.tail.overhead_us)
+            return tuple(itertools.accumulate((int(x) for x in prices), max))
 
         return self._latencies.get((frontier.available, frontier.n, job.bucket), make)
 
-    def _chained_parts(
+    def _frontier_matrix(
         self, frontier: Frontier, cost: CostModel | None
-    ) -> tuple[tuple[str, ...], npt.NDArray[np.float64]] | None:
-        """Per strategy of a frontier with chains, its uncorrected parts (later stages included).
+    ) -> tuple[tuple[str, ...], npt.NDArray[np.float64], bool]:
+        """Per strategy of a frontier, its uncorrected parts (a chain's later stages included).
 
-        None for a frontier without chains. Made once per frontier and cost model: a re-price
-        only weighs them again.
+        Columns: the branches in declaration order, fusion, escalation; and whether any strategy
+        has a chain. Made once per frontier and cost model: a re-price only weighs them again.
         """
         cost = cost or self.cost
         key = (id(frontier), id(cost))
         entry = self._frontier_parts.get(key)
         if entry is not None and entry[0] is frontier and entry[1] is cost:
             return entry[2]
-        matrix = None
-        if any(s.chain is not None for s in frontier.strategies):
-            names = (*cost.modalities, "fusion", ESCALATION)
-            column = {p: i for i, p in enumerate(names)}
-            values = np.zeros((len(frontier.strategies), len(names)))
-            calibration = self.calibration
-            overhead = calibration.stage_overhead_us if calibration is not None else 0.0
-            for row, strategy in enumerate(frontier.strategies):
-                parts: dict[str, float] = dict(cost.parts(strategy.groups))
-                if strategy.chain is not None:
-                    later = LaterRows()
-                    later.add(strategy.chain, strategy.n)
-                    for p, v in later_parts(cost, later.stages(self.z), overhead).items():
-                        parts[p] = parts.get(p, 0.0) + v
-                for p, v in parts.items():
-                    values[row, column[p]] += v
-            matrix = (names, values)
+        names = (*cost.modalities, "fusion", ESCALATION)
+        column = {p: i for i, p in enumerate(names)}
+        values = np.zeros((len(frontier.strategies), len(names)))
+        calibration = self.calibration
+        overhead = calibration.stage_overhead_us if calibration is not None else 0.0
+        for row, strategy in enumerate(frontier.strategies):
+            parts: dict[str, float] = dict(cost.parts(strategy.groups))
+            if strategy.chain is not None:
+                later = LaterRows()
+                later.add(strategy.chain, strategy.n)
+                for p, v in later_parts(cost, later.stages(self.z), overhead).items():
+                    parts[p] = parts.get(p, 0.0) + v
+            for p, v in parts.items():
+                values[row, column[p]] += v
+        matrix = (names, values, any(s.chain is not None for s in frontier.strategies))
         if len(self._frontier_parts) >= CHAIN_PARTS_CACHE:
             self._frontier_parts.clear()
         self._frontier_parts[key] = (frontier, cost, matrix)

@@ -9,6 +9,7 @@ bit: the miss budget's credit accumulates what they return, and a decision may t
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 
 from mosel.estimators import SlackSample
 from mosel.pricing import Delayed
-from mosel.scheduler import Scheduler, SchedulerConfig
+from mosel.scheduler import Job, Scheduler, SchedulerConfig
 from mosel.tail import outlasting
 
 from .helpers import Tiny, tiny_profile
@@ -132,3 +133,20 @@ def test_a_batch_stepped_between_options_is_corrected_as_the_pricer_corrects_its
                 for config, count in f.strategies[j].groups:
                     rows[config] = rows.get(config, 0) + count
             assert batch.corrected_us() == pricer.corrected_us(tuple(rows.items()))
+
+
+@pytest.mark.parametrize("which", range(len(PROFILES)))
+def test_a_frontier_repriced_at_once_is_priced_as_each_strategy_alone(which: int) -> None:
+    profile = PROFILES[which]
+    scheduler = Scheduler(profile, SchedulerConfig())
+    pricer = scheduler.pricer
+    rng = random.Random(which)
+    for trial in range(60):
+        for part in pricer.correction:
+            pricer.correction[part] = rng.uniform(0.5, 2.0) if trial % 3 else 1.0
+        pricer.tail.margin, pricer.tail.overhead_us = rng.uniform(1.0, 1.5), rng.uniform(0.0, 300.0)
+        pricer.reprice()
+        for frontier in profile.plan.frontiers.values():
+            job = Job(n=frontier.n, available=frontier.available, arrival=0.0)
+            one_by_one = list(itertools.accumulate((pricer.price_of(s) for s in frontier.strategies), max))
+            assert list(pricer.latencies(frontier, job)) == one_by_one
