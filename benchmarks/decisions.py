@@ -34,7 +34,7 @@ and what queued jobs cost in memory.
    latency-sensitive service can do after start-up), so that collections skip the import heap.
 
 Run: python benchmarks/decisions.py [--json PATH] [--parts decisions priced quality memory admission]
-     [--gc-freeze] [--miss-budget B] [--load L] [--headroom H] [--iterations N]
+     [--gc-freeze] [--miss-budget B] [--load L] [--headroom H] [--iterations N] [--profiles DIR]
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import gc
 import itertools
 import json
 import math
+import pathlib
 import random
 import statistics
 import threading
@@ -517,11 +518,26 @@ def submit_latency(
 PARTS = ("decisions", "priced", "quality", "memory", "admission")
 
 
+def saved_profile(m: int, folder: str | None) -> mosel.Profile:
+    """:func:`profile_for` ``m`` modalities, kept as ``profile{m}.json`` in ``folder`` (when given).
+
+    The planner's search is time-limited, so two runs may plan slightly different frontiers: code
+    compared across runs (before / after a change) should price the same saved profiles.
+    """
+    path = pathlib.Path(folder, f"profile{m}.json") if folder else None
+    if path is not None and path.exists():
+        return mosel.Profile.load(path)
+    profile = profile_for(m, 32 if m < 4 else 8)
+    if path is not None:
+        profile.save(path)
+    return profile
+
+
 def print_priced(args: argparse.Namespace, budget: float | None) -> list[dict[str, Any]]:
     """The ``priced`` part: decision times with the risk price on the timed path, as a table."""
     rows = []
     for m in (2, 3, 4):
-        profile = profile_for(m, 32 if m < 4 else 8)
+        profile = saved_profile(m, args.profiles)
         for length in (16, 64):
             times = priced_decision_times(
                 profile, length, args.iterations, load=args.load, headroom=args.headroom, miss_budget=budget
@@ -563,6 +579,7 @@ def main() -> None:
     parser.add_argument(
         "--headroom", type=float, default=4.0, help="deadlines over the queue's arrival time (priced part)"
     )
+    parser.add_argument("--profiles", help="folder to keep the priced part's planned profiles in (and load)")
     parser.add_argument("--json")
     args = parser.parse_args()
     out: dict[str, object] = {}
