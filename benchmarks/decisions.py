@@ -7,9 +7,16 @@ and what queued jobs cost in memory.
    then ``dispatch``, which takes the batch and buys its upgrades. Wall time and the thread's
    CPU time (``time.thread_time``: what the decision itself costs, without the time the OS gave
    other processes on a shared machine), p50, p99 and max; and the share of dispatches whose
-   upgrade the risk price held back.
+   upgrade the risk price held back. Its queue is kept full, so the recent arrival rate is the
+   service rate: nearly every dispatch stops at the overload gate (``Reason.OVERLOAD``) and the
+   risk price is configured but not evaluated; this part times re-assignment under overload.
    CP-SAT's solve time on the same queues (the ``greedy_cpsat`` policy's helper) is measured
    separately.
+1b. Decision time with the risk price evaluated (``priced``): the same decision at 16 and 64
+   queued jobs below the overload gate (arrivals at ``--load``, deadlines ``--headroom`` times
+   the queue's arrival time, :func:`priced_decision_times`), with the share of decisions that
+   evaluated the risk price, the options it weighed, what held jobs back, and garbage
+   collections that landed in a timed decision. Goal 5 of issue 24 is this part's p99 at 64.
 2. Quality: on random small queues, the total accuracy of the greedy and of the CP-SAT
    (20 ms budget) assignments against the exhaustive optimum.
 3. Memory: 1,000 jobs queued behind a blocked executor in the real threaded server, with
@@ -26,7 +33,8 @@ and what queued jobs cost in memory.
    reported beside it. ``--gc-freeze`` runs ``gc.freeze()`` once the model is attached (what a
    latency-sensitive service can do after start-up), so that collections skip the import heap.
 
-Run: python benchmarks/decisions.py [--json PATH] [--parts decisions quality memory admission] [--gc-freeze]
+Run: python benchmarks/decisions.py [--json PATH] [--parts decisions priced quality memory admission]
+     [--gc-freeze] [--miss-budget B] [--load L] [--headroom H] [--iterations N] [--profiles DIR]
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ import contextlib
 import gc
 import itertools
 import json
+import math
+import pathlib
 import random
 import statistics
 import threading
@@ -132,8 +142,17 @@ def decision_times(
             t0 = time.perf_counter()
             cpsat_assign(items, int(now * 1e6), hint, time_limit_s=0.05)
             solves.append((time.perf_counter() - t0) * 1e3)
-    waits.sort()
-    cpu.sort()
+    return {
+        **percentiles(waits, cpu),
+        "risk_limited_share": round(risk_limited / iterations, 3),
+        "cpsat_p50_ms": round(statistics.median(solves), 2) if solves else 0.0,
+        "cpsat_max_ms": round(max(solves), 2) if solves else 0.0,
+    }
+
+
+def percentiles(waits: list[float], cpu: list[float]) -> dict[str, float]:
+    """p50, p99 and max of the decisions' wall times and CPU times (ms)."""
+    waits, cpu = sorted(waits), sorted(cpu)
     return {
         "wait_p50_ms": round(statistics.median(waits), 4),
         "wait_p99_ms": round(waits[int(0.99 * (len(waits) - 1))], 4),
@@ -141,9 +160,141 @@ def decision_times(
         "cpu_p50_ms": round(statistics.median(cpu), 4),
         "cpu_p99_ms": round(cpu[int(0.99 * (len(cpu) - 1))], 4),
         "cpu_max_ms": round(cpu[-1], 4),
-        "risk_limited_share": round(risk_limited / iterations, 3),
-        "cpsat_p50_ms": round(statistics.median(solves), 2) if solves else 0.0,
-        "cpsat_max_ms": round(max(solves), 2) if solves else 0.0,
+    }
+
+
+class RiskCount:
+    """Counts the decisions that evaluated the mosel policy's risk price, and what each weighed.
+
+    Wraps the policy's ``_priced_by_risk`` (the step that prices an upgrade's expected added misses)
+    on this one instance; what the wrapper adds to a timed decision is one Python call.
+    """
+
+    def __init__(self, policy: Any) -> None:
+        self.calls = 0
+        self.candidates: list[int] = []  # options weighed per evaluation
+        self.jobs: list[int] = []  # jobs with a deadline at risk (the batch's and the queued ones)
+        priced = policy._priced_by_risk
+
+        def counted(tasks: list[Any], before: list[int], risk: Any) -> bool:
+            self.calls += 1
+            self.candidates.append(1 + sum(t.k - k for t, k in zip(tasks, before, strict=True)))
+            self.jobs.append(len(risk.thresholds))
+            return bool(priced(tasks, before, risk))
+
+        policy._priced_by_risk = counted
+
+
+def priced_decision_times(
+    profile: mosel.Profile,
+    queue_length: int,
+    iterations: int,
+    load: float = 0.6,
+    headroom: float = 4.0,
+    miss_budget: float | None = 0.01,
+) -> dict[str, Any]:
+    """Decision time with the risk price on the timed path: ``queue_length`` jobs queued, below overload.
+
+    Jobs arrive one after another at ``load`` (each job's cheapest strategy's time over ``load``
+    after the last one) until the queue is back at ``queue_length``; a batch is dispatched when
+    the last of them arrived or the running batch ended, whichever is later (the device idles the
+    rest). So the recent arrival rate of work is about ``load``, below the overload gate, and the
+    spare-capacity budget refills. Batches take the profile's time times a lognormal draw (sigma
+    0.1) plus 50 us of overhead, handed over as a server does, so the correction and the tail model
+    learn and the risk price prices from measured residuals. Deadlines (not best effort) give each
+    job ``headroom`` times the time the queue ahead of it takes to arrive (uniform 0.5-1.5x of it).
+
+    Timed per decision: ``complete`` and ``handed_over`` of the batch that ended, then
+    ``dispatch`` of the next (the executor's work under the lock between two batches; arrivals in
+    between are not timed). ``risk_priced_share`` is the share of timed decisions that evaluated
+    the risk price (``risk_candidates_*``: the options each weighed; ``risk_jobs_mean``: the jobs
+    whose deadline each weighed), ``reasons`` what the dispatched jobs were held back by. Garbage
+    collections (any generation) that overlapped a timed decision are counted, and the p99
+    without those decisions is given.
+    """
+    rng = random.Random(queue_length)
+    everything = frozenset(profile.modalities)
+    scheduler = Scheduler(profile, SchedulerConfig(policy="mosel", miss_budget=miss_budget))
+    risk = RiskCount(scheduler.policy)
+    top = profile.max_batch_size
+    frontiers = {n: profile.plan.frontier(everything, n) for n in range(1, top + 1)}
+    full = {n: f.best.latency_us / 1e6 for n, f in frontiers.items()}
+    cheap = {n: f.strategies[0].latency_us / 1e6 for n, f in frontiers.items()}
+    refused = [0]
+
+    def arrive(at: float) -> float:
+        """One job arriving at ``at``; returns when the next one arrives."""
+        n = max(1, min(top, int(abs(rng.gauss(1, 6)))))
+        slack = full[n] + headroom * queue_length * cheap[n] / load * rng.uniform(0.5, 1.5)
+        job = Job(
+            n=n, available=everything, arrival=at, deadline_ms=slack * 1e3,
+            min_accuracy=rng.choice([None, 0.6, 0.7]),
+        )  # fmt: skip
+        try:
+            scheduler.admit(job, at)
+        except mosel.MoselError:  # refused at admission: counted, not queued
+            refused[0] += 1
+        return at + cheap[n] / load
+
+    def timed(call: Any, *args: Any) -> Any:
+        started, started_cpu = time.perf_counter(), time.thread_time()
+        value = call(*args)
+        ended = time.perf_counter()
+        took.append((started, ended, time.thread_time() - started_cpu))
+        return value
+
+    now = at = 0.0
+    for _ in range(queue_length):
+        at = arrive(at)
+    now = at
+    batch, _ = scheduler.dispatch(now)
+    waits, cpu, rhos, spans = [], [], [], []
+    reasons: dict[str, int] = {}
+    with CollectorLog(generations=(0, 1, 2)) as collections:
+        for _ in range(iterations):
+            assert batch is not None
+            took: list[tuple[float, float, float]] = []
+            measured_us = batch.merged.latency_us * math.exp(rng.gauss(0.0, 0.1))  # the profile's, noisy
+            end = now + measured_us / 1e6
+            at = max(at, now)
+            while len(scheduler.queue) < queue_length and at < end:  # arrivals while it runs
+                at = arrive(at)
+            before = risk.calls
+            timed(scheduler.complete, batch, end, measured_us)
+            timed(scheduler.handed_over, batch, end + 50e-6)
+            while len(scheduler.queue) < queue_length:  # and while the device is idle
+                at = arrive(at)
+            now = max(end, at)
+            batch, _ = timed(scheduler.dispatch, now)
+            waits.append(sum(e - s for s, e, _ in took) * 1e3)
+            cpu.append(sum(c for _, _, c in took) * 1e3)
+            spans.append(([(s, e) for s, e, _ in took], risk.calls > before))
+            rhos.append(scheduler.policy.arrivals.rho(now))
+            for task in batch.tasks if batch is not None else ():
+                name = task.job.reason.name if isinstance(task.job.reason, Reason) else "none (best option)"
+                reasons[name] = reasons.get(name, 0) + 1
+            while batch is None:
+                now = at = arrive(max(at, now))
+                batch, _ = scheduler.dispatch(now)
+    hit = [any(collections.during(s, e) for s, e in parts) for parts, _ in spans]
+    clean = sorted(w for w, gc_hit in zip(waits, hit, strict=True) if not gc_hit)
+    slowest = sorted(range(iterations), key=waits.__getitem__)[-max(1, iterations // 100) :]
+    priced = sorted(w for w, (_, p) in zip(waits, spans, strict=True) if p)
+    return {
+        **percentiles(waits, cpu),
+        "wait_p99_without_gc_ms": round(clean[int(0.99 * (len(clean) - 1))], 4) if clean else float("nan"),
+        "gc_during_timed": sum(hit),
+        "gc_in_slowest_1pct": sum(hit[i] for i in slowest),
+        "risk_priced_share": round(sum(p for _, p in spans) / iterations, 3),
+        "risk_priced_wait_p50_ms": round(statistics.median(priced), 4) if priced else float("nan"),
+        "risk_candidates_mean": round(statistics.mean(risk.candidates), 1) if risk.candidates else 0.0,
+        "risk_candidates_max": max(risk.candidates, default=0),
+        "risk_jobs_mean": round(statistics.mean(risk.jobs), 1) if risk.jobs else 0.0,
+        "residual_samples": len(scheduler.pricer.tail.sample()[0]),
+        "rho_median": round(statistics.median(rhos), 3),
+        "refused": refused[0],
+        "failed": sum(v for k, v in scheduler.stats.snapshot().counters.items() if k.startswith("failed_")),
+        "reasons": reasons,
     }
 
 
@@ -233,10 +384,11 @@ def gated_class(m: int) -> type[nn.Module]:
 
 
 class CollectorLog:
-    """Generation-2 garbage collections while active: (start, end) on ``perf_counter``, and CPU ms."""
+    """Garbage collections (by default of generation 2) while active: (start, end) on ``perf_counter``, and CPU ms."""
 
-    def __init__(self) -> None:
+    def __init__(self, generations: tuple[int, ...] = (2,)) -> None:
         self.spans: list[tuple[float, float, float]] = []
+        self.generations = generations
         self._started = (0.0, 0.0)
 
     def __enter__(self) -> CollectorLog:
@@ -247,13 +399,17 @@ class CollectorLog:
         gc.callbacks.remove(self._callback)
 
     def _callback(self, phase: str, info: dict[str, int]) -> None:
-        if info["generation"] != 2:
+        generation = info["generation"]
+        if generation not in self.generations:
             return
+        # CPU time (a system call of several µs here) only for generation 2: young collections are
+        # frequent, and the callback runs inside the timed decisions
         if phase == "start":
-            self._started = (time.perf_counter(), time.thread_time())
+            self._started = (time.perf_counter(), time.thread_time() if generation == 2 else 0.0)
         else:
             wall, cpu = self._started
-            self.spans.append((wall, time.perf_counter(), (time.thread_time() - cpu) * 1e3))
+            spent = (time.thread_time() - cpu) * 1e3 if generation == 2 else 0.0
+            self.spans.append((wall, time.perf_counter(), spent))
 
     def during(self, start: float, end: float) -> list[tuple[float, float, float]]:
         """The collections that overlapped ``[start, end]``."""
@@ -359,7 +515,55 @@ def submit_latency(
     }
 
 
-PARTS = ("decisions", "quality", "memory", "admission")
+PARTS = ("decisions", "priced", "quality", "memory", "admission")
+
+
+def saved_profile(m: int, folder: str | None) -> mosel.Profile:
+    """:func:`profile_for` ``m`` modalities, kept as ``profile{m}.json`` in ``folder`` (when given).
+
+    The planner's search is time-limited, so two runs may plan slightly different frontiers: code
+    compared across runs (before / after a change) should price the same saved profiles.
+    """
+    path = pathlib.Path(folder, f"profile{m}.json") if folder else None
+    if path is not None and path.exists():
+        return mosel.Profile.load(path)
+    profile = profile_for(m, 32 if m < 4 else 8)
+    if path is not None:
+        profile.save(path)
+    return profile
+
+
+def print_priced(args: argparse.Namespace, budget: float | None) -> list[dict[str, Any]]:
+    """The ``priced`` part: decision times with the risk price on the timed path, as a table."""
+    rows = []
+    for m in (2, 3, 4):
+        profile = saved_profile(m, args.profiles)
+        for length in (16, 64):
+            times = priced_decision_times(
+                profile, length, args.iterations, load=args.load, headroom=args.headroom, miss_budget=budget
+            )
+            rows.append({"modalities": m, "queue": length, **times})
+    print(
+        f"\nmosel with miss_budget={budget}, below overload: arrivals at load {args.load} (cheapest "
+        f"strategies), deadlines {args.headroom}x the queue's arrival time ({args.iterations} timed "
+        "decisions per row; CPU time: the decision thread's own)"
+    )
+    print(
+        "| modalities | queued jobs | wait p50 (ms) | p99 (ms) | max (ms) | CPU p50 (ms) | p99 (ms) | max (ms) "
+        "| p99 without GC (ms) | GCs in timed (in slowest 1%) | risk price evaluated | its wait p50 (ms) "
+        "| options weighed mean / max | jobs at risk mean | rho median | refused / failed | held back by (jobs) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        held = ", ".join(f"{k} {v}" for k, v in sorted(r["reasons"].items(), key=lambda kv: -kv[1]))
+        print(
+            f"| {r['modalities']} | {r['queue']} | {r['wait_p50_ms']} | {r['wait_p99_ms']} | {r['wait_max_ms']} | "
+            f"{r['cpu_p50_ms']} | {r['cpu_p99_ms']} | {r['cpu_max_ms']} | {r['wait_p99_without_gc_ms']} | "
+            f"{r['gc_during_timed']} ({r['gc_in_slowest_1pct']}) | {r['risk_priced_share']:.0%} | "
+            f"{r['risk_priced_wait_p50_ms']} | {r['risk_candidates_mean']} / {r['risk_candidates_max']} | "
+            f"{r['risk_jobs_mean']} | {r['rho_median']} | {r['refused']} / {r['failed']} | {held} |"
+        )
+    return rows
 
 
 def main() -> None:
@@ -371,6 +575,11 @@ def main() -> None:
         "--miss-budget", type=float, default=0.01,
         help="SchedulerConfig.miss_budget of the decision-time part (the risk price on); -1: None (the default)",
     )  # fmt: skip
+    parser.add_argument("--load", type=float, default=0.6, help="arrivals' load in the priced part")
+    parser.add_argument(
+        "--headroom", type=float, default=4.0, help="deadlines over the queue's arrival time (priced part)"
+    )
+    parser.add_argument("--profiles", help="folder to keep the priced part's planned profiles in (and load)")
     parser.add_argument("--json")
     args = parser.parse_args()
     out: dict[str, object] = {}
@@ -396,6 +605,8 @@ def main() -> None:
                 f"{r['cpu_p50_ms']} | {r['cpu_p99_ms']} | {r['cpu_max_ms']} | {r['risk_limited_share']:.0%} | "
                 f"{r['cpsat_p50_ms']} | {r['cpsat_max_ms']} |"
             )
+    if "priced" in args.parts:
+        out["priced"] = print_priced(args, None if args.miss_budget < 0 else args.miss_budget)
     if "quality" in args.parts:
         q = quality()
         out["quality"] = q

@@ -16,8 +16,9 @@ from typing import Any
 from mosel.errors import AccuracyUnreachableError, DeadlineError
 from mosel.escalation import wilson_lower
 from mosel.jobs import Job, Task, chunk_sizes, floor_units
+from mosel.memo import Cache
 from mosel.plan import ACCURACY_SCALE, Frontier, Strategy, accuracy_units
-from mosel.pricing import Cache, Pricer
+from mosel.pricing import Pricer
 from mosel.profiles import Profile
 
 __all__ = ["Admission"]

@@ -222,6 +222,17 @@ class CoreView:
         """Expected missed requests for each candidate batch (:meth:`Pricer.expected_misses`)."""
         return self.pricer.expected_misses(corrected_us, thresholds_us, weights, delayed)
 
+    def first_within(
+        self,
+        corrected_us: npt.NDArray[np.float64],
+        thresholds_us: npt.NDArray[np.float64],
+        weights: npt.NDArray[np.float64],
+        credit: float,
+        delayed: Delayed | None = None,
+    ) -> tuple[int, float]:
+        """The first candidate whose added expected misses fit ``credit`` (:meth:`Pricer.first_within`)."""
+        return self.pricer.first_within(corrected_us, thresholds_us, weights, credit, delayed)
+
     def doomed(self, finish_us: int, deadline_us: int, now: float) -> bool:
         """Would a task priced to finish at ``finish_us`` miss ``deadline_us`` even at the median?"""
         start_us = time_us(self.start(now))

@@ -10,6 +10,7 @@ promise still allows upgrades to risk.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import math
 from typing import Final
@@ -329,33 +330,65 @@ class SlackSample:
     __slots__ = ("_dirty", "_headroom", "_slack", "_sorted")
 
     def __init__(self, size: int = 512) -> None:
-        self._slack: collections.deque[tuple[float, int]] = collections.deque(maxlen=size)
-        self._headroom: collections.deque[tuple[float, int]] = collections.deque(maxlen=size)
+        self._slack = _Window(size)
+        self._headroom = _Window(size)
         self._sorted: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None
         self._dirty = True
 
     def finished(self, slack_us: float, requests: int) -> None:
         """A job of ``requests`` finished ``slack_us`` before its deadline (negative: late)."""
-        self._slack.append((slack_us, requests))
+        self._slack.add(slack_us, requests)
         self._dirty = True
 
     def arrived(self, headroom_us: float, requests: int) -> None:
         """A job arrived with ``headroom_us`` beyond its cheapest strategy."""
-        self._headroom.append((headroom_us, requests))
-        if len(self._slack) < MIN_SLACKS:
+        self._headroom.add(headroom_us, requests)
+        if len(self._slack.pairs) < MIN_SLACKS:
             self._dirty = True
 
     def share_missing(self, delays_us: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """Per delay, the share of requests that were on time but would miss if delayed by it."""
         if self._dirty:
-            source = self._slack if len(self._slack) >= MIN_SLACKS else self._headroom
-            pairs = sorted(p for p in source if p[0] >= 0.0)
-            total = sum(n for _, n in source) or 1
-            values = np.asarray([s for s, _ in pairs], dtype=np.float64)
-            shares = np.cumsum(np.asarray([n for _, n in pairs], dtype=np.float64)) / total
+            source = self._slack if len(self._slack.pairs) >= MIN_SLACKS else self._headroom
+            values = np.asarray(source.values, dtype=np.float64)
+            shares = np.cumsum(np.asarray(source.requests, dtype=np.float64)) / (source.total or 1)
             self._sorted = (values, np.concatenate([[0.0], shares]))
             self._dirty = False
         assert self._sorted is not None
         values, shares = self._sorted
         share: npt.NDArray[np.float64] = shares[np.searchsorted(values, delays_us, side="left")]
         return share
+
+
+class _Window:
+    """The last ``size`` (value, requests) pairs, and those with a value >= 0 kept sorted by value.
+
+    Kept sorted as they come and go (a bisection and a list insert or delete each), so that
+    :meth:`SlackSample.share_missing` reads them without sorting the window at every decision.
+    Pairs of equal value may sit in any order: only the requests of smaller values are summed.
+    """
+
+    __slots__ = ("pairs", "requests", "total", "values")
+
+    def __init__(self, size: int) -> None:
+        self.pairs: collections.deque[tuple[float, int]] = collections.deque(maxlen=size)
+        self.values: list[float] = []  # the pairs' values >= 0, ascending
+        self.requests: list[int] = []  # their requests, in the same order
+        self.total = 0  # the requests of every pair in the window
+
+    def add(self, value: float, requests: int) -> None:
+        pairs = self.pairs
+        if len(pairs) == pairs.maxlen:
+            old, gone = pairs[0]
+            self.total -= gone
+            if old >= 0.0:
+                i = bisect.bisect_left(self.values, old)
+                while self.requests[i] != gone:  # among equal values, the one with its requests
+                    i += 1
+                del self.values[i], self.requests[i]
+        pairs.append((value, requests))
+        self.total += requests
+        if value >= 0.0:
+            i = bisect.bisect_right(self.values, value)
+            self.values.insert(i, value)
+            self.requests.insert(i, requests)

@@ -18,20 +18,21 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from mosel.chains import ESCALATION, LaterRows, StageBudget, Transition, later_parts, with_chains
 from mosel.jobs import Batch, Job, Task, merged_groups
+from mosel.memo import Cache
 from mosel.plan import CostModel, Frontier, Plan, Strategy
 from mosel.profiles import BucketKey, Profile
 from mosel.queue import IntArray
 from mosel.stats import Stats
-from mosel.tail import TailModel, profile_sigma
+from mosel.tail import TailModel, outlasting, profile_sigma
 
 __all__ = ["BEYOND_BUCKETS", "CORRECTION_CLAMP", "BatchLatency", "Cache", "Delayed", "Pricer"]
 
@@ -45,10 +46,8 @@ CHAIN_PARTS_CACHE: Final = 8192
 BEYOND_BUCKETS: Final = 64
 """(modality, bucket) corrections kept beyond the measured buckets (then the least recently run goes)."""
 Beyond = tuple[CostModel, dict[str, tuple[str, int]]]
-Groups = tuple[tuple[Configuration, int], ...]
 """A cost model of a bucket beyond the measured ones, and its extrapolated parts' correction keys."""
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
+Groups = tuple[tuple[Configuration, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,34 +65,6 @@ class Delayed:
     jobs: float
     requests: float
     share_missing: Callable[[npt.NDArray[np.float64]], npt.NDArray[np.float64]]
-
-
-class Cache(Generic[K, V]):
-    """A memo of at most ``size`` entries: full, it forgets everything but its ``keep`` entries.
-
-    Every cache of the online core is one of these, so none grows without bound whatever the
-    callers send (sizes, confidences, job sizes).
-    """
-
-    __slots__ = ("_keep", "data", "size")
-
-    def __init__(self, size: int, keep: Mapping[K, V] | None = None) -> None:
-        self.size = size
-        self._keep: dict[K, V] = dict(keep or {})
-        self.data: dict[K, V] = dict(self._keep)
-
-    def get(self, key: K, make: Callable[[], V]) -> V:
-        """The value of ``key``, made (and kept) if missing."""
-        value = self.data.get(key)
-        if value is None:
-            if len(self.data) >= len(self._keep) + self.size:
-                self.data = dict(self._keep)
-            value = self.data[key] = make()
-        return value
-
-    def clear(self) -> None:
-        """Forget everything but the entries kept for good."""
-        self.data = dict(self._keep)
 
 
 class Pricer:
@@ -157,7 +128,7 @@ class Pricer:
         self._chain_parts: dict[tuple[int, int], tuple[Strategy, CostModel, Mapping[str, float]]] = {}
         self._frontier_parts: dict[
             tuple[int, int],
-            tuple[Frontier, CostModel, tuple[tuple[str, ...], npt.NDArray[np.float64]] | None],
+            tuple[Frontier, CostModel, tuple[tuple[str, ...], npt.NDArray[np.float64], bool]],
         ] = {}
         self._every: Cache[tuple[Configuration, int, BucketKey | None], Strategy] = Cache(4096)
         self._parts: Cache[tuple[tuple[tuple[Configuration, int], ...], BucketKey | None], dict[str, int]]
@@ -290,48 +261,48 @@ class Pricer:
         cost = job.cost
 
         def make() -> tuple[int, ...]:
-            if self.calibration is not None and not self._beyond_costs:
-                matrix = self._chained_parts(frontier, cost)
-                if matrix is not None:  # a frontier with chains: one product over its strategies
-                    names, values = matrix
-                    correction = self.correction
-                    weights = np.asarray([correction.get(p, 1.0) for p in names])
-                    tail = self.tail
-                    prices = np.ceil(tail.margin * (values @ weights) + tail.overhead_us)
-                    return tuple(itertools.accumulate((int(x) for x in prices), max))
-            return tuple(itertools.accumulate((self.price_of(s, cost) for s in frontier.strategies), max))
+            names, values, chained = self._frontier_matrix(frontier, cost)
+            if self._beyond_costs or (chained and self.calibration is None):
+                return tuple(itertools.accumulate((self.price_of(s, cost) for s in frontier.strategies), max))
+            correction = self.correction
+            if chained:  # one product over its strategies
+                corrected = values @ np.asarray([correction.get(p, 1.0) for p in names])
+            else:  # corrected_us's sum, column by column in its order (an absent part adds 0.0)
+                corrected = correction["fusion"] * values[:, len(names) - 2]
+                for i, m in enumerate(names[:-2]):
+                    corrected = corrected + correction[m] * values[:, i]
+            prices = np.ceil(self.tail.margin * corrected + self.tail.overhead_us)
+            return tuple(itertools.accumulate((int(x) for x in prices), max))
 
         return self._latencies.get((frontier.available, frontier.n, job.bucket), make)
 
-    def _chained_parts(
+    def _frontier_matrix(
         self, frontier: Frontier, cost: CostModel | None
-    ) -> tuple[tuple[str, ...], npt.NDArray[np.float64]] | None:
-        """Per strategy of a frontier with chains, its uncorrected parts (later stages included).
+    ) -> tuple[tuple[str, ...], npt.NDArray[np.float64], bool]:
+        """Per strategy of a frontier, its uncorrected parts (a chain's later stages included).
 
-        None for a frontier without chains. Made once per frontier and cost model: a re-price
-        only weighs them again.
+        Columns: the branches in declaration order, fusion, escalation; and whether any strategy
+        has a chain. Made once per frontier and cost model: a re-price only weighs them again.
         """
         cost = cost or self.cost
         key = (id(frontier), id(cost))
         entry = self._frontier_parts.get(key)
         if entry is not None and entry[0] is frontier and entry[1] is cost:
             return entry[2]
-        matrix = None
-        if any(s.chain is not None for s in frontier.strategies):
-            names = (*cost.modalities, "fusion", ESCALATION)
-            column = {p: i for i, p in enumerate(names)}
-            values = np.zeros((len(frontier.strategies), len(names)))
-            overhead = self.stage_overhead_us(frontier.n)
-            for row, strategy in enumerate(frontier.strategies):
-                parts: dict[str, float] = dict(cost.parts(strategy.groups))
-                if strategy.chain is not None:
-                    later = LaterRows()
-                    later.add(strategy.chain, strategy.n)
-                    for p, v in later_parts(cost, later.stages(self.z), overhead).items():
-                        parts[p] = parts.get(p, 0.0) + v
-                for p, v in parts.items():
-                    values[row, column[p]] += v
-            matrix = (names, values)
+        names = (*cost.modalities, "fusion", ESCALATION)
+        column = {p: i for i, p in enumerate(names)}
+        values = np.zeros((len(frontier.strategies), len(names)))
+        overhead = self.stage_overhead_us(frontier.n)
+        for row, strategy in enumerate(frontier.strategies):
+            parts: dict[str, float] = dict(cost.parts(strategy.groups))
+            if strategy.chain is not None:
+                later = LaterRows()
+                later.add(strategy.chain, strategy.n)
+                for p, v in later_parts(cost, later.stages(self.z), overhead).items():
+                    parts[p] = parts.get(p, 0.0) + v
+            for p, v in parts.items():
+                values[row, column[p]] += v
+        matrix = (names, values, any(s.chain is not None for s in frontier.strategies))
         if len(self._frontier_parts) >= CHAIN_PARTS_CACHE:
             self._frontier_parts.clear()
         self._frontier_parts[key] = (frontier, cost, matrix)
@@ -416,15 +387,54 @@ class Pricer:
         Returns:
             Expected missed requests per candidate, shape (C,).
         """
-        ratios, overheads = self.tail.sample()
-        durations = corrected_us[:, None] * ratios[None, :] + overheads[None, :]  # (C, S)
-        misses = (durations[:, :, None] > thresholds_us[None, None, :]).mean(axis=1) @ weights
+        durations, misses = self._misses_known(corrected_us, thresholds_us, weights)
         if delayed is not None and delayed.jobs > 0.0:
             extra = durations - durations[-1]
             share = delayed.share_missing(extra.ravel()).reshape(extra.shape).mean(axis=1)
             misses = misses + delayed.jobs * delayed.requests * share
         result: npt.NDArray[np.float64] = np.asarray(misses, dtype=np.float64)
         return result
+
+    def first_within(
+        self,
+        corrected_us: npt.NDArray[np.float64],
+        thresholds_us: npt.NDArray[np.float64],
+        weights: npt.NDArray[np.float64],
+        credit: float,
+        delayed: Delayed | None = None,
+    ) -> tuple[int, float]:
+        """The first candidate whose expected misses exceed the last one's by at most ``credit``.
+
+        The last when none does; and by how much. :meth:`expected_misses`'s values to the last
+        bit, the jobs still to come priced only for the candidates looked at (usually two).
+        """
+        durations, misses = self._misses_known(corrected_us, thresholds_us, weights)
+
+        def expected(i: int) -> float:
+            if delayed is None or not delayed.jobs > 0.0:
+                return float(misses[i])
+            share = delayed.share_missing(durations[i] - durations[-1]).mean()
+            return float(misses[i] + delayed.jobs * delayed.requests * share)
+
+        last = len(misses) - 1
+        floor = expected(last)
+        for i in range(last):
+            added = expected(i) - floor
+            if added <= credit:
+                return i, added
+        return last, floor - floor
+
+    def _misses_known(
+        self,
+        corrected_us: npt.NDArray[np.float64],
+        thresholds_us: npt.NDArray[np.float64],
+        weights: npt.NDArray[np.float64],
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """The candidates' durations over the residuals, (C, S), and the known jobs' expected misses, (C,)."""
+        ratios, overheads = self.tail.sample()
+        durations = corrected_us[:, None] * ratios[None, :] + overheads[None, :]
+        misses: npt.NDArray[np.float64] = outlasting(durations, thresholds_us) @ weights
+        return durations, misses
 
     def merged_latency_us(self, tasks: Sequence[Task]) -> int:
         """Predicted latency of ``tasks`` run as one batch at their current options."""
@@ -716,7 +726,7 @@ class BatchLatency:
             old = self.counts.get(config, 0)
             table = self.cost.fusion_us[config]
             fusion = self.fusion + table[old + count] - table[old]
-            return self._price(fusion, config, count)
+            return self.pricer.tail.price(self._corrected(fusion, config, count))
         self.add(strategy)
         latency = self.latency_us()
         self._put(strategy, -1)
@@ -732,14 +742,31 @@ class BatchLatency:
             return pricer.tail.price(corrected)
         if self._beyond():
             return pricer.price(tuple(self.counts.items()), self.cost)
-        return self._price(self.fusion, frozenset(), 0)
+        return self.pricer.tail.price(self._corrected(self.fusion, frozenset(), 0))
 
     def _beyond(self) -> bool:
         pricer = self.pricer
         return bool(pricer._beyond_costs) and pricer._beyond_of(self.cost) is not None
 
-    def _price(self, fusion: int, config: Configuration, count: int) -> int:
-        """:meth:`Pricer.price` of the batch's rows and ``fusion``, ``count`` more rows in ``config``.
+    def swap(self, old: Strategy, new: Strategy) -> None:
+        """One task of the batch goes from ``old`` to ``new``."""
+        self._put(old, -1)
+        if old.chain is not None:
+            self.later.add(old.chain, old.n, -1)
+        self.add(new)
+
+    def corrected_us(self) -> float | None:
+        """:meth:`Pricer.corrected_us` of the batch's rows, to the last bit.
+
+        None when the batch has chains or its cost model lies beyond the measured buckets: ask
+        the pricer then.
+        """
+        if self.later or self._beyond():
+            return None
+        return self._corrected(self.fusion, frozenset(), 0)
+
+    def _corrected(self, fusion: int, config: Configuration, count: int) -> float:
+        """The corrected median of the batch's rows and ``fusion``, ``count`` more rows in ``config``.
 
         :meth:`Pricer.corrected_us`'s arithmetic in its order: fusion first, then each branch
         that runs, in declaration order.
@@ -751,4 +778,4 @@ class BatchLatency:
             runs = k + count if m in config else k
             if runs:
                 total += correction[m] * branch[m][runs]
-        return self.pricer.tail.price(total)
+        return total

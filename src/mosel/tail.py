@@ -30,7 +30,7 @@ from mosel.jsonvalues import json_dict, json_field, json_float, json_list
 if TYPE_CHECKING:
     from mosel.profiles import Profile
 
-__all__ = ["Residuals", "TailModel"]
+__all__ = ["Residuals", "TailModel", "outlasting"]
 
 WINDOW: Final = 256
 """Recent batches the online tail model prices from."""
@@ -309,3 +309,27 @@ def merge(samples: Iterable[Residuals]) -> Residuals:
     parts: Sequence[Residuals] = list(samples)
     ratios = tuple(r for s in parts for r in s.ratios)
     return Residuals(ratios, tuple(o for s in parts for o in s.overhead_us))
+
+
+def outlasting(
+    durations: npt.NDArray[np.float64], thresholds: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """Per candidate (row of ``durations``) and threshold, the share of its durations above it.
+
+    ``(durations[:, :, None] > thresholds).mean(axis=1)``, the same values, without the (C, S, T)
+    comparison: a threshold below every duration is outlasted by all (1.0), one at or above every
+    duration by none (0.0), and for the rest each candidate's durations are sorted once and
+    counted by bisection (a count over the samples, exactly what the mean of the comparison is).
+    """
+    below = thresholds < durations.min()
+    above = thresholds >= durations.max()
+    shares = np.empty((len(durations), len(thresholds)))
+    shares[:, below] = 1.0
+    shares[:, above] = 0.0
+    middle = ~(below | above)  # NaN thresholds too (outlasted by none, as the comparison says)
+    if middle.any():
+        within = thresholds[middle]
+        samples = durations.shape[1]
+        counts = [samples - np.searchsorted(row, within, side="right") for row in np.sort(durations, axis=1)]
+        shares[:, middle] = np.asarray(counts, dtype=np.float64) / samples
+    return shares

@@ -40,6 +40,7 @@ LAYERS: dict[str, int] = {
     "mosel.stats": 2,
     "mosel.jobs": 2,
     "mosel.queue": 2,
+    "mosel.memo": 2,
     "mosel.pricing": 2,
     "mosel.admission": 2,
     "mosel.estimators": 2,

@@ -120,6 +120,16 @@ class Core(Protocol):
     ) -> npt.NDArray[np.float64]:
         """Expected missed requests for each candidate batch (``Pricer.expected_misses``)."""
 
+    def first_within(
+        self,
+        corrected_us: npt.NDArray[np.float64],
+        thresholds_us: npt.NDArray[np.float64],
+        weights: npt.NDArray[np.float64],
+        credit: float,
+        delayed: Delayed | None = None,
+    ) -> tuple[int, float]:
+        """The first candidate whose added expected misses fit ``credit`` (``Pricer.first_within``)."""
+
     def doomed(self, finish_us: int, deadline_us: int, now: float) -> bool:
         """Would a task priced to finish at ``finish_us`` miss ``deadline_us`` even at the median?"""
 

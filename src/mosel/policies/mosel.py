@@ -240,32 +240,53 @@ class Mosel(Policy):
 
         Steps are undone from the last raised task down; True when the risk bound lowered them.
         """
-        cost = tasks[0].job.cost
-        candidates: list[list[int]] = [[t.k for t in tasks]]
-        while candidates[-1] != before:  # the raises undone one step at a time, down to none
-            ks = list(candidates[-1])
-            i = max(j for j, (k, k0) in enumerate(zip(ks, before)) if k > k0)
-            ks[i] -= 1
-            candidates.append(ks)
-        corrected = []
-        for ks in candidates:
-            groups: dict[frozenset[str], int] = {}
-            later: LaterRows | None = None
-            for task, k in zip(tasks, ks):
-                option = task.option(k)
-                for config, count in option.groups:
-                    groups[config] = groups.get(config, 0) + count
-                if option.chain is not None:
-                    later = later or LaterRows()
-                    later.add(option.chain, option.n)
-            corrected.append(self.core.corrected_us(tuple(groups.items()), cost, later))
-        added = risk.added(np.asarray(corrected, dtype=np.float64))
-        credit = self.misses.credit
-        chosen = next(i for i, extra in enumerate(added) if extra <= credit or i == len(added) - 1)
+        ks = [t.k for t in tasks]
+        candidates: list[list[int]] = [ks]
+        for i in range(len(tasks) - 1, -1, -1):  # the raises undone one step at a time, last task first
+            while ks[i] > before[i]:
+                ks = list(ks)
+                ks[i] -= 1
+                candidates.append(ks)
+        corrected = np.asarray(self._corrected(tasks, candidates), dtype=np.float64)
+        chosen, added = risk.first_within(corrected, self.misses.credit)
         for task, k in zip(tasks, candidates[chosen]):
             task.k = k
-        self.misses.spend(float(max(added[chosen], 0.0)))
+        self.misses.spend(max(added, 0.0))
         return chosen > 0
+
+    def _corrected(self, tasks: list[Task], candidates: list[list[int]]) -> list[float]:
+        """Each candidate's corrected median (options ``candidates[c]``), as the pricer computes it.
+
+        One running batch (:class:`mosel.pricing.BatchLatency`) steps from each candidate to the
+        next, one task's option at a time; batches with chains, or beyond the measured buckets,
+        are priced whole by the pricer instead.
+        """
+        core = self.core
+        cost = tasks[0].job.cost
+        batch = core.batch_latency(cost)
+        for task in tasks:
+            batch.add(task.strategy)
+        corrected = []
+        previous = candidates[0]
+        for ks in candidates:
+            for task, k, was in zip(tasks, ks, previous):
+                if k != was:
+                    batch.swap(task.option(was), task.option(k))
+            previous = ks
+            value = batch.corrected_us()
+            if value is None:
+                groups: dict[frozenset[str], int] = {}
+                later: LaterRows | None = None
+                for task, k in zip(tasks, ks):
+                    option = task.option(k)
+                    for config, count in option.groups:
+                        groups[config] = groups.get(config, 0) + count
+                    if option.chain is not None:
+                        later = later or LaterRows()
+                        later.add(option.chain, option.n)
+                value = core.corrected_us(tuple(groups.items()), cost, later)
+            corrected.append(value)
+        return corrected
 
 
 class _Risk:
@@ -293,11 +314,12 @@ class _Risk:
         self.thresholds = np.concatenate([self.thresholds, thresholds_us.astype(np.float64)])
         self.weights = np.concatenate([self.weights, np.asarray(requests, dtype=np.float64)])
 
-    def added(self, corrected_us: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        """Expected misses each candidate adds over the last one (the batch as it was)."""
-        misses = self.core.expected_misses(corrected_us, self.thresholds, self.weights, self.delayed)
-        added: npt.NDArray[np.float64] = misses - misses[-1]
-        return added
+    def first_within(self, corrected_us: npt.NDArray[np.float64], credit: float) -> tuple[int, float]:
+        """The first candidate whose added expected misses fit ``credit``, and what it adds.
+
+        Added over the last candidate (the batch as it was), which is chosen when none fits.
+        """
+        return self.core.first_within(corrected_us, self.thresholds, self.weights, credit, self.delayed)
 
 
 def _explain(tasks: list[Task], reason: Reason) -> None:
