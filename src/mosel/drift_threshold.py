@@ -60,7 +60,7 @@ def alarm_rate(detectors: Iterable[Mapping[Hashable, float]], threshold: float) 
 
 
 def excursion_threshold(detectors: Iterable[Mapping[Hashable, float]], false_alarm_rate: float) -> float:
-    """The smallest common threshold at which ``detectors`` raise at most ``false_alarm_rate`` alarms per label.
+    """The smallest common threshold at which ``detectors`` keep to ``false_alarm_rate`` alarms per label.
 
     Args:
         detectors: as :func:`alarm_rate`'s.

@@ -35,7 +35,6 @@ import torch
 from torch import Tensor
 
 from mosel import trees
-from mosel.drift_threshold import tune
 from mosel.drift import (
     AccuracySnapshot,
     Alarm,
@@ -47,6 +46,7 @@ from mosel.drift import (
     Tracker,
     contributions,
 )
+from mosel.drift_threshold import tune
 from mosel.errors import InputError
 from mosel.monitoring_settings import Metric, Monitoring, argmax_label, labelled_rows, top1_scores
 from mosel.plan import PlannerConfig, build_plan, repriced_plan
@@ -180,7 +180,9 @@ class Monitor:
         settings = config.settings
         pooled = contributions(profile.accuracy) if settings.pooled else {}
         self._pools: dict[Configuration, tuple[ModalityTracker, ...]] = {c: () for c in profile.accuracy}
-        self._modalities = {m: ModalityTracker(m, added, profile.accuracy, settings) for m, added in pooled.items()}
+        self._modalities = {
+            m: ModalityTracker(m, added, profile.accuracy, settings) for m, added in pooled.items()
+        }
         for tracker_m in self._modalities.values():
             for c in tracker_m.configs:
                 self._pools[c] = (*self._pools[c], tracker_m)

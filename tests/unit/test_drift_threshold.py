@@ -43,18 +43,20 @@ def test_a_pooled_detector_is_bounded_by_its_smallest_increment() -> None:
     wins = {"a": math.log(0.75 / 0.8), "b": math.log(0.3 / 0.5)}
     threshold = excursion_threshold([wins], 0.01)
     assert threshold >= max(excursion_threshold([{k: w}], 0.01) for k, w in wins.items())
-    for key, p0, p1 in (("a", 0.8, 0.75), ("b", 0.5, 0.3)):
+    for p0, p1 in ((0.8, 0.75), (0.5, 0.3)):
         assert _rate(Cusum(p0, p1, threshold), random.Random(5), 40_000, 0.0, p0) <= 0.01
     assert excursion_threshold([], 0.01) == 0.0
 
 
 def test_the_monitor_sets_every_detector_to_the_bound() -> None:
-    """At the default 1e-6 per label, the tiny profile's 12 detectors a label can reach share 14.7 nats (Lorden: 16.3)."""
+    """At the default 1e-6 per label the tiny profile's detectors share 14.7 nats (Lorden: 16.3)."""
     monitor = Monitor(_profile(), Monitoring())
     settings = Monitoring().settings
     assert monitor.threshold < settings.threshold_for(12) - 1.5
     detectors = [{c: d.win} for c, t in monitor._trackers.items() for d in t.down]
-    detectors += [dict(zip(m.configs, d.win, strict=True)) for m in monitor._modalities.values() for d in m.down]
+    detectors += [
+        dict(zip(m.configs, d.win, strict=True)) for m in monitor._modalities.values() for d in m.down
+    ]
     assert alarm_rate(detectors, monitor.threshold) <= settings.false_alarm_rate
     for tracker in monitor._trackers.values():
         assert {c.threshold for c in (*tracker.down, tracker.up)} == {monitor.threshold}
