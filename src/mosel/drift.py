@@ -78,7 +78,8 @@ class DriftSettings:
             the profile's (one CUSUM each tuned to a drop of ``margin``, 2x and 4x it).
         false_alarm_rate: at most this many alarms per labelled request, on average, while
             the live accuracy is the profile's (Lorden's bound on a CUSUM's run length:
-            ``exp(threshold)``; the detectors of one configuration share it).
+            ``exp(threshold)``; the detectors of one configuration share it). A monitor sets a
+            lower threshold for the same rate (:mod:`mosel.drift_threshold`).
         confidence: the confidence of the live lower bound (what live floors price at).
         pooled: also test each modality over the labels of every configuration containing it
             (:class:`ModalityTracker`); the false-alarm rate then covers both kinds of detector.

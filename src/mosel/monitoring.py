@@ -46,6 +46,7 @@ from mosel.drift import (
     Tracker,
     contributions,
 )
+from mosel.drift_threshold import tune
 from mosel.errors import InputError
 from mosel.monitoring_settings import Metric, Monitoring, argmax_label, labelled_rows, top1_scores
 from mosel.plan import PlannerConfig, build_plan, repriced_plan
@@ -179,17 +180,15 @@ class Monitor:
         settings = config.settings
         pooled = contributions(profile.accuracy) if settings.pooled else {}
         self._pools: dict[Configuration, tuple[ModalityTracker, ...]] = {c: () for c in profile.accuracy}
-        per_label = max((sum(c in added for added in pooled.values()) for c in profile.accuracy), default=0)
-        threshold = settings.threshold_for(len(settings.deltas) * (1 + per_label))
         self._modalities = {
-            m: ModalityTracker(m, added, profile.accuracy, settings, threshold) for m, added in pooled.items()
+            m: ModalityTracker(m, added, profile.accuracy, settings) for m, added in pooled.items()
         }
         for tracker_m in self._modalities.values():
             for c in tracker_m.configs:
                 self._pools[c] = (*self._pools[c], tracker_m)
-        self._trackers = {
-            c: Tracker(profile.key(c), a, settings, threshold) for c, a in profile.accuracy.items()
-        }
+        self._trackers = {c: Tracker(profile.key(c), a, settings) for c, a in profile.accuracy.items()}
+        self.threshold = tune(self._trackers, self._modalities.values(), settings.false_alarm_rate)
+        """Every drift detector's threshold (nats): the stated rate by :mod:`mosel.drift_threshold`."""
         self._shifts = {c: OutputShift(config.reference_rows, settings.memory) for c in profile.accuracy}
         self._shifted: set[Configuration] = set()
         self._records: dict[str, _Served] = {}

@@ -62,9 +62,10 @@ class Monitoring:
         margin: alarm when a configuration's live accuracy falls at least this far below the
             profile's.
         false_alarm_rate: alarms per labelled request at most, on average, while accuracy is
-            the profile's, all detectors together (each has the threshold ``log(D /
-            false_alarm_rate)``, ``D`` the detectors that see a label: 3 per configuration,
-            plus up to 3 per modality it pools with).
+            the profile's, all detectors together: every detector has the smallest threshold at
+            which the bound of :mod:`mosel.drift_threshold` (per excursion of each detector that
+            can read a label) allows no more. In ``N`` labels without drift there is a false
+            alarm with probability at most ``N * false_alarm_rate``.
         confidence: the confidence of the live lower bound (what live floors price at).
         pooled: also test each modality over the labels of every configuration containing it
             (a degraded modality lowers them all; see :class:`mosel.drift.ModalityTracker`),

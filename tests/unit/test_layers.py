@@ -45,6 +45,7 @@ LAYERS: dict[str, int] = {
     "mosel.admission": 2,
     "mosel.estimators": 2,
     "mosel.drift": 2,
+    "mosel.drift_threshold": 2,
     "mosel.policies.blocks": 2,
     "mosel.policies.base": 2,
     "mosel.policies.baselines": 2,
