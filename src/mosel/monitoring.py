@@ -46,6 +46,7 @@ from mosel.drift import (
     Tracker,
     contributions,
 )
+from mosel.drift_armed import Arming, apply, armed_threshold
 from mosel.drift_threshold import tune
 from mosel.errors import InputError
 from mosel.monitoring_settings import Metric, Monitoring, argmax_label, labelled_rows, top1_scores
@@ -189,6 +190,14 @@ class Monitor:
         self._trackers = {c: Tracker(profile.key(c), a, settings) for c, a in profile.accuracy.items()}
         self.threshold = tune(self._trackers, self._modalities.values(), settings.false_alarm_rate)
         """Every drift detector's threshold (nats): the stated rate by :mod:`mosel.drift_threshold`."""
+        self._arming = None if config.arm_rate is None else Arming(
+            profile.accuracy, {m: p.configs for m, p in self._modalities.items()},
+            reference_rows=config.reference_rows, rate=config.arm_rate, drop=config.arm_drop,
+        )  # fmt: skip
+        self.armed_threshold = armed_threshold(
+            self._trackers, self._modalities.values(), config.armed_false_alarm_rate
+        )
+        """The labelled detectors' threshold while armed (nats; :mod:`mosel.drift_armed`)."""
         self._shifts = {c: OutputShift(config.reference_rows, settings.memory) for c in profile.accuracy}
         self._shifted: set[Configuration] = set()
         self._records: dict[str, _Served] = {}
@@ -420,6 +429,7 @@ class Monitor:
         threshold = self.config.shift_threshold
         with self._lock:
             for config, (conf_list, cls_list) in groups.items():
+                self._arm(config, np.asarray(conf_list, dtype=np.float64))
                 shift = self._shifts[config]
                 shift.add(np.asarray(conf_list, dtype=np.float64), np.asarray(cls_list, dtype=np.int64))
                 worst = max(shift.shift().values(), default=0.0)
@@ -432,6 +442,26 @@ class Monitor:
                     self._shifted.discard(config)
         for tracker, worst in fired:
             self._alarm("output_shift", tracker.key, tracker.profiled, tracker.live, tracker.labels, 0, worst)
+
+    def digested(self, configuration: Configuration, confidences: Any) -> None:
+        """Served rows' confidences (top softmax probability) to the arming test.
+
+        :meth:`digest` gives them so; a simulation that draws confidences calls it directly.
+        """
+        with self._lock:
+            self._arm(configuration, np.asarray(confidences, dtype=np.float64))
+
+    def _arm(self, configuration: Configuration, confidences: Any) -> None:
+        """Confidences to the arming test; the labelled thresholds follow what is armed (lock held)."""
+        if self._arming is not None and self._arming.add(configuration, confidences):
+            apply(
+                self._arming.armed(), self._trackers, self._modalities, self.threshold, self.armed_threshold
+            )
+
+    def armed(self) -> set[Any]:
+        """The configurations and modalities whose label-free arming test is armed now."""
+        with self._lock:
+            return set() if self._arming is None else self._arming.armed()
 
     def after_fork(self) -> None:
         """In a forked child (no other thread exists): the lock is made anew."""
@@ -451,6 +481,8 @@ class Monitor:
             self._shifts[configuration].set_reference(
                 confidence.cpu().numpy().astype(np.float64), classes.cpu().numpy().astype(np.int64)
             )
+            if self._arming is not None:
+                self._arming.set_reference(configuration, confidence.cpu().numpy().astype(np.float64))
 
     # ------------------------------------------------------------------ shadow evaluation
 

@@ -90,6 +90,14 @@ class Monitoring:
             (label-free shift), unless :meth:`Monitor.set_reference` gave validation's.
         shift_threshold: an ``output_shift`` alarm when the population stability index of a
             configuration's recent confidences or classes exceeds this (re-armed below half).
+        arm_rate: label-free arming (:mod:`mosel.drift_armed`): a CUSUM of served outputs'
+            confidence per configuration and per modality, against the reference rows', at
+            most this many false armings per served row; while armed, the labelled detectors
+            reading those configurations alarm at ``armed_false_alarm_rate``'s threshold (labels
+            still confirm). False drift alarms are then at most ``false_alarm_rate`` per label
+            plus ``arm_rate`` per served row. None (the default): off.
+        armed_false_alarm_rate: the labelled detectors' rate per label once armed, in (0, 1).
+        arm_drop: the fall in mean confidence the arming test is tuned to.
         pseudo_label: turns the most accurate configuration's output into the targets its
             cheaper answer is scored against in a shadow run (default: argmax of a float
             tensor's last dimension).
@@ -114,6 +122,9 @@ class Monitoring:
     shadow_keep_s: float = 5.0
     reference_rows: int = 1000
     shift_threshold: float = 0.25
+    arm_rate: float | None = None
+    armed_false_alarm_rate: float = 1e-2
+    arm_drop: float = 0.075
     pseudo_label: Callable[[Tree], Any] | None = None
     seed: int = 0
 
@@ -131,7 +142,9 @@ class Monitoring:
         positive("shift_threshold", self.shift_threshold)
         if self.shadow_max_ms is not None:
             positive("shadow_max_ms", self.shadow_max_ms)
-        for name in ("margin", "false_alarm_rate"):
+        for name in ("margin", "false_alarm_rate", "armed_false_alarm_rate", "arm_drop") + (
+            ("arm_rate",) if self.arm_rate is not None else ()
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not 0.0 < value < 1.0:
                 raise ValueError(f"Monitoring.{name} must be in (0, 1), got {value!r}")

@@ -46,6 +46,7 @@ LAYERS: dict[str, int] = {
     "mosel.estimators": 2,
     "mosel.drift": 2,
     "mosel.drift_threshold": 2,
+    "mosel.drift_armed": 2,
     "mosel.policies.blocks": 2,
     "mosel.policies.base": 2,
     "mosel.policies.baselines": 2,

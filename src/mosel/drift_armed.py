@@ -1,0 +1,202 @@
+"""Label-free arming of the labelled drift detectors: a CUSUM of served outputs' confidence.
+
+A degraded input shows in the model's own confidence long before enough labels come back: on
+AV-Digits with the audio 15 points worse, a served output's confidence carries about ten times
+the evidence of a label (docs/monitoring.md). Confidence alone does not say that accuracy fell,
+so it never raises a drift alarm here; it *arms* the labelled detectors that read the same
+configurations, which then alarm at a lower threshold: label-free evidence arms, labels confirm.
+
+The test: each configuration's reference is the histogram (:data:`mosel.drift.CONFIDENCE_BINS`
+bins) of its first ``reference_rows`` served rows' confidence (or validation's). The alternative
+tilts it towards low confidence, ``q_b ~ p_b * exp(-theta * c_b)`` (``c_b`` the bin's middle),
+with ``theta`` such that the mean confidence falls by ``drop``: a row in bin ``b`` adds
+``log(q_b / p_b)`` to Page's CUSUM. One detector per configuration, and one per modality over
+the rows of every configuration containing it (as :class:`mosel.drift.ModalityTracker` pools
+labels). While the rows are as the reference, ``exp`` of the statistic is a supermartingale;
+by the excursion argument of :mod:`mosel.drift_threshold` a detector whose smallest increment
+is ``w`` starts at most ``(1 - e^w) / (e^h - e^w)`` false armings per row it reads, so each gets
+the threshold ``h`` at which the detectors reading a row together start at most ``rate``.
+
+A detector is armed from its crossing until its statistic falls back to 0. The stated bound
+of the whole: false drift alarms at most ``false_alarm_rate`` per label (the detectors at their
+own threshold) plus ``rate`` per served row (a false arming episode, whatever the labels then do).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from mosel.drift import CONFIDENCE_BINS, Configuration, ModalityTracker, Tracker
+from mosel.drift_threshold import excursion_threshold
+
+__all__ = ["Arming", "ConfidenceCusum", "armed_threshold", "confidence_bins", "tilted"]
+
+_MIDDLES = (np.arange(CONFIDENCE_BINS) + 0.5) / CONFIDENCE_BINS
+
+
+def confidence_bins(confidences: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+    """Each confidence's bin (as :class:`mosel.drift.OutputShift` counts them)."""
+    scaled = (np.clip(confidences, 0.0, 1.0) * CONFIDENCE_BINS).astype(np.int64)
+    return np.minimum(scaled, CONFIDENCE_BINS - 1)
+
+
+def tilted(reference: npt.NDArray[np.float64], drop: float) -> npt.NDArray[np.float64]:
+    """Per bin, ``log(q_b / p_b)``: the reference tilted so its mean confidence falls by ``drop``.
+
+    The reference is counts, smoothed by half a count per bin; the tilt goes at most to ``theta = 50``.
+    """
+    p = np.asarray(reference, dtype=np.float64) + 0.5
+    p = p / p.sum()
+    mean = float(p @ _MIDDLES)
+
+    def log_ratio(theta: float) -> npt.NDArray[np.float64]:
+        weights = -theta * _MIDDLES
+        return weights - math.log(float(p @ np.exp(weights)))
+
+    low, high = 0.0, 50.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        if mean - float((p * np.exp(log_ratio(mid))) @ _MIDDLES) < drop:
+            low = mid
+        else:
+            high = mid
+    return log_ratio(high)
+
+
+class ConfidenceCusum:
+    """Page's CUSUM of served rows' confidence over some configurations (each its own ratios)."""
+
+    __slots__ = ("armed", "ratios", "readers", "threshold", "value")
+
+    def __init__(self, readers: int) -> None:
+        self.ratios: dict[Configuration, npt.NDArray[np.float64]] = {}
+        self.readers = readers  # the detectors that read one row at most (the rate is shared)
+        self.threshold = math.inf
+        self.value = 0.0
+        self.armed = False
+
+    def add_reference(self, config: Configuration, ratios: npt.NDArray[np.float64], rate: float) -> None:
+        """Read ``config``'s rows with these per-bin ratios; the threshold for ``rate`` per row."""
+        self.ratios[config] = ratios
+        low = math.exp(min(float(r.min()) for r in self.ratios.values()))
+        self.threshold = math.log(low + self.readers * max(1.0 - low, 0.0) / rate)
+
+    def step(self, config: Configuration, bins: npt.NDArray[np.int64]) -> bool | None:
+        """Add ``config``'s rows; True when it arms, False when it disarms, else None."""
+        ratios = self.ratios.get(config)
+        if ratios is None:
+            return None
+        change = None
+        value, threshold = self.value, self.threshold
+        for x in ratios[bins].tolist():
+            value = max(value + x, 0.0)
+            if not self.armed and value >= threshold:
+                self.armed, change = True, True
+            elif self.armed and value <= 0.0:
+                self.armed, change = False, (None if change else False)
+        self.value = value
+        return change
+
+
+class Arming:
+    """The confidence detectors of a monitor's configurations and modality pools (see the module)."""
+
+    __slots__ = ("drop", "pools", "rate", "reference_rows", "references", "rows", "watchers")
+
+    def __init__(
+        self,
+        configurations: Iterable[Configuration],
+        pools: Mapping[str, Sequence[Configuration]],
+        *,
+        reference_rows: int,
+        rate: float,
+        drop: float,
+    ) -> None:
+        configs = list(configurations)
+        self.rate = rate
+        self.drop = drop
+        self.reference_rows = reference_rows
+        self.references = {c: np.zeros(CONFIDENCE_BINS) for c in configs}
+        self.rows = dict.fromkeys(configs, 0)
+        readers = {c: 1 + sum(c in members for members in pools.values()) for c in configs}
+        self.pools = {m: ConfidenceCusum(max(readers[c] for c in members)) for m, members in pools.items()}
+        own = {c: ConfidenceCusum(readers[c]) for c in configs}
+        self.watchers: dict[Configuration, list[tuple[Hashable, ConfidenceCusum]]] = {
+            c: [(c, own[c]), *((m, self.pools[m]) for m, members in pools.items() if c in members)]
+            for c in configs
+        }
+
+    def set_reference(self, config: Configuration, confidences: npt.NDArray[np.float64]) -> None:
+        """Take these rows (e.g. validation's) as ``config``'s reference."""
+        counts = np.bincount(confidence_bins(confidences), minlength=CONFIDENCE_BINS)
+        self.references[config] = counts.astype(np.float64)
+        self.rows[config] = max(self.rows[config], self.reference_rows)
+        self._referenced(config)
+
+    def _referenced(self, config: Configuration) -> None:
+        ratios = tilted(self.references[config], self.drop)
+        for _, cusum in self.watchers[config]:
+            cusum.add_reference(config, ratios, self.rate)
+
+    def add(self, config: Configuration, confidences: npt.NDArray[np.float64]) -> list[tuple[Hashable, bool]]:
+        """Served rows of ``config``: the detectors (a configuration or a modality) armed or disarmed."""
+        bins = confidence_bins(np.asarray(confidences, dtype=np.float64))
+        room = max(self.reference_rows - self.rows[config], 0)
+        if room:
+            self.references[config] += np.bincount(bins[:room], minlength=CONFIDENCE_BINS)
+            self.rows[config] += len(bins[:room])
+            bins = bins[room:]
+            if self.rows[config] >= self.reference_rows:
+                self._referenced(config)
+        changes = []
+        if len(bins):
+            for name, cusum in self.watchers[config]:
+                change = cusum.step(config, bins)
+                if change is not None:
+                    changes.append((name, change))
+        return changes
+
+    def armed(self) -> set[Hashable]:
+        """The configurations and modalities whose confidence detector is armed now."""
+        return {name for c in self.watchers for name, cusum in self.watchers[c] if cusum.armed}
+
+
+def armed_threshold(
+    trackers: Mapping[Configuration, Tracker], modalities: Iterable[ModalityTracker], false_alarm_rate: float
+) -> float:
+    """The labelled detectors' common threshold once armed.
+
+    :func:`mosel.drift_threshold.tune`'s for ``false_alarm_rate`` per label: what the labels must
+    show to confirm a drop.
+    """
+    detectors: list[dict[Hashable, float]] = [{c: d.win} for c, t in trackers.items() for d in t.down]
+    detectors += [dict(zip(m.configs, d.win, strict=True)) for m in modalities for d in m.down]
+    return excursion_threshold(detectors, false_alarm_rate)
+
+
+def apply(
+    armed: set[Hashable],
+    trackers: Mapping[Configuration, Tracker],
+    modalities: Mapping[str, ModalityTracker],
+    base: float,
+    lowered: float,
+) -> None:
+    """Set each labelled down detector's threshold: ``lowered`` where it or what it reads is armed.
+
+    A configuration's detectors are armed by its own confidence detector or a modality's
+    containing it; a modality's pooled detectors by its own or any of its configurations'.
+    """
+    pooled_armed = {
+        m for m, pool in modalities.items() if m in armed or any(c in armed for c in pool.configs)
+    }
+    for config, tracker in trackers.items():
+        on = config in armed or any(m in armed and config in p.configs for m, p in modalities.items())
+        for cusum in tracker.down:
+            cusum.threshold = lowered if on else base
+    for m, pool in modalities.items():
+        for pooled in pool.down:
+            pooled.threshold = lowered if m in pooled_armed else base
