@@ -76,9 +76,18 @@ class World:
     before: Mapping[Configuration, tuple[float, float]]
     after: Mapping[Configuration, tuple[float, float]]
     drift_s: float
+    confidence: Mapping[tuple[bool, Configuration, bool], list[int]] = field(default_factory=dict)
+    """(drifted, configuration, answered right) -> the real model's confidence counts per bin."""
 
     def at(self, config: Configuration, t: float) -> tuple[float, float]:
         return (self.after if t >= self.drift_s else self.before)[config]
+
+    def draw_confidence(self, rng: random.Random, config: Configuration, t: float, correct: int) -> float:
+        """A served output's confidence given its correctness: a bin drawn from the real model's
+        histogram (at this time's SNR, rows answered the same way), a point drawn within it."""
+        counts = self.confidence[(t >= self.drift_s, config, bool(correct))]
+        b = rng.choices(range(len(counts)), weights=counts)[0]
+        return (b + rng.random()) / len(counts)
 
 
 def world(profile: mosel.Profile, drift: str | None, drift_s: float) -> World:
@@ -87,9 +96,15 @@ def world(profile: mosel.Profile, drift: str | None, drift_s: float) -> World:
     base = table["-4.0"]
     keys = {c: profile.key(c) for c in profile.accuracy}
     before = {c: (profile.accuracy[c], base[k]["agreement"]) for c, k in keys.items()}
+    moved = table[DRIFTS[drift]] if drift is not None else base
+    confidence = {
+        (drifted, c, right): rows[k]["confidence"]["right" if right else "wrong"]
+        for drifted, rows in ((False, base), (True, moved))
+        for c, k in keys.items()
+        for right in (True, False)
+    }
     if drift is None:
-        return World(before, before, math.inf)
-    moved = table[DRIFTS[drift]]
+        return World(before, before, math.inf, confidence)
     after = {
         c: (
             min(max(profile.accuracy[c] + moved[k]["accuracy"] - base[k]["accuracy"], 0.0), 1.0),
@@ -97,7 +112,7 @@ def world(profile: mosel.Profile, drift: str | None, drift_s: float) -> World:
         )
         for c, k in keys.items()
     }
-    return World(before, after, drift_s)
+    return World(before, after, drift_s, confidence)
 
 
 # ---------------------------------------------------------------------------------- one simulated run
@@ -145,6 +160,7 @@ class DriftEngine(Engine):
         self.shadow_rate = shadow_rate
         self.draws = random.Random(seed + 101)
         self.shadow_rng = random.Random(seed + 202)  # batches keep their own draws: runs stay comparable
+        self.confidence_rng = random.Random(seed + 303)  # so do the labels: the confidences draw apart
         self.best = {a: max((c for c in profile.accuracy if c <= a), key=lambda c: profile.accuracy[c])
                      for a in profile.accuracy}  # fmt: skip
         self.pending: list[tuple[float, int, Configuration, float, float]] = []  # label heap
@@ -218,12 +234,15 @@ class DriftEngine(Engine):
             best = self.best[task.frontier.available]
             for config, count in task.strategy.groups:
                 accuracy, _ = self.world.at(config, now)
+                confidences = []
                 for _ in range(count):
                     correct = 1 if self.draws.random() < accuracy else 0
+                    confidences.append(self.world.draw_confidence(self.confidence_rng, config, now, correct))
                     self.outcome.served.append((now, accuracy, correct))
                     heapq.heappush(
                         self.pending, (now + self.delay_s, len(self.outcome.served), config, correct, now)
                     )
+                self.monitor.digested(config, confidences)  # as the server's idle-time digest does
                 if config != best:
                     cheap.append((config, best))
         if cheap and self.shadow_rate > 0 and self.shadow_rng.random() < self.shadow_rate:
@@ -256,6 +275,7 @@ def simulate_drift(
     shadow_rate: float,
     curve_every_s: float = 0.0,
     pooled: bool = True,
+    arm_rate: float | None = None,
 ) -> Outcome:
     """One seeded run: the trace, the drift, the labels, the monitor (and live floors)."""
     best = max(profile.accuracy.values())
@@ -273,7 +293,7 @@ def simulate_drift(
             outcome_alarms.append((clock.now(), name, engine.outcome.labels_after_drift))
 
     settings = mosel.Monitoring(
-        live_floors=live_floors, shadow_rate=shadow_rate, on_alarm=alarmed, pooled=pooled
+        live_floors=live_floors, shadow_rate=shadow_rate, on_alarm=alarmed, pooled=pooled, arm_rate=arm_rate
     )
     monitor = Monitor(profile, settings, name="AVDigits", clock=clock.now)
     engine = DriftEngine(
@@ -332,13 +352,15 @@ def detection(
     """Labels from the drift's start to the first alarm, per drift and seed; false alarms before it."""
     out: dict[str, Any] = {}
     for drift in args.drifts:
-        for pooled in (True, False) if args.pooled else (False,):
+        variants = [(True, args.arm_rate)] if args.arm_rate is not None else []
+        variants += [(True, None), (False, None)] if args.pooled else [(False, None)]
+        for pooled, arm_rate in variants:
             delays, early, missed, first = [], 0, 0, []
             for seed in range(args.seeds):
                 o = simulate_drift(
                     profile, residuals, load=0.5, seconds=args.seconds, seed=seed, drift=drift, drift_s=args.drift_s,
                     floor=args.floor or FLOORS[drift], slack_ms=slack_ms, live_floors=False, shadow_rate=0.0,
-                    pooled=pooled,
+                    pooled=pooled, arm_rate=arm_rate,
                 )  # fmt: skip
                 early += sum(1 for t, _, _ in o.alarms if t < args.drift_s)
                 after = [(t, c, n) for t, c, n in o.alarms if t >= args.drift_s]
@@ -348,6 +370,7 @@ def detection(
                 else:
                     missed += 1
             key = drift if pooled else f"{drift}, per-configuration detectors only"
+            key = f"{drift}, armed by confidence (arm rate {arm_rate:g})" if arm_rate else key
             out[key] = {
                 "median_labels": statistics.median(delays) if delays else None,
                 "labels": sorted(delays),
@@ -370,29 +393,36 @@ def no_drift(
         o = simulate_drift(
             profile, residuals, load=0.5, seconds=args.clean_seconds, seed=seed, drift=None, drift_s=math.inf,
             floor=args.floor or FLOORS["audio -15"], slack_ms=slack_ms, live_floors=True, shadow_rate=0.0,
-            pooled=args.pooled,
+            pooled=args.pooled, arm_rate=args.arm_rate,
         )  # fmt: skip
         runs.append((o.labels, len(o.alarms)))
         print(f"  served without drift, seed {seed}: {o.labels} labels, {len(o.alarms)} alarms "
               f"({[c for _, c, _ in o.alarms]})", flush=True)  # fmt: skip
     # Synthetic streams through the monitor itself (every detector, pooled ones too): labels of
     # configurations drawn uniformly, each at its profile's accuracy; after an alarm, a reset.
-    settings = mosel.Monitoring(pooled=args.pooled)
+    # With arming, each label's request also has a confidence, drawn given its correctness from
+    # the real model's drift-free histograms, digested before its label arrives.
+    settings = mosel.Monitoring(pooled=args.pooled, arm_rate=args.arm_rate)
     configs = sorted(profile.accuracy, key=profile.key)
+    clean = world(profile, None, math.inf)
     alarms = labels = 0
     for seed in range(args.streams):
         rng = random.Random(5 + seed)
         monitor = Monitor(profile, settings, name="AVDigits")
         for _ in range(args.stream_labels):
             config = configs[rng.randrange(len(configs))]
-            if monitor.observe(config, 1.0 if rng.random() < profile.accuracy[config] else 0.0) is not None:
+            correct = 1 if rng.random() < profile.accuracy[config] else 0
+            if args.arm_rate is not None:
+                monitor.digested(config, [clean.draw_confidence(rng, config, 0.0, correct)])
+            if monitor.observe(config, float(correct)) is not None:
                 monitor.reset()
         counters = monitor.snapshot().counters
         alarms += counters["alarms"] + counters["modality_alarms"]
         labels += args.stream_labels
     print(f"  synthetic streams at the profile's accuracies ({args.streams} seeds, all configurations): {alarms} "
           f"alarms in {labels:.1e} labels (stated bound: {settings.false_alarm_rate:g} per label, every "
-          f"detector together)", flush=True)  # fmt: skip
+          f"detector together{'' if args.arm_rate is None else f'; plus {args.arm_rate:g} per request armed'})",
+          flush=True)  # fmt: skip
     return {"simulated": runs, "simulated_labels": sum(n for n, _ in runs), "simulated_alarms": sum(a for _, a in runs),
             "stream_labels": labels, "stream_alarms": alarms, "stated_rate": settings.false_alarm_rate}  # fmt: skip
 
@@ -430,7 +460,7 @@ def floors(
                     o = simulate_drift(
                         profile, residuals, load=load, seconds=args.seconds, seed=seed, drift=drift,
                         drift_s=args.drift_s, floor=floor, slack_ms=slack_ms, live_floors=live, shadow_rate=0.0,
-                        pooled=args.pooled,
+                        pooled=args.pooled, arm_rate=args.arm_rate,
                     )  # fmt: skip
                     after = [t for t, _, _ in o.alarms if t >= args.drift_s]
                     start = after[0] if after else args.drift_s
@@ -735,6 +765,8 @@ def main() -> None:
     )
     parser.add_argument("--no-pooled", dest="pooled", action="store_false",
                         help="per-configuration detectors only (Monitoring(pooled=False)), as before issue 26's pooling")  # fmt: skip
+    parser.add_argument("--arm-rate", type=float, default=None,
+                        help="label-free arming (Monitoring(arm_rate=...)): false armings per request, e.g. 1e-6")  # fmt: skip
     parser.add_argument("--real", action="store_true", help="also serve the real model live (about a minute)")
     parser.add_argument("--real-seconds", type=float, default=45.0)
     parser.add_argument("--real-rate", type=float, default=60.0, help="jobs per second in the live run")
