@@ -1,0 +1,122 @@
+"""Label-free arming (mosel.drift_armed): a confidence CUSUM that lowers the labelled thresholds."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+import mosel
+from mosel.drift import CONFIDENCE_BINS
+from mosel.drift_armed import Arming, tilted
+from mosel.monitoring import Monitor, Monitoring
+
+from .helpers import Tiny, tiny_profile
+
+AV = frozenset({"audio", "video"})
+MIDDLES = (np.arange(CONFIDENCE_BINS) + 0.5) / CONFIDENCE_BINS
+
+
+@pytest.fixture(scope="module")
+def profile() -> mosel.Profile:
+    return tiny_profile(Tiny())
+
+
+def _confidence(rng: random.Random, correct: bool, shift: float) -> float:
+    """A served row's confidence: high when right, lower when wrong; ``shift`` lowers both."""
+    low, high = (0.65, 1.0) if correct else (0.3, 0.7)
+    return min(max(rng.uniform(low, high) - shift, 0.0), 1.0)
+
+
+def _labels_to_alarm(
+    profile: mosel.Profile, arm_rate: float | None, *, accuracy: float, shift: float, seed: int, limit: int
+) -> tuple[int | None, Monitor]:
+    """1000 drift-free rows (the reference), then rows at ``accuracy`` and ``shift``: labels to the first alarm."""
+    monitor = Monitor(profile, Monitoring(arm_rate=arm_rate))
+    rng = random.Random(seed)
+    p0 = profile.accuracy[AV]
+    for i in range(1000 + limit):
+        drifted = i >= 1000
+        correct = rng.random() < (accuracy if drifted else p0)
+        monitor.digested(AV, [_confidence(rng, correct, shift if drifted else 0.0)])
+        if monitor.observe(AV, float(correct)) in ("drift", "modality_drift"):
+            return (i - 1000 + 1 if drifted else -1), monitor
+    return None, monitor
+
+
+def test_the_alternative_is_a_likelihood_ratio_of_the_stated_drop() -> None:
+    reference = np.array([0, 0, 3, 9, 20, 30, 40, 60, 80, 200], dtype=np.float64)
+    ratios = tilted(reference, 0.075)
+    p = (reference + 0.5) / (reference + 0.5).sum()
+    q = p * np.exp(ratios)
+    assert q.sum() == pytest.approx(1.0)  # E_p[exp(x)] = 1: the supermartingale under the reference
+    assert float(p @ MIDDLES - q @ MIDDLES) == pytest.approx(0.075, abs=1e-6)
+    assert np.all(np.diff(ratios) < 0)  # lower confidence, more evidence of the drop
+
+
+def test_each_detector_keeps_to_the_stated_rate_per_row() -> None:
+    arming = Arming([AV, frozenset({"audio"})], {"audio": [AV, frozenset({"audio"})]},
+                    reference_rows=100, rate=1e-6, drop=0.075)  # fmt: skip
+    arming.set_reference(AV, np.linspace(0.3, 1.0, 500))
+    for _, cusum in arming.watchers[AV]:
+        low = math.exp(min(float(r.min()) for r in cusum.ratios.values()))
+        # two detectors read an AV row: each starts at most rate / 2 false armings per row
+        assert (1 - low) / (math.exp(cusum.threshold) - low) == pytest.approx(1e-6 / 2)
+
+
+def test_armed_detectors_alarm_sooner_on_a_shifted_stream_at_the_same_stated_rate(
+    profile: mosel.Profile,
+) -> None:
+    for seed in range(3):
+        plain, _ = _labels_to_alarm(profile, None, accuracy=0.77, shift=0.05, seed=seed, limit=4000)
+        armed, monitor = _labels_to_alarm(profile, 1e-6, accuracy=0.77, shift=0.05, seed=seed, limit=4000)
+        assert plain is not None and armed is not None and armed > 0
+        assert armed < plain / 2, (seed, armed, plain)
+        assert monitor.armed()  # what armed it is still armed: the labels confirmed
+
+
+def test_no_alarm_and_no_arming_on_drift_free_streams(profile: mosel.Profile) -> None:
+    for seed in range(2):
+        delay, monitor = _labels_to_alarm(
+            profile, 1e-6, accuracy=profile.accuracy[AV], shift=0.0, seed=10 + seed, limit=20_000
+        )
+        assert delay is None
+        assert not monitor.armed()
+        assert monitor.snapshot().counters["alarms"] == 0
+
+
+def test_confidence_alone_arms_but_never_alarms(profile: mosel.Profile) -> None:
+    alarms: list[mosel.Alarm] = []
+    monitor = Monitor(profile, Monitoring(arm_rate=1e-6, on_alarm=alarms.append))
+    rng = random.Random(0)
+    monitor.digested(AV, [_confidence(rng, rng.random() < 0.85, 0.0) for _ in range(1000)])
+    assert not monitor.armed()
+    monitor.digested(AV, [_confidence(rng, rng.random() < 0.5, 0.2) for _ in range(2000)])
+    assert AV in monitor.armed() and "audio" in monitor.armed()
+    assert not alarms and monitor.snapshot().counters["alarms"] == 0
+    # armed: the labelled detectors of the configurations it reads run at the lowered threshold
+    assert {c.threshold for c in monitor._trackers[AV].down} == {monitor.armed_threshold}
+    assert {c.threshold for c in monitor._trackers[frozenset({"text"})].down} == {monitor.threshold}
+
+
+def test_the_digest_feeds_the_arming_test(profile: mosel.Profile) -> None:
+    import torch
+
+    monitor = Monitor(profile, Monitoring(arm_rate=1e-6, reference_rows=50))
+    confident = torch.tensor([[6.0, 0.0, 0.0]]).repeat(50, 1)  # softmax top ~0.995
+    unsure = torch.tensor([[0.2, 0.0, 0.0]]).repeat(400, 1)  # top ~0.38
+    for output in (confident, unsure):
+        monitor.record(mosel.Result(output, (AV,) * len(output), 0.8, 1.0, 1.0, 1.0, ()), None, None, None)
+        while monitor.digest_waiting:
+            monitor.digest()
+    assert AV in monitor.armed()
+
+
+def test_arming_is_off_by_default(profile: mosel.Profile) -> None:
+    monitor = Monitor(profile, Monitoring())
+    monitor.digested(AV, [0.1] * 5000)
+    assert not monitor.armed()
+    with pytest.raises(ValueError, match="arm_rate"):
+        Monitoring(arm_rate=0.0)
