@@ -64,6 +64,8 @@ DRIFTS = {"audio -15": "-13.0", "audio -40": "-20.0"}
 FLOORS = {"audio -15": 0.75, "audio -40": 0.70}
 """Scenario -> the jobs' floor: one that a configuration still reaches after the drift."""
 Configuration = frozenset[str]
+ARMED_RATE = [1e-2]
+"""The labelled detectors' rate per label once armed (``--armed-rate``)."""
 
 
 # ---------------------------------------------------------------------------------- the world
@@ -293,7 +295,8 @@ def simulate_drift(
             outcome_alarms.append((clock.now(), name, engine.outcome.labels_after_drift))
 
     settings = mosel.Monitoring(
-        live_floors=live_floors, shadow_rate=shadow_rate, on_alarm=alarmed, pooled=pooled, arm_rate=arm_rate
+        live_floors=live_floors, shadow_rate=shadow_rate, on_alarm=alarmed, pooled=pooled, arm_rate=arm_rate,
+        armed_false_alarm_rate=ARMED_RATE[0],
     )
     monitor = Monitor(profile, settings, name="AVDigits", clock=clock.now)
     engine = DriftEngine(
@@ -402,7 +405,7 @@ def no_drift(
     # configurations drawn uniformly, each at its profile's accuracy; after an alarm, a reset.
     # With arming, each label's request also has a confidence, drawn given its correctness from
     # the real model's drift-free histograms, digested before its label arrives.
-    settings = mosel.Monitoring(pooled=args.pooled, arm_rate=args.arm_rate)
+    settings = mosel.Monitoring(pooled=args.pooled, arm_rate=args.arm_rate, armed_false_alarm_rate=args.armed_rate)
     configs = sorted(profile.accuracy, key=profile.key)
     clean = world(profile, None, math.inf)
     alarms = labels = 0
@@ -767,6 +770,8 @@ def main() -> None:
                         help="per-configuration detectors only (Monitoring(pooled=False)), as before issue 26's pooling")  # fmt: skip
     parser.add_argument("--arm-rate", type=float, default=None,
                         help="label-free arming (Monitoring(arm_rate=...)): false armings per request, e.g. 1e-6")  # fmt: skip
+    parser.add_argument("--armed-rate", type=float, default=1e-2,
+                        help="with --arm-rate: the labelled detectors' false-alarm rate per label once armed")  # fmt: skip
     parser.add_argument("--real", action="store_true", help="also serve the real model live (about a minute)")
     parser.add_argument("--real-seconds", type=float, default=45.0)
     parser.add_argument("--real-rate", type=float, default=60.0, help="jobs per second in the live run")
@@ -780,6 +785,7 @@ def main() -> None:
     if args.command == "measure":
         measure()
         return
+    ARMED_RATE[0] = args.armed_rate
     args.seeds = args.detection_seeds or (3 if args.quick else 20)
     args.few_seeds = args.floor_seeds or (
         2 if args.quick else 10
