@@ -426,8 +426,33 @@ def no_drift(
           f"alarms in {labels:.1e} labels (stated bound: {settings.false_alarm_rate:g} per label, every "
           f"detector together{'' if args.arm_rate is None else f'; plus {args.arm_rate:g} per request armed'})",
           flush=True)  # fmt: skip
+    armings = _false_armings(profile, clean, args.stream_labels) if args.arm_rate is not None else {}
     return {"simulated": runs, "simulated_labels": sum(n for n, _ in runs), "simulated_alarms": sum(a for _, a in runs),
-            "stream_labels": labels, "stream_alarms": alarms, "stated_rate": settings.false_alarm_rate}  # fmt: skip
+            "stream_labels": labels, "stream_alarms": alarms, "stated_rate": settings.false_alarm_rate,
+            "armings": armings}  # fmt: skip
+
+
+def _false_armings(profile: mosel.Profile, clean: World, rows: int) -> dict[str, Any]:
+    """The arming test alone on drift-free rows (the real model's confidences, configurations mixed
+    uniformly), at its stated rate and looser ones: armings started per row, measured."""
+    from mosel.drift_armed import Arming
+
+    configs = sorted(profile.accuracy, key=profile.key)
+    pools = {m: p.configs for m, p in Monitor(profile, mosel.Monitoring(), name="x")._modalities.items()}
+    out = {}
+    for rate in (1e-6, 1e-4, 1e-2):
+        rng = random.Random(7)
+        arming = Arming(configs, pools, reference_rows=1000, rate=rate, drop=mosel.Monitoring().arm_drop)
+        started = 0
+        for _ in range(rows // 100):
+            config = configs[rng.randrange(len(configs))]
+            batch = [clean.draw_confidence(rng, config, 0.0, int(rng.random() < profile.accuracy[config]))
+                     for _ in range(100)]  # fmt: skip
+            started += sum(1 for _, armed in arming.add(config, batch) if armed)
+        out[f"{rate:g}"] = started / rows
+        print(f"  arming alone, drift-free rows of the real model's confidences: stated {rate:g} per row, "
+              f"measured {started} armings in {rows:.1e} rows", flush=True)  # fmt: skip
+    return out
 
 
 def noise_share(
