@@ -356,7 +356,8 @@ def detection(
     out: dict[str, Any] = {}
     for drift in args.drifts:
         variants = [(True, args.arm_rate)] if args.arm_rate is not None else []
-        variants += [(True, None), (False, None)] if args.pooled else [(False, None)]
+        if not (args.armed_only and variants):
+            variants += [(True, None), (False, None)] if args.pooled else [(False, None)]
         for pooled, arm_rate in variants:
             delays, early, missed, first = [], 0, 0, []
             for seed in range(args.seeds):
@@ -795,6 +796,7 @@ def main() -> None:
                         help="per-configuration detectors only (Monitoring(pooled=False)), as before issue 26's pooling")  # fmt: skip
     parser.add_argument("--arm-rate", type=float, default=None,
                         help="label-free arming (Monitoring(arm_rate=...)): false armings per request, e.g. 1e-6")  # fmt: skip
+    parser.add_argument("--armed-only", action="store_true", help="with --arm-rate: detection armed only")
     parser.add_argument("--armed-rate", type=float, default=1e-2,
                         help="with --arm-rate: the labelled detectors' false-alarm rate per label once armed")  # fmt: skip
     parser.add_argument("--real", action="store_true", help="also serve the real model live (about a minute)")
