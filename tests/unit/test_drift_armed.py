@@ -33,7 +33,7 @@ def _confidence(rng: random.Random, correct: bool, shift: float) -> float:
 def _labels_to_alarm(
     profile: mosel.Profile, arm_rate: float | None, *, accuracy: float, shift: float, seed: int, limit: int
 ) -> tuple[int | None, Monitor]:
-    """1000 drift-free rows (the reference), then rows at ``accuracy`` and ``shift``: labels to the first alarm."""
+    """1000 drift-free rows (the reference), then rows at ``accuracy`` and ``shift``: labels to an alarm."""
     monitor = Monitor(profile, Monitoring(arm_rate=arm_rate))
     rng = random.Random(seed)
     p0 = profile.accuracy[AV]
