@@ -650,7 +650,7 @@ def real_run(args: argparse.Namespace) -> dict[str, Any]:
     after = [0]
     started = time.monotonic()
     mosel.attach(model, profile, monitoring=mosel.Monitoring(
-        live_floors=True, shadow_rate=0.2,
+        live_floors=True, shadow_rate=0.2, arm_rate=args.arm_rate,
         on_alarm=lambda a: alarms.append((time.monotonic() - started, a, after[0]))))  # fmt: skip
     slack_ms = 3 * statistics.mean(profile.plan.frontier(frozenset(profile.modalities), n).best.predicted_latency_ms
                                    for n in range(1, 9))  # fmt: skip
