@@ -3,8 +3,9 @@
 A degraded input shows in the model's own confidence long before enough labels come back: on
 AV-Digits with the audio 15 points worse, a served output's confidence carries about ten times
 the evidence of a label (docs/monitoring.md). Confidence alone does not say that accuracy fell,
-so it never raises a drift alarm here; it *arms* the labelled detectors that read the same
-configurations, which then alarm at a lower threshold: label-free evidence arms, labels confirm.
+so it never raises a drift alarm here; it *arms* its labelled counterpart (a configuration's
+detectors, or a modality's pooled ones), which then alarms at a lower threshold: label-free
+evidence arms, labels confirm.
 
 The test: each configuration's reference is the histogram (:data:`mosel.drift.CONFIDENCE_BINS`
 bins) of its first ``reference_rows`` served rows' confidence (or validation's). The alternative
@@ -185,18 +186,15 @@ def apply(
     base: float,
     lowered: float,
 ) -> None:
-    """Set each labelled down detector's threshold: ``lowered`` where it or what it reads is armed.
+    """Set each labelled down detector's threshold: ``lowered`` where its own counterpart is armed.
 
-    A configuration's detectors are armed by its own confidence detector or a modality's
-    containing it; a modality's pooled detectors by its own or any of its configurations'.
+    A configuration's detectors are armed by its own confidence detector, a modality's pooled
+    ones by the modality's: a configuration whose outputs did not move (image+video when the
+    audio degrades) keeps its threshold, though a modality it shares is armed.
     """
-    pooled_armed = {
-        m for m, pool in modalities.items() if m in armed or any(c in armed for c in pool.configs)
-    }
     for config, tracker in trackers.items():
-        on = config in armed or any(m in armed and config in p.configs for m, p in modalities.items())
         for cusum in tracker.down:
-            cusum.threshold = lowered if on else base
+            cusum.threshold = lowered if config in armed else base
     for m, pool in modalities.items():
         for pooled in pool.down:
-            pooled.threshold = lowered if m in pooled_armed else base
+            pooled.threshold = lowered if m in armed else base

@@ -99,6 +99,9 @@ def test_confidence_alone_arms_but_never_alarms(profile: mosel.Profile) -> None:
     # armed: the labelled detectors of the configurations it reads run at the lowered threshold
     assert {c.threshold for c in monitor._trackers[AV].down} == {monitor.armed_threshold}
     assert {c.threshold for c in monitor._trackers[frozenset({"text"})].down} == {monitor.threshold}
+    # audio+text shares the armed audio modality, but its own outputs did not move: not armed
+    assert {c.threshold for c in monitor._trackers[frozenset({"audio", "text"})].down} == {monitor.threshold}
+    assert {c.threshold for c in monitor._modalities["audio"].down} == {monitor.armed_threshold}
 
 
 def test_the_digest_feeds_the_arming_test(profile: mosel.Profile) -> None:
