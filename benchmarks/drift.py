@@ -259,7 +259,7 @@ class DriftEngine(Engine):
             outcome.labels += 1
             if served_at >= self.world.drift_s:
                 outcome.labels_after_drift += 1
-            self.monitor.observe(config, float(correct))
+            self.monitor.observe(config, float(correct), served_at=served_at)
 
 
 def simulate_drift(

@@ -38,6 +38,7 @@ __all__ = [
     "ModalityTracker",
     "OutputShift",
     "Tracker",
+    "episode_alarm",
     "contributions",
     "psi",
     "wilson_lower",
@@ -120,9 +121,16 @@ class Cusum:
     a false alarm is at least ``exp(threshold)`` on average (the exponentiated increments are a
     supermartingale for any scores in [0, 1] by convexity). The scores since it last left 0 are
     counted: at an alarm, they estimate the change point and the accuracy after it.
+
+    Armed (:mod:`mosel.drift_armed`), it also keeps an *episode*: the same log-likelihood ratio
+    summed from the arming on, never clipped (:func:`episode_alarm` reads it). While the scores'
+    mean is ``p0``, its exponential is a nonnegative supermartingale from 1.
     """
 
-    __slots__ = ("fail", "since_n", "since_sum", "threshold", "value", "win")
+    __slots__ = (
+        "episode", "episode_n", "episode_since", "episode_sum", "episode_threshold", "fail", "since_n",
+        "since_sum", "threshold", "value", "win",
+    )  # fmt: skip
 
     def __init__(self, p0: float, p1: float, threshold: float) -> None:
         p0 = min(max(p0, _CLAMP), 1 - _CLAMP)
@@ -133,21 +141,65 @@ class Cusum:
         self.value = 0.0
         self.since_n = 0
         self.since_sum = 0.0
+        self.episode: float | None = None  # the armed episode's sum (None: not armed)
+        self.episode_threshold = math.inf
+        self.episode_since = 0.0  # requests served before it do not count
+        self.episode_n = 0
+        self.episode_sum = 0.0
 
-    def step(self, x: float) -> bool:
-        """Add one score; True when the statistic reaches the threshold."""
-        value = self.value + x * self.win + (1.0 - x) * self.fail
+    def step(self, x: float, at: float = math.inf) -> bool:
+        """Add one score (to the episode too, if armed before ``at``, its request's service); True at an alarm."""
+        increment = x * self.win + (1.0 - x) * self.fail
+        value = self.value + increment
         if value <= 0.0:
             self.value, self.since_n, self.since_sum = 0.0, 0, 0.0
-            return False
-        self.value = value
-        self.since_n += 1
-        self.since_sum += x
+        else:
+            self.value = value
+            self.since_n += 1
+            self.since_sum += x
+        if self.episode is not None and at >= self.episode_since:
+            self.episode += increment
+            self.episode_n += 1
+            self.episode_sum += x
         return value >= self.threshold
 
+    def arm(self, threshold: float, since: float) -> None:
+        """Start an episode (its sum at 0) that alarms at ``threshold`` and reads the labels of
+        requests served from ``since`` on (any order of arrival); an episode running goes on."""
+        if self.episode is None:
+            self.episode, self.episode_n, self.episode_sum = 0.0, 0, 0.0
+            self.episode_threshold, self.episode_since = threshold, since
+
+    def disarm(self) -> None:
+        """End the episode, if any."""
+        self.episode = None
+
+    @property
+    def cleared(self) -> bool:
+        """The episode's labels favour ``p0`` by as much as an alarm would need the other way."""
+        return self.episode is not None and self.episode <= -self.episode_threshold
+
     def reset(self) -> None:
-        """Back to 0 (after an alarm)."""
+        """Back to 0 (after an alarm); an episode ends."""
         self.value, self.since_n, self.since_sum = 0.0, 0, 0.0
+        self.episode = None
+
+
+def episode_alarm(detectors: Sequence[Cusum] | Sequence[_Pooled]) -> bool:
+    """Whether an armed episode of ``detectors`` (one counterpart's down detectors) alarms now.
+
+    It does when the mean of their episodes' likelihood ratios reaches ``e^h``, ``h`` the
+    episode's threshold. The mean is itself a nonnegative supermartingale from 1 while the
+    accuracy is the profile's, so by Ville's inequality an episode alarms with probability at
+    most ``e^-h``, however long it lasts; it is never later than any one detector at ``h +
+    log(len(detectors))`` (a union bound), and sooner where several see the drop.
+    """
+    if not detectors or detectors[0].episode is None:
+        return False
+    sums = [d.episode for d in detectors if d.episode is not None]
+    top = max(sums)
+    mean = top + math.log(sum(math.exp(v - top) for v in sums) / len(sums))
+    return mean >= detectors[0].episode_threshold
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,8 +274,8 @@ class Tracker:
         self.shadowed = 0
         self.buckets: dict[str, list[float]] = {}  # bucket -> [discounted wins, losses, labels]
 
-    def observe(self, score: float, bucket: str | None = None) -> AlarmKind | None:
-        """One labelled request's score; the alarm it raises, if any."""
+    def observe(self, score: float, bucket: str | None = None, at: float = math.inf) -> AlarmKind | None:
+        """One labelled request's score (``at``: when it was served); the alarm it raises, if any."""
         lam = self.lam
         self.wins = lam * self.wins + score
         self.losses = lam * self.losses + (1.0 - score)
@@ -242,8 +294,11 @@ class Tracker:
             return None
         fired = None
         for cusum in self.down:
-            if cusum.step(score) and fired is None:
+            if cusum.step(score, at) and fired is None:
                 fired = cusum
+        if fired is None and episode_alarm(self.down):
+            fired = self.down[0]  # the change point: the arming
+            fired.since_n, fired.since_sum = fired.episode_n, fired.episode_sum
         if fired is not None:
             self.alarms += 1
             self._restart(fired, drifted=True)
@@ -345,7 +400,10 @@ class _Pooled:
     since it last left 0 are counted per configuration.
     """
 
-    __slots__ = ("fail", "since_n", "since_sum", "threshold", "value", "win")
+    __slots__ = (
+        "episode", "episode_n", "episode_since", "episode_sum", "episode_threshold", "fail", "since_n",
+        "since_sum", "threshold", "value", "win",
+    )  # fmt: skip
 
     def __init__(self, p0: Sequence[float], p1: Sequence[float], threshold: float) -> None:
         lo, hi = _CLAMP, 1 - _CLAMP
@@ -356,24 +414,54 @@ class _Pooled:
         self.value = 0.0
         self.since_n = [0] * len(pairs)
         self.since_sum = [0.0] * len(pairs)
+        self.episode: float | None = None  # as Cusum's
+        self.episode_threshold = math.inf
+        self.episode_since = 0.0
+        self.episode_n = [0] * len(pairs)
+        self.episode_sum = [0.0] * len(pairs)
 
-    def step(self, i: int, x: float) -> bool:
-        """Add configuration ``i``'s score; True when the statistic reaches the threshold."""
-        value = self.value + x * self.win[i] + (1.0 - x) * self.fail[i]
+    def step(self, i: int, x: float, at: float = math.inf) -> bool:
+        """Add configuration ``i``'s score (to the episode too, as :meth:`Cusum.step`); True at an alarm."""
+        increment = x * self.win[i] + (1.0 - x) * self.fail[i]
+        value = self.value + increment
         if value <= 0.0:
             if self.value > 0.0:
-                self.reset()
-            return False
-        self.value = value
-        self.since_n[i] += 1
-        self.since_sum[i] += x
+                self.value = 0.0
+                self.since_n = [0] * len(self.since_n)
+                self.since_sum = [0.0] * len(self.since_sum)
+        else:
+            self.value = value
+            self.since_n[i] += 1
+            self.since_sum[i] += x
+        if self.episode is not None and at >= self.episode_since:
+            self.episode += increment
+            self.episode_n[i] += 1
+            self.episode_sum[i] += x
         return value >= self.threshold
 
+    def arm(self, threshold: float, since: float) -> None:
+        """As :meth:`Cusum.arm`."""
+        if self.episode is None:
+            self.episode = 0.0
+            self.episode_n = [0] * len(self.episode_n)
+            self.episode_sum = [0.0] * len(self.episode_sum)
+            self.episode_threshold, self.episode_since = threshold, since
+
+    def disarm(self) -> None:
+        """End the episode, if any."""
+        self.episode = None
+
+    @property
+    def cleared(self) -> bool:
+        """As :attr:`Cusum.cleared`."""
+        return self.episode is not None and self.episode <= -self.episode_threshold
+
     def reset(self) -> None:
-        """Back to 0."""
+        """Back to 0; an episode ends."""
         self.value = 0.0
         self.since_n = [0] * len(self.since_n)
         self.since_sum = [0.0] * len(self.since_sum)
+        self.episode = None
 
 
 class ModalityTracker:
@@ -429,8 +517,8 @@ class ModalityTracker:
         self.drifted = False
         self.alarms = 0
 
-    def observe(self, config: Configuration, score: float) -> AlarmKind | None:
-        """One labelled request's score (of any configuration); the alarm it raises, if any."""
+    def observe(self, config: Configuration, score: float, at: float = math.inf) -> AlarmKind | None:
+        """One labelled request's score (of any configuration; ``at``: when it was served); its alarm, if any."""
         i = self.index.get(config)
         if i is None:
             return None
@@ -447,8 +535,11 @@ class ModalityTracker:
             return None
         fired = None
         for cusum in self.down:
-            if cusum.step(i, score) and fired is None:
+            if cusum.step(i, score, at) and fired is None:
                 fired = cusum
+        if fired is None and episode_alarm(self.down):
+            fired = self.down[0]  # the change point: the arming
+            fired.since_n, fired.since_sum = list(fired.episode_n), list(fired.episode_sum)
         if fired is not None:
             self.alarms += 1
             self._restart(fired, drifted=True)

@@ -4,23 +4,36 @@ A degraded input shows in the model's own confidence long before enough labels c
 AV-Digits with the audio 15 points worse, a served output's confidence carries about ten times
 the evidence of a label (docs/monitoring.md). Confidence alone does not say that accuracy fell,
 so it never raises a drift alarm here; it *arms* its labelled counterpart (a configuration's
-detectors, or a modality's pooled ones), which then alarms at a lower threshold: label-free
-evidence arms, labels confirm.
+detectors, or a modality's pooled ones), which then runs an *episode*: label-free evidence arms,
+labels confirm.
 
-The test: each configuration's reference is the histogram (:data:`mosel.drift.CONFIDENCE_BINS`
-bins) of its first ``reference_rows`` served rows' confidence (or validation's). The alternative
-tilts it towards low confidence, ``q_b ~ p_b * exp(-theta * c_b)`` (``c_b`` the bin's middle),
-with ``theta`` such that the mean confidence falls by ``drop``: a row in bin ``b`` adds
-``log(q_b / p_b)`` to Page's CUSUM. One detector per configuration, and one per modality over
-the rows of every configuration containing it (as :class:`mosel.drift.ModalityTracker` pools
-labels). While the rows are as the reference, ``exp`` of the statistic is a supermartingale;
-by the excursion argument of :mod:`mosel.drift_threshold` a detector whose smallest increment
-is ``w`` starts at most ``(1 - e^w) / (e^h - e^w)`` false armings per row it reads, so each gets
-the threshold ``h`` at which the detectors reading a row together start at most ``rate``.
+The confidence test: each configuration's reference is the histogram
+(:data:`mosel.drift.CONFIDENCE_BINS` bins) of its first ``reference_rows`` served rows'
+confidence (or validation's). The alternative tilts it towards low confidence, ``q_b ~ p_b *
+exp(-theta * c_b)`` (``c_b`` the bin's middle), with ``theta`` such that the mean confidence
+falls by ``drop``: a row in bin ``b`` adds ``log(q_b / p_b)`` to Page's CUSUM. One detector per
+configuration, and one per modality over the rows of every configuration containing it (as
+:class:`mosel.drift.ModalityTracker` pools labels). While the rows are as the reference, ``exp``
+of the statistic is a supermartingale; by the excursion argument of
+:mod:`mosel.drift_threshold` a detector whose smallest increment is ``w`` starts at most ``(1 -
+e^w) / (e^h - e^w)`` false armings per row it reads, so each gets the threshold ``h`` at which
+the detectors reading a row together start at most ``rate``. A detector is armed from its
+crossing until its statistic falls back to 0.
 
-A detector is armed from its crossing until its statistic falls back to 0. The stated bound
-of the whole: false drift alarms at most ``false_alarm_rate`` per label (the detectors at their
-own threshold) plus ``rate`` per served row (a false arming episode, whatever the labels then do).
+The episode: each down detector of the armed counterpart sums its labels' log-likelihood ratios
+from the arming on (:meth:`mosel.drift.Cusum.arm`), never clipped at 0, and the counterpart
+alarms when the mean of their exponentials reaches ``e^h`` (:func:`mosel.drift.episode_alarm`,
+:func:`episode_threshold`). While the accuracy is the profile's, that mean is a nonnegative
+supermartingale from 1, so by Ville's inequality an episode alarms with probability at most
+``e^-h``: ``armed_false_alarm_rate`` per episode, however long it lasts and whatever moved the
+confidence. An episode whose labels
+favour the profile's accuracy by as much (the smallest drop's sum at ``-h``) ends: the shift
+was benign, and the configurations it read take their recent rows as the new reference
+(:meth:`Arming.rereference`), so that the same shift does not arm again.
+
+The stated bound of the whole: false drift alarms at most ``false_alarm_rate`` per label (the
+detectors' own statistics, at their unarmed threshold), plus ``armed_false_alarm_rate`` per
+arming episode; without any shift, at most ``arm_rate`` episodes start per served row.
 """
 
 from __future__ import annotations
@@ -32,9 +45,8 @@ import numpy as np
 import numpy.typing as npt
 
 from mosel.drift import CONFIDENCE_BINS, Configuration, ModalityTracker, Tracker
-from mosel.drift_threshold import excursion_threshold
 
-__all__ = ["Arming", "ConfidenceCusum", "armed_threshold", "confidence_bins", "tilted"]
+__all__ = ["Arming", "ConfidenceCusum", "confidence_bins", "episode_threshold", "tilted"]
 
 _MIDDLES = (np.arange(CONFIDENCE_BINS) + 0.5) / CONFIDENCE_BINS
 
@@ -86,6 +98,14 @@ class ConfidenceCusum:
         low = math.exp(min(float(r.min()) for r in self.ratios.values()))
         self.threshold = math.log(low + self.readers * max(1.0 - low, 0.0) / rate)
 
+    def forget(self, config: Configuration) -> None:
+        """Stop reading ``config``'s rows (until :meth:`add_reference` gives them again)."""
+        self.ratios.pop(config, None)
+
+    def restart(self) -> None:
+        """Back to 0, disarmed."""
+        self.value, self.armed = 0.0, False
+
     def step(self, config: Configuration, bins: npt.NDArray[np.int64]) -> bool | None:
         """Add ``config``'s rows; True when it arms, False when it disarms, else None."""
         ratios = self.ratios.get(config)
@@ -106,7 +126,7 @@ class ConfidenceCusum:
 class Arming:
     """The confidence detectors of a monitor's configurations and modality pools (see the module)."""
 
-    __slots__ = ("drop", "pools", "rate", "reference_rows", "references", "rows", "watchers")
+    __slots__ = ("drop", "members", "pools", "rate", "reference_rows", "references", "rows", "watchers")
 
     def __init__(
         self,
@@ -129,6 +149,10 @@ class Arming:
         self.watchers: dict[Configuration, list[tuple[Hashable, ConfidenceCusum]]] = {
             c: [(c, own[c]), *((m, self.pools[m]) for m, members in pools.items() if c in members)]
             for c in configs
+        }
+        self.members: dict[Hashable, tuple[ConfidenceCusum, list[Configuration]]] = {
+            **{c: (own[c], [c]) for c in configs},
+            **{m: (self.pools[m], list(members)) for m, members in pools.items()},
         }
 
     def set_reference(self, config: Configuration, confidences: npt.NDArray[np.float64]) -> None:
@@ -165,36 +189,51 @@ class Arming:
         """The configurations and modalities whose confidence detector is armed now."""
         return {name for c in self.watchers for name, cusum in self.watchers[c] if cusum.armed}
 
+    def rereference(self, name: Hashable) -> None:
+        """A benign shift of ``name`` (a configuration or a modality): its detector disarms, and
+        the configurations it reads take their next ``reference_rows`` served rows as reference."""
+        cusum, configs = self.members[name]
+        cusum.restart()
+        for config in configs:
+            self.references[config] = np.zeros(CONFIDENCE_BINS)
+            self.rows[config] = 0
+            for _, watcher in self.watchers[config]:
+                watcher.forget(config)
 
-def armed_threshold(
-    trackers: Mapping[Configuration, Tracker], modalities: Iterable[ModalityTracker], false_alarm_rate: float
-) -> float:
-    """The labelled detectors' common threshold once armed.
 
-    :func:`mosel.drift_threshold.tune`'s for ``false_alarm_rate`` per label: what the labels must
-    show to confirm a drop.
+def episode_threshold(false_alarm_rate: float) -> float:
+    """An episode's threshold, ``log(1 / false_alarm_rate)`` (nats; :func:`mosel.drift.episode_alarm`).
+
+    An episode whose labels are at the profile's accuracy alarms with probability at most
+    ``false_alarm_rate``.
     """
-    detectors: list[dict[Hashable, float]] = [{c: d.win} for c, t in trackers.items() for d in t.down]
-    detectors += [dict(zip(m.configs, d.win, strict=True)) for m in modalities for d in m.down]
-    return excursion_threshold(detectors, false_alarm_rate)
+    return -math.log(false_alarm_rate)
 
 
 def apply(
     armed: set[Hashable],
     trackers: Mapping[Configuration, Tracker],
     modalities: Mapping[str, ModalityTracker],
-    base: float,
-    lowered: float,
+    threshold: float,
+    now: float,
 ) -> None:
-    """Set each labelled down detector's threshold: ``lowered`` where its own counterpart is armed.
+    """Start an episode (at ``threshold``, over requests served from ``now``) in each labelled down
+    detector whose counterpart is armed; end the others'.
 
     A configuration's detectors are armed by its own confidence detector, a modality's pooled
     ones by the modality's: a configuration whose outputs did not move (image+video when the
-    audio degrades) keeps its threshold, though a modality it shares is armed.
+    audio degrades) runs no episode, though a modality it shares is armed. An episode already
+    running goes on.
     """
     for config, tracker in trackers.items():
         for cusum in tracker.down:
-            cusum.threshold = lowered if config in armed else base
+            if config in armed:
+                cusum.arm(threshold, now)
+            else:
+                cusum.disarm()
     for m, pool in modalities.items():
         for pooled in pool.down:
-            pooled.threshold = lowered if m in armed else base
+            if m in armed:
+                pooled.arm(threshold, now)
+            else:
+                pooled.disarm()

@@ -25,7 +25,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
@@ -46,7 +46,7 @@ from mosel.drift import (
     Tracker,
     contributions,
 )
-from mosel.drift_armed import Arming, apply, armed_threshold
+from mosel.drift_armed import Arming, apply, episode_threshold
 from mosel.drift_threshold import tune
 from mosel.errors import InputError
 from mosel.monitoring_settings import Metric, Monitoring, argmax_label, labelled_rows, top1_scores
@@ -65,7 +65,8 @@ _log = logging.getLogger("mosel")
 Configuration = frozenset[str]
 COUNTERS: Final = (
     "labelled", "unknown", "expired", "duplicate", "alarms", "recoveries", "modality_alarms",
-    "modality_recoveries", "output_shifts", "shadow_runs", "shadow_skipped", "shadow_aborted", "repriced",
+    "modality_recoveries", "output_shifts", "benign_shifts", "shadow_runs", "shadow_skipped", "shadow_aborted",
+    "repriced",
 )  # fmt: skip
 _COUNTED: Final = {
     "drift": "alarms", "recovered": "recoveries", "modality_drift": "modality_alarms",
@@ -194,10 +195,8 @@ class Monitor:
             profile.accuracy, {m: p.configs for m, p in self._modalities.items()},
             reference_rows=config.reference_rows, rate=config.arm_rate, drop=config.arm_drop,
         )  # fmt: skip
-        self.armed_threshold = armed_threshold(
-            self._trackers, self._modalities.values(), config.armed_false_alarm_rate
-        )
-        """The labelled detectors' threshold while armed (nats; :mod:`mosel.drift_armed`)."""
+        self.armed_threshold = episode_threshold(config.armed_false_alarm_rate)
+        """An arming episode's threshold (nats; :mod:`mosel.drift_armed`)."""
         self._shifts = {c: OutputShift(config.reference_rows, settings.memory) for c in profile.accuracy}
         self._shifted: set[Configuration] = set()
         self._records: dict[str, _Served] = {}
@@ -361,7 +360,7 @@ class Monitor:
             self._counters["labelled"] += len(scored)
             self._counters["duplicate"] += len(rows) - len(scored)
             for row, score in scored:
-                self._observe(served.configs[row], score, bucket, fired)
+                self._observe(served.configs[row], score, bucket, fired, served.at)
         self._fire(fired)
         return len(scored)
 
@@ -454,9 +453,7 @@ class Monitor:
     def _arm(self, configuration: Configuration, confidences: Any) -> None:
         """Confidences to the arming test; the labelled thresholds follow what is armed (lock held)."""
         if self._arming is not None and self._arming.add(configuration, confidences):
-            apply(
-                self._arming.armed(), self._trackers, self._modalities, self.threshold, self.armed_threshold
-            )
+            apply(self._arming.armed(), self._trackers, self._modalities, self.armed_threshold, self._clock())
 
     def armed(self) -> set[Any]:
         """The configurations and modalities whose label-free arming test is armed now."""
@@ -549,13 +546,22 @@ class Monitor:
     # ------------------------------------------------------------------ alarms and live floors
 
     def observe(
-        self, configuration: Configuration, score: float, bucket: str | None = None
+        self,
+        configuration: Configuration,
+        score: float,
+        bucket: str | None = None,
+        served_at: float | None = None,
     ) -> AlarmKind | None:
-        """One labelled request's score, given directly (a simulation; :meth:`feedback` scores outputs)."""
+        """One labelled request's score, given directly (a simulation; :meth:`feedback` scores outputs).
+
+        ``served_at``: when the request was served, on the monitor's clock (default: now). An
+        arming episode reads only the labels of requests served after it began.
+        """
         fired: list[tuple[AlarmKind, Tracker | ModalityTracker]] = []
         with self._lock:
             self._counters["labelled"] += 1
-            self._observe(configuration, score, bucket, fired)
+            at = self._clock() if served_at is None else served_at
+            self._observe(configuration, score, bucket, fired, at)
         self._fire(fired)
         return fired[0][0] if fired else None
 
@@ -565,19 +571,31 @@ class Monitor:
         score: float,
         bucket: str | None,
         fired: list[tuple[AlarmKind, Tracker | ModalityTracker]],
+        at: float,
     ) -> None:
-        """One label to its configuration's tracker and its modalities' (the lock is held)."""
+        """One label (of a request served ``at``) to its configuration's tracker and its modalities' (lock held)."""
         self._unchecked += 1
         tracker = self._trackers[configuration]
-        kind = tracker.observe(score, bucket)
+        kind = tracker.observe(score, bucket, at)
         if kind is not None:
             fired.append((kind, tracker))
             self._counters[_COUNTED[kind]] += 1
+        elif tracker.down and tracker.down[0].cleared:
+            self._benign(configuration)
         for pool in self._pools[configuration]:
-            kind = pool.observe(configuration, score)
+            kind = pool.observe(configuration, score, at)
             if kind is not None:
                 fired.append((kind, pool))
                 self._counters[_COUNTED[kind]] += 1
+            elif pool.down[0].cleared:
+                self._benign(pool.modality)
+
+    def _benign(self, name: Hashable) -> None:
+        """An arming episode's labels cleared ``name``: its outputs take a new reference (lock held)."""
+        if self._arming is not None:
+            self._counters["benign_shifts"] += 1
+            self._arming.rereference(name)
+            apply(self._arming.armed(), self._trackers, self._modalities, self.armed_threshold, self._clock())
 
     def _fire(self, fired: list[tuple[AlarmKind, Tracker | ModalityTracker]]) -> None:
         """Raise the alarms ``fired`` (outside the lock), then re-price if a price moved.

@@ -92,11 +92,14 @@ class Monitoring:
             configuration's recent confidences or classes exceeds this (re-armed below half).
         arm_rate: label-free arming (:mod:`mosel.drift_armed`): a CUSUM of served outputs'
             confidence per configuration and per modality, against the reference rows', at
-            most this many false armings per served row; while armed, the labelled detectors
-            reading those configurations alarm at ``armed_false_alarm_rate``'s threshold (labels
-            still confirm). False drift alarms are then at most ``false_alarm_rate`` per label
-            plus ``arm_rate`` per served row. None (the default): off.
-        armed_false_alarm_rate: the labelled detectors' rate per label once armed, in (0, 1).
+            most this many false armings per served row. Armed, the labelled detectors of the
+            configuration (or modality) run an episode from the arming on, which alarms when its
+            labels show the drop (labels still confirm) and ends, taking the recent outputs as
+            the new reference, when they show none. False drift alarms are then at most
+            ``false_alarm_rate`` per label plus ``armed_false_alarm_rate`` per episode. None:
+            off (alarms on labels alone, several times later).
+        armed_false_alarm_rate: the probability at most that an arming episode raises a drift
+            alarm while the accuracy is the profile's (whatever moved the confidence), in (0, 1).
         arm_drop: the fall in mean confidence the arming test is tuned to.
         pseudo_label: turns the most accurate configuration's output into the targets its
             cheaper answer is scored against in a shadow run (default: argmax of a float
@@ -122,7 +125,7 @@ class Monitoring:
     shadow_keep_s: float = 5.0
     reference_rows: int = 1000
     shift_threshold: float = 0.25
-    arm_rate: float | None = None
+    arm_rate: float | None = 1e-6
     armed_false_alarm_rate: float = 1e-2
     arm_drop: float = 0.075
     pseudo_label: Callable[[Tree], Any] | None = None
