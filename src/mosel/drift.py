@@ -148,7 +148,7 @@ class Cusum:
         self.episode_sum = 0.0
 
     def step(self, x: float, at: float = math.inf) -> bool:
-        """Add one score (to the episode too, if armed before ``at``, its request's service); True at an alarm."""
+        """Add one score (to the episode too, if armed by ``at``, its request's service); True at an alarm."""
         increment = x * self.win + (1.0 - x) * self.fail
         value = self.value + increment
         if value <= 0.0:
@@ -164,8 +164,10 @@ class Cusum:
         return value >= self.threshold
 
     def arm(self, threshold: float, since: float) -> None:
-        """Start an episode (its sum at 0) that alarms at ``threshold`` and reads the labels of
-        requests served from ``since`` on (any order of arrival); an episode running goes on."""
+        """Start an episode (its sum at 0) at ``threshold``, over requests served from ``since`` on.
+
+        Their labels may come in any order; an episode running goes on.
+        """
         if self.episode is None:
             self.episode, self.episode_n, self.episode_sum = 0.0, 0, 0.0
             self.episode_threshold, self.episode_since = threshold, since
@@ -518,7 +520,7 @@ class ModalityTracker:
         self.alarms = 0
 
     def observe(self, config: Configuration, score: float, at: float = math.inf) -> AlarmKind | None:
-        """One labelled request's score (of any configuration; ``at``: when it was served); its alarm, if any."""
+        """One labelled request's score (any configuration; ``at``: when it was served); its alarm, if any."""
         i = self.index.get(config)
         if i is None:
             return None

@@ -190,8 +190,10 @@ class Arming:
         return {name for c in self.watchers for name, cusum in self.watchers[c] if cusum.armed}
 
     def rereference(self, name: Hashable) -> None:
-        """A benign shift of ``name`` (a configuration or a modality): its detector disarms, and
-        the configurations it reads take their next ``reference_rows`` served rows as reference."""
+        """A benign shift of ``name`` (a configuration or a modality): its detector disarms.
+
+        The configurations it reads take their next ``reference_rows`` served rows as reference.
+        """
         cusum, configs = self.members[name]
         cusum.restart()
         for config in configs:
@@ -217,8 +219,9 @@ def apply(
     threshold: float,
     now: float,
 ) -> None:
-    """Start an episode (at ``threshold``, over requests served from ``now``) in each labelled down
-    detector whose counterpart is armed; end the others'.
+    """Start an episode in each labelled down detector whose counterpart is armed; end the others'.
+
+    The episodes alarm at ``threshold`` and read the requests served from ``now`` on.
 
     A configuration's detectors are armed by its own confidence detector, a modality's pooled
     ones by the modality's: a configuration whose outputs did not move (image+video when the

@@ -65,8 +65,8 @@ _log = logging.getLogger("mosel")
 Configuration = frozenset[str]
 COUNTERS: Final = (
     "labelled", "unknown", "expired", "duplicate", "alarms", "recoveries", "modality_alarms",
-    "modality_recoveries", "output_shifts", "benign_shifts", "shadow_runs", "shadow_skipped", "shadow_aborted",
-    "repriced",
+    "modality_recoveries", "output_shifts", "benign_shifts", "shadow_runs", "shadow_skipped",
+    "shadow_aborted", "repriced",
 )  # fmt: skip
 _COUNTED: Final = {
     "drift": "alarms", "recovered": "recoveries", "modality_drift": "modality_alarms",
@@ -573,7 +573,7 @@ class Monitor:
         fired: list[tuple[AlarmKind, Tracker | ModalityTracker]],
         at: float,
     ) -> None:
-        """One label (of a request served ``at``) to its configuration's tracker and its modalities' (lock held)."""
+        """One label, of a request served ``at``, to its configuration's and modalities' trackers (locked)."""
         self._unchecked += 1
         tracker = self._trackers[configuration]
         kind = tracker.observe(score, bucket, at)

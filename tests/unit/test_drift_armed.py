@@ -177,7 +177,7 @@ def test_episodes_at_the_profiles_accuracy_alarm_at_most_at_the_stated_probabili
 
 
 def test_a_benign_shift_arms_clears_on_its_labels_and_takes_a_new_reference(profile: mosel.Profile) -> None:
-    """The confidence drops, the accuracy does not: no alarm; the episode ends and the shift is the new normal."""
+    """Confidence drops, accuracy does not: no alarm; the episode ends, the shift is the new normal."""
     alarms: list[mosel.Alarm] = []
     monitor = Monitor(profile, Monitoring(reference_rows=1000, on_alarm=alarms.append, pooled=False))
     rng = random.Random(4)
