@@ -65,7 +65,7 @@ FLOORS = {"audio -15": 0.75, "audio -40": 0.70}
 """Scenario -> the jobs' floor: one that a configuration still reaches after the drift."""
 Configuration = frozenset[str]
 ARMED_RATE = [1e-2]
-"""The labelled detectors' rate per label once armed (``--armed-rate``)."""
+"""An arming episode's false-alarm probability (``--armed-rate``; ``Monitoring.armed_false_alarm_rate``)."""
 
 
 # ---------------------------------------------------------------------------------- the world
@@ -92,8 +92,12 @@ class World:
         return (b + rng.random()) / len(counts)
 
 
-def world(profile: mosel.Profile, drift: str | None, drift_s: float) -> World:
-    """The profile's accuracies, moved after ``drift_s`` by the drop the real model showed."""
+def world(profile: mosel.Profile, drift: str | None, drift_s: float, *, benign: bool = False) -> World:
+    """The profile's accuracies, moved after ``drift_s`` by the drop the real model showed.
+
+    ``benign``: the confidences move as the drift's (given each answer's correctness), the
+    accuracies do not: a shift that arms the label-free test without any loss to confirm.
+    """
     table = json.loads(DRIFT_TABLE.read_text())["snr_db"]
     base = table["-4.0"]
     keys = {c: profile.key(c) for c in profile.accuracy}
@@ -107,6 +111,8 @@ def world(profile: mosel.Profile, drift: str | None, drift_s: float) -> World:
     }
     if drift is None:
         return World(before, before, math.inf, confidence)
+    if benign:
+        return World(before, before, drift_s, confidence)
     after = {
         c: (
             min(max(profile.accuracy[c] + moved[k]["accuracy"] - base[k]["accuracy"], 0.0), 1.0),
@@ -134,6 +140,7 @@ class Outcome:
     curve: list[tuple[float, dict[str, tuple[float, float | None]]]] = field(default_factory=list)
     violations: float = 0.0
     refused: float = 0.0
+    benign_shifts: int = 0  # arming episodes cleared by their labels
 
 
 class _ShadowRun:
@@ -278,6 +285,7 @@ def simulate_drift(
     curve_every_s: float = 0.0,
     pooled: bool = True,
     arm_rate: float | None = None,
+    benign: bool = False,
 ) -> Outcome:
     """One seeded run: the trace, the drift, the labels, the monitor (and live floors)."""
     best = max(profile.accuracy.values())
@@ -286,7 +294,7 @@ def simulate_drift(
     )
     trace = checked_trace(profile, arrivals)
     clock = VirtualClock()
-    the_world = world(profile, drift, drift_s)
+    the_world = world(profile, drift, drift_s, benign=benign)
     outcome_alarms: list[tuple[float, str, int]] = []
 
     def alarmed(alarm: mosel.Alarm) -> None:
@@ -331,6 +339,7 @@ def simulate_drift(
     # deadline violations among the requests admitted (a floor out of reach is refused, not late)
     outcome.violations = 1 - on_time / (requests - refused) if requests > refused else 0.0
     outcome.refused = refused / max(requests, 1)
+    outcome.benign_shifts = monitor.snapshot().counters["benign_shifts"]
     return outcome
 
 
@@ -385,6 +394,27 @@ def detection(
             print(f"  {key}: labels to the first alarm, median {out[key]['median_labels']} over "
                   f"{len(delays)} seeds ({delays}; first alarms {first}), {missed} runs without an alarm, "
                   f"{early} false alarms before the drift", flush=True)  # fmt: skip
+    return out
+
+
+def benign(profile: mosel.Profile, residuals: Any, args: argparse.Namespace, slack_ms: float) -> dict[str, Any]:
+    """A benign shift: the confidences move as a drift's, the accuracy does not. Every alarm is false."""
+    out: dict[str, Any] = {}
+    for drift in args.drifts:
+        alarms, cleared, labels = [], [], 0
+        for seed in range(args.seeds):
+            o = simulate_drift(
+                profile, residuals, load=0.5, seconds=args.seconds, seed=seed, drift=drift, drift_s=args.drift_s,
+                floor=args.floor or FLOORS[drift], slack_ms=slack_ms, live_floors=False, shadow_rate=0.0,
+                pooled=args.pooled, arm_rate=args.arm_rate, benign=True,
+            )  # fmt: skip
+            alarms.append(len(o.alarms))
+            cleared.append(o.benign_shifts)
+            labels += o.labels
+        key = f"confidence as {drift}, accuracy unchanged"
+        out[key] = {"false_alarms": alarms, "episodes_cleared": cleared, "labels": labels}
+        print(f"  {key}: false alarms per seed {alarms} (total {sum(alarms)} in {args.seeds} runs, {labels} "
+              f"labels), episodes cleared by labels per seed {cleared}", flush=True)  # fmt: skip
     return out
 
 
@@ -794,17 +824,19 @@ def main() -> None:
     )
     parser.add_argument("--no-pooled", dest="pooled", action="store_false",
                         help="per-configuration detectors only (Monitoring(pooled=False)), as before issue 26's pooling")  # fmt: skip
-    parser.add_argument("--arm-rate", type=float, default=None,
-                        help="label-free arming (Monitoring(arm_rate=...)): false armings per request, e.g. 1e-6")  # fmt: skip
-    parser.add_argument("--armed-only", action="store_true", help="with --arm-rate: detection armed only")
+    parser.add_argument("--arm-rate", type=float, default=1e-6,
+                        help="label-free arming (Monitoring(arm_rate=...)): false armings per request (default 1e-6, as mosel's)")  # fmt: skip
+    parser.add_argument("--no-arming", dest="arm_rate", action="store_const", const=None,
+                        help="labels alone (Monitoring(arm_rate=None))")  # fmt: skip
+    parser.add_argument("--armed-only", action="store_true", help="detection: armed only (not also labels alone)")
     parser.add_argument("--armed-rate", type=float, default=1e-2,
-                        help="with --arm-rate: the labelled detectors' false-alarm rate per label once armed")  # fmt: skip
+                        help="an arming episode's false-alarm probability (Monitoring.armed_false_alarm_rate)")  # fmt: skip
     parser.add_argument("--real", action="store_true", help="also serve the real model live (about a minute)")
     parser.add_argument("--real-seconds", type=float, default=45.0)
     parser.add_argument("--real-rate", type=float, default=60.0, help="jobs per second in the live run")
     parser.add_argument("--real-delay-s", type=float, default=1.0)
     parser.add_argument(
-        "--only", choices=("detection", "no-drift", "floors", "shadow", "overhead"), default=None
+        "--only", choices=("detection", "benign", "no-drift", "floors", "shadow", "overhead"), default=None
     )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -830,7 +862,7 @@ def main() -> None:
           f"of {args.seconds:.0f} s, labels 1 s after service, {args.seeds} seeds", flush=True)  # fmt: skip
     report: dict[str, Any] = {"floors": args.floor or FLOORS, "seeds": args.seeds, "seconds": args.seconds}
     parts: dict[str, Callable[..., dict[str, Any]]] = {
-        "detection": detection, "no-drift": no_drift, "floors": floors, "shadow": shadow, "overhead": overhead,
+        "detection": detection, "benign": benign, "no-drift": no_drift, "floors": floors, "shadow": shadow, "overhead": overhead,
     }  # fmt: skip
     for name, part in parts.items():
         if args.only in (None, name):

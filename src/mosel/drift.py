@@ -787,7 +787,7 @@ class AccuracySnapshot:
             never served here, or forgotten), ``expired`` (jobs forgotten unlabelled),
             ``duplicate`` (a request labelled again: ignored), ``alarms``, ``recoveries``,
             ``modality_alarms``, ``modality_recoveries`` (pooled), ``output_shifts``,
-            ``shadow_runs``, ``shadow_skipped`` (samples dropped unrun), ``shadow_aborted``
+            ``benign_shifts`` (arming episodes their labels cleared), ``shadow_runs``, ``shadow_skipped`` (samples dropped unrun), ``shadow_aborted``
             (runs abandoned for a job that arrived), ``repriced`` (times live floors re-priced
             the plan).
         pending: served jobs waiting for labels.

@@ -83,7 +83,7 @@ def tilted(reference: npt.NDArray[np.float64], drop: float) -> npt.NDArray[np.fl
 class ConfidenceCusum:
     """Page's CUSUM of served rows' confidence over some configurations (each its own ratios)."""
 
-    __slots__ = ("armed", "ratios", "readers", "threshold", "value")
+    __slots__ = ("armed", "ratios", "readers", "started", "threshold", "value")
 
     def __init__(self, readers: int) -> None:
         self.ratios: dict[Configuration, npt.NDArray[np.float64]] = {}
@@ -91,6 +91,7 @@ class ConfidenceCusum:
         self.threshold = math.inf
         self.value = 0.0
         self.armed = False
+        self.started = 0.0  # when the statistic last left 0: the shift's estimated start
 
     def add_reference(self, config: Configuration, ratios: npt.NDArray[np.float64], rate: float) -> None:
         """Read ``config``'s rows with these per-bin ratios; the threshold for ``rate`` per row."""
@@ -106,14 +107,16 @@ class ConfidenceCusum:
         """Back to 0, disarmed."""
         self.value, self.armed = 0.0, False
 
-    def step(self, config: Configuration, bins: npt.NDArray[np.int64]) -> bool | None:
-        """Add ``config``'s rows; True when it arms, False when it disarms, else None."""
+    def step(self, config: Configuration, bins: npt.NDArray[np.int64], times: Sequence[float]) -> bool | None:
+        """Add ``config``'s rows (served at ``times``); True when it arms, False when it disarms, else None."""
         ratios = self.ratios.get(config)
         if ratios is None:
             return None
         change = None
         value, threshold = self.value, self.threshold
-        for x in ratios[bins].tolist():
+        for x, at in zip(ratios[bins].tolist(), times, strict=True):
+            if value <= 0.0 < x:
+                self.started = at
             value = max(value + x, 0.0)
             if not self.armed and value >= threshold:
                 self.armed, change = True, True
@@ -167,27 +170,33 @@ class Arming:
         for _, cusum in self.watchers[config]:
             cusum.add_reference(config, ratios, self.rate)
 
-    def add(self, config: Configuration, confidences: npt.NDArray[np.float64]) -> list[tuple[Hashable, bool]]:
-        """Served rows of ``config``: the detectors (a configuration or a modality) armed or disarmed."""
+    def add(
+        self, config: Configuration, confidences: npt.NDArray[np.float64], times: Sequence[float]
+    ) -> list[tuple[Hashable, bool]]:
+        """Served rows of ``config`` (served at ``times``): the detectors armed or disarmed."""
         bins = confidence_bins(np.asarray(confidences, dtype=np.float64))
         room = max(self.reference_rows - self.rows[config], 0)
         if room:
             self.references[config] += np.bincount(bins[:room], minlength=CONFIDENCE_BINS)
             self.rows[config] += len(bins[:room])
-            bins = bins[room:]
+            bins, times = bins[room:], times[room:]
             if self.rows[config] >= self.reference_rows:
                 self._referenced(config)
         changes = []
         if len(bins):
             for name, cusum in self.watchers[config]:
-                change = cusum.step(config, bins)
+                change = cusum.step(config, bins, times)
                 if change is not None:
                     changes.append((name, change))
         return changes
 
-    def armed(self) -> set[Hashable]:
-        """The configurations and modalities whose confidence detector is armed now."""
-        return {name for c in self.watchers for name, cusum in self.watchers[c] if cusum.armed}
+    def armed(self) -> dict[Hashable, float]:
+        """The configurations and modalities whose confidence detector is armed now, and since when.
+
+        Since: the serving time of the row where its statistic last left 0 (the shift's
+        estimated start).
+        """
+        return {name: cusum.started for name, (cusum, _) in self.members.items() if cusum.armed}
 
     def rereference(self, name: Hashable) -> None:
         """A benign shift of ``name`` (a configuration or a modality): its detector disarms.
@@ -213,15 +222,15 @@ def episode_threshold(false_alarm_rate: float) -> float:
 
 
 def apply(
-    armed: set[Hashable],
+    armed: Mapping[Hashable, float],
     trackers: Mapping[Configuration, Tracker],
     modalities: Mapping[str, ModalityTracker],
     threshold: float,
-    now: float,
 ) -> None:
     """Start an episode in each labelled down detector whose counterpart is armed; end the others'.
 
-    The episodes alarm at ``threshold`` and read the requests served from ``now`` on.
+    The episodes alarm at ``threshold`` and read the requests served from the armed
+    counterpart's estimated start (``armed[name]``) on.
 
     A configuration's detectors are armed by its own confidence detector, a modality's pooled
     ones by the modality's: a configuration whose outputs did not move (image+video when the
@@ -231,12 +240,12 @@ def apply(
     for config, tracker in trackers.items():
         for cusum in tracker.down:
             if config in armed:
-                cusum.arm(threshold, now)
+                cusum.arm(threshold, armed[config])
             else:
                 cusum.disarm()
     for m, pool in modalities.items():
         for pooled in pool.down:
             if m in armed:
-                pooled.arm(threshold, now)
+                pooled.arm(threshold, armed[m])
             else:
                 pooled.disarm()

@@ -202,7 +202,7 @@ class Monitor:
         self._records: dict[str, _Served] = {}
         self._order: collections.deque[tuple[float, str]] = collections.deque()
         self._aliases: dict[str, str] = {}
-        self._digest: collections.deque[tuple[tuple[Configuration, ...], Any]] = collections.deque()
+        self._digest: collections.deque[tuple[float, tuple[Configuration, ...], Any]] = collections.deque()
         self._digest_rows = 0
         self._samples: collections.deque[Sample] = collections.deque(maxlen=_SAMPLES)
         self._counters = dict.fromkeys(COUNTERS, 0)
@@ -259,7 +259,7 @@ class Monitor:
             if len(order) > self.config.max_records or order[0][0] < now - self.config.horizon_s:
                 self._expire(now)
             if self._digest_rows < _DIGEST_ROWS:
-                self._digest.append((result.modalities, result.output))
+                self._digest.append((now, result.modalities, result.output))
                 self._digest_rows += len(result.modalities)
             if sample is not None:
                 self._offer(sample)
@@ -406,29 +406,31 @@ class Monitor:
             while self._digest and rows < _DIGEST_STEP:
                 item = self._digest.popleft()
                 pending.append(item)
-                rows += len(item[0])
+                rows += len(item[1])
             self._digest_rows -= rows
-        groups: dict[Configuration, tuple[list[float], list[int]]] = {}
-        for configs, output in pending:
+        groups: dict[Configuration, tuple[list[float], list[int], list[float]]] = {}
+        for at, configs, output in pending:
             if not (isinstance(output, Tensor) and output.dim() == 2 and output.is_floating_point()):
                 continue
             with torch.inference_mode():
                 probs = torch.softmax(output.detach().to(torch.float32), dim=-1)
                 confidence, classes = (t.cpu().tolist() for t in probs.max(dim=-1))
             if len(set(configs)) == 1:
-                group = groups.setdefault(configs[0], ([], []))
+                group = groups.setdefault(configs[0], ([], [], []))
                 group[0].extend(confidence)
                 group[1].extend(classes)
+                group[2].extend([at] * len(confidence))
                 continue
             for config, conf, cls in zip(configs, confidence, classes, strict=True):
-                group = groups.setdefault(config, ([], []))
+                group = groups.setdefault(config, ([], [], []))
                 group[0].append(conf)
                 group[1].append(cls)
+                group[2].append(at)
         fired = []
         threshold = self.config.shift_threshold
         with self._lock:
-            for config, (conf_list, cls_list) in groups.items():
-                self._arm(config, np.asarray(conf_list, dtype=np.float64))
+            for config, (conf_list, cls_list, times) in groups.items():
+                self._arm(config, np.asarray(conf_list, dtype=np.float64), times)
                 shift = self._shifts[config]
                 shift.add(np.asarray(conf_list, dtype=np.float64), np.asarray(cls_list, dtype=np.int64))
                 worst = max(shift.shift().values(), default=0.0)
@@ -442,23 +444,26 @@ class Monitor:
         for tracker, worst in fired:
             self._alarm("output_shift", tracker.key, tracker.profiled, tracker.live, tracker.labels, 0, worst)
 
-    def digested(self, configuration: Configuration, confidences: Any) -> None:
+    def digested(self, configuration: Configuration, confidences: Any, served_at: float | None = None) -> None:
         """Served rows' confidences (top softmax probability) to the arming test.
 
         :meth:`digest` gives them so; a simulation that draws confidences calls it directly.
+        ``served_at``: when they were served, on the monitor's clock (default: now).
         """
         with self._lock:
-            self._arm(configuration, np.asarray(confidences, dtype=np.float64))
+            values = np.asarray(confidences, dtype=np.float64).reshape(-1)
+            at = self._clock() if served_at is None else served_at
+            self._arm(configuration, values, [at] * len(values))
 
-    def _arm(self, configuration: Configuration, confidences: Any) -> None:
-        """Confidences to the arming test; the labelled thresholds follow what is armed (lock held)."""
-        if self._arming is not None and self._arming.add(configuration, confidences):
-            apply(self._arming.armed(), self._trackers, self._modalities, self.armed_threshold, self._clock())
+    def _arm(self, configuration: Configuration, confidences: Any, times: list[float]) -> None:
+        """Confidences to the arming test; the labelled episodes follow what is armed (lock held)."""
+        if self._arming is not None and self._arming.add(configuration, confidences, times):
+            apply(self._arming.armed(), self._trackers, self._modalities, self.armed_threshold)
 
     def armed(self) -> set[Any]:
         """The configurations and modalities whose label-free arming test is armed now."""
         with self._lock:
-            return set() if self._arming is None else self._arming.armed()
+            return set() if self._arming is None else set(self._arming.armed())
 
     def after_fork(self) -> None:
         """In a forked child (no other thread exists): the lock is made anew."""
@@ -595,7 +600,7 @@ class Monitor:
         if self._arming is not None:
             self._counters["benign_shifts"] += 1
             self._arming.rereference(name)
-            apply(self._arming.armed(), self._trackers, self._modalities, self.armed_threshold, self._clock())
+            apply(self._arming.armed(), self._trackers, self._modalities, self.armed_threshold)
 
     def _fire(self, fired: list[tuple[AlarmKind, Tracker | ModalityTracker]]) -> None:
         """Raise the alarms ``fired`` (outside the lock), then re-price if a price moved.

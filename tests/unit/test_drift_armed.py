@@ -201,9 +201,9 @@ def test_false_armings_stay_under_the_stated_rate_on_drift_free_rows() -> None:
     reference = np.concatenate([rng.uniform(0.65, 1.0, 850), rng.uniform(0.3, 0.7, 150)])
     for rate in (1e-2, 1e-3):
         arming = Arming([AV], {}, reference_rows=1000, rate=rate, drop=0.075)
-        arming.add(AV, reference)
+        arming.add(AV, reference, [0.0] * len(reference))
         rows = 200_000
         correct = rng.random(rows) < 0.85
         stream = np.where(correct, rng.uniform(0.65, 1.0, rows), rng.uniform(0.3, 0.7, rows))
-        armings = sum(armed for chunk in np.split(stream, 200) for _, armed in arming.add(AV, chunk) if armed)
+        armings = sum(armed for chunk in np.split(stream, 200) for _, armed in arming.add(AV, chunk, [0.0] * len(chunk)) if armed)
         assert armings <= rate * rows, (rate, armings)
