@@ -154,20 +154,15 @@ class Cusum:
         if value <= 0.0:
             self.value, self.since_n, self.since_sum = 0.0, 0, 0.0
         else:
-            self.value = value
-            self.since_n += 1
-            self.since_sum += x
+            self.value, self.since_n, self.since_sum = value, self.since_n + 1, self.since_sum + x
         if self.episode is not None and at >= self.episode_since:
-            self.episode += increment
-            self.episode_n += 1
-            self.episode_sum += x
+            self.episode, self.episode_n, self.episode_sum = (
+                self.episode + increment, self.episode_n + 1, self.episode_sum + x
+            )  # fmt: skip
         return value >= self.threshold
 
     def arm(self, threshold: float, since: float) -> None:
-        """Start an episode (its sum at 0) at ``threshold``, over requests served from ``since`` on.
-
-        Their labels may come in any order; an episode running goes on.
-        """
+        """Start an episode at ``threshold`` over requests served from ``since`` on; one running goes on."""
         if self.episode is None:
             self.episode, self.episode_n, self.episode_sum = 0.0, 0, 0.0
             self.episode_threshold, self.episode_since = threshold, since
@@ -787,9 +782,9 @@ class AccuracySnapshot:
             never served here, or forgotten), ``expired`` (jobs forgotten unlabelled),
             ``duplicate`` (a request labelled again: ignored), ``alarms``, ``recoveries``,
             ``modality_alarms``, ``modality_recoveries`` (pooled), ``output_shifts``,
-            ``benign_shifts`` (arming episodes their labels cleared), ``shadow_runs``, ``shadow_skipped`` (samples dropped unrun), ``shadow_aborted``
-            (runs abandoned for a job that arrived), ``repriced`` (times live floors re-priced
-            the plan).
+            ``benign_shifts`` (arming episodes their labels cleared), ``shadow_runs``,
+            ``shadow_skipped`` (samples dropped unrun), ``shadow_aborted`` (runs abandoned for a
+            job that arrived), ``repriced`` (times live floors re-priced the plan).
         pending: served jobs waiting for labels.
         settings: the detectors' and posterior's settings.
         live_floors: whether decisions price drifted configurations at their lower bound.

@@ -108,7 +108,7 @@ class ConfidenceCusum:
         self.value, self.armed = 0.0, False
 
     def step(self, config: Configuration, bins: npt.NDArray[np.int64], times: Sequence[float]) -> bool | None:
-        """Add ``config``'s rows (served at ``times``); True when it arms, False when it disarms, else None."""
+        """Add ``config``'s rows (served at ``times``); True when it arms, False when it disarms."""
         ratios = self.ratios.get(config)
         if ratios is None:
             return None

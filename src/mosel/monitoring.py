@@ -444,16 +444,16 @@ class Monitor:
         for tracker, worst in fired:
             self._alarm("output_shift", tracker.key, tracker.profiled, tracker.live, tracker.labels, 0, worst)
 
-    def digested(self, configuration: Configuration, confidences: Any, served_at: float | None = None) -> None:
-        """Served rows' confidences (top softmax probability) to the arming test.
+    def digested(
+        self, configuration: Configuration, confidences: Any, served_at: float | None = None
+    ) -> None:
+        """Served rows' confidences (top softmax probability), served at ``served_at`` (default: now).
 
-        :meth:`digest` gives them so; a simulation that draws confidences calls it directly.
-        ``served_at``: when they were served, on the monitor's clock (default: now).
+        :meth:`digest` gives them to the arming test so; a simulation that draws them calls it.
         """
+        rows = np.asarray(confidences, dtype=np.float64).reshape(-1)
         with self._lock:
-            values = np.asarray(confidences, dtype=np.float64).reshape(-1)
-            at = self._clock() if served_at is None else served_at
-            self._arm(configuration, values, [at] * len(values))
+            self._arm(configuration, rows, [self._clock() if served_at is None else served_at] * len(rows))
 
     def _arm(self, configuration: Configuration, confidences: Any, times: list[float]) -> None:
         """Confidences to the arming test; the labelled episodes follow what is armed (lock held)."""
@@ -597,10 +597,10 @@ class Monitor:
 
     def _benign(self, name: Hashable) -> None:
         """An arming episode's labels cleared ``name``: its outputs take a new reference (lock held)."""
-        if self._arming is not None:
-            self._counters["benign_shifts"] += 1
-            self._arming.rereference(name)
-            apply(self._arming.armed(), self._trackers, self._modalities, self.armed_threshold)
+        assert self._arming is not None  # an episode runs only where arming armed it
+        self._counters["benign_shifts"] += 1
+        self._arming.rereference(name)
+        apply(self._arming.armed(), self._trackers, self._modalities, self.armed_threshold)
 
     def _fire(self, fired: list[tuple[AlarmKind, Tracker | ModalityTracker]]) -> None:
         """Raise the alarms ``fired`` (outside the lock), then re-price if a price moved.
