@@ -51,7 +51,7 @@ import mosel
 from mosel.calibrating import RowRecord, record_rows
 from mosel.chains import later_parts, with_chains
 from mosel.escalation import Calibration
-from mosel.plan import CostModel, Strategy, build_plan
+from mosel.plan import ACCURACY_SCALE, CostModel, Strategy, build_plan
 from mosel.profiles import cost_model_of
 
 Z90 = 1.2815515655446004
@@ -253,13 +253,14 @@ def offline_model(
                 points.append({
                     "strategy": s.chain.describe(modalities) if s.chain else " + ".join(f"{k}x{base.key(c)}" for c, k in s.groups),
                     "v_acc": v_acc, "v_cost": v_us / full_us, "h_acc": h_acc, "h_cost": h_us / full_us,
+                    "c_acc": s.accuracy_units / (n * ACCURACY_SCALE),
                 })  # fmt: skip
             curves[label] = points
         v_all = float(validation.scores[everything].mean())
         h_all = float(held_out.scores[everything].mean())
         at_target = {}
         for label, points in curves.items():
-            fitting = [p for p in points if p["v_acc"] >= v_all - 0.01]
+            fitting = [p for p in points if p["c_acc"] >= v_all - 0.01]
             best = min(fitting, key=lambda p: p["v_cost"]) if fitting else None
             at_target[label] = best and {
                 "strategy": best["strategy"], "h_cost": best["h_cost"], "h_acc_minus_all": best["h_acc"] - h_all,
@@ -270,7 +271,7 @@ def offline_model(
             picked = {}
             for label, points in curves.items():
                 fitting = [p for p in points if p["v_cost"] <= budget]
-                picked[label] = max(fitting, key=lambda p: p["v_acc"]) if fitting else None
+                picked[label] = max(fitting, key=lambda p: p["c_acc"]) if fitting else None
             if picked["static"] and picked["escalation"]:
                 gains[f"{budget:g}"] = {
                     "gain_pts": 100 * (picked["escalation"]["h_acc"] - picked["static"]["h_acc"]),
