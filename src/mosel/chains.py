@@ -4,6 +4,9 @@
   of confidence cuts) priced for each job size and merged into the plan's frontiers beside the
   static strategies; a chain is a strategy like any other (its ``groups`` are its first stage,
   its ``chain`` the rest), so admission, repair, late binding and the risk price treat it unchanged.
+  Each is credited (:func:`credited`) its validation accuracy less :data:`FIT_Z` standard errors
+  of its gap to its final configuration: picked among hundreds of cuts on the rows that measured
+  them, the cheapest chain to clear a floor is the most optimistic.
 * the cost rule of the later stages (:func:`later_parts`): per stage, each branch that a
   transition adds runs once over the rows that escalate, fusion once per target configuration,
   plus the stage's own overhead. The rows that escalate are random (Binomial over a job's rows
@@ -31,10 +34,12 @@ from mosel.plan import CostModel, Frontier, Plan, Strategy, accuracy_units
 
 __all__ = [
     "ESCALATION",
+    "FIT_Z",
     "Escalated",
     "LaterRows",
     "StageBudget",
     "Transition",
+    "credited",
     "later_parts",
     "select_rows",
     "with_chains",
