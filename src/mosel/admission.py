@@ -127,7 +127,7 @@ class Admission:
         if job.per_request:  # a chain: its first configuration must meet the floor on its own
             return all(bounds[c] >= floor_units(job.min_accuracy, 1) for c, k in strategy.groups if k)
         chain = strategy.chain
-        if chain is not None:  # at a confidence: the chain's calibrated accuracy's Wilson bound
+        if chain is not None:  # at a confidence: the chain's credited accuracy's Wilson bound
             assert job.confidence is not None
             bound = accuracy_units(wilson_lower(chain.accuracy, chain.rows, job.confidence))
             return bound * strategy.n >= floor_units(job.min_accuracy, strategy.n)

@@ -4,6 +4,9 @@
   of confidence cuts) priced for each job size and merged into the plan's frontiers beside the
   static strategies; a chain is a strategy like any other (its ``groups`` are its first stage,
   its ``chain`` the rest), so admission, repair, late binding and the risk price treat it unchanged.
+  Each is credited (:func:`credited`) its validation accuracy less :data:`FIT_Z` standard errors
+  of its gap to its final configuration: picked among hundreds of cuts on the rows that measured
+  them, the cheapest chain to clear a floor is the most optimistic.
 * the cost rule of the later stages (:func:`later_parts`): per stage, each branch that a
   transition adds runs once over the rows that escalate, fusion once per target configuration,
   plus the stage's own overhead. The rows that escalate are random (Binomial over a job's rows
@@ -31,10 +34,12 @@ from mosel.plan import CostModel, Frontier, Plan, Strategy, accuracy_units
 
 __all__ = [
     "ESCALATION",
+    "FIT_Z",
     "Escalated",
     "LaterRows",
     "StageBudget",
     "Transition",
+    "credited",
     "later_parts",
     "select_rows",
     "with_chains",
@@ -46,6 +51,8 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 ESCALATION: Final = "escalation"
 """The cost part of the later stages' own work (confidences, choosing rows, gathers and scatters)."""
+FIT_Z: Final = 0.5
+"""Standard errors of its gap to its final configuration that a chain's credited accuracy loses."""
 
 
 def _interpolated(table: Sequence[int], rows: float) -> float:
@@ -258,16 +265,41 @@ class _Family:
     stages: tuple[Configuration, ...]
     cuts: IntArray  # (F, T)
     shares: FloatArray  # (F, T)
-    accuracy: FloatArray  # (F,)
-    units: IntArray  # (F,): accuracy units per request
+    accuracy: FloatArray  # (F,): on the validation rows
+    spread: FloatArray  # (F,): the standard error of its gap to its final configuration
+    units: IntArray  # (F,): accuracy units per request, as credited (:func:`credited`)
 
     @classmethod
     def of(
-        cls, stages: tuple[Configuration, ...], cuts: IntArray, shares: FloatArray, accuracy: FloatArray
+        cls,
+        stages: tuple[Configuration, ...],
+        cuts: IntArray,
+        shares: FloatArray,
+        accuracy: FloatArray,
+        spread: FloatArray,
     ) -> _Family:
         accuracy = np.clip(accuracy, 0.0, 1.0)
-        units = np.asarray([accuracy_units(float(a)) for a in accuracy], dtype=np.int64)
-        return cls(stages, cuts, shares, accuracy, units)
+        units = np.asarray([accuracy_units(a) for a in credited(accuracy, spread).tolist()], dtype=np.int64)
+        return cls(stages, cuts, shares, accuracy, spread, units)
+
+
+def credited(accuracy: FloatArray, spread: FloatArray) -> FloatArray:
+    """The accuracy a chain is credited: its validation accuracy less :data:`FIT_Z` standard errors."""
+    out: FloatArray = np.clip(accuracy - FIT_Z * spread, 0.0, 1.0)
+    return out
+
+
+def _variance(rows: FloatArray, low: FloatArray, high: FloatArray) -> FloatArray:
+    """Per bin, the variance of the summed score gap of ``rows`` rows between two configurations.
+
+    ``low`` and ``high``: the bin's summed scores under each. Each row's gap counted as the
+    difference of two independent scores at the bin's means (``p(1 - p)`` each, the most a score
+    in [0, 1] of that mean can vary): the bins keep no row's pair of scores.
+    """
+    k = np.maximum(rows, 1.0)
+    p, q = np.clip(low / k, 0.0, 1.0), np.clip(high / k, 0.0, 1.0)
+    out: FloatArray = rows * (p * (1.0 - p) + q * (1.0 - q))
+    return out
 
 
 def _families(calibration: Calibration, configurations: Sequence[Configuration]) -> list[_Family]:
@@ -278,7 +310,8 @@ def _families(calibration: Calibration, configurations: Sequence[Configuration])
         k = calibration.bins(a)
         if k < 2:
             continue
-        counts = np.cumsum(calibration.counts[a])
+        per_bin = np.asarray(calibration.counts[a], dtype=np.float64)
+        counts = np.cumsum(per_bin)
         own = np.asarray(calibration.scores[(a, a)])
         kept = own.sum() - np.cumsum(own)  # A's score over the bins at or above each cut
         cuts = np.arange(1, k)
@@ -288,7 +321,9 @@ def _families(calibration: Calibration, configurations: Sequence[Configuration])
             above = np.cumsum(calibration.scores[(a, b)])
             accuracy = (kept[cuts - 1] + above[cuts - 1]) / rows
             shares = counts[cuts - 1] / rows
-            out.append(_Family.of((a, b), cuts[:, None], shares[:, None], accuracy))
+            gap = _variance(per_bin, own, np.asarray(calibration.scores[(a, b)]))
+            spread = np.sqrt(np.maximum(gap.sum() - np.cumsum(gap)[cuts - 1], 0.0)) / rows  # rows A keeps
+            out.append(_Family.of((a, b), cuts[:, None], shares[:, None], accuracy, spread))
             for c in configurations:
                 if b < c and (a, b) in calibration.joint_counts:
                     out.append(_three(calibration, a, b, c, counts, kept))
@@ -300,17 +335,18 @@ def _three(
     a: Configuration,
     b: Configuration,
     c: Configuration,
-    counts: IntArray,
+    counts: FloatArray,
     kept: FloatArray,
 ) -> _Family:
     """The chains A -> B -> C over every pair of cuts (A's cut, then B's among A's escalated rows)."""
     ka, kb = calibration.bins(a), calibration.bins(b)
 
-    def prefix(values: Sequence[float]) -> FloatArray:
+    def prefix(values: Sequence[float] | FloatArray) -> FloatArray:
         summed: FloatArray = np.asarray(values, dtype=np.float64).reshape(ka, kb).cumsum(0).cumsum(1)
         return summed
 
-    joint = prefix(calibration.joint_counts[(a, b)])
+    cells = np.asarray(calibration.joint_counts[(a, b)], dtype=np.float64)
+    joint = prefix(cells)
     middle = prefix(calibration.joint_scores[(a, b, b)])
     top = prefix(calibration.joint_scores[(a, b, c)])
     grid = np.meshgrid(np.arange(1, ka), np.arange(1, kb), indexing="ij")
@@ -318,7 +354,24 @@ def _three(
     i, j = first - 1, second - 1
     accuracy = (kept[i] + middle[i, kb - 1] - middle[i, j] + top[i, j]) / calibration.rows
     shares = np.stack([counts[i] / calibration.rows, joint[i, j] / calibration.rows], axis=1)
-    return _Family.of((a, b, c), np.stack([first, second], axis=1), shares, accuracy)
+    # the gap to C: of the rows A keeps (A's bins at or above its cut), and of those B keeps
+    at_a = np.cumsum(
+        _variance(
+            np.asarray(calibration.counts[a], dtype=np.float64),
+            np.asarray(calibration.scores[(a, a)]),
+            np.asarray(calibration.scores[(a, c)]),
+        )
+    )
+    at_b = prefix(
+        _variance(
+            cells,
+            np.asarray(calibration.joint_scores[(a, b, b)]),
+            np.asarray(calibration.joint_scores[(a, b, c)]),
+        )
+    )
+    variance = at_a[ka - 1] - at_a[i] + at_b[i, kb - 1] - at_b[i, j]
+    spread = np.sqrt(np.maximum(variance, 0.0)) / calibration.rows
+    return _Family.of((a, b, c), np.stack([first, second], axis=1), shares, accuracy, spread)
 
 
 def _latencies(family: _Family, cost: CostModel, n: int, z: float, overhead_us: float) -> IntArray:
@@ -347,7 +400,10 @@ def _chain(calibration: Calibration, family: _Family, row: int) -> Chain:
         edges=tuple(calibration.edges[s] for s in stages[:-1]),
         gains=tuple(calibration.gains(lower, upper) for lower, upper in itertools.pairwise(stages)),
         shares=tuple(float(s) for s in family.shares[row]),
-        accuracy=min(float(family.accuracy[row]), _ceiling(calibration, family)),
+        accuracy=min(
+            float(credited(family.accuracy[row : row + 1], family.spread[row : row + 1])[0]),
+            _ceiling(calibration, family),
+        ),
         rows=calibration.rows,
     )
 

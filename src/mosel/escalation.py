@@ -477,7 +477,9 @@ class Chain:
         edges: per transition, the bin edges of its configuration's confidence.
         gains: per transition, the mean score the next configuration adds in each bin (calibrated).
         shares: per transition, the share of all rows that reaches its next configuration.
-        accuracy: the calibrated expected accuracy per request.
+        accuracy: the accuracy per request it is credited: calibrated on the validation rows,
+            less :data:`mosel.chains.FIT_Z` standard errors of its gap to its final configuration
+            (never above that configuration's own).
         rows: the validation rows the calibration was measured on (for confidence bounds).
     """
 
