@@ -20,16 +20,19 @@ e^w) / (e^h - e^w)`` false armings per row it reads, so each gets the threshold 
 the detectors reading a row together start at most ``rate``. A detector is armed from its
 crossing until its statistic falls back to 0.
 
-The episode: each down detector of the armed counterpart sums its labels' log-likelihood ratios
-from the arming on (:meth:`mosel.drift.Cusum.arm`), never clipped at 0, and the counterpart
+The episode: each down detector of the armed counterpart sums the log-likelihood ratios of the
+labels of requests served since the shift's estimated start (the row where the confidence
+statistic last left 0; :meth:`mosel.drift.Cusum.arm`), never clipped at 0, and the counterpart
 alarms when the mean of their exponentials reaches ``e^h`` (:func:`mosel.drift.episode_alarm`,
 :func:`episode_threshold`). While the accuracy is the profile's, that mean is a nonnegative
 supermartingale from 1, so by Ville's inequality an episode alarms with probability at most
 ``e^-h``: ``armed_false_alarm_rate`` per episode, however long it lasts and whatever moved the
-confidence. An episode whose labels
-favour the profile's accuracy by as much (the smallest drop's sum at ``-h``) ends: the shift
-was benign, and the configurations it read take their recent rows as the new reference
-(:meth:`Arming.rereference`), so that the same shift does not arm again.
+confidence (exactly for the rows served after the arming; those between the estimated start and
+the arming took part in it, and a row's confidence and correctness go together: measured on
+benign shifts in docs/benchmarks.md). An episode whose labels favour the profile's accuracy by
+as much (the smallest drop's sum at ``-h``) ends: the shift was benign, and the configurations
+it read take their recent rows as the new reference (:meth:`Arming.rereference`), so that the
+same shift does not arm again.
 
 The stated bound of the whole: false drift alarms at most ``false_alarm_rate`` per label (the
 detectors' own statistics, at their unarmed threshold), plus ``armed_false_alarm_rate`` per

@@ -93,9 +93,10 @@ class Monitoring:
         arm_rate: label-free arming (:mod:`mosel.drift_armed`): a CUSUM of served outputs'
             confidence per configuration and per modality, against the reference rows', at
             most this many false armings per served row. Armed, the labelled detectors of the
-            configuration (or modality) run an episode from the arming on, which alarms when its
-            labels show the drop (labels still confirm) and ends, taking the recent outputs as
-            the new reference, when they show none. False drift alarms are then at most
+            configuration (or modality) run an episode over the requests served since the
+            shift's estimated start, which alarms when their labels show the drop (labels still
+            confirm) and ends, taking the recent outputs as the new reference, when they show
+            none. False drift alarms are then at most
             ``false_alarm_rate`` per label plus ``armed_false_alarm_rate`` per episode. None:
             off (alarms on labels alone, several times later).
         armed_false_alarm_rate: the probability at most that an arming episode raises a drift
