@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 import mosel
 from mosel.drift import CONFIDENCE_BINS, Cusum, DriftSettings, Tracker, episode_alarm
@@ -110,8 +111,6 @@ def test_confidence_alone_arms_but_never_alarms(profile: mosel.Profile) -> None:
 
 
 def test_the_digest_feeds_the_arming_test(profile: mosel.Profile) -> None:
-    import torch
-
     monitor = Monitor(profile, Monitoring(arm_rate=1e-6, reference_rows=50))
     confident = torch.tensor([[6.0, 0.0, 0.0]]).repeat(50, 1)  # softmax top ~0.995
     unsure = torch.tensor([[0.2, 0.0, 0.0]]).repeat(400, 1)  # top ~0.38
@@ -208,3 +207,21 @@ def test_false_armings_stay_under_the_stated_rate_on_drift_free_rows() -> None:
         chunks = np.split(stream, 200)
         armings = sum(armed for chunk in chunks for _, armed in arming.add(AV, chunk, [0.0] * 1000) if armed)
         assert armings <= rate * rows, (rate, armings)
+
+
+def test_a_validation_reference_production_does_not_match_corrects_itself(profile: mosel.Profile) -> None:
+    """Validation more confident than production at the same accuracy: armed, cleared, re-referenced."""
+    alarms: list[mosel.Alarm] = []
+    monitor = Monitor(profile, Monitoring(reference_rows=500, on_alarm=alarms.append, pooled=False))
+    rng = random.Random(9)
+    p0 = profile.accuracy[AV]
+    top = [min(max(_confidence(rng, rng.random() < p0, -0.1), 0.34), 0.999) for _ in range(2000)]
+    logits = torch.log(torch.tensor([[c, (1 - c) / 2, (1 - c) / 2] for c in top]))  # softmax top: c
+    monitor.set_reference(AV, logits)
+    for _ in range(30_000):
+        correct = rng.random() < p0
+        monitor.digested(AV, [_confidence(rng, correct, 0.0)])
+        monitor.observe(AV, float(correct))
+    counters = monitor.snapshot().counters
+    assert counters["benign_shifts"] == 1 and not alarms and counters["alarms"] == 0
+    assert AV not in monitor.armed()
