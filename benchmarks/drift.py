@@ -479,7 +479,8 @@ def _false_armings(profile: mosel.Profile, clean: World, rows: int) -> dict[str,
             config = configs[rng.randrange(len(configs))]
             batch = [clean.draw_confidence(rng, config, 0.0, int(rng.random() < profile.accuracy[config]))
                      for _ in range(100)]  # fmt: skip
-            started += sum(1 for _, armed in arming.add(config, batch) if armed)
+            changes = arming.add(config, batch, [0.0] * len(batch))  # type: ignore[arg-type]
+            started += sum(1 for _, armed in changes if armed)
         out[f"{rate:g}"] = started / rows
         print(f"  arming alone, drift-free rows of the real model's confidences: stated {rate:g} per row, "
               f"measured {started} armings in {rows:.1e} rows", flush=True)  # fmt: skip
