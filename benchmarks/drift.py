@@ -64,7 +64,7 @@ DRIFTS = {"audio -15": "-13.0", "audio -40": "-20.0"}
 FLOORS = {"audio -15": 0.75, "audio -40": 0.70}
 """Scenario -> the jobs' floor: one that a configuration still reaches after the drift."""
 Configuration = frozenset[str]
-ARMED_RATE = [1e-2]
+ARMED_RATE = [5e-3]
 """An arming episode's false-alarm probability (``--armed-rate``; ``Monitoring.armed_false_alarm_rate``)."""
 
 
@@ -830,7 +830,7 @@ def main() -> None:
     parser.add_argument("--no-arming", dest="arm_rate", action="store_const", const=None,
                         help="labels alone (Monitoring(arm_rate=None))")  # fmt: skip
     parser.add_argument("--armed-only", action="store_true", help="detection: armed only (not also labels alone)")
-    parser.add_argument("--armed-rate", type=float, default=1e-2,
+    parser.add_argument("--armed-rate", type=float, default=5e-3,
                         help="an arming episode's false-alarm probability (Monitoring.armed_false_alarm_rate)")  # fmt: skip
     parser.add_argument("--real", action="store_true", help="also serve the real model live (about a minute)")
     parser.add_argument("--real-seconds", type=float, default=45.0)

@@ -127,7 +127,7 @@ class Monitoring:
     reference_rows: int = 1000
     shift_threshold: float = 0.25
     arm_rate: float | None = 1e-6
-    armed_false_alarm_rate: float = 1e-2
+    armed_false_alarm_rate: float = 5e-3
     arm_drop: float = 0.075
     pseudo_label: Callable[[Tree], Any] | None = None
     seed: int = 0
