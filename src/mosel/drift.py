@@ -113,7 +113,24 @@ class DriftSettings:
         return math.log(max(detectors, 1) / self.false_alarm_rate)
 
 
-class Cusum:
+class _Episodic:
+    """An armed detector's episode (:class:`Cusum`'s, :class:`_Pooled`'s), ended or read."""
+
+    __slots__ = ("episode", "episode_threshold")
+    episode: float | None  # the episode's sum (None: not armed)
+    episode_threshold: float
+
+    def disarm(self) -> None:
+        """End the episode, if any."""
+        self.episode = None
+
+    @property
+    def cleared(self) -> bool:
+        """The episode's labels favour ``p0`` by as much as an alarm would need the other way."""
+        return self.episode is not None and self.episode <= -self.episode_threshold
+
+
+class Cusum(_Episodic):
     """Page's CUSUM of the log-likelihood ratio of accuracy ``p1`` against ``p0``, on scores in [0, 1].
 
     A score ``x`` adds ``x * log(p1/p0) + (1 - x) * log((1-p1)/(1-p0))``; the statistic never
@@ -128,8 +145,8 @@ class Cusum:
     """
 
     __slots__ = (
-        "episode", "episode_n", "episode_since", "episode_sum", "episode_threshold", "fail", "since_n",
-        "since_sum", "threshold", "value", "win",
+        "episode_n", "episode_since", "episode_sum", "fail", "since_n", "since_sum", "threshold", "value",
+        "win",
     )  # fmt: skip
 
     def __init__(self, p0: float, p1: float, threshold: float) -> None:
@@ -141,7 +158,7 @@ class Cusum:
         self.value = 0.0
         self.since_n = 0
         self.since_sum = 0.0
-        self.episode: float | None = None  # the armed episode's sum (None: not armed)
+        self.episode = None
         self.episode_threshold = math.inf
         self.episode_since = 0.0  # requests served before it do not count
         self.episode_n = 0
@@ -166,15 +183,6 @@ class Cusum:
         if self.episode is None:
             self.episode, self.episode_n, self.episode_sum = 0.0, 0, 0.0
             self.episode_threshold, self.episode_since = threshold, since
-
-    def disarm(self) -> None:
-        """End the episode, if any."""
-        self.episode = None
-
-    @property
-    def cleared(self) -> bool:
-        """The episode's labels favour ``p0`` by as much as an alarm would need the other way."""
-        return self.episode is not None and self.episode <= -self.episode_threshold
 
     def reset(self) -> None:
         """Back to 0 (after an alarm); an episode ends."""
@@ -388,7 +396,7 @@ def contributions(accuracy: Mapping[Configuration, float]) -> dict[str, dict[Con
     return out
 
 
-class _Pooled:
+class _Pooled(_Episodic):
     """Page's CUSUM over several configurations' labels, each with its own accuracies ``p0`` and ``p1``.
 
     The same statistic as :class:`Cusum`, a label of configuration ``i`` adding its own
@@ -398,8 +406,8 @@ class _Pooled:
     """
 
     __slots__ = (
-        "episode", "episode_n", "episode_since", "episode_sum", "episode_threshold", "fail", "since_n",
-        "since_sum", "threshold", "value", "win",
+        "episode_n", "episode_since", "episode_sum", "fail", "since_n", "since_sum", "threshold", "value",
+        "win",
     )  # fmt: skip
 
     def __init__(self, p0: Sequence[float], p1: Sequence[float], threshold: float) -> None:
@@ -411,7 +419,7 @@ class _Pooled:
         self.value = 0.0
         self.since_n = [0] * len(pairs)
         self.since_sum = [0.0] * len(pairs)
-        self.episode: float | None = None  # as Cusum's
+        self.episode = None
         self.episode_threshold = math.inf
         self.episode_since = 0.0
         self.episode_n = [0] * len(pairs)
@@ -443,15 +451,6 @@ class _Pooled:
             self.episode_n = [0] * len(self.episode_n)
             self.episode_sum = [0.0] * len(self.episode_sum)
             self.episode_threshold, self.episode_since = threshold, since
-
-    def disarm(self) -> None:
-        """End the episode, if any."""
-        self.episode = None
-
-    @property
-    def cleared(self) -> bool:
-        """As :attr:`Cusum.cleared`."""
-        return self.episode is not None and self.episode <= -self.episode_threshold
 
     def reset(self) -> None:
         """Back to 0; an episode ends."""
