@@ -301,9 +301,10 @@ class Tracker:
         for cusum in self.down:
             if cusum.step(score, at) and fired is None:
                 fired = cusum
-        if fired is None and episode_alarm(self.down):
-            fired = self.down[0]  # the change point: the arming
-            fired.since_n, fired.since_sum = fired.episode_n, fired.episode_sum
+        if fired is None and episode_alarm(self.down):  # change: the likeliest detector's or the episode's
+            fired = max(self.down, key=lambda c: c.episode or 0.0)
+            if fired.since_n < fired.episode_n:
+                fired.since_n, fired.since_sum = fired.episode_n, fired.episode_sum
         if fired is not None:
             self.alarms += 1
             self._restart(fired, drifted=True)
@@ -533,9 +534,10 @@ class ModalityTracker:
         for cusum in self.down:
             if cusum.step(i, score, at) and fired is None:
                 fired = cusum
-        if fired is None and episode_alarm(self.down):
-            fired = self.down[0]  # the change point: the arming
-            fired.since_n, fired.since_sum = list(fired.episode_n), list(fired.episode_sum)
+        if fired is None and episode_alarm(self.down):  # as Tracker.observe's
+            fired = max(self.down, key=lambda c: c.episode or 0.0)
+            if sum(fired.since_n) < sum(fired.episode_n):
+                fired.since_n, fired.since_sum = list(fired.episode_n), list(fired.episode_sum)
         if fired is not None:
             self.alarms += 1
             self._restart(fired, drifted=True)

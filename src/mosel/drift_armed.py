@@ -86,7 +86,7 @@ def tilted(reference: npt.NDArray[np.float64], drop: float) -> npt.NDArray[np.fl
 class ConfidenceCusum:
     """Page's CUSUM of served rows' confidence over some configurations (each its own ratios)."""
 
-    __slots__ = ("armed", "ratios", "readers", "started", "threshold", "value")
+    __slots__ = ("armed", "pushed", "ratios", "readers", "started", "threshold", "value")
 
     def __init__(self, readers: int) -> None:
         self.ratios: dict[Configuration, npt.NDArray[np.float64]] = {}
@@ -95,6 +95,7 @@ class ConfidenceCusum:
         self.value = 0.0
         self.armed = False
         self.started = 0.0  # when the statistic last left 0: the shift's estimated start
+        self.pushed: dict[Configuration, float] = {}  # each configuration's rows' sum since then
 
     def add_reference(self, config: Configuration, ratios: npt.NDArray[np.float64], rate: float) -> None:
         """Read ``config``'s rows with these per-bin ratios; the threshold for ``rate`` per row."""
@@ -109,6 +110,7 @@ class ConfidenceCusum:
     def restart(self) -> None:
         """Back to 0, disarmed."""
         self.value, self.armed = 0.0, False
+        self.pushed.clear()
 
     def step(self, config: Configuration, bins: npt.NDArray[np.int64], times: Sequence[float]) -> bool | None:
         """Add ``config``'s rows (served at ``times``); True when it arms, False when it disarms."""
@@ -116,16 +118,23 @@ class ConfidenceCusum:
         if ratios is None:
             return None
         change = None
-        value, threshold = self.value, self.threshold
+        value, threshold, push = self.value, self.threshold, self.pushed.get(config, 0.0)
         for x, at in zip(ratios[bins].tolist(), times, strict=True):
             if value <= 0.0 < x:
                 self.started = at
             value = max(value + x, 0.0)
+            if value <= 0.0:
+                self.pushed.clear()
+                push = 0.0
+            else:
+                push += x
             if not self.armed and value >= threshold:
                 self.armed, change = True, True
             elif self.armed and value <= 0.0:
                 self.armed, change = False, (None if change else False)
         self.value = value
+        if value > 0.0:
+            self.pushed[config] = push
         return change
 
 
@@ -204,11 +213,15 @@ class Arming:
     def rereference(self, name: Hashable) -> None:
         """A benign shift of ``name`` (a configuration or a modality): its detector disarms.
 
-        The configurations it reads take their next ``reference_rows`` served rows as reference.
+        The configurations whose rows moved it (their rows' sum since its statistic last left 0
+        above 0) take their next ``reference_rows`` served rows as reference, their own
+        detectors restarted; the others keep theirs.
         """
         cusum, configs = self.members[name]
+        configs = [c for c in configs if cusum.pushed.get(c, 0.0) > 0.0]
         cusum.restart()
         for config in configs:
+            self.members[config][0].restart()
             self.references[config] = np.zeros(CONFIDENCE_BINS)
             self.rows[config] = 0
             for _, watcher in self.watchers[config]:
@@ -225,21 +238,25 @@ def episode_threshold(false_alarm_rate: float) -> float:
 
 
 def apply(
-    armed: Mapping[Hashable, float],
+    arming: Arming | None,
     trackers: Mapping[Configuration, Tracker],
     modalities: Mapping[str, ModalityTracker],
     threshold: float,
 ) -> None:
-    """Start an episode in each labelled down detector whose counterpart is armed; end the others'.
+    """Start an episode in each labelled down detector (in line) whose counterpart is armed; end the others'.
 
     The episodes alarm at ``threshold`` and read the requests served from the armed
-    counterpart's estimated start (``armed[name]``) on.
+    counterpart's estimated start on. Called when what is armed changes, and when a detector is
+    back in line (recovered, or reset) while its counterpart stays armed. Without arming: nothing.
 
     A configuration's detectors are armed by its own confidence detector, a modality's pooled
     ones by the modality's: a configuration whose outputs did not move (image+video when the
     audio degrades) runs no episode, though a modality it shares is armed. An episode already
     running goes on.
     """
+    if arming is None:
+        return
+    armed = arming.armed()
     for config, tracker in trackers.items():
         for cusum in tracker.down:
             if config in armed:

@@ -8,12 +8,10 @@ that arrive later with the profile's metric and updates each configuration's
 :class:`~mosel.drift.Tracker` (a posterior with the profile's figure as its prior, and CUSUM drift
 detectors). Without labels, it compares served outputs' confidence and classes with a reference
 (:class:`~mosel.drift.OutputShift`), and re-runs a sample of requests served cheaper at the most
-accurate configuration in the device's idle time (shadow evaluation; the server runs them).
-With ``live_floors``, a drifted configuration is priced at its live lower bound:
-:func:`live_profile` re-prices the plan, off the request path.
+accurate configuration in the device's idle time (shadow evaluation; the server runs them). With
+``live_floors``, a drifted configuration is priced at its live lower bound (off the request path).
 
-Recording a served job costs a dict insert under a short lock; scoring, digests and shadow runs
-happen on other threads or in idle time. See ``docs/monitoring.md``.
+Recording a served job is a dict insert under a short lock; the rest is off the request path.
 """
 
 from __future__ import annotations
@@ -458,7 +456,7 @@ class Monitor:
     def _arm(self, configuration: Configuration, confidences: Any, times: list[float]) -> None:
         """Confidences to the arming test; the labelled episodes follow what is armed (lock held)."""
         if self._arming is not None and self._arming.add(configuration, confidences, times):
-            apply(self._arming.armed(), self._trackers, self._modalities, self.armed_threshold)
+            apply(self._arming, self._trackers, self._modalities, self.armed_threshold)
 
     def armed(self) -> set[Any]:
         """The configurations and modalities whose label-free arming test is armed now."""
@@ -559,8 +557,7 @@ class Monitor:
     ) -> AlarmKind | None:
         """One labelled request's score, given directly (a simulation; :meth:`feedback` scores outputs).
 
-        ``served_at``: when the request was served, on the monitor's clock (default: now). An
-        arming episode reads only the labels of requests served after it began.
+        ``served_at``: when the request was served, on the monitor's clock (default: now).
         """
         fired: list[tuple[AlarmKind, Tracker | ModalityTracker]] = []
         with self._lock:
@@ -594,13 +591,15 @@ class Monitor:
                 self._counters[_COUNTED[kind]] += 1
             elif pool.down[0].cleared:
                 self._benign(pool.modality)
+        if any(kind in ("recovered", "modality_recovered") for kind, _ in fired):  # in line again
+            apply(self._arming, self._trackers, self._modalities, self.armed_threshold)
 
     def _benign(self, name: Hashable) -> None:
         """An arming episode's labels cleared ``name``: its outputs take a new reference (lock held)."""
         assert self._arming is not None  # an episode runs only where arming armed it
         self._counters["benign_shifts"] += 1
         self._arming.rereference(name)
-        apply(self._arming.armed(), self._trackers, self._modalities, self.armed_threshold)
+        apply(self._arming, self._trackers, self._modalities, self.armed_threshold)
 
     def _fire(self, fired: list[tuple[AlarmKind, Tracker | ModalityTracker]]) -> None:
         """Raise the alarms ``fired`` (outside the lock), then re-price if a price moved.
@@ -738,6 +737,7 @@ class Monitor:
             if configuration is None:
                 for pool in self._modalities.values():
                     pool.reset()
+            apply(self._arming, self._trackers, self._modalities, self.armed_threshold)
         self.maybe_reprice()
 
     # ------------------------------------------------------------------ reading it

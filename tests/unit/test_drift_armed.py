@@ -225,3 +225,69 @@ def test_a_validation_reference_production_does_not_match_corrects_itself(profil
     counters = monitor.snapshot().counters
     assert counters["benign_shifts"] == 1 and not alarms and counters["alarms"] == 0
     assert AV not in monitor.armed()
+
+
+def _shifted(
+    monitor: Monitor, rng: random.Random, accuracy: float, shift: float, config: frozenset[str] = AV
+) -> None:
+    correct = rng.random() < accuracy
+    monitor.digested(config, [_confidence(rng, correct, shift)])
+    monitor.observe(config, float(correct))
+
+
+def test_a_detector_back_in_line_while_its_counterpart_stays_armed_runs_a_new_episode(
+    profile: mosel.Profile,
+) -> None:
+    p0 = profile.accuracy[AV]
+    for back in ("recovered", "reset"):
+        rng = random.Random(1)
+        alarms: list[mosel.Alarm] = []
+        monitor = Monitor(profile, Monitoring(pooled=False, on_alarm=alarms.append))
+        for _ in range(1000):
+            _shifted(monitor, rng, p0, 0.0)
+        while not any(a.kind == "drift" for a in alarms):  # a real drop, the confidence lower
+            _shifted(monitor, rng, 0.70, 0.15)
+        if back == "reset":
+            monitor.reset()
+        while back == "recovered" and not any(
+            a.kind == "recovered" for a in alarms
+        ):  # a new microphone: accurate, less confident
+            _shifted(monitor, rng, p0, 0.15)
+        assert AV in monitor.armed()
+        assert all(c.episode is not None for c in monitor._trackers[AV].down), back
+
+
+def test_an_episode_alarm_estimates_the_change_from_its_likeliest_detector(profile: mosel.Profile) -> None:
+    p0 = profile.accuracy[AV]
+    for seed in range(6):
+        rng = random.Random(seed)
+        alarms: list[mosel.Alarm] = []
+        monitor = Monitor(profile, Monitoring(pooled=False, on_alarm=alarms.append))
+        for _ in range(1000):
+            _shifted(monitor, rng, p0, 0.0)
+        since = 0
+        while not alarms:
+            _shifted(monitor, rng, 0.70, 0.15)
+            since += 1
+        assert 0.8 * since <= alarms[0].since_change <= 1.6 * since, (seed, since, alarms[0].since_change)
+
+
+def test_a_pools_benign_clear_re_references_only_the_configurations_that_moved(
+    profile: mosel.Profile,
+) -> None:
+    at, vt = frozenset({"audio", "text"}), frozenset({"video", "text"})
+    monitor = Monitor(profile, Monitoring(reference_rows=1000))  # pooled, as by default
+    rng = random.Random(4)
+    for config in (at, vt):  # validation references of configurations that will not move
+        top = [
+            min(max(_confidence(rng, rng.random() < profile.accuracy[config], 0.0), 0.34), 0.999)
+            for _ in range(2000)
+        ]
+        monitor.set_reference(config, torch.log(torch.tensor([[c, (1 - c) / 2, (1 - c) / 2] for c in top])))
+    for i in range(40_000):
+        _shifted(monitor, rng, profile.accuracy[AV], 0.0 if i < 1000 else 0.15)
+    arming = monitor._arming
+    assert arming is not None and monitor.snapshot().counters["benign_shifts"] >= 1
+    assert monitor.snapshot().counters["alarms"] == 0
+    for config in (at, vt):  # their references kept, their own detectors still reading them
+        assert arming.rows[config] == 1000 and config in arming.members[config][0].ratios
