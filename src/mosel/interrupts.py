@@ -94,6 +94,11 @@ def _remove_hold(previous: Any) -> None:
     _Sigint.previous = None
     if _raw_signal.getsignal(_SIGINT) is _hold_sigint:
         _raw_signal.signal(_SIGINT, previous)
+    _release(previous)
+
+
+def _release(previous: Any) -> None:
+    """Hand the SIGINT held back, if any, to ``previous`` (at most one: Python raises one)."""
     if _held_sigint:
         held = _held_sigint[0]
         _held_sigint.clear()
@@ -130,10 +135,8 @@ class deferred_interrupts:
         _Sigint.holding -= 1
         if self._previous is not None:
             _remove_hold(self._previous)
-        elif not _Sigint.holding and _held_sigint:  # the outer bracket forwards from now on
-            held = _held_sigint[0]
-            _held_sigint.clear()
-            _forward(_Sigint.previous, held)
+        elif not _Sigint.holding:  # the outer bracket forwards from now on
+            _release(_Sigint.previous)
 
 
 class interrupts_kept:
